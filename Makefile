@@ -1,0 +1,56 @@
+# nomad-vm: the README's front door. `make demo` and `make test` set everything up first.
+SHELL := /bin/bash
+VENV := .venv
+PY := $(VENV)/bin/python
+export PATH := $(CURDIR)/.tools/bin:$(CURDIR)/$(VENV)/bin:$(PATH)
+export NOMAD_VM_CACHE ?= $(CURDIR)/.cache/guests
+
+.PHONY: setup host-packages venv nomad guests demo demo-stop test test-unit lint docs proto bench clean
+
+setup: host-packages venv nomad guests
+
+host-packages:
+	@scripts/setup-host.sh
+
+venv: $(VENV)/.installed
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+nomad:
+	@scripts/install-nomad.sh
+
+guests: venv
+	$(VENV)/bin/nomad-vm image build tiny
+
+demo: setup
+	$(VENV)/bin/nomad-vm demo
+
+demo-stop:
+	$(VENV)/bin/nomad-vm demo --stop
+
+# The whole suite: unit, integration (real QEMU under TCG) and e2e (a real Nomad agent).
+test: setup
+	$(PY) -m pytest -q -ra tests
+
+test-unit: venv
+	$(PY) -m pytest -q tests/unit
+
+lint: venv
+	$(VENV)/bin/ruff check src tests bench
+	$(VENV)/bin/mypy
+	$(VENV)/bin/nomad-vm docs --check
+
+docs: venv
+	$(VENV)/bin/nomad-vm docs
+
+proto: venv
+	scripts/gen-proto.sh
+
+bench: setup
+	$(PY) bench/plugin_start.py
+
+clean:
+	rm -rf $(VENV) .tools .cache build *.egg-info

@@ -1,0 +1,167 @@
+"""A Nomad dev agent on loopback with our plugin loaded: used by `nomad-vm demo` and the e2e tests.
+
+The agent runs in its own session so a test or a demo can stop it (and only it) cleanly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+PLUGIN_FILE = "nomad-driver-vm"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def write_plugin_launcher(plugin_dir: Path, driver_executable: Path) -> Path:
+    """Nomad runs files named like their `plugin` block; ours execs the installed console script."""
+    plugin_dir.mkdir(parents=True, exist_ok=True)
+    launcher = plugin_dir / PLUGIN_FILE
+    launcher.write_text(f'#!/bin/sh\nexec "{driver_executable}" "$@"\n')
+    launcher.chmod(0o755)
+    return launcher
+
+
+def _hcl_string(value: str) -> str:
+    return json.dumps(value)
+
+
+@dataclass
+class DevAgentConfig:
+    workdir: Path
+    nomad_binary: Path
+    driver_executable: Path
+    image_paths: Sequence[Path]
+    accelerator: str = "auto"
+    log_level: str = "DEBUG"
+    http_port: int = field(default_factory=free_port)
+
+    def render(self) -> str:
+        paths = ", ".join(_hcl_string(str(p)) for p in self.image_paths)
+        return f"""
+bind_addr = "127.0.0.1"
+log_level = "{self.log_level}"
+ports {{
+  http = {self.http_port}
+  rpc  = {free_port()}
+  serf = {free_port()}
+}}
+client {{
+  # Leave the host's network alone: the dev agent only fingerprints loopback.
+  network_interface = "lo"
+}}
+plugin "{PLUGIN_FILE}" {{
+  config {{
+    data_dir    = {_hcl_string(str(self.workdir / "plugin-data"))}
+    image_paths = [{paths}]
+    accelerator = "{self.accelerator}"
+  }}
+}}
+"""
+
+
+class DevAgent:
+    def __init__(self, config: DevAgentConfig) -> None:
+        self.config = config
+        self.process: subprocess.Popen[bytes] | None = None
+        self.log_path = config.workdir / "nomad.log"
+
+    @property
+    def address(self) -> str:
+        return f"http://127.0.0.1:{self.config.http_port}"
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {**os.environ, "NOMAD_ADDR": self.address}
+
+    def start(self) -> None:
+        cfg = self.config
+        cfg.workdir.mkdir(parents=True, exist_ok=True)
+        write_plugin_launcher(cfg.workdir / "plugins", cfg.driver_executable)
+        (cfg.workdir / "agent.hcl").write_text(cfg.render())
+        argv = [
+            str(cfg.nomad_binary),
+            "agent",
+            "-dev",
+            "-config",
+            str(cfg.workdir / "agent.hcl"),
+            "-plugin-dir",
+            str(cfg.workdir / "plugins"),
+            "-data-dir",
+            str(cfg.workdir / "data"),
+        ]
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(
+                argv,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+                cwd=cfg.workdir,
+            )
+
+    def api(self, path: str) -> object:
+        resp = httpx.get(self.address + path, timeout=5.0)
+        resp.raise_for_status()
+        return resp.json()
+
+    def wait_driver(self, timeout: float = 120.0) -> dict[str, object]:
+        """Wait until the node reports driver `vm` detected and healthy; return its info."""
+        deadline = time.monotonic() + timeout
+        last: object = "agent not answering"
+        while time.monotonic() < deadline:
+            if self.process is not None and self.process.poll() is not None:
+                raise RuntimeError(f"nomad agent exited; see {self.log_path}")
+            with contextlib.suppress(httpx.HTTPError):
+                nodes = self.api("/v1/nodes")
+                if isinstance(nodes, list) and nodes:
+                    node = self.api(f"/v1/node/{nodes[0]['ID']}")
+                    assert isinstance(node, dict)
+                    info = (node.get("Drivers") or {}).get("vm")
+                    last = info
+                    if info and info.get("Detected") and info.get("Healthy"):
+                        return {"node": node, "driver": info}
+            time.sleep(0.5)
+        raise TimeoutError(f"driver vm not healthy after {timeout:.0f}s: {last}")
+
+    def nomad(self, *args: str, check: bool = True, timeout: float = 120.0) -> str:
+        """Run the real `nomad` CLI against this agent; returns stdout (stderr on failure)."""
+        proc = subprocess.run(
+            [str(self.config.nomad_binary), *args],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+        if check and proc.returncode != 0:
+            raise RuntimeError(f"nomad {' '.join(args)} failed: {proc.stdout}{proc.stderr}")
+        return proc.stdout + (proc.stderr if proc.returncode else "")
+
+    def stop(self, timeout: float = 30.0) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        os.killpg(self.process.pid, signal.SIGINT)
+        try:
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+
+    def remove(self) -> None:
+        shutil.rmtree(self.config.workdir / "data", ignore_errors=True)

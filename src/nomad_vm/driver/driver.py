@@ -1,0 +1,227 @@
+"""VMDriver: Nomad's task-driver semantics for VMs, in domain types (no gRPC here).
+
+The plugin layer calls exactly these methods (see ``nomad_vm.driver.port.DriverPort``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import os
+import shutil
+import time
+from collections.abc import AsyncIterator, Mapping
+from pathlib import Path
+
+from nomad_vm import schema
+from nomad_vm.driver.config import PluginConfig, parse_plugin_config, parse_task_config
+from nomad_vm.driver.events import EventBus
+from nomad_vm.driver.fingerprint import fingerprint_async
+from nomad_vm.driver.output import open_task_output
+from nomad_vm.driver.resources import memory_mb_for, vcpus_for
+from nomad_vm.driver.state import DriverState
+from nomad_vm.driver.stats import CpuRate
+from nomad_vm.driver.task import VMTask
+from nomad_vm.driver.types import (
+    AgentInfo,
+    Capabilities,
+    ExitResult,
+    Fingerprint,
+    TaskConfig,
+    TaskEvent,
+    TaskHandle,
+    TaskState,
+    TaskStats,
+    TaskStatus,
+)
+from nomad_vm.errors import HypervisorError, TaskExists, TaskNotFound, Unsupported
+from nomad_vm.vm.accel import choose_accelerator, probe_kvm
+from nomad_vm.vm.process import ProcessIdentity
+from nomad_vm.vm.qemu.backend import QemuBackend
+from nomad_vm.vm.qemu.binary import find_qemu
+from nomad_vm.vm.spec import VMSpec
+
+log = logging.getLogger(__name__)
+
+HANDLE_VERSION = 1
+# The Go drivers re-send their fingerprint every 30 s; Nomad also wants one at once.
+FINGERPRINT_PERIOD = 30.0
+# Unix socket paths are limited to 108 bytes; beyond this the runtime dir moves to data_dir.
+MAX_SOCKET_PATH = 100
+RUNTIME_SUBDIR = "nomad-vm"
+
+
+class VMDriver:
+    def __init__(self) -> None:
+        self.config: PluginConfig = parse_plugin_config(None)
+        self.agent = AgentInfo()
+        self.events = EventBus()
+        self._tasks: dict[str, VMTask] = {}
+        self._config_changed = asyncio.Event()
+
+    # --- plugin configuration -------------------------------------------------------------
+
+    def set_config(self, raw: Mapping[str, object] | None, agent: AgentInfo | None) -> None:
+        """Validate and apply the plugin config (may be called several times)."""
+        self.config = parse_plugin_config(raw)
+        if agent is not None:
+            self.agent = agent
+        self._config_changed.set()
+
+    def task_config_schema(self) -> schema.Schema:
+        return schema.TASK_CONFIG
+
+    def capabilities(self) -> Capabilities:
+        return Capabilities()
+
+    async def fingerprints(self) -> AsyncIterator[Fingerprint]:
+        """First fingerprint at once, then every 30 s or when the config changes."""
+        while True:
+            self._config_changed.clear()
+            yield await fingerprint_async(self.config)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._config_changed.wait(), FINGERPRINT_PERIOD)
+
+    # --- task lifecycle ---------------------------------------------------------------------
+
+    def _task(self, task_id: str) -> VMTask:
+        try:
+            return self._tasks[task_id]
+        except KeyError:
+            raise TaskNotFound(task_id) from None
+
+    def _runtime_dir(self, task: TaskConfig) -> Path:
+        preferred = Path(task.task_dir) / RUNTIME_SUBDIR
+        if len(str(preferred / "qmp.sock")) <= MAX_SOCKET_PATH:
+            return preferred
+        digest = hashlib.sha256(task.id.encode()).hexdigest()[:16]
+        return self.config.data_dir / "run" / digest
+
+    async def start_task(self, task: TaskConfig) -> TaskHandle:
+        """Validate, then launch; any failure undoes every step taken so far."""
+        if task.id in self._tasks:
+            raise TaskExists(task.id)
+        vm_config = parse_task_config(task, self.config)
+        accel = choose_accelerator(self.config.accelerator, probe_kvm())
+        binary = str(find_qemu(self.config.qemu_binary))
+        runtime_dir = self._runtime_dir(task)
+        spec = VMSpec(
+            name=f"{task.name}-{task.alloc_id[:8]}",
+            vcpus=vcpus_for(task.resources, self.agent),
+            memory_mb=memory_mb_for(task.resources),
+            kernel=vm_config.kernel,
+            initramfs=vm_config.initramfs,
+            cmdline=vm_config.cmdline,
+            accelerator=accel.name,
+            control_socket=runtime_dir / "qmp.sock",
+        )
+        with contextlib.ExitStack() as undo:
+            runtime_dir.mkdir(mode=0o700, parents=True, exist_ok=False)
+            undo.callback(shutil.rmtree, runtime_dir, True)
+            console_fd = await open_task_output(task.stdout_path)
+            try:
+                vm = await QemuBackend(binary).launch(spec, console_fd, runtime_dir)
+            finally:
+                # QEMU holds its own copy of the FIFO; ours must not keep logmon's pipe open.
+                os.close(console_fd)
+            state = DriverState(
+                task_id=task.id,
+                backend="qemu",
+                pid=vm.identity.pid,
+                process_start_time=vm.identity.start_time,
+                control_socket=str(spec.control_socket),
+                runtime_dir=str(runtime_dir),
+                started_at=time.time(),
+            )
+            undo.pop_all()
+        entry = VMTask(task, vm, state, runtime_dir, self.events)
+        self._tasks[task.id] = entry
+        entry.start_watching()
+        self.events.emit(
+            task,
+            f"VM started: {spec.vcpus} vCPU, {spec.memory_mb} MB, accelerator {accel.name}",
+            {"pid": str(state.pid), "accelerator_reason": accel.reason},
+        )
+        return TaskHandle(HANDLE_VERSION, TaskState.RUNNING, state.encode())
+
+    async def recover_task(self, task: TaskConfig, handle: TaskHandle) -> None:
+        """Reattach to a VM started by an earlier plugin process; never boot a second one."""
+        if task.id in self._tasks:
+            return
+        state = DriverState.decode(handle.driver_state)
+        runtime_dir = Path(state.runtime_dir)
+        ident = ProcessIdentity(state.pid, state.process_start_time)
+        binary = self.config.qemu_binary
+        try:
+            vm = QemuBackend(binary).reattach(ident, Path(state.control_socket), runtime_dir)
+        except HypervisorError as exc:
+            entry = VMTask(task, None, state, runtime_dir, self.events)
+            gone = f"VM ended while the plugin was not running: {exc}"
+            entry.mark_exited(ExitResult(exit_code=1, err=gone))
+            self._tasks[task.id] = entry
+            return
+        entry = VMTask(task, vm, state, runtime_dir, self.events)
+        self._tasks[task.id] = entry
+        entry.start_watching()
+        self.events.emit(task, "Reattached to running VM", {"pid": str(state.pid)})
+
+    async def wait_task(self, task_id: str) -> ExitResult:
+        return await self._task(task_id).wait()
+
+    async def stop_task(self, task_id: str, timeout: float, signal_name: str) -> None:
+        entry = self._tasks.get(task_id)
+        if entry is None:
+            return  # already gone: Nomad retries stops, and a stopped task is what it wants
+        await entry.stop(max(timeout, 1.0), signal_name)
+
+    async def destroy_task(self, task_id: str, force: bool) -> None:
+        entry = self._tasks.get(task_id)
+        if entry is None:
+            return
+        if entry.running:
+            if not force:
+                raise HypervisorError(
+                    f"task {task_id} is still running; stop it first or use force"
+                )
+            await entry.kill()
+        entry.close()
+        shutil.rmtree(entry.runtime_dir, ignore_errors=True)
+        del self._tasks[task_id]
+
+    async def inspect_task(self, task_id: str) -> TaskStatus:
+        return self._task(task_id).status()
+
+    async def task_stats(self, task_id: str, interval: float) -> AsyncIterator[TaskStats]:
+        entry = self._task(task_id)
+        rate = CpuRate(self.agent.core_mhz or 1000)
+        while entry.running and entry.vm is not None:
+            try:
+                usage = await asyncio.to_thread(entry.vm.usage)
+            except HypervisorError:
+                if not entry.running:
+                    return
+                raise
+            yield rate.sample(task_id, usage)
+            await asyncio.sleep(max(interval, 0.1))
+
+    async def task_events(self) -> AsyncIterator[TaskEvent]:
+        async for event in self.events.subscribe():
+            yield event
+
+    async def signal_task(self, task_id: str, signal_name: str) -> None:
+        self._task(task_id)
+        raise Unsupported(
+            f"signals are not delivered to VMs yet ({signal_name}); "
+            "stop the task to shut the VM down"
+        )
+
+    async def exec_task(self, task_id: str, command: list[str], timeout: float) -> None:
+        self._task(task_id)
+        raise Unsupported("exec into VMs needs the guest agent, which this version does not use")
+
+    async def shutdown(self) -> None:
+        """The plugin is going away: VMs keep running (Nomad will recover them)."""
+        for entry in self._tasks.values():
+            entry.close()

@@ -1,0 +1,39 @@
+"""What the node reports about this driver: health and `driver.vm.*` attributes."""
+
+from __future__ import annotations
+
+import asyncio
+
+from nomad_vm import __version__
+from nomad_vm.driver.config import PluginConfig
+from nomad_vm.driver.types import AttributeValue, Fingerprint, Health
+from nomad_vm.errors import ConfigError, HypervisorError
+from nomad_vm.vm.accel import choose_accelerator, probe_kvm
+from nomad_vm.vm.qemu.binary import find_qemu, qemu_version
+
+
+def fingerprint(config: PluginConfig) -> Fingerprint:
+    """Healthy only when QEMU runs and the configured accelerator can be used."""
+    kvm = probe_kvm()
+    attrs: dict[str, AttributeValue] = {
+        "driver.vm.version": __version__,
+        "driver.vm.kvm": kvm.usable,
+    }
+    try:
+        binary = find_qemu(config.qemu_binary)
+        attrs["driver.vm.qemu.version"] = qemu_version(binary)
+        attrs["driver.vm.qemu.binary"] = str(binary)
+    except HypervisorError as exc:
+        return Fingerprint(Health.UNHEALTHY, str(exc), attrs)
+    try:
+        accel = choose_accelerator(config.accelerator, kvm)
+    except ConfigError as exc:
+        return Fingerprint(Health.UNHEALTHY, str(exc), attrs)
+    attrs["driver.vm.accelerator"] = accel.name
+    description = "Healthy" if accel.name == "kvm" else f"Healthy ({accel.reason})"
+    return Fingerprint(Health.HEALTHY, description, attrs)
+
+
+async def fingerprint_async(config: PluginConfig) -> Fingerprint:
+    # The KVM probe and `qemu --version` run child processes: keep them off the event loop.
+    return await asyncio.to_thread(fingerprint, config)

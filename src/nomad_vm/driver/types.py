@@ -1,0 +1,154 @@
+"""Domain types of Nomad's task-driver contract, free of protobuf and gRPC.
+
+The plugin layer converts protobuf messages to and from these; the driver layer works only with
+them. All are frozen: a value handed across a layer cannot change under the other side.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+
+
+class Health(enum.Enum):
+    UNDETECTED = 0
+    UNHEALTHY = 1
+    HEALTHY = 2
+
+
+class TaskState(enum.Enum):
+    UNKNOWN = 0
+    RUNNING = 1
+    EXITED = 2
+
+
+AttributeValue = str | int | float | bool
+
+
+@dataclass(frozen=True)
+class Fingerprint:
+    health: Health
+    description: str
+    attributes: Mapping[str, AttributeValue] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    send_signals: bool = False
+    exec: bool = False
+    # "none": Nomad's task directory paths are host paths (the VM is not a chroot).
+    fs_isolation: str = "none"
+    # Nomad's NetworkIsolationMode names this driver accepts.
+    network_isolation_modes: tuple[str, ...] = ("host",)
+    mount_configs_supported: bool = False
+
+
+@dataclass(frozen=True)
+class AgentInfo:
+    """What the Nomad agent tells the plugin about the node in SetConfig."""
+
+    client_min_port: int = 0
+    client_max_port: int = 0
+    # MHz of one core as Nomad fingerprinted it (0 when Nomad did not send a topology).
+    core_mhz: int = 0
+    core_count: int = 0
+
+
+@dataclass(frozen=True)
+class TaskResources:
+    cpu_mhz: int
+    memory_mb: int
+    # Cores reserved with `resources { cores = N }`, as Nomad's cpuset list ("0,1" or "2-3").
+    cpuset_cpus: str = ""
+
+
+@dataclass(frozen=True)
+class TaskConfig:
+    """One start of one task (Nomad's TaskConfig; ``id`` is new on every restart)."""
+
+    id: str
+    name: str
+    alloc_id: str
+    alloc_dir: str
+    stdout_path: str
+    stderr_path: str
+    resources: TaskResources
+    # The decoded `config {}` block: plain data, validated by the driver against schema.TASK_CONFIG.
+    driver_config: Mapping[str, object] | None
+    env: Mapping[str, str] = field(default_factory=dict)
+    job_name: str = ""
+    task_group_name: str = ""
+
+    @property
+    def task_dir(self) -> str:
+        return f"{self.alloc_dir}/{self.name}"
+
+
+@dataclass(frozen=True)
+class TaskHandle:
+    """What StartTask/RecoverTask exchange with Nomad; ``driver_state`` is our opaque record."""
+
+    version: int
+    state: TaskState
+    driver_state: bytes
+
+
+@dataclass(frozen=True)
+class ExitResult:
+    exit_code: int = 0
+    signal: int = 0
+    oom_killed: bool = False
+    # Non-empty makes Nomad count the exit as failed whatever the code; says why.
+    err: str = ""
+
+    @property
+    def successful(self) -> bool:
+        return self.exit_code == 0 and self.signal == 0 and not self.err
+
+
+@dataclass(frozen=True)
+class TaskStatus:
+    id: str
+    name: str
+    state: TaskState
+    started_at: datetime
+    completed_at: datetime | None
+    result: ExitResult | None
+    attributes: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class CpuUsage:
+    user_mode: float = 0.0
+    system_mode: float = 0.0
+    total_ticks: float = 0.0
+    percent: float = 0.0
+    # Names of Nomad's CPUUsage.Fields enum values (e.g. "PERCENT") that hold real measurements.
+    measured: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class MemoryUsage:
+    rss: int = 0
+    usage: int = 0
+    measured: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class TaskStats:
+    task_id: str
+    timestamp: datetime
+    cpu: CpuUsage
+    memory: MemoryUsage
+
+
+@dataclass(frozen=True)
+class TaskEvent:
+    task_id: str
+    alloc_id: str
+    task_name: str
+    timestamp: datetime
+    message: str
+    annotations: Mapping[str, str] = field(default_factory=dict)

@@ -1,0 +1,70 @@
+"""The project's exception tree.
+
+Foreign exceptions (grpc, QMP, OSError from subprocess, msgpack) are translated where the foreign
+call is made; only these types cross a layer. The plugin layer maps them to gRPC statuses in one
+table (``nomad_vm.plugin.status``)::
+
+    NomadVMError
+     +-- ConfigError          bad plugin or task configuration; names the field
+     +-- TaskNotFound         no task with that id in this plugin
+     +-- TaskExists           StartTask for an id already running
+     +-- ImageError           kernel/image/initramfs missing, unreadable or outside image_paths
+     +-- HypervisorError      the VMM could not be started, controlled or queried
+     |    +-- LaunchError     the VMM exited or failed during start (recoverable: Nomad may retry)
+     +-- GuestBuildError      building a test guest failed
+     +-- Unsupported          the operation is not available for this task or host
+"""
+
+from __future__ import annotations
+
+
+class NomadVMError(Exception):
+    """Root of every error this project raises on purpose."""
+
+
+class ConfigError(NomadVMError):
+    """A configuration value is wrong. ``field`` is its dotted path, e.g. ``config.kernel``."""
+
+    def __init__(self, field: str, reason: str) -> None:
+        super().__init__(f"{field}: {reason}")
+        self.field = field
+        self.reason = reason
+
+
+class TaskNotFound(NomadVMError):
+    """The task id is unknown to this plugin (the wording matches Nomad's ErrTaskNotFound)."""
+
+    def __init__(self, task_id: str) -> None:
+        super().__init__(f"task not found for given id: {task_id}")
+        self.task_id = task_id
+
+
+class TaskExists(NomadVMError):
+    def __init__(self, task_id: str) -> None:
+        super().__init__(f"task with id already started: {task_id}")
+        self.task_id = task_id
+
+
+class ImageError(NomadVMError):
+    """A boot artefact cannot be used. ``field`` names the task option that pointed at it."""
+
+    def __init__(self, field: str, reason: str) -> None:
+        super().__init__(f"{field}: {reason}")
+        self.field = field
+        self.reason = reason
+
+
+class HypervisorError(NomadVMError):
+    """The VMM could not be started, controlled or queried."""
+
+
+class LaunchError(HypervisorError):
+    """The VMM failed while starting. Nomad may retry such a start (recoverable)."""
+
+
+class GuestBuildError(NomadVMError):
+    """Building a test guest image failed."""
+
+
+class Unsupported(NomadVMError):
+    """The operation exists in Nomad's protocol but is not available here."""

@@ -1,0 +1,49 @@
+"""hashicorp.nomad.plugins.base.proto.BasePlugin: identity, config schema, config."""
+
+from __future__ import annotations
+
+import grpc
+
+from nomad_vm import __version__, schema
+from nomad_vm.driver.port import DriverPort
+from nomad_vm.plugin import convert
+from nomad_vm.plugin.errors_guard import rpc_errors
+from nomad_vm.plugin.hclspec import schema_spec
+from nomad_vm.plugin.proto import base_pb2, base_pb2_grpc
+
+# The name jobs use in `driver = "..."` (the executable and plugin block are "nomad-driver-vm").
+DRIVER_NAME = "vm"
+API_VERSIONS = ["v0.1.0"]
+
+
+class BasePluginService(base_pb2_grpc.BasePluginServicer):
+    def __init__(self, driver: DriverPort) -> None:
+        self.driver = driver
+
+    async def PluginInfo(
+        self, request: base_pb2.PluginInfoRequest, context: grpc.aio.ServicerContext
+    ) -> base_pb2.PluginInfoResponse:
+        return base_pb2.PluginInfoResponse(
+            type=base_pb2.DRIVER,
+            plugin_api_versions=API_VERSIONS,
+            plugin_version=__version__,
+            name=DRIVER_NAME,
+        )
+
+    async def ConfigSchema(
+        self, request: base_pb2.ConfigSchemaRequest, context: grpc.aio.ServicerContext
+    ) -> base_pb2.ConfigSchemaResponse:
+        return base_pb2.ConfigSchemaResponse(spec=schema_spec(schema.PLUGIN_CONFIG))
+
+    async def SetConfig(
+        self, request: base_pb2.SetConfigRequest, context: grpc.aio.ServicerContext
+    ) -> base_pb2.SetConfigResponse:
+        async with rpc_errors(context, "SetConfig"):
+            raw = convert.decode_config(request.msgpack_config)
+            agent = (
+                convert.agent_info(request.nomad_config)
+                if request.HasField("nomad_config")
+                else None
+            )
+            self.driver.set_config(raw, agent)
+        return base_pb2.SetConfigResponse()

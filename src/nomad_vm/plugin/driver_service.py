@@ -1,0 +1,146 @@
+"""hashicorp.nomad.plugins.drivers.proto.Driver: convert, call the port, convert back."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import TypeAlias
+
+import grpc
+
+from nomad_vm.driver.port import DriverPort
+from nomad_vm.errors import Unsupported
+from nomad_vm.plugin import convert
+from nomad_vm.plugin.errors_guard import rpc_errors
+from nomad_vm.plugin.hclspec import schema_spec
+from nomad_vm.plugin.proto import driver_pb2 as pb
+from nomad_vm.plugin.proto import driver_pb2_grpc
+
+Ctx: TypeAlias = grpc.aio.ServicerContext
+
+
+class DriverService(driver_pb2_grpc.DriverServicer):
+    def __init__(self, driver: DriverPort) -> None:
+        self.driver = driver
+
+    async def Init(self, request: pb.InitRequest, context: Ctx) -> pb.InitResponse:
+        return pb.InitResponse()
+
+    async def Shutdown(self, request: pb.ShutdownRequest, context: Ctx) -> pb.ShutdownResponse:
+        # Graceful agent shutdown: VMs keep running and are recovered by the next plugin.
+        await self.driver.shutdown()
+        return pb.ShutdownResponse()
+
+    async def TaskConfigSchema(
+        self, request: pb.TaskConfigSchemaRequest, context: Ctx
+    ) -> pb.TaskConfigSchemaResponse:
+        return pb.TaskConfigSchemaResponse(spec=schema_spec(self.driver.task_config_schema()))
+
+    async def Capabilities(
+        self, request: pb.CapabilitiesRequest, context: Ctx
+    ) -> pb.CapabilitiesResponse:
+        return pb.CapabilitiesResponse(
+            capabilities=convert.capabilities(self.driver.capabilities())
+        )
+
+    async def Fingerprint(
+        self, request: pb.FingerprintRequest, context: Ctx
+    ) -> AsyncIterator[pb.FingerprintResponse]:
+        # Never ends on its own: Nomad re-calls an ended Fingerprint stream in a tight loop.
+        async for fp in self.driver.fingerprints():
+            yield convert.fingerprint(fp)
+
+    async def StartTask(self, request: pb.StartTaskRequest, context: Ctx) -> pb.StartTaskResponse:
+        async with rpc_errors(context, "StartTask", recoverable_detail=True):
+            handle = await self.driver.start_task(convert.task_config(request.task))
+            return pb.StartTaskResponse(handle=convert.handle(handle, request.task))
+        raise AssertionError("unreachable")  # rpc_errors aborts the RPC on error
+
+    async def RecoverTask(
+        self, request: pb.RecoverTaskRequest, context: Ctx
+    ) -> pb.RecoverTaskResponse:
+        async with rpc_errors(context, "RecoverTask"):
+            # Nomad leaves request.task_id empty: the id is in the handle's config.
+            task = convert.task_config(request.handle.config)
+            await self.driver.recover_task(task, convert.handle_from(request.handle))
+        return pb.RecoverTaskResponse()
+
+    async def WaitTask(self, request: pb.WaitTaskRequest, context: Ctx) -> pb.WaitTaskResponse:
+        async with rpc_errors(context, "WaitTask"):
+            result = await self.driver.wait_task(request.task_id)
+            # `result` is always set: Nomad before 1.11.3 panics on a nil result.
+            return pb.WaitTaskResponse(result=convert.exit_result(result), err=result.err)
+        raise AssertionError("unreachable")
+
+    async def StopTask(self, request: pb.StopTaskRequest, context: Ctx) -> pb.StopTaskResponse:
+        async with rpc_errors(context, "StopTask"):
+            timeout = request.timeout.ToTimedelta().total_seconds()
+            await self.driver.stop_task(request.task_id, timeout, request.signal)
+        return pb.StopTaskResponse()
+
+    async def DestroyTask(
+        self, request: pb.DestroyTaskRequest, context: Ctx
+    ) -> pb.DestroyTaskResponse:
+        async with rpc_errors(context, "DestroyTask"):
+            await self.driver.destroy_task(request.task_id, request.force)
+        return pb.DestroyTaskResponse()
+
+    async def InspectTask(
+        self, request: pb.InspectTaskRequest, context: Ctx
+    ) -> pb.InspectTaskResponse:
+        async with rpc_errors(context, "InspectTask"):
+            return convert.task_status(await self.driver.inspect_task(request.task_id))
+        raise AssertionError("unreachable")
+
+    async def TaskStats(
+        self, request: pb.TaskStatsRequest, context: Ctx
+    ) -> AsyncIterator[pb.TaskStatsResponse]:
+        interval = request.collection_interval.ToTimedelta().total_seconds() or 1.0
+        async with rpc_errors(context, "TaskStats"):
+            async for stats in self.driver.task_stats(request.task_id, interval):
+                yield convert.task_stats(stats)
+        # The VM has ended. Hold the stream open until Nomad cancels it: a closed stream is
+        # reopened every interval with an error log.
+        await asyncio.Event().wait()
+
+    async def TaskEvents(
+        self, request: pb.TaskEventsRequest, context: Ctx
+    ) -> AsyncIterator[pb.DriverTaskEvent]:
+        async for event in self.driver.task_events():
+            yield convert.task_event(event)
+
+    async def SignalTask(
+        self, request: pb.SignalTaskRequest, context: Ctx
+    ) -> pb.SignalTaskResponse:
+        async with rpc_errors(context, "SignalTask"):
+            await self.driver.signal_task(request.task_id, request.signal)
+        return pb.SignalTaskResponse()
+
+    async def ExecTask(self, request: pb.ExecTaskRequest, context: Ctx) -> pb.ExecTaskResponse:
+        async with rpc_errors(context, "ExecTask"):
+            timeout = request.timeout.ToTimedelta().total_seconds()
+            await self.driver.exec_task(request.task_id, list(request.command), timeout)
+        raise AssertionError("unreachable")
+
+    async def ExecTaskStreaming(
+        self, request_iterator: AsyncIterator[pb.ExecTaskStreamingRequest], context: Ctx
+    ) -> AsyncIterator[pb.ExecTaskStreamingResponse]:
+        async with rpc_errors(context, "ExecTaskStreaming"):
+            first = await anext(aiter(request_iterator))
+            await self.driver.exec_task(first.setup.task_id, list(first.setup.command), 0.0)
+        raise AssertionError("unreachable")
+        yield pb.ExecTaskStreamingResponse()  # pragma: no cover - makes this a generator
+
+    async def CreateNetwork(
+        self, request: pb.CreateNetworkRequest, context: Ctx
+    ) -> pb.CreateNetworkResponse:
+        async with rpc_errors(context, "CreateNetwork"):
+            raise Unsupported("this driver does not create networks (must_create_network=false)")
+        raise AssertionError("unreachable")
+
+    async def DestroyNetwork(
+        self, request: pb.DestroyNetworkRequest, context: Ctx
+    ) -> pb.DestroyNetworkResponse:
+        async with rpc_errors(context, "DestroyNetwork"):
+            raise Unsupported("this driver does not create networks (must_create_network=false)")
+        raise AssertionError("unreachable")

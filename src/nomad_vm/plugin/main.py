@@ -1,0 +1,34 @@
+"""Entry point of `nomad-driver-vm`, the executable Nomad starts from its plugin_dir."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import sys
+
+from nomad_vm.driver.driver import VMDriver
+from nomad_vm.plugin import handshake
+from nomad_vm.plugin.hclog import configure_plugin_logging
+from nomad_vm.plugin.server import serve
+
+
+def main() -> None:
+    if not handshake.launched_by_nomad():
+        sys.stderr.write(handshake.NOT_A_PROGRAM)
+        sys.exit(1)
+    if not handshake.supports_protocol():
+        sys.stderr.write("nomad-driver-vm speaks go-plugin protocol 2, which Nomad did not offer\n")
+        sys.exit(1)
+    # Ctrl-C in the terminal of `nomad agent -dev` reaches the whole process group; the agent
+    # decides when plugins stop (go-plugin ignores SIGINT for the same reason).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    configure_plugin_logging()
+    asyncio.run(_run())
+
+
+async def _run() -> None:
+    await serve(VMDriver())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Generated protobuf/gRPC code; regenerate with scripts/gen-proto.sh."""

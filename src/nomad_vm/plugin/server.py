@@ -1,0 +1,57 @@
+"""Build and run the plugin's gRPC server (grpc.aio: long-lived streams cost no threads)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import shutil
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from nomad_vm.driver.port import DriverPort
+from nomad_vm.plugin import handshake
+from nomad_vm.plugin.base_service import BasePluginService
+from nomad_vm.plugin.driver_service import DriverService
+from nomad_vm.plugin.goplugin_services import BrokerService, ControllerService, StdioService
+from nomad_vm.plugin.proto import base_pb2_grpc, driver_pb2_grpc, goplugin_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+# go-plugin's client sets no message size limits; Python's default receive limit is 4 MiB.
+SERVER_OPTIONS = [
+    ("grpc.max_receive_message_length", -1),
+    ("grpc.max_send_message_length", -1),
+]
+# Seconds in-flight RPCs get to finish after GRPCController.Shutdown (go-plugin waits 2 s).
+SHUTDOWN_GRACE = 0.5
+
+
+async def serve(driver: DriverPort, socket_dir: Path | None = None) -> None:
+    """Listen on a unix socket, announce it on stdout, serve until Shutdown."""
+    socket_dir = socket_dir or handshake.make_socket_dir()
+    socket_path = socket_dir / "plugin.sock"
+    server = grpc.aio.server(options=SERVER_OPTIONS)
+    stop = asyncio.Event()
+
+    base_pb2_grpc.add_BasePluginServicer_to_server(BasePluginService(driver), server)
+    driver_pb2_grpc.add_DriverServicer_to_server(DriverService(driver), server)
+    goplugin_pb2_grpc.add_GRPCControllerServicer_to_server(ControllerService(stop.set), server)
+    goplugin_pb2_grpc.add_GRPCStdioServicer_to_server(StdioService(), server)
+    goplugin_pb2_grpc.add_GRPCBrokerServicer_to_server(BrokerService(), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    await health_servicer.set("plugin", health_pb2.HealthCheckResponse.SERVING)
+
+    server.add_insecure_port(f"unix:{socket_path}")
+    await server.start()
+    handshake.announce(socket_path)
+    log.info("plugin serving", extra={"fields": {"socket": str(socket_path)}})
+    try:
+        await stop.wait()
+        log.info("shutdown requested by the Nomad agent")
+    finally:
+        await server.stop(SHUTDOWN_GRACE)
+        await driver.shutdown()
+        shutil.rmtree(socket_dir, ignore_errors=True)

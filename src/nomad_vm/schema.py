@@ -1,0 +1,213 @@
+"""One declarative description of the plugin config and the task config.
+
+Three things are derived from it, so they cannot disagree:
+
+* the hclspec Nomad uses to parse HCL (``nomad_vm.plugin.hclspec`` turns it into protobuf);
+* validation of the decoded values, with errors that name the field (``validate``);
+* the configuration reference, ``docs/configuration.md`` (``render_reference``; a test fails when
+  the checked-in file is stale).
+
+Nothing here knows about protobuf or gRPC. Semantic checks that need the host (does the kernel
+exist, is it inside ``image_paths``) live with the code that uses the value.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Literal
+
+from nomad_vm.errors import ConfigError
+
+FieldType = Literal["string", "number", "bool", "list(string)"]
+
+
+@dataclass(frozen=True)
+class Field:
+    """One attribute, e.g. ``kernel = "/path/vmlinux"``."""
+
+    name: str
+    type: FieldType
+    doc: str
+    default: object = None
+    choices: tuple[str, ...] = ()
+    example: str = ""
+    minimum: int | None = None
+
+    def hcl_default(self) -> str | None:
+        """The default as an HCL expression (hclspec Literal), or None without a default."""
+        if self.default is None:
+            return None
+        return json.dumps(self.default)
+
+
+@dataclass(frozen=True)
+class Schema:
+    """A flat set of fields: the body of a ``config {}`` block."""
+
+    title: str
+    where: str
+    fields: tuple[Field, ...] = field(default_factory=tuple)
+
+    def field(self, name: str) -> Field:
+        for f in self.fields:
+            if f.name == name:
+                return f
+        raise KeyError(name)
+
+
+ACCELERATORS = ("auto", "kvm", "tcg")
+
+PLUGIN_CONFIG = Schema(
+    title="Plugin configuration",
+    where='the agent\'s `plugin "nomad-driver-vm" { config { ... } }` block',
+    fields=(
+        Field(
+            "data_dir",
+            "string",
+            "Directory where the plugin keeps its per-task runtime files (control sockets whose "
+            "path would be too long inside the task directory). Created if missing.",
+            default="/var/lib/nomad-vm",
+        ),
+        Field(
+            "image_paths",
+            "list(string)",
+            "Host directories that kernels, initramfs files and disk images may come from. The "
+            "plugin's `data_dir` and the task's own allocation directory are always allowed. "
+            "Paths are resolved (symlinks, `..`) before the check, so a link cannot escape.",
+            default=[],
+            example='["/srv/vm-images"]',
+        ),
+        Field(
+            "accelerator",
+            "string",
+            "`auto` uses KVM when a test guest really runs on it and TCG (software emulation) "
+            "otherwise; `kvm` refuses to run when KVM is unusable; `tcg` never uses KVM.",
+            default="auto",
+            choices=ACCELERATORS,
+        ),
+        Field(
+            "qemu_binary",
+            "string",
+            "The QEMU system emulator: a path, or a name looked up on PATH.",
+            default="qemu-system-x86_64",
+        ),
+    ),
+)
+
+TASK_CONFIG = Schema(
+    title="Task configuration",
+    where='a task\'s `config { ... }` block with `driver = "vm"`',
+    fields=(
+        Field(
+            "kernel",
+            "string",
+            "Guest kernel for direct kernel boot (an uncompressed `vmlinux` with a PVH entry, "
+            "or a bzImage). Must lie inside `image_paths` or the allocation directory. Required.",
+            example='"/srv/vm-images/vmlinux"',
+        ),
+        Field(
+            "initramfs",
+            "string",
+            "Initial ramdisk loaded with the kernel. Same path rules as `kernel`.",
+            example='"/srv/vm-images/initramfs.img"',
+        ),
+        Field(
+            "cmdline",
+            "string",
+            "Kernel command line. The guest console is the first serial port, so include "
+            "`console=ttyS0` to see the guest's output in `nomad alloc logs`.",
+            default="console=ttyS0",
+        ),
+    ),
+)
+
+
+def validate(schema: Schema, raw: Mapping[str, object] | None, prefix: str) -> dict[str, object]:
+    """Check types and choices of decoded config values and fill in defaults.
+
+    ``raw`` is the decoded cty object (every key present, ``None`` when unset). Unknown keys are an
+    error even though Nomad's HCL decoder already rejects them, because configs also come from
+    tests and tools. ``prefix`` is prepended to field names in errors (``config`` for task config).
+    """
+    values = dict(raw or {})
+    known = {f.name for f in schema.fields}
+    for key in values:
+        if key not in known:
+            raise ConfigError(f"{prefix}.{key}", f"unknown option; known options: {sorted(known)}")
+    out: dict[str, object] = {}
+    for f in schema.fields:
+        value = values.get(f.name)
+        if value is None:
+            value = f.default
+        out[f.name] = None if value is None else _check_value(f, value, f"{prefix}.{f.name}")
+    return out
+
+
+def _check_value(f: Field, value: object, path: str) -> object:
+    if f.type == "string":
+        if not isinstance(value, str):
+            raise ConfigError(path, f"must be a string, got {type(value).__name__}")
+        if f.choices and value not in f.choices:
+            raise ConfigError(path, f"must be one of {', '.join(f.choices)}; got {value!r}")
+        return value
+    if f.type == "bool":
+        if not isinstance(value, bool):
+            raise ConfigError(path, f"must be true or false, got {value!r}")
+        return value
+    if f.type == "number":
+        return _check_number(f, value, path)
+    if not isinstance(value, Sequence) or isinstance(value, str):
+        raise ConfigError(path, f"must be a list of strings, got {type(value).__name__}")
+    for i, item in enumerate(value):
+        if not isinstance(item, str):
+            raise ConfigError(f"{path}[{i}]", "must be a string")
+    return list(value)
+
+
+def _check_number(f: Field, value: object, path: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int | Decimal):
+        raise ConfigError(path, f"must be a whole number, got {value!r}")
+    if isinstance(value, Decimal):
+        if value != value.to_integral_value():
+            raise ConfigError(path, f"must be a whole number, got {value}")
+        value = int(value)
+    if f.minimum is not None and value < f.minimum:
+        raise ConfigError(path, f"must be at least {f.minimum}, got {value}")
+    return value
+
+
+def render_reference() -> str:
+    """The Markdown configuration reference (docs/configuration.md)."""
+    lines = [
+        "# Configuration reference",
+        "",
+        "<!-- Generated from src/nomad_vm/schema.py by `make docs`; do not edit by hand. -->",
+        "",
+    ]
+    for schema in (PLUGIN_CONFIG, TASK_CONFIG):
+        lines += [f"## {schema.title}", "", f"Set in {schema.where}.", ""]
+        lines += ["| option | type | default | description |", "|---|---|---|---|"]
+        for f in schema.fields:
+            default = "—" if f.default is None else f"`{json.dumps(f.default)}`"
+            doc = f.doc
+            if f.choices:
+                doc += " One of: " + ", ".join(f"`{c}`" for c in f.choices) + "."
+            if f.example:
+                doc += f" Example: `{f.name} = {f.example}`."
+            lines.append(f"| `{f.name}` | {f.type} | {default} | {doc} |")
+        lines.append("")
+    lines += [
+        "## Resources",
+        "",
+        "The VM's size comes from the task's `resources` block, not from `config`:",
+        "",
+        "* vCPUs: the number of reserved `cores`, or else `cpu` (MHz) divided by the host's",
+        "  per-core MHz as Nomad fingerprinted it, rounded up; at least 1, at most the host's",
+        "  cores.",
+        "* Memory: `memory` (MB) becomes the guest's RAM.",
+        "",
+    ]
+    return "\n".join(lines)

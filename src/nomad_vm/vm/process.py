@@ -1,0 +1,169 @@
+"""Supervision of VMM processes, shared by every backend.
+
+A VMM runs in its own session, so it outlives the plugin (Nomad restarts plugins freely) and a
+Ctrl-C in the terminal of `nomad agent -dev` does not reach it. A process is identified by its pid
+*and* its start time: after a plugin restart a recycled pid must never be taken for our VM.
+Exit is watched through a pidfd, which works for processes that are not our children too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import subprocess
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+
+from nomad_vm.errors import HypervisorError, LaunchError
+from nomad_vm.vm.spec import VMExit
+
+
+@dataclass(frozen=True)
+class ProcessIdentity:
+    pid: int
+    # psutil's create_time (seconds since the epoch, as the kernel reports it).
+    start_time: float
+
+
+def identity_of(pid: int) -> ProcessIdentity | None:
+    try:
+        return ProcessIdentity(pid, psutil.Process(pid).create_time())
+    except psutil.Error:
+        return None
+
+
+def is_same_process(ident: ProcessIdentity) -> bool:
+    """True when ``ident.pid`` still names the very process we started (not a recycled pid)."""
+    current = identity_of(ident.pid)
+    if current is None:
+        return False
+    try:
+        if psutil.Process(ident.pid).status() == psutil.STATUS_ZOMBIE:
+            return False
+    except psutil.Error:
+        return False
+    return abs(current.start_time - ident.start_time) < 0.05
+
+
+class SupervisedProcess:
+    """A VMM process: started by us (``Popen`` known, real exit status) or re-found by identity."""
+
+    def __init__(self, ident: ProcessIdentity, popen: subprocess.Popen[bytes] | None) -> None:
+        self.ident = ident
+        self._popen = popen
+        self._exit: VMExit | None = None
+        self._pidfd: int | None = None
+        self._waiter: asyncio.Future[VMExit] | None = None
+        with contextlib.suppress(OSError):
+            self._pidfd = os.pidfd_open(ident.pid)
+
+    @property
+    def pid(self) -> int:
+        return self.ident.pid
+
+    @property
+    def exit(self) -> VMExit | None:
+        return self._exit
+
+    async def wait(self) -> VMExit:
+        """Block until the process ends and return how it ended. Safe to call concurrently."""
+        if self._exit is not None:
+            return self._exit
+        if self._waiter is None:
+            self._waiter = asyncio.ensure_future(self._wait_once())
+        return await asyncio.shield(self._waiter)
+
+    async def _wait_once(self) -> VMExit:
+        if self._pidfd is not None:
+            await _wait_readable(self._pidfd)
+        else:  # the process was already gone when we looked
+            while is_same_process(self.ident):
+                await asyncio.sleep(0.2)
+        self._exit = self._collect()
+        self._close_pidfd()
+        return self._exit
+
+    def _collect(self) -> VMExit:
+        if self._popen is None:
+            return VMExit(None, None, "the VMM ended while it was not the plugin's child")
+        code = self._popen.wait()
+        if code < 0:
+            name = signal.Signals(-code).name
+            return VMExit(None, -code, f"the VMM was killed by {name}")
+        if code == 0:
+            return VMExit(0, None, "the VMM exited normally")
+        return VMExit(code, None, f"the VMM exited with status {code}")
+
+    def send_signal(self, sig: int) -> None:
+        if self._exit is not None or not is_same_process(self.ident):
+            return
+        with contextlib.suppress(ProcessLookupError):
+            if self._pidfd is not None:
+                signal.pidfd_send_signal(self._pidfd, sig)
+            else:
+                os.kill(self.pid, sig)
+
+    async def terminate(self, grace: float) -> VMExit:
+        """SIGTERM, then SIGKILL after ``grace`` seconds; returns once the process is gone."""
+        self.send_signal(signal.SIGTERM)
+        try:
+            return await asyncio.wait_for(self.wait(), grace)
+        except TimeoutError:
+            self.send_signal(signal.SIGKILL)
+            return await self.wait()
+
+    def _close_pidfd(self) -> None:
+        if self._pidfd is not None:
+            os.close(self._pidfd)
+            self._pidfd = None
+
+    def close(self) -> None:
+        self._close_pidfd()
+
+
+async def _wait_readable(fd: int) -> None:
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[None] = loop.create_future()
+
+    def ready() -> None:
+        if not done.done():
+            done.set_result(None)
+
+    loop.add_reader(fd, ready)
+    try:
+        await done
+    finally:
+        loop.remove_reader(fd)
+
+
+def spawn(argv: Sequence[str], *, stdout: int, stderr: int, cwd: Path) -> SupervisedProcess:
+    """Start ``argv`` in a new session with the given output fds and no stdin."""
+    try:
+        popen = subprocess.Popen(
+            list(argv),
+            stdin=subprocess.DEVNULL,
+            stdout=stdout,
+            stderr=stderr,
+            cwd=cwd,
+            start_new_session=True,
+            close_fds=True,
+        )
+    except OSError as exc:
+        raise LaunchError(f"cannot start {argv[0]}: {exc.strerror or exc}") from exc
+    ident = identity_of(popen.pid) or ProcessIdentity(popen.pid, 0.0)
+    return SupervisedProcess(ident, popen)
+
+
+def reattach(ident: ProcessIdentity) -> SupervisedProcess:
+    """Find a VMM started by an earlier plugin process; HypervisorError if it is gone."""
+    if not is_same_process(ident):
+        raise HypervisorError(
+            f"process {ident.pid} started at {ident.start_time} no longer exists "
+            "(or the pid now belongs to another process)"
+        )
+    return SupervisedProcess(ident, None)

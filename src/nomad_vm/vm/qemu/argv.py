@@ -1,0 +1,51 @@
+"""VMSpec -> QEMU command line. A pure function, golden-tested (tests/unit/test_qemu_argv.py)."""
+
+from __future__ import annotations
+
+from nomad_vm.vm.spec import VMSpec
+
+# The guest's first serial port is QEMU's stdout, which the driver connects to Nomad's task stdout
+# FIFO: that is how the guest console reaches `nomad alloc logs`. signal=off keeps a Ctrl-C byte
+# in the console from killing QEMU.
+SERIAL_CHARDEV = "stdio,id=serial0,signal=off"
+
+
+def qemu_argv(binary: str, spec: VMSpec) -> list[str]:
+    argv = [
+        binary,
+        "-name",
+        f"guest={spec.name},debug-threads=on",
+        "-nodefaults",
+        "-no-user-config",
+        # `pc` is the machine where QMP system_powerdown reaches the guest under TCG too
+        # (q35 with SMM does not; see docs/test-guests notes).
+        "-machine",
+        "pc",
+        "-accel",
+        spec.accelerator,
+    ]
+    if spec.accelerator == "kvm":
+        argv += ["-cpu", "host"]
+    argv += [
+        "-smp",
+        str(spec.vcpus),
+        "-m",
+        f"{spec.memory_mb}M",
+        "-display",
+        "none",
+        "-vga",
+        "none",
+        "-chardev",
+        SERIAL_CHARDEV,
+        "-serial",
+        "chardev:serial0",
+        "-qmp",
+        f"unix:{spec.control_socket},server=on,wait=off",
+        "-kernel",
+        str(spec.kernel),
+    ]
+    if spec.initramfs is not None:
+        argv += ["-initrd", str(spec.initramfs)]
+    if spec.cmdline:
+        argv += ["-append", spec.cmdline]
+    return argv

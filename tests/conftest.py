@@ -1,0 +1,47 @@
+"""Shared fixtures: the tiny guest, short temp dirs (unix socket paths are limited), and a
+check that no QEMU process outlives the test that started it."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def guest_cache() -> Path:
+    return Path(os.environ.get("NOMAD_VM_CACHE", REPO / ".cache" / "guests"))
+
+
+@pytest.fixture(scope="session")
+def tiny_guest():  # type: ignore[no-untyped-def]
+    from nomad_vm.guests.tiny import build_tiny
+
+    return build_tiny(guest_cache())
+
+
+@pytest.fixture
+def short_tmp() -> Iterator[Path]:
+    path = Path(tempfile.mkdtemp(prefix="nvt-", dir="/tmp"))
+    yield path
+    leftover = qemu_processes_under(path)
+    for proc in leftover:
+        proc.kill()
+    shutil.rmtree(path, ignore_errors=True)
+    assert not leftover, f"QEMU processes outlived the test: {[p.pid for p in leftover]}"
+
+
+def qemu_processes_under(path: Path) -> list[psutil.Process]:
+    """QEMU processes whose command line mentions ``path`` (our tests put sockets there)."""
+    found = []
+    for proc in psutil.process_iter(["name", "cmdline"]):
+        cmdline = " ".join(proc.info.get("cmdline") or [])
+        if "qemu-system" in cmdline and str(path) in cmdline:
+            found.append(proc)
+    return found

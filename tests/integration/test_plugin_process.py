@@ -1,0 +1,364 @@
+"""The real `nomad-driver-vm` executable, started the way Nomad starts it and driven over gRPC."""
+
+from __future__ import annotations
+
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import msgpack
+import pytest
+from google.protobuf import duration_pb2, empty_pb2
+from grpc_status import rpc_status
+
+from nomad_vm.plugin.launcher import PluginProcess
+from nomad_vm.plugin.proto import (
+    base_pb2,
+    base_pb2_grpc,
+    driver_pb2,
+    driver_pb2_grpc,
+    goplugin_pb2,
+    goplugin_pb2_grpc,
+    recoverable_error_pb2,
+)
+from tests.conftest import REPO, qemu_processes_under
+
+DRIVER = REPO / ".venv" / "bin" / "nomad-driver-vm"
+MARKER = b"nomad-vm tiny guest: booted"
+
+
+def cty(obj: dict[str, object]) -> bytes:
+    """go-cty encodes an object as a map with every attribute, keys in byte order."""
+    return msgpack.packb(dict(sorted(obj.items())), use_bin_type=False)
+
+
+@pytest.fixture
+def plugin(short_tmp: Path) -> Iterator[PluginProcess]:
+    proc = PluginProcess([str(DRIVER)])
+    proc.start(short_tmp / "plugin.stderr")
+    yield proc
+    proc.kill()
+
+
+def base(p: PluginProcess) -> base_pb2_grpc.BasePluginStub:
+    return base_pb2_grpc.BasePluginStub(p.channel)
+
+
+def drv(p: PluginProcess) -> driver_pb2_grpc.DriverStub:
+    return driver_pb2_grpc.DriverStub(p.channel)
+
+
+def plugin_config(data_dir: Path, image_paths: list[str]) -> bytes:
+    return cty(
+        {
+            "accelerator": "auto",
+            "data_dir": str(data_dir),
+            "image_paths": image_paths,
+            "qemu_binary": None,
+        }
+    )
+
+
+class FifoReader:
+    """Plays Nomad's logmon: creates the task's stdout FIFO and keeps reading it."""
+
+    def __init__(self, path: Path) -> None:
+        import os
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        os.mkfifo(path)
+        self.path = path
+        self.data = bytearray()
+        self._fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._stop = False
+        self._thread.start()
+
+    def _run(self) -> None:
+        import os
+        import select
+
+        while not self._stop:
+            ready, _, _ = select.select([self._fd], [], [], 0.1)
+            if ready:
+                chunk = os.read(self._fd, 65536)
+                if chunk:
+                    self.data += chunk
+                else:
+                    time.sleep(0.05)
+
+    def wait_for(self, needle: bytes, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if needle in self.data:
+                return True
+            time.sleep(0.1)
+        return False
+
+    def close(self) -> None:
+        import os
+
+        self._stop = True
+        self._thread.join()
+        os.close(self._fd)
+
+
+def task_config(
+    alloc_dir: Path, driver_config: dict[str, object], task_id: str = ""
+) -> driver_pb2.TaskConfig:
+    return driver_pb2.TaskConfig(
+        id=task_id or "a1b2c3d4-0000-0000-0000-000000000001/tiny/abcd1234",
+        name="tiny",
+        alloc_id="a1b2c3d4-0000-0000-0000-000000000001",
+        alloc_dir=str(alloc_dir),
+        stdout_path=str(alloc_dir / "alloc" / "logs" / ".tiny.stdout.fifo"),
+        stderr_path=str(alloc_dir / "alloc" / "logs" / ".tiny.stderr.fifo"),
+        msgpack_driver_config=cty(driver_config),
+        resources=driver_pb2.Resources(
+            allocated_resources=driver_pb2.AllocatedTaskResources(
+                cpu=driver_pb2.AllocatedCpuResources(cpu_shares=500),
+                memory=driver_pb2.AllocatedMemoryResources(memory_mb=160),
+            ),
+        ),
+    )
+
+
+def test_run_by_hand_explains_and_fails() -> None:
+    proc = subprocess.run([str(DRIVER)], capture_output=True, text=True, timeout=30)
+    assert proc.returncode != 0
+    assert proc.stdout == ""
+    assert "plugin_dir" in proc.stderr and 'driver = "vm"' in proc.stderr
+
+
+def test_handshake_and_base_plugin(plugin: PluginProcess, short_tmp: Path) -> None:
+    assert plugin.handshake is not None
+    hs = plugin.handshake
+    assert (hs.core, hs.app, hs.network, hs.protocol) == (1, 2, "unix", "grpc")
+    assert Path(hs.address).is_absolute()
+    assert oct(Path(hs.address).parent.stat().st_mode & 0o777) == "0o700"
+
+    info = base(plugin).PluginInfo(base_pb2.PluginInfoRequest())
+    assert info.type == base_pb2.DRIVER
+    assert list(info.plugin_api_versions) == ["v0.1.0"]
+    assert info.name == "vm"
+    assert info.plugin_version.count(".") == 2
+
+    spec = base(plugin).ConfigSchema(base_pb2.ConfigSchemaRequest()).spec
+    assert {"image_paths", "data_dir", "accelerator", "qemu_binary"} <= set(spec.object.attributes)
+
+    # The validation launch: SetConfig twice without nomad_config.
+    cfg = plugin_config(short_tmp / "data", [])
+    for _ in range(2):
+        base(plugin).SetConfig(
+            base_pb2.SetConfigRequest(msgpack_config=cfg, plugin_api_version="v0.1.0")
+        )
+    bad = cty({"accelerator": "warp", "data_dir": None, "image_paths": None, "qemu_binary": None})
+    with pytest.raises(grpc.RpcError) as err:
+        base(plugin).SetConfig(base_pb2.SetConfigRequest(msgpack_config=bad))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "config.accelerator" in err.value.details()
+
+
+def test_controller_shutdown_exits_within_a_second(plugin: PluginProcess) -> None:
+    stdio = goplugin_pb2_grpc.GRPCStdioStub(plugin.channel).StreamStdio(empty_pb2.Empty())
+    goplugin_pb2_grpc.GRPCControllerStub(plugin.channel).Shutdown(goplugin_pb2.Empty())
+    started = time.monotonic()
+    assert plugin.wait_exit(1.5) == 0
+    assert time.monotonic() - started < 1.0
+    stdio.cancel()
+
+
+def test_long_lived_streams_do_not_starve_unary_calls(plugin: PluginProcess) -> None:
+    streams = [drv(plugin).TaskEvents(driver_pb2.TaskEventsRequest()) for _ in range(60)]
+    streams += [drv(plugin).WaitTask(driver_pb2.WaitTaskRequest(task_id="nope")) for _ in range(0)]
+    try:
+        started = time.monotonic()
+        base(plugin).PluginInfo(base_pb2.PluginInfoRequest(), timeout=5)
+        assert time.monotonic() - started < 2.0
+    finally:
+        for s in streams:
+            s.cancel()
+
+
+def test_fingerprint_first_message_and_attributes(plugin: PluginProcess, short_tmp: Path) -> None:
+    base(plugin).SetConfig(
+        base_pb2.SetConfigRequest(
+            msgpack_config=plugin_config(short_tmp / "data", []),
+            nomad_config=base_pb2.NomadConfig(driver=base_pb2.NomadDriverConfig()),
+        )
+    )
+    stream = drv(plugin).Fingerprint(driver_pb2.FingerprintRequest())
+    try:
+        first = next(stream)
+    finally:
+        stream.cancel()
+    assert first.health == driver_pb2.FingerprintResponse.HEALTHY, first.health_description
+    attrs = first.attributes
+    assert attrs["driver.vm.version"].string_val
+    assert attrs["driver.vm.qemu.version"].string_val.count(".") >= 1
+    assert attrs["driver.vm.accelerator"].string_val in {"kvm", "tcg"}
+    assert attrs["driver.vm.kvm"].HasField("bool_val")
+    if not attrs["driver.vm.kvm"].bool_val:
+        assert attrs["driver.vm.accelerator"].string_val == "tcg"
+        assert "KVM not usable" in first.health_description
+
+
+def _configure(plugin: PluginProcess, data_dir: Path, image_paths: list[str]) -> None:
+    base(plugin).SetConfig(
+        base_pb2.SetConfigRequest(
+            msgpack_config=plugin_config(data_dir, image_paths),
+            nomad_config=base_pb2.NomadConfig(driver=base_pb2.NomadDriverConfig()),
+        )
+    )
+
+
+def test_vm_task_lifecycle(plugin: PluginProcess, short_tmp: Path, tiny_guest) -> None:  # type: ignore[no-untyped-def]
+    data_dir = short_tmp / "data"
+    _configure(plugin, data_dir, [str(tiny_guest.vmlinux.parent)])
+    events = drv(plugin).TaskEvents(driver_pb2.TaskEventsRequest())
+    alloc = short_tmp / "alloc1"
+    (alloc / "tiny").mkdir(parents=True)
+    fifo = FifoReader(alloc / "alloc" / "logs" / ".tiny.stdout.fifo")
+    cfg = task_config(
+        alloc,
+        {
+            "kernel": str(tiny_guest.vmlinux),
+            "initramfs": str(tiny_guest.initramfs),
+            "cmdline": tiny_guest.cmdline,
+        },
+    )
+    try:
+        resp = drv(plugin).StartTask(driver_pb2.StartTaskRequest(task=cfg), timeout=60)
+        assert resp.handle.version >= 1
+        assert resp.handle.config.id == cfg.id
+        assert resp.handle.driver_state
+        first_event = next(events)
+        assert first_event.message.startswith("VM started")
+        assert first_event.task_name == "tiny" and first_event.alloc_id == cfg.alloc_id
+
+        assert fifo.wait_for(MARKER, 120), bytes(fifo.data[-2000:])
+
+        status = drv(plugin).InspectTask(driver_pb2.InspectTaskRequest(task_id=cfg.id))
+        assert status.task.state == driver_pb2.RUNNING
+        stats = drv(plugin).TaskStats(
+            driver_pb2.TaskStatsRequest(
+                task_id=cfg.id, collection_interval=duration_pb2.Duration(nanos=200_000_000)
+            )
+        )
+        samples = [next(stats), next(stats)]
+        stats.cancel()
+        assert samples[0].stats.agg_resource_usage.memory.rss > 10 * 1024 * 1024
+        assert samples[1].stats.agg_resource_usage.cpu.percent > 0
+
+        drv(plugin).StopTask(
+            driver_pb2.StopTaskRequest(
+                task_id=cfg.id, timeout=duration_pb2.Duration(seconds=5), signal="SIGINT"
+            )
+        )
+        waited = drv(plugin).WaitTask(driver_pb2.WaitTaskRequest(task_id=cfg.id), timeout=30)
+        assert waited.HasField("result")
+        drv(plugin).DestroyTask(driver_pb2.DestroyTaskRequest(task_id=cfg.id, force=True))
+    finally:
+        events.cancel()
+        fifo.close()
+    assert not qemu_processes_under(short_tmp)
+    assert not (alloc / "tiny" / "nomad-vm").exists()
+    assert not data_dir.exists() or not any(data_dir.rglob("*"))
+    with pytest.raises(grpc.RpcError) as err:
+        drv(plugin).WaitTask(driver_pb2.WaitTaskRequest(task_id=cfg.id))
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_guest_power_off_is_a_successful_exit(
+    plugin: PluginProcess, short_tmp: Path, tiny_guest
+) -> None:  # type: ignore[no-untyped-def]
+    from nomad_vm.guests.tiny import tiny_cmdline
+
+    _configure(plugin, short_tmp / "data", [str(tiny_guest.vmlinux.parent)])
+    alloc = short_tmp / "alloc2"
+    (alloc / "tiny").mkdir(parents=True)
+    fifo = FifoReader(alloc / "alloc" / "logs" / ".tiny.stdout.fifo")
+    cmdline = tiny_cmdline(tiny_guest.cmdline, "echo guest-says-hi")
+    cfg = task_config(
+        alloc,
+        {
+            "kernel": str(tiny_guest.vmlinux),
+            "initramfs": str(tiny_guest.initramfs),
+            "cmdline": cmdline,
+        },
+    )
+    try:
+        drv(plugin).StartTask(driver_pb2.StartTaskRequest(task=cfg), timeout=60)
+        waited = drv(plugin).WaitTask(driver_pb2.WaitTaskRequest(task_id=cfg.id), timeout=180)
+        assert waited.result.exit_code == 0 and waited.result.signal == 0, waited
+        assert waited.err == ""
+        assert fifo.wait_for(b"guest-says-hi", 5)
+        drv(plugin).DestroyTask(driver_pb2.DestroyTaskRequest(task_id=cfg.id, force=True))
+    finally:
+        fifo.close()
+
+
+def test_qemu_killed_is_a_failed_exit_with_the_signal(
+    plugin: PluginProcess, short_tmp: Path, tiny_guest
+) -> None:  # type: ignore[no-untyped-def]
+    import os
+    import signal
+
+    _configure(plugin, short_tmp / "data", [str(tiny_guest.vmlinux.parent)])
+    alloc = short_tmp / "alloc3"
+    (alloc / "tiny").mkdir(parents=True)
+    fifo = FifoReader(alloc / "alloc" / "logs" / ".tiny.stdout.fifo")
+    cfg = task_config(
+        alloc,
+        {
+            "kernel": str(tiny_guest.vmlinux),
+            "initramfs": str(tiny_guest.initramfs),
+            "cmdline": tiny_guest.cmdline,
+        },
+    )
+    try:
+        drv(plugin).StartTask(driver_pb2.StartTaskRequest(task=cfg), timeout=60)
+        (qemu,) = qemu_processes_under(short_tmp)
+        os.kill(qemu.pid, signal.SIGKILL)
+        waited = drv(plugin).WaitTask(driver_pb2.WaitTaskRequest(task_id=cfg.id), timeout=30)
+        assert waited.result.signal == signal.SIGKILL
+        assert "SIGKILL" in waited.err
+        drv(plugin).DestroyTask(driver_pb2.DestroyTaskRequest(task_id=cfg.id, force=True))
+    finally:
+        fifo.close()
+
+
+@pytest.mark.parametrize(
+    ("driver_config", "field"),
+    [
+        ({"kernel": "/etc/hostname"}, "config.kernel"),
+        ({"kernel": None}, "config.kernel"),
+        ({"kernel": "/x", "bogus": 1}, "config.bogus"),
+    ],
+)
+def test_bad_task_config_names_the_field_and_leaves_nothing(
+    plugin: PluginProcess,
+    short_tmp: Path,
+    tiny_guest,
+    driver_config: dict[str, object],  # type: ignore[no-untyped-def]
+    field: str,
+) -> None:
+    data_dir = short_tmp / "data"
+    _configure(plugin, data_dir, [str(tiny_guest.vmlinux.parent)])
+    alloc = short_tmp / "alloc4"
+    (alloc / "tiny").mkdir(parents=True)
+    full = {"kernel": None, "initramfs": None, "cmdline": None, **driver_config}
+    with pytest.raises(grpc.RpcError) as err:
+        drv(plugin).StartTask(driver_pb2.StartTaskRequest(task=task_config(alloc, full)))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert field in err.value.details()
+    status = rpc_status.from_call(err.value)
+    assert status is not None and status.details, "StartTask errors carry RecoverableError"
+    detail = recoverable_error_pb2.RecoverableError()
+    assert status.details[0].Unpack(detail)
+    assert detail.recoverable is False
+    assert not qemu_processes_under(short_tmp)
+    assert list((alloc / "tiny").iterdir()) == []

@@ -1,0 +1,167 @@
+"""Build the tiny guest with our own code and boot it under bare QEMU (TCG).
+
+The build lands in a cache shared across sessions (``$NOMAD_VM_CACHE`` or ``.cache/guests`` in
+the repository), so only the first run pays for the kernel download and extraction.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from qemu.qmp import QMPClient
+
+from nomad_vm.guests.tiny import TinyGuest, build_tiny, tiny_cmdline
+
+pytestmark = pytest.mark.integration
+
+QEMU = "qemu-system-x86_64"
+REPO = Path(__file__).resolve().parents[2]
+MARK = "nomad-vm tiny guest:"
+
+
+@pytest.fixture(scope="session")
+def tiny_guest() -> TinyGuest:
+    if shutil.which(QEMU) is None:
+        pytest.skip(f"{QEMU} is not installed")
+    cache = Path(os.environ.get("NOMAD_VM_CACHE", REPO / ".cache" / "guests"))
+    return build_tiny(cache)
+
+
+class Console:
+    """Collects QEMU's serial output (stdout) line by line with arrival times."""
+
+    def __init__(self, process: subprocess.Popen[bytes]) -> None:
+        self.started = time.monotonic()
+        self.lines: list[tuple[float, str]] = []
+        self._changed = threading.Condition()
+        self._process = process
+        self._closed = False
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        assert self._process.stdout is not None
+        for raw in self._process.stdout:
+            line = raw.decode(errors="replace").rstrip("\r\n")
+            with self._changed:
+                self.lines.append((time.monotonic() - self.started, line))
+                self._changed.notify_all()
+        with self._changed:
+            self._closed = True
+            self._changed.notify_all()
+
+    def wait_for(self, text: str, timeout: float) -> float:
+        """Seconds since QEMU started at which a line containing ``text`` appeared."""
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while True:
+                for when, line in self.lines:
+                    if text in line:
+                        return when
+                remaining = deadline - time.monotonic()
+                # Give up only once the output has ended (EOF), not merely when QEMU exited:
+                # the reader may still be behind.
+                if remaining <= 0 or self._closed:
+                    pytest.fail(f"no console line with {text!r} after {timeout} s:\n{self.text()}")
+                self._changed.wait(min(remaining, 0.5))
+
+    def text(self) -> str:
+        self._thread.join(timeout=0 if self._process.poll() is None else 5)
+        return "\n".join(line for _, line in self.lines)
+
+
+@contextlib.contextmanager
+def boot(
+    guest: TinyGuest, cmdline: str, *extra: str
+) -> Iterator[tuple[subprocess.Popen[bytes], Console]]:
+    argv = [
+        QEMU,
+        "-accel",
+        "tcg",
+        "-machine",
+        "pc",
+        "-nodefaults",
+        "-vga",
+        "none",
+        "-no-reboot",
+        "-m",
+        "128",
+        "-display",
+        "none",
+        "-serial",
+        "stdio",
+        "-kernel",
+        str(guest.vmlinux),
+        "-initrd",
+        str(guest.initramfs),
+        "-append",
+        cmdline,
+        *extra,
+    ]
+    process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE)
+    try:
+        yield process, Console(process)
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.wait()
+        assert process.stdout is not None
+        process.stdout.close()
+
+
+def wait(process: subprocess.Popen[bytes], console: Console, timeout: float) -> int:
+    try:
+        return process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"QEMU still running after {timeout} s; console so far:\n{console.text()}")
+
+
+def test_command_runs_and_guest_powers_off(tiny_guest: TinyGuest) -> None:
+    cmdline = tiny_cmdline(tiny_guest.cmdline, "echo hello-from-guest; exit 3")
+    with boot(tiny_guest, cmdline) as (process, console):
+        booted = console.wait_for(f"{MARK} booted", timeout=60)
+        returncode = wait(process, console, timeout=60)
+        elapsed = time.monotonic() - console.started
+        output = console.text()
+    print(f"\ntiny guest: marker after {booted:.2f} s, QEMU exited after {elapsed:.2f} s")
+    assert returncode == 0, output
+    assert "hello-from-guest" in output
+    assert f"{MARK} command exited with status 3" in output
+    assert elapsed < 60
+
+
+async def power_down(socket: Path) -> None:
+    client = QMPClient("nomad-vm-test")
+    await client.connect(str(socket))
+    await client.execute("system_powerdown")
+    # QEMU may exit (and drop the socket) before the goodbye completes: that is the point.
+    with contextlib.suppress(Exception):
+        await client.disconnect()
+
+
+def test_acpi_power_button_stops_idle_guest(tiny_guest: TinyGuest) -> None:
+    # A short private directory: unix socket paths are limited to 107 bytes.
+    with tempfile.TemporaryDirectory(prefix="nvm-qmp-") as scratch:
+        socket = Path(scratch) / "qmp.sock"
+        qmp = ["-qmp", f"unix:{socket},server=on,wait=off"]
+        with boot(tiny_guest, tiny_cmdline(tiny_guest.cmdline, None), *qmp) as (process, console):
+            console.wait_for(f"{MARK} running", timeout=60)
+            requested = time.monotonic()
+            asyncio.run(power_down(socket))
+            returncode = wait(process, console, timeout=20)
+            stopped = time.monotonic() - requested
+            output = console.text()
+    print(f"\ntiny guest: QEMU exited {stopped:.2f} s after system_powerdown")
+    assert returncode == 0, output
+    assert f"{MARK} power button pressed" in output
+    assert stopped < 20

@@ -1,0 +1,45 @@
+"""The QEMU command line for a VMSpec, compared with golden files in tests/unit/golden/."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from nomad_vm.vm.qemu.argv import qemu_argv
+from nomad_vm.vm.spec import VMSpec
+
+GOLDEN = Path(__file__).parent / "golden"
+
+SPECS = {
+    "kernel_tcg": VMSpec(
+        name="web-1a2b3c4d",
+        vcpus=2,
+        memory_mb=256,
+        kernel=Path("/img/vmlinux"),
+        initramfs=Path("/img/initramfs.img"),
+        cmdline="console=ttyS0 quiet",
+        accelerator="tcg",
+        control_socket=Path("/alloc/web/nomad-vm/qmp.sock"),
+    ),
+    "kernel_only_kvm": VMSpec(
+        name="db-00000000",
+        vcpus=1,
+        memory_mb=128,
+        kernel=Path("/img/bzImage"),
+        initramfs=None,
+        cmdline="",
+        accelerator="kvm",
+        control_socket=Path("/run/x/qmp.sock"),
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SPECS))
+def test_argv_matches_golden(name: str) -> None:
+    rendered = "\n".join(qemu_argv("qemu-system-x86_64", SPECS[name])) + "\n"
+    golden = GOLDEN / f"qemu_{name}.argv"
+    if os.environ.get("UPDATE_GOLDEN"):
+        golden.write_text(rendered)
+    assert rendered == golden.read_text(), f"run with UPDATE_GOLDEN=1 to accept: {golden}"
