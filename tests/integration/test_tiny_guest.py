@@ -27,6 +27,14 @@ pytestmark = pytest.mark.integration
 QEMU = "qemu-system-x86_64"
 REPO = Path(__file__).resolve().parents[2]
 MARK = "nomad-vm tiny guest:"
+# The bare invocation the brief asks for: machine type pc because under TCG q35's SMM swallows
+# the ACPI power button (docs/test-guests.md); 128 MiB because Debian's kernel needs >= 96 MiB.
+# fmt: off
+QEMU_ARGS = (
+    "-accel", "tcg", "-machine", "pc", "-nodefaults", "-vga", "none", "-no-reboot",
+    "-m", "128", "-display", "none", "-serial", "stdio",
+)
+# fmt: on
 
 
 @pytest.fixture(scope="session")
@@ -64,51 +72,38 @@ class Console:
         """Seconds since QEMU started at which a line containing ``text`` appeared."""
         deadline = time.monotonic() + timeout
         with self._changed:
-            while True:
-                for when, line in self.lines:
-                    if text in line:
-                        return when
-                remaining = deadline - time.monotonic()
-                # Give up only once the output has ended (EOF), not merely when QEMU exited:
-                # the reader may still be behind.
-                if remaining <= 0 or self._closed:
-                    pytest.fail(f"no console line with {text!r} after {timeout} s:\n{self.text()}")
-                self._changed.wait(min(remaining, 0.5))
+            # Give up only once the output has ended (EOF), not merely when QEMU exited: the
+            # reader may still be behind.
+            while not self._closed and time.monotonic() < deadline:
+                found = [when for when, line in self.lines if text in line]
+                if found:
+                    return found[0]
+                self._changed.wait(min(deadline - time.monotonic(), 0.5))
+            found = [when for when, line in self.lines if text in line]
+        if found:
+            return found[0]
+        pytest.fail(
+            f"no console line with {text!r} after {timeout} s (QEMU exit status "
+            f"{self._process.poll()}):\n{self.text()}"
+        )
 
     def text(self) -> str:
+        """Everything received so far (all of it once QEMU has exited)."""
         self._thread.join(timeout=0 if self._process.poll() is None else 5)
-        return "\n".join(line for _, line in self.lines)
+        with self._changed:
+            return "\n".join(line for _, line in self.lines)
 
 
 @contextlib.contextmanager
 def boot(
     guest: TinyGuest, cmdline: str, *extra: str
 ) -> Iterator[tuple[subprocess.Popen[bytes], Console]]:
-    argv = [
-        QEMU,
-        "-accel",
-        "tcg",
-        "-machine",
-        "pc",
-        "-nodefaults",
-        "-vga",
-        "none",
-        "-no-reboot",
-        "-m",
-        "128",
-        "-display",
-        "none",
-        "-serial",
-        "stdio",
-        "-kernel",
-        str(guest.vmlinux),
-        "-initrd",
-        str(guest.initramfs),
-        "-append",
-        cmdline,
-        *extra,
-    ]
-    process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE)
+    argv = [QEMU, *QEMU_ARGS, "-kernel", str(guest.vmlinux), "-initrd", str(guest.initramfs)]
+    argv += ["-append", cmdline, *extra]
+    # QEMU's own errors (stderr) are interleaved with the console so failures show them.
+    process = subprocess.Popen(
+        argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
     try:
         yield process, Console(process)
     finally:
@@ -156,6 +151,7 @@ def test_acpi_power_button_stops_idle_guest(tiny_guest: TinyGuest) -> None:
         qmp = ["-qmp", f"unix:{socket},server=on,wait=off"]
         with boot(tiny_guest, tiny_cmdline(tiny_guest.cmdline, None), *qmp) as (process, console):
             console.wait_for(f"{MARK} running", timeout=60)
+            console.wait_for(f"{MARK} uptime", timeout=15)  # the first heartbeat comes at once
             requested = time.monotonic()
             asyncio.run(power_down(socket))
             returncode = wait(process, console, timeout=20)

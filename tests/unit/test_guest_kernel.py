@@ -325,3 +325,12 @@ def test_write_cpio_archives_tree_as_root(tmp_path: Path) -> None:
     ).stdout.decode()
     assert "bin/sh -> /bin/busybox" in listing
     assert all(" root " in line or " 0 " in line for line in listing.splitlines())
+
+
+def test_run_tool_errors_say_what_failed_and_what_to_do() -> None:
+    with pytest.raises(GuestBuildError, match=r"unpacking x: `no-such-tool-nvm` is not installed"):
+        debian_packages.run_tool(["no-such-tool-nvm"], what="unpacking x", hint="install it")
+    with pytest.raises(GuestBuildError, match=r"exited with status 1 .*boom.*; try again"):
+        debian_packages.run_tool(
+            ["sh", "-c", "echo boom >&2; exit 1"], what="step", hint="try again"
+        )

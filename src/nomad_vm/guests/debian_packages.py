@@ -170,11 +170,8 @@ def _matches(path: Path, uri: DebUri) -> bool:
     algo, _, expected = uri.checksum.partition(":")
     if not expected or algo.lower() not in hashlib.algorithms_available:
         return True  # apt gave us no checksum we can check: the size match is all we have
-    digest = hashlib.new(algo.lower())
     with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest() == expected.lower()
+        return hashlib.file_digest(handle, algo.lower()).hexdigest() == expected.lower()
 
 
 def download(packages: Sequence[DebPackage], debs_dir: Path) -> list[Path]:

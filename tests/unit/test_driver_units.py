@@ -1,0 +1,115 @@
+"""Pure driver-layer logic: resources, the path allowlist, driver_state, exit mapping, config."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from nomad_vm.driver.config import parse_plugin_config, parse_task_config
+from nomad_vm.driver.resources import count_cpuset, memory_mb_for, vcpus_for
+from nomad_vm.driver.state import DriverState
+from nomad_vm.driver.task import exit_result_from
+from nomad_vm.driver.types import AgentInfo, TaskConfig, TaskResources
+from nomad_vm.errors import ConfigError, HypervisorError, ImageError
+from nomad_vm.storage.paths import resolve_allowed_file
+from nomad_vm.vm.spec import VMExit
+
+
+@pytest.mark.parametrize(("cpuset", "n"), [("0", 1), ("0,1", 2), ("0-3", 4), ("0-1,4,6-7", 5)])
+def test_count_cpuset(cpuset: str, n: int) -> None:
+    assert count_cpuset(cpuset) == n
+
+
+def test_vcpus_from_reserved_cores_win() -> None:
+    res = TaskResources(cpu_mhz=100, memory_mb=128, cpuset_cpus="2-3")
+    assert vcpus_for(res, AgentInfo(core_mhz=2000, core_count=8)) == 2
+
+
+@pytest.mark.parametrize(("mhz", "vcpus"), [(0, 1), (100, 1), (2000, 1), (2001, 2), (9000, 4)])
+def test_vcpus_from_mhz_round_up_and_clamp(mhz: int, vcpus: int) -> None:
+    res = TaskResources(cpu_mhz=mhz, memory_mb=128)
+    assert vcpus_for(res, AgentInfo(core_mhz=2000, core_count=4)) == vcpus
+
+
+def test_memory_too_small_names_resources_memory() -> None:
+    with pytest.raises(ConfigError) as err:
+        memory_mb_for(TaskResources(cpu_mhz=100, memory_mb=16))
+    assert err.value.field == "resources.memory"
+
+
+def test_allowlist_resolves_symlinks_and_dotdot(tmp_path: Path) -> None:
+    allowed = tmp_path / "images"
+    allowed.mkdir()
+    (allowed / "vmlinux").write_bytes(b"k")
+    secret = tmp_path / "secret"
+    secret.write_text("x")
+    os.symlink(secret, allowed / "link")
+    assert resolve_allowed_file("config.kernel", str(allowed / "vmlinux"), [str(allowed)], "/")
+    for sneaky in (str(allowed / "link"), str(allowed / ".." / "secret")):
+        with pytest.raises(ImageError) as err:
+            resolve_allowed_file("config.kernel", sneaky, [str(allowed)], "/")
+        assert err.value.field == "config.kernel"
+        assert "outside the allowed directories" in err.value.reason
+
+
+def test_allowlist_relative_paths_are_task_dir_relative(tmp_path: Path) -> None:
+    (tmp_path / "local").mkdir()
+    (tmp_path / "local" / "k").write_bytes(b"k")
+    found = resolve_allowed_file("config.kernel", "local/k", [str(tmp_path)], str(tmp_path))
+    assert found == tmp_path / "local" / "k"
+    with pytest.raises(ImageError, match="no such file"):
+        resolve_allowed_file("config.kernel", "local/missing", [str(tmp_path)], str(tmp_path))
+
+
+def _task(alloc_dir: Path, driver_config: dict[str, object] | None) -> TaskConfig:
+    return TaskConfig(
+        id="a/t/1", name="t", alloc_id="a", alloc_dir=str(alloc_dir), stdout_path="",
+        stderr_path="", resources=TaskResources(cpu_mhz=100, memory_mb=128),
+        driver_config=driver_config,
+    )
+
+
+def test_task_config_requires_kernel_and_checks_paths(tmp_path: Path) -> None:
+    plugin = parse_plugin_config({"data_dir": str(tmp_path / "data")})
+    with pytest.raises(ConfigError) as err:
+        parse_task_config(_task(tmp_path, {"kernel": None}), plugin)
+    assert err.value.field == "config.kernel" and "required" in err.value.reason
+    (tmp_path / "t").mkdir()
+    (tmp_path / "t" / "vmlinux").write_bytes(b"k")
+    cfg = parse_task_config(_task(tmp_path, {"kernel": "vmlinux"}), plugin)
+    assert cfg.kernel == tmp_path / "t" / "vmlinux"
+    assert cfg.initramfs is None
+    assert cfg.cmdline == "console=ttyS0"
+
+
+def test_plugin_config_rejects_relative_paths() -> None:
+    with pytest.raises(ConfigError) as err:
+        parse_plugin_config({"image_paths": ["relative/dir"]})
+    assert err.value.field == "config.image_paths[0]"
+    with pytest.raises(ConfigError) as err:
+        parse_plugin_config({"data_dir": "data"})
+    assert err.value.field == "config.data_dir"
+
+
+def test_driver_state_round_trip_and_version_check() -> None:
+    state = DriverState("a/t/1", "qemu", 42, 1700000000.25, "/s/qmp.sock", "/s", 1700000001.0)
+    assert DriverState.decode(state.encode()) == state
+    import msgpack
+
+    newer = msgpack.packb({**state.__dict__, "version": 99})
+    with pytest.raises(HypervisorError, match="version 99"):
+        DriverState.decode(newer)
+    with pytest.raises(HypervisorError, match="msgpack"):
+        DriverState.decode(b"\xc1")
+
+
+def test_exit_results() -> None:
+    assert exit_result_from(VMExit(0, None, "ok"), False).successful
+    crashed = exit_result_from(VMExit(1, None, "QEMU exited with status 1: boom"), False)
+    assert crashed.exit_code == 1 and "boom" in crashed.err
+    killed = exit_result_from(VMExit(None, 9, "killed by SIGKILL"), False)
+    assert (killed.exit_code, killed.signal) == (137, 9) and "SIGKILL" in killed.err
+    stopped = exit_result_from(VMExit(None, 15, "killed by SIGTERM"), True)
+    assert stopped.signal == 15 and stopped.err == ""
