@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
-import shutil
 import subprocess
 import tempfile
 import threading
@@ -20,7 +18,7 @@ from pathlib import Path
 import pytest
 from qemu.qmp import QMPClient
 
-from nomad_vm.guests.tiny import TinyGuest, build_tiny, tiny_cmdline
+from nomad_vm.guests.tiny import TinyGuest, tiny_cmdline
 
 pytestmark = pytest.mark.integration
 
@@ -35,14 +33,6 @@ QEMU_ARGS = (
     "-m", "128", "-display", "none", "-serial", "stdio",
 )
 # fmt: on
-
-
-@pytest.fixture(scope="session")
-def tiny_guest() -> TinyGuest:
-    if shutil.which(QEMU) is None:
-        pytest.skip(f"{QEMU} is not installed")
-    cache = Path(os.environ.get("NOMAD_VM_CACHE", REPO / ".cache" / "guests"))
-    return build_tiny(cache)
 
 
 class Console:
