@@ -66,10 +66,14 @@ def main() -> None:
     b = statistics.median(bare)
     print(f"runs: {args.runs} (medians, alternating plugin and bare python)")
     print(f"bare `python3 -c pass`:        {b * 1000:7.1f} ms")
-    print(f"plugin exec -> handshake line: {statistics.median(hs) * 1000:7.1f} ms  "
-          f"({statistics.median(hs) / b:.1f}x bare python)")
-    print(f"plugin exec -> PluginInfo:     {statistics.median(info) * 1000:7.1f} ms  "
-          f"({statistics.median(info) / b:.1f}x bare python)")
+    print(
+        f"plugin exec -> handshake line: {statistics.median(hs) * 1000:7.1f} ms  "
+        f"({statistics.median(hs) / b:.1f}x bare python)"
+    )
+    print(
+        f"plugin exec -> PluginInfo:     {statistics.median(info) * 1000:7.1f} ms  "
+        f"({statistics.median(info) / b:.1f}x bare python)"
+    )
     print(f"Shutdown RPC -> process exit:  {statistics.median(stop) * 1000:7.1f} ms")
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 import tempfile
 import time
 from collections.abc import Iterator
@@ -38,7 +37,7 @@ def agent(tiny_guest) -> Iterator[DevAgent]:  # type: ignore[no-untyped-def]
         if leftover:
             print(f"killed QEMU processes left behind: {[p.pid for p in leftover]}")
         print(f"agent log: {dev.log_path}")
-        shutil.rmtree(workdir, ignore_errors=True)
+        dev.remove()
 
 
 def allocations(agent: DevAgent, job: str) -> list[dict[str, object]]:

@@ -51,7 +51,7 @@ def test_vm_job_console_in_alloc_logs_and_stop_cleans_up(agent: DevAgent, tiny_g
     assert MARKER in logs, logs
     assert len(qemu_processes_under(agent.config.workdir)) == 1
 
-    agent.nomad("job", "stop", "vm-demo")
+    agent.nomad("job", "stop", "-detach", "vm-demo")
     stopped = wait_alloc(agent, "vm-demo", {"complete", "failed"}, timeout=60)
     # Give the task runner's DestroyTask a moment after the client status flips.
     deadline = time.monotonic() + 20

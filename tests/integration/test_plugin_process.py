@@ -362,3 +362,38 @@ def test_bad_task_config_names_the_field_and_leaves_nothing(
     assert detail.recoverable is False
     assert not qemu_processes_under(short_tmp)
     assert list((alloc / "tiny").iterdir()) == []
+
+
+def test_survives_the_agent_going_away(short_tmp: Path) -> None:
+    """The agent crashed: both of the plugin's pipes lose their reader. It must keep serving."""
+    import os
+
+    from nomad_vm.plugin.launcher import Handshake, nomad_plugin_env
+
+    proc = subprocess.Popen(
+        [str(DRIVER)],
+        env=nomad_plugin_env(),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        assert proc.stdout is not None and proc.stderr is not None
+        hs = Handshake.parse(proc.stdout.readline().decode())
+        proc.stdout.close()
+        proc.stderr.close()
+        channel = grpc.insecure_channel(hs.target)
+        stub = base_pb2_grpc.BasePluginStub(channel)
+        bad = cty(
+            {"accelerator": "warp", "data_dir": None, "image_paths": None, "qemu_binary": None}
+        )
+        for _ in range(50):  # each failing SetConfig logs a line into the dead pipe
+            with pytest.raises(grpc.RpcError):
+                stub.SetConfig(base_pb2.SetConfigRequest(msgpack_config=bad))
+        assert stub.PluginInfo(base_pb2.PluginInfoRequest()).name == "vm"
+        assert proc.poll() is None
+        channel.close()
+        os.kill(proc.pid, 0)
+    finally:
+        proc.kill()
+        proc.wait()

@@ -65,8 +65,13 @@ def test_allowlist_relative_paths_are_task_dir_relative(tmp_path: Path) -> None:
 
 def _task(alloc_dir: Path, driver_config: dict[str, object] | None) -> TaskConfig:
     return TaskConfig(
-        id="a/t/1", name="t", alloc_id="a", alloc_dir=str(alloc_dir), stdout_path="",
-        stderr_path="", resources=TaskResources(cpu_mhz=100, memory_mb=128),
+        id="a/t/1",
+        name="t",
+        alloc_id="a",
+        alloc_dir=str(alloc_dir),
+        stdout_path="",
+        stderr_path="",
+        resources=TaskResources(cpu_mhz=100, memory_mb=128),
         driver_config=driver_config,
     )
 

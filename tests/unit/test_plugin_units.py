@@ -44,11 +44,13 @@ def test_status_table(exc: Exception, code: grpc.StatusCode, recoverable: bool) 
 
 def test_recoverable_detail_is_first_and_typed() -> None:
     status = to_status(errors.LaunchError("qemu died"), with_recoverable=True)
-    proto = rpc_status.status_pb2.Status.FromString(dict(status.trailing_metadata)[
-        "grpc-status-details-bin"])
+    proto = rpc_status.status_pb2.Status.FromString(
+        dict(status.trailing_metadata)["grpc-status-details-bin"]
+    )
     assert proto.message == "qemu died"
     assert proto.details[0].type_url == (
-        "type.googleapis.com/hashicorp.nomad.plugins.shared.structs.RecoverableError")
+        "type.googleapis.com/hashicorp.nomad.plugins.shared.structs.RecoverableError"
+    )
     detail = recoverable_error_pb2.RecoverableError()
     proto.details[0].Unpack(detail)
     assert detail.recoverable is True
@@ -76,7 +78,8 @@ def test_stats_always_carry_agg_usage_and_measured_fields() -> None:
     resp = convert.task_stats(stats)
     assert resp.stats.HasField("agg_resource_usage") and resp.stats.HasField("timestamp")
     assert list(resp.stats.agg_resource_usage.memory.measured_fields) == [
-        driver_pb2.MemoryUsage.RSS]
+        driver_pb2.MemoryUsage.RSS
+    ]
     assert list(resp.stats.agg_resource_usage.cpu.measured_fields) == []
 
 

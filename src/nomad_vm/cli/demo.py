@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import time
 from pathlib import Path
 
-from nomad_vm.cli.devagent import DevAgent, DevAgentConfig
+import httpx
+
+from nomad_vm.cli.devagent import DevAgent, DevAgentConfig, remove_tree
 from nomad_vm.cli.paths import demo_dir, driver_executable, guest_cache_dir, nomad_binary
 from nomad_vm.guests.tiny import build_tiny
 
@@ -52,17 +55,8 @@ def run_demo() -> int:
     _pidfile().write_text(str(agent.process.pid))
     agent.wait_driver()
     print("==> driver vm is detected and healthy; running", JOB_FILE)
-    print(
-        agent.nomad(
-            "job",
-            "run",
-            "-var",
-            f"kernel={guest.vmlinux}",
-            "-var",
-            f"initramfs={guest.initramfs}",
-            str(JOB_FILE),
-        )
-    )
+    kernel, initramfs = f"kernel={guest.vmlinux}", f"initramfs={guest.initramfs}"
+    agent.nomad("job", "run", "-detach", "-var", kernel, "-var", initramfs, str(JOB_FILE))
     logs = _wait_for_console(agent)
     print(agent.nomad("job", "status", JOB_NAME))
     print("==> the guest console, from `nomad alloc logs`:")
@@ -88,16 +82,20 @@ def _wait_for_console(agent: DevAgent, timeout: float = 180.0) -> str:
 
 
 def stop_demo() -> int:
+    """Stop the job (so the driver stops the VM), wait for that, then stop the agent."""
     pid = _running_pid()
     if pid is None:
         print("no demo agent is running")
         return 0
-    config = (demo_dir() / "agent.hcl").read_text()
-    port = config.split("http =", 1)[1].split()[0]
+    port = (demo_dir() / "agent.hcl").read_text().split("http =", 1)[1].split()[0]
     env = {**os.environ, "NOMAD_ADDR": f"http://127.0.0.1:{port}"}
-    import subprocess
-
-    subprocess.run([str(nomad_binary()), "job", "stop", "-purge", JOB_NAME], env=env, check=False)
+    subprocess.run(
+        [str(nomad_binary()), "job", "stop", "-detach", JOB_NAME],
+        env=env,
+        check=False,
+        capture_output=True,
+    )
+    _wait_allocs_stopped(f"http://127.0.0.1:{port}")
     os.killpg(pid, signal.SIGINT)
     for _ in range(60):
         if _running_pid() is None:
@@ -105,6 +103,21 @@ def stop_demo() -> int:
         time.sleep(0.5)
     else:
         os.killpg(pid, signal.SIGKILL)
-    _pidfile().unlink(missing_ok=True)
-    print("demo stopped")
+    remove_tree(demo_dir())
+    print(f"demo stopped: the job, its VM, the agent and {demo_dir()} are gone")
     return 0
+
+
+def _wait_allocs_stopped(address: str, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            allocs = httpx.get(f"{address}/v1/job/{JOB_NAME}/allocations", timeout=5).json()
+        except (httpx.HTTPError, ValueError):
+            return
+        if not any(a["ClientStatus"] in ("pending", "running") for a in allocs):
+            return
+        time.sleep(0.5)
+    print(f"warning: the demo allocation did not stop within {timeout:.0f}s")
+
+

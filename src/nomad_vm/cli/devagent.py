@@ -20,6 +20,7 @@ from pathlib import Path
 import httpx
 
 PLUGIN_FILE = "nomad-driver-vm"
+FINGERPRINT_DENYLIST = "env_aws,env_gce,env_azure,env_digitalocean,consul,vault"
 
 
 def free_port() -> int:
@@ -62,9 +63,14 @@ ports {{
   rpc  = {free_port()}
   serf = {free_port()}
 }}
+# Nothing may leave this machine: no update check against HashiCorp's servers, and no
+# fingerprinters that probe cloud metadata addresses or resolve Consul/Vault names.
+disable_update_check = true
 client {{
-  # Leave the host's network alone: the dev agent only fingerprints loopback.
   network_interface = "lo"
+  options = {{
+    "fingerprint.denylist" = "{FINGERPRINT_DENYLIST}"
+  }}
 }}
 plugin "{PLUGIN_FILE}" {{
   config {{
@@ -164,4 +170,26 @@ class DevAgent:
             self.process.wait()
 
     def remove(self) -> None:
-        shutil.rmtree(self.config.workdir / "data", ignore_errors=True)
+        """Delete the agent's directory, after unmounting what Nomad left mounted in it."""
+        remove_tree(self.config.workdir)
+
+
+def mounts_under(root: Path) -> list[str]:
+    prefix = str(root.resolve()) + "/"
+    with open("/proc/self/mounts") as f:
+        points = [line.split()[1] for line in f]
+    return sorted((p for p in points if p.startswith(prefix)), reverse=True)
+
+
+def remove_tree(root: Path) -> None:
+    """rmtree that first unmounts Nomad's per-task tmpfs mounts (secrets/, private/).
+
+    An agent stopped before it cleaned an allocation leaves them mounted; deleting through a
+    mount would empty it but leak the mount itself.
+    """
+    for point in mounts_under(root):
+        subprocess.run(["umount", point], check=False, capture_output=True)
+    left = mounts_under(root)
+    if left:
+        raise RuntimeError(f"cannot remove {root}: still mounted: {', '.join(left)}")
+    shutil.rmtree(root, ignore_errors=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import signal
 import sys
 
@@ -23,6 +24,9 @@ def main() -> None:
     # decides when plugins stop (go-plugin ignores SIGINT for the same reason).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     configure_plugin_logging()
+    # grpc's event-loop glue and asyncio log a DEBUG line for every RPC: noise in the agent log.
+    for noisy in ("grpc", "asyncio"):
+        logging.getLogger(noisy).setLevel(logging.INFO)
     asyncio.run(_run())
 
 
