@@ -5,10 +5,11 @@ call is made; only these types cross a layer. The plugin layer maps them to gRPC
 table (``nomad_vm.plugin.status``)::
 
     NomadVMError
-     +-- ConfigError          bad plugin or task configuration; names the field
+     +-- FieldError           a user-given value is wrong; names the field
+     |    +-- ConfigError     bad plugin or task configuration
+     |    +-- ImageError      kernel/image/initramfs missing, unreadable or outside image_paths
      +-- TaskNotFound         no task with that id in this plugin
      +-- TaskExists           StartTask for an id already running
-     +-- ImageError           kernel/image/initramfs missing, unreadable or outside image_paths
      +-- HypervisorError      the VMM could not be started, controlled or queried
      |    +-- LaunchError     the VMM exited or failed during start (recoverable: Nomad may retry)
      +-- GuestBuildError      building a test guest failed
@@ -22,13 +23,17 @@ class NomadVMError(Exception):
     """Root of every error this project raises on purpose."""
 
 
-class ConfigError(NomadVMError):
-    """A configuration value is wrong. ``field`` is its dotted path, e.g. ``config.kernel``."""
+class FieldError(NomadVMError):
+    """A value a user gave is wrong. ``field`` is its dotted path, e.g. ``config.kernel``."""
 
     def __init__(self, field: str, reason: str) -> None:
         super().__init__(f"{field}: {reason}")
         self.field = field
         self.reason = reason
+
+
+class ConfigError(FieldError):
+    """Bad plugin or task configuration."""
 
 
 class TaskNotFound(NomadVMError):
@@ -45,13 +50,8 @@ class TaskExists(NomadVMError):
         self.task_id = task_id
 
 
-class ImageError(NomadVMError):
-    """A boot artefact cannot be used. ``field`` names the task option that pointed at it."""
-
-    def __init__(self, field: str, reason: str) -> None:
-        super().__init__(f"{field}: {reason}")
-        self.field = field
-        self.reason = reason
+class ImageError(FieldError):
+    """A boot artefact cannot be used; ``field`` names the task option that pointed at it."""
 
 
 class HypervisorError(NomadVMError):

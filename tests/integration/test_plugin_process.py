@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import select
+import signal
 import subprocess
 import threading
 import time
@@ -66,8 +70,6 @@ class FifoReader:
     """Plays Nomad's logmon: creates the task's stdout FIFO and keeps reading it."""
 
     def __init__(self, path: Path) -> None:
-        import os
-
         path.parent.mkdir(parents=True, exist_ok=True)
         os.mkfifo(path)
         self.path = path
@@ -78,9 +80,6 @@ class FifoReader:
         self._thread.start()
 
     def _run(self) -> None:
-        import os
-        import select
-
         while not self._stop:
             ready, _, _ = select.select([self._fd], [], [], 0.1)
             if ready:
@@ -99,8 +98,6 @@ class FifoReader:
         return False
 
     def close(self) -> None:
-        import os
-
         self._stop = True
         self._thread.join()
         os.close(self._fd)
@@ -215,57 +212,80 @@ def _configure(plugin: PluginProcess, data_dir: Path, image_paths: list[str]) ->
     )
 
 
-def test_vm_task_lifecycle(plugin: PluginProcess, short_tmp: Path, tiny_guest) -> None:  # type: ignore[no-untyped-def]
-    data_dir = short_tmp / "data"
-    _configure(plugin, data_dir, [str(tiny_guest.vmlinux.parent)])
-    events = drv(plugin).TaskEvents(driver_pb2.TaskEventsRequest())
-    alloc = short_tmp / "alloc1"
+@contextlib.contextmanager
+def tiny_task(
+    plugin: PluginProcess,
+    root: Path,
+    guest,  # type: ignore[no-untyped-def]
+    *,
+    alloc_name: str,
+    run: str | None = None,
+    overrides: dict[str, object] | None = None,
+    image_paths: list[str] | None = None,
+) -> Iterator[tuple[driver_pb2.TaskConfig, FifoReader, Path]]:
+    """Configure the plugin, lay out an alloc dir with a reading stdout FIFO, build the config."""
+    from nomad_vm.guests.tiny import tiny_cmdline
+
+    _configure(plugin, root / "data", image_paths or [str(guest.vmlinux.parent)])
+    alloc = root / alloc_name
     (alloc / "tiny").mkdir(parents=True)
     fifo = FifoReader(alloc / "alloc" / "logs" / ".tiny.stdout.fifo")
-    cfg = task_config(
-        alloc,
-        {
-            "kernel": str(tiny_guest.vmlinux),
-            "initramfs": str(tiny_guest.initramfs),
-            "cmdline": tiny_guest.cmdline,
-        },
-    )
+    driver_config: dict[str, object] = {
+        "kernel": str(guest.vmlinux),
+        "initramfs": str(guest.initramfs),
+        "cmdline": tiny_cmdline(guest.cmdline, run) if run else guest.cmdline,
+        **(overrides or {}),
+    }
     try:
-        resp = drv(plugin).StartTask(driver_pb2.StartTaskRequest(task=cfg), timeout=60)
-        assert resp.handle.version >= 1
-        assert resp.handle.config.id == cfg.id
-        assert resp.handle.driver_state
-        first_event = next(events)
-        assert first_event.message.startswith("VM started")
-        assert first_event.task_name == "tiny" and first_event.alloc_id == cfg.alloc_id
+        yield task_config(alloc, driver_config), fifo, alloc
+    finally:
+        fifo.close()
 
-        assert fifo.wait_for(MARKER, 120), bytes(fifo.data[-2000:])
 
-        status = drv(plugin).InspectTask(driver_pb2.InspectTaskRequest(task_id=cfg.id))
-        assert status.task.state == driver_pb2.RUNNING
-        stats = drv(plugin).TaskStats(
-            driver_pb2.TaskStatsRequest(
-                task_id=cfg.id, collection_interval=duration_pb2.Duration(nanos=200_000_000)
+def test_vm_task_lifecycle(plugin: PluginProcess, short_tmp: Path, tiny_guest) -> None:  # type: ignore[no-untyped-def]
+    events = drv(plugin).TaskEvents(driver_pb2.TaskEventsRequest())
+    # A guest that keeps one vCPU busy, so the CPU stats have something to measure.
+    busy = "echo spinning; while :; do :; done"
+    with tiny_task(plugin, short_tmp, tiny_guest, alloc_name="alloc1", run=busy) as (
+        cfg,
+        fifo,
+        alloc,
+    ):
+        try:
+            resp = drv(plugin).StartTask(driver_pb2.StartTaskRequest(task=cfg), timeout=60)
+            assert resp.handle.version >= 1
+            assert resp.handle.config.id == cfg.id
+            assert resp.handle.driver_state
+            first_event = next(events)
+            assert first_event.message.startswith("VM started")
+            assert first_event.task_name == "tiny" and first_event.alloc_id == cfg.alloc_id
+
+            assert fifo.wait_for(b"spinning", 120), bytes(fifo.data[-2000:])
+            assert MARKER in fifo.data
+
+            status = drv(plugin).InspectTask(driver_pb2.InspectTaskRequest(task_id=cfg.id))
+            assert status.task.state == driver_pb2.RUNNING
+            interval = duration_pb2.Duration(nanos=200_000_000)
+            stats = drv(plugin).TaskStats(
+                driver_pb2.TaskStatsRequest(task_id=cfg.id, collection_interval=interval)
             )
-        )
-        samples = [next(stats), next(stats)]
-        stats.cancel()
-        assert samples[0].stats.agg_resource_usage.memory.rss > 10 * 1024 * 1024
-        assert samples[1].stats.agg_resource_usage.cpu.percent > 0
+            samples = [next(stats), next(stats)]
+            stats.cancel()
+            assert samples[0].stats.agg_resource_usage.memory.rss > 10 * 1024 * 1024
+            assert samples[1].stats.agg_resource_usage.cpu.percent > 0
 
-        drv(plugin).StopTask(
-            driver_pb2.StopTaskRequest(
+            stop = driver_pb2.StopTaskRequest(
                 task_id=cfg.id, timeout=duration_pb2.Duration(seconds=5), signal="SIGINT"
             )
-        )
-        waited = drv(plugin).WaitTask(driver_pb2.WaitTaskRequest(task_id=cfg.id), timeout=30)
-        assert waited.HasField("result")
-        drv(plugin).DestroyTask(driver_pb2.DestroyTaskRequest(task_id=cfg.id, force=True))
-    finally:
-        events.cancel()
-        fifo.close()
+            drv(plugin).StopTask(stop)
+            waited = drv(plugin).WaitTask(driver_pb2.WaitTaskRequest(task_id=cfg.id), timeout=30)
+            assert waited.HasField("result")
+            drv(plugin).DestroyTask(driver_pb2.DestroyTaskRequest(task_id=cfg.id, force=True))
+        finally:
+            events.cancel()
     assert not qemu_processes_under(short_tmp)
     assert not (alloc / "tiny" / "nomad-vm").exists()
+    data_dir = short_tmp / "data"
     assert not data_dir.exists() or not any(data_dir.rglob("*"))
     with pytest.raises(grpc.RpcError) as err:
         drv(plugin).WaitTask(driver_pb2.WaitTaskRequest(task_id=cfg.id))
@@ -273,53 +293,26 @@ def test_vm_task_lifecycle(plugin: PluginProcess, short_tmp: Path, tiny_guest) -
 
 
 def test_guest_power_off_is_a_successful_exit(
-    plugin: PluginProcess, short_tmp: Path, tiny_guest
-) -> None:  # type: ignore[no-untyped-def]
-    from nomad_vm.guests.tiny import tiny_cmdline
-
-    _configure(plugin, short_tmp / "data", [str(tiny_guest.vmlinux.parent)])
-    alloc = short_tmp / "alloc2"
-    (alloc / "tiny").mkdir(parents=True)
-    fifo = FifoReader(alloc / "alloc" / "logs" / ".tiny.stdout.fifo")
-    cmdline = tiny_cmdline(tiny_guest.cmdline, "echo guest-says-hi")
-    cfg = task_config(
-        alloc,
-        {
-            "kernel": str(tiny_guest.vmlinux),
-            "initramfs": str(tiny_guest.initramfs),
-            "cmdline": cmdline,
-        },
-    )
-    try:
+    plugin: PluginProcess,
+    short_tmp: Path,
+    tiny_guest,  # type: ignore[no-untyped-def]
+) -> None:
+    run = "echo guest-says-hi"
+    with tiny_task(plugin, short_tmp, tiny_guest, alloc_name="alloc2", run=run) as (cfg, fifo, _):
         drv(plugin).StartTask(driver_pb2.StartTaskRequest(task=cfg), timeout=60)
         waited = drv(plugin).WaitTask(driver_pb2.WaitTaskRequest(task_id=cfg.id), timeout=180)
         assert waited.result.exit_code == 0 and waited.result.signal == 0, waited
         assert waited.err == ""
         assert fifo.wait_for(b"guest-says-hi", 5)
         drv(plugin).DestroyTask(driver_pb2.DestroyTaskRequest(task_id=cfg.id, force=True))
-    finally:
-        fifo.close()
 
 
 def test_qemu_killed_is_a_failed_exit_with_the_signal(
-    plugin: PluginProcess, short_tmp: Path, tiny_guest
-) -> None:  # type: ignore[no-untyped-def]
-    import os
-    import signal
-
-    _configure(plugin, short_tmp / "data", [str(tiny_guest.vmlinux.parent)])
-    alloc = short_tmp / "alloc3"
-    (alloc / "tiny").mkdir(parents=True)
-    fifo = FifoReader(alloc / "alloc" / "logs" / ".tiny.stdout.fifo")
-    cfg = task_config(
-        alloc,
-        {
-            "kernel": str(tiny_guest.vmlinux),
-            "initramfs": str(tiny_guest.initramfs),
-            "cmdline": tiny_guest.cmdline,
-        },
-    )
-    try:
+    plugin: PluginProcess,
+    short_tmp: Path,
+    tiny_guest,  # type: ignore[no-untyped-def]
+) -> None:
+    with tiny_task(plugin, short_tmp, tiny_guest, alloc_name="alloc3") as (cfg, _, _):
         drv(plugin).StartTask(driver_pb2.StartTaskRequest(task=cfg), timeout=60)
         (qemu,) = qemu_processes_under(short_tmp)
         os.kill(qemu.pid, signal.SIGKILL)
@@ -327,8 +320,6 @@ def test_qemu_killed_is_a_failed_exit_with_the_signal(
         assert waited.result.signal == signal.SIGKILL
         assert "SIGKILL" in waited.err
         drv(plugin).DestroyTask(driver_pb2.DestroyTaskRequest(task_id=cfg.id, force=True))
-    finally:
-        fifo.close()
 
 
 @pytest.mark.parametrize(
@@ -366,8 +357,6 @@ def test_bad_task_config_names_the_field_and_leaves_nothing(
 
 def test_survives_the_agent_going_away(short_tmp: Path) -> None:
     """The agent crashed: both of the plugin's pipes lose their reader. It must keep serving."""
-    import os
-
     from nomad_vm.plugin.launcher import Handshake, nomad_plugin_env
 
     proc = subprocess.Popen(
@@ -397,3 +386,65 @@ def test_survives_the_agent_going_away(short_tmp: Path) -> None:
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_sigint_is_ignored(plugin: PluginProcess) -> None:
+    """Ctrl-C in the terminal of `nomad agent -dev` reaches the plugin too; the agent decides."""
+    assert plugin.process is not None
+    os.kill(plugin.process.pid, signal.SIGINT)
+    time.sleep(0.5)
+    assert plugin.process.poll() is None
+    assert base(plugin).PluginInfo(base_pb2.PluginInfoRequest()).name == "vm"
+
+
+def test_fingerprint_unhealthy_without_qemu(plugin: PluginProcess, short_tmp: Path) -> None:
+    cfg = cty(
+        {
+            "accelerator": "auto",
+            "data_dir": str(short_tmp / "data"),
+            "image_paths": None,
+            "qemu_binary": "/nonexistent/qemu-system-x86_64",
+        }
+    )
+    base(plugin).SetConfig(base_pb2.SetConfigRequest(msgpack_config=cfg))
+    stream = drv(plugin).Fingerprint(driver_pb2.FingerprintRequest())
+    try:
+        first = next(stream)
+    finally:
+        stream.cancel()
+    assert first.health == driver_pb2.FingerprintResponse.UNHEALTHY
+    assert "/nonexistent/qemu-system-x86_64" in first.health_description
+
+
+def test_qemu_launch_failure_is_recoverable_and_quotes_qemu(
+    plugin: PluginProcess,
+    short_tmp: Path,
+    tiny_guest,  # type: ignore[no-untyped-def]
+) -> None:
+    """A file QEMU cannot boot: StartTask fails with QEMU's own words and leaves nothing."""
+    images = short_tmp / "images"
+    images.mkdir()
+    # An ELF header and nothing else: QEMU refuses it ("Error while loading elf kernel").
+    (images / "not-a-kernel").write_bytes(b"\x7fELF\x02\x01\x01" + b"\0" * 4089)
+    overrides: dict[str, object] = {"kernel": str(images / "not-a-kernel"), "initramfs": None}
+    with (
+        tiny_task(
+            plugin,
+            short_tmp,
+            tiny_guest,
+            alloc_name="alloc5",
+            overrides=overrides,
+            image_paths=[str(images)],
+        ) as (cfg, _, alloc),
+        pytest.raises(grpc.RpcError) as err,
+    ):
+        drv(plugin).StartTask(driver_pb2.StartTaskRequest(task=cfg), timeout=60)
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "QEMU failed to start" in err.value.details()
+    assert "kernel" in err.value.details().lower()
+    status = rpc_status.from_call(err.value)
+    assert status is not None
+    detail = recoverable_error_pb2.RecoverableError()
+    assert status.details[0].Unpack(detail) and detail.recoverable is True
+    assert not qemu_processes_under(short_tmp)
+    assert list((alloc / "tiny").iterdir()) == []

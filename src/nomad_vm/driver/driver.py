@@ -104,7 +104,9 @@ class VMDriver:
         if task.id in self._tasks:
             raise TaskExists(task.id)
         vm_config = parse_task_config(task, self.config)
-        accel = choose_accelerator(self.config.accelerator, probe_kvm())
+        # The KVM probe runs a child process (once per plugin process): keep it off the loop.
+        kvm = await asyncio.to_thread(probe_kvm)
+        accel = choose_accelerator(self.config.accelerator, kvm)
         binary = str(find_qemu(self.config.qemu_binary))
         runtime_dir = self._runtime_dir(task)
         spec = VMSpec(
