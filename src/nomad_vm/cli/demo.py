@@ -119,5 +119,3 @@ def _wait_allocs_stopped(address: str, timeout: float = 60.0) -> None:
             return
         time.sleep(0.5)
     print(f"warning: the demo allocation did not stop within {timeout:.0f}s")
-
-

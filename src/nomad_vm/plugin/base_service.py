@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import grpc
 
 from nomad_vm import __version__, schema
-from nomad_vm.driver.port import DriverPort
 from nomad_vm.plugin import convert
 from nomad_vm.plugin.errors_guard import rpc_errors
 from nomad_vm.plugin.hclspec import schema_spec
 from nomad_vm.plugin.proto import base_pb2, base_pb2_grpc
+
+if TYPE_CHECKING:
+    from nomad_vm.driver.port import DriverPort
 
 # The name jobs use in `driver = "..."` (the executable and plugin block are "nomad-driver-vm").
 DRIVER_NAME = "vm"

@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from typing import TypeAlias
+from typing import TYPE_CHECKING, TypeAlias
 
 import grpc
 
-from nomad_vm.driver.port import DriverPort
 from nomad_vm.errors import Unsupported
 from nomad_vm.plugin import convert
 from nomad_vm.plugin.errors_guard import rpc_errors
 from nomad_vm.plugin.hclspec import schema_spec
 from nomad_vm.plugin.proto import driver_pb2 as pb
 from nomad_vm.plugin.proto import driver_pb2_grpc
+
+if TYPE_CHECKING:
+    from nomad_vm.driver.port import DriverPort
 
 Ctx: TypeAlias = grpc.aio.ServicerContext
 

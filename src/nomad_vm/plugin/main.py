@@ -6,11 +6,15 @@ import asyncio
 import logging
 import signal
 import sys
+from typing import TYPE_CHECKING, cast
 
-from nomad_vm.driver.driver import VMDriver
 from nomad_vm.plugin import handshake
 from nomad_vm.plugin.hclog import configure_plugin_logging
+from nomad_vm.plugin.lazy import LazyDriver
 from nomad_vm.plugin.server import serve
+
+if TYPE_CHECKING:
+    from nomad_vm.driver.port import DriverPort
 
 
 def main() -> None:
@@ -30,8 +34,14 @@ def main() -> None:
     asyncio.run(_run())
 
 
+def _make_driver() -> DriverPort:
+    from nomad_vm.driver.driver import VMDriver
+
+    return VMDriver()
+
+
 async def _run() -> None:
-    await serve(VMDriver())
+    await serve(cast("DriverPort", LazyDriver(_make_driver)))
 
 
 if __name__ == "__main__":

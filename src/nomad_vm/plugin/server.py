@@ -6,16 +6,19 @@ import asyncio
 import logging
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from nomad_vm.driver.port import DriverPort
 from nomad_vm.plugin import handshake
 from nomad_vm.plugin.base_service import BasePluginService
 from nomad_vm.plugin.driver_service import DriverService
 from nomad_vm.plugin.goplugin_services import BrokerService, ControllerService, StdioService
 from nomad_vm.plugin.proto import base_pb2_grpc, driver_pb2_grpc, goplugin_pb2_grpc
+
+if TYPE_CHECKING:
+    from nomad_vm.driver.port import DriverPort
 
 log = logging.getLogger(__name__)
 
