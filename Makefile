@@ -5,9 +5,9 @@ PY := $(VENV)/bin/python
 export PATH := $(CURDIR)/.tools/bin:$(CURDIR)/$(VENV)/bin:$(PATH)
 export NOMAD_VM_CACHE ?= $(CURDIR)/.cache/guests
 
-.PHONY: setup host-packages venv nomad guests demo demo-stop test test-unit lint docs proto bench clean
+.PHONY: setup host-packages venv bytecode nomad guests demo demo-stop test test-unit lint docs proto bench clean
 
-setup: host-packages venv nomad guests
+setup: host-packages venv bytecode nomad guests
 
 host-packages:
 	@scripts/setup-host.sh
@@ -17,10 +17,12 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[dev]'
-	@# Bytecode for our own (editable) modules: with PYTHONDONTWRITEBYTECODE set, as on these
-	@# machines, every plugin start would otherwise recompile them (~50 ms of the handshake).
-	$(PY) -m compileall -q src
 	touch $@
+
+# Bytecode for our own (editable) modules: with PYTHONDONTWRITEBYTECODE set, as on these
+# machines, every plugin start would otherwise recompile them (~50 ms of the handshake).
+bytecode: venv
+	@$(PY) -m compileall -q src
 
 nomad:
 	@scripts/install-nomad.sh
