@@ -9,13 +9,19 @@ PACKAGES=(
     cpio xz-utils     # building the tiny test guest's initramfs and kernel
     python3-venv
 )
+SUDO=""; [[ $(id -u) == 0 ]] || SUDO=sudo
+# The tiny guest is built from Debian packages (`apt-get download`), which needs package lists
+# even when every host package is already installed.
+policy=$(apt-cache policy linux-image-amd64 busybox-static 2>/dev/null || true)
+if [[ $policy != *"Candidate: "[0-9]* ]]; then
+    $SUDO apt-get update -q
+fi
 missing=()
 for pkg in "${PACKAGES[@]}"; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
 done
 if ((${#missing[@]})); then
     echo "installing Debian packages: ${missing[*]}"
-    SUDO=""; [[ $(id -u) == 0 ]] || SUDO=sudo
     $SUDO apt-get update -q
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q --no-install-recommends "${missing[@]}"
 fi
