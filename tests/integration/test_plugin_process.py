@@ -2,18 +2,13 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
-import select
 import signal
 import subprocess
-import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
-import msgpack
 import pytest
 from google.protobuf import duration_pb2, empty_pb2
 from grpc_status import rpc_status
@@ -23,104 +18,22 @@ from nomad_vm.plugin.proto import (
     base_pb2,
     base_pb2_grpc,
     driver_pb2,
-    driver_pb2_grpc,
     goplugin_pb2,
     goplugin_pb2_grpc,
     recoverable_error_pb2,
 )
-from tests.conftest import REPO, qemu_processes_under
-
-DRIVER = REPO / ".venv" / "bin" / "nomad-driver-vm"
-MARKER = b"nomad-vm tiny guest: booted"
-
-
-def cty(obj: dict[str, object]) -> bytes:
-    """go-cty encodes an object as a map with every attribute, keys in byte order."""
-    return msgpack.packb(dict(sorted(obj.items())), use_bin_type=False)
-
-
-@pytest.fixture
-def plugin(short_tmp: Path) -> Iterator[PluginProcess]:
-    proc = PluginProcess([str(DRIVER)])
-    proc.start(short_tmp / "plugin.stderr")
-    yield proc
-    proc.kill()
-
-
-def base(p: PluginProcess) -> base_pb2_grpc.BasePluginStub:
-    return base_pb2_grpc.BasePluginStub(p.channel)
-
-
-def drv(p: PluginProcess) -> driver_pb2_grpc.DriverStub:
-    return driver_pb2_grpc.DriverStub(p.channel)
-
-
-def plugin_config(data_dir: Path, image_paths: list[str]) -> bytes:
-    return cty(
-        {
-            "accelerator": "auto",
-            "data_dir": str(data_dir),
-            "image_paths": image_paths,
-            "qemu_binary": None,
-        }
-    )
-
-
-class FifoReader:
-    """Plays Nomad's logmon: creates the task's stdout FIFO and keeps reading it."""
-
-    def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        os.mkfifo(path)
-        self.path = path
-        self.data = bytearray()
-        self._fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._stop = False
-        self._thread.start()
-
-    def _run(self) -> None:
-        while not self._stop:
-            ready, _, _ = select.select([self._fd], [], [], 0.1)
-            if ready:
-                chunk = os.read(self._fd, 65536)
-                if chunk:
-                    self.data += chunk
-                else:
-                    time.sleep(0.05)
-
-    def wait_for(self, needle: bytes, timeout: float) -> bool:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if needle in self.data:
-                return True
-            time.sleep(0.1)
-        return False
-
-    def close(self) -> None:
-        self._stop = True
-        self._thread.join()
-        os.close(self._fd)
-
-
-def task_config(
-    alloc_dir: Path, driver_config: dict[str, object], task_id: str = ""
-) -> driver_pb2.TaskConfig:
-    return driver_pb2.TaskConfig(
-        id=task_id or "a1b2c3d4-0000-0000-0000-000000000001/tiny/abcd1234",
-        name="tiny",
-        alloc_id="a1b2c3d4-0000-0000-0000-000000000001",
-        alloc_dir=str(alloc_dir),
-        stdout_path=str(alloc_dir / "alloc" / "logs" / ".tiny.stdout.fifo"),
-        stderr_path=str(alloc_dir / "alloc" / "logs" / ".tiny.stderr.fifo"),
-        msgpack_driver_config=cty(driver_config),
-        resources=driver_pb2.Resources(
-            allocated_resources=driver_pb2.AllocatedTaskResources(
-                cpu=driver_pb2.AllocatedCpuResources(cpu_shares=500),
-                memory=driver_pb2.AllocatedMemoryResources(memory_mb=160),
-            ),
-        ),
-    )
+from tests.conftest import qemu_processes_under
+from tests.integration.pluginkit import (
+    DRIVER,
+    MARKER,
+    base,
+    configure,
+    cty,
+    drv,
+    plugin_config,
+    task_config,
+    tiny_task,
+)
 
 
 def test_run_by_hand_explains_and_fails() -> None:
@@ -201,45 +114,6 @@ def test_fingerprint_first_message_and_attributes(plugin: PluginProcess, short_t
     if not attrs["driver.vm.kvm"].bool_val:
         assert attrs["driver.vm.accelerator"].string_val == "tcg"
         assert "KVM not usable" in first.health_description
-
-
-def _configure(plugin: PluginProcess, data_dir: Path, image_paths: list[str]) -> None:
-    base(plugin).SetConfig(
-        base_pb2.SetConfigRequest(
-            msgpack_config=plugin_config(data_dir, image_paths),
-            nomad_config=base_pb2.NomadConfig(driver=base_pb2.NomadDriverConfig()),
-        )
-    )
-
-
-@contextlib.contextmanager
-def tiny_task(
-    plugin: PluginProcess,
-    root: Path,
-    guest,  # type: ignore[no-untyped-def]
-    *,
-    alloc_name: str,
-    run: str | None = None,
-    overrides: dict[str, object] | None = None,
-    image_paths: list[str] | None = None,
-) -> Iterator[tuple[driver_pb2.TaskConfig, FifoReader, Path]]:
-    """Configure the plugin, lay out an alloc dir with a reading stdout FIFO, build the config."""
-    from nomad_vm.guests.tiny import tiny_cmdline
-
-    _configure(plugin, root / "data", image_paths or [str(guest.vmlinux.parent)])
-    alloc = root / alloc_name
-    (alloc / "tiny").mkdir(parents=True)
-    fifo = FifoReader(alloc / "alloc" / "logs" / ".tiny.stdout.fifo")
-    driver_config: dict[str, object] = {
-        "kernel": str(guest.vmlinux),
-        "initramfs": str(guest.initramfs),
-        "cmdline": tiny_cmdline(guest.cmdline, run) if run else guest.cmdline,
-        **(overrides or {}),
-    }
-    try:
-        yield task_config(alloc, driver_config), fifo, alloc
-    finally:
-        fifo.close()
 
 
 def test_vm_task_lifecycle(plugin: PluginProcess, short_tmp: Path, tiny_guest) -> None:  # type: ignore[no-untyped-def]
@@ -338,7 +212,7 @@ def test_bad_task_config_names_the_field_and_leaves_nothing(
     field: str,
 ) -> None:
     data_dir = short_tmp / "data"
-    _configure(plugin, data_dir, [str(tiny_guest.vmlinux.parent)])
+    configure(plugin, data_dir, [str(tiny_guest.vmlinux.parent)])
     alloc = short_tmp / "alloc4"
     (alloc / "tiny").mkdir(parents=True)
     full = {"kernel": None, "initramfs": None, "cmdline": None, **driver_config}

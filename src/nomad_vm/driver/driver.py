@@ -155,9 +155,9 @@ class VMDriver:
         state = DriverState.decode(handle.driver_state)
         runtime_dir = Path(state.runtime_dir)
         ident = ProcessIdentity(state.pid, state.process_start_time)
-        binary = self.config.qemu_binary
+        backend = QemuBackend(self.config.qemu_binary)
         try:
-            vm = QemuBackend(binary).reattach(ident, Path(state.control_socket), runtime_dir)
+            vm = await backend.reattach(ident, Path(state.control_socket), runtime_dir)
         except HypervisorError as exc:
             entry = VMTask(task, None, state, runtime_dir, self.events)
             gone = f"VM ended while the plugin was not running: {exc}"
@@ -167,16 +167,20 @@ class VMDriver:
         entry = VMTask(task, vm, state, runtime_dir, self.events)
         self._tasks[task.id] = entry
         entry.start_watching()
-        self.events.emit(task, "Reattached to running VM", {"pid": str(state.pid)})
+        self.events.emit(task, "Reattached to the running VM", {"pid": str(state.pid)})
 
     async def wait_task(self, task_id: str) -> ExitResult:
         return await self._task(task_id).wait()
 
     async def stop_task(self, task_id: str, timeout: float, signal_name: str) -> None:
+        """Graceful stop: ACPI power button, then terminate after ``timeout`` (kill_timeout).
+
+        ``signal_name`` (the job's kill_signal) has no meaning for a whole VM and is ignored.
+        """
         entry = self._tasks.get(task_id)
         if entry is None:
             return  # already gone: Nomad retries stops, and a stopped task is what it wants
-        await entry.stop(max(timeout, 1.0), signal_name)
+        await entry.stop(timeout)
 
     async def destroy_task(self, task_id: str, force: bool) -> None:
         entry = self._tasks.get(task_id)
@@ -188,7 +192,7 @@ class VMDriver:
                     f"task {task_id} is still running; stop it first or use force"
                 )
             await entry.kill()
-        entry.close()
+        await entry.close()
         shutil.rmtree(entry.runtime_dir, ignore_errors=True)
         del self._tasks[task_id]
 
@@ -226,4 +230,4 @@ class VMDriver:
     async def shutdown(self) -> None:
         """The plugin is going away: VMs keep running (Nomad will recover them)."""
         for entry in self._tasks.values():
-            entry.close()
+            await entry.close()

@@ -1,8 +1,10 @@
-"""One task's runtime: its VM, when it started, and how it ended."""
+"""One task's runtime: its VM, the events it reports, when it started and how it ended."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import signal
 from datetime import UTC, datetime
 from pathlib import Path
@@ -10,21 +12,41 @@ from pathlib import Path
 from nomad_vm.driver.events import EventBus
 from nomad_vm.driver.state import DriverState
 from nomad_vm.driver.types import ExitResult, TaskConfig, TaskState, TaskStatus
-from nomad_vm.vm.qemu.backend import QemuVM
+from nomad_vm.vm.qemu.backend import QemuVM, sleep_until_exit
+from nomad_vm.vm.qemu.monitor import QemuEvent
 from nomad_vm.vm.spec import VMExit
+
+log = logging.getLogger(__name__)
+
+# After SIGTERM QEMU exits at once; SIGKILL follows if it has not within this many seconds.
+TERM_GRACE = 5.0
 
 
 def exit_result_from(ended: VMExit, stopped_by_driver: bool) -> ExitResult:
-    """Nomad's view of a VMM exit. Guest power-off (QEMU status 0) is the only success."""
+    """Nomad's view of a VM's end. Guest power-off is the one success."""
     if ended.clean:
         return ExitResult(exit_code=0)
+    if ended.panicked:
+        return ExitResult(exit_code=1, err=ended.reason)
     if ended.signal:
-        # A signal we sent while stopping the task is the expected end of a stop, not a crash.
+        # A signal the driver sent while stopping the task is the expected end, not a crash.
         err = "" if stopped_by_driver else ended.reason
         return ExitResult(exit_code=128 + ended.signal, signal=ended.signal, err=err)
     if ended.code is None:
         return ExitResult(exit_code=1, err=ended.reason)
     return ExitResult(exit_code=ended.code, err=ended.reason)
+
+
+def describe_event(event: QemuEvent) -> str | None:
+    """The task event text for a QEMU lifecycle event, or None for ones not worth showing."""
+    reason = str(event.data.get("reason", ""))
+    if event.name == "RESET" and event.data.get("guest"):
+        return "Guest rebooted (the VM keeps running in place)"
+    if event.name == "SHUTDOWN" and event.data.get("guest"):
+        return f"Guest powered off ({reason or 'guest-shutdown'})"
+    if event.name == "GUEST_PANICKED":
+        return "Guest kernel panicked"
+    return None
 
 
 class VMTask:
@@ -46,10 +68,19 @@ class VMTask:
         self.stopping = False
         self._events = events
         self._done = asyncio.Event()
-        self._watcher: asyncio.Task[None] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
 
     def start_watching(self) -> None:
-        self._watcher = asyncio.create_task(self._watch(), name=f"watch {self.config.id}")
+        assert self.vm is not None
+        self._tasks.append(asyncio.create_task(self._watch(), name=f"wait {self.config.id}"))
+        self._tasks.append(
+            asyncio.create_task(self.vm.follow_events(self._on_event), name="qmp events")
+        )
+
+    def _on_event(self, event: QemuEvent) -> None:
+        text = describe_event(event)
+        if text:
+            self._events.emit(self.config, text)
 
     def mark_exited(self, result: ExitResult) -> None:
         """Record an exit found without watching (the VM died while the plugin was away)."""
@@ -60,9 +91,7 @@ class VMTask:
         ended = await self.vm.wait()
         result = exit_result_from(ended, self.stopping)
         self._finish(result)
-        if result.successful:
-            self._events.emit(self.config, "VM powered off")
-        elif not self.stopping:
+        if not result.successful and not self.stopping:
             self._events.emit(self.config, f"VM ended: {result.err}")
 
     def _finish(self, result: ExitResult) -> None:
@@ -79,17 +108,22 @@ class VMTask:
         assert self.result is not None
         return self.result
 
-    async def stop(self, grace: float, signal_name: str) -> None:
-        """Stop the VM: a forceful stop for now (SIGTERM, SIGKILL after ``grace``)."""
+    async def stop(self, timeout: float) -> None:
+        """ACPI power button, up to ``timeout`` for the guest to power off, then terminate."""
         if not self.running or self.vm is None:
             return
         self.stopping = True
-        self._events.emit(
-            self.config,
-            f"Stopping VM (QEMU gets SIGTERM, SIGKILL after {grace:.0f}s)",
-            {"kill_signal": signal_name or "SIGTERM"},
-        )
-        await self.vm.stop(grace)
+        if await self.vm.powerdown():
+            self._events.emit(self.config, f"ACPI shutdown requested (waiting up to {timeout:g}s)")
+            if await sleep_until_exit(self.vm, timeout):
+                await self.wait()
+                return
+            self._events.emit(
+                self.config, f"Guest did not stop within {timeout:g}s, VM terminated"
+            )
+        else:
+            self._events.emit(self.config, "QMP unavailable: terminating the VM")
+        await self.vm.terminate(TERM_GRACE)
         await self.wait()
 
     async def kill(self) -> None:
@@ -98,11 +132,17 @@ class VMTask:
             self.vm.process.send_signal(signal.SIGKILL)
             await self.wait()
 
-    def close(self) -> None:
-        if self._watcher is not None:
-            self._watcher.cancel()
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                try:
+                    await task
+                except Exception:  # already reported where it happened; closing regardless
+                    log.exception("watcher of task %s failed", self.config.id)
         if self.vm is not None:
-            self.vm.close()
+            await self.vm.close()
 
     def status(self) -> TaskStatus:
         return TaskStatus(

@@ -22,12 +22,19 @@ class VMSpec:
 
 @dataclass(frozen=True)
 class VMExit:
-    """How a VMM process ended. ``code`` is None when it was killed by ``signal``."""
+    """How a VM ended.
+
+    ``code``/``signal`` describe the VMM process (``code`` is None when it died of ``signal``
+    or when the driver was not its parent and could not learn it). ``guest_poweroff`` and
+    ``panicked`` say what the guest itself did, as QEMU reported it.
+    """
 
     code: int | None
     signal: int | None
     reason: str
+    guest_poweroff: bool = False
+    panicked: bool = False
 
     @property
     def clean(self) -> bool:
-        return self.code == 0 and not self.signal
+        return self.guest_poweroff or (self.code == 0 and not self.signal and not self.panicked)

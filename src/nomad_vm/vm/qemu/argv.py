@@ -41,6 +41,13 @@ def qemu_argv(binary: str, spec: VMSpec) -> list[str]:
         "chardev:serial0",
         "-qmp",
         f"unix:{spec.control_socket},server=on,wait=off",
+        # A guest power-off or panic pauses QEMU instead of ending it, so the verdict survives
+        # in QEMU's run state until the driver (possibly restarted meanwhile) has read it.
+        "-action",
+        "shutdown=pause,panic=pause",
+        # Lets the guest kernel tell QEMU it panicked (Linux's pvpanic driver).
+        "-device",
+        "pvpanic",
         "-kernel",
         str(spec.kernel),
     ]

@@ -1,10 +1,26 @@
-"""The QEMU backend: launch a VMSpec, reattach to a running VM, stop it, measure it."""
+"""The QEMU backend: launch a VMSpec, reattach to a running VM, stop it, measure it.
+
+How a VM's end is known, even when the plugin was not running at that moment:
+
+* QEMU runs with ``-action shutdown=pause,panic=pause``: when the guest powers off or panics,
+  QEMU does not exit but stops the VM and keeps the verdict in its run state (``shutdown`` or
+  ``guest-panicked``). The plugin, live or restarted, reads it over QMP, records the result and
+  then tells QEMU to quit. No supervising process per VM is needed; the cost is that a finished
+  VM's QEMU lingers (paused) while the plugin is down.
+* QEMU ending without such a state was killed or crashed: as its parent the plugin gets the
+  exit status; otherwise QEMU's own "terminating on signal N" line in qemu.log names the signal,
+  and its absence means SIGKILL or a crash.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
+import re
+import signal
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,7 +29,7 @@ import psutil
 from nomad_vm.errors import HypervisorError, LaunchError
 from nomad_vm.vm.process import ProcessIdentity, SupervisedProcess, reattach, spawn
 from nomad_vm.vm.qemu.argv import qemu_argv
-from nomad_vm.vm.qemu.monitor import wait_for_qmp
+from nomad_vm.vm.qemu.monitor import QemuEvent, QemuMonitor, connect_when_ready
 from nomad_vm.vm.spec import VMExit, VMSpec
 
 log = logging.getLogger(__name__)
@@ -22,8 +38,10 @@ log = logging.getLogger(__name__)
 # with several TCG guests booting can stretch it.
 QMP_READY_TIMEOUT = 30.0
 # QEMU's own messages (stderr) go to this file in the VM's runtime directory, so a failed start
-# can quote them in the task event.
+# or an unexpected end can be explained in the task event.
 LOG_NAME = "qemu.log"
+SIGNAL_LINE = re.compile(rb"terminating on signal (\d+)")
+GUEST_DONE_STATES = {"shutdown": "poweroff", "guest-panicked": "panic"}
 
 
 @dataclass(frozen=True)
@@ -36,28 +54,79 @@ class VMUsage:
 
 
 class QemuVM:
-    """One running QEMU process."""
+    """One running QEMU process and the QMP connection the driver holds to it."""
 
-    def __init__(self, process: SupervisedProcess, socket: Path, log_path: Path) -> None:
+    def __init__(
+        self, process: SupervisedProcess, monitor: QemuMonitor | None, log_path: Path
+    ) -> None:
         self.process = process
-        self.control_socket = socket
+        self.monitor = monitor
         self.log_path = log_path
+        # What the guest did, once QEMU told us: "poweroff" or "panic".
+        self.guest_end: str | None = None
 
     @property
     def identity(self) -> ProcessIdentity:
         return self.process.ident
 
+    async def follow_events(self, on_event: Callable[[QemuEvent], None]) -> None:
+        """Report lifecycle events until the VM ends; end QEMU once the guest is done."""
+        if self.monitor is None:
+            return
+        while True:
+            event = await self.monitor.next_event()
+            on_event(event)
+            if event.name == "SHUTDOWN" and event.data.get("guest"):
+                await self._guest_finished("poweroff")
+            elif event.name == "GUEST_PANICKED":
+                await self._guest_finished("panic")
+
+    async def check_finished_meanwhile(self) -> None:
+        """After a reattach: did the guest power off or panic while nobody was watching?"""
+        if self.monitor is None:
+            return
+        with contextlib.suppress(HypervisorError):
+            end = GUEST_DONE_STATES.get(await self.monitor.status())
+            if end:
+                await self._guest_finished(end)
+
+    async def _guest_finished(self, end: str) -> None:
+        self.guest_end = end
+        if self.monitor is not None:
+            with contextlib.suppress(HypervisorError):
+                await self.monitor.execute("quit")
+
+    async def powerdown(self) -> bool:
+        """Press the ACPI power button; False when QMP is unavailable."""
+        if self.monitor is None:
+            return False
+        try:
+            await self.monitor.execute("system_powerdown")
+        except HypervisorError as exc:
+            log.warning("ACPI powerdown request failed: %s", exc)
+            return False
+        return True
+
     async def wait(self) -> VMExit:
         ended = await self.process.wait()
+        if self.guest_end == "poweroff":
+            return VMExit(0, None, "the guest powered off", guest_poweroff=True)
+        if self.guest_end == "panic":
+            return VMExit(None, None, "the guest kernel panicked", panicked=True)
+        signalled = ended.signal or _signal_from_log(self.log_path)
+        if signalled and not ended.signal:
+            name = signal.Signals(signalled).name
+            ended = VMExit(None, signalled, f"QEMU was terminated by {name}")
         if ended.clean:
             return ended
         tail = read_log_tail(self.log_path)
-        return VMExit(ended.code, ended.signal, f"{ended.reason}: {tail}" if tail else ended.reason)
+        return VMExit(
+            ended.code, ended.signal, f"{ended.reason}: {tail}" if tail else ended.reason
+        )
 
-    async def stop(self, grace: float) -> VMExit:
-        """Forceful stop: SIGTERM (QEMU exits at once), SIGKILL after ``grace`` seconds."""
+    async def terminate(self, grace: float) -> None:
+        """End QEMU now: SIGTERM (QEMU exits at once), SIGKILL after ``grace`` seconds."""
         await self.process.terminate(grace)
-        return await self.wait()
 
     def usage(self) -> VMUsage:
         try:
@@ -70,7 +139,9 @@ class QemuVM:
             raise HypervisorError(f"cannot read usage of QEMU pid {pid}: {exc}") from exc
         return VMUsage(times.user, times.system, rss)
 
-    def close(self) -> None:
+    async def close(self) -> None:
+        if self.monitor is not None:
+            await self.monitor.close()
         self.process.close()
 
 
@@ -88,28 +159,49 @@ class QemuBackend:
         finally:
             os.close(log_fd)
         log.debug("started qemu", extra={"fields": {"pid": process.pid, "argv": " ".join(argv)}})
-        vm = QemuVM(process, spec.control_socket, log_path)
 
         async def running() -> bool:
-            return process.exit is None and process.ident.pid > 0 and _alive(process)
+            return process.exit is None and _alive(process)
 
         try:
-            await wait_for_qmp(spec.control_socket, running, QMP_READY_TIMEOUT)
+            monitor, _ = await connect_when_ready(spec.control_socket, running, QMP_READY_TIMEOUT)
         except HypervisorError as exc:
             await process.terminate(grace=2.0)
             tail = read_log_tail(log_path)
             process.close()
             raise LaunchError(f"QEMU failed to start: {tail or exc}") from None
-        return vm
+        return QemuVM(process, monitor, log_path)
 
-    def reattach(self, ident: ProcessIdentity, socket: Path, runtime_dir: Path) -> QemuVM:
-        return QemuVM(reattach(ident), socket, runtime_dir / LOG_NAME)
+    async def reattach(self, ident: ProcessIdentity, socket: Path, runtime_dir: Path) -> QemuVM:
+        """Find a QEMU started by an earlier plugin process (pid + start time, then QMP)."""
+        process = reattach(ident)
+        monitor: QemuMonitor | None = QemuMonitor(socket)
+        assert monitor is not None
+        try:
+            await monitor.connect()
+        except HypervisorError as exc:
+            # The process is ours but QMP is unusable: watch the process, stop by signal.
+            log.warning("reattached without QMP: %s", exc)
+            await monitor.close()
+            monitor = None
+        vm = QemuVM(process, monitor, runtime_dir / LOG_NAME)
+        await vm.check_finished_meanwhile()
+        return vm
 
 
 def _alive(process: SupervisedProcess) -> bool:
     with contextlib.suppress(psutil.Error):
         return psutil.Process(process.pid).status() != psutil.STATUS_ZOMBIE
     return False
+
+
+def _signal_from_log(path: Path) -> int | None:
+    """QEMU logs "terminating on signal N from pid P" when a signal made it exit."""
+    try:
+        found = SIGNAL_LINE.findall(path.read_bytes()[-4096:])
+    except OSError:
+        return None
+    return int(found[-1]) if found else None
 
 
 def read_log_tail(path: Path, limit: int = 2000) -> str:
@@ -122,3 +214,12 @@ def read_log_tail(path: Path, limit: int = 2000) -> str:
     except OSError:
         return ""
     return " | ".join(line.strip() for line in text.splitlines() if line.strip())
+
+
+async def sleep_until_exit(vm: QemuVM, timeout: float) -> bool:
+    """True when QEMU exits within ``timeout`` seconds."""
+    try:
+        await asyncio.wait_for(vm.process.wait(), timeout)
+    except TimeoutError:
+        return False
+    return True

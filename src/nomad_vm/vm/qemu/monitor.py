@@ -8,7 +8,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from qemu.qmp import QMPClient, QMPError
@@ -20,36 +21,64 @@ log = logging.getLogger(__name__)
 # qemu.qmp logs every message at DEBUG; that is noise in Nomad's agent log.
 logging.getLogger("qemu.qmp").setLevel(logging.WARNING)
 
-
-@contextlib.asynccontextmanager
-async def qmp_session(socket: Path, timeout: float = 5.0) -> AsyncIterator[QMPClient]:
-    client = QMPClient(f"qmp:{socket.name}")
-    try:
-        await asyncio.wait_for(client.connect(str(socket)), timeout)
-    except (QMPError, OSError, TimeoutError) as exc:
-        raise HypervisorError(f"cannot connect to QMP at {socket}: {exc}") from exc
-    try:
-        yield client
-    finally:
-        with contextlib.suppress(QMPError, OSError):
-            await client.disconnect()
+# The events that change what the VM is doing; everything else (RTC_CHANGE, ...) is ignored.
+LIFECYCLE_EVENTS = ("SHUTDOWN", "RESET", "GUEST_PANICKED", "POWERDOWN", "STOP", "RESUME")
 
 
-async def query_status(socket: Path) -> str:
-    """QEMU's run state, e.g. ``running`` or ``paused``."""
-    async with qmp_session(socket) as client:
+@dataclass(frozen=True)
+class QemuEvent:
+    name: str
+    data: dict[str, object] = field(default_factory=dict)
+
+
+class QemuMonitor:
+    """One QMP connection held for a VM's lifetime: commands and lifecycle events.
+
+    QEMU's QMP socket serves one client at a time, so the driver keeps exactly one.
+    """
+
+    def __init__(self, socket: Path) -> None:
+        self.socket = socket
+        self._client = QMPClient(f"qmp:{socket.parent.name}")
+        # The client's default listener keeps every event it accepts forever (its history), and
+        # cannot be removed: narrow it to the rare lifecycle events instead.
+        self._listener = self._client.events
+        self._listener.names = set(LIFECYCLE_EVENTS)
+
+    async def connect(self, timeout: float = 5.0) -> None:
         try:
-            reply = await client.execute("query-status")
-        except QMPError as exc:
-            raise HypervisorError(f"QMP query-status failed: {exc}") from exc
-    if not isinstance(reply, dict) or not isinstance(reply.get("status"), str):
-        raise HypervisorError(f"unexpected QMP query-status reply: {reply!r}")
-    return str(reply["status"])
+            await asyncio.wait_for(self._client.connect(str(self.socket)), timeout)
+        except (QMPError, OSError, TimeoutError) as exc:
+            raise HypervisorError(f"cannot connect to QMP at {self.socket}: {exc}") from exc
+
+    async def execute(self, command: str, arguments: dict[str, object] | None = None) -> object:
+        try:
+            return await self._client.execute(command, arguments)
+        except (QMPError, OSError) as exc:
+            raise HypervisorError(f"QMP {command} failed: {exc}") from exc
+
+    async def status(self) -> str:
+        """QEMU's run state, e.g. ``running``, ``shutdown`` or ``guest-panicked``."""
+        reply = await self.execute("query-status")
+        if not isinstance(reply, dict) or not isinstance(reply.get("status"), str):
+            raise HypervisorError(f"unexpected QMP query-status reply: {reply!r}")
+        return str(reply["status"])
+
+    async def next_event(self) -> QemuEvent:
+        """The next lifecycle event; waits forever once QEMU is gone (callers cancel)."""
+        message = await self._listener.get()
+        data = message.get("data") or {}
+        return QemuEvent(str(message["event"]), dict(data) if isinstance(data, dict) else {})
+
+    async def close(self) -> None:
+        # After QEMU exits the session ends with whatever the reader hit (EOFError, resets).
+        with contextlib.suppress(QMPError, OSError, EOFError):
+            await self._client.disconnect()
 
 
-async def wait_for_qmp(
+async def connect_when_ready(
     socket: Path, still_running: Callable[[], Awaitable[bool]], timeout: float
-) -> str:
+) -> tuple[QemuMonitor, str]:
     """Poll until QMP answers ``query-status``; fail early when the VMM has exited."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
@@ -58,9 +87,12 @@ async def wait_for_qmp(
         if not await still_running():
             raise HypervisorError("the VMM exited before its QMP socket answered")
         if socket.exists():
+            monitor = QemuMonitor(socket)
             try:
-                return await query_status(socket)
+                await monitor.connect()
+                return monitor, await monitor.status()
             except HypervisorError as exc:
                 last_error = str(exc)
+                await monitor.close()
         await asyncio.sleep(0.02)
     raise HypervisorError(f"QMP did not answer within {timeout:.0f}s: {last_error}")

@@ -1,0 +1,221 @@
+"""Typed wrappers over qemu-img: info, create (overlay), convert, resize.
+
+Every call passes the formats explicitly (``-f``/``-F``/``-O``): only ``info`` without ``fmt``
+probes, and that is done once, on the user's top-level image, by the caller that then records the
+answer. Letting qemu-img guess later is how a raw disk whose guest wrote a qcow2 header into
+sector 0 becomes a qcow2 image that names a host file as its backing file.
+
+Paths are made absolute before they reach qemu-img, so a relative name such as ``nbd:x`` or
+``-f`` is never read as a protocol prefix or an option.
+
+Failures become ``HypervisorError``; when qemu-img ran and said no, the subclass
+``QemuImgError`` carries its stderr so a caller can turn "cannot open this file" into a
+user-facing ``ImageError``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from nomad_vm.errors import HypervisorError
+
+# Metadata operations take milliseconds whatever the image size (see the timing test); a call
+# that takes this long is stuck, e.g. on a FIFO or a dead NFS server named by the image.
+INFO_TIMEOUT = 30.0
+CREATE_TIMEOUT = 60.0
+_STDERR_LIMIT = 2000
+_T = TypeVar("_T")
+
+
+class QemuImgError(HypervisorError):
+    """qemu-img ran and exited non-zero; ``stderr`` is its own explanation (prefix removed)."""
+
+    def __init__(self, message: str, stderr: str) -> None:
+        super().__init__(message)
+        self.stderr = stderr
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    """What ``qemu-img info`` says about one image.
+
+    ``backing_chain`` lists the backing files qemu-img named (``full-backing-filename``), the
+    nearest first: the whole chain when asked with ``follow_backing=True``, otherwise at most the
+    immediate backing file (which qemu-img then did not open). ``backing_format`` is the format
+    the image records for its immediate backing file (None: not recorded, qemu would probe).
+    ``data_file`` is a qcow2 external data file; ``extent_files`` are the files a vmdk reads.
+    """
+
+    path: Path
+    format: str
+    virtual_size: int
+    actual_size: int
+    backing_chain: tuple[str, ...] = ()
+    backing_format: str | None = None
+    encrypted: bool = False
+    data_file: str | None = None
+    extent_files: tuple[str, ...] = ()
+
+
+def info(
+    qemu_img: Path,
+    path: Path,
+    *,
+    fmt: str | None = None,
+    follow_backing: bool = True,
+    timeout: float = INFO_TIMEOUT,
+) -> ImageInfo:
+    """``qemu-img info --output=json --force-share [--backing-chain] [-f FMT] PATH``.
+
+    ``--force-share`` because the image may be open by running VMs (as a read-only backing
+    file); metadata reads do not need their lock. ``follow_backing=True`` opens every backing
+    file qemu-img finds, wherever it points (another host file, ``nbd://`` on the network, a FIFO
+    that blocks): use it only on trusted chains, and walk untrusted ones one level at a time
+    with ``follow_backing=False`` (``nomad_vm.storage.disk`` does).
+    """
+    argv = [str(qemu_img), "info", "--output=json", "--force-share"]
+    if follow_backing:
+        argv.append("--backing-chain")
+    if fmt is not None:
+        argv += ["-f", fmt]
+    argv.append(_abs(path))
+    return parse_info(_run(argv, timeout, f"qemu-img info {_abs(path)}"), path)
+
+
+def create_overlay(
+    qemu_img: Path,
+    base: Path,
+    base_format: str,
+    overlay: Path,
+    size_bytes: int | None,
+    *,
+    timeout: float = CREATE_TIMEOUT,
+) -> None:
+    """A qcow2 ``overlay`` backed by ``base`` (recorded as an absolute path and ``base_format``).
+
+    Without ``size_bytes`` the overlay has the base's virtual size. qemu-img opens the base
+    read-only (shared) to check it; the base is never written. Overwrites ``overlay``.
+    """
+    argv = [str(qemu_img), "create", "-q", "-f", "qcow2"]
+    argv += ["-b", _abs(base), "-F", base_format, _abs(overlay)]
+    if size_bytes is not None:
+        argv.append(_size_arg(size_bytes))
+    _run(argv, timeout, f"qemu-img create {_abs(overlay)}")
+
+
+def convert(
+    qemu_img: Path,
+    src: Path,
+    src_format: str,
+    dst: Path,
+    dst_format: str,
+    *,
+    timeout: float | None = None,
+) -> None:
+    """Copy ``src`` into a new, independent ``dst`` image (its backing chain flattened).
+
+    ``-S 4k`` (qemu-img's default, stated because we rely on it): zero runs are not written, so
+    a mostly empty disk stays sparse. No ``-W``: out-of-order writes fragment a qcow2 target.
+    No ``--force-share``: copying an image some other process is writing gives a torn copy, so
+    qemu-img's lock refusal is the right answer. ``timeout`` is None by default because the time
+    grows with the allocated data. Overwrites ``dst``.
+    """
+    argv = [str(qemu_img), "convert", "-q", "-f", src_format, "-O", dst_format, "-S", "4k"]
+    argv += [_abs(src), _abs(dst)]
+    _run(argv, timeout, f"qemu-img convert {_abs(src)} -> {_abs(dst)}")
+
+
+def resize(
+    qemu_img: Path, path: Path, fmt: str, size_bytes: int, *, timeout: float = CREATE_TIMEOUT
+) -> None:
+    """Set the virtual size of ``path``. Never passes ``--shrink``: qemu-img refuses to shrink."""
+    argv = [str(qemu_img), "resize", "-q", "-f", fmt, _abs(path), _size_arg(size_bytes)]
+    _run(argv, timeout, f"qemu-img resize {_abs(path)}")
+
+
+def parse_info(text: str, path: Path) -> ImageInfo:
+    """The ImageInfo in ``qemu-img info --output=json`` text: one object, or with
+    ``--backing-chain`` a list of them, the top image first."""
+    try:
+        decoded: Any = json.loads(text)
+        levels = decoded if isinstance(decoded, list) else [decoded]
+        top = levels[0]
+        chain = tuple(_backing_name(level) for level in levels if _backing_name(level))
+        specific = top.get("format-specific", {}).get("data", {})
+        return ImageInfo(
+            path=path,
+            format=_typed(top["format"], str),
+            virtual_size=_typed(top["virtual-size"], int),
+            actual_size=_typed(top.get("actual-size", 0), int),
+            backing_chain=chain,
+            backing_format=_optional_str(top.get("backing-filename-format")),
+            encrypted=bool(top.get("encrypted", False)),
+            data_file=_optional_str(specific.get("data-file")),
+            extent_files=tuple(str(e["filename"]) for e in specific.get("extents", ())),
+        )
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError) as exc:
+        raise HypervisorError(
+            f"qemu-img info {path}: unexpected JSON ({exc!r}): {text[:200]!r}"
+        ) from None
+
+
+def _backing_name(level: dict[str, Any]) -> str:
+    # full-backing-filename is the name resolved against the image's directory; qemu-img leaves
+    # it out when it cannot build one (e.g. a json: pseudo-filename), so fall back to the raw one.
+    return str(level.get("full-backing-filename") or level.get("backing-filename") or "")
+
+
+def _typed(value: object, kind: type[_T]) -> _T:
+    # bool is an int subclass: a "virtual-size": true must not pass as a size.
+    if not isinstance(value, kind) or isinstance(value, bool):
+        raise TypeError(f"expected {kind.__name__}, got {value!r}")
+    return value
+
+
+def _optional_str(value: Any) -> str | None:
+    return None if value is None else _typed(value, str)
+
+
+def _abs(path: Path) -> str:
+    return os.path.abspath(path)
+
+
+def _size_arg(size_bytes: int) -> str:
+    if size_bytes <= 0:
+        raise ValueError(f"size must be positive, got {size_bytes}")
+    return str(size_bytes)
+
+
+def _run(argv: list[str], timeout: float | None, what: str) -> str:
+    """Run qemu-img; its stdout, or a HypervisorError that quotes its stderr."""
+    try:
+        done = subprocess.run(
+            argv,
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            errors="replace",
+            timeout=timeout,
+            check=False,
+        )
+    except subprocess.TimeoutExpired:
+        # run() has already killed and reaped the child.
+        raise HypervisorError(f"{what}: no answer within {timeout:g} s") from None
+    except OSError as exc:
+        raise HypervisorError(f"cannot run {argv[0]}: {exc.strerror or exc}") from None
+    if done.returncode != 0:
+        stderr = _clean_stderr(done.stderr)
+        status = f"exit status {done.returncode}" if done.returncode > 0 else "killed"
+        raise QemuImgError(f"{what} failed ({status}): {stderr or '(no message)'}", stderr)
+    return done.stdout
+
+
+def _clean_stderr(stderr: str) -> str:
+    # qemu-img prefixes its own lines with "qemu-img: "; the caller's message already says who.
+    lines = [line.removeprefix("qemu-img: ").rstrip() for line in stderr.strip().splitlines()]
+    return "; ".join(line for line in lines if line)[:_STDERR_LIMIT]

@@ -1,0 +1,388 @@
+"""The disk layer against the real qemu-img (Debian qemu-utils), on small images in tmp_path.
+
+Malicious images name files in tmp_path outside the allowed directory, never real host files:
+a wrong answer here must not be able to damage the machine running the tests.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import statistics
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from nomad_vm.errors import HypervisorError, ImageError
+from nomad_vm.storage import qemu_img
+from nomad_vm.storage.disk import MIB, PreparedDisk, prepare_boot_disk
+
+pytestmark = pytest.mark.integration
+
+QEMU_IMG = shutil.which("qemu-img")
+QEMU_IO = shutil.which("qemu-io")
+QEMU_NBD = shutil.which("qemu-nbd")
+if QEMU_IMG is None:
+    pytest.skip("qemu-img is not installed (Debian qemu-utils)", allow_module_level=True)
+TOOL = Path(QEMU_IMG)
+
+
+@pytest.fixture
+def images(tmp_path: Path) -> Path:
+    path = tmp_path / "images"
+    path.mkdir()
+    return path
+
+
+@pytest.fixture
+def dest(tmp_path: Path) -> Path:
+    path = tmp_path / "task"
+    path.mkdir()
+    return path
+
+
+@pytest.fixture
+def outside(tmp_path: Path) -> Path:
+    secret = tmp_path / "host" / "secret.raw"
+    secret.parent.mkdir()
+    secret.write_bytes(b"SECRET!!" * 512)
+    return secret
+
+
+def run(*argv: str | Path) -> str:
+    return subprocess.run([str(a) for a in argv], check=True, capture_output=True, text=True).stdout
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def make_raw(path: Path, size_mb: int = 64) -> Path:
+    """A sparse raw disk with recognisable data in its first MiB."""
+    with path.open("wb") as f:
+        f.write(b"BASEDATA" * (MIB // 8))
+        f.truncate(size_mb * MIB)
+    return path
+
+
+def make_qcow2(images: Path, size_mb: int = 64) -> Path:
+    raw = make_raw(images / "src.raw", size_mb)
+    out = images / "base.qcow2"
+    run(TOOL, "convert", "-f", "raw", "-O", "qcow2", raw, out)
+    raw.unlink()
+    return out
+
+
+def prepare(image: Path, dest: Path, images: Path, **kw: object) -> PreparedDisk:
+    opts: dict[str, object] = {"thin": True, "size_mb": None} | kw
+    return prepare_boot_disk(TOOL, image, dest, allowed_dirs=[str(images)], **opts)  # type: ignore[arg-type]
+
+
+def qemu_io(fmt: str, path: Path, command: str) -> None:
+    assert QEMU_IO is not None
+    run(QEMU_IO, "-f", fmt, "-c", command, path)
+
+
+def same_content(a: Path, a_fmt: str, b: Path, b_fmt: str) -> bool:
+    done = subprocess.run(
+        [str(TOOL), "compare", "-q", "-f", a_fmt, "-F", b_fmt, str(a), str(b)], check=False
+    )
+    return done.returncode == 0
+
+
+# ---- thin copy -------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(QEMU_IO is None, reason="needs qemu-io")
+@pytest.mark.parametrize("fmt", ["raw", "qcow2"])
+def test_thin_overlay_writes_only_the_overlay(fmt: str, images: Path, dest: Path) -> None:
+    base = make_raw(images / "base.raw") if fmt == "raw" else make_qcow2(images)
+    before = sha256(base)
+    disk = prepare(base, dest, images, thin=True)
+    assert disk.path == dest / "disk.qcow2"
+    assert (disk.format, disk.thin, disk.source_format) == ("qcow2", True, fmt)
+    assert disk.created == (disk.path,)
+    assert disk.virtual_size == 64 * MIB
+    chain = qemu_img.info(TOOL, disk.path)
+    assert chain.backing_chain == (str(base),)
+    assert chain.backing_format == fmt
+    assert chain.actual_size < MIB  # metadata only
+    assert os.stat(disk.path).st_mode & 0o777 == 0o600
+
+    qemu_io("qcow2", disk.path, "write -P 0xab 0 128k")
+    qemu_io("qcow2", disk.path, "read -P 0xab 0 128k")
+    assert sha256(base) == before
+    assert qemu_img.info(TOOL, base, fmt=fmt).virtual_size == 64 * MIB
+
+
+@pytest.mark.parametrize("thin", [True, False])
+def test_size_grows_the_task_disk_not_the_image(thin: bool, images: Path, dest: Path) -> None:
+    base = make_raw(images / "base.raw")
+    before = sha256(base)
+    disk = prepare(base, dest, images, thin=thin, size_mb=100)
+    assert disk.virtual_size == 100 * MIB
+    assert qemu_img.info(TOOL, disk.path, fmt="qcow2").virtual_size == 100 * MIB
+    assert base.stat().st_size == 64 * MIB
+    assert sha256(base) == before
+
+
+@pytest.mark.parametrize("thin", [True, False])
+def test_shrink_is_refused_with_both_sizes(thin: bool, images: Path, dest: Path) -> None:
+    base = make_qcow2(images)
+    with pytest.raises(ImageError) as err:
+        prepare(base, dest, images, thin=thin, size_mb=32)
+    assert err.value.field == "config.primary_disk_size"
+    assert "32 MB is smaller than the image's virtual size of 64 MB" in str(err.value)
+    assert list(dest.iterdir()) == []
+
+
+# ---- full copy -------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(QEMU_IO is None, reason="needs qemu-io")
+@pytest.mark.parametrize("fmt", ["raw", "qcow2"])
+def test_full_copy_is_independent(fmt: str, images: Path, dest: Path) -> None:
+    base = make_raw(images / "base.raw") if fmt == "raw" else make_qcow2(images)
+    before = sha256(base)
+    disk = prepare(base, dest, images, thin=False)
+    assert (disk.format, disk.thin, disk.created) == ("qcow2", False, (disk.path,))
+    assert qemu_img.info(TOOL, disk.path).backing_chain == ()
+    assert same_content(base, fmt, disk.path, "qcow2")
+    qemu_io("qcow2", disk.path, "write -P 0xcd 0 64k")
+    assert sha256(base) == before
+    assert not same_content(base, fmt, disk.path, "qcow2")
+
+
+def test_full_copy_of_a_mostly_empty_disk_stays_sparse(images: Path, dest: Path) -> None:
+    base = make_raw(images / "big.raw", size_mb=10 * 1024)
+    disk = prepare(base, dest, images, thin=False)
+    info = qemu_img.info(TOOL, disk.path, fmt="qcow2")
+    assert info.virtual_size == 10 * 1024 * MIB
+    assert info.actual_size < 8 * MIB, info.actual_size  # 1 MiB of data + metadata
+    assert same_content(base, "raw", disk.path, "qcow2")
+
+
+# ---- other formats ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("thin", [True, False])
+def test_vmdk_is_converted_to_a_private_qcow2(thin: bool, images: Path, dest: Path) -> None:
+    raw = make_raw(images / "src.raw")
+    vmdk = images / "disk.vmdk"
+    run(TOOL, "convert", "-f", "raw", "-O", "vmdk", raw, vmdk)
+    before = sha256(vmdk)
+    disk = prepare(vmdk, dest, images, thin=thin, size_mb=80)
+    assert (disk.format, disk.thin, disk.source_format) == ("qcow2", False, "vmdk")
+    assert disk.virtual_size == 80 * MIB
+    assert qemu_img.info(TOOL, disk.path).backing_chain == ()
+    assert same_content(raw, "raw", disk.path, "qcow2")  # compare ignores the grown tail
+    assert sha256(vmdk) == before
+
+
+def test_random_bytes_are_a_raw_disk(images: Path, dest: Path) -> None:
+    # qemu-img probes anything without a known header as raw: that is the user's disk.
+    blob = images / "random.bin"
+    blob.write_bytes(os.urandom(MIB))
+    disk = prepare(blob, dest, images, thin=True)
+    assert (disk.source_format, disk.virtual_size) == ("raw", MIB)
+
+
+def test_missing_image_names_the_field(images: Path, dest: Path) -> None:
+    with pytest.raises(ImageError) as err:
+        prepare(images / "nope.qcow2", dest, images)
+    assert err.value.field == "config.image"
+    assert "no such file" in err.value.reason
+    assert list(dest.iterdir()) == []
+
+
+def test_image_outside_allowed_dirs(outside: Path, images: Path, dest: Path) -> None:
+    with pytest.raises(ImageError, match="outside the allowed directories"):
+        prepare(outside, dest, images)
+
+
+def test_corrupt_qcow2_is_an_image_error_quoting_qemu_img(images: Path, dest: Path) -> None:
+    bad = make_qcow2(images)
+    with bad.open("r+b") as f:
+        f.seek(20)  # cluster_bits
+        f.write((99).to_bytes(4, "big"))
+    with pytest.raises(ImageError) as err:
+        prepare(bad, dest, images)
+    assert err.value.field == "config.image"
+    assert "qemu-img cannot open" in err.value.reason
+    assert "cluster size" in err.value.reason.lower()
+    assert list(dest.iterdir()) == []
+
+
+def test_luks_is_refused(images: Path, dest: Path) -> None:
+    luks = images / "secret.luks"
+    run(TOOL, "create", "-q", "--object", "secret,id=s0,data=pw", "-f", "luks",
+        "-o", "key-secret=s0", luks, "16M")  # fmt: skip
+    with pytest.raises(ImageError, match="encrypted"):
+        prepare(luks, dest, images)
+    assert list(dest.iterdir()) == []
+
+
+# ---- hostile images --------------------------------------------------------------------------
+
+
+def evil_qcow2(images: Path, backing: str, backing_fmt: str = "raw") -> Path:
+    """A qcow2 naming ``backing`` without qemu-img ever opening it (-u)."""
+    evil = images / "evil.qcow2"
+    run(TOOL, "create", "-q", "-f", "qcow2", "-u", "-b", backing, "-F", backing_fmt, evil, "4M")
+    return evil
+
+
+@pytest.mark.parametrize("thin", [True, False])
+def test_backing_file_outside_allowed_dirs_is_refused(
+    thin: bool, outside: Path, images: Path, dest: Path
+) -> None:
+    evil = evil_qcow2(images, str(outside))
+    with pytest.raises(ImageError) as err:
+        prepare(evil, dest, images, thin=thin)
+    assert err.value.field == "config.image"
+    assert f"has backing file {outside}" in err.value.reason
+    assert list(dest.iterdir()) == []
+
+
+def test_relative_and_symlinked_backing_files_are_refused(
+    outside: Path, images: Path, dest: Path
+) -> None:
+    evil = evil_qcow2(images, "../host/secret.raw")
+    with pytest.raises(ImageError, match="outside the allowed directories"):
+        prepare(evil, dest, images)
+    (images / "link.raw").symlink_to(outside)
+    evil.unlink()
+    evil = evil_qcow2(images, "link.raw")
+    with pytest.raises(ImageError, match="outside the allowed directories"):
+        prepare(evil, dest, images)
+    assert list(dest.iterdir()) == []
+
+
+def test_network_backing_is_refused_without_connecting(images: Path, dest: Path) -> None:
+    # 192.0.2.1 (TEST-NET-1) would hang a connect: failing fast proves nothing was opened.
+    evil = evil_qcow2(images, "nbd://192.0.2.1:10809/x")
+    started = time.monotonic()
+    with pytest.raises(ImageError, match="not a plain file path"):
+        prepare(evil, dest, images)
+    assert time.monotonic() - started < 5
+
+
+def test_deeper_level_outside_is_refused(outside: Path, images: Path, dest: Path) -> None:
+    mid = images / "mid.qcow2"
+    run(TOOL, "create", "-q", "-f", "qcow2", "-u", "-b", outside, "-F", "raw", mid, "4M")
+    top = images / "top.qcow2"
+    run(TOOL, "create", "-q", "-f", "qcow2", "-b", mid, "-F", "qcow2", top)
+    with pytest.raises(ImageError) as err:
+        prepare(top, dest, images)
+    assert f"{mid} has backing file {outside}" in err.value.reason
+
+
+def test_valid_chain_inside_is_accepted(images: Path, dest: Path) -> None:
+    base = make_raw(images / "base.raw")
+    mid = images / "mid.qcow2"
+    run(TOOL, "create", "-q", "-f", "qcow2", "-b", "base.raw", "-F", "raw", mid)
+    for thin in (True, False):
+        disk = prepare(mid, dest, images, thin=thin)
+        assert disk.thin is thin
+        assert same_content(base, "raw", disk.path, "qcow2")
+        disk.path.unlink()
+
+
+def test_vmdk_extent_outside_is_refused(outside: Path, images: Path, dest: Path) -> None:
+    desc = images / "evil.vmdk"
+    desc.write_text(
+        "# Disk DescriptorFile\nversion=1\nCID=12345678\nparentCID=ffffffff\n"
+        f'createType="monolithicFlat"\n\nRW 8 FLAT "{outside}" 0\n'
+    )
+    with pytest.raises(ImageError) as err:
+        prepare(desc, dest, images, thin=False)
+    assert f"reads extent file {outside}" in err.value.reason
+    assert list(dest.iterdir()) == []
+
+
+def test_qcow2_external_data_file_is_refused(outside: Path, images: Path, dest: Path) -> None:
+    evil = images / "data.qcow2"
+    data = outside.parent / "data.raw"  # qemu-img create writes the data file: keep it in tmp
+    run(TOOL, "create", "-q", "-f", "qcow2", "-o", f"data_file={data}", evil, "4M")
+    with pytest.raises(ImageError, match="external file"):
+        prepare(evil, dest, images)
+
+
+# ---- failures leave nothing behind -----------------------------------------------------------
+
+
+def test_failure_after_creating_removes_the_disk(
+    images: Path, dest: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken_resize(*_args: object, **_kw: object) -> None:
+        raise HypervisorError("resize broke")
+
+    monkeypatch.setattr(qemu_img, "resize", broken_resize)
+    base = make_raw(images / "base.raw")
+    with pytest.raises(HypervisorError, match="resize broke"):
+        prepare(base, dest, images, thin=False, size_mb=100)
+    assert list(dest.iterdir()) == []
+
+
+def test_existing_disk_is_never_overwritten(images: Path, dest: Path) -> None:
+    (dest / "disk.qcow2").write_bytes(b"keep me")
+    with pytest.raises(HypervisorError, match="already exists"):
+        prepare(make_raw(images / "base.raw"), dest, images)
+    assert (dest / "disk.qcow2").read_bytes() == b"keep me"
+
+
+def test_qemu_img_errors_quote_qemu_img(tmp_path: Path) -> None:
+    with pytest.raises(qemu_img.QemuImgError) as err:
+        qemu_img.resize(TOOL, tmp_path / "nope.qcow2", "qcow2", MIB)
+    assert "nope.qcow2" in str(err.value)
+    assert "No such file" in err.value.stderr
+
+
+# ---- sharing with running VMs ----------------------------------------------------------------
+
+
+@pytest.fixture
+def held_read_only(images: Path) -> Iterator[Path]:
+    """The base image open read-only by another process, as running VMs' overlays hold it."""
+    if QEMU_NBD is None:
+        pytest.skip("needs qemu-nbd")
+    base = make_qcow2(images)
+    pid_file, sock = images.parent / "nbd.pid", images.parent / "nbd.sock"
+    run(QEMU_NBD, "--fork", "-r", "-f", "qcow2", f"--pid-file={pid_file}", "-k", sock, base)
+    pid = int(pid_file.read_text())
+    try:
+        yield base
+    finally:
+        os.kill(pid, 15)
+
+
+@pytest.mark.parametrize("thin", [True, False])
+def test_base_in_use_read_only_can_be_shared(thin: bool, held_read_only: Path, dest: Path) -> None:
+    disk = prepare(held_read_only, dest, held_read_only.parent, thin=thin)
+    assert disk.virtual_size == 64 * MIB
+
+
+# ---- timing (reported, not asserted) -----------------------------------------------------------
+
+
+def test_report_overlay_creation_time(images: Path, tmp_path: Path) -> None:
+    results = {}
+    for size_gib in (1, 20):
+        base = images / f"sparse-{size_gib}g.raw"
+        subprocess.run(["truncate", "-s", f"{size_gib}G", str(base)], check=True)
+        times = []
+        for i in range(5):
+            out = tmp_path / f"ov-{size_gib}-{i}"
+            out.mkdir()
+            started = time.perf_counter()
+            prepare(base, out, images, thin=True)
+            times.append(time.perf_counter() - started)
+        results[size_gib] = statistics.median(times)
+    print(
+        "\nprepare_boot_disk(thin) on a sparse raw base, median of 5: "
+        + ", ".join(f"{g} GiB {t * 1000:.1f} ms" for g, t in results.items())
+    )
