@@ -54,7 +54,9 @@ def outside(tmp_path: Path) -> Path:
 
 
 def run(*argv: str | Path) -> str:
-    return subprocess.run([str(a) for a in argv], check=True, capture_output=True, text=True).stdout
+    done = subprocess.run([str(a) for a in argv], check=False, capture_output=True, text=True)
+    assert done.returncode == 0, f"{argv}: {done.stderr}"
+    return done.stdout
 
 
 def sha256(path: Path) -> str:

@@ -1,0 +1,126 @@
+#!/bin/sh
+# Turns a debootstrapped bookworm tree into the nomad-vm Debian cloud guest. Run inside the tree
+# (chroot) by nomad_vm.guests.debian_rootfs, after it has written /etc/apt/sources.list.
+#
+#   debian-customize.sh KERNEL_METAPACKAGE_VERSION
+#
+# The kernel is installed here rather than by debootstrap so that the initramfs-tools settings
+# below are in place when its postinst builds the initramfs (once, and small). Every change is
+# chosen to shorten boot under TCG (docs/test-guests.md) without affecting cloud-init NoCloud,
+# qemu-guest-agent or ssh.
+set -eu
+
+kernel_version=${1:?usage: debian-customize.sh KERNEL_METAPACKAGE_VERSION}
+export DEBIAN_FRONTEND=noninteractive LC_ALL=C.UTF-8 PATH=/usr/sbin:/usr/bin:/sbin:/bin
+
+# Package maintainer scripts must not start daemons in the build tree.
+printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d
+chmod 755 /usr/sbin/policy-rc.d
+trap 'rm -f /usr/sbin/policy-rc.d' EXIT
+
+# --- small initramfs: only what mounts an ext4 root on virtio-blk (6.5 MB instead of 36 MB).
+# gzip explicitly: the zstd default is not installed and mkinitramfs would warn and fall back.
+cat >/etc/initramfs-tools/conf.d/nomad-vm.conf <<'EOF'
+MODULES=list
+COMPRESS=gzip
+RESUME=none
+FSTYPE=ext4
+EOF
+printf '%s\n' virtio_pci virtio_blk ext4 >>/etc/initramfs-tools/modules
+
+# The root file system is found by label, so the same disk works as vda, sda or anything else.
+cat >/etc/fstab <<'EOF'
+LABEL=root  /  ext4  rw,errors=remount-ro  0  1
+EOF
+
+echo debian >/etc/hostname
+cat >/etc/hosts <<'EOF'
+127.0.0.1 localhost
+127.0.1.1 debian
+::1 localhost ip6-localhost ip6-loopback
+EOF
+# cloud-init writes the NIC's stanza into interfaces.d; only loopback is ours.
+cat >/etc/network/interfaces <<'EOF'
+auto lo
+iface lo inet loopback
+
+source /etc/network/interfaces.d/*
+EOF
+
+# --- packages: the pinned kernel plus any security/point-release updates of what debootstrap
+# installed from the release alone.
+apt-get -q update
+apt-get -q -y --no-install-recommends install "linux-image-amd64=${kernel_version}"
+apt-get -q -y --no-install-recommends dist-upgrade
+apt-get -q clean
+rm -rf /var/lib/apt/lists/*
+
+# --- units that cost boot time and are of no use to a short-lived VM. The timers are
+# Persistent=, so on a fresh image each fires during the first boot and competes for the one
+# emulated CPU; e2scrub_reap looks for LVM snapshots that cannot exist here.
+systemctl mask --quiet apt-daily.timer apt-daily-upgrade.timer dpkg-db-backup.timer \
+    e2scrub_all.timer e2scrub_reap.service fstrim.timer
+
+# qemu-guest-agent has no [Install] section: udev starts it (SYSTEMD_WANTS) when the virtio
+# port org.qemu.guest_agent.0 appears. Fail the build if that path is missing.
+grep -qs 'org.qemu.guest_agent.0' /lib/udev/rules.d/*qemu-guest-agent*.rules
+grep -q 'BindsTo=dev-virtio' /lib/systemd/system/qemu-guest-agent.service
+
+# --- ssh: host keys made at build time would be shared by every VM of this image. cloud-init
+# makes fresh ones before ssh starts (cloud-init.service is ordered before sshd.service); the
+# drop-in covers boots without a seed, where ds-identify disables cloud-init.
+rm -f /etc/ssh/ssh_host_*
+mkdir -p /etc/systemd/system/ssh.service.d
+cat >/etc/systemd/system/ssh.service.d/nomad-vm-host-keys.conf <<'EOF'
+[Service]
+# Reset the list: sshd -t must run after the keys exist, not before.
+ExecStartPre=
+ExecStartPre=/usr/bin/ssh-keygen -A
+ExecStartPre=/usr/sbin/sshd -t
+EOF
+
+# --- cloud-init: drop modules for other distributions, clouds and tools not in this image.
+# Importing and skipping each costs time; the rest keep their defaults (write_files, users,
+# ssh, runcmd, phone_home, final_message, power_state, ...).
+cat >/etc/cloud/cloud.cfg.d/90-nomad-vm.cfg <<'EOF'
+cloud_init_modules:
+ - migrator
+ - seed_random
+ - bootcmd
+ - write-files
+ - resizefs
+ - disk_setup
+ - mounts
+ - set_hostname
+ - update_hostname
+ - update_etc_hosts
+ - users-groups
+ - ssh
+cloud_config_modules:
+ - set-passwords
+ - apt-configure
+ - ntp
+ - timezone
+ - runcmd
+cloud_final_modules:
+ - package-update-upgrade-install
+ - write-files-deferred
+ - scripts-vendor
+ - scripts-per-once
+ - scripts-per-boot
+ - scripts-per-instance
+ - scripts-user
+ - keys-to-console
+ - phone-home
+ - final-message
+ - power-state-change
+EOF
+
+# Every VM must get its own machine id. An empty file (not a missing one) makes systemd create
+# one at boot without treating it as a "first boot" that re-applies unit presets.
+: >/etc/machine-id
+rm -f /var/lib/dbus/machine-id
+
+# Root has no password; logins are by ssh key from cloud-init (the default user "debian").
+# Leave no build residue.
+rm -f /var/log/*.log /var/cache/debconf/*-old /var/lib/dpkg/*-old
