@@ -6,7 +6,6 @@ import time
 from pathlib import Path
 
 import grpc
-import pytest
 from google.protobuf import duration_pb2
 
 from nomad_vm.plugin.launcher import PluginProcess
