@@ -150,6 +150,7 @@ def test_backing_file_outside_is_refused_by_name(allowed: Path, outside: Path) -
     assert err.value.field == "config.image"
     assert f"has backing file {outside}" in err.value.reason
     assert "outside the allowed directories" in err.value.reason
+    assert "image_paths" not in err.value.reason  # widening the allowlist is not the fix
 
 
 def test_dotdot_and_symlinks_do_not_escape(allowed: Path, outside: Path) -> None:
@@ -172,7 +173,7 @@ def test_non_file_backing_is_refused(name: str, allowed: Path) -> None:
 
 def test_missing_backing_file(allowed: Path) -> None:
     level = image(allowed / "a", backing_chain=(str(allowed / "gone.raw"),), backing_format="raw")
-    with pytest.raises(ImageError, match="no such file"):
+    with pytest.raises(ImageError, match="which does not exist"):
         backing_of(level, [str(allowed)], "config.image")
 
 

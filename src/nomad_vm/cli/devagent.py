@@ -51,22 +51,51 @@ class DevAgentConfig:
     image_paths: Sequence[Path]
     accelerator: str = "auto"
     log_level: str = "DEBUG"
+    # dev=False runs a real single-node server+client whose state survives an agent restart.
+    dev: bool = True
     http_port: int = field(default_factory=free_port)
+    rpc_port: int = field(default_factory=free_port)
+    serf_port: int = field(default_factory=free_port)
 
     def render(self) -> str:
         paths = ", ".join(_hcl_string(str(p)) for p in self.image_paths)
+        server = (
+            ""
+            if self.dev
+            else """
+server {
+  enabled          = true
+  bootstrap_expect = 1
+}
+advertise {
+  http = "127.0.0.1"
+  rpc  = "127.0.0.1"
+  serf = "127.0.0.1"
+}"""
+        )
+        client_role = (
+            ""
+            if self.dev
+            else f"""
+  enabled = true
+  servers = ["127.0.0.1:{self.rpc_port}"]"""
+        )
         return f"""
 bind_addr = "127.0.0.1"
 log_level = "{self.log_level}"
 ports {{
   http = {self.http_port}
-  rpc  = {free_port()}
-  serf = {free_port()}
-}}
+  rpc  = {self.rpc_port}
+  serf = {self.serf_port}
+}}{server}
 # Nothing may leave this machine: no update check against HashiCorp's servers, and no
 # fingerprinters that probe cloud metadata addresses or resolve Consul/Vault names.
 disable_update_check = true
-client {{
+# Without this Nomad 1.11 never calls TaskStats (dev mode turns it on implicitly).
+telemetry {{
+  publish_allocation_metrics = true
+}}
+client {{{client_role}
   network_interface = "lo"
   options = {{
     "fingerprint.denylist" = "{FINGERPRINT_DENYLIST}"
@@ -104,7 +133,7 @@ class DevAgent:
         argv = [
             str(cfg.nomad_binary),
             "agent",
-            "-dev",
+            *(["-dev"] if cfg.dev else []),
             "-config",
             str(cfg.workdir / "agent.hcl"),
             "-plugin-dir",
@@ -158,6 +187,11 @@ class DevAgent:
         if check and proc.returncode != 0:
             raise RuntimeError(f"nomad {' '.join(args)} failed: {proc.stdout}{proc.stderr}")
         return proc.stdout + (proc.stderr if proc.returncode else "")
+
+    def restart(self) -> None:
+        """Stop the agent (SIGINT: tasks keep running) and start it again on the same state."""
+        self.stop()
+        self.start()
 
     def stop(self, timeout: float = 30.0) -> None:
         if self.process is None or self.process.poll() is not None:

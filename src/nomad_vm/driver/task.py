@@ -118,9 +118,7 @@ class VMTask:
             if await sleep_until_exit(self.vm, timeout):
                 await self.wait()
                 return
-            self._events.emit(
-                self.config, f"Guest did not stop within {timeout:g}s, VM terminated"
-            )
+            self._events.emit(self.config, f"Guest did not stop within {timeout:g}s, VM terminated")
         else:
             self._events.emit(self.config, "QMP unavailable: terminating the VM")
         await self.vm.terminate(TERM_GRACE)

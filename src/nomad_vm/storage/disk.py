@@ -229,10 +229,27 @@ def can_share(chain: Sequence[ImageInfo]) -> bool:
 
 
 def _allowed(field: str, name: str, allowed_dirs: Sequence[str], base: Path, context: str) -> Path:
+    """The resolved path of a file an image refers to, if it is a regular file inside
+    ``allowed_dirs``. The same resolved-parent rule as ``paths.resolve_allowed_file``, but the
+    advice differs: widening image_paths is the wrong fix for an image that points elsewhere."""
+    candidate = Path(name) if os.path.isabs(name) else base / name
     try:
-        return resolve_allowed_file(field, name, allowed_dirs, base=str(base))
-    except ImageError as exc:
-        raise ImageError(field, f"{context}: {exc.reason}") from None
+        resolved = candidate.resolve(strict=True)
+    except FileNotFoundError:
+        raise ImageError(field, f"{context}, which does not exist") from None
+    except (OSError, RuntimeError) as exc:  # RuntimeError: a symlink loop
+        raise ImageError(field, f"{context}, which cannot be resolved: {exc}") from None
+    roots = [Path(d).resolve() for d in allowed_dirs if d]
+    if not any(resolved == root or root in resolved.parents for root in roots):
+        listed = ", ".join(str(r) for r in roots) or "(none)"
+        raise ImageError(
+            field,
+            f"{context}, which resolves to {resolved}, outside the allowed directories "
+            f"({listed}); an image may only refer to files inside them",
+        )
+    if not resolved.is_file():
+        raise ImageError(field, f"{context}, which is not a regular file")
+    return resolved
 
 
 def _info_of_user_file(

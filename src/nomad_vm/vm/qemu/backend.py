@@ -120,9 +120,7 @@ class QemuVM:
         if ended.clean:
             return ended
         tail = read_log_tail(self.log_path)
-        return VMExit(
-            ended.code, ended.signal, f"{ended.reason}: {tail}" if tail else ended.reason
-        )
+        return VMExit(ended.code, ended.signal, f"{ended.reason}: {tail}" if tail else ended.reason)
 
     async def terminate(self, grace: float) -> None:
         """End QEMU now: SIGTERM (QEMU exits at once), SIGKILL after ``grace`` seconds."""

@@ -1,0 +1,106 @@
+"""A real (non-dev) Nomad agent restarted while a VM job runs: the same VM carries on."""
+
+from __future__ import annotations
+
+import re
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from nomad_vm.cli.devagent import DevAgent, DevAgentConfig
+from nomad_vm.cli.paths import nomad_binary
+from tests.conftest import REPO, qemu_processes_under
+from tests.e2e.conftest import wait_alloc
+
+pytestmark = pytest.mark.e2e
+JOB = REPO / "examples" / "demo.nomad.hcl"
+
+
+@pytest.fixture(scope="module")
+def server_agent(tiny_guest) -> Iterator[DevAgent]:  # type: ignore[no-untyped-def]
+    workdir = Path(tempfile.mkdtemp(prefix="nvr-", dir="/tmp"))
+    agent = DevAgent(
+        DevAgentConfig(
+            workdir=workdir,
+            nomad_binary=nomad_binary(),
+            driver_executable=REPO / ".venv" / "bin" / "nomad-driver-vm",
+            image_paths=[tiny_guest.vmlinux.parent],
+            dev=False,
+        )
+    )
+    agent.start()
+    try:
+        agent.wait_driver()
+        yield agent
+    finally:
+        agent.stop()
+        for proc in qemu_processes_under(workdir):
+            proc.kill()
+        agent.remove()
+
+
+def _wait_for_stats(agent: DevAgent, alloc_id: str) -> tuple[float, int]:
+    """CPU MHz and memory RSS as `nomad alloc status -stats` shows them, once non-zero."""
+    deadline = time.monotonic() + 60
+    text = ""
+    while time.monotonic() < deadline:
+        text = agent.nomad("alloc", "status", "-stats", alloc_id)
+        usage = agent.api(f"/v1/client/allocation/{alloc_id}/stats")
+        assert isinstance(usage, dict)
+        tasks = usage.get("Tasks") or {}
+        res = tasks.get("tiny", {}).get("ResourceUsage", {})
+        ticks = res.get("CpuStats", {}).get("TotalTicks", 0)
+        rss = res.get("MemoryStats", {}).get("RSS", 0)
+        if ticks > 0 and rss > 0:
+            assert re.search(r"\d+/500 MHz", text), text
+            return ticks, rss
+        time.sleep(1)
+    raise AssertionError(f"no non-zero stats within 60s:\n{text}")
+
+
+def test_agent_restart_keeps_the_same_vm_and_stop_cleans_up(
+    server_agent: DevAgent,
+    tiny_guest,  # type: ignore[no-untyped-def]
+) -> None:
+    agent = server_agent
+    agent.nomad(
+        "job",
+        "run",
+        "-detach",
+        "-var",
+        f"kernel={tiny_guest.vmlinux}",
+        "-var",
+        f"initramfs={tiny_guest.initramfs}",
+        str(JOB),
+    )
+    alloc = wait_alloc(agent, "vm-demo", {"running"})
+    alloc_id = str(alloc["ID"])
+    (qemu,) = qemu_processes_under(agent.config.workdir)
+    ticks, rss = _wait_for_stats(agent, alloc_id)
+    assert rss > 10 * 1024 * 1024
+
+    agent.restart()
+    agent.wait_driver()
+    assert qemu.is_running()
+    time.sleep(5)  # give the restored task runner time to call RecoverTask
+    assert [p.pid for p in qemu_processes_under(agent.config.workdir)] == [qemu.pid]
+    after = wait_alloc(agent, "vm-demo", {"running"})
+    assert after["ID"] == alloc_id
+    _wait_for_stats(agent, alloc_id)  # stats flow again from the recovered task
+
+    agent.nomad("job", "stop", "-detach", "vm-demo")
+    wait_alloc(agent, "vm-demo", {"complete"}, timeout=60)
+    deadline = time.monotonic() + 20
+    while qemu_processes_under(agent.config.workdir) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not qemu_processes_under(agent.config.workdir)
+    data_dir = agent.config.workdir / "plugin-data"
+    assert not data_dir.exists() or not any(data_dir.rglob("*"))
+    events = agent.api(f"/v1/allocation/{alloc_id}")["TaskStates"]["tiny"]["Events"]  # type: ignore[index]
+    messages = [e["DisplayMessage"] for e in events]
+    # The stop went through the recovered plugin's QMP connection: a graceful ACPI stop.
+    assert any("ACPI shutdown requested" in m for m in messages), messages
+    assert not any("terminated" in m for m in messages), messages
