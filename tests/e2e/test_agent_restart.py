@@ -79,7 +79,7 @@ def test_agent_restart_keeps_the_same_vm_and_stop_cleans_up(
     alloc = wait_alloc(agent, "vm-demo", {"running"})
     alloc_id = str(alloc["ID"])
     (qemu,) = qemu_processes_under(agent.config.workdir)
-    ticks, rss = _wait_for_stats(agent, alloc_id)
+    _, rss = _wait_for_stats(agent, alloc_id)
     assert rss > 10 * 1024 * 1024
 
     agent.restart()
