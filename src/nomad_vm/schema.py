@@ -21,7 +21,7 @@ from typing import Literal
 
 from nomad_vm.errors import ConfigError
 
-FieldType = Literal["string", "number", "bool", "list(string)"]
+FieldType = Literal["string", "number", "bool", "list(string)", "block"]
 
 
 @dataclass(frozen=True)
@@ -35,6 +35,8 @@ class Field:
     choices: tuple[str, ...] = ()
     example: str = ""
     minimum: int | None = None
+    # For type "block": the attributes inside it, e.g. `os { machine = "q35" }`.
+    fields: tuple[Field, ...] = ()
 
     def hcl_default(self) -> str | None:
         """The default as an HCL expression (hclspec Literal), or None without a default."""
@@ -97,29 +99,89 @@ PLUGIN_CONFIG = Schema(
     ),
 )
 
+FIRMWARES = ("bios", "uefi", "uefi-secure")
+MACHINES = ("pc", "q35", "microvm")
+
 TASK_CONFIG = Schema(
     title="Task configuration",
     where='a task\'s `config { ... }` block with `driver = "vm"`',
     fields=(
         Field(
+            "image",
+            "string",
+            "Boot disk image (raw or qcow2; vmdk, vdi, vhdx, vpc and qed are converted to a "
+            "private qcow2). Must lie inside `image_paths` or the allocation directory (a Nomad "
+            "`artifact` in `local/` works), and so must every file in its backing chain. The "
+            "image itself is never written. `image` or `kernel` (or both) is required.",
+            example='"local/debian.qcow2"',
+        ),
+        Field(
+            "use_thin_copy",
+            "bool",
+            "The task's disk is a qcow2 overlay backed by `image` (created in milliseconds, "
+            "whatever the image's size). With `false` the task gets its own full copy.",
+            default=True,
+        ),
+        Field(
+            "primary_disk_size",
+            "number",
+            "Size of the task's disk in MB. Grows the disk (the guest must grow its filesystem); "
+            "smaller than the image's virtual size is an error.",
+            minimum=1,
+            example="20480",
+        ),
+        Field(
             "kernel",
             "string",
             "Guest kernel for direct kernel boot (an uncompressed `vmlinux` with a PVH entry, "
-            "or a bzImage). Must lie inside `image_paths` or the allocation directory. Required.",
+            "or a bzImage; UEFI firmware needs a bzImage with an EFI stub). Same path rules as "
+            "`image`. With `image` too, the root filesystem is on the disk (`cmdline` says so).",
             example='"/srv/vm-images/vmlinux"',
         ),
         Field(
             "initramfs",
             "string",
-            "Initial ramdisk loaded with the kernel. Same path rules as `kernel`.",
+            "Initial ramdisk loaded with the kernel. Same path rules as `image`.",
             example='"/srv/vm-images/initramfs.img"',
         ),
         Field(
             "cmdline",
             "string",
-            "Kernel command line. The guest console is the first serial port, so include "
-            "`console=ttyS0` to see the guest's output in `nomad alloc logs`.",
+            "Kernel command line (direct kernel boot only). The guest console is the first "
+            "serial port, so include `console=ttyS0` to see the guest in `nomad alloc logs`.",
             default="console=ttyS0",
+        ),
+        Field(
+            "firmware",
+            "string",
+            "`bios` (SeaBIOS), `uefi` (OVMF, with a per-task copy of its variable store) or "
+            '`uefi-secure` (OVMF with Secure Boot enforced; needs `os { machine = "q35" }`).',
+            default="bios",
+            choices=FIRMWARES,
+        ),
+        Field(
+            "os",
+            "block",
+            "Guest platform.",
+            fields=(
+                Field(
+                    "arch", "string", "Guest architecture.", default="x86_64", choices=("x86_64",)
+                ),
+                Field(
+                    "machine",
+                    "string",
+                    "QEMU machine type. `microvm` only boots a kernel directly, with BIOS.",
+                    default="pc",
+                    choices=MACHINES,
+                ),
+            ),
+        ),
+        Field(
+            "hostname",
+            "string",
+            "The guest's hostname, an RFC 1123 label (letters, digits and `-`, at most 63). "
+            "Default: the task name and the first 8 characters of the allocation id.",
+            example='"web-1"',
         ),
     ),
 )
@@ -146,7 +208,18 @@ def validate(schema: Schema, raw: Mapping[str, object] | None, prefix: str) -> d
     return out
 
 
+def _check_block(f: Field, value: object, path: str) -> dict[str, object]:
+    # Nomad's jobspec turns a block into a list of objects; HCL hands us one object.
+    if isinstance(value, list) and len(value) == 1:
+        value = value[0]
+    if not isinstance(value, Mapping):
+        raise ConfigError(path, f"must be a block ({f.name} {{ ... }}), got {type(value).__name__}")
+    return validate(Schema(f.name, path, f.fields), value, path)
+
+
 def _check_value(f: Field, value: object, path: str) -> object:
+    if f.type == "block":
+        return _check_block(f, value, path)
     if f.type == "string":
         if not isinstance(value, str):
             raise ConfigError(path, f"must be a string, got {type(value).__name__}")
@@ -179,6 +252,17 @@ def _check_number(f: Field, value: object, path: str) -> int:
     return value
 
 
+def _flatten(fields: tuple[Field, ...], prefix: str = "") -> list[Field]:
+    """Fields with blocks expanded to dotted names (``os.machine``) for the reference."""
+    out: list[Field] = []
+    for f in fields:
+        if f.type == "block":
+            out += _flatten(f.fields, f"{prefix}{f.name}.")
+        else:
+            out.append(Field(f"{prefix}{f.name}", f.type, f.doc, f.default, f.choices, f.example))
+    return out
+
+
 def render_reference() -> str:
     """The Markdown configuration reference (docs/configuration.md)."""
     lines = [
@@ -190,7 +274,7 @@ def render_reference() -> str:
     for schema in (PLUGIN_CONFIG, TASK_CONFIG):
         lines += [f"## {schema.title}", "", f"Set in {schema.where}.", ""]
         lines += ["| option | type | default | description |", "|---|---|---|---|"]
-        for f in schema.fields:
+        for f in _flatten(schema.fields):
             default = "—" if f.default is None else f"`{json.dumps(f.default)}`"
             doc = f.doc
             if f.choices:

@@ -95,7 +95,7 @@ job "{name}" {{
     ("name", "config_lines", "expected"),
     [
         ("bad-kernel-path", '        kernel = "/etc/hostname"', "config.kernel"),
-        ("bad-no-kernel", '        cmdline = "console=ttyS0"', "config.kernel"),
+        ("bad-no-kernel", '        cmdline = "console=ttyS0"', "config.image"),
         ("bad-unknown-key", '        kernel = "/x"\n        kernal = "/y"', "kernal"),
     ],
 )

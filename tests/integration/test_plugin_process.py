@@ -200,7 +200,7 @@ def test_qemu_killed_is_a_failed_exit_with_the_signal(
     ("driver_config", "field"),
     [
         ({"kernel": "/etc/hostname"}, "config.kernel"),
-        ({"kernel": None}, "config.kernel"),
+        ({"kernel": None}, "config.image"),
         ({"kernel": "/x", "bogus": 1}, "config.bogus"),
     ],
 )

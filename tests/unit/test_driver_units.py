@@ -76,17 +76,56 @@ def _task(alloc_dir: Path, driver_config: dict[str, object] | None) -> TaskConfi
     )
 
 
-def test_task_config_requires_kernel_and_checks_paths(tmp_path: Path) -> None:
+def test_task_config_requires_something_to_boot_and_checks_paths(tmp_path: Path) -> None:
     plugin = parse_plugin_config({"data_dir": str(tmp_path / "data")})
     with pytest.raises(ConfigError) as err:
         parse_task_config(_task(tmp_path, {"kernel": None}), plugin)
-    assert err.value.field == "config.kernel" and "required" in err.value.reason
+    assert err.value.field == "config.image" and "kernel" in err.value.reason
+    with pytest.raises(ConfigError) as err:
+        parse_task_config(_task(tmp_path, {"image": "x", "initramfs": "y"}), plugin)
+    assert err.value.field == "config.initramfs"
     (tmp_path / "t").mkdir()
     (tmp_path / "t" / "vmlinux").write_bytes(b"k")
     cfg = parse_task_config(_task(tmp_path, {"kernel": "vmlinux"}), plugin)
     assert cfg.kernel == tmp_path / "t" / "vmlinux"
-    assert cfg.initramfs is None
+    assert cfg.initramfs is None and cfg.image is None
     assert cfg.cmdline == "console=ttyS0"
+    assert (cfg.firmware, cfg.machine, cfg.arch) == ("bios", "pc", "x86_64")
+    assert cfg.use_thin_copy is True
+    assert cfg.hostname == "t-a"  # task name + alloc id prefix
+
+
+@pytest.mark.parametrize("bad", ["-web", "web_1", "a" * 64, "web.example", ""])
+def test_hostname_must_be_an_rfc1123_label(tmp_path: Path, bad: str) -> None:
+    plugin = parse_plugin_config({"data_dir": str(tmp_path / "data")})
+    (tmp_path / "t").mkdir()
+    (tmp_path / "t" / "k").write_bytes(b"k")
+    if not bad:
+        return  # empty means "use the default"
+    with pytest.raises(ConfigError) as err:
+        parse_task_config(_task(tmp_path, {"kernel": "k", "hostname": bad}), plugin)
+    assert err.value.field == "config.hostname"
+
+
+def test_default_hostnames_are_valid_labels() -> None:
+    from nomad_vm.driver.hostname import default_hostname
+
+    assert default_hostname("Web_Server", "0123abcd-ef") == "web-server-0123abcd"
+    assert default_hostname("___", "9f") == "vm-9f"
+    assert len(default_hostname("x" * 100, "0123456789")) <= 63
+
+
+def test_os_block_arrives_as_a_list_from_nomad(tmp_path: Path) -> None:
+    plugin = parse_plugin_config({"data_dir": str(tmp_path / "data")})
+    (tmp_path / "t").mkdir()
+    (tmp_path / "t" / "k").write_bytes(b"k")
+    cfg = parse_task_config(
+        _task(tmp_path, {"kernel": "k", "os": [{"arch": None, "machine": "q35"}]}), plugin
+    )
+    assert cfg.machine == "q35"
+    with pytest.raises(ConfigError) as err:
+        parse_task_config(_task(tmp_path, {"kernel": "k", "os": {"machine": "virt"}}), plugin)
+    assert err.value.field == "config.os.machine"
 
 
 def test_plugin_config_rejects_relative_paths() -> None:

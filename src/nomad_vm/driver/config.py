@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from nomad_vm import schema
+from nomad_vm.driver.hostname import default_hostname, validate_hostname
 from nomad_vm.driver.types import TaskConfig
 from nomad_vm.errors import ConfigError
 from nomad_vm.storage.paths import resolve_allowed_file
@@ -24,9 +25,16 @@ class PluginConfig:
 class VMTaskConfig:
     """A task's `config {}` after validation; paths are resolved and allowed."""
 
-    kernel: Path
+    image: Path | None
+    use_thin_copy: bool
+    disk_size_mb: int | None
+    kernel: Path | None
     initramfs: Path | None
     cmdline: str
+    firmware: str
+    arch: str
+    machine: str
+    hostname: str
 
 
 def parse_plugin_config(raw: Mapping[str, object] | None) -> PluginConfig:
@@ -51,18 +59,37 @@ def parse_task_config(task: TaskConfig, plugin: PluginConfig) -> VMTaskConfig:
     """Validate a task's config; errors name the option as ``config.<name>``."""
     values = schema.validate(schema.TASK_CONFIG, task.driver_config, "config")
     allowed = (*plugin.image_paths, str(plugin.data_dir), task.alloc_dir)
-    kernel = values["kernel"]
-    if not kernel:
+
+    def path_of(name: str) -> Path | None:
+        value = values[name]
+        if not value:
+            return None
+        return resolve_allowed_file(f"config.{name}", str(value), allowed, task.task_dir)
+
+    if not values["kernel"] and not values["image"]:
         raise ConfigError(
-            "config.kernel", 'is required: set kernel = "/path/to/vmlinux" for direct kernel boot'
+            "config.image",
+            'a VM needs something to boot: set image = "/path/disk.qcow2" (disk boot), '
+            'kernel = "/path/vmlinux" (direct kernel boot), or both',
         )
-    initramfs = values["initramfs"]
+    if values["initramfs"] and not values["kernel"]:
+        raise ConfigError("config.initramfs", "needs kernel: an initramfs is loaded with a kernel")
+    os_block = values["os"] or {}
+    assert isinstance(os_block, dict)
+    hostname = values["hostname"]
     return VMTaskConfig(
-        kernel=resolve_allowed_file("config.kernel", str(kernel), allowed, task.task_dir),
-        initramfs=(
-            resolve_allowed_file("config.initramfs", str(initramfs), allowed, task.task_dir)
-            if initramfs
-            else None
-        ),
+        image=path_of("image"),
+        use_thin_copy=bool(values["use_thin_copy"]),
+        disk_size_mb=values["primary_disk_size"],  # type: ignore[arg-type]
+        kernel=path_of("kernel"),
+        initramfs=path_of("initramfs"),
         cmdline=str(values["cmdline"] or ""),
+        firmware=str(values["firmware"]),
+        arch=str(os_block.get("arch") or "x86_64"),
+        machine=str(os_block.get("machine") or "pc"),
+        hostname=(
+            validate_hostname(str(hostname))
+            if hostname
+            else default_hostname(task.name, task.alloc_id)
+        ),
     )

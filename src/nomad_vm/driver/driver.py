@@ -16,11 +16,11 @@ from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 
 from nomad_vm import schema
-from nomad_vm.driver.config import PluginConfig, parse_plugin_config, parse_task_config
+from nomad_vm.driver.config import PluginConfig, parse_plugin_config
 from nomad_vm.driver.events import EventBus
 from nomad_vm.driver.fingerprint import fingerprint_async
 from nomad_vm.driver.output import open_task_output
-from nomad_vm.driver.resources import memory_mb_for, vcpus_for
+from nomad_vm.driver.startup import build_spec, make_runtime_dir, plan_start, prepare_disk
 from nomad_vm.driver.state import DriverState
 from nomad_vm.driver.stats import CpuRate
 from nomad_vm.driver.task import VMTask
@@ -37,11 +37,8 @@ from nomad_vm.driver.types import (
     TaskStatus,
 )
 from nomad_vm.errors import HypervisorError, TaskExists, TaskNotFound, Unsupported
-from nomad_vm.vm.accel import choose_accelerator, probe_kvm
 from nomad_vm.vm.process import ProcessIdentity
 from nomad_vm.vm.qemu.backend import QemuBackend
-from nomad_vm.vm.qemu.binary import find_qemu
-from nomad_vm.vm.spec import VMSpec
 
 log = logging.getLogger(__name__)
 
@@ -100,31 +97,16 @@ class VMDriver:
         return self.config.data_dir / "run" / digest
 
     async def start_task(self, task: TaskConfig) -> TaskHandle:
-        """Validate, then launch; any failure undoes every step taken so far."""
+        """Validate, then prepare and launch; a failure at any step undoes the earlier ones."""
         if task.id in self._tasks:
             raise TaskExists(task.id)
-        vm_config = parse_task_config(task, self.config)
-        # The KVM probe runs a child process (once per plugin process): keep it off the loop.
-        kvm = await asyncio.to_thread(probe_kvm)
-        accel = choose_accelerator(self.config.accelerator, kvm)
-        binary = str(find_qemu(self.config.qemu_binary))
-        runtime_dir = self._runtime_dir(task)
-        spec = VMSpec(
-            name=f"{task.name}-{task.alloc_id[:8]}",
-            vcpus=vcpus_for(task.resources, self.agent),
-            memory_mb=memory_mb_for(task.resources),
-            kernel=vm_config.kernel,
-            initramfs=vm_config.initramfs,
-            cmdline=vm_config.cmdline,
-            accelerator=accel.name,
-            control_socket=runtime_dir / "qmp.sock",
-        )
+        plan = await plan_start(task, self.config, self.agent, self._runtime_dir(task))
         with contextlib.ExitStack() as undo:
-            runtime_dir.mkdir(mode=0o700, parents=True, exist_ok=False)
-            undo.callback(shutil.rmtree, runtime_dir, True)
+            make_runtime_dir(plan, undo)
+            spec = build_spec(plan, await prepare_disk(plan, self.events))
             console_fd = await open_task_output(task.stdout_path)
             try:
-                vm = await QemuBackend(binary).launch(spec, console_fd, runtime_dir)
+                vm = await QemuBackend(plan.qemu).launch(spec, console_fd, plan.runtime_dir)
             finally:
                 # QEMU holds its own copy of the FIFO; ours must not keep logmon's pipe open.
                 os.close(console_fd)
@@ -134,17 +116,17 @@ class VMDriver:
                 pid=vm.identity.pid,
                 process_start_time=vm.identity.start_time,
                 control_socket=str(spec.control_socket),
-                runtime_dir=str(runtime_dir),
+                runtime_dir=str(plan.runtime_dir),
                 started_at=time.time(),
             )
             undo.pop_all()
-        entry = VMTask(task, vm, state, runtime_dir, self.events)
+        entry = VMTask(task, vm, state, plan.runtime_dir, self.events)
         self._tasks[task.id] = entry
         entry.start_watching()
         self.events.emit(
             task,
-            f"VM started: {spec.vcpus} vCPU, {spec.memory_mb} MB, accelerator {accel.name}",
-            {"pid": str(state.pid), "accelerator_reason": accel.reason},
+            f"VM started: {spec.vcpus} vCPU, {spec.memory_mb} MB, accelerator {spec.accelerator}",
+            {"pid": str(state.pid), "accelerator_reason": plan.accel.reason},
         )
         return TaskHandle(HANDLE_VERSION, TaskState.RUNNING, state.encode())
 

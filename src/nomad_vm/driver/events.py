@@ -9,7 +9,6 @@ from datetime import UTC, datetime
 
 from nomad_vm.driver.types import TaskConfig, TaskEvent
 
-
 # Events emitted while no TaskEvents stream is open (e.g. "Reattached" during RecoverTask, which
 # Nomad calls before it opens the stream) wait here for the first subscriber.
 BACKLOG_LIMIT = 200

@@ -55,27 +55,63 @@ apt-get -q -y --no-install-recommends dist-upgrade
 apt-get -q clean
 rm -rf /var/lib/apt/lists/*
 
-# --- units that cost boot time and are of no use to a short-lived VM. The timers are
-# Persistent=, so on a fresh image each fires during the first boot and competes for the one
-# emulated CPU; e2scrub_reap looks for LVM snapshots that cannot exist here.
+# --- units that cost boot time and are of no use to a short-lived VM (each is a process or a
+# mount competing for the one emulated CPU with the services that matter):
+#  * the timers are Persistent=, so on a fresh image each fires during the first boot;
+#  * e2scrub_reap looks for LVM snapshots that cannot exist here;
+#  * modprobe@{drm,efi_pstore,dm_mod} preload modules that load on demand when needed anyway;
+#  * debugfs/tracefs mounts and binfmt_misc serve debugging and foreign binaries.
 systemctl mask --quiet apt-daily.timer apt-daily-upgrade.timer dpkg-db-backup.timer \
-    e2scrub_all.timer e2scrub_reap.service fstrim.timer
+    e2scrub_all.timer e2scrub_reap.service fstrim.timer \
+    modprobe@drm.service modprobe@efi_pstore.service modprobe@dm_mod.service \
+    sys-kernel-debug.mount sys-kernel-tracing.mount systemd-binfmt.service
+# The console is the serial port (console=ttyS0; systemd adds its getty by itself). A getty on
+# the VGA text console, which these VMs do not show, would be one more process at boot.
+systemctl disable --quiet getty@tty1.service
+
+# Drivers udev would load for the pc machine's legacy devices (floppy, PC speaker, SMBus), for
+# nested KVM (useless under TCG; these guests run no VMs) and for CPU frequency scaling.
+# ata_piix stays: a NoCloud seed may come as an IDE CD-ROM. button stays: ACPI power-off.
+cat >/etc/modprobe.d/nomad-vm-blacklist.conf <<'EOF'
+blacklist floppy
+blacklist pcspkr
+blacklist i2c_piix4
+blacklist kvm
+blacklist kvm_amd
+blacklist kvm_intel
+blacklist powernow_k8
+blacklist acpi_cpufreq
+blacklist joydev
+blacklist serio_raw
+EOF
 
 # qemu-guest-agent has no [Install] section: udev starts it (SYSTEMD_WANTS) when the virtio
 # port org.qemu.guest_agent.0 appears. Fail the build if that path is missing.
 grep -qs 'org.qemu.guest_agent.0' /lib/udev/rules.d/*qemu-guest-agent*.rules
 grep -q 'BindsTo=dev-virtio' /lib/systemd/system/qemu-guest-agent.service
 
-# --- ssh: host keys made at build time would be shared by every VM of this image. cloud-init
-# makes fresh ones before ssh starts (cloud-init.service is ordered before sshd.service); the
-# drop-in covers boots without a seed, where ds-identify disables cloud-init.
+# --- ssh: host keys made at build time would be shared by every VM of this image, so there are
+# none. cloud-init makes fresh ones before ssh starts (cloud-init.service is ordered before
+# sshd.service); the drop-in covers boots without a seed, where ds-identify disables cloud-init.
+# Only Ed25519 and ECDSA: an RSA key takes many seconds to generate under TCG, and every
+# current client accepts the other two (user-data can still ask cloud-init for RSA).
 rm -f /etc/ssh/ssh_host_*
-mkdir -p /etc/systemd/system/ssh.service.d
+mkdir -p /usr/lib/nomad-vm /etc/systemd/system/ssh.service.d
+cat >/usr/lib/nomad-vm/ssh-host-keys <<'EOF'
+#!/bin/sh
+# Generate the ssh host keys this VM lacks (see ssh.service.d/nomad-vm-host-keys.conf).
+set -eu
+for type in ed25519 ecdsa; do
+    key=/etc/ssh/ssh_host_${type}_key
+    [ -e "$key" ] || ssh-keygen -q -t "$type" -N '' -f "$key"
+done
+EOF
+chmod 755 /usr/lib/nomad-vm/ssh-host-keys
 cat >/etc/systemd/system/ssh.service.d/nomad-vm-host-keys.conf <<'EOF'
 [Service]
 # Reset the list: sshd -t must run after the keys exist, not before.
 ExecStartPre=
-ExecStartPre=/usr/bin/ssh-keygen -A
+ExecStartPre=/usr/lib/nomad-vm/ssh-host-keys
 ExecStartPre=/usr/sbin/sshd -t
 EOF
 
@@ -83,6 +119,7 @@ EOF
 # Importing and skipping each costs time; the rest keep their defaults (write_files, users,
 # ssh, runcmd, phone_home, final_message, power_state, ...).
 cat >/etc/cloud/cloud.cfg.d/90-nomad-vm.cfg <<'EOF'
+ssh_genkeytypes: [ed25519, ecdsa]
 cloud_init_modules:
  - migrator
  - seed_random
@@ -94,6 +131,7 @@ cloud_init_modules:
  - set_hostname
  - update_hostname
  - update_etc_hosts
+ - ca-certs
  - users-groups
  - ssh
 cloud_config_modules:

@@ -7,6 +7,13 @@ from nomad_vm.schema import Field, Schema
 
 
 def field_spec(f: Field) -> hclspec_pb2.Spec:
+    if f.type == "block":
+        nested = hclspec_pb2.Object()
+        for inner in f.fields:
+            nested.attributes[inner.name].CopyFrom(field_spec(inner))
+        return hclspec_pb2.Spec(
+            block_value=hclspec_pb2.Block(name=f.name, nested=hclspec_pb2.Spec(object=nested))
+        )
     # Required-ness is checked by our own validation so the error names the field our way;
     # the spec only gives types and defaults.
     attr = hclspec_pb2.Spec(Attr=hclspec_pb2.Attr(name=f.name, type=f.type, required=False))

@@ -7,17 +7,27 @@ from pathlib import Path
 
 
 @dataclass(frozen=True)
+class DiskSpec:
+    """A disk the VM gets, already prepared (the task's own copy or overlay)."""
+
+    path: Path
+    format: str
+
+
+@dataclass(frozen=True)
 class VMSpec:
     name: str
     vcpus: int
     memory_mb: int
-    kernel: Path
+    kernel: Path | None
     initramfs: Path | None
     cmdline: str
     # "kvm" or "tcg", decided by nomad_vm.vm.accel before the spec is built.
     accelerator: str
     # Control socket of the VMM (QMP for QEMU).
     control_socket: Path
+    # The boot disk (first virtio disk), or None for a kernel-only VM.
+    disk: DiskSpec | None = None
 
 
 @dataclass(frozen=True)

@@ -10,11 +10,16 @@ from nomad_vm.vm.spec import VMSpec
 SERIAL_CHARDEV = "stdio,id=serial0,signal=off"
 
 
+def opt(value: object) -> str:
+    """A value inside a QEMU option string: a comma would start a new option (",," escapes it)."""
+    return str(value).replace(",", ",,")
+
+
 def qemu_argv(binary: str, spec: VMSpec) -> list[str]:
     argv = [
         binary,
         "-name",
-        f"guest={spec.name},debug-threads=on",
+        f"guest={opt(spec.name)},debug-threads=on",
         "-nodefaults",
         "-no-user-config",
         # `pc` is the machine where QMP system_powerdown reaches the guest under TCG too
@@ -40,7 +45,7 @@ def qemu_argv(binary: str, spec: VMSpec) -> list[str]:
         "-serial",
         "chardev:serial0",
         "-qmp",
-        f"unix:{spec.control_socket},server=on,wait=off",
+        f"unix:{opt(spec.control_socket)},server=on,wait=off",
         # A guest power-off or panic pauses QEMU instead of ending it, so the verdict survives
         # in QEMU's run state until the driver (possibly restarted meanwhile) has read it.
         "-action",
@@ -48,11 +53,18 @@ def qemu_argv(binary: str, spec: VMSpec) -> list[str]:
         # Lets the guest kernel tell QEMU it panicked (Linux's pvpanic driver).
         "-device",
         "pvpanic",
-        "-kernel",
-        str(spec.kernel),
     ]
-    if spec.initramfs is not None:
-        argv += ["-initrd", str(spec.initramfs)]
-    if spec.cmdline:
-        argv += ["-append", spec.cmdline]
+    if spec.disk is not None:
+        argv += [
+            "-drive",
+            f"file={opt(spec.disk.path)},format={spec.disk.format},if=none,id=disk0,discard=unmap",
+            "-device",
+            "virtio-blk-pci,drive=disk0,bootindex=1",
+        ]
+    if spec.kernel is not None:
+        argv += ["-kernel", str(spec.kernel)]
+        if spec.initramfs is not None:
+            argv += ["-initrd", str(spec.initramfs)]
+        if spec.cmdline:
+            argv += ["-append", spec.cmdline]
     return argv

@@ -1,0 +1,97 @@
+"""StartTask as steps: plan (no side effects), then disk, then launch, each undone on failure.
+
+``plan_start`` validates everything that can be checked without touching the host, so a bad
+job fails before any file or process exists. The steps after it register their undo on the
+caller's ExitStack.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from nomad_vm.driver.config import PluginConfig, VMTaskConfig, parse_task_config
+from nomad_vm.driver.events import EventBus
+from nomad_vm.driver.resources import memory_mb_for, vcpus_for
+from nomad_vm.driver.types import AgentInfo, TaskConfig
+from nomad_vm.storage.disk import prepare_boot_disk
+from nomad_vm.vm.accel import AcceleratorChoice, choose_accelerator, probe_kvm
+from nomad_vm.vm.qemu.binary import find_qemu, find_qemu_img
+from nomad_vm.vm.spec import DiskSpec, VMSpec
+
+
+@dataclass(frozen=True)
+class StartPlan:
+    task: TaskConfig
+    vm: VMTaskConfig
+    accel: AcceleratorChoice
+    qemu: str
+    vcpus: int
+    memory_mb: int
+    runtime_dir: Path
+    allowed_dirs: tuple[str, ...]
+
+
+async def plan_start(
+    task: TaskConfig, plugin: PluginConfig, agent: AgentInfo, runtime_dir: Path
+) -> StartPlan:
+    """Everything StartTask needs to know, checked before anything is created."""
+    vm = parse_task_config(task, plugin)
+    # The KVM probe runs a child process (once per plugin process): keep it off the loop.
+    kvm = await asyncio.to_thread(probe_kvm)
+    return StartPlan(
+        task=task,
+        vm=vm,
+        accel=choose_accelerator(plugin.accelerator, kvm),
+        qemu=str(find_qemu(plugin.qemu_binary)),
+        vcpus=vcpus_for(task.resources, agent),
+        memory_mb=memory_mb_for(task.resources),
+        runtime_dir=runtime_dir,
+        allowed_dirs=(*plugin.image_paths, str(plugin.data_dir), task.alloc_dir),
+    )
+
+
+def make_runtime_dir(plan: StartPlan, undo: contextlib.ExitStack) -> None:
+    plan.runtime_dir.mkdir(mode=0o700, parents=True, exist_ok=False)
+    undo.callback(shutil.rmtree, plan.runtime_dir, True)
+
+
+async def prepare_disk(plan: StartPlan, events: EventBus) -> DiskSpec | None:
+    """The task's own disk (overlay or copy) inside the runtime dir, removed with it."""
+    if plan.vm.image is None:
+        return None
+    qemu_img = find_qemu_img()
+    disk = await asyncio.to_thread(
+        prepare_boot_disk,
+        qemu_img,
+        plan.vm.image,
+        plan.runtime_dir,
+        thin=plan.vm.use_thin_copy,
+        size_mb=plan.vm.disk_size_mb,
+        allowed_dirs=plan.allowed_dirs,
+    )
+    how = "thin copy (qcow2 overlay)" if disk.thin else "full copy"
+    size_mb = disk.virtual_size // (1024 * 1024)
+    events.emit(
+        plan.task,
+        f"Disk prepared: {how} of {plan.vm.image.name}, {size_mb} MB",
+        {"image": str(plan.vm.image), "source_format": disk.source_format},
+    )
+    return DiskSpec(disk.path, disk.format)
+
+
+def build_spec(plan: StartPlan, disk: DiskSpec | None) -> VMSpec:
+    return VMSpec(
+        name=plan.vm.hostname,
+        vcpus=plan.vcpus,
+        memory_mb=plan.memory_mb,
+        kernel=plan.vm.kernel,
+        initramfs=plan.vm.initramfs,
+        cmdline=plan.vm.cmdline,
+        accelerator=plan.accel.name,
+        control_socket=plan.runtime_dir / "qmp.sock",
+        disk=disk,
+    )
