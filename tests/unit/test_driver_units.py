@@ -157,3 +157,33 @@ def test_exit_results() -> None:
     assert (killed.exit_code, killed.signal) == (137, 9) and "SIGKILL" in killed.err
     stopped = exit_result_from(VMExit(None, 15, "killed by SIGTERM"), True)
     assert stopped.signal == 15 and stopped.err == ""
+
+
+def test_guest_memory_from_balloon_stats() -> None:
+    from nomad_vm.vm.qemu.backend import guest_used_bytes
+
+    reply = {
+        "last-update": 5,
+        "stats": {"stat-total-memory": 1000, "stat-available-memory": 300, "stat-free-memory": 100},
+    }
+    assert guest_used_bytes(reply) == 700
+    no_available = {
+        "last-update": 5,
+        "stats": {"stat-total-memory": 1000, "stat-available-memory": -1, "stat-free-memory": 100},
+    }
+    assert guest_used_bytes(no_available) == 900
+    assert guest_used_bytes({"last-update": 0, "stats": {}}) is None  # no report yet
+    assert guest_used_bytes({"last-update": 5, "stats": {"stat-total-memory": -1}}) is None
+
+
+def test_stats_measured_fields_follow_what_was_measured() -> None:
+    from nomad_vm.driver.stats import CpuRate
+    from nomad_vm.vm.qemu.backend import VMUsage
+
+    rate = CpuRate(2000)
+    first = rate.sample("t", VMUsage(1.0, 0.5, 100))
+    assert first.cpu.measured == () and first.memory.measured == ("RSS",)
+    second = rate.sample("t", VMUsage(2.0, 0.5, 100), guest_used=50)
+    assert set(second.cpu.measured) == {"USER_MODE", "SYSTEM_MODE", "PERCENT", "TOTAL_TICKS"}
+    assert second.memory.measured == ("RSS", "USAGE") and second.memory.usage == 50
+    assert second.cpu.percent > 0 and second.cpu.total_ticks == second.cpu.percent / 100 * 2000

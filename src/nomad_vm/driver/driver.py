@@ -191,7 +191,7 @@ class VMDriver:
                 if not entry.running:
                     return
                 raise
-            yield rate.sample(task_id, usage)
+            yield rate.sample(task_id, usage, await entry.vm.guest_memory_used())
             await asyncio.sleep(max(interval, 0.1))
 
     async def task_events(self) -> AsyncIterator[TaskEvent]:

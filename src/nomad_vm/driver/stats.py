@@ -14,13 +14,16 @@ class CpuRate:
 
     ``user_mode``/``system_mode``/``percent`` are percent of one core over the interval;
     ``total_ticks`` is the share of the host's compute in MHz (percent of one core x core MHz).
+    Memory: ``rss`` is the QEMU process's resident memory on the host (guest RAM it touched plus
+    QEMU's own, e.g. TCG's translation cache); ``usage``, when the guest's balloon driver
+    reports, is the memory the guest itself uses (total minus available).
     """
 
     def __init__(self, core_mhz: int) -> None:
         self.core_mhz = core_mhz
         self._last: tuple[float, VMUsage] | None = None
 
-    def sample(self, task_id: str, usage: VMUsage) -> TaskStats:
+    def sample(self, task_id: str, usage: VMUsage, guest_used: int | None = None) -> TaskStats:
         now = time.monotonic()
         cpu = CpuUsage()
         if self._last is not None:
@@ -41,5 +44,9 @@ class CpuRate:
             task_id=task_id,
             timestamp=datetime.now(UTC),
             cpu=cpu,
-            memory=MemoryUsage(rss=usage.rss_bytes, measured=("RSS",)),
+            memory=(
+                MemoryUsage(rss=usage.rss_bytes, usage=guest_used, measured=("RSS", "USAGE"))
+                if guest_used is not None
+                else MemoryUsage(rss=usage.rss_bytes, measured=("RSS",))
+            ),
         )

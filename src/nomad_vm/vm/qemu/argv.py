@@ -53,6 +53,9 @@ def qemu_argv(binary: str, spec: VMSpec) -> list[str]:
         # Lets the guest kernel tell QEMU it panicked (Linux's pvpanic driver).
         "-device",
         "pvpanic",
+        # Memory statistics from inside the guest (used/available), for TaskStats.
+        "-device",
+        "virtio-balloon-pci,id=balloon0",
     ]
     if spec.disk is not None:
         argv += [

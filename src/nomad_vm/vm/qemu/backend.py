@@ -42,6 +42,7 @@ QMP_READY_TIMEOUT = 30.0
 LOG_NAME = "qemu.log"
 SIGNAL_LINE = re.compile(rb"terminating on signal (\d+)")
 GUEST_DONE_STATES = {"shutdown": "poweroff", "guest-panicked": "panic"}
+BALLOON = "/machine/peripheral/balloon0"
 
 
 @dataclass(frozen=True)
@@ -95,6 +96,28 @@ class QemuVM:
         if self.monitor is not None:
             with contextlib.suppress(HypervisorError):
                 await self.monitor.execute("quit")
+
+    async def enable_guest_stats(self, interval: int = 2) -> None:
+        """Ask the balloon driver in the guest to report memory statistics every few seconds."""
+        if self.monitor is not None:
+            with contextlib.suppress(HypervisorError):
+                await self.monitor.execute(
+                    "qom-set",
+                    {"path": BALLOON, "property": "guest-stats-polling-interval", "value": interval},
+                )
+
+    async def guest_memory_used(self) -> int | None:
+        """Bytes the guest itself uses (total minus available), or None when it does not say
+        (no balloon driver in the guest, or no report yet)."""
+        if self.monitor is None:
+            return None
+        try:
+            reply = await self.monitor.execute(
+                "qom-get", {"path": BALLOON, "property": "guest-stats"}
+            )
+        except HypervisorError:
+            return None
+        return guest_used_bytes(reply)
 
     async def powerdown(self) -> bool:
         """Press the ACPI power button; False when QMP is unavailable."""
@@ -168,7 +191,9 @@ class QemuBackend:
             tail = read_log_tail(log_path)
             process.close()
             raise LaunchError(f"QEMU failed to start: {tail or exc}") from None
-        return QemuVM(process, monitor, log_path)
+        vm = QemuVM(process, monitor, log_path)
+        await vm.enable_guest_stats()
+        return vm
 
     async def reattach(self, ident: ProcessIdentity, socket: Path, runtime_dir: Path) -> QemuVM:
         """Find a QEMU started by an earlier plugin process (pid + start time, then QMP)."""
@@ -185,6 +210,20 @@ class QemuBackend:
         vm = QemuVM(process, monitor, runtime_dir / LOG_NAME)
         await vm.check_finished_meanwhile()
         return vm
+
+
+def guest_used_bytes(reply: object) -> int | None:
+    """Used memory from a balloon ``guest-stats`` reply; -1 marks a value the guest did not send."""
+    if not isinstance(reply, dict) or not reply.get("last-update"):
+        return None
+    stats = reply.get("stats") or {}
+    total = stats.get("stat-total-memory", -1)
+    free = stats.get("stat-available-memory", -1)
+    if free is None or free < 0:
+        free = stats.get("stat-free-memory", -1)
+    if not isinstance(total, int) or not isinstance(free, int) or total <= 0 or free < 0:
+        return None
+    return max(0, total - free)
 
 
 def _alive(process: SupervisedProcess) -> bool:
