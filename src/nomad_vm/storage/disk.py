@@ -100,16 +100,20 @@ def prepare_boot_disk(
         created.append(dest)
         shared = thin and can_share(chain)
         if shared:
+            # An overlay is exactly the size asked for, or the base's: no need to ask qemu-img
+            # again (each qemu-img run is tens of ms on the start path).
             qemu_img.create_overlay(qemu_img_path, top.path, top.format, dest, size_bytes)
+            virtual_size = size_bytes or top.virtual_size
         else:
             qemu_img.convert(qemu_img_path, top.path, top.format, dest, DISK_FORMAT)
             if size_bytes is not None:
                 qemu_img.resize(qemu_img_path, dest, DISK_FORMAT, size_bytes)
-        made = qemu_img.info(qemu_img_path, dest, fmt=DISK_FORMAT, follow_backing=False)
+            made = qemu_img.info(qemu_img_path, dest, fmt=DISK_FORMAT, follow_backing=False)
+            virtual_size = made.virtual_size
     except BaseException:
         _remove(created)
         raise
-    return PreparedDisk(dest, DISK_FORMAT, made.virtual_size, tuple(created), shared, top.format)
+    return PreparedDisk(dest, DISK_FORMAT, virtual_size, tuple(created), shared, top.format)
 
 
 def inspect_chain(
