@@ -101,10 +101,8 @@ class QemuVM:
         """Ask the balloon driver in the guest to report memory statistics every few seconds."""
         if self.monitor is not None:
             with contextlib.suppress(HypervisorError):
-                await self.monitor.execute(
-                    "qom-set",
-                    {"path": BALLOON, "property": "guest-stats-polling-interval", "value": interval},
-                )
+                prop = {"path": BALLOON, "property": "guest-stats-polling-interval"}
+                await self.monitor.execute("qom-set", {**prop, "value": interval})
 
     async def guest_memory_used(self) -> int | None:
         """Bytes the guest itself uses (total minus available), or None when it does not say
