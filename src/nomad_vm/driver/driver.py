@@ -10,6 +10,7 @@ import contextlib
 import hashlib
 import logging
 import os
+import re
 import shutil
 import time
 from collections.abc import AsyncIterator, Mapping
@@ -47,7 +48,7 @@ HANDLE_VERSION = 1
 FINGERPRINT_PERIOD = 30.0
 # Unix socket paths are limited to 108 bytes; beyond this the runtime dir moves to data_dir.
 MAX_SOCKET_PATH = 100
-RUNTIME_SUBDIR = "nomad-vm"
+RUNTIME_PREFIX = "nomad-vm"
 
 
 class VMDriver:
@@ -90,7 +91,10 @@ class VMDriver:
             raise TaskNotFound(task_id) from None
 
     def _runtime_dir(self, task: TaskConfig) -> Path:
-        preferred = Path(task.task_dir) / RUNTIME_SUBDIR
+        """``<task dir>/nomad-vm-<start id>``: per start, so a restart never meets leftovers of an
+        earlier one; under data_dir when the socket path would be too long for unix sockets."""
+        start_id = re.sub(r"[^A-Za-z0-9]", "", task.id.rsplit("/", 1)[-1])[:12] or "x"
+        preferred = Path(task.task_dir) / f"{RUNTIME_PREFIX}-{start_id}"
         if len(str(preferred / "qmp.sock")) <= MAX_SOCKET_PATH:
             return preferred
         digest = hashlib.sha256(task.id.encode()).hexdigest()[:16]

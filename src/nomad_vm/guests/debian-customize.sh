@@ -49,10 +49,12 @@ EOF
 
 # --- packages: the pinned kernel plus any security/point-release updates of what debootstrap
 # installed from the release alone.
-apt-get -q update
-apt-get -q -y --no-install-recommends install "linux-image-amd64=${kernel_version}"
-apt-get -q -y --no-install-recommends dist-upgrade
-apt-get -q clean
+# Use-Pty=0: there is no /dev/pts in the build tree (apt would print "E: Can not write log").
+apt_get() { apt-get -q -y -o Dpkg::Use-Pty=0 --no-install-recommends "$@"; }
+apt_get update
+apt_get install "linux-image-amd64=${kernel_version}"
+apt_get dist-upgrade
+apt_get clean
 rm -rf /var/lib/apt/lists/*
 
 # --- units that cost boot time and are of no use to a short-lived VM (each is a process or a
@@ -68,9 +70,16 @@ systemctl mask --quiet apt-daily.timer apt-daily-upgrade.timer dpkg-db-backup.ti
 # The console is the serial port (console=ttyS0; systemd adds its getty by itself). A getty on
 # the VGA text console, which these VMs do not show, would be one more process at boot.
 systemctl disable --quiet getty@tty1.service
+# Generators run at every boot and daemon-reload; these look for features this image does not
+# have (LUKS, dm-integrity, dm-verity, hibernation, GPT partition discovery, offline updates).
+mkdir -p /etc/systemd/system-generators
+for generator in cryptsetup integritysetup veritysetup hibernate-resume gpt-auto system-update; do
+    ln -sf /dev/null "/etc/systemd/system-generators/systemd-${generator}-generator"
+done
 
-# Drivers udev would load for the pc machine's legacy devices (floppy, PC speaker, SMBus), for
-# nested KVM (useless under TCG; these guests run no VMs) and for CPU frequency scaling.
+# Drivers udev would load for the pc machine's legacy devices (floppy, PC speaker, SMBus, PS/2
+# mouse), for nested KVM (useless under TCG; these guests run no VMs) and for CPU frequency
+# scaling. Blacklisting only stops loading by device alias: `modprobe NAME` still works.
 # ata_piix stays: a NoCloud seed may come as an IDE CD-ROM. button stays: ACPI power-off.
 cat >/etc/modprobe.d/nomad-vm-blacklist.conf <<'EOF'
 blacklist floppy
@@ -83,6 +92,7 @@ blacklist powernow_k8
 blacklist acpi_cpufreq
 blacklist joydev
 blacklist serio_raw
+blacklist psmouse
 EOF
 
 # qemu-guest-agent has no [Install] section: udev starts it (SYSTEMD_WANTS) when the virtio
@@ -117,7 +127,7 @@ EOF
 
 # --- cloud-init: drop modules for other distributions, clouds and tools not in this image.
 # Importing and skipping each costs time; the rest keep their defaults (write_files, users,
-# ssh, runcmd, phone_home, final_message, power_state, ...).
+# ssh, runcmd, phone_home, final_message, power_state, ...). Host key types as for ssh above.
 cat >/etc/cloud/cloud.cfg.d/90-nomad-vm.cfg <<'EOF'
 ssh_genkeytypes: [ed25519, ecdsa]
 cloud_init_modules:

@@ -4,6 +4,8 @@ Cache layout under ``cache_dir``::
 
     debs/                  downloaded .debs (one version per package is kept)
     tiny/vmlinux           uncompressed ELF kernel for ``qemu -kernel`` (PVH entry)
+    tiny/vmlinuz           the package's bzImage as shipped (EFI stub, Debian's signature):
+                           what UEFI firmware boots, as OVMF cannot start a PVH ELF
     tiny/initramfs.img     uncompressed newc cpio: busybox, /init, modules
     tiny/manifest.json     the inputs the outputs were built from; written last
     tiny/.lock             serialises concurrent builds (flock)
@@ -38,7 +40,7 @@ from nomad_vm.guests.kernel import collect_modules, extract_vmlinux
 log = logging.getLogger(__name__)
 
 # Bump whenever the build's output changes for the same packages (layout, init protocol, ...).
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 BUSYBOX_PACKAGE = "busybox-static"
 
@@ -59,17 +61,29 @@ MAX_CMDLINE_BYTES = 2047
 INIT_SCRIPT = "tiny-init.sh"
 MANIFEST = "manifest.json"
 VMLINUX = "vmlinux"
+VMLINUZ = "vmlinuz"
 INITRAMFS = "initramfs.img"
+
+
+# Default of TinyGuest.vmlinuz: "next to vmlinux", the cache layout.
+_BESIDE_VMLINUX = Path()
 
 
 @dataclass(frozen=True)
 class TinyGuest:
-    """A built tiny guest: boot it with ``-kernel vmlinux -initrd initramfs -append cmdline``."""
+    """A built tiny guest: boot it with ``-kernel vmlinux -initrd initramfs -append cmdline``
+    (with UEFI firmware: ``-kernel vmlinuz``)."""
 
     vmlinux: Path
     initramfs: Path
     kernel_version: str  # the kernel release, e.g. "6.1.0-56-amd64"
     cmdline: str = DEFAULT_CMDLINE
+    # Last and defaulted so that TinyGuest(vmlinux, initramfs, release) keeps working.
+    vmlinuz: Path = _BESIDE_VMLINUX
+
+    def __post_init__(self) -> None:
+        if self.vmlinuz == _BESIDE_VMLINUX:
+            object.__setattr__(self, "vmlinuz", self.vmlinux.with_name(VMLINUZ))
 
 
 @dataclass(frozen=True)
@@ -143,7 +157,10 @@ def read_manifest(tiny_dir: Path) -> dict[str, Any] | None:
 def _guest_from_manifest(tiny_dir: Path, manifest: dict[str, Any]) -> TinyGuest | None:
     """The guest a manifest describes, if its files are still there with the recorded sizes."""
     files = manifest.get("files", {})
-    for name in (VMLINUX, INITRAMFS):
+    # A format-1 build has no vmlinuz; it is only used when apt cannot be asked (otherwise the
+    # format bump rebuilds it), and then guest.vmlinuz names a missing file.
+    names = (VMLINUX, INITRAMFS, VMLINUZ) if VMLINUZ in files else (VMLINUX, INITRAMFS)
+    for name in names:
         path = tiny_dir / name
         recorded = files.get(name, {}).get("size") if isinstance(files, dict) else None
         if not path.is_file() or path.stat().st_size != recorded:
@@ -226,6 +243,7 @@ def _build(cache_dir: Path, tiny_dir: Path, inputs: TinyInputs) -> TinyGuest:
         if not vmlinuz.is_file():
             raise GuestBuildError(f"{kernel_deb.name} has no boot/vmlinuz-{release}")
         vmlinux.write_bytes(extract_vmlinux(vmlinuz.read_bytes()))
+        os.replace(vmlinuz, scratch / VMLINUZ)
 
         modules_dir = scratch / "kernel" / "lib" / "modules" / release
         modules = collect_modules(modules_dir, inputs.modules, release)
@@ -240,11 +258,12 @@ def _build(cache_dir: Path, tiny_dir: Path, inputs: TinyInputs) -> TinyGuest:
             "cache_key": inputs.digest(),
             "kernel_version": release,
             "modules_loaded": [module.name for module in modules],
-            "files": {name: _describe(scratch / name) for name in (VMLINUX, INITRAMFS)},
+            "files": {name: _describe(scratch / name) for name in (VMLINUX, VMLINUZ, INITRAMFS)},
             "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "build_seconds": round(time.monotonic() - started, 1),
         }
-        _publish(tiny_dir, {VMLINUX: vmlinux, INITRAMFS: initramfs}, manifest, scratch)
+        outputs = {VMLINUX: vmlinux, VMLINUZ: scratch / VMLINUZ, INITRAMFS: initramfs}
+        _publish(tiny_dir, outputs, manifest, scratch)
     log.info("tiny guest built in %.1f s", time.monotonic() - started)
     return TinyGuest(
         vmlinux=tiny_dir / VMLINUX, initramfs=tiny_dir / INITRAMFS, kernel_version=release

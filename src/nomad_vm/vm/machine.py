@@ -1,0 +1,126 @@
+"""Machine type and boot firmware: which combinations QEMU can boot, and their argv fragment.
+
+What QEMU (7.2) and OVMF can and cannot do, as enforced by ``validate_machine``:
+
+* ``microvm`` has no flash device and no disk-booting firmware (qboot only jumps into a kernel
+  given with ``-kernel``): BIOS only, and only with a kernel.
+* ``uefi-secure`` uses OVMF's SMM build, whose variable store is only writable from SMM so the
+  guest OS cannot replace the Secure Boot keys. OVMF's SMM support is for q35 only.
+* ``q35`` otherwise runs with ``smm=off``: docs/test-guests.md saw QMP ``system_powerdown`` not
+  reach a q35 guest under TCG with SMM on. (Re-measured for this module: the tiny guest did power
+  off with SMM on too, with SeaBIOS and with OVMF; off is kept because nothing else needs SMM.)
+
+The argv fragment leaves ``-accel`` to the caller (qemu/argv.py decides KVM or TCG).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from nomad_vm.errors import ConfigError
+from nomad_vm.vm.firmware import BIOS, FIRMWARE_KINDS, UEFI_SECURE, FirmwarePlan
+
+ARCHES = ("x86_64",)
+MACHINE_TYPES = ("pc", "q35", "microvm")
+DEFAULT_ARCH = "x86_64"
+DEFAULT_MACHINE = "pc"
+
+# Tells QEMU's pflash device that only SMM code may write the variable store; OVMF's SMM build
+# checks for this and refuses to run without it.
+SECURE_PFLASH = "driver=cfi.pflash01,property=secure,value=on"
+
+
+@dataclass(frozen=True)
+class MachineConfig:
+    machine: str  # a QEMU machine type: pc, q35 or microvm
+    firmware: str  # bios, uefi or uefi-secure
+    # smm=on|off on the command line; None leaves QEMU's default for the machine type.
+    smm: bool | None
+
+
+def validate_machine(
+    arch: str | None, machine: str | None, firmware: str, has_kernel: bool, has_disk: bool
+) -> MachineConfig:
+    """Check a task's platform choice; None for ``arch`` or ``machine`` means the default.
+
+    Raises ConfigError naming the option to change.
+    """
+    if (arch or DEFAULT_ARCH) not in ARCHES:
+        raise ConfigError("config.os.arch", f"unsupported architecture {arch!r}; use x86_64")
+    if firmware not in FIRMWARE_KINDS:
+        raise ConfigError(
+            "config.firmware", f"unknown firmware {firmware!r}; use {_either(FIRMWARE_KINDS)}"
+        )
+    machine = machine or DEFAULT_MACHINE
+    if machine not in MACHINE_TYPES:
+        raise ConfigError(
+            "config.os.machine", f"unknown machine type {machine!r}; use {_either(MACHINE_TYPES)}"
+        )
+    if not has_kernel and not has_disk:
+        raise ConfigError("config.kernel", "nothing to boot: set kernel, or give the task a disk")
+    if machine == "microvm":
+        _check_microvm(firmware, has_kernel)
+    if firmware == UEFI_SECURE and machine != "q35":
+        raise ConfigError(
+            "config.firmware",
+            f'uefi-secure needs os {{ machine = "q35" }}, not {machine!r}: Secure Boot needs '
+            "SMM-protected firmware (OVMF's secure build), which QEMU provides only on q35",
+        )
+    smm = firmware == UEFI_SECURE if machine == "q35" else None
+    return MachineConfig(machine=machine, firmware=firmware, smm=smm)
+
+
+def _check_microvm(firmware: str, has_kernel: bool) -> None:
+    if firmware != BIOS:
+        raise ConfigError(
+            "config.firmware",
+            f"{firmware} is not available on microvm (no flash for UEFI firmware); use "
+            'firmware = "bios", or os { machine = "pc" } or "q35"',
+        )
+    if not has_kernel:
+        raise ConfigError(
+            "config.os.machine",
+            "microvm only boots a kernel given directly (config.kernel); its firmware cannot "
+            'boot from a disk: set kernel, or use os { machine = "pc" } or "q35"',
+        )
+
+
+def machine_argv(
+    cfg: MachineConfig, plan: FirmwarePlan | None, vars_path: Path | None
+) -> list[str]:
+    """``-machine`` plus, for UEFI, the firmware flash drives. A pure function.
+
+    ``plan`` and ``vars_path`` (the task's copy from firmware.prepare_vars) must be given exactly
+    when the firmware is UEFI; a mismatch is a programming error (ValueError).
+    """
+    machine = cfg.machine if cfg.smm is None else f"{cfg.machine},smm={'on' if cfg.smm else 'off'}"
+    argv = ["-machine", machine]
+    if cfg.firmware == BIOS:
+        if plan is not None or vars_path is not None:
+            raise ValueError("BIOS boot takes no firmware plan or variable store")
+        return argv
+    if plan is None or vars_path is None:
+        raise ValueError(f"{cfg.firmware} needs a firmware plan and the task's variable store")
+    if plan.kind != cfg.firmware:
+        raise ValueError(f"firmware plan is for {plan.kind}, machine config for {cfg.firmware}")
+    if plan.requires_smm:
+        if not cfg.smm:
+            raise ValueError(f"{plan.code} requires SMM, but the machine config has it off")
+        argv += ["-global", SECURE_PFLASH]
+    argv += [
+        "-drive",
+        f"if=pflash,format=raw,unit=0,readonly=on,file={_option_value(plan.code)}",
+        "-drive",
+        f"if=pflash,format=raw,unit=1,file={_option_value(vars_path)}",
+    ]
+    return argv
+
+
+def _option_value(path: Path) -> str:
+    """A path inside a QEMU key=value list, where a comma ends the value unless doubled."""
+    return str(path).replace(",", ",,")
+
+
+def _either(choices: tuple[str, ...]) -> str:
+    return ", ".join(choices[:-1]) + " or " + choices[-1]
