@@ -249,7 +249,12 @@ def test_build_is_cached_with_a_manifest(debian_guest: DebianGuest) -> None:
     assert "root=LABEL=root" in debian_guest.cmdline and "console=ttyS0" in debian_guest.cmdline
     assert manifest["inputs"]["versions"]["cloud-init"]
     assert manifest["installed"]["qemu-guest-agent"]
-    for path in (debian_guest.disk, debian_guest.vmlinux, debian_guest.vmlinuz, debian_guest.initrd):
+    for path in (
+        debian_guest.disk,
+        debian_guest.vmlinux,
+        debian_guest.vmlinuz,
+        debian_guest.initrd,
+    ):
         assert path.stat().st_size == manifest["files"][path.name]["size"]
     assert debian_guest.vmlinux.read_bytes()[:4] == b"\x7fELF"
     # The multi-GB raw intermediate and the scratch tree are gone.

@@ -101,3 +101,93 @@ def test_guest_reboot_keeps_the_same_vm(
         wait(plugin, cfg.id)
         destroy(plugin, cfg.id)
     stream.cancel()
+
+
+def _run_to_completion(
+    plugin: PluginProcess,
+    root: Path,
+    guest,
+    name: str,
+    run: str,
+    **kw,  # type: ignore[no-untyped-def]
+) -> tuple[driver_pb2.WaitTaskResponse, bytes]:
+    """Start a tiny guest running ``run``, wait for the VM to end; (result, console)."""
+    with tiny_task(plugin, root, guest, alloc_name=name, run=run, **kw) as (cfg, fifo, _):
+        drv(plugin).StartTask(driver_pb2.StartTaskRequest(task=cfg), timeout=60)
+        result = wait(plugin, cfg.id, timeout=180)
+        fifo.wait_for(b"no-such-marker", 1)  # let the last console bytes arrive
+        destroy(plugin, cfg.id)
+        return result, bytes(fifo.data)
+
+
+def test_guest_kernel_panic_is_a_failed_exit(
+    plugin: PluginProcess,
+    short_tmp: Path,
+    tiny_guest,  # type: ignore[no-untyped-def]
+) -> None:
+    stream, events = collect_events(plugin)
+    result, _ = _run_to_completion(
+        plugin, short_tmp, tiny_guest, "panic", "echo c > /proc/sysrq-trigger"
+    )
+    stream.cancel()
+    assert result.result.exit_code != 0
+    assert "panicked" in result.err
+    assert any("Guest kernel panicked" in m for m in events), events
+    assert not qemu_processes_under(short_tmp)
+
+
+def test_guest_ignoring_acpi_is_terminated_at_the_timeout(
+    plugin: PluginProcess,
+    short_tmp: Path,
+    tiny_guest,  # type: ignore[no-untyped-def]
+) -> None:
+    stream, events = collect_events(plugin)
+    overrides = {"cmdline": f"{tiny_guest.cmdline} nomadvm.ignore_acpi=1"}
+    with tiny_task(plugin, short_tmp, tiny_guest, alloc_name="deaf", overrides=overrides) as (
+        cfg,
+        fifo,
+        _,
+    ):
+        drv(plugin).StartTask(driver_pb2.StartTaskRequest(task=cfg), timeout=60)
+        assert fifo.wait_for(RUNNING, 120)
+        elapsed = stop(plugin, cfg.id, 3)
+        result = wait(plugin, cfg.id)
+        destroy(plugin, cfg.id)
+    stream.cancel()
+    assert 3.0 <= elapsed < 9.0, f"stopped after {elapsed:.1f}s, kill_timeout was 3s"
+    assert result.result.signal != 0 and result.err == ""  # our own stop, not a crash
+    assert any("did not stop within 3s, VM terminated" in m for m in events), events
+
+
+def test_disk_thin_copy_resize_and_base_untouched(
+    plugin: PluginProcess,
+    short_tmp: Path,
+    tiny_guest,  # type: ignore[no-untyped-def]
+) -> None:
+    """The guest sees the grown disk and writes to it; the base image stays byte-identical."""
+    import hashlib
+
+    images = short_tmp / "images"
+    images.mkdir()
+    base = images / "base.raw"
+    base.write_bytes(b"NVMDISK!" + bytes(64 * 1024 * 1024 - 8))
+    digest = hashlib.sha256(base.read_bytes()).hexdigest()
+    run = (
+        "echo size=$(cat /sys/block/vda/size); head -c 8 /dev/vda; echo; "
+        "echo written-by-guest | dd of=/dev/vda bs=512 seek=8 conv=fsync 2>/dev/null; echo wrote"
+    )
+    for thin in (True, False):
+        overrides = {"image": str(base), "use_thin_copy": thin, "primary_disk_size": 128}
+        result, console = _run_to_completion(
+            plugin,
+            short_tmp,
+            tiny_guest,
+            f"disk{int(thin)}",
+            run,
+            overrides=overrides,
+            image_paths=[str(tiny_guest.vmlinux.parent), str(images)],
+        )
+        assert result.result.exit_code == 0, (result, console[-1500:])
+        assert b"size=262144" in console, console[-1500:]  # 128 MiB in 512-byte sectors
+        assert b"NVMDISK!" in console and b"wrote" in console
+        assert hashlib.sha256(base.read_bytes()).hexdigest() == digest

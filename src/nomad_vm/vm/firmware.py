@@ -15,7 +15,10 @@ Secure Boot caveat (Debian 12's OVMF, edk2 2022.11): with direct kernel boot (``
 first loads the kernel as a verified EFI image, and when verification fails falls back to its
 legacy Linux loader, which does not verify anything. Secure Boot is on for the guest
 (``SecureBoot`` = 1, the kernel locks down), but the ``-kernel`` image itself is not checked.
-Images the firmware loads from disks are checked (and refused with "Access Denied").
+Images the firmware loads from disks are checked (and refused with "Access Denied"). Newer edk2
+can switch that fallback off (fw_cfg ``opt/org.tianocore/EnableLegacyLoader=no``); this build
+ignores the switch (tried by hand: an unsigned kernel still booted with it). The enforcement for
+disk boots is what tests/integration/test_firmware_boot.py proves.
 """
 
 from __future__ import annotations
