@@ -95,12 +95,14 @@ def debootstrap(
 
 def _prune_cache(root: Path, cache: Path) -> None:
     """Keep only the .debs of this install in debootstrap's cache, so it does not grow forever."""
-    listing = _chroot_output(root, ["dpkg-query", "-W", "-f", "${Package} ${Version} ${Arch}\\n"])
+    listing = _chroot_output(root, ["dpkg-query", "-W", "-f", "${Package} ${Version} ${Architecture}\\n"])
     keep = set()
     for line in listing.splitlines():
-        name, version, arch = line.split()
-        # debootstrap names cached files like apt: the epoch's ":" is URL-encoded.
-        keep.add(f"{name}_{version.replace(':', '%3a')}_{arch}.deb")
+        fields = line.split()
+        if len(fields) == 3:  # known but not installed packages have no version
+            name, version, arch = fields
+            # debootstrap names cached files like apt: the epoch's ":" is URL-encoded.
+            keep.add(f"{name}_{version.replace(':', '%3a')}_{arch}.deb")
     for deb in cache.glob("*.deb"):
         if deb.name not in keep:
             deb.unlink(missing_ok=True)

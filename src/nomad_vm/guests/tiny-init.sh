@@ -5,6 +5,7 @@
 #   "nomad-vm tiny guest: booted"                      once modules are loaded
 #   "nomad-vm tiny guest: command exited with status N" after nomadvm.run=<base64> ran, then poweroff
 #   "nomad-vm tiny guest: running" and "... uptime N"   when there is no command
+# Kernel arguments it reads: nomadvm.run=<base64 shell command>, nomadvm.ignore_acpi=1.
 # An ACPI power-button press (QMP system_powerdown) powers the guest off at any time.
 # Nothing here touches the network.
 
@@ -51,7 +52,11 @@ watch_power_button() {
     done
     [ "$found" = 1 ] || echo "$MARK no ACPI power button found; system_powerdown will not work"
 }
-watch_power_button
+# nomadvm.ignore_acpi=1 plays a guest that ignores the power button (for graceful-stop tests).
+case " $(cat /proc/cmdline) " in
+    *" nomadvm.ignore_acpi=1 "*) echo "$MARK ignoring the ACPI power button" ;;
+    *) watch_power_button ;;
+esac
 
 have_run=0
 run_b64=""

@@ -47,7 +47,15 @@ BUSYBOX_PACKAGE = "busybox-static"
 # button+evdev: the ACPI power button reaches /init as an input event (graceful stop).
 # virtio_pci+virtio_console: virtio-serial ports (guest agent, console channels). Their
 # dependencies (virtio, virtio_ring, ...) are added by the build from modinfo.
-TINY_MODULES = ("virtio_pci", "virtio_console", "evdev", "button")
+TINY_MODULES = (
+    "virtio_pci",
+    "virtio_console",
+    "virtio_blk",  # the task's disk, for the storage tests
+    "virtio_balloon",  # guest memory statistics for TaskStats
+    "pvpanic_mmio",  # tells QEMU when the kernel panics (QEMU's ISA pvpanic is ACPI-enumerated)
+    "evdev",
+    "button",
+)
 
 # quiet: serial output under TCG is slow and the tests read only /init's lines.
 # no_timer_check: avoids "IO-APIC + timer doesn't work!" panics when many guests boot at once.
