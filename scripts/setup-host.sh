@@ -7,6 +7,7 @@ PACKAGES=(
     ovmf              # UEFI firmware for uefi/uefi-secure boot
     iproute2 nftables # networking
     cpio xz-utils     # building the tiny test guest's initramfs and kernel
+    sbsigntool openssl  # Secure Boot tests sign a test kernel with a throwaway key
     python3-venv
 )
 SUDO=""; [[ $(id -u) == 0 ]] || SUDO=sudo

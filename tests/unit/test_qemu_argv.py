@@ -7,8 +7,10 @@ from pathlib import Path
 
 import pytest
 
+from nomad_vm.vm.firmware import FirmwarePlan
+from nomad_vm.vm.machine import MachineConfig
 from nomad_vm.vm.qemu.argv import qemu_argv
-from nomad_vm.vm.spec import VMSpec
+from nomad_vm.vm.spec import DiskSpec, VMSpec
 
 GOLDEN = Path(__file__).parent / "golden"
 
@@ -32,6 +34,39 @@ SPECS = {
         cmdline="",
         accelerator="kvm",
         control_socket=Path("/run/x/qmp.sock"),
+    ),
+    "disk_uefi_secure_q35": VMSpec(
+        name="win-0000aaaa",
+        vcpus=2,
+        memory_mb=2048,
+        kernel=None,
+        initramfs=None,
+        cmdline="",
+        accelerator="tcg",
+        control_socket=Path("/alloc/win/nomad-vm-x/qmp.sock"),
+        disk=DiskSpec(Path("/alloc/win/nomad-vm-x/disk.qcow2"), "qcow2"),
+        machine=MachineConfig("q35", "uefi-secure", smm=True),
+        firmware=FirmwarePlan(
+            "uefi-secure",
+            Path("/usr/share/OVMF/OVMF_CODE_4M.ms.fd"),
+            Path("/usr/share/OVMF/OVMF_VARS_4M.ms.fd"),
+            True,
+            True,
+            "test",
+        ),
+        firmware_vars=Path("/alloc/win/nomad-vm-x/uefi-vars.fd"),
+    ),
+    "microvm_disk": VMSpec(
+        name="micro-1",
+        vcpus=1,
+        memory_mb=128,
+        kernel=Path("/img/vmlinux"),
+        initramfs=None,
+        cmdline="console=ttyS0 root=/dev/vda",
+        accelerator="tcg",
+        control_socket=Path("/run/m/qmp.sock"),
+        disk=DiskSpec(Path("/run/m/di,sk.qcow2"), "qcow2"),  # a comma must be escaped
+        machine=MachineConfig("microvm", "bios", smm=None),
     ),
 }
 

@@ -21,7 +21,13 @@ from nomad_vm.driver.config import PluginConfig, parse_plugin_config
 from nomad_vm.driver.events import EventBus
 from nomad_vm.driver.fingerprint import fingerprint_async
 from nomad_vm.driver.output import open_task_output
-from nomad_vm.driver.startup import build_spec, make_runtime_dir, plan_start, prepare_disk
+from nomad_vm.driver.startup import (
+    build_spec,
+    make_runtime_dir,
+    plan_start,
+    prepare_disk,
+    prepare_firmware_vars,
+)
 from nomad_vm.driver.state import DriverState
 from nomad_vm.driver.stats import CpuRate
 from nomad_vm.driver.task import VMTask
@@ -107,7 +113,8 @@ class VMDriver:
         plan = await plan_start(task, self.config, self.agent, self._runtime_dir(task))
         with contextlib.ExitStack() as undo:
             make_runtime_dir(plan, undo)
-            spec = build_spec(plan, await prepare_disk(plan, self.events))
+            disk = await prepare_disk(plan, self.events)
+            spec = build_spec(plan, disk, prepare_firmware_vars(plan))
             console_fd = await open_task_output(task.stdout_path)
             try:
                 vm = await QemuBackend(plan.qemu).launch(spec, console_fd, plan.runtime_dir)

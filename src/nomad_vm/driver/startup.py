@@ -19,6 +19,8 @@ from nomad_vm.driver.resources import memory_mb_for, vcpus_for
 from nomad_vm.driver.types import AgentInfo, TaskConfig
 from nomad_vm.storage.disk import prepare_boot_disk
 from nomad_vm.vm.accel import AcceleratorChoice, choose_accelerator, probe_kvm
+from nomad_vm.vm.firmware import FirmwarePlan, plan_firmware, prepare_vars
+from nomad_vm.vm.machine import MachineConfig, validate_machine
 from nomad_vm.vm.qemu.binary import find_qemu, find_qemu_img
 from nomad_vm.vm.spec import DiskSpec, VMSpec
 
@@ -33,6 +35,8 @@ class StartPlan:
     memory_mb: int
     runtime_dir: Path
     allowed_dirs: tuple[str, ...]
+    machine: MachineConfig
+    firmware: FirmwarePlan | None
 
 
 async def plan_start(
@@ -40,6 +44,13 @@ async def plan_start(
 ) -> StartPlan:
     """Everything StartTask needs to know, checked before anything is created."""
     vm = parse_task_config(task, plugin)
+    machine = validate_machine(
+        vm.arch,
+        vm.machine,
+        vm.firmware,
+        has_kernel=vm.kernel is not None,
+        has_disk=vm.image is not None,
+    )
     # The KVM probe runs a child process (once per plugin process): keep it off the loop.
     kvm = await asyncio.to_thread(probe_kvm)
     return StartPlan(
@@ -51,6 +62,8 @@ async def plan_start(
         memory_mb=memory_mb_for(task.resources),
         runtime_dir=runtime_dir,
         allowed_dirs=(*plugin.image_paths, str(plugin.data_dir), task.alloc_dir),
+        machine=machine,
+        firmware=plan_firmware(vm.firmware),
     )
 
 
@@ -83,7 +96,14 @@ async def prepare_disk(plan: StartPlan, events: EventBus) -> DiskSpec | None:
     return DiskSpec(disk.path, disk.format)
 
 
-def build_spec(plan: StartPlan, disk: DiskSpec | None) -> VMSpec:
+def prepare_firmware_vars(plan: StartPlan) -> Path | None:
+    """The task's own UEFI variable store (the template is never written)."""
+    if plan.firmware is None:
+        return None
+    return prepare_vars(plan.firmware, plan.runtime_dir)
+
+
+def build_spec(plan: StartPlan, disk: DiskSpec | None, firmware_vars: Path | None) -> VMSpec:
     return VMSpec(
         name=plan.vm.hostname,
         vcpus=plan.vcpus,
@@ -94,4 +114,7 @@ def build_spec(plan: StartPlan, disk: DiskSpec | None) -> VMSpec:
         accelerator=plan.accel.name,
         control_socket=plan.runtime_dir / "qmp.sock",
         disk=disk,
+        machine=plan.machine,
+        firmware=plan.firmware,
+        firmware_vars=firmware_vars,
     )

@@ -95,7 +95,9 @@ def debootstrap(
 
 def _prune_cache(root: Path, cache: Path) -> None:
     """Keep only the .debs of this install in debootstrap's cache, so it does not grow forever."""
-    listing = _chroot_output(root, ["dpkg-query", "-W", "-f", "${Package} ${Version} ${Architecture}\\n"])
+    listing = _chroot_output(
+        root, ["dpkg-query", "-W", "-f", "${Package} ${Version} ${Architecture}\\n"]
+    )
     keep = set()
     for line in listing.splitlines():
         fields = line.split()

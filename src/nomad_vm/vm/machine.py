@@ -110,14 +110,14 @@ def machine_argv(
         argv += ["-global", SECURE_PFLASH]
     argv += [
         "-drive",
-        f"if=pflash,format=raw,unit=0,readonly=on,file={_option_value(plan.code)}",
+        f"if=pflash,format=raw,unit=0,readonly=on,file={option_value(plan.code)}",
         "-drive",
-        f"if=pflash,format=raw,unit=1,file={_option_value(vars_path)}",
+        f"if=pflash,format=raw,unit=1,file={option_value(vars_path)}",
     ]
     return argv
 
 
-def _option_value(path: Path) -> str:
+def option_value(path: object) -> str:
     """A path inside a QEMU key=value list, where a comma ends the value unless doubled."""
     return str(path).replace(",", ",,")
 

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+
+from nomad_vm.vm.firmware import FirmwarePlan
+from nomad_vm.vm.machine import MachineConfig
+
+DEFAULT_MACHINE = MachineConfig(machine="pc", firmware="bios", smm=None)
 
 
 @dataclass(frozen=True)
@@ -28,6 +33,10 @@ class VMSpec:
     control_socket: Path
     # The boot disk (first virtio disk), or None for a kernel-only VM.
     disk: DiskSpec | None = None
+    machine: MachineConfig = field(default=DEFAULT_MACHINE)
+    # UEFI firmware and the task's own copy of its variable store (None for BIOS).
+    firmware: FirmwarePlan | None = None
+    firmware_vars: Path | None = None
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from nomad_vm.vm.machine import machine_argv
+from nomad_vm.vm.machine import option_value as opt
 from nomad_vm.vm.spec import VMSpec
 
 # The guest's first serial port is QEMU's stdout, which the driver connects to Nomad's task stdout
@@ -10,32 +12,27 @@ from nomad_vm.vm.spec import VMSpec
 SERIAL_CHARDEV = "stdio,id=serial0,signal=off"
 
 
-def opt(value: object) -> str:
-    """A value inside a QEMU option string: a comma would start a new option (",," escapes it)."""
-    return str(value).replace(",", ",,")
-
-
 def qemu_argv(binary: str, spec: VMSpec) -> list[str]:
+    return [binary, *_platform(spec), *_control(spec), *_devices(spec), *_boot(spec)]
+
+
+def _platform(spec: VMSpec) -> list[str]:
     argv = [
-        binary,
         "-name",
         f"guest={opt(spec.name)},debug-threads=on",
         "-nodefaults",
         "-no-user-config",
-        # `pc` is the machine where QMP system_powerdown reaches the guest under TCG too
-        # (q35 with SMM does not; see docs/test-guests notes).
-        "-machine",
-        "pc",
+        *machine_argv(spec.machine, spec.firmware, spec.firmware_vars),
         "-accel",
         spec.accelerator,
     ]
     if spec.accelerator == "kvm":
         argv += ["-cpu", "host"]
-    argv += [
-        "-smp",
-        str(spec.vcpus),
-        "-m",
-        f"{spec.memory_mb}M",
+    return argv + ["-smp", str(spec.vcpus), "-m", f"{spec.memory_mb}M"]
+
+
+def _control(spec: VMSpec) -> list[str]:
+    return [
         "-display",
         "none",
         "-vga",
@@ -50,24 +47,36 @@ def qemu_argv(binary: str, spec: VMSpec) -> list[str]:
         # in QEMU's run state until the driver (possibly restarted meanwhile) has read it.
         "-action",
         "shutdown=pause,panic=pause",
-        # Lets the guest kernel tell QEMU it panicked (Linux's pvpanic driver).
-        "-device",
-        "pvpanic",
-        # Memory statistics from inside the guest (used/available), for TaskStats.
-        "-device",
-        "virtio-balloon-pci,id=balloon0",
     ]
+
+
+def _devices(spec: VMSpec) -> list[str]:
+    # microvm has no PCI bus: its virtio devices sit on virtio-mmio ("-device" suffix).
+    microvm = spec.machine.machine == "microvm"
+    virtio = "device" if microvm else "pci"
+    argv = []
+    if not microvm:
+        # Lets the guest kernel tell QEMU it panicked (Linux's pvpanic driver).
+        argv += ["-device", "pvpanic"]
+    # Memory statistics from inside the guest (used/available), for TaskStats.
+    argv += ["-device", f"virtio-balloon-{virtio},id=balloon0"]
     if spec.disk is not None:
+        drive = f"file={opt(spec.disk.path)},format={spec.disk.format},if=none,id=disk0"
         argv += [
             "-drive",
-            f"file={opt(spec.disk.path)},format={spec.disk.format},if=none,id=disk0,discard=unmap",
+            f"{drive},discard=unmap",
             "-device",
-            "virtio-blk-pci,drive=disk0,bootindex=1",
+            f"virtio-blk-{virtio},drive=disk0,bootindex=1",
         ]
-    if spec.kernel is not None:
-        argv += ["-kernel", str(spec.kernel)]
-        if spec.initramfs is not None:
-            argv += ["-initrd", str(spec.initramfs)]
-        if spec.cmdline:
-            argv += ["-append", spec.cmdline]
+    return argv
+
+
+def _boot(spec: VMSpec) -> list[str]:
+    if spec.kernel is None:
+        return []
+    argv = ["-kernel", str(spec.kernel)]
+    if spec.initramfs is not None:
+        argv += ["-initrd", str(spec.initramfs)]
+    if spec.cmdline:
+        argv += ["-append", spec.cmdline]
     return argv
