@@ -28,7 +28,7 @@ def _platform(spec: VMSpec) -> list[str]:
     ]
     if spec.accelerator == "kvm":
         argv += ["-cpu", "host"]
-    return argv + ["-smp", str(spec.vcpus), "-m", f"{spec.memory_mb}M"]
+    return [*argv, "-smp", str(spec.vcpus), "-m", f"{spec.memory_mb}M"]
 
 
 def _control(spec: VMSpec) -> list[str]:
