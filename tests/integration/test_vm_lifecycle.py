@@ -191,3 +191,36 @@ def test_disk_thin_copy_resize_and_base_untouched(
         assert b"size=262144" in console, console[-1500:]  # 128 MiB in 512-byte sectors
         assert b"NVMDISK!" in console and b"wrote" in console
         assert hashlib.sha256(base.read_bytes()).hexdigest() == digest
+
+
+def test_stats_include_the_guests_own_memory_use(
+    plugin: PluginProcess,
+    short_tmp: Path,
+    tiny_guest,  # type: ignore[no-untyped-def]
+) -> None:
+    """RSS is QEMU's footprint on the host; USAGE is what the guest reports via its balloon."""
+    with tiny_task(plugin, short_tmp, tiny_guest, alloc_name="mem") as (cfg, fifo, _):
+        drv(plugin).StartTask(driver_pb2.StartTaskRequest(task=cfg), timeout=60)
+        assert fifo.wait_for(RUNNING, 120)
+        stats = drv(plugin).TaskStats(
+            driver_pb2.TaskStatsRequest(
+                task_id=cfg.id, collection_interval=duration_pb2.Duration(seconds=1)
+            )
+        )
+        memory = None
+        deadline = time.monotonic() + 30
+        for sample in stats:
+            memory = sample.stats.agg_resource_usage.memory
+            if driver_pb2.MemoryUsage.USAGE in memory.measured_fields or (
+                time.monotonic() > deadline
+            ):
+                break
+        stats.cancel()
+        stop(plugin, cfg.id, 10)
+        wait(plugin, cfg.id)
+        destroy(plugin, cfg.id)
+    assert memory is not None
+    assert driver_pb2.MemoryUsage.USAGE in memory.measured_fields, memory
+    # The guest has 160 MB; a busybox initramfs uses a small part of it.
+    assert 0 < memory.usage < 160 * 1024 * 1024
+    assert memory.rss > 0
