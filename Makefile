@@ -56,6 +56,9 @@ proto: venv
 
 bench: setup
 	$(PY) bench/plugin_start.py
+	$(PY) bench/start_latency.py
+	$(PY) bench/thin_copy.py
+	$(PY) bench/many_vms.py
 
 clean:
 	rm -rf $(VENV) .tools .cache build *.egg-info
