@@ -29,6 +29,7 @@ nomad:
 
 guests: venv
 	$(VENV)/bin/nomad-vm image build tiny
+	$(VENV)/bin/nomad-vm image build debian
 
 demo: setup
 	$(VENV)/bin/nomad-vm demo

@@ -38,7 +38,7 @@ def test_doctor_refuses_kvm_where_it_does_not_work() -> None:
 def test_unknown_image_name() -> None:
     proc = run("image", "build", "windows")
     assert proc.returncode == 2
-    assert "available: tiny" in proc.stderr
+    assert "available: tiny, debian" in proc.stderr
 
 
 def test_docs_check_passes_on_the_checked_in_reference() -> None:

@@ -17,15 +17,25 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
 
 def _cmd_image_build(args: argparse.Namespace) -> int:
     from nomad_vm.cli.paths import guest_cache_dir
-    from nomad_vm.guests.tiny import build_tiny
 
-    if args.name != "tiny":
-        print(f"unknown image {args.name!r}; available: tiny", file=sys.stderr)
-        return 2
     cache = Path(args.cache) if args.cache else guest_cache_dir()
-    guest = build_tiny(cache, force=args.force)
-    print(f"tiny guest ready: kernel {guest.vmlinux}, initramfs {guest.initramfs}")
-    return 0
+    if args.name == "tiny":
+        from nomad_vm.guests.tiny import build_tiny
+
+        tiny = build_tiny(cache, force=args.force)
+        print(f"tiny guest ready: kernel {tiny.vmlinux}, initramfs {tiny.initramfs}")
+        return 0
+    if args.name == "debian":
+        from nomad_vm.guests.debian import build_debian
+
+        debian = build_debian(cache, force=args.force)
+        print(
+            f"debian guest ready: disk {debian.disk}, kernel {debian.vmlinux}, "
+            f"initrd {debian.initrd}"
+        )
+        return 0
+    print(f"unknown image {args.name!r}; available: tiny, debian", file=sys.stderr)
+    return 2
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -61,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     image = sub.add_parser("image", help="test guest images")
     image_sub = image.add_subparsers(dest="image_command", required=True)
     build = image_sub.add_parser("build", help="build (or reuse the cached) test guest")
-    build.add_argument("name", help="which guest: tiny")
+    build.add_argument("name", help="which guest: tiny (kernel + busybox) or debian (cloud image)")
     build.add_argument("--cache", help="cache directory (default: $NOMAD_VM_CACHE or ~/.cache)")
     build.add_argument("--force", action="store_true", help="rebuild even when cached")
     build.set_defaults(func=_cmd_image_build)

@@ -65,31 +65,34 @@ def debootstrap(
 ) -> None:
     """Install ``suite`` minbase plus ``packages`` into ``root``; fail on configure warnings.
 
-    debootstrap exits 0 even when a package stayed unconfigured (it does not resolve virtual
-    packages: without python3-cffi-backend, cloud-init is left half-installed), so its log is
-    checked for ``W:`` lines as well as its exit status.
+    debootstrap does not resolve virtual packages: without python3-cffi-backend, cloud-init is
+    left unconfigured. Depending on the version it then exits 0 or 1, but always prints ``W:``
+    lines, so those fail the build too. The details are in debootstrap's own log inside the
+    tree, which is appended to ``log`` because the tree is deleted after a failure.
     """
     cache.mkdir(parents=True, exist_ok=True)
     start = log.stat().st_size if log.exists() else 0
-    argv = [
-        "debootstrap",
-        "--variant=minbase",
-        f"--include={','.join(packages)}",
-        f"--cache-dir={cache}",
-        suite,
-        str(root),
-        mirror,
-    ]
-    run_logged(argv, log, what=f"debootstrap of Debian {suite}", hint=_DEBOOTSTRAP_HINT)
-    with log.open(errors="replace") as handle:
+    argv = ["debootstrap", "--variant=minbase", f"--include={','.join(packages)}"]
+    argv += [f"--cache-dir={cache}", suite, str(root), mirror]
+    failure: GuestBuildError | None = None
+    try:
+        run_logged(argv, log, what=f"debootstrap of Debian {suite}", hint=_DEBOOTSTRAP_HINT)
+    except GuestBuildError as exc:
+        failure = exc
+    with log.open("r+", errors="replace") as handle:
         handle.seek(start)
         warnings = [line.strip() for line in handle if line.startswith("W:")]
+        inner = root / "debootstrap" / "debootstrap.log"
+        if inner.is_file():  # debootstrap removes it on success
+            handle.write(f"\n--- {inner} ---\n{inner.read_text(errors='replace')}")
     if warnings:
         raise GuestBuildError(
-            f"debootstrap warned ({' | '.join(warnings[:5])}): some packages are probably left "
-            f"unpacked but not configured (a dependency only a virtual package provides must be "
-            f"listed explicitly); full log in {log}"
-        )
+            f"debootstrap warned ({' | '.join(dict.fromkeys(warnings))}): packages were left "
+            f"unconfigured (a dependency only a virtual package provides must be listed "
+            f"explicitly); details in {log}"
+        ) from failure
+    if failure is not None:
+        raise failure
     _prune_cache(root, cache)
 
 

@@ -1,0 +1,119 @@
+"""``write_seed``: SeedDocuments -> a NoCloud seed ISO (volume ``cidata``), written atomically.
+
+The guest finds the seed by its volume label (cloud-init's ds-identify and NoCloud look for
+``cidata``) and reads the files by their Rock Ridge names, which Linux's isofs prefers; the
+Joliet names serve other readers, and the plain ISO9660 names (upper case, no dashes, a
+``;1`` version) exist only because the standard demands them.
+
+The ISO holds the hashed password and the user's data, so it is created 0600 and only renamed
+onto ``dest`` once complete: QEMU (or a reader racing a restart) never sees a partial seed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import tempfile
+from pathlib import Path
+
+import pycdlib
+from pycdlib.pycdlibexception import PyCdlibException
+
+from nomad_vm.cloudinit.model import SeedDocuments
+from nomad_vm.errors import HypervisorError
+
+VOLUME_LABEL = "cidata"
+SEED_MODE = 0o600
+# Rock Ridge mode of the files inside the ISO (what `ls -l` shows where the guest mounts it):
+# regular files that only root, i.e. cloud-init, reads; the user-data holds the password hash.
+_FILE_MODE = 0o100400
+
+
+def _files(docs: SeedDocuments) -> list[tuple[str, str]]:
+    files = [("meta-data", docs.meta_data), ("user-data", docs.user_data)]
+    if docs.network_config is not None:
+        files.append(("network-config", docs.network_config))
+    return files
+
+
+def _iso9660_name(name: str) -> str:
+    # Interchange level 3: up to 30 d-characters (A-Z, 0-9, _), a dot, then the version.
+    return "/" + name.upper().replace("-", "_") + ".;1"
+
+
+def build_iso(docs: SeedDocuments) -> bytes:
+    """The complete ISO image of ``docs`` (a few hundred KiB at most, built in memory)."""
+    iso = pycdlib.PyCdlib()
+    iso.new(
+        interchange_level=3,
+        vol_ident=VOLUME_LABEL,
+        app_ident_str="nomad-vm cloud-init seed",
+        joliet=3,
+        rock_ridge="1.09",
+    )
+    # pycdlib reads each file object when it writes the image, so they stay open until then.
+    sources = []
+    try:
+        for name, text in _files(docs):
+            data = text.encode("utf-8")
+            source = io.BytesIO(data)
+            sources.append(source)
+            iso.add_fp(
+                source,
+                len(data),
+                iso_path=_iso9660_name(name),
+                rr_name=name,
+                joliet_path="/" + name,
+                file_mode=_FILE_MODE,
+            )
+        out = io.BytesIO()
+        iso.write_fp(out)
+        return out.getvalue()
+    finally:
+        iso.close()
+
+
+def write_seed(docs: SeedDocuments, dest: Path) -> Path:
+    """Write the seed ISO to ``dest`` (mode 0600, atomically) and return ``dest``.
+
+    Raises HypervisorError when the host cannot store it (no space, no permission).
+    """
+    try:
+        image = build_iso(docs)
+    except PyCdlibException as error:
+        raise HypervisorError(f"cannot build the cloud-init seed: {error}") from error
+    try:
+        _write_atomically(image, dest)
+    except OSError as error:
+        raise HypervisorError(
+            f"cannot write the cloud-init seed {dest}: {error.strerror or error}"
+        ) from error
+    return dest
+
+
+def _write_atomically(data: bytes, dest: Path) -> None:
+    # Same directory: the rename is atomic. mkstemp creates the file 0600 whatever the umask.
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            os.fchmod(out.fileno(), SEED_MODE)
+            out.write(data)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, dest)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise
+    _fsync_dir(dest.parent)
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make the rename durable: a VM restarted after a host crash must not find no seed."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
