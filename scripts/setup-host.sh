@@ -8,6 +8,7 @@ PACKAGES=(
     iproute2 nftables # networking
     cpio xz-utils     # building the tiny test guest's initramfs and kernel
     sbsigntool openssl  # Secure Boot tests sign a test kernel with a throwaway key
+    debootstrap extlinux e2fsprogs mount  # building the Debian cloud test guest
     python3-venv
 )
 SUDO=""; [[ $(id -u) == 0 ]] || SUDO=sudo

@@ -26,6 +26,13 @@ def tiny_guest():  # type: ignore[no-untyped-def]
     return build_tiny(guest_cache())
 
 
+@pytest.fixture(scope="session")
+def debian_guest():  # type: ignore[no-untyped-def]
+    from nomad_vm.guests.debian import build_debian
+
+    return build_debian(guest_cache())
+
+
 @pytest.fixture
 def short_tmp() -> Iterator[Path]:
     path = Path(tempfile.mkdtemp(prefix="nvt-", dir="/tmp"))

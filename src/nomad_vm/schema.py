@@ -177,6 +177,45 @@ TASK_CONFIG = Schema(
             ),
         ),
         Field(
+            "cloud_init",
+            "bool",
+            "Attach a cloud-init NoCloud seed (an ISO labelled `cidata`) to VMs that boot a disk "
+            "`image`. Set `false` for images without cloud-init.",
+            default=True,
+        ),
+        Field(
+            "default_user_password",
+            "string",
+            "Password of the image's default user (`nomad`). Stored only as a SHA-512 crypt hash "
+            "in the seed; never in argv, logs or events.",
+        ),
+        Field(
+            "default_user_authorized_ssh_key",
+            "string",
+            "Public SSH key(s) for the default user, one per line.",
+            example='"ssh-ed25519 AAAA... me@laptop"',
+        ),
+        Field(
+            "cmds",
+            "list(string)",
+            "Shell commands run once, in order, at the guest's first boot (cloud-init `runcmd`).",
+            example='["systemctl enable --now nginx"]',
+        ),
+        Field(
+            "timezone",
+            "string",
+            "The guest's time zone, e.g. `Europe/Berlin`.",
+        ),
+        Field(
+            "user_data",
+            "string",
+            "Your own cloud-init document: inline text starting with `#cloud-config` (or a `#!` "
+            "script), or the path of a file (inside `image_paths` or the allocation dir, e.g. a "
+            "Nomad `template` in `local/`). Merged with the generated one by cloud-init: maps "
+            "merge, lists append, the task options above win on single values. See "
+            "docs/cloud-init.md.",
+        ),
+        Field(
             "hostname",
             "string",
             "The guest's hostname, an RFC 1123 label (letters, digits and `-`, at most 63). "

@@ -285,9 +285,7 @@ def test_exec_polls_until_exited(short_tmp: Path) -> None:
         fake.next_statuses = [{"exited": False}] * 3 + [
             {"exited": True, "exitcode": 3, "out-data": b64(out), "err-data": b64(b"err\n")}
         ]
-        result = await agent.exec(
-            ["/bin/sh", "-c", "x"], stdin=b"in", env={"A": "1"}, timeout=10
-        )
+        result = await agent.exec(["/bin/sh", "-c", "x"], stdin=b"in", env={"A": "1"}, timeout=10)
         assert (result.exit_code, result.signal, result.truncated) == (3, None, False)
         assert result.stdout == out and result.stderr == b"err\n"
         [call] = fake.commands("guest-exec")

@@ -55,6 +55,8 @@ SPECS = {
             "test",
         ),
         firmware_vars=Path("/alloc/win/nomad-vm-x/uefi-vars.fd"),
+        seed=Path("/alloc/win/nomad-vm-x/cidata.iso"),
+        agent_socket=Path("/alloc/win/nomad-vm-x/agent.sock"),
     ),
     "microvm_disk": VMSpec(
         name="micro-1",

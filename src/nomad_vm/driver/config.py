@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from nomad_vm import schema
@@ -35,6 +35,14 @@ class VMTaskConfig:
     arch: str
     machine: str
     hostname: str
+    cloud_init: bool = True
+    # Plaintext only in memory until the seed hashes it; kept out of repr so it cannot be logged.
+    password: str | None = field(default=None, repr=False)
+    ssh_key: str | None = None
+    cmds: tuple[str, ...] = ()
+    timezone: str | None = None
+    # The user's cloud-init document, already read from its file when it was given as a path.
+    user_data: str | None = field(default=None, repr=False)
 
 
 def parse_plugin_config(raw: Mapping[str, object] | None) -> PluginConfig:
@@ -92,4 +100,28 @@ def parse_task_config(task: TaskConfig, plugin: PluginConfig) -> VMTaskConfig:
             if hostname
             else default_hostname(task.name, task.alloc_id)
         ),
+        cloud_init=bool(values["cloud_init"]),
+        password=_optional_str(values["default_user_password"]),
+        ssh_key=_optional_str(values["default_user_authorized_ssh_key"]),
+        cmds=tuple(values["cmds"] or ()),  # type: ignore[arg-type]
+        timezone=_optional_str(values["timezone"]),
+        user_data=_read_user_data(values["user_data"], allowed, task.task_dir),
     )
+
+
+def _optional_str(value: object) -> str | None:
+    return str(value) if value else None
+
+
+def _read_user_data(value: object, allowed: tuple[str, ...], task_dir: str) -> str | None:
+    """Inline documents start with '#' (``#cloud-config``, ``#!``); anything else is a path."""
+    if not value:
+        return None
+    text = str(value)
+    if text.lstrip().startswith("#") or "\n" in text:
+        return text
+    path = resolve_allowed_file("config.user_data", text, allowed, task_dir)
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError("config.user_data", f"cannot read {path}: {exc}") from exc

@@ -22,11 +22,13 @@ from nomad_vm.driver.events import EventBus
 from nomad_vm.driver.fingerprint import fingerprint_async
 from nomad_vm.driver.output import open_task_output
 from nomad_vm.driver.startup import (
+    AGENT_SOCKET,
     build_spec,
     make_runtime_dir,
     plan_start,
     prepare_disk,
     prepare_firmware_vars,
+    write_seed_iso,
 )
 from nomad_vm.driver.state import DriverState
 from nomad_vm.driver.stats import CpuRate
@@ -114,7 +116,8 @@ class VMDriver:
         with contextlib.ExitStack() as undo:
             make_runtime_dir(plan, undo)
             disk = await prepare_disk(plan, self.events)
-            spec = build_spec(plan, disk, prepare_firmware_vars(plan))
+            seed = write_seed_iso(plan, self.events)
+            spec = build_spec(plan, disk, prepare_firmware_vars(plan), seed)
             console_fd = await open_task_output(task.stdout_path)
             try:
                 vm = await QemuBackend(plan.qemu).launch(spec, console_fd, plan.runtime_dir)
@@ -133,7 +136,7 @@ class VMDriver:
             undo.pop_all()
         entry = VMTask(task, vm, state, plan.runtime_dir, self.events)
         self._tasks[task.id] = entry
-        entry.start_watching()
+        entry.start_watching(spec.agent_socket)
         self.events.emit(
             task,
             f"VM started: {spec.vcpus} vCPU, {spec.memory_mb} MB, accelerator {spec.accelerator}",
@@ -159,7 +162,8 @@ class VMDriver:
             return
         entry = VMTask(task, vm, state, runtime_dir, self.events)
         self._tasks[task.id] = entry
-        entry.start_watching()
+        agent_socket = runtime_dir / AGENT_SOCKET
+        entry.start_watching(agent_socket if agent_socket.exists() else None)
         self.events.emit(task, "Reattached to the running VM", {"pid": str(state.pid)})
 
     async def wait_task(self, task_id: str) -> ExitResult:

@@ -18,6 +18,8 @@ def fingerprint(config: PluginConfig) -> Fingerprint:
     attrs: dict[str, AttributeValue] = {
         "driver.vm.version": __version__,
         "driver.vm.kvm": kvm.usable,
+        # VMs get a qemu-guest-agent channel; the guest must run the agent to use it.
+        "driver.vm.guest_agent": True,
     }
     try:
         binary = find_qemu(config.qemu_binary)

@@ -13,6 +13,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from nomad_vm.cloudinit import CloudInitRequest, SeedDocuments, render, write_seed
 from nomad_vm.driver.config import PluginConfig, VMTaskConfig, parse_task_config
 from nomad_vm.driver.events import EventBus
 from nomad_vm.driver.resources import memory_mb_for, vcpus_for
@@ -23,6 +24,9 @@ from nomad_vm.vm.firmware import FirmwarePlan, plan_firmware, prepare_vars
 from nomad_vm.vm.machine import MachineConfig, validate_machine
 from nomad_vm.vm.qemu.binary import find_qemu, find_qemu_img
 from nomad_vm.vm.spec import DiskSpec, VMSpec
+
+SEED_NAME = "cidata.iso"
+AGENT_SOCKET = "agent.sock"
 
 
 @dataclass(frozen=True)
@@ -37,6 +41,8 @@ class StartPlan:
     allowed_dirs: tuple[str, ...]
     machine: MachineConfig
     firmware: FirmwarePlan | None
+    # The cloud-init seed's documents (rendered, so bad user_data fails before anything exists).
+    seed: SeedDocuments | None
 
 
 async def plan_start(
@@ -64,7 +70,26 @@ async def plan_start(
         allowed_dirs=(*plugin.image_paths, str(plugin.data_dir), task.alloc_dir),
         machine=machine,
         firmware=plan_firmware(vm.firmware),
+        seed=render_seed(task, vm),
     )
+
+
+def render_seed(task: TaskConfig, vm: VMTaskConfig) -> SeedDocuments | None:
+    """The NoCloud documents for a disk-booting VM, unless the task turned cloud-init off."""
+    if vm.image is None or not vm.cloud_init:
+        return None
+    request = CloudInitRequest(
+        # A fresh instance id per start makes cloud-init treat each start as a first boot.
+        instance_id=f"nomad-{task.id}",
+        hostname=vm.hostname,
+        timezone=vm.timezone,
+        password=vm.password,
+        ssh_authorized_key=vm.ssh_key,
+        cmds=vm.cmds,
+        env=task.env,
+        user_data_text=vm.user_data,
+    )
+    return render(request)
 
 
 def make_runtime_dir(plan: StartPlan, undo: contextlib.ExitStack) -> None:
@@ -96,6 +121,15 @@ async def prepare_disk(plan: StartPlan, events: EventBus) -> DiskSpec | None:
     return DiskSpec(disk.path, disk.format)
 
 
+def write_seed_iso(plan: StartPlan, events: EventBus) -> Path | None:
+    if plan.seed is None:
+        return None
+    path = write_seed(plan.seed, plan.runtime_dir / SEED_NAME)
+    for warning in plan.seed.warnings:
+        events.emit(plan.task, f"cloud-init: {warning}")
+    return path
+
+
 def prepare_firmware_vars(plan: StartPlan) -> Path | None:
     """The task's own UEFI variable store (the template is never written)."""
     if plan.firmware is None:
@@ -103,7 +137,9 @@ def prepare_firmware_vars(plan: StartPlan) -> Path | None:
     return prepare_vars(plan.firmware, plan.runtime_dir)
 
 
-def build_spec(plan: StartPlan, disk: DiskSpec | None, firmware_vars: Path | None) -> VMSpec:
+def build_spec(
+    plan: StartPlan, disk: DiskSpec | None, firmware_vars: Path | None, seed: Path | None
+) -> VMSpec:
     return VMSpec(
         name=plan.vm.hostname,
         vcpus=plan.vcpus,
@@ -117,4 +153,6 @@ def build_spec(plan: StartPlan, disk: DiskSpec | None, firmware_vars: Path | Non
         machine=plan.machine,
         firmware=plan.firmware,
         firmware_vars=firmware_vars,
+        seed=seed,
+        agent_socket=plan.runtime_dir / AGENT_SOCKET,
     )

@@ -9,9 +9,11 @@ import signal
 from datetime import UTC, datetime
 from pathlib import Path
 
+from nomad_vm.driver.agent_watch import watch_agent
 from nomad_vm.driver.events import EventBus
 from nomad_vm.driver.state import DriverState
 from nomad_vm.driver.types import ExitResult, TaskConfig, TaskState, TaskStatus
+from nomad_vm.vm.qemu.agent import GuestAgent
 from nomad_vm.vm.qemu.backend import QemuVM, sleep_until_exit
 from nomad_vm.vm.qemu.monitor import QemuEvent
 from nomad_vm.vm.spec import VMExit
@@ -69,13 +71,22 @@ class VMTask:
         self._events = events
         self._done = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
+        # The guest agent client once it has answered (exec and signals go through it).
+        self.agent: GuestAgent | None = None
 
-    def start_watching(self) -> None:
+    def start_watching(self, agent_socket: Path | None = None) -> None:
         assert self.vm is not None
         self._tasks.append(asyncio.create_task(self._watch(), name=f"wait {self.config.id}"))
         self._tasks.append(
             asyncio.create_task(self.vm.follow_events(self._on_event), name="qmp events")
         )
+        if agent_socket is not None:
+            watcher = watch_agent(agent_socket, self._agent_ready)
+            self._tasks.append(asyncio.create_task(watcher, name="guest agent"))
+
+    def _agent_ready(self, agent: GuestAgent, after: float) -> None:
+        self.agent = agent
+        self._events.emit(self.config, f"Guest agent answered ({after:.0f}s after the VM started)")
 
     def _on_event(self, event: QemuEvent) -> None:
         text = describe_event(event)
@@ -139,6 +150,8 @@ class VMTask:
                     await task
                 except Exception:  # already reported where it happened; closing regardless
                     log.exception("watcher of task %s failed", self.config.id)
+        if self.agent is not None:
+            await self.agent.close()
         if self.vm is not None:
             await self.vm.close()
 

@@ -18,8 +18,10 @@ printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d
 chmod 755 /usr/sbin/policy-rc.d
 trap 'rm -f /usr/sbin/policy-rc.d' EXIT
 
-# --- small initramfs: only what mounts an ext4 root on virtio-blk (6.5 MB instead of 36 MB).
-# gzip explicitly: the zstd default is not installed and mkinitramfs would warn and fall back.
+# --- small initramfs: only what mounts an ext4 root on virtio-blk (7 MB instead of 36 MB; the
+# root disk must therefore be virtio-blk). gzip explicitly: the zstd default is not installed
+# and mkinitramfs would warn and fall back. FSTYPE: in the build tree the fsck hook cannot probe
+# the root device and would leave e2fsck out of the initramfs.
 cat >/etc/initramfs-tools/conf.d/nomad-vm.conf <<'EOF'
 MODULES=list
 COMPRESS=gzip
@@ -53,7 +55,11 @@ EOF
 apt_get() { apt-get -q -y -o Dpkg::Use-Pty=0 --no-install-recommends "$@"; }
 apt_get update
 apt_get install "linux-image-amd64=${kernel_version}"
+# Held so that the kernel stays the one the build keys on, even if the mirror is newer than
+# the host's package lists; released afterwards so the guest can upgrade it itself.
+apt-mark hold linux-image-amd64 >/dev/null
 apt_get dist-upgrade
+apt-mark unhold linux-image-amd64 >/dev/null
 apt_get clean
 rm -rf /var/lib/apt/lists/*
 
@@ -138,7 +144,9 @@ EOF
 
 # --- cloud-init: drop modules for other distributions, clouds and tools not in this image.
 # Importing and skipping each costs time; the rest keep their defaults (write_files, users,
-# ssh, runcmd, phone_home, final_message, power_state, ...). Host key types as for ssh above.
+# ssh, runcmd, phone_home, final_message, power_state, ...). growpart is out because the disk
+# has no partition table: resizefs alone grows the root file system to a larger overlay.
+# Host key types as for ssh above.
 # manage_etc_hosts: the instance's hostname must resolve (sudo complains otherwise); the
 # static /etc/hosts above only knows the image's own name.
 cat >/etc/cloud/cloud.cfg.d/90-nomad-vm.cfg <<'EOF'
@@ -183,6 +191,6 @@ EOF
 : >/etc/machine-id
 rm -f /var/lib/dbus/machine-id
 
-# Root has no password; logins are by ssh key from cloud-init (the default user "debian").
-# Leave no build residue.
+# Leave no build residue. (Root has no password: logins are by ssh key, given to cloud-init's
+# default user "debian", or through the guest agent.)
 rm -f /var/log/*.log /var/cache/debconf/*-old /var/lib/dpkg/*-old

@@ -37,6 +37,10 @@ class VMSpec:
     # UEFI firmware and the task's own copy of its variable store (None for BIOS).
     firmware: FirmwarePlan | None = None
     firmware_vars: Path | None = None
+    # A cloud-init NoCloud seed ISO, attached read-only.
+    seed: Path | None = None
+    # Host side of the guest agent's virtio-serial port (qemu-guest-agent), or None.
+    agent_socket: Path | None = None
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from nomad_vm.vm.machine import machine_argv
 from nomad_vm.vm.machine import option_value as opt
+from nomad_vm.vm.qemu.agent import agent_argv
 from nomad_vm.vm.spec import VMSpec
 
 # The guest's first serial port is QEMU's stdout, which the driver connects to Nomad's task stdout
@@ -68,6 +69,11 @@ def _devices(spec: VMSpec) -> list[str]:
             "-device",
             f"virtio-blk-{virtio},drive=disk0,bootindex=1",
         ]
+    if spec.seed is not None:
+        seed = f"file={opt(spec.seed)},format=raw,if=none,id=seed0,readonly=on"
+        argv += ["-drive", seed, "-device", f"virtio-blk-{virtio},drive=seed0"]
+    if spec.agent_socket is not None:
+        argv += agent_argv(spec.agent_socket, microvm=microvm)
     return argv
 
 
