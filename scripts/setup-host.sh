@@ -9,6 +9,7 @@ PACKAGES=(
     cpio xz-utils     # building the tiny test guest's initramfs and kernel
     sbsigntool openssl  # Secure Boot tests sign a test kernel with a throwaway key
     debootstrap extlinux e2fsprogs mount  # building the Debian cloud test guest
+    genisoimage       # isoinfo: tests read the cloud-init seed ISO back with a second tool
     python3-venv
 )
 SUDO=""; [[ $(id -u) == 0 ]] || SUDO=sudo

@@ -38,18 +38,7 @@ QEMU_ARGS = (
 # fmt: on
 
 
-@pytest.fixture(scope="module")
-def debian_guest() -> DebianGuest:
-    if os.geteuid() != 0 and not _cached():
-        pytest.skip("building the Debian guest needs root (debootstrap)")
-    started = time.monotonic()
-    guest = build_debian(guest_cache())
-    print(f"\nDebian guest ready after {time.monotonic() - started:.1f} s: {guest}")
-    return guest
-
-
-def _cached() -> bool:
-    return (guest_cache() / "debian" / MANIFEST).is_file()
+# The `debian_guest` fixture (tests/conftest.py) builds or reuses the cached guest.
 
 
 class Console:

@@ -23,7 +23,6 @@ from pathlib import Path
 
 import pytest
 
-from nomad_vm.guests.debian import cached_debian
 from nomad_vm.guests.tiny import TinyGuest
 from nomad_vm.vm.qemu.agent import (
     NO_AGENT,
@@ -33,7 +32,6 @@ from nomad_vm.vm.qemu.agent import (
     GuestAgent,
     agent_argv,
 )
-from tests.conftest import guest_cache
 
 pytestmark = pytest.mark.integration
 
@@ -80,10 +78,8 @@ def qemu(tmp: Path, *args: str) -> Iterator[VM]:
 
 
 @pytest.fixture(scope="module")
-def debian_vm() -> Iterator[VM]:
-    guest = cached_debian(guest_cache())
-    if guest is None:
-        pytest.skip("no cached Debian guest (tests/integration/test_debian_guest.py builds it)")
+def debian_vm(debian_guest) -> Iterator[VM]:  # type: ignore[no-untyped-def]
+    guest = debian_guest
     tmp = Path(tempfile.mkdtemp(prefix="nvt-", dir="/tmp"))
     try:
         # A throwaway overlay: the cached disk is never opened read-write.
