@@ -21,7 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from nomad_vm.guests.debian import MANIFEST, DebianGuest, build_debian
+from nomad_vm.guests.cache import MANIFEST
+from nomad_vm.guests.debian import DebianGuest, build_debian
 from tests.conftest import guest_cache
 
 pytestmark = pytest.mark.integration

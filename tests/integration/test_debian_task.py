@@ -64,3 +64,33 @@ def test_debian_guest_with_cloud_init_agent_and_acpi_stop(
     assert not qemu_processes_under(short_tmp)
     assert list((alloc / "web").iterdir()) == []
     assert hashlib.sha256(debian_guest.disk.read_bytes()).hexdigest() == base_digest
+
+
+def test_debian_guest_boots_from_its_disk_alone(
+    plugin: PluginProcess,
+    short_tmp: Path,
+    debian_guest,  # type: ignore[no-untyped-def]
+) -> None:
+    """No kernel option: SeaBIOS boots the task's disk (extlinux on the image)."""
+    configure(plugin, short_tmp / "data", [str(debian_guest.disk.parent)])
+    stream, events = collect_events(plugin)
+    alloc = short_tmp / "alloc"
+    (alloc / "tiny").mkdir(parents=True)
+    fifo = FifoReader(alloc / "alloc" / "logs" / ".tiny.stdout.fifo")
+    config = {"image": str(debian_guest.disk), "cloud_init": False}
+    cfg = task_config(alloc, config, task_id="alloc/tiny/disk1")
+    cfg.resources.allocated_resources.memory.memory_mb = 1024
+    try:
+        drv(plugin).StartTask(driver_pb2.StartTaskRequest(task=cfg), timeout=120)
+        (runtime,) = (alloc / "tiny").glob("nomad-vm-*")
+        assert not (runtime / "cidata.iso").exists()  # cloud_init = false
+        assert wait_until(lambda: any("Guest agent answered" in m for m in events), 240), events
+        assert b"SYSLINUX" in fifo.data, bytes(fifo.data[:2000])
+        stop(plugin, cfg.id, 60)
+        result = wait(plugin, cfg.id)
+        destroy(plugin, cfg.id)
+    finally:
+        stream.cancel()
+        fifo.close()
+    assert (result.result.exit_code, result.err) == (0, "")
+    assert not qemu_processes_under(short_tmp)

@@ -16,6 +16,7 @@ import pytest
 
 from nomad_vm.errors import GuestBuildError
 from nomad_vm.guests import debian_packages, kernel, tiny
+from nomad_vm.guests.cache import MANIFEST
 from nomad_vm.guests.debian_packages import DebPackage
 from nomad_vm.guests.initramfs import write_cpio
 
@@ -232,7 +233,7 @@ def write_fake_build(tiny_dir: Path, inputs: tiny.TinyInputs) -> None:
         (tiny_dir / name).write_bytes(b"x" * 10)
         files[name] = {"size": 10, "sha256": ""}
     manifest = {"inputs": inputs.key(), "kernel_version": RELEASE, "files": files}
-    (tiny_dir / tiny.MANIFEST).write_text(json.dumps(manifest))
+    (tiny_dir / MANIFEST).write_text(json.dumps(manifest))
 
 
 def test_build_tiny_reuses_matching_build(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

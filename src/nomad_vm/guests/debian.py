@@ -21,22 +21,19 @@ Never boot ``disk.qcow2`` read-write: put a throwaway overlay on it (``qemu-img 
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import logging
-import os
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from nomad_vm.errors import GuestBuildError
 from nomad_vm.guests import debian_packages, debian_rootfs
+from nomad_vm.guests.cache import describe, locked, publish, read_manifest
 from nomad_vm.guests.debian_disk import DISK_SIZE, make_disk
 from nomad_vm.guests.debian_packages import KERNEL_METAPACKAGE, DebPackage
 from nomad_vm.guests.debian_sources import GuestSources, guest_sources, host_sources
@@ -78,7 +75,6 @@ DEFAULT_CMDLINE = "root=LABEL=root ro console=ttyS0 no_timer_check panic=-1"
 # TCG (decompressing what the guest reads is cheap next to emulating it). Costs ~25 CPU-s to build.
 COMPRESS_DISK = True
 
-MANIFEST = "manifest.json"
 DISK = "disk.qcow2"
 VMLINUX = "vmlinux"
 VMLINUZ = "vmlinuz"
@@ -146,14 +142,6 @@ def debian_inputs() -> DebianInputs:
     )
 
 
-def read_manifest(debian_dir: Path) -> dict[str, Any] | None:
-    try:
-        data = json.loads((debian_dir / MANIFEST).read_text())
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
-
-
 def _guest_from_manifest(debian_dir: Path, manifest: dict[str, Any]) -> DebianGuest | None:
     """The guest a manifest describes, if its files are still there with the recorded sizes."""
     files = manifest.get("files", {})
@@ -179,17 +167,6 @@ def cached_debian(cache_dir: Path) -> DebianGuest | None:
     return None if manifest is None else _guest_from_manifest(debian_dir, manifest)
 
 
-@contextmanager
-def _locked(debian_dir: Path) -> Iterator[None]:
-    """Hold an exclusive flock so parallel sessions build once and never see half a build."""
-    with (debian_dir / ".lock").open("a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
 def build_debian(cache_dir: Path, *, force: bool = False) -> DebianGuest:
     """Build the Debian guest into ``cache_dir`` unless an up-to-date build is already there.
 
@@ -200,7 +177,7 @@ def build_debian(cache_dir: Path, *, force: bool = False) -> DebianGuest:
     """
     debian_dir = cache_dir / "debian"
     debian_dir.mkdir(parents=True, exist_ok=True)
-    with _locked(debian_dir):
+    with locked(debian_dir):
         manifest = read_manifest(debian_dir)
         try:
             inputs = debian_inputs()
@@ -234,7 +211,7 @@ def _build(cache_dir: Path, debian_dir: Path, inputs: DebianInputs) -> DebianGue
     try:
         manifest = _assemble(cache_dir, scratch, inputs, sources, build_log)
         manifest["build_seconds"] = round(time.monotonic() - started, 1)
-        _publish(debian_dir, scratch, manifest)
+        publish(debian_dir, {name: scratch / name for name in _OUTPUTS}, manifest, scratch)
     finally:
         debian_rootfs.remove_tree(scratch)
     log.info("Debian guest built in %.1f s", time.monotonic() - started)
@@ -277,7 +254,7 @@ def _assemble(
         "installed": installed,
         "apt_sources": list(sources.lines),
         "disk": {"root_label": "root", "size": inputs.disk_size, "boot": "extlinux"},
-        "files": {name: _describe(scratch / name) for name in _OUTPUTS},
+        "files": {name: describe(scratch / name) for name in _OUTPUTS},
         "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
 
@@ -295,20 +272,3 @@ def _extract_boot_files(tree: Path, release: str, scratch: Path) -> None:
     shutil.copyfile(vmlinuz, scratch / VMLINUZ)
     shutil.copyfile(initrd, scratch / INITRD)
     (scratch / VMLINUX).write_bytes(extract_vmlinux(vmlinuz.read_bytes()))
-
-
-def _describe(path: Path) -> dict[str, Any]:
-    with path.open("rb") as handle:
-        digest = hashlib.file_digest(handle, "sha256").hexdigest()
-    return {"size": path.stat().st_size, "sha256": digest}
-
-
-def _publish(debian_dir: Path, scratch: Path, manifest: dict[str, Any]) -> None:
-    """Move finished outputs into place. The manifest goes first (removed) and last (written),
-    so at no point does a manifest vouch for a mix of old and new files."""
-    (debian_dir / MANIFEST).unlink(missing_ok=True)
-    for name in _OUTPUTS:
-        os.replace(scratch / name, debian_dir / name)
-    pending = scratch / MANIFEST
-    pending.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-    os.replace(pending, debian_dir / MANIFEST)

@@ -16,7 +16,6 @@ The guest's console protocol is documented at the top of ``tiny-init.sh``.
 from __future__ import annotations
 
 import base64
-import fcntl
 import hashlib
 import importlib.resources
 import json
@@ -25,14 +24,13 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from nomad_vm.errors import GuestBuildError
 from nomad_vm.guests import debian_packages
+from nomad_vm.guests.cache import describe, locked, publish, read_manifest
 from nomad_vm.guests.debian_packages import DebPackage
 from nomad_vm.guests.initramfs import stage_tree, write_cpio
 from nomad_vm.guests.kernel import collect_modules, extract_vmlinux
@@ -67,7 +65,6 @@ RUN_PARAMETER = "nomadvm.run"
 MAX_CMDLINE_BYTES = 2047
 
 INIT_SCRIPT = "tiny-init.sh"
-MANIFEST = "manifest.json"
 VMLINUX = "vmlinux"
 VMLINUZ = "vmlinuz"
 INITRAMFS = "initramfs.img"
@@ -154,14 +151,6 @@ def tiny_cmdline(base: str, run: str | None) -> str:
     return cmdline
 
 
-def read_manifest(tiny_dir: Path) -> dict[str, Any] | None:
-    try:
-        data = json.loads((tiny_dir / MANIFEST).read_text())
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
-
-
 def _guest_from_manifest(tiny_dir: Path, manifest: dict[str, Any]) -> TinyGuest | None:
     """The guest a manifest describes, if its files are still there with the recorded sizes."""
     files = manifest.get("files", {})
@@ -187,17 +176,6 @@ def cached_tiny(cache_dir: Path) -> TinyGuest | None:
     return None if manifest is None else _guest_from_manifest(tiny_dir, manifest)
 
 
-@contextmanager
-def _locked(tiny_dir: Path) -> Iterator[None]:
-    """Hold an exclusive flock so parallel test sessions build once and never see half a build."""
-    with (tiny_dir / ".lock").open("a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
 def build_tiny(cache_dir: Path, *, force: bool = False) -> TinyGuest:
     """Build the tiny guest into ``cache_dir`` unless an up-to-date build is already there.
 
@@ -207,7 +185,7 @@ def build_tiny(cache_dir: Path, *, force: bool = False) -> TinyGuest:
     """
     tiny_dir = cache_dir / "tiny"
     tiny_dir.mkdir(parents=True, exist_ok=True)
-    with _locked(tiny_dir):
+    with locked(tiny_dir):
         manifest = read_manifest(tiny_dir)
         try:
             inputs = tiny_inputs()
@@ -266,32 +244,13 @@ def _build(cache_dir: Path, tiny_dir: Path, inputs: TinyInputs) -> TinyGuest:
             "cache_key": inputs.digest(),
             "kernel_version": release,
             "modules_loaded": [module.name for module in modules],
-            "files": {name: _describe(scratch / name) for name in (VMLINUX, VMLINUZ, INITRAMFS)},
+            "files": {name: describe(scratch / name) for name in (VMLINUX, VMLINUZ, INITRAMFS)},
             "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "build_seconds": round(time.monotonic() - started, 1),
         }
         outputs = {VMLINUX: vmlinux, VMLINUZ: scratch / VMLINUZ, INITRAMFS: initramfs}
-        _publish(tiny_dir, outputs, manifest, scratch)
+        publish(tiny_dir, outputs, manifest, scratch)
     log.info("tiny guest built in %.1f s", time.monotonic() - started)
     return TinyGuest(
         vmlinux=tiny_dir / VMLINUX, initramfs=tiny_dir / INITRAMFS, kernel_version=release
     )
-
-
-def _describe(path: Path) -> dict[str, Any]:
-    with path.open("rb") as handle:
-        digest = hashlib.file_digest(handle, "sha256").hexdigest()
-    return {"size": path.stat().st_size, "sha256": digest}
-
-
-def _publish(
-    tiny_dir: Path, outputs: dict[str, Path], manifest: dict[str, Any], scratch: Path
-) -> None:
-    """Move finished outputs into place. The manifest goes first (removed) and last (written),
-    so at no point does a manifest vouch for a mix of old and new files."""
-    (tiny_dir / MANIFEST).unlink(missing_ok=True)
-    for name, path in outputs.items():
-        os.replace(path, tiny_dir / name)
-    pending = scratch / MANIFEST
-    pending.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-    os.replace(pending, tiny_dir / MANIFEST)
