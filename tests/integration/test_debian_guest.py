@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import socket
 import subprocess
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -24,6 +22,7 @@ import pytest
 from nomad_vm.guests.cache import MANIFEST
 from nomad_vm.guests.debian import DebianGuest, build_debian
 from tests.conftest import guest_cache
+from tests.console import QemuConsole as Console
 
 pytestmark = pytest.mark.integration
 
@@ -40,57 +39,6 @@ QEMU_ARGS = (
 
 
 # The `debian_guest` fixture (tests/conftest.py) builds or reuses the cached guest.
-
-
-class Console:
-    """QEMU's serial output (stdout), read as it comes: the login prompt has no newline."""
-
-    def __init__(self, process: subprocess.Popen[bytes]) -> None:
-        self.started = time.monotonic()
-        self._chunks: list[tuple[float, str]] = []
-        self._text = ""
-        self._changed = threading.Condition()
-        self._process = process
-        self._closed = False
-        self._thread = threading.Thread(target=self._read, daemon=True)
-        self._thread.start()
-
-    def _read(self) -> None:
-        assert self._process.stdout is not None
-        fd = self._process.stdout.fileno()
-        while chunk := os.read(fd, 65536):
-            with self._changed:
-                self._chunks.append((time.monotonic() - self.started, self._text))
-                self._text += chunk.decode(errors="replace")
-                self._changed.notify_all()
-        with self._changed:
-            self._closed = True
-            self._changed.notify_all()
-
-    def _seen_at(self, text: str) -> float | None:
-        index = self._text.find(text)
-        if index < 0:
-            return None
-        # The chunk that completed the match: the last one starting before the match's end.
-        end = index + len(text)
-        return max(when for when, before in self._chunks if len(before) < end)
-
-    def wait_for(self, text: str, timeout: float) -> float:
-        """Seconds after QEMU started at which ``text`` had appeared on the console."""
-        deadline = time.monotonic() + timeout
-        with self._changed:
-            while (seen := self._seen_at(text)) is None and not self._closed:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    break
-                self._changed.wait(min(remaining, 0.5))
-        if seen is None:
-            pytest.fail(f"no {text!r} on the console after {timeout} s:\n{self.tail()}")
-        return seen
-
-    def tail(self, lines: int = 60) -> str:
-        with self._changed:
-            return "\n".join(self._text.splitlines()[-lines:])
 
 
 class GuestAgent:

@@ -30,7 +30,6 @@ import importlib.util
 import shutil
 import subprocess
 import sys
-import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -42,6 +41,7 @@ from qemu.qmp import QMPClient
 from nomad_vm.guests.tiny import TinyGuest, tiny_cmdline
 from nomad_vm.vm.firmware import FirmwarePlan, plan_firmware, prepare_vars
 from nomad_vm.vm.machine import machine_argv, validate_machine
+from tests.console import QemuConsole as Console
 
 pytestmark = pytest.mark.integration
 
@@ -68,47 +68,6 @@ BOOT_TIMEOUT = 180.0
 
 # Seconds from QEMU start to the tiny guest's "booted" line, printed at the end of the module.
 BOOT_TIMES: dict[str, float] = {}
-
-
-class Console:
-    """QEMU's stdout (the guest's serial console, plus QEMU's own messages), line by line."""
-
-    def __init__(self, process: subprocess.Popen[bytes]) -> None:
-        self.started = time.monotonic()
-        self._process = process
-        self._lines: list[tuple[float, str]] = []
-        self._closed = False
-        self._changed = threading.Condition()
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self) -> None:
-        assert self._process.stdout is not None
-        for raw in self._process.stdout:
-            # OVMF draws its screen with ANSI escapes; they do not hurt substring matches.
-            line = raw.decode(errors="replace").rstrip("\r\n")
-            with self._changed:
-                self._lines.append((time.monotonic() - self.started, line))
-                self._changed.notify_all()
-        with self._changed:
-            self._closed = True
-            self._changed.notify_all()
-
-    def wait_for(self, text: str, timeout: float = BOOT_TIMEOUT) -> float:
-        """Seconds after QEMU's start at which a line containing ``text`` arrived."""
-        deadline = time.monotonic() + timeout
-        with self._changed:
-            while True:
-                for when, line in self._lines:
-                    if text in line:
-                        return when
-                if self._closed or time.monotonic() >= deadline:
-                    break
-                self._changed.wait(min(0.5, max(0.0, deadline - time.monotonic())))
-        pytest.fail(f"no console line with {text!r} after {timeout} s:\n{self.text()}")
-
-    def text(self) -> str:
-        with self._changed:
-            return "\n".join(line for _, line in self._lines)
 
 
 @contextlib.contextmanager

@@ -10,7 +10,6 @@ import asyncio
 import contextlib
 import subprocess
 import tempfile
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,6 +18,7 @@ import pytest
 from qemu.qmp import QMPClient
 
 from nomad_vm.guests.tiny import TinyGuest, tiny_cmdline
+from tests.console import QemuConsole as Console
 
 pytestmark = pytest.mark.integration
 
@@ -33,55 +33,6 @@ QEMU_ARGS = (
     "-m", "128", "-display", "none", "-serial", "stdio",
 )
 # fmt: on
-
-
-class Console:
-    """Collects QEMU's serial output (stdout) line by line with arrival times."""
-
-    def __init__(self, process: subprocess.Popen[bytes]) -> None:
-        self.started = time.monotonic()
-        self.lines: list[tuple[float, str]] = []
-        self._changed = threading.Condition()
-        self._process = process
-        self._closed = False
-        self._thread = threading.Thread(target=self._read, daemon=True)
-        self._thread.start()
-
-    def _read(self) -> None:
-        assert self._process.stdout is not None
-        for raw in self._process.stdout:
-            line = raw.decode(errors="replace").rstrip("\r\n")
-            with self._changed:
-                self.lines.append((time.monotonic() - self.started, line))
-                self._changed.notify_all()
-        with self._changed:
-            self._closed = True
-            self._changed.notify_all()
-
-    def wait_for(self, text: str, timeout: float) -> float:
-        """Seconds since QEMU started at which a line containing ``text`` appeared."""
-        deadline = time.monotonic() + timeout
-        with self._changed:
-            # Give up only once the output has ended (EOF), not merely when QEMU exited: the
-            # reader may still be behind.
-            while not self._closed and time.monotonic() < deadline:
-                found = [when for when, line in self.lines if text in line]
-                if found:
-                    return found[0]
-                self._changed.wait(min(deadline - time.monotonic(), 0.5))
-            found = [when for when, line in self.lines if text in line]
-        if found:
-            return found[0]
-        pytest.fail(
-            f"no console line with {text!r} after {timeout} s (QEMU exit status "
-            f"{self._process.poll()}):\n{self.text()}"
-        )
-
-    def text(self) -> str:
-        """Everything received so far (all of it once QEMU has exited)."""
-        self._thread.join(timeout=0 if self._process.poll() is None else 5)
-        with self._changed:
-            return "\n".join(line for _, line in self.lines)
 
 
 @contextlib.contextmanager
