@@ -12,6 +12,7 @@ table (``nomad_vm.plugin.status``)::
      +-- TaskExists           StartTask for an id already running
      +-- HypervisorError      the VMM could not be started, controlled or queried
      |    +-- LaunchError     the VMM exited or failed during start (recoverable: Nomad may retry)
+     |    +-- GuestAgentUnavailable  exec/signal cannot reach the guest (no agent answering)
      +-- GuestBuildError      building a test guest failed
      +-- Unsupported          the operation is not available for this task or host
 """
@@ -60,6 +61,10 @@ class HypervisorError(NomadVMError):
 
 class LaunchError(HypervisorError):
     """The VMM failed while starting. Nomad may retry such a start (recoverable)."""
+
+
+class GuestAgentUnavailable(HypervisorError):
+    """The guest agent does not answer: exec and signals cannot reach the guest."""
 
 
 class GuestBuildError(NomadVMError):

@@ -6,6 +6,7 @@ import time
 from pathlib import Path
 
 import grpc
+import pytest
 from google.protobuf import duration_pb2
 
 from nomad_vm.plugin.launcher import PluginProcess
@@ -224,3 +225,29 @@ def test_stats_include_the_guests_own_memory_use(
     # The guest has 160 MB; a busybox initramfs uses a small part of it.
     assert 0 < memory.usage < 160 * 1024 * 1024
     assert memory.rss > 0
+
+
+def test_exec_and_signals_without_a_guest_agent_fail_clearly(
+    plugin: PluginProcess,
+    short_tmp: Path,
+    tiny_guest,  # type: ignore[no-untyped-def]
+) -> None:
+    """The tiny guest runs no qemu-guest-agent: exec must fail fast and say why, not hang."""
+    with tiny_task(plugin, short_tmp, tiny_guest, alloc_name="noagent") as (cfg, fifo, _):
+        drv(plugin).StartTask(driver_pb2.StartTaskRequest(task=cfg), timeout=60)
+        assert fifo.wait_for(RUNNING, 120)
+        started = time.monotonic()
+        with pytest.raises(grpc.RpcError) as err:
+            drv(plugin).ExecTask(
+                driver_pb2.ExecTaskRequest(task_id=cfg.id, command=["true"]), timeout=30
+            )
+        assert time.monotonic() - started < 10
+        assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "qemu-guest-agent" in err.value.details()
+        with pytest.raises(grpc.RpcError) as err:
+            drv(plugin).SignalTask(driver_pb2.SignalTaskRequest(task_id=cfg.id, signal="SIGHUP"))
+        assert "SIGHUP" in err.value.details()
+        # SIGTERM means "shut the machine down": the tiny guest honours the power button.
+        drv(plugin).SignalTask(driver_pb2.SignalTaskRequest(task_id=cfg.id, signal="SIGTERM"))
+        assert (wait(plugin, cfg.id).result.exit_code) == 0
+        destroy(plugin, cfg.id)

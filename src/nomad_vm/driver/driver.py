@@ -20,6 +20,7 @@ from nomad_vm import schema
 from nomad_vm.driver.config import PluginConfig, parse_plugin_config
 from nomad_vm.driver.events import EventBus
 from nomad_vm.driver.fingerprint import fingerprint_async
+from nomad_vm.driver.guest_exec import ExecOutcome, exec_in_guest, signal_guest
 from nomad_vm.driver.output import open_task_output
 from nomad_vm.driver.startup import (
     AGENT_SOCKET,
@@ -45,7 +46,7 @@ from nomad_vm.driver.types import (
     TaskStats,
     TaskStatus,
 )
-from nomad_vm.errors import HypervisorError, TaskExists, TaskNotFound, Unsupported
+from nomad_vm.errors import HypervisorError, TaskExists, TaskNotFound
 from nomad_vm.vm.process import ProcessIdentity
 from nomad_vm.vm.qemu.backend import QemuBackend
 
@@ -80,7 +81,7 @@ class VMDriver:
         return schema.TASK_CONFIG
 
     def capabilities(self) -> Capabilities:
-        return Capabilities()
+        return Capabilities(send_signals=True, exec=True)
 
     async def fingerprints(self) -> AsyncIterator[Fingerprint]:
         """First fingerprint at once, then every 30 s or when the config changes."""
@@ -214,15 +215,12 @@ class VMDriver:
             yield event
 
     async def signal_task(self, task_id: str, signal_name: str) -> None:
-        self._task(task_id)
-        raise Unsupported(
-            f"signals are not delivered to VMs yet ({signal_name}); "
-            "stop the task to shut the VM down"
-        )
+        await signal_guest(self._task(task_id), signal_name)
 
-    async def exec_task(self, task_id: str, command: list[str], timeout: float) -> None:
-        self._task(task_id)
-        raise Unsupported("exec into VMs needs the guest agent, which this version does not use")
+    async def exec_task(
+        self, task_id: str, command: list[str], timeout: float, stdin: bytes | None = None
+    ) -> ExecOutcome:
+        return await exec_in_guest(self._task(task_id), command, timeout, stdin)
 
     async def shutdown(self) -> None:
         """The plugin is going away: VMs keep running (Nomad will recover them)."""

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Mapping
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from nomad_vm.driver.types import (
     AgentInfo,
@@ -17,6 +17,9 @@ from nomad_vm.driver.types import (
     TaskStatus,
 )
 from nomad_vm.schema import Schema
+
+if TYPE_CHECKING:
+    from nomad_vm.driver.guest_exec import ExecOutcome
 
 
 class DriverPort(Protocol):
@@ -46,6 +49,8 @@ class DriverPort(Protocol):
 
     async def signal_task(self, task_id: str, signal_name: str) -> None: ...
 
-    async def exec_task(self, task_id: str, command: list[str], timeout: float) -> None: ...
+    async def exec_task(
+        self, task_id: str, command: list[str], timeout: float, stdin: bytes | None = None
+    ) -> ExecOutcome: ...
 
     async def shutdown(self) -> None: ...

@@ -88,6 +88,9 @@ class VMTask:
         self.agent = agent
         self._events.emit(self.config, f"Guest agent answered ({after:.0f}s after the VM started)")
 
+    def emit(self, message: str) -> None:
+        self._events.emit(self.config, message)
+
     def _on_event(self, event: QemuEvent) -> None:
         text = describe_event(event)
         if text:

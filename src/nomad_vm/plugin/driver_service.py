@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, TypeAlias
 
 import grpc
 
+from nomad_vm.driver.types import ExitResult
 from nomad_vm.errors import Unsupported
 from nomad_vm.plugin import convert
 from nomad_vm.plugin.errors_guard import rpc_errors
@@ -19,6 +20,8 @@ if TYPE_CHECKING:
     from nomad_vm.driver.port import DriverPort
 
 Ctx: TypeAlias = grpc.aio.ServicerContext
+# Nomad's own drivers send exec output in 1 KiB frames.
+EXEC_CHUNK = 1024
 
 
 class DriverService(driver_pb2_grpc.DriverServicer):
@@ -121,17 +124,37 @@ class DriverService(driver_pb2_grpc.DriverServicer):
     async def ExecTask(self, request: pb.ExecTaskRequest, context: Ctx) -> pb.ExecTaskResponse:
         async with rpc_errors(context, "ExecTask"):
             timeout = request.timeout.ToTimedelta().total_seconds()
-            await self.driver.exec_task(request.task_id, list(request.command), timeout)
+            out = await self.driver.exec_task(request.task_id, list(request.command), timeout)
+            result = convert.exit_result(ExitResult(out.exit_code, out.signal, err=out.err))
+            # `result` is always set: Nomad dereferences it without a nil check.
+            return pb.ExecTaskResponse(stdout=out.stdout, stderr=out.stderr, result=result)
         raise AssertionError("unreachable")
 
     async def ExecTaskStreaming(
         self, request_iterator: AsyncIterator[pb.ExecTaskStreamingRequest], context: Ctx
     ) -> AsyncIterator[pb.ExecTaskStreamingResponse]:
+        """`nomad alloc exec`: stdin is collected until Nomad closes it, then the command runs
+        and its output is sent back (the guest agent returns output only at the end)."""
         async with rpc_errors(context, "ExecTaskStreaming"):
             first = await anext(aiter(request_iterator))
-            await self.driver.exec_task(first.setup.task_id, list(first.setup.command), 0.0)
-        raise AssertionError("unreachable")
-        yield pb.ExecTaskStreamingResponse()  # pragma: no cover - makes this a generator
+            setup = first.setup
+            if setup.tty:
+                raise Unsupported(
+                    "interactive sessions (nomad alloc exec -t) are not available: the guest "
+                    "agent has no terminal; run the command with -t=false"
+                )
+            stdin = bytearray()
+            async for message in request_iterator:
+                stdin += message.stdin.data
+                if message.stdin.close:
+                    break
+            out = await self.driver.exec_task(
+                setup.task_id, list(setup.command), 0.0, bytes(stdin) or None
+            )
+            for frame in exec_frames(out.stdout, out.stderr):
+                yield frame
+            result = convert.exit_result(ExitResult(out.exit_code, out.signal))
+            yield pb.ExecTaskStreamingResponse(exited=True, result=result)
 
     async def CreateNetwork(
         self, request: pb.CreateNetworkRequest, context: Ctx
@@ -146,3 +169,19 @@ class DriverService(driver_pb2_grpc.DriverServicer):
         async with rpc_errors(context, "DestroyNetwork"):
             raise Unsupported("this driver does not create networks (must_create_network=false)")
         raise AssertionError("unreachable")
+
+
+def exec_frames(stdout: bytes, stderr: bytes) -> list[pb.ExecTaskStreamingResponse]:
+    """Output in 1 KiB chunks (like Nomad's own drivers), then a close frame per stream."""
+    frames = []
+    for is_stdout, data in ((True, stdout), (False, stderr)):
+        ops = [
+            pb.ExecTaskStreamingIOOperation(data=data[i : i + EXEC_CHUNK])
+            for i in range(0, len(data), EXEC_CHUNK)
+        ]
+        ops.append(pb.ExecTaskStreamingIOOperation(close=True))
+        for op in ops:
+            frame = pb.ExecTaskStreamingResponse()
+            (frame.stdout if is_stdout else frame.stderr).CopyFrom(op)
+            frames.append(frame)
+    return frames

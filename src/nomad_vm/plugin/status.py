@@ -23,6 +23,7 @@ STATUS_TABLE: tuple[tuple[type[BaseException], grpc.StatusCode, bool], ...] = (
     (errors.TaskExists, grpc.StatusCode.ALREADY_EXISTS, False),
     (errors.Unsupported, grpc.StatusCode.UNIMPLEMENTED, False),
     (errors.LaunchError, grpc.StatusCode.FAILED_PRECONDITION, True),
+    (errors.GuestAgentUnavailable, grpc.StatusCode.FAILED_PRECONDITION, False),
     (errors.HypervisorError, grpc.StatusCode.INTERNAL, True),
     (errors.NomadVMError, grpc.StatusCode.INTERNAL, False),
 )
