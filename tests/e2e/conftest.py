@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import tempfile
 import time
 from collections.abc import Iterator
@@ -14,30 +15,38 @@ from nomad_vm.cli.paths import nomad_binary
 from tests.conftest import REPO, qemu_processes_under
 
 
-@pytest.fixture(scope="module")
-def agent(tiny_guest) -> Iterator[DevAgent]:  # type: ignore[no-untyped-def]
+@contextlib.contextmanager
+def running_agent(image_paths: list[Path], *, dev: bool = True) -> Iterator[DevAgent]:
+    """A Nomad agent with our plugin, on loopback; everything it started is gone afterwards."""
     workdir = Path(tempfile.mkdtemp(prefix="nve-", dir="/tmp"))
-    dev = DevAgent(
+    agent = DevAgent(
         DevAgentConfig(
             workdir=workdir,
             nomad_binary=nomad_binary(),
             driver_executable=REPO / ".venv" / "bin" / "nomad-driver-vm",
-            image_paths=[tiny_guest.vmlinux.parent],
+            image_paths=image_paths,
+            dev=dev,
         )
     )
-    dev.start()
+    agent.start()
     try:
-        dev.wait_driver()
-        yield dev
+        agent.wait_driver()
+        yield agent
     finally:
-        dev.stop()
+        agent.stop()
         leftover = qemu_processes_under(workdir)
         for proc in leftover:
             proc.kill()
         if leftover:
             print(f"killed QEMU processes left behind: {[p.pid for p in leftover]}")
-        print(f"agent log: {dev.log_path}")
-        dev.remove()
+        print(f"agent log: {agent.log_path}")
+        agent.remove()
+
+
+@pytest.fixture(scope="module")
+def agent(tiny_guest) -> Iterator[DevAgent]:  # type: ignore[no-untyped-def]
+    with running_agent([tiny_guest.vmlinux.parent]) as dev:
+        yield dev
 
 
 def allocations(agent: DevAgent, job: str) -> list[dict[str, object]]:

@@ -3,17 +3,14 @@
 from __future__ import annotations
 
 import re
-import tempfile
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
-from nomad_vm.cli.devagent import DevAgent, DevAgentConfig
-from nomad_vm.cli.paths import nomad_binary
+from nomad_vm.cli.devagent import DevAgent
 from tests.conftest import REPO, qemu_processes_under
-from tests.e2e.conftest import wait_alloc
+from tests.e2e.conftest import running_agent, wait_alloc
 
 pytestmark = pytest.mark.e2e
 JOB = REPO / "examples" / "demo.nomad.hcl"
@@ -21,25 +18,8 @@ JOB = REPO / "examples" / "demo.nomad.hcl"
 
 @pytest.fixture(scope="module")
 def server_agent(tiny_guest) -> Iterator[DevAgent]:  # type: ignore[no-untyped-def]
-    workdir = Path(tempfile.mkdtemp(prefix="nvr-", dir="/tmp"))
-    agent = DevAgent(
-        DevAgentConfig(
-            workdir=workdir,
-            nomad_binary=nomad_binary(),
-            driver_executable=REPO / ".venv" / "bin" / "nomad-driver-vm",
-            image_paths=[tiny_guest.vmlinux.parent],
-            dev=False,
-        )
-    )
-    agent.start()
-    try:
-        agent.wait_driver()
+    with running_agent([tiny_guest.vmlinux.parent], dev=False) as agent:
         yield agent
-    finally:
-        agent.stop()
-        for proc in qemu_processes_under(workdir):
-            proc.kill()
-        agent.remove()
 
 
 def _wait_for_stats(agent: DevAgent, alloc_id: str) -> tuple[float, int]:
