@@ -11,11 +11,16 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
+import logging
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, TypeVar
+
+from nomad_vm.errors import GuestBuildError
+
+log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 
@@ -56,3 +61,45 @@ def publish(
     pending = scratch / MANIFEST
     pending.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     os.replace(pending, guest_dir / MANIFEST)
+
+
+class Inputs(Protocol):
+    """What a guest is built from; ``key()`` is recorded in the manifest to detect changes."""
+
+    def key(self) -> dict[str, Any]: ...
+
+
+InputsT = TypeVar("InputsT", bound=Inputs)
+GuestT = TypeVar("GuestT")
+
+
+def build_or_reuse(
+    guest_dir: Path,
+    *,
+    label: str,
+    force: bool,
+    current_inputs: Callable[[], InputsT],
+    from_manifest: Callable[[Path, dict[str, Any]], GuestT | None],
+    build: Callable[[InputsT], GuestT],
+) -> GuestT:
+    """The cached guest when its manifest records the current inputs, else a fresh build.
+
+    If the current inputs cannot be determined (apt unavailable) an existing build is used with
+    a warning rather than failing; ``force`` always rebuilds.
+    """
+    guest_dir.mkdir(parents=True, exist_ok=True)
+    with locked(guest_dir):
+        manifest = read_manifest(guest_dir)
+        try:
+            inputs = current_inputs()
+        except GuestBuildError as exc:
+            existing = None if manifest is None else from_manifest(guest_dir, manifest)
+            if force or existing is None:
+                raise
+            log.warning("cannot check %s guest inputs (%s); using the cached build", label, exc)
+            return existing
+        if not force and manifest is not None and manifest.get("inputs") == inputs.key():
+            existing = from_manifest(guest_dir, manifest)
+            if existing is not None:
+                return existing
+        return build(inputs)

@@ -33,7 +33,7 @@ from typing import Any
 
 from nomad_vm.errors import GuestBuildError
 from nomad_vm.guests import debian_packages, debian_rootfs
-from nomad_vm.guests.cache import describe, locked, publish, read_manifest
+from nomad_vm.guests.cache import build_or_reuse, describe, publish, read_manifest
 from nomad_vm.guests.debian_disk import DISK_SIZE, make_disk
 from nomad_vm.guests.debian_packages import KERNEL_METAPACKAGE, DebPackage
 from nomad_vm.guests.debian_sources import GuestSources, guest_sources, host_sources
@@ -176,22 +176,14 @@ def build_debian(cache_dir: Path, *, force: bool = False) -> DebianGuest:
     needs root and the host's Debian mirror.
     """
     debian_dir = cache_dir / "debian"
-    debian_dir.mkdir(parents=True, exist_ok=True)
-    with locked(debian_dir):
-        manifest = read_manifest(debian_dir)
-        try:
-            inputs = debian_inputs()
-        except GuestBuildError as exc:
-            existing = None if manifest is None else _guest_from_manifest(debian_dir, manifest)
-            if force or existing is None:
-                raise
-            log.warning("cannot check Debian guest inputs (%s); using the cached build", exc)
-            return existing
-        if not force and manifest is not None and manifest.get("inputs") == inputs.key():
-            existing = _guest_from_manifest(debian_dir, manifest)
-            if existing is not None:
-                return existing
-        return _build(cache_dir, debian_dir, inputs)
+    return build_or_reuse(
+        debian_dir,
+        label="Debian",
+        force=force,
+        current_inputs=debian_inputs,
+        from_manifest=_guest_from_manifest,
+        build=lambda inputs: _build(cache_dir, debian_dir, inputs),
+    )
 
 
 def _build(cache_dir: Path, debian_dir: Path, inputs: DebianInputs) -> DebianGuest:

@@ -30,7 +30,7 @@ from typing import Any
 
 from nomad_vm.errors import GuestBuildError
 from nomad_vm.guests import debian_packages
-from nomad_vm.guests.cache import describe, locked, publish, read_manifest
+from nomad_vm.guests.cache import build_or_reuse, describe, publish, read_manifest
 from nomad_vm.guests.debian_packages import DebPackage
 from nomad_vm.guests.initramfs import stage_tree, write_cpio
 from nomad_vm.guests.kernel import collect_modules, extract_vmlinux
@@ -184,22 +184,14 @@ def build_tiny(cache_dir: Path, *, force: bool = False) -> TinyGuest:
     lists) an existing build is used with a warning rather than failing.
     """
     tiny_dir = cache_dir / "tiny"
-    tiny_dir.mkdir(parents=True, exist_ok=True)
-    with locked(tiny_dir):
-        manifest = read_manifest(tiny_dir)
-        try:
-            inputs = tiny_inputs()
-        except GuestBuildError as exc:
-            existing = None if manifest is None else _guest_from_manifest(tiny_dir, manifest)
-            if force or existing is None:
-                raise
-            log.warning("cannot check tiny guest inputs (%s); using the cached build", exc)
-            return existing
-        if not force and manifest is not None and manifest.get("inputs") == inputs.key():
-            existing = _guest_from_manifest(tiny_dir, manifest)
-            if existing is not None:
-                return existing
-        return _build(cache_dir, tiny_dir, inputs)
+    return build_or_reuse(
+        tiny_dir,
+        label="tiny",
+        force=force,
+        current_inputs=tiny_inputs,
+        from_manifest=_guest_from_manifest,
+        build=lambda inputs: _build(cache_dir, tiny_dir, inputs),
+    )
 
 
 def _build(cache_dir: Path, tiny_dir: Path, inputs: TinyInputs) -> TinyGuest:
