@@ -216,6 +216,21 @@ TASK_CONFIG = Schema(
             "docs/cloud-init.md.",
         ),
         Field(
+            "share_task_dirs",
+            "bool",
+            "Share the allocation's `alloc/` and the task's `local/` and `secrets/` directories "
+            "with the guest (9p), mounted by cloud-init at `/alloc`, `/local` and `/secrets`. "
+            "Nomad host volumes (`volume_mount`) are shared the same way at their destination.",
+            default=True,
+        ),
+        Field(
+            "writable_alloc_dir",
+            "bool",
+            "Let the guest write to `/alloc` (shared with the allocation's other tasks). "
+            "`/local` and `/secrets` are always read-only in the guest.",
+            default=False,
+        ),
+        Field(
             "hostname",
             "string",
             "The guest's hostname, an RFC 1123 label (letters, digits and `-`, at most 63). "

@@ -45,6 +45,24 @@ def exec_stream(
     return out, err, code
 
 
+def run(plugin: PluginProcess, task_id: str, script: str) -> tuple[bytes, int]:
+    reply = drv(plugin).ExecTask(
+        driver_pb2.ExecTaskRequest(task_id=task_id, command=["/bin/sh", "-c", script]),
+        timeout=60,
+    )
+    return reply.stdout + reply.stderr, reply.result.exit_code
+
+
+def check_shares(plugin: PluginProcess, task_id: str) -> None:
+    """local/ is readable and read-only in the guest; a writable host volume is writable."""
+    assert run(plugin, task_id, "cat /local/hello.txt") == (b"written by a Nomad template\n", 0)
+    out, code = run(plugin, task_id, "touch /local/nope")
+    assert code != 0 and b"Read-only file system" in out, out
+    out, code = run(plugin, task_id, "touch /alloc/nope")
+    assert code != 0, out
+    assert run(plugin, task_id, "echo hi > /srv/vol/from-guest") == (b"", 0)
+
+
 def check_exec(plugin: PluginProcess, task_id: str) -> None:
     """Script-check style ExecTask, streaming exec with stdin, and the refused tty mode."""
     reply = drv(plugin).ExecTask(
@@ -88,6 +106,14 @@ def test_debian_guest_with_cloud_init_agent_and_acpi_stop(
     }
     cfg = task_config(alloc, config, task_id="alloc/web/deb1")
     cfg.name = "web"
+    # Nomad's task directories, and a host volume (volume_mount) the guest may write to.
+    (alloc / "web" / "local").mkdir()
+    (alloc / "web" / "local" / "hello.txt").write_text("written by a Nomad template\n")
+    (alloc / "web" / "secrets").mkdir()
+    (alloc / "alloc" / "data").mkdir(parents=True, exist_ok=True)
+    volume = short_tmp / "volume"
+    volume.mkdir()
+    cfg.mounts.append(driver_pb2.Mount(task_path="/srv/vol", host_path=str(volume)))
     cfg.resources.allocated_resources.memory.memory_mb = 1024
     cfg.env["NOMAD_TASK_NAME"] = "web"
     try:
@@ -99,6 +125,8 @@ def test_debian_guest_with_cloud_init_agent_and_acpi_stop(
         assert wait_until(lambda: any("Guest agent answered" in m for m in events), 240), events
         assert fifo.wait_for(MARKER.encode() + b" web", 240), bytes(fifo.data[-3000:])
         check_exec(plugin, cfg.id)
+        check_shares(plugin, cfg.id)
+        assert (volume / "from-guest").read_text() == "hi\n"
         # `nomad alloc signal -s SIGTERM` shuts the machine down through ACPI.
         started = time.monotonic()
         drv(plugin).SignalTask(driver_pb2.SignalTaskRequest(task_id=cfg.id, signal="SIGTERM"))
@@ -113,7 +141,7 @@ def test_debian_guest_with_cloud_init_agent_and_acpi_stop(
     assert any(m.startswith("Disk prepared: thin copy") for m in events), events
     assert any("SIGTERM received: ACPI shutdown requested" in m for m in events), events
     assert not qemu_processes_under(short_tmp)
-    assert list((alloc / "web").iterdir()) == []
+    assert not list((alloc / "web").glob("nomad-vm-*"))  # local/ and secrets/ are Nomad's
     assert hashlib.sha256(debian_guest.disk.read_bytes()).hexdigest() == base_digest
 
 

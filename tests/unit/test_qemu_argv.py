@@ -10,7 +10,7 @@ import pytest
 from nomad_vm.vm.firmware import FirmwarePlan
 from nomad_vm.vm.machine import MachineConfig
 from nomad_vm.vm.qemu.argv import qemu_argv
-from nomad_vm.vm.spec import DiskSpec, VMSpec
+from nomad_vm.vm.spec import DiskSpec, ShareSpec, VMSpec
 
 GOLDEN = Path(__file__).parent / "golden"
 
@@ -57,6 +57,10 @@ SPECS = {
         firmware_vars=Path("/alloc/win/nomad-vm-x/uefi-vars.fd"),
         seed=Path("/alloc/win/nomad-vm-x/cidata.iso"),
         agent_socket=Path("/alloc/win/nomad-vm-x/agent.sock"),
+        shares=(
+            ShareSpec("nomad-local", Path("/alloc/win/local"), "/local", True),
+            ShareSpec("nomad-vol0", Path("/srv/data,1"), "/data", False),
+        ),
     ),
     "microvm_disk": VMSpec(
         name="micro-1",

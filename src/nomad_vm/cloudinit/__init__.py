@@ -7,13 +7,14 @@ the task's options and attaches the ISO it gets back.
 
 from __future__ import annotations
 
-from nomad_vm.cloudinit.model import CloudInitRequest, SeedDocuments
+from nomad_vm.cloudinit.model import CloudInitRequest, GuestMount, SeedDocuments
 from nomad_vm.cloudinit.render import USER_PART_MERGE_TYPE, render
 from nomad_vm.cloudinit.seed import write_seed
 
 __all__ = [
     "USER_PART_MERGE_TYPE",
     "CloudInitRequest",
+    "GuestMount",
     "SeedDocuments",
     "render",
     "write_seed",

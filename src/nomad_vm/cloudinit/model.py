@@ -22,6 +22,15 @@ def _frozen(mapping: Mapping[str, Any] | None) -> Mapping[str, Any] | None:
 
 
 @dataclass(frozen=True)
+class GuestMount:
+    """A host directory shared with the guest over 9p (virtio), mounted at ``path``."""
+
+    tag: str
+    path: str
+    readonly: bool
+
+
+@dataclass(frozen=True)
 class CloudInitRequest:
     """Everything the seed of one task start holds.
 
@@ -42,6 +51,7 @@ class CloudInitRequest:
     user_data_text: str | None = field(default=None, repr=False)
     network_config: Mapping[str, Any] | None = None
     default_user: str = DEFAULT_USER
+    mounts: tuple[GuestMount, ...] = ()
 
     def __post_init__(self) -> None:
         # Frozen copies: the caller's dicts may change after the request was made.

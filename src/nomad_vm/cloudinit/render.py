@@ -46,7 +46,7 @@ from typing import Any
 import yaml
 
 from nomad_vm.cloudinit.envfiles import ENV_FILE_PATH, PROFILE_PATH, EnvFiles, environment_files
-from nomad_vm.cloudinit.model import CloudInitRequest, SeedDocuments
+from nomad_vm.cloudinit.model import CloudInitRequest, GuestMount, SeedDocuments
 from nomad_vm.cloudinit.passwd import sha512_crypt
 from nomad_vm.cloudinit.userdoc import CLOUD_CONFIG, UserDocument, parse_user_data
 from nomad_vm.errors import ConfigError
@@ -160,7 +160,17 @@ def _generated_config(req: CloudInitRequest, env: EnvFiles) -> dict[str, Any]:
         _env_file(PROFILE_PATH, env.profile, req.default_user),
         _env_file(ENV_FILE_PATH, env.env_file, req.default_user),
     ]
+    if req.mounts:
+        # cloud-init's mounts module writes fstab entries and mounts them (creating the
+        # directories); nofail keeps a missing share from blocking the boot.
+        config["mounts"] = [_mount_entry(m) for m in req.mounts]
     return config
+
+
+def _mount_entry(mount: GuestMount) -> list[str]:
+    mode = "ro" if mount.readonly else "rw"
+    options = f"trans=virtio,version=9p2000.L,msize=262144,{mode},nofail"
+    return [mount.tag, mount.path, "9p", options, "0", "0"]
 
 
 def _env_file(path: str, content: str, group: str) -> dict[str, Any]:

@@ -43,6 +43,8 @@ class VMTaskConfig:
     timezone: str | None = None
     # The user's cloud-init document, already read from its file when it was given as a path.
     user_data: str | None = field(default=None, repr=False)
+    share_task_dirs: bool = True
+    writable_alloc_dir: bool = False
 
 
 def parse_plugin_config(raw: Mapping[str, object] | None) -> PluginConfig:
@@ -106,6 +108,8 @@ def parse_task_config(task: TaskConfig, plugin: PluginConfig) -> VMTaskConfig:
         cmds=tuple(values["cmds"] or ()),  # type: ignore[arg-type]
         timezone=_optional_str(values["timezone"]),
         user_data=_read_user_data(values["user_data"], allowed, task.task_dir),
+        share_task_dirs=bool(values["share_task_dirs"]),
+        writable_alloc_dir=bool(values["writable_alloc_dir"]),
     )
 
 

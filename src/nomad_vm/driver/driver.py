@@ -81,7 +81,7 @@ class VMDriver:
         return schema.TASK_CONFIG
 
     def capabilities(self) -> Capabilities:
-        return Capabilities(send_signals=True, exec=True)
+        return Capabilities(send_signals=True, exec=True, mount_configs_supported=True)
 
     async def fingerprints(self) -> AsyncIterator[Fingerprint]:
         """First fingerprint at once, then every 30 s or when the config changes."""

@@ -13,17 +13,18 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from nomad_vm.cloudinit import CloudInitRequest, SeedDocuments, render, write_seed
+from nomad_vm.cloudinit import CloudInitRequest, GuestMount, SeedDocuments, render, write_seed
 from nomad_vm.driver.config import PluginConfig, VMTaskConfig, parse_task_config
 from nomad_vm.driver.events import EventBus
 from nomad_vm.driver.resources import memory_mb_for, vcpus_for
+from nomad_vm.driver.shares import task_shares
 from nomad_vm.driver.types import AgentInfo, TaskConfig
 from nomad_vm.storage.disk import prepare_boot_disk
 from nomad_vm.vm.accel import AcceleratorChoice, choose_accelerator, probe_kvm
 from nomad_vm.vm.firmware import FirmwarePlan, plan_firmware, prepare_vars
 from nomad_vm.vm.machine import MachineConfig, validate_machine
 from nomad_vm.vm.qemu.binary import find_qemu, find_qemu_img
-from nomad_vm.vm.spec import DiskSpec, VMSpec
+from nomad_vm.vm.spec import DiskSpec, ShareSpec, VMSpec
 
 SEED_NAME = "cidata.iso"
 AGENT_SOCKET = "agent.sock"
@@ -43,6 +44,7 @@ class StartPlan:
     firmware: FirmwarePlan | None
     # The cloud-init seed's documents (rendered, so bad user_data fails before anything exists).
     seed: SeedDocuments | None
+    shares: tuple[ShareSpec, ...]
 
 
 async def plan_start(
@@ -57,6 +59,7 @@ async def plan_start(
         has_kernel=vm.kernel is not None,
         has_disk=vm.image is not None,
     )
+    shares = task_shares(task, vm)
     # The KVM probe runs a child process (once per plugin process): keep it off the loop.
     kvm = await asyncio.to_thread(probe_kvm)
     return StartPlan(
@@ -70,11 +73,14 @@ async def plan_start(
         allowed_dirs=(*plugin.image_paths, str(plugin.data_dir), task.alloc_dir),
         machine=machine,
         firmware=plan_firmware(vm.firmware),
-        seed=render_seed(task, vm),
+        seed=render_seed(task, vm, shares),
+        shares=shares,
     )
 
 
-def render_seed(task: TaskConfig, vm: VMTaskConfig) -> SeedDocuments | None:
+def render_seed(
+    task: TaskConfig, vm: VMTaskConfig, shares: tuple[ShareSpec, ...] = ()
+) -> SeedDocuments | None:
     """The NoCloud documents for a disk-booting VM, unless the task turned cloud-init off."""
     if vm.image is None or not vm.cloud_init:
         return None
@@ -88,6 +94,7 @@ def render_seed(task: TaskConfig, vm: VMTaskConfig) -> SeedDocuments | None:
         cmds=vm.cmds,
         env=task.env,
         user_data_text=vm.user_data,
+        mounts=tuple(GuestMount(s.tag, s.guest_path, s.readonly) for s in shares),
     )
     return render(request)
 
@@ -155,4 +162,5 @@ def build_spec(
         firmware_vars=firmware_vars,
         seed=seed,
         agent_socket=plan.runtime_dir / AGENT_SOCKET,
+        shares=plan.shares,
     )

@@ -65,6 +65,15 @@ class TaskResources:
 
 
 @dataclass(frozen=True)
+class TaskMount:
+    """A Nomad volume_mount: a host directory to appear in the task at ``task_path``."""
+
+    task_path: str
+    host_path: str
+    readonly: bool
+
+
+@dataclass(frozen=True)
 class TaskConfig:
     """One start of one task (Nomad's TaskConfig; ``id`` is new on every restart)."""
 
@@ -78,6 +87,7 @@ class TaskConfig:
     # The decoded `config {}` block: plain data, validated by the driver against schema.TASK_CONFIG.
     driver_config: Mapping[str, object] | None
     env: Mapping[str, str] = field(default_factory=dict)
+    mounts: tuple[TaskMount, ...] = ()
     job_name: str = ""
     task_group_name: str = ""
 

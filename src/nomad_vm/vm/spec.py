@@ -20,6 +20,16 @@ class DiskSpec:
 
 
 @dataclass(frozen=True)
+class ShareSpec:
+    """A host directory shared with the guest (9p): ``tag`` is what the guest mounts."""
+
+    tag: str
+    host_path: Path
+    guest_path: str
+    readonly: bool
+
+
+@dataclass(frozen=True)
 class VMSpec:
     name: str
     vcpus: int
@@ -41,6 +51,7 @@ class VMSpec:
     seed: Path | None = None
     # Host side of the guest agent's virtio-serial port (qemu-guest-agent), or None.
     agent_socket: Path | None = None
+    shares: tuple[ShareSpec, ...] = ()
 
 
 @dataclass(frozen=True)

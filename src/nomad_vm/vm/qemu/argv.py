@@ -74,6 +74,15 @@ def _devices(spec: VMSpec) -> list[str]:
         argv += ["-drive", seed, "-device", f"virtio-blk-{virtio},drive=seed0"]
     if spec.agent_socket is not None:
         argv += agent_argv(spec.agent_socket, microvm=microvm)
+    for i, share in enumerate(spec.shares):
+        # security_model=none: files keep the host's owners; readonly is enforced by QEMU.
+        fsdev = f"local,id=fs{i},path={opt(share.host_path)},security_model=none"
+        argv += [
+            "-fsdev",
+            fsdev + (",readonly=on" if share.readonly else ""),
+            "-device",
+            f"virtio-9p-{virtio},fsdev=fs{i},mount_tag={share.tag}",
+        ]
     return argv
 
 
