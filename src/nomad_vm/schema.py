@@ -216,6 +216,20 @@ TASK_CONFIG = Schema(
             "docs/cloud-init.md.",
         ),
         Field(
+            "signal_unit",
+            "string",
+            "systemd unit in the guest that `nomad alloc signal` (other than SIGTERM/SIGINT, "
+            "which shut the VM down) is delivered to, with `systemctl kill`.",
+            example='"nginx.service"',
+        ),
+        Field(
+            "signal_pidfile",
+            "string",
+            "Path of a pidfile in the guest whose process receives `nomad alloc signal` "
+            "(other than SIGTERM/SIGINT) when `signal_unit` is not set.",
+            example='"/run/app.pid"',
+        ),
+        Field(
             "share_task_dirs",
             "bool",
             "Share the allocation's `alloc/` and the task's `local/` and `secrets/` directories "

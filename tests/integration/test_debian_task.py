@@ -21,6 +21,20 @@ from tests.integration.pluginkit import FifoReader, configure, drv, task_config
 from tests.integration.test_vm_lifecycle import collect_events, destroy, stop, wait, wait_until
 
 MARKER = "nomad-vm-cmds-ran"
+SSH_KEY = (
+    "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHnomadvmtestkeynotarealkeyatall0000000 test@nomad-vm"
+)
+APP = (
+    'setsid sh -c \'trap "echo got-sighup > /dev/ttyS0" HUP; '
+    "while :; do sleep 1; done' >/dev/null 2>&1 & echo $! > /run/app.pid"
+)
+USER_DATA = """#cloud-config
+write_files:
+  - path: /etc/from-user-data
+    content: merged
+runcmd:
+  - echo user-runcmd > /run/user-runcmd
+"""
 
 
 def exec_stream(
@@ -63,6 +77,29 @@ def check_shares(plugin: PluginProcess, task_id: str) -> None:
     assert run(plugin, task_id, "echo hi > /srv/vol/from-guest") == (b"", 0)
 
 
+def check_cloud_init(plugin: PluginProcess, task_id: str) -> None:
+    """What the seed asked for is in the guest (read back through the agent)."""
+    assert run(plugin, task_id, "hostname") == (b"web-1\n", 0)
+    assert run(plugin, task_id, "readlink /etc/localtime") == (
+        b"/usr/share/zoneinfo/Europe/Berlin\n",
+        0,
+    )
+    keys, _ = run(plugin, task_id, "cat /home/nomad/.ssh/authorized_keys")
+    assert SSH_KEY.encode() in keys
+    verify = (
+        'python3 -c \'import crypt; h=[l.split(":")[1] for l in open("/etc/shadow") '
+        'if l.startswith("nomad:")][0]; print(crypt.crypt("s3cret-pass", h) == h)\''
+    )
+    assert run(plugin, task_id, verify)[0].startswith(b"True\n")  # (+ a DeprecationWarning)
+    # The user's document was merged: its write_files and runcmd ran next to ours.
+    assert run(plugin, task_id, "cat /etc/from-user-data /run/user-runcmd") == (
+        b"mergeduser-runcmd\n",  # the write_files content has no trailing newline
+        0,
+    )
+    # The task environment is visible to the default user's login shell.
+    assert run(plugin, task_id, "su - nomad -c 'echo $NOMAD_TASK_NAME'") == (b"web\n", 0)
+
+
 def check_exec(plugin: PluginProcess, task_id: str) -> None:
     """Script-check style ExecTask, streaming exec with stdin, and the refused tty mode."""
     reply = drv(plugin).ExecTask(
@@ -100,9 +137,17 @@ def test_debian_guest_with_cloud_init_agent_and_acpi_stop(
         "initramfs": str(debian_guest.initrd),
         "cmdline": debian_guest.cmdline,
         # The task environment reaches the guest as /etc/profile.d/nomad-env.sh.
-        "cmds": [f". /etc/profile.d/nomad-env.sh; echo {MARKER} $NOMAD_TASK_NAME > /dev/ttyS0"],
+        "cmds": [
+            # A process for `nomad alloc signal` to reach: it reports SIGHUP on the console.
+            APP,
+            f". /etc/profile.d/nomad-env.sh; echo {MARKER} $NOMAD_TASK_NAME > /dev/ttyS0",
+        ],
         "default_user_password": "s3cret-pass",
+        "default_user_authorized_ssh_key": SSH_KEY,
         "hostname": "web-1",
+        "timezone": "Europe/Berlin",
+        "user_data": USER_DATA,
+        "signal_pidfile": "/run/app.pid",
     }
     cfg = task_config(alloc, config, task_id="alloc/web/deb1")
     cfg.name = "web"
@@ -126,6 +171,9 @@ def test_debian_guest_with_cloud_init_agent_and_acpi_stop(
         assert fifo.wait_for(MARKER.encode() + b" web", 240), bytes(fifo.data[-3000:])
         check_exec(plugin, cfg.id)
         check_shares(plugin, cfg.id)
+        check_cloud_init(plugin, cfg.id)
+        drv(plugin).SignalTask(driver_pb2.SignalTaskRequest(task_id=cfg.id, signal="SIGHUP"))
+        assert fifo.wait_for(b"got-sighup", 30), bytes(fifo.data[-2000:])
         assert (volume / "from-guest").read_text() == "hi\n"
         # `nomad alloc signal -s SIGTERM` shuts the machine down through ACPI.
         started = time.monotonic()

@@ -45,6 +45,8 @@ class VMTaskConfig:
     user_data: str | None = field(default=None, repr=False)
     share_task_dirs: bool = True
     writable_alloc_dir: bool = False
+    signal_unit: str | None = None
+    signal_pidfile: str | None = None
 
 
 def parse_plugin_config(raw: Mapping[str, object] | None) -> PluginConfig:
@@ -110,6 +112,8 @@ def parse_task_config(task: TaskConfig, plugin: PluginConfig) -> VMTaskConfig:
         user_data=_read_user_data(values["user_data"], allowed, task.task_dir),
         share_task_dirs=bool(values["share_task_dirs"]),
         writable_alloc_dir=bool(values["writable_alloc_dir"]),
+        signal_unit=_optional_str(values["signal_unit"]),
+        signal_pidfile=_optional_str(values["signal_pidfile"]),
     )
 
 

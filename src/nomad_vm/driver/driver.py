@@ -20,7 +20,7 @@ from nomad_vm import schema
 from nomad_vm.driver.config import PluginConfig, parse_plugin_config
 from nomad_vm.driver.events import EventBus
 from nomad_vm.driver.fingerprint import fingerprint_async
-from nomad_vm.driver.guest_exec import ExecOutcome, exec_in_guest, signal_guest
+from nomad_vm.driver.guest_exec import ExecOutcome, SignalTarget, exec_in_guest, signal_guest
 from nomad_vm.driver.output import open_task_output
 from nomad_vm.driver.startup import (
     AGENT_SOCKET,
@@ -133,6 +133,8 @@ class VMDriver:
                 control_socket=str(spec.control_socket),
                 runtime_dir=str(plan.runtime_dir),
                 started_at=time.time(),
+                signal_unit=plan.vm.signal_unit,
+                signal_pidfile=plan.vm.signal_pidfile,
             )
             undo.pop_all()
         entry = VMTask(task, vm, state, plan.runtime_dir, self.events)
@@ -215,7 +217,9 @@ class VMDriver:
             yield event
 
     async def signal_task(self, task_id: str, signal_name: str) -> None:
-        await signal_guest(self._task(task_id), signal_name)
+        entry = self._task(task_id)
+        target = SignalTarget(entry.state.signal_unit, entry.state.signal_pidfile)
+        await signal_guest(entry, signal_name, target)
 
     async def exec_task(
         self, task_id: str, command: list[str], timeout: float, stdin: bytes | None = None

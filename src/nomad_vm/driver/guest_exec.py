@@ -6,7 +6,8 @@ output, so nothing streams while it runs). There is no pty on that path: interac
 (`nomad alloc exec -t`) are refused with an error that says so.
 
 Signals: SIGTERM and SIGINT mean "shut the machine down" and press the ACPI power button; other
-signals have no meaning for a whole VM and are refused with an error naming the signal.
+signals go, through the agent, to the systemd unit (`signal_unit`) or the pidfile's process
+(`signal_pidfile`) the task names, and are refused with an error saying so when it names none.
 """
 
 from __future__ import annotations
@@ -69,13 +70,36 @@ async def exec_in_guest(
     return ExecOutcome(result.stdout, result.stderr, result.exit_code, result.signal or 0)
 
 
-async def signal_guest(entry: VMTask, signal_name: str) -> None:
+async def signal_guest(entry: VMTask, signal_name: str, target: SignalTarget) -> None:
     name = signal_name.upper() if signal_name.upper().startswith("SIG") else f"SIG{signal_name}"
-    if name not in POWER_SIGNALS:
+    if name in POWER_SIGNALS:
+        if entry.vm is None or not entry.running or not await entry.vm.powerdown():
+            raise GuestAgentUnavailable("the VM is not running or its QMP socket does not answer")
+        entry.emit(f"{name} received: ACPI shutdown requested")
+        return
+    if not target.unit and not target.pidfile:
         raise Unsupported(
-            f"{name} has no meaning for a whole VM: SIGTERM or SIGINT request an ACPI "
-            "shutdown; to signal a process inside the guest use `nomad alloc exec` with kill"
+            f"{name} has no receiver: SIGTERM and SIGINT shut the VM down; for other signals "
+            "set signal_unit (a systemd unit) or signal_pidfile (a pidfile in the guest)"
         )
-    if entry.vm is None or not entry.running or not await entry.vm.powerdown():
-        raise GuestAgentUnavailable("the VM is not running or its QMP socket does not answer")
-    entry.emit(f"{name} received: ACPI shutdown requested")
+    if target.unit:
+        argv = ["systemctl", "kill", f"--signal={name}", "--", target.unit]
+    else:
+        # The pidfile is read inside the guest; "$1" keeps its path out of the shell syntax.
+        script = 'pid=$(cat "$1") && kill -s "$2" "$pid"'
+        argv = ["/bin/sh", "-c", script, "signal", str(target.pidfile), name[3:]]
+    outcome = await exec_in_guest(entry, argv, timeout=30)
+    if outcome.exit_code != 0 or outcome.err:
+        detail = (outcome.stderr or outcome.stdout).decode(errors="replace").strip()
+        raise GuestAgentUnavailable(
+            f"delivering {name} in the guest failed: {outcome.err or detail or outcome.exit_code}"
+        )
+    entry.emit(f"{name} delivered to {target.unit or target.pidfile} in the guest")
+
+
+@dataclass(frozen=True)
+class SignalTarget:
+    """Where signals other than SIGTERM/SIGINT go inside the guest (task options)."""
+
+    unit: str | None = None
+    pidfile: str | None = None

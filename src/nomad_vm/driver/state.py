@@ -28,6 +28,10 @@ class DriverState:
     runtime_dir: str
     started_at: float
     version: int = STATE_VERSION
+    # Where `nomad alloc signal` goes in the guest (task options; kept here because Nomad does
+    # not hand the job's config back after an agent restart). Optional: older records lack them.
+    signal_unit: str | None = None
+    signal_pidfile: str | None = None
 
     def encode(self) -> bytes:
         packed: bytes = msgpack.packb(asdict(self), use_bin_type=True)
