@@ -20,6 +20,8 @@ def fingerprint(config: PluginConfig) -> Fingerprint:
         "driver.vm.kvm": kvm.usable,
         # VMs get a qemu-guest-agent channel; the guest must run the agent to use it.
         "driver.vm.guest_agent": True,
+        # How Nomad's directories and volumes reach the guest (virtio-fs is not implemented).
+        "driver.vm.fs_transport": "9p",
     }
     try:
         binary = find_qemu(config.qemu_binary)
