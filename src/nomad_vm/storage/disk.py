@@ -29,7 +29,7 @@ from pathlib import Path
 
 from nomad_vm.errors import HypervisorError, ImageError
 from nomad_vm.storage import qemu_img
-from nomad_vm.storage.paths import resolve_allowed_file
+from nomad_vm.storage.paths import resolve_allowed_file, resolve_within
 from nomad_vm.storage.qemu_img import ImageInfo
 
 MIB = 1024 * 1024
@@ -234,26 +234,16 @@ def can_share(chain: Sequence[ImageInfo]) -> bool:
 
 def _allowed(field: str, name: str, allowed_dirs: Sequence[str], base: Path, context: str) -> Path:
     """The resolved path of a file an image refers to, if it is a regular file inside
-    ``allowed_dirs``. The same resolved-parent rule as ``paths.resolve_allowed_file``, but the
-    advice differs: widening image_paths is the wrong fix for an image that points elsewhere."""
+    ``allowed_dirs``. The advice differs from the task options': widening image_paths is the
+    wrong fix for an image that points elsewhere."""
     candidate = Path(name) if os.path.isabs(name) else base / name
-    try:
-        resolved = candidate.resolve(strict=True)
-    except FileNotFoundError:
-        raise ImageError(field, f"{context}, which does not exist") from None
-    except (OSError, RuntimeError) as exc:  # RuntimeError: a symlink loop
-        raise ImageError(field, f"{context}, which cannot be resolved: {exc}") from None
-    roots = [Path(d).resolve() for d in allowed_dirs if d]
-    if not any(resolved == root or root in resolved.parents for root in roots):
-        listed = ", ".join(str(r) for r in roots) or "(none)"
-        raise ImageError(
-            field,
-            f"{context}, which resolves to {resolved}, outside the allowed directories "
-            f"({listed}); an image may only refer to files inside them",
-        )
-    if not resolved.is_file():
-        raise ImageError(field, f"{context}, which is not a regular file")
-    return resolved
+    return resolve_within(
+        field,
+        candidate,
+        allowed_dirs,
+        subject=context,
+        advice="an image may only refer to files inside them",
+    )
 
 
 def _info_of_user_file(

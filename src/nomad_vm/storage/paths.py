@@ -21,22 +21,40 @@ def resolve_allowed_file(field: str, value: str, allowed_dirs: Iterable[str], ba
     ``field`` names the task option in errors.
     """
     candidate = Path(value) if os.path.isabs(value) else Path(base) / value
+    resolved = resolve_within(
+        field,
+        candidate,
+        allowed_dirs,
+        subject=value,
+        advice="add its directory to the plugin's image_paths",
+    )
+    if not os.access(resolved, os.R_OK):
+        raise ImageError(field, f"{value}: not readable by the plugin")
+    return resolved
+
+
+def resolve_within(
+    field: str, candidate: Path, allowed_dirs: Iterable[str], *, subject: str, advice: str
+) -> Path:
+    """``candidate`` resolved (symlinks, ``..``), if it is a regular file inside ``allowed_dirs``.
+
+    ``subject`` starts every error message (what the user gave, or what referred to the file);
+    ``advice`` ends the "outside" error with what to do about it.
+    """
     try:
         resolved = candidate.resolve(strict=True)
     except FileNotFoundError:
-        raise ImageError(field, f"{value}: no such file") from None
+        raise ImageError(field, f"{subject}: no such file") from None
     except (OSError, RuntimeError) as exc:  # RuntimeError: a symlink loop
-        raise ImageError(field, f"{value}: cannot resolve path: {exc}") from None
+        raise ImageError(field, f"{subject}: cannot resolve the path: {exc}") from None
     roots = [Path(d).resolve() for d in allowed_dirs if d]
     if not any(resolved == root or root in resolved.parents for root in roots):
         listed = ", ".join(str(r) for r in roots) or "(none)"
         raise ImageError(
             field,
-            f"{value} resolves to {resolved}, which is outside the allowed directories "
-            f"({listed}); add its directory to the plugin's image_paths",
+            f"{subject} resolves to {resolved}, which is outside the allowed directories "
+            f"({listed}); {advice}",
         )
     if not resolved.is_file():
-        raise ImageError(field, f"{value}: not a regular file")
-    if not os.access(resolved, os.R_OK):
-        raise ImageError(field, f"{value}: not readable by the plugin")
+        raise ImageError(field, f"{subject}: not a regular file")
     return resolved
