@@ -5,14 +5,15 @@ from __future__ import annotations
 import subprocess
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
 from nomad_vm.cli.devagent import DevAgent
+from tests.conftest import REPO
 from tests.e2e.conftest import running_agent, wait_alloc
 
 pytestmark = pytest.mark.e2e
+JOB = REPO / "examples" / "debian.nomad.hcl"
 
 
 @pytest.fixture(scope="module")
@@ -21,35 +22,17 @@ def debian_agent(debian_guest) -> Iterator[DevAgent]:  # type: ignore[no-untyped
         yield agent
 
 
-def _job(guest) -> str:  # type: ignore[no-untyped-def]
-    return f"""
-job "deb" {{
-  group "g" {{
-    task "vm" {{
-      driver = "vm"
-      config {{
-        image     = "{guest.disk}"
-        kernel    = "{guest.vmlinux}"
-        initramfs = "{guest.initrd}"
-        cmdline   = "{guest.cmdline}"
-      }}
-      resources {{
-        cpu    = 1000
-        memory = 1024
-      }}
-      kill_timeout = "30s"
-    }}
-  }}
-}}
-"""
-
-
-def test_alloc_exec_into_the_vm(debian_agent: DevAgent, debian_guest, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_alloc_exec_into_the_vm(debian_agent: DevAgent, debian_guest) -> None:  # type: ignore[no-untyped-def]
     agent = debian_agent
-    job = tmp_path / "deb.nomad.hcl"
-    job.write_text(_job(debian_guest))
-    agent.nomad("job", "run", "-detach", str(job))
-    alloc = str(wait_alloc(agent, "deb", {"running"})["ID"])
+    variables = {
+        "image": debian_guest.disk,
+        "kernel": debian_guest.vmlinux,
+        "initramfs": debian_guest.initrd,
+        "cmdline": debian_guest.cmdline,
+    }
+    var_args = [arg for k, v in variables.items() for arg in ("-var", f"{k}={v}")]
+    agent.nomad("job", "run", "-detach", *var_args, str(JOB))
+    alloc = str(wait_alloc(agent, "debian-vm", {"running"})["ID"])
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline:
         events = agent.api(f"/v1/allocation/{alloc}")["TaskStates"]["vm"]["Events"]  # type: ignore[index]
@@ -76,5 +59,16 @@ def test_alloc_exec_into_the_vm(debian_agent: DevAgent, debian_guest, tmp_path: 
     )
     assert (piped.stdout, piped.returncode) == (b"THROUGH STDIN\n", 0), piped
 
-    agent.nomad("job", "stop", "-detach", "deb")
-    wait_alloc(agent, "deb", {"complete"}, timeout=90)
+    # The job's template reached the guest through the local/ share, mounted by cloud-init: wait
+    # for the job's cmds (the last thing cloud-init runs) to show on the console first.
+    deadline = time.monotonic() + 240
+    while "hello from cloud-init" not in agent.nomad("alloc", "logs", alloc, "vm", check=False):
+        assert time.monotonic() < deadline, "cloud-init did not finish within 240s"
+        time.sleep(2)
+    motd = subprocess.run(
+        [*exec_argv, "cat", "/local/motd"], env=agent.env, capture_output=True, timeout=120
+    )
+    assert motd.stdout == f"Running as allocation {alloc}\n".encode(), motd
+
+    agent.nomad("job", "stop", "-detach", "debian-vm")
+    wait_alloc(agent, "debian-vm", {"complete"}, timeout=90)
