@@ -13,17 +13,40 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import binascii
 import contextlib
 import json
 import logging
 import secrets
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from nomad_vm.errors import HypervisorError
+from nomad_vm.vm.qemu.agent_protocol import (
+    AgentCommandError as AgentCommandError,
+)
+from nomad_vm.vm.qemu.agent_protocol import (
+    AgentError as AgentError,
+)
+from nomad_vm.vm.qemu.agent_protocol import (
+    AgentProtocolError as AgentProtocolError,
+)
+from nomad_vm.vm.qemu.agent_protocol import (
+    AgentTimeout as AgentTimeout,
+)
+from nomad_vm.vm.qemu.agent_protocol import (
+    AgentUnavailable as AgentUnavailable,
+)
+from nomad_vm.vm.qemu.agent_protocol import (
+    ExecResult as ExecResult,
+)
+from nomad_vm.vm.qemu.agent_protocol import (
+    encode_command,
+    exec_result,
+    reply_b64,
+    reply_dict,
+    reply_int,
+    unwrap_reply,
+)
 
 log = logging.getLogger(__name__)
 
@@ -45,49 +68,6 @@ _KILL_TREE = (
     't() { kill -STOP "$1" 2>/dev/null; for c in $(cat /proc/"$1"/task/*/children 2>/dev/null);'
     ' do t "$c"; done; kill -KILL "$1" 2>/dev/null; }; t "$1"'
 )
-
-
-class AgentError(HypervisorError):
-    """Talking to the guest agent failed."""
-
-
-class AgentUnavailable(AgentError):
-    """No agent answered: the socket is gone, QEMU closed it, or nothing replied in time."""
-
-
-class AgentProtocolError(AgentError):
-    """The agent sent something that is not a reply of its protocol."""
-
-
-class AgentCommandError(AgentError):
-    """The agent answered with an error (``error_class`` is QMP's, e.g. CommandNotFound)."""
-
-    def __init__(self, command: str, error_class: str, desc: str) -> None:
-        super().__init__(f"guest agent {command} failed: {error_class}: {desc}")
-        self.command = command
-        self.error_class = error_class
-        self.desc = desc
-
-
-class AgentTimeout(AgentError):
-    """A guest command ran past its timeout; ``killed`` tells whether it was killed."""
-
-    def __init__(self, message: str, *, pid: int, killed: bool) -> None:
-        super().__init__(message)
-        self.pid = pid
-        self.killed = killed
-
-
-@dataclass(frozen=True)
-class ExecResult:
-    """A finished guest command. ``exit_code`` is 128 + signal when a signal ended it;
-    ``truncated`` means qemu-ga dropped output past its 16 MiB per-stream capture limit."""
-
-    exit_code: int
-    signal: int | None
-    stdout: bytes
-    stderr: bytes
-    truncated: bool
 
 
 def agent_argv(socket: Path, microvm: bool = False) -> list[str]:
@@ -159,7 +139,7 @@ class GuestAgent:
 
     async def info(self, timeout: float = 5.0) -> dict[str, Any]:
         """guest-info: ``version`` and ``supported_command`` (name, enabled, success-response)."""
-        return _dict(await self._call("guest-info", timeout=timeout), "guest-info")
+        return reply_dict(await self._call("guest-info", timeout=timeout), "guest-info")
 
     async def exec(
         self,
@@ -185,7 +165,7 @@ class GuestAgent:
         if stdin is not None:
             arguments["input-data"] = base64.b64encode(stdin).decode("ascii")
         started = asyncio.get_running_loop().time()
-        pid = _int(await self._call("guest-exec", arguments), "pid")
+        pid = reply_int(await self._call("guest-exec", arguments), "pid")
         deadline = None if timeout is None else started + timeout
         try:
             status = await self._wait_exit(pid, deadline)
@@ -200,14 +180,16 @@ class GuestAgent:
             raise AgentTimeout(
                 f"{argv[0]} did not exit within {timeout}s; {outcome}", pid=pid, killed=killed
             )
-        return _exec_result(status)
+        return exec_result(status)
 
     async def _wait_exit(self, pid: int, deadline: float | None) -> dict[str, Any] | None:
         """The exited status of ``pid``, or None at the deadline (the process still runs)."""
         loop = asyncio.get_running_loop()
         interval = _POLL_FIRST
         while True:
-            status = _dict(await self._call("guest-exec-status", {"pid": pid}), "guest-exec-status")
+            status = reply_dict(
+                await self._call("guest-exec-status", {"pid": pid}), "guest-exec-status"
+            )
             if status.get("exited"):
                 return status
             now = loop.time()
@@ -220,7 +202,7 @@ class GuestAgent:
         """Kill a guest-exec process and its descendants; (killed, what happened)."""
         script = {"path": "/bin/sh", "arg": ["-c", _KILL_TREE, "kill", str(pid)]}
         try:
-            killer = _int(await self._call("guest-exec", script), "pid")
+            killer = reply_int(await self._call("guest-exec", script), "pid")
             loop = asyncio.get_running_loop()
             # Both records stay in the agent until their exited status is read: collect them.
             for reaped in (killer, pid):
@@ -232,13 +214,13 @@ class GuestAgent:
 
     async def file_read(self, path: str, *, max_bytes: int = 16 * 2**20) -> bytes:
         """The whole content of a guest file; AgentError if it exceeds ``max_bytes``."""
-        handle = _int(await self._call("guest-file-open", {"path": path, "mode": "r"}))
+        handle = reply_int(await self._call("guest-file-open", {"path": path, "mode": "r"}))
         content = bytearray()
         try:
             while True:
                 args = {"handle": handle, "count": min(_FILE_CHUNK, max_bytes + 1 - len(content))}
-                reply = _dict(await self._call("guest-file-read", args), "guest-file-read")
-                content += (data := _b64(reply.get("buf-b64", ""), "guest-file-read"))
+                reply = reply_dict(await self._call("guest-file-read", args), "guest-file-read")
+                content += (data := reply_b64(reply.get("buf-b64", ""), "guest-file-read"))
                 if len(content) > max_bytes:
                     raise AgentError(f"guest file {path} is larger than {max_bytes} bytes")
                 if reply.get("eof") or not data:
@@ -249,13 +231,13 @@ class GuestAgent:
 
     async def file_write(self, path: str, data: bytes, *, mode: str = "w") -> None:
         """Write ``data`` to a guest file (``mode`` as fopen: "w" truncates, "a" appends)."""
-        handle = _int(await self._call("guest-file-open", {"path": path, "mode": mode}))
+        handle = reply_int(await self._call("guest-file-open", {"path": path, "mode": mode}))
         try:
             offset = 0
             while offset < len(data):
                 chunk = data[offset : offset + _FILE_CHUNK]
                 args = {"handle": handle, "buf-b64": base64.b64encode(chunk).decode("ascii")}
-                written = _int(await self._call("guest-file-write", args), "count")
+                written = reply_int(await self._call("guest-file-write", args), "count")
                 if written <= 0:
                     raise AgentError(f"guest file {path}: the agent wrote nothing")
                 offset += written
@@ -297,7 +279,7 @@ class GuestAgent:
                     await self._sync()
                 phase = command
                 self._synced = False  # until its reply is in, a late one could follow
-                await self._send(_encode(command, arguments))
+                await self._send(encode_command(command, arguments))
                 try:
                     async with asyncio.timeout(reply_optional):
                         reply = await self._read_reply(command)
@@ -309,7 +291,7 @@ class GuestAgent:
         except TimeoutError:
             raise self._timeout_error(phase, command, limit) from None
         log.debug("guest agent %s: %.1f ms", command, (loop.time() - started) * 1000)
-        return _unwrap(command, reply)
+        return unwrap_reply(command, reply)
 
     def _timeout_error(self, phase: str, command: str, limit: float) -> AgentUnavailable:
         return AgentUnavailable(
@@ -336,7 +318,7 @@ class GuestAgent:
     async def _sync(self) -> None:
         token = secrets.randbits(48)
         # Our 0xFF makes the agent drop a partial command a previous client may have left.
-        await self._send(_SENTINEL + _encode("guest-sync-delimited", {"id": token}))
+        await self._send(_SENTINEL + encode_command("guest-sync-delimited", {"id": token}))
         while True:
             # Everything before the agent's own 0xFF is stale.
             while (mark := self._buffer.find(_SENTINEL)) < 0:
@@ -400,54 +382,3 @@ class GuestAgent:
         except OSError as exc:
             self._drop()
             raise AgentUnavailable(f"guest agent connection failed: {exc}") from exc
-
-
-def _encode(command: str, arguments: Mapping[str, object] | None) -> bytes:
-    message: dict[str, object] = {"execute": command}
-    if arguments:
-        message["arguments"] = dict(arguments)
-    return json.dumps(message, separators=(",", ":")).encode() + b"\n"
-
-
-def _unwrap(command: str, reply: dict[str, Any]) -> Any:
-    if "error" in reply:
-        error = reply["error"] if isinstance(reply["error"], dict) else {}
-        raise AgentCommandError(
-            command, str(error.get("class", "?")), str(error.get("desc", reply["error"]))
-        )
-    return reply["return"]
-
-
-def _dict(value: Any, command: str) -> dict[str, Any]:
-    if not isinstance(value, dict):
-        raise AgentProtocolError(f"{command} returned {value!r}, not an object")
-    return value
-
-
-def _int(reply: Any, key: str | None = None) -> int:
-    """An integer reply (a file handle), or the integer ``key`` of an object reply."""
-    value = reply.get(key) if key is not None and isinstance(reply, dict) else reply
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise AgentProtocolError(f"guest agent returned {reply!r}, expected an integer {key}")
-    return value
-
-
-def _b64(value: Any, command: str) -> bytes:
-    try:
-        return base64.b64decode(str(value), validate=True)
-    except (binascii.Error, ValueError) as exc:
-        raise AgentProtocolError(f"{command} returned invalid base64: {exc}") from None
-
-
-def _exec_result(status: dict[str, Any]) -> ExecResult:
-    signal, exit_code = status.get("signal"), status.get("exitcode")
-    signal = signal if isinstance(signal, int) else None
-    if not isinstance(exit_code, int):  # killed: the shell's convention, as Nomad's executor
-        exit_code = 128 + signal if signal is not None else -1
-    return ExecResult(
-        exit_code=exit_code,
-        signal=signal,
-        stdout=_b64(status.get("out-data", ""), "guest-exec-status"),
-        stderr=_b64(status.get("err-data", ""), "guest-exec-status"),
-        truncated=bool(status.get("out-truncated") or status.get("err-truncated")),
-    )
