@@ -1,7 +1,7 @@
 # A Debian cloud VM (`nomad-vm image build debian`): a thin copy of the image, the guest's own
 # kernel with its root filesystem on the disk, cloud-init from the task options, and Nomad's
-# local/ directory at /local in the guest. `nomad alloc exec -t=false -task vm <alloc> ...` runs
-# commands inside it through qemu-guest-agent.
+# local/ directory at /local in the guest. `nomad alloc exec -task vm <alloc> bash` opens a shell
+# in it (a pty relayed through qemu-guest-agent); with -t=false commands run without a terminal.
 variable "image" {
   type = string
 }

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import fcntl
+import os
+import select
+import struct
 import subprocess
+import termios
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import pytest
 
@@ -59,6 +65,16 @@ def test_alloc_exec_into_the_vm(debian_agent: DevAgent, debian_guest) -> None:  
     )
     assert (piped.stdout, piped.returncode) == (b"THROUGH STDIN\n", 0), piped
 
+    # Interactive: the CLI on a terminal of its own (40x120) gets a pty in the guest of that size.
+    session = run_on_terminal(
+        [*exec_argv[:3], "-t", *exec_argv[4:], "/bin/sh", "-c", "tty; stty size; exit 4"],
+        agent.env,
+        rows=40,
+        cols=120,
+    )
+    assert session.returncode == 4, session
+    assert b"/dev/pts/" in session.output and b"40 120" in session.output, session
+
     # The job's template reached the guest through the local/ share, mounted by cloud-init: wait
     # for the job's cmds (the last thing cloud-init runs) to show on the console first.
     deadline = time.monotonic() + 240
@@ -72,3 +88,30 @@ def test_alloc_exec_into_the_vm(debian_agent: DevAgent, debian_guest) -> None:  
 
     agent.nomad("job", "stop", "-detach", "debian-vm")
     wait_alloc(agent, "debian-vm", {"complete"}, timeout=90)
+
+
+@dataclass(frozen=True)
+class TerminalRun:
+    output: bytes
+    returncode: int
+
+
+def run_on_terminal(argv: list[str], env: dict[str, str], rows: int, cols: int) -> TerminalRun:
+    """Run ``argv`` with a pty as its stdin/stdout/stderr, as when a user types the command."""
+    master, slave = os.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+    process = subprocess.Popen(argv, stdin=slave, stdout=slave, stderr=slave, env=env)
+    os.close(slave)
+    output = b""
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if select.select([master], [], [], 1)[0]:
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:  # EIO: the process and everything holding the terminal are gone
+                break
+            if not chunk:
+                break
+            output += chunk
+    os.close(master)
+    return TerminalRun(output, process.wait(timeout=30))

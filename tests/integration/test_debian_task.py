@@ -10,8 +10,6 @@ import hashlib
 import time
 from pathlib import Path
 
-import grpc
-import pytest
 from google.protobuf import duration_pb2
 
 from nomad_vm.plugin.launcher import PluginProcess
@@ -40,10 +38,13 @@ runcmd:
 def exec_stream(
     plugin: PluginProcess, task_id: str, command: list[str], stdin: bytes, tty: bool = False
 ) -> tuple[bytes, bytes, int]:
-    """Drive ExecTaskStreaming the way `nomad alloc exec` does: setup, stdin, close."""
+    """Drive ExecTaskStreaming the way `nomad alloc exec` does: setup (with the window size
+    when there is a terminal), stdin, close."""
     setup = driver_pb2.ExecTaskStreamingRequest(
         setup=driver_pb2.ExecTaskStreamingRequest.Setup(task_id=task_id, command=command, tty=tty)
     )
+    if tty:
+        setup.tty_size.height, setup.tty_size.width = 30, 100
     data = driver_pb2.ExecTaskStreamingRequest(
         stdin=driver_pb2.ExecTaskStreamingIOOperation(data=stdin)
     )
@@ -115,9 +116,22 @@ def check_exec(plugin: PluginProcess, task_id: str) -> None:
         plugin, task_id, ["/bin/sh", "-c", "cat; echo $NOMAD_TASK_NAME"], b"from stdin\n"
     )
     assert (out, err, code) == (b"from stdin\nweb\n", b"", 0)
-    with pytest.raises(grpc.RpcError) as refused:
-        exec_stream(plugin, task_id, ["/bin/bash"], b"", tty=True)
-    assert "-t=false" in refused.value.details()
+    check_terminal(plugin, task_id)
+
+
+def check_terminal(plugin: PluginProcess, task_id: str) -> None:
+    """`nomad alloc exec -t`: the command runs on a pty of the given size, reads typed input,
+    and its exit code comes back; the hot-plugged port is gone afterwards."""
+    script = 'tty; stty size; read line; echo "got $line"; exit 5'
+    out, err, code = exec_stream(plugin, task_id, ["/bin/sh", "-c", script], b"hello\r", tty=True)
+    lines = out.decode().split("\r\n")
+    # The terminal echoes the typed line, possibly before the command printed anything.
+    assert any(line.startswith("/dev/pts/") for line in lines) and "30 100" in lines, out
+    assert "got hello" in lines and code == 5 and err == b"", (out, err, code)
+    out, _, code = exec_stream(plugin, task_id, ["no-such-program"], b"", tty=True)
+    assert code == 127 and b"no-such-program" in out, out
+    ports, _ = run(plugin, task_id, "cat /sys/class/virtio-ports/*/name")
+    assert ports == b"org.qemu.guest_agent.0\n", ports
 
 
 def test_debian_guest_with_cloud_init_agent_and_acpi_stop(

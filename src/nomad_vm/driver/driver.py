@@ -21,6 +21,7 @@ from nomad_vm.driver.config import PluginConfig, parse_plugin_config
 from nomad_vm.driver.events import EventBus
 from nomad_vm.driver.fingerprint import fingerprint_async
 from nomad_vm.driver.guest_exec import ExecOutcome, SignalTarget, exec_in_guest, signal_guest
+from nomad_vm.driver.guest_terminal import OutputSink, TerminalInput, run_terminal
 from nomad_vm.driver.output import open_task_output
 from nomad_vm.driver.startup import (
     AGENT_SOCKET,
@@ -225,6 +226,15 @@ class VMDriver:
         self, task_id: str, command: list[str], timeout: float, stdin: bytes | None = None
     ) -> ExecOutcome:
         return await exec_in_guest(self._task(task_id), command, timeout, stdin)
+
+    async def exec_terminal(
+        self,
+        task_id: str,
+        command: list[str],
+        inputs: AsyncIterator[TerminalInput],
+        on_output: OutputSink,
+    ) -> ExecOutcome:
+        return await run_terminal(self._task(task_id), command, inputs, on_output)
 
     async def shutdown(self) -> None:
         """The plugin is going away: VMs keep running (Nomad will recover them)."""

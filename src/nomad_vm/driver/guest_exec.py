@@ -3,7 +3,7 @@
 Exec runs the command in the guest with qemu-guest-agent's guest-exec: stdin is passed in, and
 stdout, stderr and the exit code come back when the command has exited (the agent buffers the
 output, so nothing streams while it runs). There is no pty on that path: interactive sessions
-(`nomad alloc exec -t`) are refused with an error that says so.
+(`nomad alloc exec -t`) take another one, in guest_terminal.
 
 Signals: SIGTERM and SIGINT mean "shut the machine down" and press the ACPI power button; other
 signals go, through the agent, to the systemd unit (`signal_unit`) or the pidfile's process

@@ -20,6 +20,7 @@ from nomad_vm.schema import Schema
 
 if TYPE_CHECKING:
     from nomad_vm.driver.guest_exec import ExecOutcome
+    from nomad_vm.driver.guest_terminal import OutputSink, TerminalInput
 
 
 class DriverPort(Protocol):
@@ -51,6 +52,14 @@ class DriverPort(Protocol):
 
     async def exec_task(
         self, task_id: str, command: list[str], timeout: float, stdin: bytes | None = None
+    ) -> ExecOutcome: ...
+
+    async def exec_terminal(
+        self,
+        task_id: str,
+        command: list[str],
+        inputs: AsyncIterator[TerminalInput],
+        on_output: OutputSink,
     ) -> ExecOutcome: ...
 
     async def shutdown(self) -> None: ...

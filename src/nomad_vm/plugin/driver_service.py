@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, TypeAlias
 
 import grpc
 
+from nomad_vm.driver.guest_terminal import TerminalInput
 from nomad_vm.driver.types import ExitResult
 from nomad_vm.errors import Unsupported
 from nomad_vm.plugin import convert
@@ -133,16 +134,16 @@ class DriverService(driver_pb2_grpc.DriverServicer):
     async def ExecTaskStreaming(
         self, request_iterator: AsyncIterator[pb.ExecTaskStreamingRequest], context: Ctx
     ) -> AsyncIterator[pb.ExecTaskStreamingResponse]:
-        """`nomad alloc exec`: stdin is collected until Nomad closes it, then the command runs
-        and its output is sent back (the guest agent returns output only at the end)."""
+        """`nomad alloc exec`. Without a tty, stdin is collected until Nomad closes it, then the
+        command runs and its output is sent back (the guest agent returns output only at the
+        end). With a tty, a pty session in the guest streams both ways (guest_terminal)."""
         async with rpc_errors(context, "ExecTaskStreaming"):
             first = await anext(aiter(request_iterator))
             setup = first.setup
             if setup.tty:
-                raise Unsupported(
-                    "interactive sessions (nomad alloc exec -t) are not available: the guest "
-                    "agent has no terminal; run the command with -t=false"
-                )
+                async for frame in self._terminal_session(first, request_iterator):
+                    yield frame
+                return
             stdin = bytearray()
             async for message in request_iterator:
                 stdin += message.stdin.data
@@ -155,6 +156,42 @@ class DriverService(driver_pb2_grpc.DriverServicer):
                 yield frame
             result = convert.exit_result(ExitResult(out.exit_code, out.signal))
             yield pb.ExecTaskStreamingResponse(exited=True, result=result)
+
+    async def _terminal_session(
+        self,
+        first: pb.ExecTaskStreamingRequest,
+        requests: AsyncIterator[pb.ExecTaskStreamingRequest],
+    ) -> AsyncIterator[pb.ExecTaskStreamingResponse]:
+        frames: asyncio.Queue[pb.ExecTaskStreamingResponse | None] = asyncio.Queue()
+
+        async def on_output(data: bytes) -> None:
+            for i in range(0, len(data), EXEC_CHUNK):
+                frame = pb.ExecTaskStreamingResponse()
+                frame.stdout.data = data[i : i + EXEC_CHUNK]
+                await frames.put(frame)
+
+        async def inputs() -> AsyncIterator[TerminalInput]:
+            if first.HasField("tty_size"):
+                yield TerminalInput(rows=first.tty_size.height, cols=first.tty_size.width)
+            async for message in requests:
+                yield terminal_input(message)
+
+        setup = first.setup
+        session = asyncio.create_task(
+            self.driver.exec_terminal(setup.task_id, list(setup.command), inputs(), on_output)
+        )
+        session.add_done_callback(lambda _: frames.put_nowait(None))
+        try:
+            while (frame := await frames.get()) is not None:
+                yield frame
+            outcome = await session
+        finally:
+            session.cancel()
+        closed = pb.ExecTaskStreamingResponse()
+        closed.stdout.close = True
+        yield closed
+        result = convert.exit_result(ExitResult(outcome.exit_code, outcome.signal))
+        yield pb.ExecTaskStreamingResponse(exited=True, result=result)
 
     async def CreateNetwork(
         self, request: pb.CreateNetworkRequest, context: Ctx
@@ -169,6 +206,16 @@ class DriverService(driver_pb2_grpc.DriverServicer):
         async with rpc_errors(context, "DestroyNetwork"):
             raise Unsupported("this driver does not create networks (must_create_network=false)")
         raise AssertionError("unreachable")
+
+
+def terminal_input(message: pb.ExecTaskStreamingRequest) -> TerminalInput:
+    size = message.tty_size if message.HasField("tty_size") else None
+    return TerminalInput(
+        data=message.stdin.data,
+        rows=size.height if size else 0,
+        cols=size.width if size else 0,
+        end=message.stdin.close,
+    )
 
 
 def exec_frames(stdout: bytes, stderr: bytes) -> list[pb.ExecTaskStreamingResponse]:

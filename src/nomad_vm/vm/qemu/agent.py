@@ -51,6 +51,8 @@ from nomad_vm.vm.qemu.agent_protocol import (
 log = logging.getLogger(__name__)
 
 PORT_NAME = "org.qemu.guest_agent.0"
+# The virtio-serial controller the agent's port sits on; interactive sessions hot-plug theirs here.
+SERIAL_BUS = "qga-serial"
 # The agent's sentinel: 0xFF is never valid UTF-8, so it cannot occur inside a JSON reply. Sent
 # by us it flushes the agent's parser; sent by the agent it precedes the guest-sync reply.
 _SENTINEL = b"\xff"
@@ -78,8 +80,8 @@ def agent_argv(socket: Path, microvm: bool = False) -> list[str]:
     bus = "virtio-serial-device" if microvm else "virtio-serial-pci"
     return [
         "-chardev", f"socket,path={path},server=on,wait=off,id=qga0",
-        "-device", f"{bus},id=qga-serial",
-        "-device", f"virtserialport,bus=qga-serial.0,chardev=qga0,name={PORT_NAME}",
+        "-device", f"{bus},id={SERIAL_BUS}",
+        "-device", f"virtserialport,bus={SERIAL_BUS}.0,chardev=qga0,name={PORT_NAME}",
     ]  # fmt: skip
 
 
