@@ -6,6 +6,8 @@ PACKAGES=(
     qemu-utils        # qemu-img: overlays and resize
     ovmf              # UEFI firmware for uefi/uefi-secure boot
     iproute2 nftables # networking
+    containernetworking-plugins  # Nomad's bridge networking mode (CNI), in the e2e tests
+    libseccomp-dev libcap-ng-dev pkg-config  # building virtiofsd (virtio-fs) from crates.io
     cpio xz-utils     # building the tiny test guest's initramfs and kernel
     sbsigntool openssl  # Secure Boot tests sign a test kernel with a throwaway key
     debootstrap extlinux e2fsprogs mount  # building the Debian cloud test guest

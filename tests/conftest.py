@@ -45,10 +45,11 @@ def short_tmp() -> Iterator[Path]:
 
 
 def qemu_processes_under(path: Path) -> list[psutil.Process]:
-    """QEMU processes whose command line mentions ``path`` (our tests put sockets there)."""
+    """QEMU and virtiofsd processes whose command line mentions ``path`` (our tests put sockets
+    and shared directories there)."""
     found = []
     for proc in psutil.process_iter(["name", "cmdline"]):
         cmdline = " ".join(proc.info.get("cmdline") or [])
-        if "qemu-system" in cmdline and str(path) in cmdline:
+        if ("qemu-system" in cmdline or "virtiofsd" in cmdline) and str(path) in cmdline:
             found.append(proc)
     return found

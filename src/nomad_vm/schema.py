@@ -61,6 +61,7 @@ class Schema:
 
 
 ACCELERATORS = ("auto", "kvm", "tcg")
+SHARE_TRANSPORTS = ("auto", "virtiofs", "9p")
 
 PLUGIN_CONFIG = Schema(
     title="Plugin configuration",
@@ -95,6 +96,24 @@ PLUGIN_CONFIG = Schema(
             "string",
             "The QEMU system emulator: a path, or a name looked up on PATH.",
             default="qemu-system-x86_64",
+        ),
+        Field(
+            "share_transport",
+            "string",
+            "How Nomad's directories and volumes reach the guest: `virtiofs` (a virtiofsd per "
+            "share, guest RAM shared with it; faster, full POSIX semantics), `9p` (served by "
+            "QEMU itself), or `auto`: virtio-fs when virtiofsd is found, 9p otherwise. The "
+            "choice is in the node attribute `driver.vm.fs_transport`.",
+            default="auto",
+            choices=SHARE_TRANSPORTS,
+        ),
+        Field(
+            "virtiofsd_binary",
+            "string",
+            "The virtiofsd to use: a path, or a name looked up on PATH. Unset: `virtiofsd` on "
+            "PATH, then `/usr/libexec/virtiofsd` and `/usr/lib/qemu/virtiofsd`.",
+            default="",
+            example='"/usr/libexec/virtiofsd"',
         ),
     ),
 )

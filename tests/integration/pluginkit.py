@@ -34,13 +34,17 @@ def drv(p: PluginProcess) -> driver_pb2_grpc.DriverStub:
     return driver_pb2_grpc.DriverStub(p.channel)
 
 
-def plugin_config(data_dir: Path, image_paths: list[str]) -> bytes:
+def plugin_config(data_dir: Path, image_paths: list[str], **options: object) -> bytes:
+    """The config as Nomad sends it: every attribute of the schema, unset ones as null."""
     return cty(
         {
             "accelerator": "auto",
             "data_dir": str(data_dir),
             "image_paths": image_paths,
             "qemu_binary": None,
+            "share_transport": None,
+            "virtiofsd_binary": None,
+            **options,
         }
     )
 
@@ -102,10 +106,12 @@ def task_config(
     )
 
 
-def configure(plugin: PluginProcess, data_dir: Path, image_paths: list[str]) -> None:
+def configure(
+    plugin: PluginProcess, data_dir: Path, image_paths: list[str], **options: object
+) -> None:
     base(plugin).SetConfig(
         base_pb2.SetConfigRequest(
-            msgpack_config=plugin_config(data_dir, image_paths),
+            msgpack_config=plugin_config(data_dir, image_paths, **options),
             nomad_config=base_pb2.NomadConfig(driver=base_pb2.NomadDriverConfig()),
         )
     )

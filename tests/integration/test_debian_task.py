@@ -10,6 +10,7 @@ import hashlib
 import time
 from pathlib import Path
 
+import pytest
 from google.protobuf import duration_pb2
 
 from nomad_vm.plugin.launcher import PluginProcess
@@ -68,11 +69,15 @@ def run(plugin: PluginProcess, task_id: str, script: str) -> tuple[bytes, int]:
     return reply.stdout + reply.stderr, reply.result.exit_code
 
 
-def check_shares(plugin: PluginProcess, task_id: str) -> None:
-    """local/ is readable and read-only in the guest; a writable host volume is writable."""
+def check_shares(plugin: PluginProcess, task_id: str, transport: str) -> None:
+    """local/ is readable and read-only in the guest, even for a guest that remounts it
+    read-write (the host side refuses); a writable host volume is writable."""
     assert run(plugin, task_id, "cat /local/hello.txt") == (b"written by a Nomad template\n", 0)
+    assert run(plugin, task_id, "findmnt -n -o FSTYPE /local") == (f"{transport}\n".encode(), 0)
     out, code = run(plugin, task_id, "touch /local/nope")
     assert code != 0 and b"Read-only file system" in out, out
+    out, code = run(plugin, task_id, "mount -o remount,rw /local; touch /local/nope")
+    assert code != 0 and b"nope" in out, out
     out, code = run(plugin, task_id, "touch /alloc/nope")
     assert code != 0, out
     assert run(plugin, task_id, "echo hi > /srv/vol/from-guest") == (b"", 0)
@@ -134,13 +139,17 @@ def check_terminal(plugin: PluginProcess, task_id: str) -> None:
     assert ports == b"org.qemu.guest_agent.0\n", ports
 
 
+@pytest.mark.parametrize("transport", ["virtiofs", "9p"])
 def test_debian_guest_with_cloud_init_agent_and_acpi_stop(
     plugin: PluginProcess,
     short_tmp: Path,
     debian_guest,  # type: ignore[no-untyped-def]
+    transport: str,
 ) -> None:
     base_digest = hashlib.sha256(debian_guest.disk.read_bytes()).hexdigest()
-    configure(plugin, short_tmp / "data", [str(debian_guest.disk.parent)])
+    configure(
+        plugin, short_tmp / "data", [str(debian_guest.disk.parent)], share_transport=transport
+    )
     stream, events = collect_events(plugin)
     alloc = short_tmp / "alloc"
     (alloc / "web").mkdir(parents=True)
@@ -184,7 +193,7 @@ def test_debian_guest_with_cloud_init_agent_and_acpi_stop(
         assert wait_until(lambda: any("Guest agent answered" in m for m in events), 240), events
         assert fifo.wait_for(MARKER.encode() + b" web", 240), bytes(fifo.data[-3000:])
         check_exec(plugin, cfg.id)
-        check_shares(plugin, cfg.id)
+        check_shares(plugin, cfg.id, transport)
         check_cloud_init(plugin, cfg.id)
         drv(plugin).SignalTask(driver_pb2.SignalTaskRequest(task_id=cfg.id, signal="SIGHUP"))
         assert fifo.wait_for(b"got-sighup", 30), bytes(fifo.data[-2000:])

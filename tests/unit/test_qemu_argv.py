@@ -74,6 +74,26 @@ SPECS = {
         disk=DiskSpec(Path("/run/m/di,sk.qcow2"), "qcow2"),  # a comma must be escaped
         machine=MachineConfig("microvm", "bios", smm=None),
     ),
+    # virtio-fs: RAM from a shared memfd, one vhost-user-fs device per virtiofsd socket.
+    "disk_virtiofs": VMSpec(
+        name="files-1",
+        vcpus=1,
+        memory_mb=512,
+        kernel=None,
+        initramfs=None,
+        cmdline="",
+        accelerator="tcg",
+        control_socket=Path("/run/v/qmp.sock"),
+        disk=DiskSpec(Path("/run/v/disk.qcow2"), "qcow2"),
+        agent_socket=Path("/run/v/agent.sock"),
+        shares=(
+            ShareSpec(
+                "nomad-local", Path("/alloc/a/local"), "/local", True, Path("/run/v/vfs0.sock")
+            ),
+            ShareSpec("nomad-vol0", Path("/srv/d"), "/data", False, Path("/run/v/vfs1.sock")),
+        ),
+        share_transport="virtiofs",
+    ),
 }
 
 

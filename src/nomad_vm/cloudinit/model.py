@@ -23,11 +23,13 @@ def _frozen(mapping: Mapping[str, Any] | None) -> Mapping[str, Any] | None:
 
 @dataclass(frozen=True)
 class GuestMount:
-    """A host directory shared with the guest over 9p (virtio), mounted at ``path``."""
+    """A host directory shared with the guest, mounted at ``path``; ``transport`` is "9p" or
+    "virtiofs" (how the VM presents it)."""
 
     tag: str
     path: str
     readonly: bool
+    transport: str = "9p"
 
 
 @dataclass(frozen=True)

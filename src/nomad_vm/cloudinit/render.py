@@ -169,6 +169,8 @@ def _generated_config(req: CloudInitRequest, env: EnvFiles) -> dict[str, Any]:
 
 def _mount_entry(mount: GuestMount) -> list[str]:
     mode = "ro" if mount.readonly else "rw"
+    if mount.transport == "virtiofs":
+        return [mount.tag, mount.path, "virtiofs", f"{mode},nofail", "0", "0"]
     options = f"trans=virtio,version=9p2000.L,msize=262144,{mode},nofail"
     return [mount.tag, mount.path, "9p", options, "0", "0"]
 

@@ -19,6 +19,8 @@ class PluginConfig:
     image_paths: tuple[str, ...]
     accelerator: str
     qemu_binary: str
+    share_transport: str = "auto"
+    virtiofsd_binary: str = ""
 
 
 @dataclass(frozen=True)
@@ -64,6 +66,8 @@ def parse_plugin_config(raw: Mapping[str, object] | None) -> PluginConfig:
         image_paths=tuple(paths),
         accelerator=str(values["accelerator"]),
         qemu_binary=str(values["qemu_binary"]),
+        share_transport=str(values["share_transport"]),
+        virtiofsd_binary=str(values["virtiofsd_binary"] or ""),
     )
 
 

@@ -48,7 +48,7 @@ from nomad_vm.driver.types import (
     TaskStatus,
 )
 from nomad_vm.errors import HypervisorError, TaskExists, TaskNotFound
-from nomad_vm.vm.process import ProcessIdentity
+from nomad_vm.vm.process import ProcessIdentity, kill_leftovers
 from nomad_vm.vm.qemu.backend import QemuBackend
 
 log = logging.getLogger(__name__)
@@ -122,7 +122,8 @@ class VMDriver:
             spec = build_spec(plan, disk, prepare_firmware_vars(plan), seed)
             console_fd = await open_task_output(task.stdout_path)
             try:
-                vm = await QemuBackend(plan.qemu).launch(spec, console_fd, plan.runtime_dir)
+                backend = QemuBackend(plan.qemu, plan.share_transport.virtiofsd)
+                vm = await backend.launch(spec, console_fd, plan.runtime_dir)
             finally:
                 # QEMU holds its own copy of the FIFO; ours must not keep logmon's pipe open.
                 os.close(console_fd)
@@ -136,6 +137,7 @@ class VMDriver:
                 started_at=time.time(),
                 signal_unit=plan.vm.signal_unit,
                 signal_pidfile=plan.vm.signal_pidfile,
+                helper_processes=tuple((h.pid, h.start_time) for h in vm.helpers),
             )
             undo.pop_all()
         entry = VMTask(task, vm, state, plan.runtime_dir, self.events)
@@ -193,6 +195,8 @@ class VMDriver:
                     f"task {task_id} is still running; stop it first or use force"
                 )
             await entry.kill()
+        # virtiofsd ends with QEMU by itself; this catches one that did not (or not yet).
+        kill_leftovers([ProcessIdentity(pid, t) for pid, t in entry.state.helper_processes])
         await entry.close()
         shutil.rmtree(entry.runtime_dir, ignore_errors=True)
         del self._tasks[task_id]

@@ -10,6 +10,7 @@ from nomad_vm.driver.types import AttributeValue, Fingerprint, Health
 from nomad_vm.errors import ConfigError, HypervisorError
 from nomad_vm.vm.accel import choose_accelerator, probe_kvm
 from nomad_vm.vm.qemu.binary import find_qemu, qemu_version
+from nomad_vm.vm.virtiofsd import choose_share_transport
 
 
 def fingerprint(config: PluginConfig) -> Fingerprint:
@@ -20,9 +21,15 @@ def fingerprint(config: PluginConfig) -> Fingerprint:
         "driver.vm.kvm": kvm.usable,
         # VMs get a qemu-guest-agent channel; the guest must run the agent to use it.
         "driver.vm.guest_agent": True,
-        # How Nomad's directories and volumes reach the guest (virtio-fs is not implemented).
-        "driver.vm.fs_transport": "9p",
     }
+    try:
+        transport = choose_share_transport(config.share_transport, config.virtiofsd_binary)
+    except ConfigError as exc:
+        return Fingerprint(Health.UNHEALTHY, str(exc), attrs)
+    # How Nomad's directories and volumes reach the guest.
+    attrs["driver.vm.fs_transport"] = transport.name
+    if transport.virtiofsd is not None:
+        attrs["driver.vm.virtiofsd"] = str(transport.virtiofsd)
     try:
         binary = find_qemu(config.qemu_binary)
         attrs["driver.vm.qemu.version"] = qemu_version(binary)

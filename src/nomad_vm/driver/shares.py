@@ -1,13 +1,15 @@
 """Which host directories a VM task shares with its guest, and where the guest mounts them.
 
 Nomad gives every task `alloc/` (shared by the allocation's tasks), `local/` and `secrets/`;
-jobs add host volumes with `volume_mount`. They reach the guest over virtio 9p (QEMU's
-`-fsdev local`): read-only ones are read-only in QEMU itself, so the guest cannot write there
-whatever it mounts. cloud-init mounts them (nomad_vm.cloudinit, `mounts:`).
+jobs add host volumes with `volume_mount`. They reach the guest over virtio-fs (a virtiofsd per
+share, started with `--readonly` for read-only ones) or 9p (QEMU's `-fsdev local ... readonly`):
+either way the host side refuses writes to a read-only share, whatever the guest mounts.
+cloud-init mounts them (nomad_vm.cloudinit, `mounts:`).
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 from nomad_vm.driver.config import VMTaskConfig
@@ -15,12 +17,17 @@ from nomad_vm.driver.types import TaskConfig
 from nomad_vm.errors import ConfigError
 from nomad_vm.vm.spec import ShareSpec
 
-# 9p mount tags are limited to 31 bytes; ours are short and fixed.
+# 9p mount tags are limited to 31 bytes (virtio-fs tags to 36); ours are short and fixed.
 TASK_DIR_SHARES = (
     ("nomad-alloc", "alloc", "/alloc"),
     ("nomad-local", "local", "/local"),
     ("nomad-secrets", "secrets", "/secrets"),
 )
+
+
+def with_sockets(shares: tuple[ShareSpec, ...], runtime_dir: Path) -> tuple[ShareSpec, ...]:
+    """virtio-fs: each share's vhost-user socket, in the task's runtime directory."""
+    return tuple(replace(s, socket=runtime_dir / f"vfs{i}.sock") for i, s in enumerate(shares))
 
 
 def task_shares(task: TaskConfig, vm: VMTaskConfig) -> tuple[ShareSpec, ...]:

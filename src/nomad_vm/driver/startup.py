@@ -17,7 +17,7 @@ from nomad_vm.cloudinit import CloudInitRequest, GuestMount, SeedDocuments, rend
 from nomad_vm.driver.config import PluginConfig, VMTaskConfig, parse_task_config
 from nomad_vm.driver.events import EventBus
 from nomad_vm.driver.resources import memory_mb_for, vcpus_for
-from nomad_vm.driver.shares import task_shares
+from nomad_vm.driver.shares import task_shares, with_sockets
 from nomad_vm.driver.types import AgentInfo, TaskConfig
 from nomad_vm.storage.disk import prepare_boot_disk
 from nomad_vm.vm.accel import AcceleratorChoice, choose_accelerator, probe_kvm
@@ -25,6 +25,7 @@ from nomad_vm.vm.firmware import FirmwarePlan, plan_firmware, prepare_vars
 from nomad_vm.vm.machine import MachineConfig, validate_machine
 from nomad_vm.vm.qemu.binary import find_qemu, find_qemu_img
 from nomad_vm.vm.spec import DiskSpec, ShareSpec, VMSpec
+from nomad_vm.vm.virtiofsd import ShareTransport, choose_share_transport
 
 SEED_NAME = "cidata.iso"
 AGENT_SOCKET = "agent.sock"
@@ -45,6 +46,7 @@ class StartPlan:
     # The cloud-init seed's documents (rendered, so bad user_data fails before anything exists).
     seed: SeedDocuments | None
     shares: tuple[ShareSpec, ...]
+    share_transport: ShareTransport
 
 
 async def plan_start(
@@ -59,7 +61,10 @@ async def plan_start(
         has_kernel=vm.kernel is not None,
         has_disk=vm.image is not None,
     )
+    transport = choose_share_transport(plugin.share_transport, plugin.virtiofsd_binary)
     shares = task_shares(task, vm)
+    if transport.name == "virtiofs":
+        shares = with_sockets(shares, runtime_dir)
     # The KVM probe runs a child process (once per plugin process): keep it off the loop.
     kvm = await asyncio.to_thread(probe_kvm)
     return StartPlan(
@@ -73,13 +78,14 @@ async def plan_start(
         allowed_dirs=(*plugin.image_paths, str(plugin.data_dir), task.alloc_dir),
         machine=machine,
         firmware=plan_firmware(vm.firmware),
-        seed=render_seed(task, vm, shares),
+        seed=render_seed(task, vm, shares, transport.name),
         shares=shares,
+        share_transport=transport,
     )
 
 
 def render_seed(
-    task: TaskConfig, vm: VMTaskConfig, shares: tuple[ShareSpec, ...] = ()
+    task: TaskConfig, vm: VMTaskConfig, shares: tuple[ShareSpec, ...] = (), transport: str = "9p"
 ) -> SeedDocuments | None:
     """The NoCloud documents for a disk-booting VM, unless the task turned cloud-init off."""
     if vm.image is None or not vm.cloud_init:
@@ -94,7 +100,7 @@ def render_seed(
         cmds=vm.cmds,
         env=task.env,
         user_data_text=vm.user_data,
-        mounts=tuple(GuestMount(s.tag, s.guest_path, s.readonly) for s in shares),
+        mounts=tuple(GuestMount(s.tag, s.guest_path, s.readonly, transport) for s in shares),
     )
     return render(request)
 
@@ -163,4 +169,5 @@ def build_spec(
         seed=seed,
         agent_socket=plan.runtime_dir / AGENT_SOCKET,
         shares=plan.shares,
+        share_transport=plan.share_transport.name,
     )

@@ -32,6 +32,8 @@ class DriverState:
     # not hand the job's config back after an agent restart). Optional: older records lack them.
     signal_unit: str | None = None
     signal_pidfile: str | None = None
+    # (pid, start time) of the processes serving the VM (virtiofsd), to end any left running.
+    helper_processes: tuple[tuple[int, float], ...] = ()
 
     def encode(self) -> bytes:
         packed: bytes = msgpack.packb(asdict(self), use_bin_type=True)
@@ -51,6 +53,10 @@ class DriverState:
                 f"driver_state version {version!r} is not supported by this plugin "
                 f"(it reads version {STATE_VERSION})"
             )
+        # msgpack has no tuples: give the pairs back their shape.
+        raw["helper_processes"] = tuple(
+            (int(pid), float(start)) for pid, start in raw.get("helper_processes", ())
+        )
         try:
             return cls(**raw)
         except TypeError as exc:

@@ -87,14 +87,20 @@ def _check_microvm(firmware: str, has_kernel: bool) -> None:
 
 
 def machine_argv(
-    cfg: MachineConfig, plan: FirmwarePlan | None, vars_path: Path | None
+    cfg: MachineConfig,
+    plan: FirmwarePlan | None,
+    vars_path: Path | None,
+    memory_backend: str | None = None,
 ) -> list[str]:
     """``-machine`` plus, for UEFI, the firmware flash drives. A pure function.
 
     ``plan`` and ``vars_path`` (the task's copy from firmware.prepare_vars) must be given exactly
-    when the firmware is UEFI; a mismatch is a programming error (ValueError).
+    when the firmware is UEFI; a mismatch is a programming error (ValueError). ``memory_backend``
+    names an ``-object memory-backend-*`` to use as the guest's RAM.
     """
     machine = cfg.machine if cfg.smm is None else f"{cfg.machine},smm={'on' if cfg.smm else 'off'}"
+    if memory_backend:
+        machine += f",memory-backend={memory_backend}"
     argv = ["-machine", machine]
     if cfg.firmware == BIOS:
         if plan is not None or vars_path is not None:

@@ -141,8 +141,11 @@ async def _wait_readable(fd: int) -> None:
         loop.remove_reader(fd)
 
 
-def spawn(argv: Sequence[str], *, stdout: int, stderr: int, cwd: Path) -> SupervisedProcess:
-    """Start ``argv`` in a new session with the given output fds and no stdin."""
+def spawn(
+    argv: Sequence[str], *, stdout: int, stderr: int, cwd: Path, pass_fds: Sequence[int] = ()
+) -> SupervisedProcess:
+    """Start ``argv`` in a new session with the given output fds and no stdin; ``pass_fds``
+    are inherited under the same numbers."""
     try:
         popen = subprocess.Popen(
             list(argv),
@@ -152,6 +155,7 @@ def spawn(argv: Sequence[str], *, stdout: int, stderr: int, cwd: Path) -> Superv
             cwd=cwd,
             start_new_session=True,
             close_fds=True,
+            pass_fds=tuple(pass_fds),
         )
     except OSError as exc:
         raise LaunchError(f"cannot start {argv[0]}: {exc.strerror or exc}") from exc
@@ -167,3 +171,11 @@ def reattach(ident: ProcessIdentity) -> SupervisedProcess:
             "(or the pid now belongs to another process)"
         )
     return SupervisedProcess(ident, None)
+
+
+def kill_leftovers(idents: Sequence[ProcessIdentity]) -> None:
+    """SIGKILL each process that still runs under its identity (never a recycled pid)."""
+    for ident in idents:
+        if is_same_process(ident):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(ident.pid, signal.SIGKILL)

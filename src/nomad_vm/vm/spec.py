@@ -21,12 +21,14 @@ class DiskSpec:
 
 @dataclass(frozen=True)
 class ShareSpec:
-    """A host directory shared with the guest (9p): ``tag`` is what the guest mounts."""
+    """A host directory shared with the guest: ``tag`` is what the guest mounts."""
 
     tag: str
     host_path: Path
     guest_path: str
     readonly: bool
+    # virtio-fs only: the vhost-user socket its virtiofsd listens on.
+    socket: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -52,6 +54,8 @@ class VMSpec:
     # Host side of the guest agent's virtio-serial port (qemu-guest-agent), or None.
     agent_socket: Path | None = None
     shares: tuple[ShareSpec, ...] = ()
+    # How shares reach the guest: "9p" (QEMU serves them) or "virtiofs" (a virtiofsd each).
+    share_transport: str = "9p"
 
 
 @dataclass(frozen=True)

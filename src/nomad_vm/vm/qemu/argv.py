@@ -11,6 +11,8 @@ from nomad_vm.vm.spec import VMSpec
 # FIFO: that is how the guest console reaches `nomad alloc logs`. signal=off keeps a Ctrl-C byte
 # in the console from killing QEMU.
 SERIAL_CHARDEV = "stdio,id=serial0,signal=off"
+# The guest RAM's memory backend when virtio-fs needs it shared.
+SHARED_RAM = "ram0"
 
 
 def qemu_argv(binary: str, spec: VMSpec) -> list[str]:
@@ -18,15 +20,21 @@ def qemu_argv(binary: str, spec: VMSpec) -> list[str]:
 
 
 def _platform(spec: VMSpec) -> list[str]:
+    # virtiofsd maps the guest's RAM to serve file data: it must be shareable memory.
+    shared_ram = spec.share_transport == "virtiofs" and bool(spec.shares)
     argv = [
         "-name",
         f"guest={opt(spec.name)},debug-threads=on",
         "-nodefaults",
         "-no-user-config",
-        *machine_argv(spec.machine, spec.firmware, spec.firmware_vars),
+        *machine_argv(
+            spec.machine, spec.firmware, spec.firmware_vars, SHARED_RAM if shared_ram else None
+        ),
         "-accel",
         spec.accelerator,
     ]
+    if shared_ram:
+        argv += ["-object", f"memory-backend-memfd,id={SHARED_RAM},size={spec.memory_mb}M,share=on"]
     if spec.accelerator == "kvm":
         argv += ["-cpu", "host"]
     return [*argv, "-smp", str(spec.vcpus), "-m", f"{spec.memory_mb}M"]
@@ -75,6 +83,15 @@ def _devices(spec: VMSpec) -> list[str]:
     if spec.agent_socket is not None:
         argv += agent_argv(spec.agent_socket, microvm=microvm)
     for i, share in enumerate(spec.shares):
+        if spec.share_transport == "virtiofs":
+            # read-only is enforced by the share's virtiofsd (--readonly).
+            argv += [
+                "-chardev",
+                f"socket,id=vfs{i},path={opt(share.socket)}",
+                "-device",
+                f"vhost-user-fs-{virtio},chardev=vfs{i},tag={share.tag}",
+            ]
+            continue
         # security_model=none: files keep the host's owners; readonly is enforced by QEMU.
         fsdev = f"local,id=fs{i},path={opt(share.host_path)},security_model=none"
         argv += [

@@ -27,10 +27,16 @@ from pathlib import Path
 import psutil
 
 from nomad_vm.errors import HypervisorError, LaunchError
-from nomad_vm.vm.process import ProcessIdentity, SupervisedProcess, reattach, spawn
+from nomad_vm.vm.process import (
+    ProcessIdentity,
+    SupervisedProcess,
+    reattach,
+    spawn,
+)
 from nomad_vm.vm.qemu.argv import qemu_argv
 from nomad_vm.vm.qemu.monitor import QemuEvent, QemuMonitor, connect_when_ready
 from nomad_vm.vm.spec import VMExit, VMSpec
+from nomad_vm.vm.virtiofsd import kill_daemons, start_daemons
 
 log = logging.getLogger(__name__)
 
@@ -58,11 +64,17 @@ class QemuVM:
     """One running QEMU process and the QMP connection the driver holds to it."""
 
     def __init__(
-        self, process: SupervisedProcess, monitor: QemuMonitor | None, log_path: Path
+        self,
+        process: SupervisedProcess,
+        monitor: QemuMonitor | None,
+        log_path: Path,
+        helpers: tuple[ProcessIdentity, ...] = (),
     ) -> None:
         self.process = process
         self.monitor = monitor
         self.log_path = log_path
+        # Processes serving this VM (virtiofsd), started with it; they exit when QEMU does.
+        self.helpers = helpers
         # What the guest did, once QEMU told us: "poweroff" or "panic".
         self.guest_end: str | None = None
 
@@ -165,18 +177,29 @@ class QemuVM:
 
 
 class QemuBackend:
-    def __init__(self, binary: str) -> None:
+    def __init__(self, binary: str, virtiofsd: Path | None = None) -> None:
         self.binary = binary
+        self.virtiofsd = virtiofsd
 
     async def launch(self, spec: VMSpec, console_fd: int, runtime_dir: Path) -> QemuVM:
-        """Start QEMU and return once its QMP socket answers; no process is left on failure."""
+        """Start QEMU (and the virtiofsd its shares need) and return once its QMP socket
+        answers; no process is left on failure."""
         argv = qemu_argv(self.binary, spec)
+        daemons = []
+        if spec.share_transport == "virtiofs" and spec.shares:
+            if self.virtiofsd is None:
+                raise ValueError("virtio-fs shares need the virtiofsd binary")
+            daemons = start_daemons(self.virtiofsd, spec.shares, runtime_dir)
         log_path = runtime_dir / LOG_NAME
-        log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         try:
-            process = spawn(argv, stdout=console_fd, stderr=log_fd, cwd=runtime_dir)
-        finally:
-            os.close(log_fd)
+            log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            try:
+                process = spawn(argv, stdout=console_fd, stderr=log_fd, cwd=runtime_dir)
+            finally:
+                os.close(log_fd)
+        except BaseException:
+            kill_daemons(daemons)
+            raise
         log.debug("started qemu", extra={"fields": {"pid": process.pid, "argv": " ".join(argv)}})
 
         async def running() -> bool:
@@ -186,10 +209,13 @@ class QemuBackend:
             monitor, _ = await connect_when_ready(spec.control_socket, running, QMP_READY_TIMEOUT)
         except HypervisorError as exc:
             await process.terminate(grace=2.0)
+            kill_daemons(daemons)
             tail = read_log_tail(log_path)
             process.close()
             raise LaunchError(f"QEMU failed to start: {tail or exc}") from None
-        vm = QemuVM(process, monitor, log_path)
+        vm = QemuVM(process, monitor, log_path, tuple(d.ident for d in daemons))
+        for daemon in daemons:
+            daemon.close()  # the pidfds; the identities are enough to find them later
         await vm.enable_guest_stats()
         return vm
 

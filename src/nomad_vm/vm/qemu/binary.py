@@ -30,15 +30,15 @@ _VERSION_RE = re.compile(r"\bversion\s+v?(\d+\.\d+(?:\.\d+)?)\b", re.IGNORECASE)
 
 def find_qemu(configured: str | None = None) -> Path:
     """The system emulator: ``configured`` (a path or a name on PATH), else qemu-system-x86_64."""
-    return _find_executable(configured, QEMU_SYSTEM, "qemu_binary", QEMU_SYSTEM_HINT)
+    return find_executable(configured, QEMU_SYSTEM, "qemu_binary", QEMU_SYSTEM_HINT)
 
 
 def find_qemu_img(configured: str | None = None) -> Path:
     """The image tool: ``configured`` (a path or a name on PATH), else qemu-img."""
-    return _find_executable(configured, QEMU_IMG, "qemu-img", QEMU_IMG_HINT)
+    return find_executable(configured, QEMU_IMG, "qemu-img", QEMU_IMG_HINT)
 
 
-def _find_executable(configured: str | None, default: str, label: str, hint: str) -> Path:
+def find_executable(configured: str | None, default: str, label: str, hint: str) -> Path:
     # An empty string is what an unset optional HCL attribute decodes to: treat it as unset.
     name = configured.strip() if configured and configured.strip() else default
     subject = f"{label} {name!r}" if name != default else name
