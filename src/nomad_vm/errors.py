@@ -13,6 +13,7 @@ table (``nomad_vm.plugin.status``)::
      +-- HypervisorError      the VMM could not be started, controlled or queried
      |    +-- LaunchError     the VMM exited or failed during start (recoverable: Nomad may retry)
      |    +-- GuestAgentUnavailable  exec/signal cannot reach the guest (no agent answering)
+     |    +-- NetworkError    the host side of a VM's network (bridge, TAP, IP pool, nftables)
      +-- GuestBuildError      building a test guest failed
      +-- Unsupported          the operation is not available for this task or host
 """
@@ -65,6 +66,14 @@ class LaunchError(HypervisorError):
 
 class GuestAgentUnavailable(HypervisorError):
     """The guest agent does not answer: exec and signals cannot reach the guest."""
+
+
+class NetworkError(HypervisorError):
+    """The host side of a VM's network could not be set up, queried or torn down.
+
+    A ``HypervisorError`` so that a failed start stays recoverable: a full IP pool or a busy
+    netlink may well succeed on Nomad's retry. Bad user input is a ``ConfigError`` instead.
+    """
 
 
 class GuestBuildError(NomadVMError):

@@ -16,6 +16,14 @@ FORBIDDEN = {
     "vm": ("nomad_vm.driver", "nomad_vm.plugin", "grpc", "nomad_vm.cli"),
     "storage": ("nomad_vm.driver", "nomad_vm.plugin", "nomad_vm.vm", "grpc", "nomad_vm.cli"),
     "guests": ("nomad_vm.driver", "nomad_vm.plugin", "grpc", "nomad_vm.cli"),
+    "network": (
+        "nomad_vm.driver",
+        "nomad_vm.plugin",
+        "nomad_vm.vm",
+        "nomad_vm.storage",
+        "nomad_vm.cli",
+        "grpc",
+    ),
     "cloudinit": (
         "nomad_vm.driver",
         "nomad_vm.plugin",

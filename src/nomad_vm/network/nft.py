@@ -1,0 +1,394 @@
+"""Port forwards (DNAT) to guests, in one nftables table the plugin owns (``ip nomad_vm``).
+
+Driven through ``nft -j``: requests go in as JSON on stdin, the ruleset comes back as JSON, so
+nothing parses nft's text output. Every change is one ``nft -f`` batch, which the kernel
+applies atomically: a task's old rules are deleted and its new ones added in the same
+transaction, and the batch also re-declares the table and chains, so a table deleted behind
+our back comes back instead of failing the change.
+
+The table::
+
+    table ip nomad_vm {
+      chain guard       { type filter hook prerouting priority -150; }  # see prepare_bridge
+      chain prerouting  { type nat hook prerouting priority dstnat; }   # from other machines
+      chain output      { type nat hook output priority -100; }         # from this host
+      chain postrouting { type nat hook postrouting priority srcnat; }  # masquerades
+    }
+
+A forward ``host_port -> guest_ip:guest_port`` is a DNAT rule in ``prerouting`` (traffic
+arriving from elsewhere) and the same rule in ``output``: locally generated packets never pass
+the prerouting hook, so without it ``curl localhost:PORT`` on the host would not be forwarded.
+Both match ``fib daddr type local`` (any address of this host, 127.0.0.1 included), or the
+forward's ``host_ip``, so traffic merely routed through the host keeps its destination.
+
+Connections from the host to 127.0.0.1 need two more things, found by trying in namespaces
+(``tests/integration/test_network_layer.py``):
+
+* After DNAT the packet still has source 127.0.0.1 and must leave through the bridge. The
+  kernel refuses to route loopback addresses off the loopback device (the connection just
+  times out) unless ``net.ipv4.conf.<bridge>.route_localnet=1``. ``prepare_bridge`` sets it.
+* The guest must not see 127.0.0.1 as the source either: it would answer its own loopback. So
+  ``postrouting`` masquerades these connections to the bridge's address; the reply comes back
+  to the host, and conntrack maps it back to 127.0.0.1.
+
+``route_localnet`` has a price (CVE-2020-8558, the same hole in kube-proxy): with it, the host
+accepts packets from the bridge addressed to 127.0.0.0/8, so a guest could reach services the
+host binds to localhost only. ``prepare_bridge`` therefore also adds ``guard`` rules that drop
+packets arriving on the bridge with a loopback source or destination. They run before NAT:
+our own replies arrive addressed to the bridge's address and only become 127.0.0.1 later.
+
+Rules are tagged with a comment: ``nomad-vm:<hash of the owner>`` (``names.rule_tag``) for a
+task's forwards, ``nomad-vm:bridge:<name>`` and ``nomad-vm:nat:<name>`` for a bridge's rules.
+Removal goes by the handles of the rules carrying the tag.
+
+Forwarding to a guest also needs ``net.ipv4.ip_forward=1`` (``sysctl.enable_ip_forward``) for
+traffic from other machines. A drop in another table (a ``forward`` chain with policy drop, as
+Docker installs) still drops our forwarded packets: accepting in one table does not override a
+drop in another.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from collections.abc import Iterable
+from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv4Network
+from typing import Any
+
+from nomad_vm.errors import ConfigError, NetworkError
+from nomad_vm.network import sysctl
+from nomad_vm.network.names import is_owner_tag, rule_tag
+from nomad_vm.network.netns import run_in
+
+DEFAULT_TABLE = "nomad_vm"
+FAMILY = "ip"
+NFT_TIMEOUT = 30.0
+LOOPBACK = IPv4Network("127.0.0.0/8")
+# name, type, hook, priority (the numbers behind raw/mangle/dstnat/srcnat: nft 1.0.6's JSON
+# input wants numbers).
+CHAINS = (
+    ("guard", "filter", "prerouting", -150),
+    ("prerouting", "nat", "prerouting", -100),
+    ("output", "nat", "output", -100),
+    ("postrouting", "nat", "postrouting", 100),
+)
+PROTOCOLS = ("tcp", "udp")
+
+
+@dataclass(frozen=True)
+class PortForward:
+    """Forward ``host_port`` on this host (``host_ip``, or all its addresses) to the guest."""
+
+    host_port: int
+    guest_port: int
+    protocol: str = "tcp"
+    host_ip: IPv4Address | None = None
+
+    def validate(self, field: str) -> None:
+        for name, port in (("host_port", self.host_port), ("guest_port", self.guest_port)):
+            if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
+                raise ConfigError(f"{field}.{name}", f"{port!r} is not a port: use 1 to 65535")
+        if self.protocol not in PROTOCOLS:
+            raise ConfigError(f"{field}.protocol", f"{self.protocol!r}: use 'tcp' or 'udp'")
+        if self.host_ip is not None and not isinstance(self.host_ip, IPv4Address):
+            raise ConfigError(f"{field}.host_ip", f"{self.host_ip!r} is not an IPv4 address")
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One rule of the table as nft lists it; ``expr`` is nft's JSON expression list."""
+
+    chain: str
+    handle: int
+    comment: str | None
+    expr: tuple[Any, ...]
+
+
+class PortForwarder:
+    """The plugin's nftables table in the plugin's namespace, or in ``netns``."""
+
+    def __init__(
+        self, table: str = DEFAULT_TABLE, netns: str | None = None, nft: str | None = None
+    ) -> None:
+        self.table = table
+        self.netns = netns
+        self._nft = nft
+
+    # -- the table ---------------------------------------------------------------------------
+
+    def ensure_table(self) -> None:
+        """Create the table and its chains if missing (never touching existing rules)."""
+        self._apply(self._declare())
+
+    def delete_table(self) -> None:
+        """Delete the table with all its rules; nothing happens if there is none."""
+        # "add" then "delete" in one batch: deletes whether or not the table existed (nft 1.0.6
+        # has no "destroy").
+        table = {"family": FAMILY, "name": self.table}
+        self._apply([{"add": {"table": table}}, {"delete": {"table": table}}])
+
+    def rules(self, owner: str | None = None) -> list[Rule]:
+        """The table's rules, or only ``owner``'s; empty when the table does not exist."""
+        tag = rule_tag(owner) if owner is not None else None
+        return [r for r in self._list() if tag is None or r.comment == tag]
+
+    # -- per task ----------------------------------------------------------------------------
+
+    def set_port_forwards(
+        self, owner: str, guest_ip: IPv4Address, forwards: Iterable[PortForward]
+    ) -> None:
+        """Make ``owner``'s forwards exactly ``forwards`` to ``guest_ip`` (replacing earlier ones).
+
+        Replacing rather than adding, so a retried start cannot leave duplicate rules.
+        """
+        forwards = list(forwards)
+        seen: set[tuple[str, IPv4Address | None, int]] = set()
+        for i, forward in enumerate(forwards):
+            field = f"port_forwards[{i}]"
+            forward.validate(field)
+            key = (forward.protocol, forward.host_ip, forward.host_port)
+            if key in seen:
+                raise ConfigError(
+                    f"{field}.host_port",
+                    f"{forward.protocol} port {forward.host_port} is forwarded twice",
+                )
+            seen.add(key)
+        tag = rule_tag(owner)
+        new: list[tuple[str, list[Any]]] = []
+        for forward in forwards:
+            dnat = _forward_expr(forward, guest_ip)
+            new.append(("prerouting", dnat))
+            new.append(("output", dnat))
+        for protocol, guest_port in sorted({(f.protocol, f.guest_port) for f in forwards}):
+            new.append(("postrouting", _localhost_masquerade_expr(protocol, guest_ip, guest_port)))
+        self._replace(tag, new)
+
+    def remove_rules(self, owner: str) -> int:
+        """Delete ``owner``'s rules; returns how many there were (0: nothing to do)."""
+        return self._replace(rule_tag(owner), [])
+
+    def reconcile(self, live_owners: set[str]) -> list[str]:
+        """Delete the rules of every task not in ``live_owners``; returns the tags removed.
+
+        Bridge rules (``prepare_bridge``, ``enable_nat``) are left alone.
+        """
+        live = {rule_tag(owner) for owner in live_owners}
+        for _ in range(2):
+            rules = self._list()
+            dead = [r for r in rules if r.comment and is_owner_tag(r.comment)]
+            dead = [r for r in dead if r.comment not in live]
+            if not dead:
+                return []
+            try:
+                self._apply(self._delete(dead))
+            except NetworkError:
+                continue  # a rule went away meanwhile: list again
+            return sorted({str(r.comment) for r in dead})
+        raise NetworkError(f"cannot remove stale rules from nftables table {self.table}")
+
+    # -- per bridge --------------------------------------------------------------------------
+
+    def prepare_bridge(self, bridge: str, subnet: IPv4Network) -> None:
+        """Let ports forwarded to guests on ``bridge`` work from localhost and from the guests.
+
+        * ``guard``: drop packets from the bridge with a loopback source or destination, then
+          (in that order, so the hole never opens unguarded) set ``route_localnet`` on the
+          bridge (see the module's docstring);
+        * ``postrouting``: masquerade DNATed connections from the bridge's subnet back into it
+          (hairpin: a guest using a forwarded port of the host, maybe its own). Without it the
+          guest that answers would reply directly to the client, which expects the reply
+          from the host's address and resets the connection. Under br_netfilter the guest's
+          bridge port also needs hairpin mode (``links.attach_to_bridge``, on by default).
+        """
+        prefix = _prefix(subnet)
+        iif = _match({"meta": {"key": "iifname"}}, bridge)
+        new: list[tuple[str, list[Any]]] = [
+            ("guard", [iif, _match(_field("ip", "saddr"), _prefix(LOOPBACK)), {"drop": None}]),
+            ("guard", [iif, _match(_field("ip", "daddr"), _prefix(LOOPBACK)), {"drop": None}]),
+            (
+                "postrouting",
+                [
+                    _match(_field("ip", "saddr"), prefix),
+                    _match(_field("ip", "daddr"), prefix),
+                    _match({"ct": {"key": "status"}}, "dnat", op="in"),
+                    {"masquerade": None},
+                ],
+            ),
+        ]
+        self._replace(f"nomad-vm:bridge:{bridge}", new)
+        sysctl.enable_route_localnet(bridge, netns=self.netns)
+
+    def enable_nat(self, subnet: IPv4Network, bridge: str) -> None:
+        """Masquerade the guests' traffic to anywhere but their bridge (outbound NAT)."""
+        rule = [
+            _match(_field("ip", "saddr"), _prefix(subnet)),
+            _match({"meta": {"key": "oifname"}}, bridge, op="!="),
+            {"masquerade": None},
+        ]
+        self._replace(f"nomad-vm:nat:{bridge}", [("postrouting", rule)])
+
+    def disable_nat(self, bridge: str) -> None:
+        self._replace(f"nomad-vm:nat:{bridge}", [])
+
+    # -- nft ---------------------------------------------------------------------------------
+
+    def _replace(self, tag: str, new: list[tuple[str, list[Any]]]) -> int:
+        """Swap the rules tagged ``tag`` for ``new`` in one transaction; returns how many went.
+
+        Retried once: a rule deleted by someone else between listing and the batch fails the
+        whole batch, and the second listing no longer has it.
+        """
+        last: NetworkError | None = None
+        for _ in range(2):
+            old = [r for r in self._list() if r.comment == tag]
+            if not old and not new:
+                return 0
+            commands = self._declare() + self._delete(old)
+            for chain, expr in new:
+                rule = {
+                    "family": FAMILY,
+                    "table": self.table,
+                    "chain": chain,
+                    "comment": tag,
+                    "expr": expr,
+                }
+                commands.append({"add": {"rule": rule}})
+            try:
+                self._apply(commands)
+            except NetworkError as exc:
+                last = exc
+                continue
+            return len(old)
+        assert last is not None
+        raise last
+
+    def _declare(self) -> list[dict[str, Any]]:
+        commands: list[dict[str, Any]] = [
+            {"add": {"table": {"family": FAMILY, "name": self.table}}}
+        ]
+        for name, kind, hook, prio in CHAINS:
+            chain = {
+                "family": FAMILY,
+                "table": self.table,
+                "name": name,
+                "type": kind,
+                "hook": hook,
+                "prio": prio,
+                "policy": "accept",
+            }
+            commands.append({"add": {"chain": chain}})
+        return commands
+
+    def _delete(self, rules: Iterable[Rule]) -> list[dict[str, Any]]:
+        return [
+            {
+                "delete": {
+                    "rule": {
+                        "family": FAMILY,
+                        "table": self.table,
+                        "chain": r.chain,
+                        "handle": r.handle,
+                    }
+                }
+            }
+            for r in rules
+        ]
+
+    def _list(self) -> list[Rule]:
+        tables = self._query(["list", "tables", FAMILY])
+        if not any(item.get("table", {}).get("name") == self.table for item in tables):
+            return []
+        found = []
+        for item in self._query(["list", "table", FAMILY, self.table]):
+            rule = item.get("rule")
+            if rule is not None:
+                found.append(
+                    Rule(
+                        chain=str(rule["chain"]),
+                        handle=int(rule["handle"]),
+                        comment=rule.get("comment"),
+                        expr=tuple(rule.get("expr", ())),
+                    )
+                )
+        return found
+
+    def _query(self, args: list[str]) -> list[dict[str, Any]]:
+        out = self._run(["-j", *args], None)
+        try:
+            items = json.loads(out)["nftables"]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise NetworkError(f"nft {' '.join(args)} printed no nftables JSON: {exc}") from exc
+        return [item for item in items if isinstance(item, dict)]
+
+    def _apply(self, commands: list[dict[str, Any]]) -> None:
+        self._run(["-j", "-f", "-"], json.dumps({"nftables": commands}))
+
+    def _run(self, args: list[str], stdin: str | None) -> str:
+        argv = [self._binary(), *args]
+
+        def run() -> subprocess.CompletedProcess[str]:
+            return subprocess.run(
+                argv,
+                input=stdin,
+                capture_output=True,
+                text=True,
+                timeout=NFT_TIMEOUT,
+                check=False,
+            )
+
+        try:
+            proc = run_in(self.netns, run)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            raise NetworkError(f"cannot run {' '.join(argv)}: {exc}") from exc
+        if proc.returncode != 0:
+            where = f" in network namespace {self.netns}" if self.netns else ""
+            raise NetworkError(
+                f"nft {' '.join(args)}{where} failed (exit {proc.returncode}) on table "
+                f"{FAMILY} {self.table}: {proc.stderr.strip()[:2000]}"
+            )
+        return proc.stdout
+
+    def _binary(self) -> str:
+        if self._nft is None:
+            found = shutil.which("nft") or shutil.which("nft", path="/usr/sbin:/sbin")
+            if found is None:
+                raise NetworkError(
+                    "nft not found in PATH or /usr/sbin: install nftables for port forwarding"
+                )
+            self._nft = found
+        return self._nft
+
+
+def _match(left: Any, right: Any, op: str = "==") -> dict[str, Any]:
+    return {"match": {"op": op, "left": left, "right": right}}
+
+
+def _field(protocol: str, field: str) -> dict[str, Any]:
+    return {"payload": {"protocol": protocol, "field": field}}
+
+
+def _prefix(network: IPv4Network) -> dict[str, Any]:
+    return {"prefix": {"addr": str(network.network_address), "len": network.prefixlen}}
+
+
+def _forward_expr(forward: PortForward, guest_ip: IPv4Address) -> list[Any]:
+    if forward.host_ip is None or forward.host_ip.is_unspecified:
+        daddr = _match({"fib": {"result": "type", "flags": ["daddr"]}}, "local")
+    else:
+        daddr = _match(_field("ip", "daddr"), str(forward.host_ip))
+    return [
+        daddr,
+        _match(_field(forward.protocol, "dport"), forward.host_port),
+        {"dnat": {"addr": str(guest_ip), "port": forward.guest_port}},
+    ]
+
+
+def _localhost_masquerade_expr(protocol: str, guest_ip: IPv4Address, guest_port: int) -> list[Any]:
+    return [
+        _match(_field("ip", "saddr"), _prefix(LOOPBACK)),
+        _match(_field("ip", "daddr"), str(guest_ip)),
+        _match(_field(protocol, "dport"), guest_port),
+        {"masquerade": None},
+    ]

@@ -1,0 +1,137 @@
+"""The plugin's `network {}` block as typed values: the bridge and its address pool."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv4Network, ip_address, ip_network
+from pathlib import Path
+
+from nomad_vm.errors import ConfigError
+from nomad_vm.network.ipam import AddressPool
+from nomad_vm.network.names import DEFAULT_TAP_PREFIX, tap_name
+
+
+@dataclass(frozen=True)
+class BridgeNetwork:
+    bridge: str
+    subnet: IPv4Network
+    gateway: IPv4Address
+    pool_start: IPv4Address
+    pool_end: IPv4Address
+    tap_prefix: str = DEFAULT_TAP_PREFIX
+    create_bridge: bool = False
+    nat: bool = False
+
+    @property
+    def gateway_cidr(self) -> str:
+        return f"{self.gateway}/{self.subnet.prefixlen}"
+
+    def pool(self, state_dir: Path) -> AddressPool:
+        """The bridge's leases, kept in ``state_dir`` (the plugin's data_dir/network)."""
+        path = state_dir / f"leases-{self.bridge}.json"
+        return AddressPool(path, self.subnet, self.gateway, self.pool_start, self.pool_end)
+
+
+def parse_bridge_network(values: Mapping[str, object], data_dir: Path) -> BridgeNetwork | None:
+    """The validated block, or None when no subnet is set (bridge networking unavailable)."""
+    subnet_text = str(values.get("subnet_cidr") or "")
+    if not subnet_text:
+        return None
+    subnet = _network(subnet_text, "config.network.subnet_cidr")
+    hosts = (subnet.network_address + 1, subnet.broadcast_address - 1)
+    gateway = _address(values.get("gateway"), "config.network.gateway", hosts[0])
+    start = _address(values.get("ip_pool_start"), "config.network.ip_pool_start", gateway + 1)
+    end = _address(values.get("ip_pool_end"), "config.network.ip_pool_end", hosts[1])
+    net = BridgeNetwork(
+        bridge=str(values.get("bridge") or "nomadvm0"),
+        subnet=subnet,
+        gateway=gateway,
+        pool_start=start,
+        pool_end=end,
+        tap_prefix=str(values.get("tap_prefix") or DEFAULT_TAP_PREFIX),
+        create_bridge=bool(values.get("create_bridge")),
+        nat=bool(values.get("nat")),
+    )
+    # The same checks StartTask would make, so a bad block fails at SetConfig, naming the field.
+    tap_name(net.tap_prefix, "check")
+    net.pool(data_dir / "network")
+    return net
+
+
+def _network(text: str, field: str) -> IPv4Network:
+    try:
+        net = ip_network(text, strict=True)
+    except ValueError as exc:
+        raise ConfigError(
+            field, f"{text!r} is not an IPv4 network like 10.89.0.0/24: {exc}"
+        ) from None
+    if not isinstance(net, IPv4Network):
+        raise ConfigError(field, f"{text!r}: only IPv4 subnets are supported")
+    return net
+
+
+def _address(value: object, field: str, default: IPv4Address) -> IPv4Address:
+    if value in (None, ""):
+        return default
+    return parse_ipv4(str(value), field)
+
+
+def parse_ipv4(text: str, field: str) -> IPv4Address:
+    try:
+        address = ip_address(text)
+    except ValueError:
+        raise ConfigError(field, f"{text!r} is not an IPv4 address") from None
+    if not isinstance(address, IPv4Address):
+        raise ConfigError(field, f"{text!r}: only IPv4 addresses are supported")
+    return address
+
+
+NIC_FIELD = "config.network_interface"
+
+
+@dataclass(frozen=True)
+class NicRequest:
+    """A task's `network_interface { bridge { ... } }`: what it asks of the plugin's bridge."""
+
+    bridge: str
+    ports: tuple[str, ...] = ()
+    static_ip: IPv4Address | None = None
+    gateway: IPv4Address | None = None
+    prefixlen: int | None = None
+    dns: tuple[IPv4Address, ...] = ()
+    vlan: int | None = None
+
+
+def parse_nic(block: Mapping[str, object] | None) -> NicRequest | None:
+    if not block:
+        return None
+    bridge = block.get("bridge")
+    if not isinstance(bridge, Mapping):
+        raise ConfigError(NIC_FIELD, "needs a bridge { ... } block (the only kind of interface)")
+    field = f"{NIC_FIELD}.bridge"
+    static = bridge.get("static_ip")
+    gateway = bridge.get("gateway")
+    vlan = block.get("vlan")
+    return NicRequest(
+        bridge=str(bridge.get("name") or ""),
+        ports=tuple(str(p) for p in bridge.get("ports") or ()),
+        static_ip=parse_ipv4(str(static), f"{field}.static_ip") if static else None,
+        gateway=parse_ipv4(str(gateway), f"{field}.gateway") if gateway else None,
+        prefixlen=_prefixlen(bridge.get("netmask"), f"{field}.netmask"),
+        dns=tuple(
+            parse_ipv4(str(d), f"{field}.dns[{i}]") for i, d in enumerate(bridge.get("dns") or ())
+        ),
+        vlan=int(vlan) if isinstance(vlan, int) and not isinstance(vlan, bool) else None,
+    )
+
+
+def _prefixlen(value: object, field: str) -> int | None:
+    """``24`` or ``255.255.255.0``."""
+    if not value:
+        return None
+    text = str(value).lstrip("/")
+    try:
+        return IPv4Network(f"0.0.0.0/{text}").prefixlen
+    except ValueError:
+        raise ConfigError(field, f"{value!r} is not a netmask (255.255.255.0 or 24)") from None
