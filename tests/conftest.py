@@ -37,19 +37,27 @@ def debian_guest():  # type: ignore[no-untyped-def]
 def short_tmp() -> Iterator[Path]:
     path = Path(tempfile.mkdtemp(prefix="nvt-", dir="/tmp"))
     yield path
-    leftover = qemu_processes_under(path)
+    leftover = vm_processes_under(path)
     for proc in leftover:
         proc.kill()
     shutil.rmtree(path, ignore_errors=True)
-    assert not leftover, f"QEMU processes outlived the test: {[p.pid for p in leftover]}"
+    assert not leftover, f"VM processes outlived the test: {[p.pid for p in leftover]}"
 
 
 def qemu_processes_under(path: Path) -> list[psutil.Process]:
-    """QEMU and virtiofsd processes whose command line mentions ``path`` (our tests put sockets
-    and shared directories there)."""
+    """QEMU processes whose command line mentions ``path`` (our tests put sockets there)."""
+    return processes_under(path, "qemu-system")
+
+
+def vm_processes_under(path: Path) -> list[psutil.Process]:
+    """QEMU and the virtiofsd daemons serving its shares (leak checks look for both)."""
+    return processes_under(path, "qemu-system") + processes_under(path, "virtiofsd")
+
+
+def processes_under(path: Path, program: str) -> list[psutil.Process]:
     found = []
     for proc in psutil.process_iter(["name", "cmdline"]):
         cmdline = " ".join(proc.info.get("cmdline") or [])
-        if ("qemu-system" in cmdline or "virtiofsd" in cmdline) and str(path) in cmdline:
+        if program in cmdline and str(path) in cmdline:
             found.append(proc)
     return found

@@ -12,7 +12,7 @@ import pytest
 
 from nomad_vm.cli.devagent import DevAgent, DevAgentConfig
 from nomad_vm.cli.paths import nomad_binary
-from tests.conftest import REPO, qemu_processes_under
+from tests.conftest import REPO, vm_processes_under
 
 
 @contextlib.contextmanager
@@ -34,7 +34,7 @@ def running_agent(image_paths: list[Path], *, dev: bool = True) -> Iterator[DevA
         yield agent
     finally:
         agent.stop()
-        leftover = qemu_processes_under(workdir)
+        leftover = vm_processes_under(workdir)
         for proc in leftover:
             proc.kill()
         if leftover:

@@ -15,7 +15,7 @@ from google.protobuf import duration_pb2
 
 from nomad_vm.plugin.launcher import PluginProcess
 from nomad_vm.plugin.proto import driver_pb2
-from tests.conftest import qemu_processes_under
+from tests.conftest import vm_processes_under
 from tests.integration.pluginkit import FifoReader, configure, drv, task_config
 from tests.integration.test_vm_lifecycle import collect_events, destroy, stop, wait, wait_until
 
@@ -211,7 +211,7 @@ def test_debian_guest_with_cloud_init_agent_and_acpi_stop(
     assert elapsed < 45, f"ACPI shutdown of Debian took {elapsed:.0f}s"
     assert any(m.startswith("Disk prepared: thin copy") for m in events), events
     assert any("SIGTERM received: ACPI shutdown requested" in m for m in events), events
-    assert not qemu_processes_under(short_tmp)
+    assert not vm_processes_under(short_tmp)
     assert not list((alloc / "web").glob("nomad-vm-*"))  # local/ and secrets/ are Nomad's
     assert hashlib.sha256(debian_guest.disk.read_bytes()).hexdigest() == base_digest
 
@@ -246,4 +246,4 @@ def test_debian_guest_boots_from_its_disk_alone(
         stream.cancel()
         fifo.close()
     assert (result.result.exit_code, result.err) == (0, "")
-    assert not qemu_processes_under(short_tmp)
+    assert not vm_processes_under(short_tmp)

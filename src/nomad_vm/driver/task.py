@@ -102,7 +102,12 @@ class VMTask:
 
     async def _watch(self) -> None:
         assert self.vm is not None
-        ended = await self.vm.wait()
+        try:
+            ended = await self.vm.wait()
+        except Exception as exc:
+            # Never leave the task "running" with nobody watching: Nomad would wait forever.
+            log.exception("waiting for the VM failed")
+            ended = VMExit(None, None, f"waiting for the VM failed: {exc}")
         result = exit_result_from(ended, self.stopping)
         self._finish(result)
         if not result.successful and not self.stopping:

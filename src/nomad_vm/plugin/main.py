@@ -41,7 +41,21 @@ def _make_driver() -> DriverPort:
 
 
 async def _run() -> None:
+    # `kill -USR1 <plugin pid>` writes every pending asyncio task's stack to the agent log:
+    # the way to see what a stuck RPC is waiting for.
+    asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, _dump_tasks)
     await serve(cast("DriverPort", LazyDriver(_make_driver)))
+
+
+def _dump_tasks() -> None:
+    for task in asyncio.all_tasks():
+        frames = [
+            f"{f.f_code.co_filename}:{f.f_lineno} {f.f_code.co_name}"
+            for f in task.get_stack(limit=12)
+        ]
+        logging.getLogger(__name__).info(
+            "asyncio task %s: %s", task.get_name(), " <- ".join(reversed(frames))
+        )
 
 
 if __name__ == "__main__":

@@ -49,6 +49,8 @@ LOG_NAME = "qemu.log"
 SIGNAL_LINE = re.compile(rb"terminating on signal (\d+)")
 GUEST_DONE_STATES = {"shutdown": "poweroff", "guest-panicked": "panic"}
 BALLOON = "/machine/peripheral/balloon0"
+# A virtiofsd exits as soon as QEMU closes its socket; one that has not after this is killed.
+HELPER_GRACE = 5.0
 
 
 @dataclass(frozen=True)
@@ -68,13 +70,18 @@ class QemuVM:
         process: SupervisedProcess,
         monitor: QemuMonitor | None,
         log_path: Path,
-        helpers: tuple[ProcessIdentity, ...] = (),
+        helpers: tuple[SupervisedProcess, ...] = (),
     ) -> None:
         self.process = process
         self.monitor = monitor
         self.log_path = log_path
-        # Processes serving this VM (virtiofsd), started with it; they exit when QEMU does.
+        # Processes serving this VM (virtiofsd) that this plugin started; they exit when QEMU
+        # does, and are reaped (waited for) with it.
         self.helpers = helpers
+
+    @property
+    def helper_identities(self) -> tuple[ProcessIdentity, ...]:
+        return tuple(helper.ident for helper in self.helpers)
         # What the guest did, once QEMU told us: "poweroff" or "panic".
         self.guest_end: str | None = None
 
@@ -142,6 +149,8 @@ class QemuVM:
 
     async def wait(self) -> VMExit:
         ended = await self.process.wait()
+        for helper in self.helpers:
+            await helper.terminate(HELPER_GRACE)
         if self.guest_end == "poweroff":
             return VMExit(0, None, "the guest powered off", guest_poweroff=True)
         if self.guest_end == "panic":
@@ -174,6 +183,8 @@ class QemuVM:
         if self.monitor is not None:
             await self.monitor.close()
         self.process.close()
+        for helper in self.helpers:
+            helper.close()
 
 
 class QemuBackend:
@@ -213,9 +224,7 @@ class QemuBackend:
             tail = read_log_tail(log_path)
             process.close()
             raise LaunchError(f"QEMU failed to start: {tail or exc}") from None
-        vm = QemuVM(process, monitor, log_path, tuple(d.ident for d in daemons))
-        for daemon in daemons:
-            daemon.close()  # the pidfds; the identities are enough to find them later
+        vm = QemuVM(process, monitor, log_path, tuple(daemons))
         await vm.enable_guest_stats()
         return vm
 
