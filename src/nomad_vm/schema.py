@@ -115,6 +115,68 @@ PLUGIN_CONFIG = Schema(
             default="",
             example='"/usr/libexec/virtiofsd"',
         ),
+        Field(
+            "network",
+            "block",
+            "The bridge VMs with a `network_interface { bridge { ... } }` attach to, and the "
+            "address pool they get addresses from (names as in nomad-driver-ch).",
+            fields=(
+                Field(
+                    "bridge",
+                    "string",
+                    "Name of the Linux bridge the VMs' TAP devices join.",
+                    default="nomadvm0",
+                ),
+                Field(
+                    "subnet_cidr",
+                    "string",
+                    "The bridge's IPv4 subnet. Unset: VMs cannot ask for bridge networking.",
+                    default="",
+                    example='"10.89.0.0/24"',
+                ),
+                Field(
+                    "gateway",
+                    "string",
+                    "The bridge's own address, the guests' default route. Unset: the subnet's "
+                    "first host address.",
+                    default="",
+                ),
+                Field(
+                    "ip_pool_start",
+                    "string",
+                    "First address handed out to VMs without `static_ip`. Unset: the address "
+                    "after the gateway.",
+                    default="",
+                ),
+                Field(
+                    "ip_pool_end",
+                    "string",
+                    "Last address handed out (inclusive). Unset: the subnet's last host address.",
+                    default="",
+                ),
+                Field(
+                    "tap_prefix",
+                    "string",
+                    "Prefix of the TAP device names (`<prefix><hash of the task>`, 15 characters "
+                    "in all); 1 to 7 characters.",
+                    default="nvm",
+                ),
+                Field(
+                    "create_bridge",
+                    "bool",
+                    "Create the bridge (with the gateway address) when it is missing, and bring "
+                    "it up. Off: the operator's bridge must exist.",
+                    default=False,
+                ),
+                Field(
+                    "nat",
+                    "bool",
+                    "Masquerade the guests' traffic leaving the bridge, giving them the host's "
+                    "outbound connectivity (needs IP forwarding, which the plugin turns on).",
+                    default=False,
+                ),
+            ),
+        ),
     ),
 )
 
@@ -196,6 +258,68 @@ TASK_CONFIG = Schema(
             ),
         ),
         Field(
+            "network_interface",
+            "block",
+            "A network card on the plugin's bridge (`network` in the plugin config). The guest's "
+            "address comes from `static_ip` or the plugin's pool and reaches the guest through "
+            "cloud-init `network-config`; Nomad learns it for services and checks.",
+            fields=(
+                Field(
+                    "bridge",
+                    "block",
+                    "Attach to a bridge.",
+                    fields=(
+                        Field(
+                            "name",
+                            "string",
+                            "The bridge; must be the plugin's `network.bridge`. Unset: that one.",
+                            default="",
+                        ),
+                        Field(
+                            "ports",
+                            "list(string)",
+                            "Labels of the group's `network { port ... }` blocks to forward "
+                            "from the host port Nomad allocated to the guest (to the port's `to`, "
+                            "else the same number).",
+                            default=[],
+                            example='["http"]',
+                        ),
+                        Field(
+                            "static_ip",
+                            "string",
+                            "A fixed guest address inside the subnet (not the gateway, not in "
+                            "use). Unset: the next free address of the pool.",
+                            default="",
+                        ),
+                        Field(
+                            "gateway",
+                            "string",
+                            "The guest's default route. Unset: the plugin's gateway.",
+                            default="",
+                        ),
+                        Field(
+                            "netmask",
+                            "string",
+                            "The guest's netmask (`255.255.255.0` or `24`). Unset: the subnet's.",
+                            default="",
+                        ),
+                        Field(
+                            "dns",
+                            "list(string)",
+                            "Name servers for the guest. Unset: none configured.",
+                            default=[],
+                        ),
+                    ),
+                ),
+                Field(
+                    "vlan",
+                    "number",
+                    "Put the VM's TAP in this VLAN (1-4094) on a VLAN-filtering bridge.",
+                    minimum=1,
+                ),
+            ),
+        ),
+        Field(
             "cloud_init",
             "bool",
             "Attach a cloud-init NoCloud seed (an ISO labelled `cidata`) to VMs that boot a disk "
@@ -252,7 +376,8 @@ TASK_CONFIG = Schema(
             "share_task_dirs",
             "bool",
             "Share the allocation's `alloc/` and the task's `local/` and `secrets/` directories "
-            "with the guest (9p), mounted by cloud-init at `/alloc`, `/local` and `/secrets`. "
+            "with the guest (virtio-fs or 9p), mounted by cloud-init at `/alloc`, `/local` and "
+            "`/secrets`. "
             "Nomad host volumes (`volume_mount`) are shared the same way at their destination.",
             default=True,
         ),

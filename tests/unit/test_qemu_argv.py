@@ -10,7 +10,7 @@ import pytest
 from nomad_vm.vm.firmware import FirmwarePlan
 from nomad_vm.vm.machine import MachineConfig
 from nomad_vm.vm.qemu.argv import qemu_argv
-from nomad_vm.vm.spec import DiskSpec, ShareSpec, VMSpec
+from nomad_vm.vm.spec import DiskSpec, NicSpec, ShareSpec, VMSpec
 
 GOLDEN = Path(__file__).parent / "golden"
 
@@ -93,6 +93,19 @@ SPECS = {
             ShareSpec("nomad-vol0", Path("/srv/d"), "/data", False, Path("/run/v/vfs1.sock")),
         ),
         share_transport="virtiofs",
+    ),
+    # Bridge networking: the driver made the TAP; QEMU only opens it.
+    "disk_bridge_nic": VMSpec(
+        name="web-2",
+        vcpus=1,
+        memory_mb=512,
+        kernel=None,
+        initramfs=None,
+        cmdline="",
+        accelerator="tcg",
+        control_socket=Path("/run/n/qmp.sock"),
+        disk=DiskSpec(Path("/run/n/disk.qcow2"), "qcow2"),
+        nics=(NicSpec("nvmabcdefghijkl", "52:54:12:34:56:78"),),
     ),
 }
 

@@ -10,6 +10,12 @@ from nomad_vm import schema
 from nomad_vm.driver.hostname import default_hostname, validate_hostname
 from nomad_vm.driver.types import TaskConfig
 from nomad_vm.errors import ConfigError
+from nomad_vm.network.settings import (
+    BridgeNetwork,
+    NicRequest,
+    parse_bridge_network,
+    parse_nic,
+)
 from nomad_vm.storage.paths import resolve_allowed_file
 
 
@@ -21,6 +27,8 @@ class PluginConfig:
     qemu_binary: str
     share_transport: str = "auto"
     virtiofsd_binary: str = ""
+    # The bridge and address pool, or None when the operator configured no subnet.
+    network: BridgeNetwork | None = None
 
 
 @dataclass(frozen=True)
@@ -47,6 +55,7 @@ class VMTaskConfig:
     user_data: str | None = field(default=None, repr=False)
     share_task_dirs: bool = True
     writable_alloc_dir: bool = False
+    nic: NicRequest | None = None
     signal_unit: str | None = None
     signal_pidfile: str | None = None
 
@@ -68,7 +77,12 @@ def parse_plugin_config(raw: Mapping[str, object] | None) -> PluginConfig:
         qemu_binary=str(values["qemu_binary"]),
         share_transport=str(values["share_transport"]),
         virtiofsd_binary=str(values["virtiofsd_binary"] or ""),
+        network=parse_bridge_network(_block(values["network"]), Path(data_dir)),
     )
+
+
+def _block(value: object) -> dict[str, object]:
+    return value if isinstance(value, dict) else {}
 
 
 def parse_task_config(task: TaskConfig, plugin: PluginConfig) -> VMTaskConfig:
@@ -118,6 +132,7 @@ def parse_task_config(task: TaskConfig, plugin: PluginConfig) -> VMTaskConfig:
         writable_alloc_dir=bool(values["writable_alloc_dir"]),
         signal_unit=_optional_str(values["signal_unit"]),
         signal_pidfile=_optional_str(values["signal_pidfile"]),
+        nic=parse_nic(_block(values["network_interface"])),
     )
 
 

@@ -22,6 +22,7 @@ from nomad_vm.driver.events import EventBus
 from nomad_vm.driver.fingerprint import fingerprint_async
 from nomad_vm.driver.guest_exec import ExecOutcome, SignalTarget, exec_in_guest, signal_guest
 from nomad_vm.driver.guest_terminal import OutputSink, TerminalInput, run_terminal
+from nomad_vm.driver.networking import NetworkManager, NetworkRecord
 from nomad_vm.driver.output import open_task_output
 from nomad_vm.driver.startup import (
     AGENT_SOCKET,
@@ -40,6 +41,7 @@ from nomad_vm.driver.types import (
     Capabilities,
     ExitResult,
     Fingerprint,
+    NetworkOverride,
     TaskConfig,
     TaskEvent,
     TaskHandle,
@@ -110,16 +112,23 @@ class VMDriver:
         digest = hashlib.sha256(task.id.encode()).hexdigest()[:16]
         return self.config.data_dir / "run" / digest
 
-    async def start_task(self, task: TaskConfig) -> TaskHandle:
+    async def start_task(self, task: TaskConfig) -> tuple[TaskHandle, NetworkOverride | None]:
         """Validate, then prepare and launch; a failure at any step undoes the earlier ones."""
         if task.id in self._tasks:
             raise TaskExists(task.id)
         plan = await plan_start(task, self.config, self.agent, self._runtime_dir(task))
-        with contextlib.ExitStack() as undo:
+        async with contextlib.AsyncExitStack() as undo:
             make_runtime_dir(plan, undo)
             disk = await prepare_disk(plan, self.events)
-            seed = write_seed_iso(plan, self.events)
-            spec = build_spec(plan, disk, prepare_firmware_vars(plan), seed)
+            network = None
+            if plan.network is not None:
+                network = await self._networks().setup(plan.network)
+                undo.push_async_callback(
+                    self._networks().teardown, network.record, plan.network.net
+                )
+                self.events.emit(task, f"Network: {network.address} on {network.record.tap}")
+            seed = write_seed_iso(plan, self.events, network)
+            spec = build_spec(plan, disk, prepare_firmware_vars(plan), seed, network)
             console_fd = await open_task_output(task.stdout_path)
             try:
                 backend = QemuBackend(plan.qemu, plan.share_transport.virtiofsd)
@@ -137,7 +146,8 @@ class VMDriver:
                 started_at=time.time(),
                 signal_unit=plan.vm.signal_unit,
                 signal_pidfile=plan.vm.signal_pidfile,
-                helper_processes=tuple((h.pid, h.start_time) for h in vm.helpers),
+                helper_processes=tuple((h.pid, h.start_time) for h in vm.helper_identities),
+                network=network.record.to_dict() if network is not None else None,
             )
             undo.pop_all()
         entry = VMTask(task, vm, state, plan.runtime_dir, self.events)
@@ -148,7 +158,11 @@ class VMDriver:
             f"VM started: {spec.vcpus} vCPU, {spec.memory_mb} MB, accelerator {spec.accelerator}",
             {"pid": str(state.pid), "accelerator_reason": plan.accel.reason},
         )
-        return TaskHandle(HANDLE_VERSION, TaskState.RUNNING, state.encode())
+        handle = TaskHandle(HANDLE_VERSION, TaskState.RUNNING, state.encode())
+        return handle, network.override if network is not None else None
+
+    def _networks(self) -> NetworkManager:
+        return NetworkManager(self.config.data_dir / "network")
 
     async def recover_task(self, task: TaskConfig, handle: TaskHandle) -> None:
         """Reattach to a VM started by an earlier plugin process; never boot a second one."""
@@ -188,6 +202,8 @@ class VMDriver:
     async def destroy_task(self, task_id: str, force: bool) -> None:
         entry = self._tasks.get(task_id)
         if entry is None:
+            # Unknown here, but a plugin that died mid-start may have left its network behind.
+            await self._networks().teardown_leftover(task_id, self.config.network)
             return
         if entry.running:
             if not force:
@@ -198,6 +214,9 @@ class VMDriver:
         # virtiofsd ends with QEMU by itself; this catches one that did not (or not yet).
         kill_leftovers([ProcessIdentity(pid, t) for pid, t in entry.state.helper_processes])
         await entry.close()
+        if entry.state.network is not None:
+            record = NetworkRecord.from_dict(entry.state.network)
+            await self._networks().teardown(record, self.config.network)
         shutil.rmtree(entry.runtime_dir, ignore_errors=True)
         del self._tasks[task_id]
 

@@ -7,7 +7,9 @@ import asyncio
 from nomad_vm import __version__
 from nomad_vm.driver.config import PluginConfig
 from nomad_vm.driver.types import AttributeValue, Fingerprint, Health
-from nomad_vm.errors import ConfigError, HypervisorError
+from nomad_vm.errors import ConfigError, HypervisorError, NetworkError
+from nomad_vm.network import links
+from nomad_vm.network.settings import BridgeNetwork
 from nomad_vm.vm.accel import choose_accelerator, probe_kvm
 from nomad_vm.vm.qemu.binary import find_qemu, qemu_version
 from nomad_vm.vm.virtiofsd import choose_share_transport
@@ -41,6 +43,8 @@ def fingerprint(config: PluginConfig) -> Fingerprint:
     except ConfigError as exc:
         return Fingerprint(Health.UNHEALTHY, str(exc), attrs)
     attrs["driver.vm.accelerator"] = accel.name
+    if config.network is not None:
+        attrs.update(network_attributes(config.network))
     description = "Healthy" if accel.name == "kvm" else f"Healthy ({accel.reason})"
     return Fingerprint(Health.HEALTHY, description, attrs)
 
@@ -48,3 +52,19 @@ def fingerprint(config: PluginConfig) -> Fingerprint:
 async def fingerprint_async(config: PluginConfig) -> Fingerprint:
     # The KVM probe and `qemu --version` run child processes: keep them off the event loop.
     return await asyncio.to_thread(fingerprint, config)
+
+
+def network_attributes(net: BridgeNetwork) -> dict[str, AttributeValue]:
+    """The bridge VMs attach to, and whether a VM start can use it: it exists and is a bridge,
+    or the plugin will create it (``create_bridge``)."""
+    try:
+        state = links.bridge_state(net.bridge)
+        exists = state.exists and state.is_bridge
+    except NetworkError:
+        exists = False
+    return {
+        "driver.vm.network.bridge": net.bridge,
+        "driver.vm.network.subnet": str(net.subnet),
+        "driver.vm.network.bridge_exists": exists,
+        "driver.vm.network.usable": exists or net.create_bridge,
+    }

@@ -10,6 +10,7 @@ from nomad_vm.driver.types import (
     Capabilities,
     ExitResult,
     Fingerprint,
+    NetworkOverride,
     TaskConfig,
     TaskEvent,
     TaskHandle,
@@ -32,7 +33,7 @@ class DriverPort(Protocol):
 
     def fingerprints(self) -> AsyncIterator[Fingerprint]: ...
 
-    async def start_task(self, task: TaskConfig) -> TaskHandle: ...
+    async def start_task(self, task: TaskConfig) -> tuple[TaskHandle, NetworkOverride | None]: ...
 
     async def recover_task(self, task: TaskConfig, handle: TaskHandle) -> None: ...
 

@@ -16,6 +16,12 @@ from pathlib import Path
 from nomad_vm.cloudinit import CloudInitRequest, GuestMount, SeedDocuments, render, write_seed
 from nomad_vm.driver.config import PluginConfig, VMTaskConfig, parse_task_config
 from nomad_vm.driver.events import EventBus
+from nomad_vm.driver.networking import (
+    NetworkAttachment,
+    NetworkPlan,
+    network_config,
+    plan_network,
+)
 from nomad_vm.driver.resources import memory_mb_for, vcpus_for
 from nomad_vm.driver.shares import task_shares, with_sockets
 from nomad_vm.driver.types import AgentInfo, TaskConfig
@@ -24,7 +30,7 @@ from nomad_vm.vm.accel import AcceleratorChoice, choose_accelerator, probe_kvm
 from nomad_vm.vm.firmware import FirmwarePlan, plan_firmware, prepare_vars
 from nomad_vm.vm.machine import MachineConfig, validate_machine
 from nomad_vm.vm.qemu.binary import find_qemu, find_qemu_img
-from nomad_vm.vm.spec import DiskSpec, ShareSpec, VMSpec
+from nomad_vm.vm.spec import DiskSpec, NicSpec, ShareSpec, VMSpec
 from nomad_vm.vm.virtiofsd import ShareTransport, choose_share_transport
 
 SEED_NAME = "cidata.iso"
@@ -47,6 +53,7 @@ class StartPlan:
     seed: SeedDocuments | None
     shares: tuple[ShareSpec, ...]
     share_transport: ShareTransport
+    network: NetworkPlan | None = None
 
 
 async def plan_start(
@@ -81,11 +88,16 @@ async def plan_start(
         seed=render_seed(task, vm, shares, transport.name),
         shares=shares,
         share_transport=transport,
+        network=plan_network(task.id, vm.nic, plugin.network, task.ports),
     )
 
 
 def render_seed(
-    task: TaskConfig, vm: VMTaskConfig, shares: tuple[ShareSpec, ...] = (), transport: str = "9p"
+    task: TaskConfig,
+    vm: VMTaskConfig,
+    shares: tuple[ShareSpec, ...] = (),
+    transport: str = "9p",
+    network: NetworkAttachment | None = None,
 ) -> SeedDocuments | None:
     """The NoCloud documents for a disk-booting VM, unless the task turned cloud-init off."""
     if vm.image is None or not vm.cloud_init:
@@ -101,11 +113,12 @@ def render_seed(
         env=task.env,
         user_data_text=vm.user_data,
         mounts=tuple(GuestMount(s.tag, s.guest_path, s.readonly, transport) for s in shares),
+        network_config=network_config(network) if network is not None else None,
     )
     return render(request)
 
 
-def make_runtime_dir(plan: StartPlan, undo: contextlib.ExitStack) -> None:
+def make_runtime_dir(plan: StartPlan, undo: contextlib.AsyncExitStack) -> None:
     plan.runtime_dir.mkdir(mode=0o700, parents=True, exist_ok=False)
     undo.callback(shutil.rmtree, plan.runtime_dir, True)
 
@@ -134,11 +147,19 @@ async def prepare_disk(plan: StartPlan, events: EventBus) -> DiskSpec | None:
     return DiskSpec(disk.path, disk.format)
 
 
-def write_seed_iso(plan: StartPlan, events: EventBus) -> Path | None:
-    if plan.seed is None:
+def write_seed_iso(
+    plan: StartPlan, events: EventBus, network: NetworkAttachment | None = None
+) -> Path | None:
+    """The seed as planned, with the guest's address once the network has one."""
+    seed = plan.seed
+    if seed is None:
         return None
-    path = write_seed(plan.seed, plan.runtime_dir / SEED_NAME)
-    for warning in plan.seed.warnings:
+    if network is not None:
+        seed = (
+            render_seed(plan.task, plan.vm, plan.shares, plan.share_transport.name, network) or seed
+        )
+    path = write_seed(seed, plan.runtime_dir / SEED_NAME)
+    for warning in seed.warnings:
         events.emit(plan.task, f"cloud-init: {warning}")
     return path
 
@@ -151,8 +172,13 @@ def prepare_firmware_vars(plan: StartPlan) -> Path | None:
 
 
 def build_spec(
-    plan: StartPlan, disk: DiskSpec | None, firmware_vars: Path | None, seed: Path | None
+    plan: StartPlan,
+    disk: DiskSpec | None,
+    firmware_vars: Path | None,
+    seed: Path | None,
+    network: NetworkAttachment | None = None,
 ) -> VMSpec:
+    nics = () if network is None else (NicSpec(network.record.tap, network.record.guest_mac),)
     return VMSpec(
         name=plan.vm.hostname,
         vcpus=plan.vcpus,
@@ -170,4 +196,5 @@ def build_spec(
         agent_socket=plan.runtime_dir / AGENT_SOCKET,
         shares=plan.shares,
         share_transport=plan.share_transport.name,
+        nics=nics,
     )

@@ -34,6 +34,8 @@ class DriverState:
     signal_pidfile: str | None = None
     # (pid, start time) of the processes serving the VM (virtiofsd), to end any left running.
     helper_processes: tuple[tuple[int, float], ...] = ()
+    # The task's network on the host (driver.networking.NetworkRecord), to tear it down.
+    network: dict[str, str] | None = None
 
     def encode(self) -> bytes:
         packed: bytes = msgpack.packb(asdict(self), use_bin_type=True)

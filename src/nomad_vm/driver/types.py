@@ -74,6 +74,17 @@ class TaskMount:
 
 
 @dataclass(frozen=True)
+class PortMapping:
+    """A port of the group's `network` block: ``value`` is the host port Nomad allocated,
+    ``to`` the port inside the task (0: the same as ``value``)."""
+
+    label: str
+    value: int
+    to: int = 0
+    host_ip: str = ""
+
+
+@dataclass(frozen=True)
 class TaskConfig:
     """One start of one task (Nomad's TaskConfig; ``id`` is new on every restart)."""
 
@@ -90,6 +101,7 @@ class TaskConfig:
     mounts: tuple[TaskMount, ...] = ()
     job_name: str = ""
     task_group_name: str = ""
+    ports: tuple[PortMapping, ...] = ()
 
     @property
     def task_dir(self) -> str:
@@ -103,6 +115,15 @@ class TaskHandle:
     version: int
     state: TaskState
     driver_state: bytes
+
+
+@dataclass(frozen=True)
+class NetworkOverride:
+    """StartTask's answer about the task's own address: Nomad advertises services and runs
+    checks against ``address`` and the ports in ``port_map`` (label -> port in the guest)."""
+
+    address: str
+    port_map: Mapping[str, int]
 
 
 @dataclass(frozen=True)

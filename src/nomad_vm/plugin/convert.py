@@ -17,6 +17,8 @@ from nomad_vm.driver.types import (
     Capabilities,
     ExitResult,
     Fingerprint,
+    NetworkOverride,
+    PortMapping,
     TaskConfig,
     TaskEvent,
     TaskHandle,
@@ -82,6 +84,7 @@ def task_config(pb: driver_pb2.TaskConfig) -> TaskConfig:
         mounts=tuple(TaskMount(m.task_path, m.host_path, m.readonly) for m in pb.mounts),
         job_name=pb.job_name,
         task_group_name=pb.task_group_name,
+        ports=tuple(PortMapping(p.label, p.value, p.to, p.host_ip) for p in res.ports),
     )
 
 
@@ -180,4 +183,11 @@ def task_event(e: TaskEvent) -> driver_pb2.DriverTaskEvent:
         timestamp=timestamp(e.timestamp),
         message=e.message,
         annotations=dict(e.annotations),
+    )
+
+
+def network_override(net: NetworkOverride) -> driver_pb2.NetworkOverride:
+    # auto_advertise: services with address_mode "auto" use the VM's address, not the host's.
+    return driver_pb2.NetworkOverride(
+        addr=net.address, port_map=dict(net.port_map), auto_advertise=True
     )

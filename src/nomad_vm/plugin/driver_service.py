@@ -58,8 +58,11 @@ class DriverService(driver_pb2_grpc.DriverServicer):
 
     async def StartTask(self, request: pb.StartTaskRequest, context: Ctx) -> pb.StartTaskResponse:
         async with rpc_errors(context, "StartTask", recoverable_detail=True):
-            handle = await self.driver.start_task(convert.task_config(request.task))
-            return pb.StartTaskResponse(handle=convert.handle(handle, request.task))
+            handle, network = await self.driver.start_task(convert.task_config(request.task))
+            response = pb.StartTaskResponse(handle=convert.handle(handle, request.task))
+            if network is not None:
+                response.network_override.CopyFrom(convert.network_override(network))
+            return response
         raise AssertionError("unreachable")  # rpc_errors aborts the RPC on error
 
     async def RecoverTask(

@@ -32,6 +32,14 @@ class ShareSpec:
 
 
 @dataclass(frozen=True)
+class NicSpec:
+    """A virtio network card on an existing TAP device (created by the driver, not QEMU)."""
+
+    tap: str
+    mac: str
+
+
+@dataclass(frozen=True)
 class VMSpec:
     name: str
     vcpus: int
@@ -56,6 +64,7 @@ class VMSpec:
     shares: tuple[ShareSpec, ...] = ()
     # How shares reach the guest: "9p" (QEMU serves them) or "virtiofs" (a virtiofsd each).
     share_transport: str = "9p"
+    nics: tuple[NicSpec, ...] = ()
 
 
 @dataclass(frozen=True)

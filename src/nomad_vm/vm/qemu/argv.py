@@ -82,6 +82,14 @@ def _devices(spec: VMSpec) -> list[str]:
         argv += ["-drive", seed, "-device", f"virtio-blk-{virtio},drive=seed0"]
     if spec.agent_socket is not None:
         argv += agent_argv(spec.agent_socket, microvm=microvm)
+    for i, nic in enumerate(spec.nics):
+        # script=no: the TAP already exists on its bridge; QEMU only opens it.
+        argv += [
+            "-netdev",
+            f"tap,id=net{i},ifname={nic.tap},script=no,downscript=no",
+            "-device",
+            f"virtio-net-{virtio},netdev=net{i},mac={nic.mac}",
+        ]
     for i, share in enumerate(spec.shares):
         if spec.share_transport == "virtiofs":
             # read-only is enforced by the share's virtiofsd (--readonly).
