@@ -127,11 +127,15 @@ def tiny_task(
     run: str | None = None,
     overrides: dict[str, object] | None = None,
     image_paths: list[str] | None = None,
+    plugin_options: dict[str, object] | None = None,
 ) -> Iterator[tuple[driver_pb2.TaskConfig, FifoReader, Path]]:
-    """Configure the plugin, lay out an alloc dir with a reading stdout FIFO, build the config."""
+    """Configure the plugin (with ``plugin_options`` as extra top-level options), lay out an
+    alloc dir with a reading stdout FIFO, build the config."""
     from nomad_vm.guests.tiny import tiny_cmdline
 
-    configure(plugin, root / "data", image_paths or [str(guest.vmlinux.parent)])
+    configure(
+        plugin, root / "data", image_paths or [str(guest.vmlinux.parent)], **(plugin_options or {})
+    )
     alloc = root / alloc_name
     (alloc / "tiny").mkdir(parents=True)
     fifo = FifoReader(alloc / "alloc" / "logs" / ".tiny.stdout.fifo")

@@ -78,12 +78,12 @@ class QemuVM:
         # Processes serving this VM (virtiofsd) that this plugin started; they exit when QEMU
         # does, and are reaped (waited for) with it.
         self.helpers = helpers
+        # What the guest did, once QEMU told us: "poweroff" or "panic".
+        self.guest_end: str | None = None
 
     @property
     def helper_identities(self) -> tuple[ProcessIdentity, ...]:
         return tuple(helper.ident for helper in self.helpers)
-        # What the guest did, once QEMU told us: "poweroff" or "panic".
-        self.guest_end: str | None = None
 
     @property
     def identity(self) -> ProcessIdentity:
