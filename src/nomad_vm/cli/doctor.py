@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
-from nomad_vm.errors import ConfigError, HypervisorError
+import shutil
+
+from nomad_vm.errors import ConfigError, HypervisorError, NetworkError
+from nomad_vm.network import links
 from nomad_vm.vm.accel import choose_accelerator, probe_kvm
 from nomad_vm.vm.qemu.binary import find_qemu, find_qemu_img, qemu_version
+from nomad_vm.vm.virtiofsd import choose_share_transport
 
 
-def run_doctor(qemu_binary: str, accelerator: str) -> int:
+def run_doctor(qemu_binary: str, accelerator: str, bridge: str | None = None) -> int:
     failures = 0
     try:
         binary = find_qemu(qemu_binary)
@@ -30,5 +34,30 @@ def run_doctor(qemu_binary: str, accelerator: str) -> int:
     except ConfigError as exc:
         print(f"FAIL  {exc}")
         failures += 1
+    shares = choose_share_transport("auto", None)
+    print(f"{'ok  ' if shares.name == 'virtiofs' else 'info'}  shares: {shares.reason}")
+    if bridge:
+        failures += _check_bridge(bridge)
     print("host is ready" if not failures else f"{failures} problem(s) found")
     return 1 if failures else 0
+
+
+def _check_bridge(name: str) -> int:
+    """The bridge a plugin `network` block names: present and up, and nft to forward ports."""
+    problems = 0
+    try:
+        state = links.bridge_state(name)
+    except NetworkError as exc:
+        print(f"FAIL  bridge {name}: {exc}")
+        return 1
+    if not state.exists or not state.is_bridge:
+        what = "is not a bridge" if state.exists else "does not exist"
+        print(f"FAIL  bridge {name} {what} (create it, or set create_bridge = true)")
+        problems += 1
+    else:
+        addresses = ", ".join(str(a) for a in state.addresses) or "no address"
+        print(f"ok    bridge {name} {'up' if state.up else 'DOWN'}, {addresses}")
+    if shutil.which("nft") is None:
+        print("FAIL  nft not found: port forwards need nftables (Debian package nftables)")
+        problems += 1
+    return problems

@@ -12,7 +12,7 @@ from nomad_vm import __version__
 def _cmd_doctor(args: argparse.Namespace) -> int:
     from nomad_vm.cli.doctor import run_doctor
 
-    return run_doctor(args.qemu_binary, args.accelerator)
+    return run_doctor(args.qemu_binary, args.accelerator, args.bridge)
 
 
 def _cmd_image_build(args: argparse.Namespace) -> int:
@@ -65,6 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     doctor = sub.add_parser("doctor", help="check that this host can run VM tasks")
     doctor.add_argument("--qemu-binary", default="qemu-system-x86_64")
+    doctor.add_argument("--bridge", help="also check this bridge (the plugin's network.bridge)")
     doctor.add_argument("--accelerator", default="auto", choices=("auto", "kvm", "tcg"))
     doctor.set_defaults(func=_cmd_doctor)
 
