@@ -122,6 +122,15 @@ class SupervisedProcess:
             os.close(self._pidfd)
             self._pidfd = None
 
+    def kill_and_reap(self, timeout: float = 5.0) -> None:
+        """SIGKILL and, for our own child, collect its exit status at once (no zombie left).
+        For failure paths where nothing awaits the process; SIGKILL makes the wait short."""
+        self.send_signal(signal.SIGKILL)
+        if self._popen is not None and self._exit is None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self._popen.wait(timeout)
+        self._close_pidfd()
+
     def close(self) -> None:
         self._close_pidfd()
 

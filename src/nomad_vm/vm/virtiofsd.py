@@ -12,7 +12,6 @@ connection and exits when QEMU closes it, so daemons end with their VM, whoever 
 
 from __future__ import annotations
 
-import contextlib
 import os
 import socket
 from dataclasses import dataclass
@@ -130,8 +129,6 @@ def _start_one(binary: Path, share: ShareSpec, log: Path) -> SupervisedProcess:
 
 
 def kill_daemons(daemons: list[SupervisedProcess]) -> None:
-    """SIGKILL whatever is still running (a daemon whose VM is gone has nothing to flush)."""
+    """SIGKILL and reap them (a start that failed: their VM never ran, nothing to flush)."""
     for daemon in daemons:
-        with contextlib.suppress(OSError):
-            daemon.send_signal(9)
-        daemon.close()
+        daemon.kill_and_reap()
