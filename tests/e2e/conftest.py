@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import json
+import os
+import secrets
+import signal
+import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import pytest
@@ -16,8 +21,18 @@ from tests.conftest import REPO, vm_processes_under
 
 
 @contextlib.contextmanager
-def running_agent(image_paths: list[Path], *, dev: bool = True) -> Iterator[DevAgent]:
-    """A Nomad agent with our plugin, on loopback; everything it started is gone afterwards."""
+def running_agent(
+    image_paths: list[Path],
+    *,
+    dev: bool = True,
+    netns: str | None = None,
+    plugin_network: Mapping[str, object] | None = None,
+) -> Iterator[DevAgent]:
+    """A Nomad agent with our plugin, on loopback; everything it started is gone afterwards.
+
+    With ``netns`` the agent runs in that network namespace (see ``private_netns``), and
+    ``plugin_network`` becomes the plugin's ``network { ... }`` block.
+    """
     workdir = Path(tempfile.mkdtemp(prefix="nve-", dir="/tmp"))
     agent = DevAgent(
         DevAgentConfig(
@@ -26,6 +41,8 @@ def running_agent(image_paths: list[Path], *, dev: bool = True) -> Iterator[DevA
             driver_executable=REPO / ".venv" / "bin" / "nomad-driver-vm",
             image_paths=image_paths,
             dev=dev,
+            netns=netns,
+            plugin_network=plugin_network,
         )
     )
     agent.start()
@@ -72,3 +89,69 @@ def wait_alloc(
                 return full
         time.sleep(0.5)
     raise TimeoutError(f"job {job}: allocation status {last}, wanted {statuses}")
+
+
+IP_FORWARD = Path("/proc/sys/net/ipv4/ip_forward")  # this process's (the host's) namespace
+
+
+def host_links() -> list[str]:
+    """Names of the links in the host's own network namespace (the caller's)."""
+    out = subprocess.run(
+        ["ip", "-j", "link", "show"], capture_output=True, text=True, check=True, timeout=30
+    )
+    return [str(link["ifname"]) for link in json.loads(out.stdout)]
+
+
+def host_nft_tables() -> set[str]:
+    """``family name`` of every nftables table in the host's own network namespace."""
+    out = subprocess.run(
+        ["nft", "-j", "list", "tables"], capture_output=True, text=True, check=True, timeout=30
+    )
+    items = json.loads(out.stdout)["nftables"]
+    return {f"{i['table']['family']} {i['table']['name']}" for i in items if "table" in i}
+
+
+def netns_pids(name: str) -> list[int]:
+    out = subprocess.run(
+        ["ip", "netns", "pids", name], capture_output=True, text=True, timeout=30, check=False
+    )
+    return [int(pid) for pid in out.stdout.split()]
+
+
+@contextlib.contextmanager
+def private_netns(link_prefixes: tuple[str, ...], table: str = "nomad_vm") -> Iterator[str]:
+    """A new network namespace ``nve-<random>`` (loopback up) for an agent whose bridge, TAPs,
+    addresses and nftables rules must stay out of the host's own namespace.
+
+    Always deleted afterwards, after killing (by pid) whatever still runs in it. Then checks
+    that nothing leaked into the host's namespace: no link named with one of ``link_prefixes``,
+    no new nftables table ``table``, an unchanged ``ip_forward``, and no process left in the
+    namespace.
+    """
+    assert os.geteuid() == 0, "this test creates a network namespace: run it as root"
+    tables_before = host_nft_tables()
+    forward_before = IP_FORWARD.read_text()
+    name = f"nve-{secrets.token_hex(4)}"
+    subprocess.run(["ip", "netns", "add", name], check=True, capture_output=True, timeout=30)
+    leftover: list[int] = []
+    try:
+        subprocess.run(
+            ["ip", "-n", name, "link", "set", "lo", "up"],
+            check=True,
+            capture_output=True,
+            timeout=30,
+        )
+        yield name
+    finally:
+        leftover = netns_pids(name)
+        for pid in leftover:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        subprocess.run(["ip", "netns", "del", name], capture_output=True, timeout=30)
+    assert not Path("/run/netns", name).exists(), f"network namespace {name} not deleted"
+    assert not leftover, f"processes outlived the test in namespace {name}: {leftover}"
+    leaked = sorted(n for n in host_links() if n.startswith(link_prefixes))
+    assert not leaked, f"links in the host's own network namespace: {leaked}"
+    new_tables = sorted(t for t in host_nft_tables() - tables_before if t.endswith(f" {table}"))
+    assert not new_tables, f"nftables tables in the host's own network namespace: {new_tables}"
+    assert IP_FORWARD.read_text() == forward_before, "the host's net.ipv4.ip_forward changed"

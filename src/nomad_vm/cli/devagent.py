@@ -13,11 +13,13 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+
+from nomad_vm.network.netns import netns_path, run_in
 
 PLUGIN_FILE = "nomad-driver-vm"
 FINGERPRINT_DENYLIST = "env_aws,env_gce,env_azure,env_digitalocean,consul,vault"
@@ -43,6 +45,25 @@ def _hcl_string(value: str) -> str:
     return json.dumps(value)
 
 
+def _hcl_value(value: object) -> str:
+    """A plugin option as HCL: strings, numbers, booleans and lists of those."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return str(value)
+    if isinstance(value, str):
+        return _hcl_string(value)
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_hcl_value(v) for v in value) + "]"
+    raise TypeError(f"no HCL form for {value!r}")
+
+
+def _hcl_block(name: str, attributes: Mapping[str, object], indent: str) -> str:
+    lines = [f"{indent}{name} {{"]
+    lines += [f"{indent}  {key} = {_hcl_value(value)}" for key, value in attributes.items()]
+    return "\n".join([*lines, f"{indent}}}"])
+
+
 @dataclass
 class DevAgentConfig:
     workdir: Path
@@ -56,9 +77,20 @@ class DevAgentConfig:
     http_port: int = field(default_factory=free_port)
     rpc_port: int = field(default_factory=free_port)
     serf_port: int = field(default_factory=free_port)
+    # Run the agent, and so the plugin, the VMs and everything they create on the host (bridge,
+    # TAPs, nftables rules), inside this named network namespace (`ip netns add NAME`). Its HTTP
+    # API is then on that namespace's loopback: use DevAgent.api/nomad/command, which go there.
+    netns: str | None = None
+    # The plugin's `network { ... }` block (attribute -> value), e.g. {"subnet_cidr": "..."}.
+    plugin_network: Mapping[str, object] | None = None
 
     def render(self) -> str:
         paths = ", ".join(_hcl_string(str(p)) for p in self.image_paths)
+        network = (
+            ""
+            if self.plugin_network is None
+            else "\n" + _hcl_block("network", self.plugin_network, indent="    ")
+        )
         server = (
             ""
             if self.dev
@@ -105,7 +137,7 @@ plugin "{PLUGIN_FILE}" {{
   config {{
     data_dir    = {_hcl_string(str(self.workdir / "plugin-data"))}
     image_paths = [{paths}]
-    accelerator = "{self.accelerator}"
+    accelerator = "{self.accelerator}"{network}
   }}
 }}
 """
@@ -125,12 +157,29 @@ class DevAgent:
     def env(self) -> dict[str, str]:
         return {**os.environ, "NOMAD_ADDR": self.address}
 
+    @property
+    def netns_prefix(self) -> list[str]:
+        """What runs a command in the agent's network namespace (empty: the caller's).
+
+        nsenter enters only the network namespace. `ip netns exec` would also give the agent a
+        mount namespace with a fresh /sys, without the cgroup file systems Nomad's client uses.
+        """
+        if self.config.netns is None:
+            return []
+        return ["nsenter", f"--net={netns_path(self.config.netns)}", "--"]
+
+    def command(self, *args: str) -> list[str]:
+        """argv of the `nomad` CLI with ``args``, run where this agent's API is reachable
+        (pass ``env=self.env``)."""
+        return [*self.netns_prefix, str(self.config.nomad_binary), *args]
+
     def start(self) -> None:
         cfg = self.config
         cfg.workdir.mkdir(parents=True, exist_ok=True)
         write_plugin_launcher(cfg.workdir / "plugins", cfg.driver_executable)
         (cfg.workdir / "agent.hcl").write_text(cfg.render())
         argv = [
+            *self.netns_prefix,
             str(cfg.nomad_binary),
             "agent",
             *(["-dev"] if cfg.dev else []),
@@ -152,9 +201,13 @@ class DevAgent:
             )
 
     def api(self, path: str) -> object:
-        resp = httpx.get(self.address + path, timeout=5.0)
-        resp.raise_for_status()
-        return resp.json()
+        def get() -> object:
+            resp = httpx.get(self.address + path, timeout=5.0)
+            resp.raise_for_status()
+            return resp.json()
+
+        # httpx connects from the calling thread: one that entered the agent's namespace.
+        return get() if self.config.netns is None else run_in(self.config.netns, get)
 
     def wait_driver(self, timeout: float = 120.0) -> dict[str, object]:
         """Wait until the node reports driver `vm` detected and healthy; return its info."""
@@ -178,7 +231,7 @@ class DevAgent:
     def nomad(self, *args: str, check: bool = True, timeout: float = 120.0) -> str:
         """Run the real `nomad` CLI against this agent; returns stdout (stderr on failure)."""
         proc = subprocess.run(
-            [str(self.config.nomad_binary), *args],
+            self.command(*args),
             env=self.env,
             capture_output=True,
             text=True,
