@@ -279,7 +279,7 @@ def test_tap_errors_leave_nothing_behind(ns: Namespaces) -> None:
     for vlan in (0, 4095):
         with pytest.raises(ConfigError) as err:
             links.create_tap(name, BRIDGE, vlan=vlan, netns=host)
-        assert err.value.field == "network_interface.bridge.vlan"
+        assert err.value.field == "config.network_interface.vlan"
     # VLAN on a bridge that does not filter VLANs: refused before anything is created.
     with pytest.raises(ConfigError) as err:
         links.create_tap(name, BRIDGE, vlan=100, netns=host)

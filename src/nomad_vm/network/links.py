@@ -29,7 +29,7 @@ from nomad_vm.network.netns import run_in
 IFF_UP = 0x1
 BRIDGE_VLAN_INFO_PVID = 0x2
 BRIDGE_VLAN_INFO_UNTAGGED = 0x4
-VLAN_FIELD = "network_interface.bridge.vlan"
+VLAN_FIELD = "config.network_interface.vlan"
 _IFNAME = re.compile(r"^[A-Za-z0-9_-]{1,15}$")
 _MAC = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
 _T = TypeVar("_T")
