@@ -6,16 +6,19 @@ import contextlib
 import json
 import os
 import secrets
+import shutil
 import signal
 import subprocess
 import tempfile
 import time
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import pytest
 
-from nomad_vm.cli.devagent import DevAgent, DevAgentConfig
+from nomad_vm.cli.devagent import DevAgent, DevAgentConfig, free_port
 from nomad_vm.cli.paths import nomad_binary
 from tests.conftest import REPO, vm_processes_under
 
@@ -27,11 +30,15 @@ def running_agent(
     dev: bool = True,
     netns: str | None = None,
     plugin_network: Mapping[str, object] | None = None,
+    consul_address: str | None = None,
+    cni_path: Path | None = None,
 ) -> Iterator[DevAgent]:
     """A Nomad agent with our plugin, on loopback; everything it started is gone afterwards.
 
     With ``netns`` the agent runs in that network namespace (see ``private_netns``), and
-    ``plugin_network`` becomes the plugin's ``network { ... }`` block.
+    ``plugin_network`` becomes the plugin's ``network { ... }`` block. With ``consul_address``
+    (see ``running_consul``) the agent registers services with that Consul agent. ``cni_path``
+    is the client's, for jobs with `network { mode = "bridge" }`.
     """
     workdir = Path(tempfile.mkdtemp(prefix="nve-", dir="/tmp"))
     agent = DevAgent(
@@ -43,6 +50,8 @@ def running_agent(
             dev=dev,
             netns=netns,
             plugin_network=plugin_network,
+            consul_address=consul_address,
+            cni_path=cni_path,
         )
     )
     agent.start()
@@ -155,3 +164,113 @@ def private_netns(link_prefixes: tuple[str, ...], table: str = "nomad_vm") -> It
     new_tables = sorted(t for t in host_nft_tables() - tables_before if t.endswith(f" {table}"))
     assert not new_tables, f"nftables tables in the host's own network namespace: {new_tables}"
     assert IP_FORWARD.read_text() == forward_before, "the host's net.ipv4.ip_forward changed"
+
+
+def consul_binary() -> Path | None:
+    """$CONSUL_BINARY, else .tools/bin/consul (scripts/install-consul.sh), else `consul` on PATH."""
+    env = os.environ.get("CONSUL_BINARY")
+    if env:
+        return Path(env)
+    built = REPO / ".tools" / "bin" / "consul"
+    if built.exists():
+        return built
+    found = shutil.which("consul")
+    return Path(found) if found else None
+
+
+# Nothing may leave this machine: no update check (checkpoint), no anonymous signature, and only
+# the ports the test needs, all on loopback (no DNS, WAN serf or gRPC listeners).
+CONSUL_CONFIG = """
+disable_update_check        = true
+disable_anonymous_signature = true
+log_level                   = "DEBUG"
+ports {{
+  http     = {http}
+  server   = {server}
+  serf_lan = {serf_lan}
+  serf_wan = -1
+  dns      = -1
+  grpc     = -1
+  grpc_tls = -1
+}}
+"""
+
+
+@dataclass
+class ConsulAgent:
+    process: subprocess.Popen[bytes]
+    http_port: int
+    log_path: Path
+
+    @property
+    def address(self) -> str:
+        """HOST:PORT of the HTTP API, as Nomad's ``consul { address }`` wants it."""
+        return f"127.0.0.1:{self.http_port}"
+
+    def api(self, path: str) -> object:
+        resp = httpx.get(f"http://{self.address}{path}", timeout=5.0)
+        resp.raise_for_status()
+        return resp.json()
+
+
+@contextlib.contextmanager
+def running_consul(timeout: float = 60.0) -> Iterator[ConsulAgent]:
+    """A Consul dev agent (in-memory server, loopback only) in its own session; stopped and its
+    directory removed afterwards. Skips the test when there is no consul binary."""
+    binary = consul_binary()
+    if binary is None:
+        pytest.skip("no consul binary: run `make consul` (scripts/install-consul.sh)")
+    workdir = Path(tempfile.mkdtemp(prefix="nvc-", dir="/tmp"))
+    http = free_port()
+    (workdir / "consul.hcl").write_text(
+        CONSUL_CONFIG.format(http=http, server=free_port(), serf_lan=free_port())
+    )
+    argv = [
+        str(binary),
+        "agent",
+        "-dev",
+        "-bind",
+        "127.0.0.1",
+        "-client",
+        "127.0.0.1",
+        "-disable-host-node-id",
+        "-node",
+        "nomad-vm-e2e",
+        "-config-file",
+        str(workdir / "consul.hcl"),
+    ]
+    log_path = workdir / "consul.log"
+    with open(log_path, "ab") as log:
+        process = subprocess.Popen(
+            argv,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            cwd=workdir,
+        )
+    consul = ConsulAgent(process, http, log_path)
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"consul exited: {log_path.read_text()[-3000:]}")
+            with contextlib.suppress(httpx.HTTPError):
+                if consul.api("/v1/status/leader"):
+                    break
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"consul has no leader after {timeout:.0f}s; see {log_path}")
+            time.sleep(0.2)
+        yield consul
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGINT)
+            try:
+                process.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+        print(f"consul log: {log_path}")
+        with contextlib.suppress(OSError):
+            print(log_path.read_text()[-4000:])
+        shutil.rmtree(workdir, ignore_errors=True)

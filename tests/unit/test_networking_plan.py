@@ -139,7 +139,7 @@ def test_network_config_is_v2_matched_by_mac() -> None:
                 "match": {"macaddress": "52:00:00:00:00:01"},
                 "set-name": "eth0",
                 "addresses": ["10.99.0.7/24"],
-                "routes": [{"to": "0.0.0.0/0", "via": "10.99.0.1"}],
+                "gateway4": "10.99.0.1",
                 "nameservers": {"addresses": ["10.99.0.1"]},
             }
         },

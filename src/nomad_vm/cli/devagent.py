@@ -83,6 +83,20 @@ class DevAgentConfig:
     netns: str | None = None
     # The plugin's `network { ... }` block (attribute -> value), e.g. {"subnet_cidr": "..."}.
     plugin_network: Mapping[str, object] | None = None
+    # HOST:PORT of a Consul agent's HTTP API (e.g. a loopback `consul agent -dev`): the agent then
+    # gets a `consul { address = ... }` block and its consul fingerprinter (which jobs with
+    # `provider = "consul"` services are constrained on) is no longer denied. None: no Consul.
+    consul_address: str | None = None
+    # The client's `cni_path`: where Nomad finds the CNI plugins its bridge networking mode
+    # (`network { mode = "bridge" }`) runs, e.g. /usr/lib/cni (Debian's
+    # containernetworking-plugins). None: Nomad's default (/opt/cni/bin).
+    cni_path: Path | None = None
+
+    @property
+    def fingerprint_denylist(self) -> str:
+        if self.consul_address is None:
+            return FINGERPRINT_DENYLIST
+        return ",".join(n for n in FINGERPRINT_DENYLIST.split(",") if n != "consul")
 
     def render(self) -> str:
         paths = ", ".join(_hcl_string(str(p)) for p in self.image_paths)
@@ -112,6 +126,15 @@ advertise {
   enabled = true
   servers = ["127.0.0.1:{self.rpc_port}"]"""
         )
+        consul = (
+            ""
+            if self.consul_address is None
+            else f"""
+consul {{
+  address = {_hcl_string(self.consul_address)}
+}}"""
+        )
+        cni = "" if self.cni_path is None else f"\n  cni_path = {_hcl_string(str(self.cni_path))}"
         return f"""
 bind_addr = "127.0.0.1"
 log_level = "{self.log_level}"
@@ -119,7 +142,7 @@ ports {{
   http = {self.http_port}
   rpc  = {self.rpc_port}
   serf = {self.serf_port}
-}}{server}
+}}{server}{consul}
 # Nothing may leave this machine: no update check against HashiCorp's servers, and no
 # fingerprinters that probe cloud metadata addresses or resolve Consul/Vault names.
 disable_update_check = true
@@ -127,10 +150,10 @@ disable_update_check = true
 telemetry {{
   publish_allocation_metrics = true
 }}
-client {{{client_role}
+client {{{client_role}{cni}
   network_interface = "lo"
   options = {{
-    "fingerprint.denylist" = "{FINGERPRINT_DENYLIST}"
+    "fingerprint.denylist" = "{self.fingerprint_denylist}"
   }}
 }}
 plugin "{PLUGIN_FILE}" {{

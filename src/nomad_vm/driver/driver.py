@@ -84,7 +84,12 @@ class VMDriver:
         return schema.TASK_CONFIG
 
     def capabilities(self) -> Capabilities:
-        return Capabilities(send_signals=True, exec=True, mount_configs_supported=True)
+        return Capabilities(
+            send_signals=True,
+            exec=True,
+            mount_configs_supported=True,
+            network_isolation_modes=("host", "group"),
+        )
 
     async def fingerprints(self) -> AsyncIterator[Fingerprint]:
         """First fingerprint at once, then every 30 s or when the config changes."""
@@ -121,21 +126,29 @@ class VMDriver:
             make_runtime_dir(plan, undo)
             disk = await prepare_disk(plan, self.events)
             network = None
+            tap_fd = None
             if plan.network is not None:
                 network = await self._networks().setup(plan.network)
                 undo.push_async_callback(
                     self._networks().teardown, network.record, plan.network.net
                 )
-                self.events.emit(task, f"Network: {network.address} on {network.record.tap}")
+                where = f" in {network.record.netns}" if network.record.netns else ""
+                self.events.emit(task, f"Network: {network.address} on {network.record.tap}{where}")
+                tap_fd = await self._networks().open_tap(network.record)
+                if tap_fd is not None:
+                    undo.callback(_close_quietly, tap_fd)
             seed = write_seed_iso(plan, self.events, network)
-            spec = build_spec(plan, disk, prepare_firmware_vars(plan), seed, network)
+            spec = build_spec(plan, disk, prepare_firmware_vars(plan), seed, network, tap_fd)
             console_fd = await open_task_output(task.stdout_path)
             try:
                 backend = QemuBackend(plan.qemu, plan.share_transport.virtiofsd)
                 vm = await backend.launch(spec, console_fd, plan.runtime_dir)
             finally:
-                # QEMU holds its own copy of the FIFO; ours must not keep logmon's pipe open.
+                # QEMU holds its own copies of the FIFO and the TAP descriptor; ours must not
+                # keep logmon's pipe (or the TAP) open.
                 os.close(console_fd)
+                if tap_fd is not None:
+                    _close_quietly(tap_fd)
             state = DriverState(
                 task_id=task.id,
                 backend="qemu",
@@ -263,3 +276,8 @@ class VMDriver:
         """The plugin is going away: VMs keep running (Nomad will recover them)."""
         for entry in self._tasks.values():
             await entry.close()
+
+
+def _close_quietly(fd: int) -> None:
+    with contextlib.suppress(OSError):
+        os.close(fd)

@@ -12,6 +12,17 @@ error, a plugin SIGKILLed mid-start) ``teardown`` can undo exactly what exists:
 ``teardown`` removes rules, TAP, lease and finally the record; every step is idempotent. The
 record also travels in driver_state, but the file is what a new plugin process finds for a task
 whose StartTask never returned (Nomad then has no handle to give back).
+
+Group mode (the job's ``network { mode = "bridge" }``: Nomad gives the task the path of the
+allocation's network namespace): the same steps, but inside that namespace and on a bridge of
+its own, ``GROUP_BRIDGE`` with the fixed subnet ``GROUP_SUBNET`` (the namespace is private to
+the allocation, so every allocation may use the same addresses). The port forwards there take
+the port's ``to`` (where Nomad's CNI portmap delivers it in the namespace) to the VM, outbound
+traffic is masqueraded to the namespace's own address, and QEMU, which runs in the plugin's
+namespace, gets the TAP as a file descriptor opened inside the allocation's one
+(``links.open_tap``). The record carries the namespace's path; teardown removes the TAP and the
+rules only while the namespace still exists (Nomad deletes it, and everything in it, with the
+allocation).
 """
 
 from __future__ import annotations
@@ -24,20 +35,29 @@ import logging
 import os
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
-from ipaddress import IPv4Address
+from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 from typing import Any
 
 from nomad_vm.driver.types import NetworkOverride, PortMapping
 from nomad_vm.errors import ConfigError, NetworkError
 from nomad_vm.network import links, sysctl
-from nomad_vm.network.names import mac_address, tap_mac, tap_name
+from nomad_vm.network.ipam import AddressPool
+from nomad_vm.network.names import DEFAULT_TAP_PREFIX, mac_address, tap_mac, tap_name
+from nomad_vm.network.netns import netns_exists
 from nomad_vm.network.nft import PortForward, PortForwarder
 from nomad_vm.network.settings import NIC_FIELD, BridgeNetwork, NicRequest
 
 log = logging.getLogger(__name__)
 
 PORTS_FIELD = f"{NIC_FIELD}.bridge.ports"
+# Group mode: the bridge the driver makes inside an allocation's network namespace, and its
+# subnet. Private to the namespace, so the same for every allocation; chosen away from Nomad's
+# default bridge_network_subnet (172.26.64.0/20) and the usual 10.x and 192.168.0/1.x LANs.
+# Room for 13 VM tasks in one group (the gateway is .1).
+GROUP_BRIDGE = "nvm0"
+GROUP_SUBNET = IPv4Network("192.168.254.0/28")
+GROUP_MODE = 'the group network mode (network { mode = "bridge" })'
 
 
 @dataclass(frozen=True)
@@ -50,6 +70,8 @@ class NetworkPlan:
     tap: str
     guest_mac: str
     forwards: tuple[tuple[str, PortForward], ...]  # (label, forward)
+    # Group mode: the path of the allocation's network namespace (empty: the plugin's bridge).
+    netns: str = ""
 
 
 @dataclass(frozen=True)
@@ -61,6 +83,8 @@ class NetworkRecord:
     tap: str
     guest_mac: str
     address: str = ""
+    # Group mode: the allocation's network namespace (path) that bridge and TAP live in.
+    netns: str = ""
 
     def to_dict(self) -> dict[str, str]:
         return asdict(self)
@@ -68,7 +92,8 @@ class NetworkRecord:
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any]) -> NetworkRecord:
         return cls(**{k: str(raw[k]) for k in ("owner", "bridge", "tap", "guest_mac")},
-                   address=str(raw.get("address", "")))  # fmt: skip
+                   address=str(raw.get("address", "")),
+                   netns=str(raw.get("netns", "")))  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -83,15 +108,44 @@ class NetworkAttachment:
     port_map: Mapping[str, int]
 
     @property
-    def override(self) -> NetworkOverride:
+    def override(self) -> NetworkOverride | None:
+        """What StartTask tells Nomad. Nothing in group mode: the VM's address there is private
+        to the allocation's namespace (and the same in every allocation), so Nomad's own view,
+        the node's address and host port or the allocation's address and ``to`` port, is what
+        others can reach; both lead to the VM through Nomad's port mapping and our forward."""
+        if self.record.netns:
+            return None
         return NetworkOverride(str(self.address), dict(self.port_map))
 
 
+def group_network(tap_prefix: str = DEFAULT_TAP_PREFIX) -> BridgeNetwork:
+    """The bridge inside an allocation's network namespace (group mode)."""
+    hosts = list(GROUP_SUBNET.hosts())
+    return BridgeNetwork(
+        bridge=GROUP_BRIDGE,
+        subnet=GROUP_SUBNET,
+        gateway=hosts[0],
+        pool_start=hosts[1],
+        pool_end=hosts[-1],
+        tap_prefix=tap_prefix,
+        create_bridge=True,
+        nat=True,
+    )
+
+
 def plan_network(
-    owner: str, nic: NicRequest | None, net: BridgeNetwork | None, ports: tuple[PortMapping, ...]
+    owner: str,
+    nic: NicRequest | None,
+    net: BridgeNetwork | None,
+    ports: tuple[PortMapping, ...],
+    netns: str = "",
 ) -> NetworkPlan | None:
+    """The task's NIC: on the plugin's bridge ``net``, or (``netns``, the allocation's group
+    network namespace) on a bridge inside that namespace."""
     if nic is None:
         return None
+    if netns:
+        return _plan_group_network(owner, nic, net, ports, netns)
     if net is None:
         raise ConfigError(
             NIC_FIELD,
@@ -105,16 +159,8 @@ def plan_network(
         )
     if nic.vlan is not None and not 1 <= nic.vlan <= 4094:
         raise ConfigError(f"{NIC_FIELD}.vlan", f"{nic.vlan} is not a VLAN id: use 1 to 4094")
-    by_label = {p.label: p for p in ports}
     forwards = []
-    for i, label in enumerate(nic.ports):
-        port = by_label.get(label)
-        if port is None:
-            known = ", ".join(sorted(by_label)) or "none"
-            raise ConfigError(
-                f"{PORTS_FIELD}[{i}]",
-                f"no port labelled {label!r} in the group's network block (ports: {known})",
-            )
+    for label, port in _ports(nic, ports):
         host_ip = IPv4Address(port.host_ip) if _is_ipv4(port.host_ip) else None
         forwards.append((label, PortForward(port.value, port.to or port.value, "tcp", host_ip)))
     return NetworkPlan(
@@ -141,6 +187,14 @@ class NetworkManager:
     async def teardown(self, record: NetworkRecord, net: BridgeNetwork | None) -> None:
         await asyncio.to_thread(self._teardown, record, net)
 
+    async def open_tap(self, record: NetworkRecord) -> int | None:
+        """Group mode: a descriptor of the task's TAP, opened inside the allocation's namespace,
+        for QEMU (``-netdev tap,fd=N``); the caller closes it once QEMU has its copy. None on
+        the plugin's bridge, where QEMU opens the TAP by name itself."""
+        if not record.netns:
+            return None
+        return await asyncio.to_thread(links.open_tap, record.tap, netns=record.netns)
+
     async def teardown_leftover(self, owner: str, net: BridgeNetwork | None) -> bool:
         """Tear down what a record file says exists for ``owner`` (a task this process never
         started, e.g. after a crash mid-start); False when there is no record."""
@@ -153,21 +207,28 @@ class NetworkManager:
     # -- blocking work, in a thread ----------------------------------------------------------
 
     def _setup(self, plan: NetworkPlan) -> NetworkAttachment:
-        net, nic = plan.net, plan.nic
-        record = NetworkRecord(plan.owner, net.bridge, plan.tap, plan.guest_mac)
+        net, nic, netns = plan.net, plan.nic, plan.netns or None
+        record = NetworkRecord(plan.owner, net.bridge, plan.tap, plan.guest_mac, netns=plan.netns)
         stale = self._read_record(plan.owner)
         if stale is not None:  # a retried start of the same task: start clean
             self._teardown(stale, net)
+        if netns is not None and not netns_exists(netns):
+            raise NetworkError(f"the allocation's network namespace {netns} does not exist")
         self._write_record(record)
+        forwarder = self._forwarder(netns)
         try:
-            self._prepare_bridge(net, vlan=nic.vlan is not None)
-            address = net.pool(self.state_dir).allocate(plan.owner, nic.static_ip)
-            record = NetworkRecord(plan.owner, net.bridge, plan.tap, plan.guest_mac, str(address))
+            self._prepare_bridge(net, vlan=nic.vlan is not None, netns=netns)
+            address = self._pool(record, net).allocate(plan.owner, nic.static_ip)
+            record = NetworkRecord(
+                plan.owner, net.bridge, plan.tap, plan.guest_mac, str(address), plan.netns
+            )
             self._write_record(record)
-            links.create_tap(plan.tap, net.bridge, mac=tap_mac(plan.guest_mac), vlan=nic.vlan)
+            links.create_tap(
+                plan.tap, net.bridge, mac=tap_mac(plan.guest_mac), vlan=nic.vlan, netns=netns
+            )
             if plan.forwards:
                 forwards = [f for _, f in plan.forwards]
-                self.forwarder.set_port_forwards(plan.owner, address, forwards)
+                forwarder.set_port_forwards(plan.owner, address, forwards)
         except BaseException:
             self._teardown(record, net)
             raise
@@ -180,9 +241,21 @@ class NetworkManager:
             port_map={label: f.guest_port for label, f in plan.forwards},
         )
 
-    def _prepare_bridge(self, net: BridgeNetwork, vlan: bool) -> None:
+    def _forwarder(self, netns: str | None) -> PortForwarder:
+        return self.forwarder if netns is None else PortForwarder(netns=netns)
+
+    def _pool(self, record: NetworkRecord, net: BridgeNetwork) -> AddressPool:
+        """The bridge's leases; in group mode one pool per allocation namespace."""
+        if not record.netns:
+            return net.pool(self.state_dir)
+        digest = hashlib.sha256(record.netns.encode()).hexdigest()[:24]
+        path = self.state_dir / "group" / f"leases-{digest}.json"
+        return AddressPool(path, net.subnet, net.gateway, net.pool_start, net.pool_end)
+
+    def _prepare_bridge(self, net: BridgeNetwork, vlan: bool, netns: str | None = None) -> None:
+        forwarder = self._forwarder(netns)
         if net.create_bridge:
-            links.ensure_bridge(net.bridge, net.gateway_cidr, vlan_filtering=vlan)
+            links.ensure_bridge(net.bridge, net.gateway_cidr, vlan_filtering=vlan, netns=netns)
         else:
             state = links.bridge_state(net.bridge)
             if not state.exists or not state.is_bridge:
@@ -190,20 +263,26 @@ class NetworkManager:
                     f"bridge {net.bridge} does not exist on this host: create it, or set "
                     "create_bridge = true in the plugin's network block"
                 )
-        sysctl.enable_ip_forward()
-        self.forwarder.prepare_bridge(net.bridge, net.subnet)
+        sysctl.enable_ip_forward(netns=netns)
+        forwarder.prepare_bridge(net.bridge, net.subnet)
         if net.nat:
-            self.forwarder.enable_nat(net.subnet, net.bridge)
+            forwarder.enable_nat(net.subnet, net.bridge)
         else:
-            self.forwarder.disable_nat(net.bridge)
+            forwarder.disable_nat(net.bridge)
 
     def _teardown(self, record: NetworkRecord, net: BridgeNetwork | None) -> None:
         failures = []
-        for what, step in (
-            ("port forwards", lambda: self.forwarder.remove_rules(record.owner)),
-            (f"TAP {record.tap}", lambda: links.delete_link(record.tap)),
-            ("address lease", lambda: self._release(record, net)),
-        ):
+        netns = record.netns or None
+        steps: list[tuple[str, Any]] = []
+        # A group namespace that is gone took the TAP and the rules with it.
+        if netns is None or netns_exists(netns):
+            forwarder = self._forwarder(netns)
+            steps += [
+                ("port forwards", lambda: forwarder.remove_rules(record.owner)),
+                (f"TAP {record.tap}", lambda: links.delete_link(record.tap, netns=netns)),
+            ]
+        steps.append(("address lease", lambda: self._release(record, net)))
+        for what, step in steps:
             try:
                 step()
             except Exception as exc:  # keep going: remove as much as possible
@@ -214,6 +293,11 @@ class NetworkManager:
         self._record_path(record.owner).unlink(missing_ok=True)
 
     def _release(self, record: NetworkRecord, net: BridgeNetwork | None) -> None:
+        if record.netns:
+            pool = self._pool(record, group_network())
+            pool.release(record.owner)
+            pool.discard_if_empty()  # the last VM of the allocation: no file left behind
+            return
         if net is None or net.bridge != record.bridge:
             if record.address:
                 log.warning("cannot release %s: the plugin no longer has its bridge", record)
@@ -248,16 +332,75 @@ class NetworkManager:
 
 def network_config(attachment: NetworkAttachment) -> dict[str, Any]:
     """cloud-init network-config v2 for the guest: the NIC matched by its MAC, static address,
-    default route and name servers. No DHCP server is involved."""
+    default route and name servers. No DHCP server is involved.
+
+    The default route is ``gateway4``, not ``routes``: Debian's cloud-init renders ``routes``
+    for ifupdown as ``post-up route add ...``, and images without net-tools have no ``route``
+    command, so the guest silently had no default route (replies to other subnets were lost).
+    ``gateway4`` becomes a native ``gateway`` line there, and every renderer supports it.
+    """
     nic: dict[str, Any] = {
         "match": {"macaddress": attachment.record.guest_mac},
         "set-name": "eth0",
         "addresses": [f"{attachment.address}/{attachment.prefixlen}"],
-        "routes": [{"to": "0.0.0.0/0", "via": str(attachment.gateway)}],
+        "gateway4": str(attachment.gateway),
     }
     if attachment.dns:
         nic["nameservers"] = {"addresses": [str(d) for d in attachment.dns]}
     return {"version": 2, "ethernets": {"eth0": nic}}
+
+
+def _plan_group_network(
+    owner: str,
+    nic: NicRequest,
+    net: BridgeNetwork | None,
+    ports: tuple[PortMapping, ...],
+    netns: str,
+) -> NetworkPlan:
+    field = f"{NIC_FIELD}.bridge"
+    unsupported = (
+        ("name", nic.bridge, "the VM is on a bridge of the allocation's own namespace"),
+        ("static_ip", nic.static_ip, f"the VM's address comes from {GROUP_SUBNET}"),
+        ("gateway", nic.gateway, f"the gateway is {GROUP_SUBNET[1]}"),
+        ("netmask", nic.prefixlen, f"the subnet is {GROUP_SUBNET}"),
+    )
+    for name, value, why in unsupported:
+        if value:
+            raise ConfigError(f"{field}.{name}", f"cannot be set in {GROUP_MODE}: {why}")
+    if nic.vlan is not None:
+        raise ConfigError(f"{NIC_FIELD}.vlan", f"cannot be set in {GROUP_MODE}")
+    group = group_network(net.tap_prefix if net is not None else DEFAULT_TAP_PREFIX)
+    forwards = []
+    for label, port in _ports(nic, ports):
+        # Nomad's CNI portmap already forwards host_ip:value to <namespace address>:to (to
+        # unset: value); from there the VM takes it on the same port.
+        inside = port.to or port.value
+        forwards.append((label, PortForward(inside, inside, "tcp", None)))
+    return NetworkPlan(
+        owner=owner,
+        net=group,
+        nic=nic,
+        tap=tap_name(group.tap_prefix, owner),
+        guest_mac=mac_address(owner),
+        forwards=tuple(forwards),
+        netns=netns,
+    )
+
+
+def _ports(nic: NicRequest, ports: tuple[PortMapping, ...]) -> list[tuple[str, PortMapping]]:
+    """The group ports the NIC names, in its order; a ConfigError for an unknown label."""
+    by_label = {p.label: p for p in ports}
+    found = []
+    for i, label in enumerate(nic.ports):
+        port = by_label.get(label)
+        if port is None:
+            known = ", ".join(sorted(by_label)) or "none"
+            raise ConfigError(
+                f"{PORTS_FIELD}[{i}]",
+                f"no port labelled {label!r} in the group's network block (ports: {known})",
+            )
+        found.append((label, port))
+    return found
 
 
 def _is_ipv4(text: str) -> bool:

@@ -88,7 +88,7 @@ async def plan_start(
         seed=render_seed(task, vm, shares, transport.name),
         shares=shares,
         share_transport=transport,
-        network=plan_network(task.id, vm.nic, plugin.network, task.ports),
+        network=plan_network(task.id, vm.nic, plugin.network, task.ports, task.netns_path),
     )
 
 
@@ -177,8 +177,11 @@ def build_spec(
     firmware_vars: Path | None,
     seed: Path | None,
     network: NetworkAttachment | None = None,
+    tap_fd: int | None = None,
 ) -> VMSpec:
-    nics = () if network is None else (NicSpec(network.record.tap, network.record.guest_mac),)
+    nics = (
+        () if network is None else (NicSpec(network.record.tap, network.record.guest_mac, tap_fd),)
+    )
     return VMSpec(
         name=plan.vm.hostname,
         vcpus=plan.vcpus,

@@ -40,8 +40,9 @@ class Capabilities:
     exec: bool = False
     # "none": Nomad's task directory paths are host paths (the VM is not a chroot).
     fs_isolation: str = "none"
-    # Nomad's NetworkIsolationMode names this driver accepts.
-    network_isolation_modes: tuple[str, ...] = ("host",)
+    # Nomad's NetworkIsolationMode names this driver accepts: "host" (the plugin's own bridge)
+    # and "group" (a job's network { mode = "bridge" }: the allocation's network namespace).
+    network_isolation_modes: tuple[str, ...] = ("host", "group")
     mount_configs_supported: bool = False
 
 
@@ -102,6 +103,10 @@ class TaskConfig:
     job_name: str = ""
     task_group_name: str = ""
     ports: tuple[PortMapping, ...] = ()
+    # The allocation's network namespace (a path such as /var/run/netns/<alloc id>) when the
+    # group's network mode isolates it (GROUP isolation, e.g. network { mode = "bridge" });
+    # empty in host mode.
+    netns_path: str = ""
 
     @property
     def task_dir(self) -> str:

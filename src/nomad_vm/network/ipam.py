@@ -155,17 +155,38 @@ class AddressPool:
     @contextlib.contextmanager
     def _locked(self) -> Iterator[dict[str, IPv4Address]]:
         """The leases, read while holding the exclusive lock (held until the block ends)."""
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        except OSError as exc:
-            raise NetworkError(f"cannot open the IP pool lock {self.lock_path}: {exc}") from exc
-        try:
+        while True:
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            except OSError as exc:
+                raise NetworkError(f"cannot open the IP pool lock {self.lock_path}: {exc}") from exc
             fcntl.flock(fd, fcntl.LOCK_EX)
+            # ``discard_if_empty`` may have unlinked the lock file while we waited for it: a
+            # lock on that old inode excludes nobody who opens the path now, so start over.
+            try:
+                current = os.stat(self.lock_path)
+            except FileNotFoundError:
+                current = None
+            if current is not None and current.st_ino == os.fstat(fd).st_ino:
+                break
+            os.close(fd)
+        try:
             yield self._read()
         finally:
             # Closing the descriptor releases the lock.
             os.close(fd)
+
+    def discard_if_empty(self) -> bool:
+        """Delete the lease file and its lock file when no lease is left (a pool that belongs to
+        something that is going away, e.g. an allocation's network namespace); True if done."""
+        with self._locked() as leases:
+            if leases:
+                return False
+            self.path.unlink(missing_ok=True)
+            # Still holding the lock: whoever waits on this inode notices and reopens the path.
+            self.lock_path.unlink(missing_ok=True)
+            return True
 
     def _read(self) -> dict[str, IPv4Address]:
         try:

@@ -2,7 +2,7 @@
 
 Every call opens its own netlink socket in a fresh thread (``netns.run_in``): in the plugin's
 namespace, or in ``netns`` when given, which is how the tests keep everything out of the host's
-namespace (and how Nomad's group network namespaces can be served later).
+namespace (and how a VM gets its TAP inside a Nomad allocation's group network namespace).
 
 Netlink failures become ``NetworkError`` naming the device and the operation; values from the
 user's configuration that cannot work become ``ConfigError`` naming the field.
@@ -12,8 +12,11 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
+import os
 import re
 import socket
+import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 from ipaddress import IPv4Interface
@@ -413,3 +416,38 @@ def bridge_ports(bridge: str, *, netns: str | None = None) -> list[str]:
         )
 
     return _netlink(netns, f"cannot list the ports of {bridge}", query)
+
+
+TUNSETIFF = 0x400454CA
+IFF_TAP = 0x0002
+IFF_NO_PI = 0x1000
+IFF_VNET_HDR = 0x4000
+
+
+def open_tap(name: str, *, netns: str | None = None) -> int:
+    """A file descriptor attached to the existing TAP ``name`` (``create_tap``), opened inside
+    ``netns``, for QEMU's ``-netdev tap,fd=N``.
+
+    A TAP is found by name in the network namespace of whoever opens ``/dev/net/tun``, so a QEMU
+    running in the plugin's namespace cannot open by name a TAP that lives in another one (an
+    allocation's group namespace); this descriptor, opened by a thread that entered it, can be
+    handed over instead. The flags match ``create_tap``'s. The caller closes it (close-on-exec:
+    pass it explicitly, e.g. ``subprocess.Popen(pass_fds=...)``).
+    """
+    _check_ifname(name)
+
+    def do() -> int:
+        try:
+            fd = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC)
+        except OSError as exc:
+            raise NetworkError(f"cannot open /dev/net/tun for TAP {name}: {exc}") from exc
+        try:
+            ifr = struct.pack("16sH22x", name.encode(), IFF_TAP | IFF_NO_PI | IFF_VNET_HDR)
+            fcntl.ioctl(fd, TUNSETIFF, ifr)
+        except OSError as exc:
+            os.close(fd)
+            where = f" in network namespace {netns}" if netns else ""
+            raise NetworkError(f"cannot attach to TAP {name}{where}: {exc}") from exc
+        return fd
+
+    return run_in(netns, do)

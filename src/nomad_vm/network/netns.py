@@ -1,4 +1,8 @@
-"""Run a function inside a named network namespace (``/run/netns/NAME``), in a fresh thread.
+"""Run a function inside a network namespace, in a fresh thread.
+
+A namespace is given by name (``/run/netns/NAME``, as ``ip netns add`` makes it) or by the
+absolute path of its nsfs file (what Nomad hands a driver for a group network namespace, e.g.
+``/var/run/netns/<alloc id>``).
 
 A thread, not a child process: ``setns(CLONE_NEWNET)`` changes only the calling thread's
 namespace, and everything that thread then creates stays bound to that namespace: netlink
@@ -16,6 +20,7 @@ already runs one (the plugin's).
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import os
 import re
 import threading
@@ -27,19 +32,44 @@ from nomad_vm.errors import NetworkError
 
 NETNS_DIR = Path("/run/netns")
 CLONE_NEWNET = 0x40000000
+NS_GET_NSTYPE = 0xB703  # ioctl on an nsfs file: its namespace type
 _NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 _T = TypeVar("_T")
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
 def netns_path(name: str) -> Path:
-    """``/run/netns/NAME``, checked to exist (``ip netns add NAME`` creates it)."""
+    """``/run/netns/NAME`` (``ip netns add NAME`` creates it), or ``name`` itself when it is an
+    absolute path; checked to exist."""
+    if name.startswith("/"):
+        path = Path(name)
+        if ".." in path.parts:
+            raise NetworkError(f"{name!r} is not a network namespace path")
+        if not path.exists():
+            raise NetworkError(f"network namespace {name} does not exist")
+        return path
     if not _NAME.match(name) or name in (".", ".."):
         raise NetworkError(f"{name!r} is not a network namespace name (see `ip netns list`)")
     path = NETNS_DIR / name
     if not path.exists():
         raise NetworkError(f"network namespace {name!r} does not exist ({path} is missing)")
     return path
+
+
+def netns_exists(netns: str) -> bool:
+    """True when ``netns`` (a name or a path) names a live network namespace: its file exists
+    and is an nsfs mount (an unmounted leftover file is not a namespace)."""
+    try:
+        path = netns_path(netns)
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except (NetworkError, OSError):
+        return False
+    try:
+        return fcntl.ioctl(fd, NS_GET_NSTYPE) == CLONE_NEWNET
+    except OSError:  # ENOTTY: a plain file, not a namespace
+        return False
+    finally:
+        os.close(fd)
 
 
 def run_in(netns: str | None, fn: Callable[[], _T]) -> _T:

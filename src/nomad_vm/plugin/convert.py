@@ -85,7 +85,18 @@ def task_config(pb: driver_pb2.TaskConfig) -> TaskConfig:
         job_name=pb.job_name,
         task_group_name=pb.task_group_name,
         ports=tuple(PortMapping(p.label, p.value, p.to, p.host_ip) for p in res.ports),
+        netns_path=group_netns_path(pb.network_isolation_spec),
     )
+
+
+def group_netns_path(spec: driver_pb2.NetworkIsolationSpec) -> str:
+    """The allocation's network namespace when the task is to run in it (GROUP mode), else "".
+
+    HOST (the default, also when Nomad sends no spec) and NONE/TASK (never advertised, so
+    never sent) leave the task on the plugin's own networking."""
+    if spec.mode == driver_pb2.NetworkIsolationSpec.GROUP:
+        return spec.path
+    return ""
 
 
 def attribute(value: AttributeValue) -> attribute_pb2.Attribute:

@@ -37,6 +37,9 @@ class NicSpec:
 
     tap: str
     mac: str
+    # A descriptor of the TAP, opened by the driver (the TAP is in another network namespace,
+    # where QEMU could not find it by name); QEMU inherits it under the same number.
+    fd: int | None = None
 
 
 @dataclass(frozen=True)

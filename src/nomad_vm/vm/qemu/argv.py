@@ -83,10 +83,14 @@ def _devices(spec: VMSpec) -> list[str]:
     if spec.agent_socket is not None:
         argv += agent_argv(spec.agent_socket, microvm=microvm)
     for i, nic in enumerate(spec.nics):
-        # script=no: the TAP already exists on its bridge; QEMU only opens it.
+        # script=no: the TAP already exists on its bridge; QEMU only opens it (or uses the
+        # descriptor the driver opened for it).
+        source = (
+            f"fd={nic.fd}" if nic.fd is not None else f"ifname={nic.tap},script=no,downscript=no"
+        )
         argv += [
             "-netdev",
-            f"tap,id=net{i},ifname={nic.tap},script=no,downscript=no",
+            f"tap,id=net{i},{source}",
             "-device",
             f"virtio-net-{virtio},netdev=net{i},mac={nic.mac}",
         ]

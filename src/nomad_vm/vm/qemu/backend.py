@@ -205,7 +205,10 @@ class QemuBackend:
         try:
             log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
             try:
-                process = spawn(argv, stdout=console_fd, stderr=log_fd, cwd=runtime_dir)
+                fds = [nic.fd for nic in spec.nics if nic.fd is not None]
+                process = spawn(
+                    argv, stdout=console_fd, stderr=log_fd, cwd=runtime_dir, pass_fds=fds
+                )
             finally:
                 os.close(log_fd)
         except BaseException:

@@ -1,0 +1,81 @@
+"""Group-mode networking against a real kernel, in a namespace standing in for an allocation's.
+
+The test creates the "allocation" namespace itself (as Nomad would, and hands the driver its
+path); the driver's bridge, TAP, sysctls and nftables rules must appear only there. Teardown
+must work while the namespace exists and, idempotently, after it is gone.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import subprocess
+from collections.abc import Iterator
+from ipaddress import IPv4Address
+from pathlib import Path
+
+import pytest
+
+from nomad_vm.driver.networking import GROUP_BRIDGE, NetworkManager, plan_network
+from nomad_vm.driver.types import PortMapping
+from nomad_vm.network import links, sysctl
+from nomad_vm.network.netns import netns_exists
+from nomad_vm.network.nft import PortForwarder
+from nomad_vm.network.settings import NicRequest
+from tests.e2e.conftest import private_netns
+
+pytestmark = pytest.mark.integration
+
+PREFIX = "nvg"
+
+
+@pytest.fixture
+def alloc_netns() -> Iterator[str]:
+    """The path of a fresh namespace (``private_netns`` deletes it and checks for leaks)."""
+    with private_netns((GROUP_BRIDGE, PREFIX)) as name:
+        yield f"/run/netns/{name}"
+
+
+def test_setup_lives_in_the_namespace_and_teardown_survives_its_end(
+    alloc_netns: str, tmp_path: Path
+) -> None:
+    assert os.geteuid() == 0
+    owner = f"alloc-{secrets.token_hex(3)}/vm/1"
+    ports = (PortMapping("http", 24567, 8080, "127.0.0.1"),)
+    plan = plan_network(owner, NicRequest("", ("http",)), None, ports, alloc_netns)
+    assert plan is not None
+    manager = NetworkManager(tmp_path)
+    attachment = manager._setup(plan)
+    record = attachment.record
+    assert (record.netns, attachment.address) == (alloc_netns, IPv4Address("192.168.254.2"))
+    assert attachment.override is None
+
+    assert links.bridge_ports(GROUP_BRIDGE, netns=alloc_netns) == [record.tap]
+    assert sysctl.read("net/ipv4/ip_forward", netns=alloc_netns) == "1"
+    rules = PortForwarder(netns=alloc_netns).rules(owner)
+    assert len(rules) == 3, rules  # prerouting + output DNAT to :8080, localhost masquerade
+    assert "192.168.254.2" in str(rules) and "8080" in str(rules)
+    assert not links.link_exists(record.tap), "the TAP must not be in the plugin's namespace"
+
+    # The descriptor QEMU gets: attached to the TAP inside the namespace.
+    fd = links.open_tap(record.tap, netns=alloc_netns)
+    try:
+        assert os.readlink(f"/proc/self/fd/{fd}") == "/dev/net/tun"
+    finally:
+        os.close(fd)
+
+    manager._teardown(record, None)
+    assert links.bridge_ports(GROUP_BRIDGE, netns=alloc_netns) == []
+    assert PortForwarder(netns=alloc_netns).rules(owner) == []
+    assert not list((tmp_path / "group").glob("leases-*")), "the allocation's pool file stays"
+    assert not list((tmp_path / "tasks").glob("*.json"))
+
+    # A second start, then the namespace vanishes before DestroyTask (Nomad deleted it).
+    attachment = manager._setup(plan)
+    name = alloc_netns.rsplit("/", 1)[-1]
+    subprocess.run(["ip", "netns", "del", name], check=True, timeout=30)
+    assert not netns_exists(alloc_netns)
+    manager._teardown(attachment.record, None)
+    manager._teardown(attachment.record, None)  # idempotent
+    assert not list((tmp_path / "group").glob("leases-*"))
+    subprocess.run(["ip", "netns", "add", name], check=True, timeout=30)  # for the fixture
