@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -572,3 +573,75 @@ def test_unknown_port_label_is_a_validation_error(
         expect_invalid(host.start_fails(cfg), PORTS_FIELD)
     host.assert_clean()
     assert host.leases() == {}
+
+
+# -- 6. many cycles --------------------------------------------------------------------------
+
+CYCLES = int(os.environ.get("NOMAD_VM_NETWORK_CYCLES", "100"))
+
+
+def test_many_start_stop_cycles_leave_table_bridge_and_pool_as_they_began(
+    host: NetHost,
+    tiny_guest: Any,
+) -> None:
+    """Each cycle starts a VM with a forwarded port, stops it gracefully (WaitTask) and destroys
+    it; afterwards the table, the bridge's ports and the pool file are what they were."""
+    host.configure([str(tiny_guest.vmlinux.parent)])
+    assert host.plugin is not None
+
+    def cycle(i: int) -> None:
+        with tiny_vms(host, tiny_guest) as vms:
+            cfg = vms.task(f"c{i}", ports=("http",), forwards={"http": 21000 + i % 50})
+            host.start(cfg)
+            assert host.nft.rules(cfg.id) and len(host.taps()) == 1
+            stop(host.plugin, cfg.id, 0)  # type: ignore[arg-type]
+            wait(host.plugin, cfg.id)  # type: ignore[arg-type]
+            host.destroy(cfg.id)
+
+    def table() -> list[tuple[str, str | None, str]]:
+        # Handles change when the bridge's own rules are re-declared; what they do must not.
+        return sorted((r.chain, r.comment, json.dumps(r.expr)) for r in host.nft.rules())
+
+    cycle(0)  # the first start creates the bridge, its rules and the pool file
+    before = (table(), host.taps(), host.lease_file.read_text())
+    for i in range(1, CYCLES + 1):
+        cycle(i)
+    assert (table(), host.taps(), host.lease_file.read_text()) == before
+    host.assert_clean()
+
+
+# -- 7. recovery ---------------------------------------------------------------------------
+
+
+def test_recovered_task_gets_its_lease_back_and_stale_leases_go(
+    host: NetHost,
+    tiny_guest: Any,
+) -> None:
+    """A plugin restart with the lease file damaged meanwhile: RecoverTask restores the
+    running task's lease (so the address cannot be handed out twice) and drops a lease no
+    task record backs; the task's network is still torn down completely afterwards."""
+    with tiny_vms(host, tiny_guest) as vms:
+        cfg = vms.task("recovered", ports=("http",), forwards={"http": 20080})
+        reply = host.start(cfg)
+        address = reply.network_override.addr
+        assert host.leased() == [address]
+
+        first = host.plugin
+        assert first is not None and first.process is not None
+        first.process.kill()
+        assert first.wait_exit(10) is not None
+        data = json.loads(host.lease_file.read_text())
+        data["leases"] = {"a-task-that-is-gone": "10.99.0.77"}
+        host.lease_file.write_text(json.dumps(data))
+
+        second = host.start_plugin()
+        host.configure([str(tiny_guest.vmlinux.parent)])
+        stored = driver_pb2.TaskHandle()
+        stored.CopyFrom(reply.handle)
+        stored.config.CopyFrom(cfg)
+        stored.config.msgpack_driver_config = b""  # Nomad does not keep it across restarts
+        drv(second).RecoverTask(driver_pb2.RecoverTaskRequest(handle=stored), timeout=30)
+        assert host.leases() == {cfg.id: address}
+        assert tap_name(TAP_PREFIX, cfg.id) in host.taps() and host.nft.rules(cfg.id)
+        host.destroy(cfg.id)
+    host.assert_clean()

@@ -49,7 +49,13 @@ from nomad_vm.driver.types import (
     TaskStats,
     TaskStatus,
 )
-from nomad_vm.errors import HypervisorError, TaskExists, TaskNotFound
+from nomad_vm.errors import (
+    ConfigError,
+    HypervisorError,
+    NetworkError,
+    TaskExists,
+    TaskNotFound,
+)
 from nomad_vm.vm.process import ProcessIdentity, kill_leftovers
 from nomad_vm.vm.qemu.backend import QemuBackend
 
@@ -195,6 +201,13 @@ class VMDriver:
             return
         entry = VMTask(task, vm, state, runtime_dir, self.events)
         self._tasks[task.id] = entry
+        if state.network is not None:
+            record = NetworkRecord.from_dict(state.network)
+            try:
+                for repair in await self._networks().reconcile(record, self.config.network):
+                    self.events.emit(task, f"Network reconciled: {repair}")
+            except (NetworkError, ConfigError) as exc:
+                log.warning("reconciling the network of %s failed: %s", task.id, exc)
         agent_socket = runtime_dir / AGENT_SOCKET
         entry.start_watching(agent_socket if agent_socket.exists() else None)
         self.events.emit(task, "Reattached to the running VM", {"pid": str(state.pid)})

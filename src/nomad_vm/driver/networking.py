@@ -204,6 +204,34 @@ class NetworkManager:
         await self.teardown(record, net)
         return True
 
+    async def reconcile(self, record: NetworkRecord, net: BridgeNetwork | None) -> list[str]:
+        """After a plugin restart, for a recovered task: its record file and lease are back in
+        place (they are what a later teardown works from), and leases of tasks that have no
+        record any more are dropped. Returns what was repaired, for a task event."""
+        return await asyncio.to_thread(self._reconcile, record, net)
+
+    def _reconcile(self, record: NetworkRecord, net: BridgeNetwork | None) -> list[str]:
+        repaired = []
+        if self._read_record(record.owner) is None:
+            self._write_record(record)
+            repaired.append("network record rewritten")
+        if record.netns or net is None or net.bridge != record.bridge or not record.address:
+            return repaired
+        pool = net.pool(self.state_dir)
+        if record.owner not in pool.leases():
+            pool.allocate(record.owner, IPv4Address(record.address))
+            repaired.append(f"lease of {record.address} restored")
+        stale = pool.reconcile(self._recorded_owners())
+        repaired += [f"stale lease of {owner} released" for owner in stale]
+        return repaired
+
+    def _recorded_owners(self) -> set[str]:
+        owners = set()
+        for path in (self.state_dir / "tasks").glob("*.json"):
+            with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+                owners.add(NetworkRecord.from_dict(json.loads(path.read_text())).owner)
+        return owners
+
     # -- blocking work, in a thread ----------------------------------------------------------
 
     def _setup(self, plan: NetworkPlan) -> NetworkAttachment:
