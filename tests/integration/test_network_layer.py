@@ -1,10 +1,10 @@
 """The host networking layer against a real kernel, entirely inside throwaway network namespaces.
 
 Nothing here touches the host's own namespace: every bridge, TAP, veth, address, sysctl and
-nftables table lives in namespaces named ``nvt-<pid>-<n>`` that the ``netns`` fixture creates and
-always deletes, after which it checks that no link or table of ours appeared in the host's
-namespace and that the host's ip_forward is unchanged. Traffic only flows between those
-namespaces (10.99.0.0/24 for the bridge, 10.98.0.0/24 for the "other machine").
+nftables table lives in namespaces named ``nvt-<random>`` that the ``ns`` fixture creates and
+always deletes (tests/netns.py), after which it checks that no link or table of ours appeared
+in the host's namespace and that the host's ip_forward is unchanged. Traffic only flows
+between those namespaces (10.99.0.0/24 for the bridge, 10.98.0.0/24 for the "other machine").
 
 Port forwarding topology::
 
@@ -17,7 +17,6 @@ a TAP, since there is no QEMU here. Clients and servers run under ``ip netns exe
 from __future__ import annotations
 
 import fcntl
-import itertools
 import json
 import os
 import struct
@@ -25,16 +24,15 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from ipaddress import IPv4Address, IPv4Network
-from pathlib import Path
 
 import pytest
-from pyroute2 import IPRoute
 
 from nomad_vm.errors import ConfigError, NetworkError
 from nomad_vm.network import links, netns, sysctl
 from nomad_vm.network.links import PortVlan
 from nomad_vm.network.names import bridge_mac, mac_address, rule_tag, tap_mac, tap_name
 from nomad_vm.network.nft import DEFAULT_TABLE, PortForward, PortForwarder
+from tests.netns import Namespaces, ip, isolated_namespaces
 
 pytestmark = pytest.mark.integration
 
@@ -45,7 +43,6 @@ HOST_OUTSIDE_IP = "10.98.0.1"
 OTHER_IP = "10.98.0.2"
 TAP_PREFIX = "nvt"
 OWNER = "5c1e0b7a-0000-4b7a-9f00-000000000001/web/0f3a9c21"
-_counter = itertools.count()
 
 SERVER = r"""
 import socket, sys, threading
@@ -103,78 +100,10 @@ except OSError as exc:
 # -- fixtures --------------------------------------------------------------------------------
 
 
-def _host_links() -> set[str]:
-    with IPRoute() as ipr:
-        return {str(link.get_attr("IFLA_IFNAME")) for link in ipr.get_links()}
-
-
-def _host_tables() -> set[str]:
-    out = subprocess.run(
-        ["nft", "-j", "list", "tables"], capture_output=True, text=True, check=True
-    )
-    items = json.loads(out.stdout)["nftables"]
-    return {f"{i['table']['family']} {i['table']['name']}" for i in items if "table" in i}
-
-
-def _ip(*args: str) -> None:
-    subprocess.run(["ip", *args], check=True, capture_output=True, timeout=30)
-
-
-class Namespaces:
-    """Creates namespaces and processes in them; ``cleanup`` removes all of it."""
-
-    def __init__(self) -> None:
-        self.names: list[str] = []
-        self.procs: list[subprocess.Popen[str]] = []
-
-    def new(self) -> str:
-        name = f"nvt-{os.getpid()}-{next(_counter)}"
-        _ip("netns", "add", name)
-        self.names.append(name)
-        _ip("-n", name, "link", "set", "lo", "up")
-        return name
-
-    def spawn(self, ns: str, script: str, *args: str) -> subprocess.Popen[str]:
-        """A python process in ``ns``, returned once it printed its ready line."""
-        proc = subprocess.Popen(
-            ["ip", "netns", "exec", ns, sys.executable, "-c", script, *args],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        self.procs.append(proc)
-        assert proc.stdout is not None
-        assert proc.stdout.readline().strip() == "ready"
-        return proc
-
-    def cleanup(self) -> None:
-        for proc in self.procs:
-            proc.kill()
-            proc.wait(timeout=10)
-        for name in self.names:
-            subprocess.run(["ip", "netns", "del", name], capture_output=True, timeout=30)
-
-
 @pytest.fixture
 def ns() -> Iterator[Namespaces]:
-    assert os.geteuid() == 0, "these tests create network namespaces: run them as root"
-    links_before = _host_links()
-    tables_before = _host_tables()
-    forward_before = Path("/proc/sys/net/ipv4/ip_forward").read_text()
-    spaces = Namespaces()
-    try:
+    with isolated_namespaces(("nvt", "nvm", "nomad")) as spaces:
         yield spaces
-    finally:
-        spaces.cleanup()
-    left = [n for n in spaces.names if (netns.NETNS_DIR / n).exists()]
-    assert not left, f"namespaces not deleted: {left}"
-    leaked_links = sorted(
-        name for name in _host_links() - links_before if name.startswith(("nvt", "nvm", "nomad"))
-    )
-    assert not leaked_links, f"links leaked into the host namespace: {leaked_links}"
-    leaked_tables = sorted(t for t in _host_tables() - tables_before if DEFAULT_TABLE in t)
-    assert not leaked_tables, f"nftables tables leaked into the host namespace: {leaked_tables}"
-    assert Path("/proc/sys/net/ipv4/ip_forward").read_text() == forward_before
 
 
 def connect(ns_name: str, host: str, port: int, proto: str = "tcp", timeout: float = 2.0) -> str:
@@ -191,7 +120,7 @@ def connect(ns_name: str, host: str, port: int, proto: str = "tcp", timeout: flo
 
 
 def veth(ns_a: str, name_a: str, ns_b: str, name_b: str) -> None:
-    _ip("-n", ns_a, "link", "add", name_a, "type", "veth", "peer", "name", name_b, "netns", ns_b)
+    ip("-n", ns_a, "link", "add", name_a, "type", "veth", "peer", "name", name_b, "netns", ns_b)
 
 
 # -- links -----------------------------------------------------------------------------------
@@ -348,14 +277,14 @@ def topology(ns: Namespaces) -> dict[str, str]:
     links.ensure_bridge(BRIDGE, "10.99.0.1/24", netns=host)
     veth(host, "nvtvg", guest, "eth0")
     links.attach_to_bridge("nvtvg", BRIDGE, netns=host)
-    _ip("-n", guest, "addr", "add", f"{GUEST_IP}/24", "dev", "eth0")
-    _ip("-n", guest, "link", "set", "eth0", "up")
-    _ip("-n", guest, "route", "add", "default", "via", "10.99.0.1")
+    ip("-n", guest, "addr", "add", f"{GUEST_IP}/24", "dev", "eth0")
+    ip("-n", guest, "link", "set", "eth0", "up")
+    ip("-n", guest, "route", "add", "default", "via", "10.99.0.1")
     veth(host, "nvtvo", other, "eth0")
-    _ip("-n", host, "addr", "add", f"{HOST_OUTSIDE_IP}/24", "dev", "nvtvo")
-    _ip("-n", host, "link", "set", "nvtvo", "up")
-    _ip("-n", other, "addr", "add", f"{OTHER_IP}/24", "dev", "eth0")
-    _ip("-n", other, "link", "set", "eth0", "up")
+    ip("-n", host, "addr", "add", f"{HOST_OUTSIDE_IP}/24", "dev", "nvtvo")
+    ip("-n", host, "link", "set", "nvtvo", "up")
+    ip("-n", other, "addr", "add", f"{OTHER_IP}/24", "dev", "eth0")
+    ip("-n", other, "link", "set", "eth0", "up")
     sysctl.enable_ip_forward(netns=host)
     ns.spawn(guest, SERVER, "8080", "5353")
     # The guest is reachable directly; nothing is forwarded yet.
@@ -448,8 +377,8 @@ def test_guests_cannot_reach_the_hosts_loopback_services(
     ns.spawn(host, LOCAL_ONLY_SERVER, "9999")
     # A hostile guest: routes 127.0.0.0/8 to the host (and drops its own loopback addresses,
     # or it would discard replies from "its own" address).
-    _ip("-n", guest, "addr", "flush", "dev", "lo")
-    _ip("-n", guest, "route", "add", "127.0.0.0/8", "via", "10.99.0.1", "dev", "eth0")
+    ip("-n", guest, "addr", "flush", "dev", "lo")
+    ip("-n", guest, "route", "add", "127.0.0.0/8", "via", "10.99.0.1", "dev", "eth0")
     sysctl.write("net/ipv4/conf/eth0/route_localnet", "1", netns=guest)
     # The hole, with route_localnet alone (this proves the test can see it):
     sysctl.enable_route_localnet(BRIDGE, netns=host)

@@ -36,7 +36,6 @@ from nomad_vm.network.nft import PortForwarder
 from nomad_vm.plugin.launcher import PluginProcess
 from nomad_vm.plugin.proto import driver_pb2
 from tests.conftest import qemu_processes_under
-from tests.integration.netns import Namespaces, http_get, isolated_namespaces, veth
 from tests.integration.pluginkit import (
     DRIVER,
     FifoReader,
@@ -47,6 +46,7 @@ from tests.integration.pluginkit import (
 )
 from tests.integration.test_debian_task import run
 from tests.integration.test_vm_lifecycle import stop, wait, wait_until
+from tests.netns import Namespaces, http_get, isolated_namespaces, veth
 
 pytestmark = pytest.mark.integration
 

@@ -1,6 +1,7 @@
 """Throwaway network namespaces for tests that need real bridges, TAPs and nftables rules.
 
-Everything a test does to the network happens in namespaces named ``nvt-<random>`` that
+Everything a test does to the network happens in namespaces named ``nvt-<random>`` (``nve-``
+for the e2e tests' agents) that
 ``isolated_namespaces`` creates and always deletes (killing whatever still runs in them, and
 failing the test if anything did). At the end it checks that nothing of ours appeared in the
 host's own namespace: no link whose name starts with one of the given prefixes, no new nftables
@@ -61,21 +62,41 @@ def pids_in(name: str) -> list[int]:
 
 
 class Namespaces:
-    """Creates namespaces (loopback up); ``cleanup`` deletes them and what still runs there."""
+    """Creates namespaces ``<prefix>-<random>`` (loopback up) and helper processes in them;
+    ``cleanup`` deletes them and whatever still runs there."""
 
-    def __init__(self) -> None:
+    def __init__(self, prefix: str = "nvt") -> None:
+        self.prefix = prefix
         self.names: list[str] = []
+        self.procs: list[subprocess.Popen[str]] = []
 
     def new(self) -> str:
-        name = f"nvt-{secrets.token_hex(4)}"
+        name = f"{self.prefix}-{secrets.token_hex(4)}"
         ip("netns", "add", name)
         self.names.append(name)
         ip("-n", name, "link", "set", "lo", "up")
         return name
 
+    def spawn(self, ns: str, script: str, *args: str) -> subprocess.Popen[str]:
+        """A python process in ``ns`` (a stand-in server), returned once it printed "ready";
+        ended by ``cleanup`` (expected, so not counted as a leftover)."""
+        proc = subprocess.Popen(
+            ["ip", "netns", "exec", ns, sys.executable, "-c", script, *args],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        self.procs.append(proc)
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == "ready"
+        return proc
+
     def cleanup(self) -> dict[str, list[int]]:
         """Delete every namespace; returns the processes that were still running in them
         (killed first, by pid: a namespace lives on as long as a process is inside it)."""
+        for proc in self.procs:
+            proc.kill()
+            proc.wait(timeout=10)
         leftovers: dict[str, list[int]] = {}
         for name in self.names:
             pids = pids_in(name)
@@ -89,13 +110,15 @@ class Namespaces:
 
 
 @contextlib.contextmanager
-def isolated_namespaces(link_prefixes: tuple[str, ...]) -> Iterator[Namespaces]:
+def isolated_namespaces(
+    link_prefixes: tuple[str, ...], prefix: str = "nvt"
+) -> Iterator[Namespaces]:
     """Namespaces for one test; afterwards, check the host's own namespace is untouched and
     no process outlived the test inside them."""
     assert os.geteuid() == 0, "these tests create network namespaces: run them as root"
     tables_before = host_tables()
     forward_before = IP_FORWARD.read_text()
-    spaces = Namespaces()
+    spaces = Namespaces(prefix)
     try:
         yield spaces
     finally:
