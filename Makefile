@@ -5,9 +5,9 @@ PY := $(VENV)/bin/python
 export PATH := $(CURDIR)/.tools/bin:$(CURDIR)/$(VENV)/bin:$(PATH)
 export NOMAD_VM_CACHE ?= $(CURDIR)/.cache/guests
 
-.PHONY: setup host-packages venv bytecode nomad virtiofsd guests demo demo-stop test test-unit lint docs proto bench clean
+.PHONY: setup host-packages venv bytecode nomad consul virtiofsd guests demo demo-stop test test-unit lint docs proto bench clean
 
-setup: host-packages venv bytecode nomad virtiofsd guests
+setup: host-packages venv bytecode nomad consul virtiofsd guests
 
 host-packages:
 	@scripts/setup-host.sh
@@ -26,6 +26,10 @@ bytecode: venv
 
 nomad:
 	@scripts/install-nomad.sh
+
+# Only tests/e2e/test_script_check.py needs it (script checks run through Consul).
+consul:
+	@scripts/install-consul.sh
 
 virtiofsd: host-packages
 	@scripts/install-virtiofsd.sh

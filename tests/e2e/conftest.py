@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import os
-import secrets
 import shutil
 import signal
 import subprocess
@@ -21,6 +19,7 @@ import pytest
 from nomad_vm.cli.devagent import DevAgent, DevAgentConfig, free_port
 from nomad_vm.cli.paths import nomad_binary
 from tests.conftest import REPO, vm_processes_under
+from tests.netns import isolated_namespaces
 
 
 @contextlib.contextmanager
@@ -100,70 +99,13 @@ def wait_alloc(
     raise TimeoutError(f"job {job}: allocation status {last}, wanted {statuses}")
 
 
-IP_FORWARD = Path("/proc/sys/net/ipv4/ip_forward")  # this process's (the host's) namespace
-
-
-def host_links() -> list[str]:
-    """Names of the links in the host's own network namespace (the caller's)."""
-    out = subprocess.run(
-        ["ip", "-j", "link", "show"], capture_output=True, text=True, check=True, timeout=30
-    )
-    return [str(link["ifname"]) for link in json.loads(out.stdout)]
-
-
-def host_nft_tables() -> set[str]:
-    """``family name`` of every nftables table in the host's own network namespace."""
-    out = subprocess.run(
-        ["nft", "-j", "list", "tables"], capture_output=True, text=True, check=True, timeout=30
-    )
-    items = json.loads(out.stdout)["nftables"]
-    return {f"{i['table']['family']} {i['table']['name']}" for i in items if "table" in i}
-
-
-def netns_pids(name: str) -> list[int]:
-    out = subprocess.run(
-        ["ip", "netns", "pids", name], capture_output=True, text=True, timeout=30, check=False
-    )
-    return [int(pid) for pid in out.stdout.split()]
-
-
 @contextlib.contextmanager
-def private_netns(link_prefixes: tuple[str, ...], table: str = "nomad_vm") -> Iterator[str]:
+def private_netns(link_prefixes: tuple[str, ...]) -> Iterator[str]:
     """A new network namespace ``nve-<random>`` (loopback up) for an agent whose bridge, TAPs,
-    addresses and nftables rules must stay out of the host's own namespace.
-
-    Always deleted afterwards, after killing (by pid) whatever still runs in it. Then checks
-    that nothing leaked into the host's namespace: no link named with one of ``link_prefixes``,
-    no new nftables table ``table``, an unchanged ``ip_forward``, and no process left in the
-    namespace.
-    """
-    assert os.geteuid() == 0, "this test creates a network namespace: run it as root"
-    tables_before = host_nft_tables()
-    forward_before = IP_FORWARD.read_text()
-    name = f"nve-{secrets.token_hex(4)}"
-    subprocess.run(["ip", "netns", "add", name], check=True, capture_output=True, timeout=30)
-    leftover: list[int] = []
-    try:
-        subprocess.run(
-            ["ip", "-n", name, "link", "set", "lo", "up"],
-            check=True,
-            capture_output=True,
-            timeout=30,
-        )
-        yield name
-    finally:
-        leftover = netns_pids(name)
-        for pid in leftover:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        subprocess.run(["ip", "netns", "del", name], capture_output=True, timeout=30)
-    assert not Path("/run/netns", name).exists(), f"network namespace {name} not deleted"
-    assert not leftover, f"processes outlived the test in namespace {name}: {leftover}"
-    leaked = sorted(n for n in host_links() if n.startswith(link_prefixes))
-    assert not leaked, f"links in the host's own network namespace: {leaked}"
-    new_tables = sorted(t for t in host_nft_tables() - tables_before if t.endswith(f" {table}"))
-    assert not new_tables, f"nftables tables in the host's own network namespace: {new_tables}"
-    assert IP_FORWARD.read_text() == forward_before, "the host's net.ipv4.ip_forward changed"
+    addresses and nftables rules must stay out of the host's own namespace; deleted and checked
+    for leaks afterwards (tests/netns.py)."""
+    with isolated_namespaces(link_prefixes, prefix="nve") as spaces:
+        yield spaces.new()
 
 
 def consul_binary() -> Path | None:
@@ -180,10 +122,13 @@ def consul_binary() -> Path | None:
 
 # Nothing may leave this machine: no update check (checkpoint), no anonymous signature, and only
 # the ports the test needs, all on loopback (no DNS, WAN serf or gRPC listeners).
+# check_update_interval = 0: by default the agent syncs a check whose status did not change
+# but whose output did to the catalog (what /v1/health/* reads) only every 5 minutes.
 CONSUL_CONFIG = """
 disable_update_check        = true
 disable_anonymous_signature = true
-log_level                   = "DEBUG"
+check_update_interval       = "0s"
+log_level                   = "INFO"
 ports {{
   http     = {http}
   server   = {server}
@@ -259,7 +204,7 @@ def running_consul(timeout: float = 60.0) -> Iterator[ConsulAgent]:
                 if consul.api("/v1/status/leader"):
                     break
             if time.monotonic() > deadline:
-                raise TimeoutError(f"consul has no leader after {timeout:.0f}s; see {log_path}")
+                raise TimeoutError(f"consul has no leader after {timeout:.0f}s (its log follows)")
             time.sleep(0.2)
         yield consul
     finally:
@@ -270,7 +215,6 @@ def running_consul(timeout: float = 60.0) -> Iterator[ConsulAgent]:
             except subprocess.TimeoutExpired:
                 os.killpg(process.pid, signal.SIGKILL)
                 process.wait()
-        print(f"consul log: {log_path}")
         with contextlib.suppress(OSError):
             print(log_path.read_text()[-4000:])
         shutil.rmtree(workdir, ignore_errors=True)
