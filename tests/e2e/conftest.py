@@ -12,6 +12,7 @@ import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -218,3 +219,16 @@ def running_consul(timeout: float = 60.0) -> Iterator[ConsulAgent]:
         with contextlib.suppress(OSError):
             print(log_path.read_text()[-4000:])
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def run_debian_job(agent: DevAgent, job_file: Path, guest: Any) -> None:
+    """`nomad job run -detach` a job taking the Debian test guest as variables (image, kernel,
+    initramfs, cmdline), like examples/debian.nomad.hcl."""
+    variables = {
+        "image": guest.disk,
+        "kernel": guest.vmlinux,
+        "initramfs": guest.initrd,
+        "cmdline": guest.cmdline,
+    }
+    var_args = [arg for k, v in variables.items() for arg in ("-var", f"{k}={v}")]
+    agent.nomad("job", "run", "-detach", *var_args, str(job_file))

@@ -16,7 +16,7 @@ import pytest
 
 from nomad_vm.cli.devagent import DevAgent
 from tests.conftest import REPO
-from tests.e2e.conftest import running_agent, wait_alloc
+from tests.e2e.conftest import run_debian_job, running_agent, wait_alloc
 
 pytestmark = pytest.mark.e2e
 JOB = REPO / "examples" / "debian.nomad.hcl"
@@ -30,14 +30,7 @@ def debian_agent(debian_guest) -> Iterator[DevAgent]:  # type: ignore[no-untyped
 
 def test_alloc_exec_into_the_vm(debian_agent: DevAgent, debian_guest) -> None:  # type: ignore[no-untyped-def]
     agent = debian_agent
-    variables = {
-        "image": debian_guest.disk,
-        "kernel": debian_guest.vmlinux,
-        "initramfs": debian_guest.initrd,
-        "cmdline": debian_guest.cmdline,
-    }
-    var_args = [arg for k, v in variables.items() for arg in ("-var", f"{k}={v}")]
-    agent.nomad("job", "run", "-detach", *var_args, str(JOB))
+    run_debian_job(agent, JOB, debian_guest)
     alloc = str(wait_alloc(agent, "debian-vm", {"running"})["ID"])
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline:

@@ -16,7 +16,13 @@ import pytest
 
 from nomad_vm.cli.devagent import DevAgent
 from tests.conftest import vm_processes_under
-from tests.e2e.conftest import ConsulAgent, running_agent, running_consul, wait_alloc
+from tests.e2e.conftest import (
+    ConsulAgent,
+    run_debian_job,
+    running_agent,
+    running_consul,
+    wait_alloc,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -129,14 +135,7 @@ def test_script_check_runs_in_the_guest(debian_guest, tmp_path: Path) -> None:  
         print(f"consul version seen by nomad: {wait_consul_fingerprint(agent)}")
         job_file = tmp_path / "script-check.nomad.hcl"
         job_file.write_text(JOB)
-        variables = {
-            "image": debian_guest.disk,
-            "kernel": debian_guest.vmlinux,
-            "initramfs": debian_guest.initrd,
-            "cmdline": debian_guest.cmdline,
-        }
-        var_args = [arg for k, v in variables.items() for arg in ("-var", f"{k}={v}")]
-        agent.nomad("job", "run", "-detach", *var_args, str(job_file))
+        run_debian_job(agent, job_file, debian_guest)
         wait_alloc(agent, JOB_NAME, {"running"})
         started = time.monotonic()
 

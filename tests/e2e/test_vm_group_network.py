@@ -27,13 +27,13 @@ from typing import Any
 import pytest
 
 from nomad_vm.cli.devagent import DevAgent
-from nomad_vm.driver.networking import GROUP_BRIDGE
+from nomad_vm.driver.network_plan import GROUP_BRIDGE
 from nomad_vm.network import links
 from nomad_vm.network.names import is_owner_tag
 from nomad_vm.network.netns import netns_exists
 from nomad_vm.network.nft import PortForwarder
 from tests.conftest import vm_processes_under
-from tests.e2e.conftest import private_netns, running_agent, wait_alloc
+from tests.e2e.conftest import private_netns, run_debian_job, running_agent, wait_alloc
 from tests.e2e.test_vm_network_agent import http_get, poll, task_events
 
 pytestmark = pytest.mark.e2e
@@ -108,14 +108,7 @@ def test_vm_in_the_allocation_namespace_serves_nomads_port_mapping(
     agent = group_agent
     job = tmp_path / "group.nomad.hcl"
     job.write_text(JOB.format(job=JOB_NAME, port=GUEST_PORT, text=INDEX_TEXT))
-    variables = {
-        "image": debian_guest.disk,
-        "kernel": debian_guest.vmlinux,
-        "initramfs": debian_guest.initrd,
-        "cmdline": debian_guest.cmdline,
-    }
-    var_args = [arg for k, v in variables.items() for arg in ("-var", f"{k}={v}")]
-    agent.nomad("job", "run", "-detach", *var_args, str(job))
+    run_debian_job(agent, job, debian_guest)
     alloc = wait_alloc(agent, JOB_NAME, {"running", "failed"}, timeout=300)
     alloc_id = str(alloc["ID"])
     assert alloc["ClientStatus"] == "running", task_events(agent, alloc_id)

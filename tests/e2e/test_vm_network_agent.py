@@ -32,7 +32,7 @@ from nomad_vm.network.names import is_owner_tag
 from nomad_vm.network.netns import run_in
 from nomad_vm.network.nft import PortForwarder
 from tests.conftest import REPO, vm_processes_under
-from tests.e2e.conftest import private_netns, running_agent, wait_alloc
+from tests.e2e.conftest import private_netns, run_debian_job, running_agent, wait_alloc
 
 pytestmark = pytest.mark.e2e
 
@@ -134,14 +134,7 @@ def test_service_check_on_the_vm_address_becomes_healthy(
     web_agent: DevAgent, netns: str, debian_guest: Any
 ) -> None:
     agent = web_agent
-    variables = {
-        "image": debian_guest.disk,
-        "kernel": debian_guest.vmlinux,
-        "initramfs": debian_guest.initrd,
-        "cmdline": debian_guest.cmdline,
-    }
-    var_args = [arg for k, v in variables.items() for arg in ("-var", f"{k}={v}")]
-    agent.nomad("job", "run", "-detach", *var_args, str(JOB))
+    run_debian_job(agent, JOB, debian_guest)
     alloc = wait_alloc(agent, JOB_NAME, {"running"}, timeout=300)
     alloc_id = str(alloc["ID"])
 

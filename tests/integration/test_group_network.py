@@ -16,13 +16,14 @@ from pathlib import Path
 
 import pytest
 
-from nomad_vm.driver.networking import GROUP_BRIDGE, NetworkManager, plan_network
+from nomad_vm.driver.network_plan import GROUP_BRIDGE, plan_network
+from nomad_vm.driver.networking import NetworkManager
 from nomad_vm.driver.types import PortMapping
 from nomad_vm.network import links, sysctl
 from nomad_vm.network.netns import netns_exists
 from nomad_vm.network.nft import PortForwarder
 from nomad_vm.network.settings import NicRequest
-from tests.e2e.conftest import private_netns
+from tests.netns import isolated_namespaces
 
 pytestmark = pytest.mark.integration
 
@@ -31,9 +32,9 @@ PREFIX = "nvg"
 
 @pytest.fixture
 def alloc_netns() -> Iterator[str]:
-    """The path of a fresh namespace (``private_netns`` deletes it and checks for leaks)."""
-    with private_netns((GROUP_BRIDGE, PREFIX)) as name:
-        yield f"/run/netns/{name}"
+    """The path of a fresh namespace (deleted and checked for leaks afterwards)."""
+    with isolated_namespaces((GROUP_BRIDGE, PREFIX)) as spaces:
+        yield f"/run/netns/{spaces.new()}"
 
 
 def test_setup_lives_in_the_namespace_and_teardown_survives_its_end(

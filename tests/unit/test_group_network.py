@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from nomad_vm.driver.driver import VMDriver
-from nomad_vm.driver.networking import (
+from nomad_vm.driver.network_plan import (
     GROUP_BRIDGE,
     GROUP_SUBNET,
     NetworkAttachment,

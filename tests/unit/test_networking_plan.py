@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from nomad_vm.driver.networking import (
+from nomad_vm.driver.network_plan import (
     NetworkAttachment,
     NetworkRecord,
     network_config,

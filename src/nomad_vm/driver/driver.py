@@ -22,7 +22,8 @@ from nomad_vm.driver.events import EventBus
 from nomad_vm.driver.fingerprint import fingerprint_async
 from nomad_vm.driver.guest_exec import ExecOutcome, SignalTarget, exec_in_guest, signal_guest
 from nomad_vm.driver.guest_terminal import OutputSink, TerminalInput, run_terminal
-from nomad_vm.driver.networking import NetworkManager, NetworkRecord
+from nomad_vm.driver.network_plan import NetworkRecord
+from nomad_vm.driver.networking import NetworkManager
 from nomad_vm.driver.output import open_task_output
 from nomad_vm.driver.startup import (
     AGENT_SOCKET,

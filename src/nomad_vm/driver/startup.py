@@ -16,7 +16,7 @@ from pathlib import Path
 from nomad_vm.cloudinit import CloudInitRequest, GuestMount, SeedDocuments, render, write_seed
 from nomad_vm.driver.config import PluginConfig, VMTaskConfig, parse_task_config
 from nomad_vm.driver.events import EventBus
-from nomad_vm.driver.networking import (
+from nomad_vm.driver.network_plan import (
     NetworkAttachment,
     NetworkPlan,
     network_config,
