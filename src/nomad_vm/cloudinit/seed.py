@@ -11,10 +11,7 @@ onto ``dest`` once complete: QEMU (or a reader racing a restart) never sees a pa
 
 from __future__ import annotations
 
-import contextlib
 import io
-import os
-import tempfile
 from pathlib import Path
 
 import pycdlib
@@ -22,6 +19,7 @@ from pycdlib.pycdlibexception import PyCdlibException
 
 from nomad_vm.cloudinit.model import SeedDocuments
 from nomad_vm.errors import HypervisorError
+from nomad_vm.files import write_atomically
 
 VOLUME_LABEL = "cidata"
 SEED_MODE = 0o600
@@ -84,36 +82,9 @@ def write_seed(docs: SeedDocuments, dest: Path) -> Path:
     except PyCdlibException as error:
         raise HypervisorError(f"cannot build the cloud-init seed: {error}") from error
     try:
-        _write_atomically(image, dest)
+        write_atomically(dest, image, SEED_MODE)
     except OSError as error:
         raise HypervisorError(
             f"cannot write the cloud-init seed {dest}: {error.strerror or error}"
         ) from error
     return dest
-
-
-def _write_atomically(data: bytes, dest: Path) -> None:
-    # Same directory: the rename is atomic. mkstemp creates the file 0600 whatever the umask.
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "wb") as out:
-            os.fchmod(out.fileno(), SEED_MODE)
-            out.write(data)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, dest)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        raise
-    _fsync_dir(dest.parent)
-
-
-def _fsync_dir(directory: Path) -> None:
-    """Make the rename durable: a VM restarted after a host crash must not find no seed."""
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

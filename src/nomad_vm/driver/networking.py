@@ -32,7 +32,6 @@ import contextlib
 import hashlib
 import json
 import logging
-import os
 from ipaddress import IPv4Address
 from pathlib import Path
 from typing import Any
@@ -44,6 +43,7 @@ from nomad_vm.driver.network_plan import (
     group_network,
 )
 from nomad_vm.errors import NetworkError
+from nomad_vm.files import write_atomically
 from nomad_vm.network import links, sysctl
 from nomad_vm.network.ipam import AddressPool
 from nomad_vm.network.names import tap_mac
@@ -222,12 +222,7 @@ class NetworkManager:
     def _write_record(self, record: NetworkRecord) -> None:
         path = self._record_path(record.owner)
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(record.to_dict(), f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        write_atomically(path, json.dumps(record.to_dict()).encode())
 
     def _read_record(self, owner: str) -> NetworkRecord | None:
         path = self._record_path(owner)

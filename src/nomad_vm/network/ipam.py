@@ -18,13 +18,13 @@ import contextlib
 import fcntl
 import json
 import os
-import tempfile
 from collections.abc import Iterator
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 from typing import Any
 
 from nomad_vm.errors import ConfigError, NetworkError
+from nomad_vm.files import write_atomically
 
 FORMAT_VERSION = 1
 STATIC_FIELD = "config.network_interface.bridge.static_ip"
@@ -211,25 +211,10 @@ class AddressPool:
             "leases": {owner: str(leases[owner]) for owner in sorted(leases)},
         }
         payload = json.dumps(data, indent=1).encode("utf-8") + b"\n"
-        fd, tmp = tempfile.mkstemp(prefix=self.path.name + ".", suffix=".tmp", dir=self.path.parent)
         try:
-            with os.fdopen(fd, "wb") as out:
-                out.write(payload)
-                out.flush()
-                os.fsync(out.fileno())
-            os.replace(tmp, self.path)
-        except BaseException as exc:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            if isinstance(exc, OSError):
-                raise NetworkError(f"cannot write the IP lease file {self.path}: {exc}") from exc
-            raise
-        # The rename is durable only once the directory entry is on disk.
-        dir_fd = os.open(self.path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+            write_atomically(self.path, payload)
+        except OSError as exc:
+            raise NetworkError(f"cannot write the IP lease file {self.path}: {exc}") from exc
 
 
 def _parse(data: Any) -> dict[str, IPv4Address]:

@@ -27,13 +27,12 @@ import fnmatch
 import json
 import logging
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from nomad_vm.errors import ConfigError, HypervisorError
+from nomad_vm.files import write_atomically
 
 log = logging.getLogger(__name__)
 
@@ -220,25 +219,11 @@ def prepare_vars(plan: FirmwarePlan, dest_dir: Path) -> Path:
         if dest.is_file() and dest.stat().st_size == size:
             os.chmod(dest, 0o600)
             return dest
-        _copy_private(plan.vars_template, dest)
+        # Read-only from the shared template; the copy is 0600 (it holds the guest's boot
+        # configuration) and never seen half-written.
+        write_atomically(dest, plan.vars_template.read_bytes())
     except OSError as exc:
         raise HypervisorError(
             f"cannot create the UEFI variable store {dest} from {plan.vars_template}: {exc}"
         ) from exc
     return dest
-
-
-def _copy_private(source: Path, dest: Path) -> None:
-    """Copy through a 0600 temporary file and rename, so ``dest`` is never seen half-written
-    and never readable by others (the store holds the guest's boot configuration)."""
-    handle, temporary = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.")
-    try:
-        # The template is opened read-only: no code path here can modify the shared file.
-        with os.fdopen(handle, "wb") as out, source.open("rb") as template:
-            shutil.copyfileobj(template, out)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(temporary, dest)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
