@@ -19,7 +19,7 @@ import pytest
 from nomad_vm.driver.network_plan import GROUP_BRIDGE, plan_network
 from nomad_vm.driver.networking import NetworkManager
 from nomad_vm.driver.types import PortMapping
-from nomad_vm.network import links, sysctl
+from nomad_vm.network import links, sysctl, taps
 from nomad_vm.network.netns import netns_exists
 from nomad_vm.network.nft import PortForwarder
 from nomad_vm.network.settings import NicRequest
@@ -59,7 +59,7 @@ def test_setup_lives_in_the_namespace_and_teardown_survives_its_end(
     assert not links.link_exists(record.tap), "the TAP must not be in the plugin's namespace"
 
     # The descriptor QEMU gets: attached to the TAP inside the namespace.
-    fd = links.open_tap(record.tap, netns=alloc_netns)
+    fd = taps.open_tap(record.tap, netns=alloc_netns)
     try:
         assert os.readlink(f"/proc/self/fd/{fd}") == "/dev/net/tun"
     finally:

@@ -28,10 +28,10 @@ from ipaddress import IPv4Address, IPv4Network
 import pytest
 
 from nomad_vm.errors import ConfigError, NetworkError
-from nomad_vm.network import links, netns, sysctl
-from nomad_vm.network.links import PortVlan
+from nomad_vm.network import links, netns, sysctl, taps
 from nomad_vm.network.names import bridge_mac, mac_address, rule_tag, tap_mac, tap_name
 from nomad_vm.network.nft import DEFAULT_TABLE, PortForward, PortForwarder
+from nomad_vm.network.taps import PortVlan
 from tests.netns import Namespaces, ip, isolated_namespaces
 
 pytestmark = pytest.mark.integration
@@ -165,7 +165,7 @@ def test_tap_on_the_bridge(ns: Namespaces) -> None:
     task = "alloc-1/web/0f3a9c21"
     name = tap_name(TAP_PREFIX, task)
     mac = tap_mac(mac_address(task))
-    links.create_tap(name, BRIDGE, mac=mac, owner_uid=4242, netns=host)
+    taps.create_tap(name, BRIDGE, mac=mac, owner_uid=4242, netns=host)
 
     assert links.link_exists(name, netns=host)
     assert links.bridge_ports(BRIDGE, netns=host) == [name]
@@ -175,7 +175,7 @@ def test_tap_on_the_bridge(ns: Namespaces) -> None:
     # A bridge whose MAC was never set takes the lowest of its ports' MACs, so the guests'
     # gateway MAC would change as TAPs come and go. Ours was set: a lower port MAC changes nothing.
     low = tap_name(TAP_PREFIX, "low-mac-task")
-    links.create_tap(low, BRIDGE, mac="02:00:00:00:00:01", netns=host)
+    taps.create_tap(low, BRIDGE, mac="02:00:00:00:00:01", netns=host)
     assert links.bridge_state(BRIDGE, netns=host).mac == bridge_mac(BRIDGE)
     assert links.delete_link(low, netns=host)
     # Flags as QEMU opens it (sysfs, read in the namespace): IFF_TAP|IFF_NO_PI|IFF_VNET_HDR,
@@ -192,7 +192,7 @@ def test_tap_on_the_bridge(ns: Namespaces) -> None:
     assert links.link_exists(name, netns=host)
 
     with pytest.raises(NetworkError, match="already exists"):
-        links.create_tap(name, BRIDGE, netns=host)
+        taps.create_tap(name, BRIDGE, netns=host)
     assert links.delete_link(name, netns=host) is True
     assert links.delete_link(name, netns=host) is False
     assert links.bridge_ports(BRIDGE, netns=host) == []
@@ -202,19 +202,19 @@ def test_tap_errors_leave_nothing_behind(ns: Namespaces) -> None:
     host = ns.new()
     name = tap_name(TAP_PREFIX, "t")
     with pytest.raises(ConfigError) as err:
-        links.create_tap(name, "nvtnobridge", netns=host)
+        taps.create_tap(name, "nvtnobridge", netns=host)
     assert err.value.field == "network.bridge"
     links.ensure_bridge(BRIDGE, None, netns=host)
     for vlan in (0, 4095):
         with pytest.raises(ConfigError) as err:
-            links.create_tap(name, BRIDGE, vlan=vlan, netns=host)
+            taps.create_tap(name, BRIDGE, vlan=vlan, netns=host)
         assert err.value.field == "config.network_interface.vlan"
     # VLAN on a bridge that does not filter VLANs: refused before anything is created.
     with pytest.raises(ConfigError) as err:
-        links.create_tap(name, BRIDGE, vlan=100, netns=host)
+        taps.create_tap(name, BRIDGE, vlan=100, netns=host)
     assert "does not filter VLANs" in err.value.reason
     with pytest.raises(ValueError, match="unicast"):
-        links.create_tap(name, BRIDGE, mac="53:00:00:00:00:01", netns=host)
+        taps.create_tap(name, BRIDGE, mac="53:00:00:00:00:01", netns=host)
     assert not links.link_exists(name, netns=host)
     assert links.bridge_ports(BRIDGE, netns=host) == []
 
@@ -231,8 +231,8 @@ def test_vlan_filtering_sets_the_ports_pvid(ns: Namespaces) -> None:
         pytest.skip(f"this kernel has no bridge VLAN filtering: {exc}")
     assert state.vlan_filtering
     name = tap_name(TAP_PREFIX, "vlan-task")
-    links.create_tap(name, BRIDGE, vlan=100, netns=host)
-    assert links.port_vlans(name, netns=host) == [PortVlan(vid=100, pvid=True, untagged=True)]
+    taps.create_tap(name, BRIDGE, vlan=100, netns=host)
+    assert taps.port_vlans(name, netns=host) == [PortVlan(vid=100, pvid=True, untagged=True)]
 
 
 def _sysfs(ns_name: str, path: str) -> str:
@@ -276,7 +276,7 @@ def topology(ns: Namespaces) -> dict[str, str]:
     host, guest, other = ns.new(), ns.new(), ns.new()
     links.ensure_bridge(BRIDGE, "10.99.0.1/24", netns=host)
     veth(host, "nvtvg", guest, "eth0")
-    links.attach_to_bridge("nvtvg", BRIDGE, netns=host)
+    taps.attach_to_bridge("nvtvg", BRIDGE, netns=host)
     ip("-n", guest, "addr", "add", f"{GUEST_IP}/24", "dev", "eth0")
     ip("-n", guest, "link", "set", "eth0", "up")
     ip("-n", guest, "route", "add", "default", "via", "10.99.0.1")
@@ -403,7 +403,7 @@ def test_hairpin_under_br_netfilter_needs_the_ports_hairpin_mode(
     pf.prepare_bridge(BRIDGE, SUBNET)
     pf.set_port_forwards(OWNER, GUEST_IP, [PortForward(host_port=18080, guest_port=8080)])
     assert connect(guest, HOST_OUTSIDE_IP, 18080) == "tcp from 10.99.0.1"
-    links.attach_to_bridge("nvtvg", BRIDGE, hairpin=False, netns=host)
+    taps.attach_to_bridge("nvtvg", BRIDGE, hairpin=False, netns=host)
     if sysctl.read("net/bridge/bridge-nf-call-iptables", netns=host) == "1":
         assert connect(guest, HOST_OUTSIDE_IP, 18080, timeout=1) == "error TimeoutError"
         sysctl.write("net/bridge/bridge-nf-call-iptables", "0", netns=host)

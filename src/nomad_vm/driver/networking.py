@@ -20,7 +20,7 @@ the allocation, so every allocation may use the same addresses). The port forwar
 the port's ``to`` (where Nomad's CNI portmap delivers it in the namespace) to the VM, outbound
 traffic is masqueraded to the namespace's own address, and QEMU, which runs in the plugin's
 namespace, gets the TAP as a file descriptor opened inside the allocation's one
-(``links.open_tap``). The record carries the namespace's path; teardown removes the TAP and the
+(``taps.open_tap``). The record carries the namespace's path; teardown removes the TAP and the
 rules only while the namespace still exists (Nomad deletes it, and everything in it, with the
 allocation).
 """
@@ -44,7 +44,7 @@ from nomad_vm.driver.network_plan import (
 )
 from nomad_vm.errors import NetworkError
 from nomad_vm.files import write_atomically
-from nomad_vm.network import links, sysctl
+from nomad_vm.network import links, sysctl, taps
 from nomad_vm.network.ipam import AddressPool
 from nomad_vm.network.names import tap_mac
 from nomad_vm.network.netns import netns_exists
@@ -74,7 +74,7 @@ class NetworkManager:
         the plugin's bridge, where QEMU opens the TAP by name itself."""
         if not record.netns:
             return None
-        return await asyncio.to_thread(links.open_tap, record.tap, netns=record.netns)
+        return await asyncio.to_thread(taps.open_tap, record.tap, netns=record.netns)
 
     async def teardown_leftover(self, owner: str, net: BridgeNetwork | None) -> bool:
         """Tear down what a record file says exists for ``owner`` (a task this process never
@@ -132,7 +132,7 @@ class NetworkManager:
                 plan.owner, net.bridge, plan.tap, plan.guest_mac, str(address), plan.netns
             )
             self._write_record(record)
-            links.create_tap(
+            taps.create_tap(
                 plan.tap, net.bridge, mac=tap_mac(plan.guest_mac), vlan=nic.vlan, netns=netns
             )
             if plan.forwards:

@@ -200,7 +200,7 @@ class PortForwarder:
           (hairpin: a guest using a forwarded port of the host, maybe its own). Without it the
           guest that answers would reply directly to the client, which expects the reply
           from the host's address and resets the connection. Under br_netfilter the guest's
-          bridge port also needs hairpin mode (``links.attach_to_bridge``, on by default).
+          bridge port also needs hairpin mode (``taps.attach_to_bridge``, on by default).
         """
         prefix = _prefix(subnet)
         iif = _match({"meta": {"key": "iifname"}}, bridge)
