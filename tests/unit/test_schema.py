@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from nomad_vm import schema
+from nomad_vm import fields, schema
 from nomad_vm.errors import ConfigError
 from nomad_vm.plugin.hclspec import schema_spec
 from nomad_vm.plugin.proto import hclspec_pb2
@@ -16,7 +16,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def test_defaults_fill_unset_values() -> None:
-    values = schema.validate(schema.PLUGIN_CONFIG, {"accelerator": None}, "config")
+    values = fields.validate(schema.PLUGIN_CONFIG, {"accelerator": None}, "config")
     assert values["accelerator"] == "auto"
     assert values["image_paths"] == []
     assert values["data_dir"] == "/var/lib/nomad-vm"
@@ -24,7 +24,7 @@ def test_defaults_fill_unset_values() -> None:
 
 def test_unknown_key_is_named() -> None:
     with pytest.raises(ConfigError) as err:
-        schema.validate(schema.TASK_CONFIG, {"kernal": "/x"}, "config")
+        fields.validate(schema.TASK_CONFIG, {"kernal": "/x"}, "config")
     assert err.value.field == "config.kernal"
     assert "unknown option" in str(err.value)
 
@@ -40,20 +40,20 @@ def test_unknown_key_is_named() -> None:
 )
 def test_type_errors_name_the_field(raw: dict[str, object], field: str, reason: str) -> None:
     with pytest.raises(ConfigError) as err:
-        schema.validate(schema.PLUGIN_CONFIG, raw, "config")
+        fields.validate(schema.PLUGIN_CONFIG, raw, "config")
     assert err.value.field == field
     assert reason in err.value.reason
 
 
 def test_numbers_accept_decimal_wholes_and_reject_fractions() -> None:
-    f = schema.Field("n", "number", "doc", minimum=1)
-    assert schema._check_number(f, Decimal("4"), "x") == 4
+    f = fields.Field("n", "number", "doc", minimum=1)
+    assert fields._check_number(f, Decimal("4"), "x") == 4
     with pytest.raises(ConfigError, match="whole number"):
-        schema._check_number(f, Decimal("0.5"), "x")
+        fields._check_number(f, Decimal("0.5"), "x")
     with pytest.raises(ConfigError, match="at least 1"):
-        schema._check_number(f, 0, "x")
+        fields._check_number(f, 0, "x")
     with pytest.raises(ConfigError, match="whole number"):
-        schema._check_number(f, True, "x")
+        fields._check_number(f, True, "x")
 
 
 def test_hclspec_has_every_field_with_types_and_defaults() -> None:

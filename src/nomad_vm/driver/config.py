@@ -10,6 +10,7 @@ from nomad_vm import schema
 from nomad_vm.driver.hostname import default_hostname, validate_hostname
 from nomad_vm.driver.types import TaskConfig
 from nomad_vm.errors import ConfigError
+from nomad_vm.fields import validate
 from nomad_vm.network.settings import (
     BridgeNetwork,
     NicRequest,
@@ -61,7 +62,7 @@ class VMTaskConfig:
 
 
 def parse_plugin_config(raw: Mapping[str, object] | None) -> PluginConfig:
-    values = schema.validate(schema.PLUGIN_CONFIG, raw, "config")
+    values = validate(schema.PLUGIN_CONFIG, raw, "config")
     data_dir = str(values["data_dir"])
     if not Path(data_dir).is_absolute():
         raise ConfigError("config.data_dir", f"must be an absolute path, got {data_dir!r}")
@@ -87,7 +88,7 @@ def _block(value: object) -> dict[str, object]:
 
 def parse_task_config(task: TaskConfig, plugin: PluginConfig) -> VMTaskConfig:
     """Validate a task's config; errors name the option as ``config.<name>``."""
-    values = schema.validate(schema.TASK_CONFIG, task.driver_config, "config")
+    values = validate(schema.TASK_CONFIG, task.driver_config, "config")
     allowed = (*plugin.image_paths, str(plugin.data_dir), task.alloc_dir)
 
     def path_of(name: str) -> Path | None:

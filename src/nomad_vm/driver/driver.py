@@ -57,6 +57,7 @@ from nomad_vm.errors import (
     TaskExists,
     TaskNotFound,
 )
+from nomad_vm.fields import Schema
 from nomad_vm.vm.process import ProcessIdentity, kill_leftovers
 from nomad_vm.vm.qemu.backend import QemuBackend
 
@@ -87,7 +88,7 @@ class VMDriver:
             self.agent = agent
         self._config_changed.set()
 
-    def task_config_schema(self) -> schema.Schema:
+    def task_config_schema(self) -> Schema:
         return schema.TASK_CONFIG
 
     def capabilities(self) -> Capabilities:

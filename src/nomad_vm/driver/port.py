@@ -17,7 +17,7 @@ from nomad_vm.driver.types import (
     TaskStats,
     TaskStatus,
 )
-from nomad_vm.schema import Schema
+from nomad_vm.fields import Schema
 
 if TYPE_CHECKING:
     from nomad_vm.driver.guest_exec import ExecOutcome

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from nomad_vm.fields import Field, Schema
 from nomad_vm.plugin.proto import hclspec_pb2
-from nomad_vm.schema import Field, Schema
 
 
 def field_spec(f: Field) -> hclspec_pb2.Spec:
