@@ -25,11 +25,11 @@ bytecode: venv
 	@$(PY) -m compileall -q src
 
 nomad:
-	@scripts/install-nomad.sh
+	@scripts/install-go-tool.sh nomad
 
 # Only tests/e2e/test_script_check.py needs it (script checks run through Consul).
 consul:
-	@scripts/install-consul.sh
+	@scripts/install-go-tool.sh consul
 
 virtiofsd: host-packages
 	@scripts/install-virtiofsd.sh

@@ -18,7 +18,7 @@ import httpx
 import pytest
 
 from nomad_vm.cli.devagent import DevAgent, DevAgentConfig, free_port
-from nomad_vm.cli.paths import nomad_binary
+from nomad_vm.cli.paths import nomad_binary, tool_binary
 from tests.conftest import REPO, vm_processes_under
 from tests.netns import isolated_namespaces
 
@@ -109,18 +109,6 @@ def private_netns(link_prefixes: tuple[str, ...]) -> Iterator[str]:
         yield spaces.new()
 
 
-def consul_binary() -> Path | None:
-    """$CONSUL_BINARY, else .tools/bin/consul (scripts/install-consul.sh), else `consul` on PATH."""
-    env = os.environ.get("CONSUL_BINARY")
-    if env:
-        return Path(env)
-    built = REPO / ".tools" / "bin" / "consul"
-    if built.exists():
-        return built
-    found = shutil.which("consul")
-    return Path(found) if found else None
-
-
 # Nothing may leave this machine: no update check (checkpoint), no anonymous signature, and only
 # the ports the test needs, all on loopback (no DNS, WAN serf or gRPC listeners).
 # check_update_interval = 0: by default the agent syncs a check whose status did not change
@@ -162,10 +150,8 @@ class ConsulAgent:
 @contextlib.contextmanager
 def running_consul(timeout: float = 60.0) -> Iterator[ConsulAgent]:
     """A Consul dev agent (in-memory server, loopback only) in its own session; stopped and its
-    directory removed afterwards. Skips the test when there is no consul binary."""
-    binary = consul_binary()
-    if binary is None:
-        pytest.skip("no consul binary: run `make consul` (scripts/install-consul.sh)")
+    directory removed afterwards. Fails when there is no consul binary (`make setup`)."""
+    binary = tool_binary("consul")
     workdir = Path(tempfile.mkdtemp(prefix="nvc-", dir="/tmp"))
     http = free_port()
     (workdir / "consul.hcl").write_text(

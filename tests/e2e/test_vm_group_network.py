@@ -89,8 +89,9 @@ job "{job}" {{
 
 @pytest.fixture
 def netns() -> Iterator[str]:
-    if not (CNI_PATH / "bridge").exists():
-        pytest.skip(f"no CNI plugins in {CNI_PATH}: install containernetworking-plugins")
+    assert (CNI_PATH / "bridge").exists(), (
+        f"no CNI plugins in {CNI_PATH}: install containernetworking-plugins (make setup)"
+    )
     # Nomad's bridge and veths, and the driver's, must never show up in the host's namespace.
     with private_netns(("nomad", "veth", GROUP_BRIDGE, "nvm")) as name:
         yield name

@@ -2,7 +2,7 @@
 our user-data, and (slow, last) the cached Debian guest booted with a seed.
 
 The guest-based tests use the cached Debian guest (``.cache/guests/debian``, made by
-``nomad-vm image build debian``) read-only, and skip when it is not there.
+``nomad-vm image build debian``) read-only; a missing one is a failure (`make setup` builds it).
 """
 
 from __future__ import annotations

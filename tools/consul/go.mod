@@ -1,7 +1,7 @@
 // A wrapper module whose only purpose is to build the Consul release the script-check e2e test
 // (tests/e2e/test_script_check.py) uses: `go install github.com/hashicorp/consul@VERSION` refuses
 // because Consul's go.mod has replace directives (its submodules, as ./api and so on), so they
-// are repeated here with the release's exclude directives, and scripts/install-consul.sh runs
+// are repeated here with the release's exclude directives, and scripts/install-go-tool.sh consul runs
 // `go build github.com/hashicorp/consul` in this directory.
 //
 // Each submodule is pinned to the version the release's go.mod requires, except api: the release

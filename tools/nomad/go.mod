@@ -1,7 +1,7 @@
 // A wrapper module whose only purpose is to build the Nomad release the tests and the demo use:
 // `go install github.com/hashicorp/nomad@VERSION` refuses because Nomad's go.mod has replace
 // directives, so they are repeated here (nomad/api pinned to the release's own commit) and
-// scripts/install-nomad.sh runs `go build github.com/hashicorp/nomad` in this directory.
+// scripts/install-go-tool.sh nomad runs `go build github.com/hashicorp/nomad` in this directory.
 // The require list below was filled in by `go get github.com/hashicorp/nomad@v1.11.2`.
 module nomad-vm.local/tools/nomad
 

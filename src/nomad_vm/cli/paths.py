@@ -16,13 +16,18 @@ def guest_cache_dir() -> Path:
 
 
 def nomad_binary() -> Path:
-    """$NOMAD_BINARY, else `nomad` on PATH (make setup puts .tools/bin first on PATH)."""
-    env = os.environ.get("NOMAD_BINARY")
+    return tool_binary("nomad")
+
+
+def tool_binary(name: str) -> Path:
+    """$<NAME>_BINARY, else ``name`` on PATH (make setup puts .tools/bin first on PATH)."""
+    variable = f"{name.upper()}_BINARY"
+    env = os.environ.get(variable)
     if env:
         return Path(env)
-    found = shutil.which("nomad")
+    found = shutil.which(name)
     if not found:
-        raise FileNotFoundError("no nomad binary: run `make setup`, or set NOMAD_BINARY")
+        raise FileNotFoundError(f"no {name} binary: run `make setup`, or set {variable}")
     return Path(found)
 
 
