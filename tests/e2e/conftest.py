@@ -207,6 +207,15 @@ def running_consul(timeout: float = 60.0) -> Iterator[ConsulAgent]:
         shutil.rmtree(workdir, ignore_errors=True)
 
 
+# The variables run_debian_job fills in, for jobs written inline by the tests.
+DEBIAN_VARIABLES = """
+variable "image" { type = string }
+variable "kernel" { type = string }
+variable "initramfs" { type = string }
+variable "cmdline" { type = string }
+"""
+
+
 def run_debian_job(agent: DevAgent, job_file: Path, guest: Any) -> None:
     """`nomad job run -detach` a job taking the Debian test guest as variables (image, kernel,
     initramfs, cmdline), like examples/debian.nomad.hcl."""

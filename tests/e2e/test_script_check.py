@@ -17,6 +17,7 @@ import pytest
 from nomad_vm.cli.devagent import DevAgent
 from tests.conftest import vm_processes_under
 from tests.e2e.conftest import (
+    DEBIAN_VARIABLES,
     ConsulAgent,
     run_debian_job,
     running_agent,
@@ -29,19 +30,6 @@ pytestmark = pytest.mark.e2e
 JOB_NAME = "vm-script-check"
 SERVICE = "vm-script"
 JOB = f"""
-variable "image" {{
-  type = string
-}}
-variable "kernel" {{
-  type = string
-}}
-variable "initramfs" {{
-  type = string
-}}
-variable "cmdline" {{
-  type = string
-}}
-
 job "{JOB_NAME}" {{
   group "vm" {{
     task "vm" {{
@@ -134,7 +122,7 @@ def test_script_check_runs_in_the_guest(debian_guest, tmp_path: Path) -> None:  
     ):
         print(f"consul version seen by nomad: {wait_consul_fingerprint(agent)}")
         job_file = tmp_path / "script-check.nomad.hcl"
-        job_file.write_text(JOB)
+        job_file.write_text(DEBIAN_VARIABLES + JOB)
         run_debian_job(agent, job_file, debian_guest)
         wait_alloc(agent, JOB_NAME, {"running"})
         started = time.monotonic()

@@ -33,7 +33,13 @@ from nomad_vm.network.names import is_owner_tag
 from nomad_vm.network.netns import netns_exists
 from nomad_vm.network.nft import PortForwarder
 from tests.conftest import vm_processes_under
-from tests.e2e.conftest import private_netns, run_debian_job, running_agent, wait_alloc
+from tests.e2e.conftest import (
+    DEBIAN_VARIABLES,
+    private_netns,
+    run_debian_job,
+    running_agent,
+    wait_alloc,
+)
 from tests.e2e.test_vm_network_agent import http_get, poll, task_events
 
 pytestmark = pytest.mark.e2e
@@ -45,11 +51,6 @@ GUEST_PORT = 8080
 BOOT_TIMEOUT = 360.0  # Debian under TCG on a shared 2-core machine
 
 JOB = """
-variable "image" {{ type = string }}
-variable "kernel" {{ type = string }}
-variable "initramfs" {{ type = string }}
-variable "cmdline" {{ type = string }}
-
 job "{job}" {{
   group "web" {{
     network {{
@@ -108,7 +109,7 @@ def test_vm_in_the_allocation_namespace_serves_nomads_port_mapping(
 ) -> None:
     agent = group_agent
     job = tmp_path / "group.nomad.hcl"
-    job.write_text(JOB.format(job=JOB_NAME, port=GUEST_PORT, text=INDEX_TEXT))
+    job.write_text(DEBIAN_VARIABLES + JOB.format(job=JOB_NAME, port=GUEST_PORT, text=INDEX_TEXT))
     run_debian_job(agent, job, debian_guest)
     alloc = wait_alloc(agent, JOB_NAME, {"running", "failed"}, timeout=300)
     alloc_id = str(alloc["ID"])

@@ -18,7 +18,13 @@ from typing import Any
 import pytest
 import yaml
 
-from nomad_vm.cloudinit import USER_PART_MERGE_TYPE, CloudInitRequest, SeedDocuments, render
+from nomad_vm.cloudinit import (
+    USER_PART_MERGE_TYPE,
+    CloudInitRequest,
+    SeedDocuments,
+    render,
+    with_network_config,
+)
 from nomad_vm.cloudinit.envfiles import ENV_FILE_PATH, PROFILE_PATH, environment_files
 from nomad_vm.cloudinit.passwd import sha512_crypt
 from nomad_vm.errors import ConfigError
@@ -409,3 +415,11 @@ def test_a_yaml_error_does_not_quote_the_document() -> None:
 def test_valid_merge_how_is_accepted(merge_how: str) -> None:
     text = f"#cloud-config\nmerge_how: {merge_how}\nruncmd: [echo]\n"
     assert len(parts(render(request(user_data_text=text)))) == 2
+
+
+def test_network_config_added_after_rendering_keeps_the_other_documents() -> None:
+    docs = render(CloudInitRequest(instance_id="i-1", hostname="web-1"))
+    config = {"version": 2, "ethernets": {"eth0": {"addresses": ["10.0.0.5/24"]}}}
+    with_net = with_network_config(docs, config)
+    assert yaml.safe_load(with_net.network_config or "") == config
+    assert (with_net.meta_data, with_net.user_data) == (docs.meta_data, docs.user_data)

@@ -8,7 +8,7 @@ the task's options and attaches the ISO it gets back.
 from __future__ import annotations
 
 from nomad_vm.cloudinit.model import CloudInitRequest, GuestMount, SeedDocuments
-from nomad_vm.cloudinit.render import USER_PART_MERGE_TYPE, render
+from nomad_vm.cloudinit.render import USER_PART_MERGE_TYPE, render, with_network_config
 from nomad_vm.cloudinit.seed import write_seed
 
 __all__ = [
@@ -17,5 +17,6 @@ __all__ = [
     "GuestMount",
     "SeedDocuments",
     "render",
+    "with_network_config",
     "write_seed",
 ]

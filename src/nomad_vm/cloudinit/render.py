@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
+from dataclasses import replace
 from email.mime.multipart import MIMEMultipart
 from email.mime.text import MIMEText
 from typing import Any
@@ -106,6 +107,12 @@ def render(req: CloudInitRequest) -> SeedDocuments:
         network_config=network,
         warnings=tuple(f"not passed to the guest: {s}" for s in env.skipped),
     )
+
+
+def with_network_config(docs: SeedDocuments, network: Mapping[str, Any]) -> SeedDocuments:
+    """``docs`` with a network-config document: for an address known only after the rest was
+    rendered (and checked) at planning time, without rendering user-data a second time."""
+    return replace(docs, network_config=dump_yaml(network))
 
 
 def _check_request(req: CloudInitRequest) -> None:

@@ -129,14 +129,7 @@ def plan_network(
     for label, port in _ports(nic, ports):
         host_ip = IPv4Address(port.host_ip) if _is_ipv4(port.host_ip) else None
         forwards.append((label, PortForward(port.value, port.to or port.value, "tcp", host_ip)))
-    return NetworkPlan(
-        owner=owner,
-        net=net,
-        nic=nic,
-        tap=tap_name(net.tap_prefix, owner),
-        guest_mac=mac_address(owner),
-        forwards=tuple(forwards),
-    )
+    return _plan(owner, net, nic, forwards)
 
 
 def network_config(attachment: NetworkAttachment) -> dict[str, Any]:
@@ -185,11 +178,22 @@ def _plan_group_network(
         # unset: value); from there the VM takes it on the same port.
         inside = port.to or port.value
         forwards.append((label, PortForward(inside, inside, "tcp", None)))
+    return _plan(owner, group, nic, forwards, netns)
+
+
+def _plan(
+    owner: str,
+    net: BridgeNetwork,
+    nic: NicRequest,
+    forwards: list[tuple[str, PortForward]],
+    netns: str = "",
+) -> NetworkPlan:
+    """The TAP's name and the guest's MAC derive from the task id, so recovery finds them."""
     return NetworkPlan(
         owner=owner,
-        net=group,
+        net=net,
         nic=nic,
-        tap=tap_name(group.tap_prefix, owner),
+        tap=tap_name(net.tap_prefix, owner),
         guest_mac=mac_address(owner),
         forwards=tuple(forwards),
         netns=netns,

@@ -13,7 +13,14 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from nomad_vm.cloudinit import CloudInitRequest, GuestMount, SeedDocuments, render, write_seed
+from nomad_vm.cloudinit import (
+    CloudInitRequest,
+    GuestMount,
+    SeedDocuments,
+    render,
+    with_network_config,
+    write_seed,
+)
 from nomad_vm.driver.config import PluginConfig, VMTaskConfig, parse_task_config
 from nomad_vm.driver.events import EventBus
 from nomad_vm.driver.network_plan import (
@@ -93,11 +100,7 @@ async def plan_start(
 
 
 def render_seed(
-    task: TaskConfig,
-    vm: VMTaskConfig,
-    shares: tuple[ShareSpec, ...] = (),
-    transport: str = "9p",
-    network: NetworkAttachment | None = None,
+    task: TaskConfig, vm: VMTaskConfig, shares: tuple[ShareSpec, ...] = (), transport: str = "9p"
 ) -> SeedDocuments | None:
     """The NoCloud documents for a disk-booting VM, unless the task turned cloud-init off."""
     if vm.image is None or not vm.cloud_init:
@@ -113,7 +116,6 @@ def render_seed(
         env=task.env,
         user_data_text=vm.user_data,
         mounts=tuple(GuestMount(s.tag, s.guest_path, s.readonly, transport) for s in shares),
-        network_config=network_config(network) if network is not None else None,
     )
     return render(request)
 
@@ -155,9 +157,7 @@ def write_seed_iso(
     if seed is None:
         return None
     if network is not None:
-        seed = (
-            render_seed(plan.task, plan.vm, plan.shares, plan.share_transport.name, network) or seed
-        )
+        seed = with_network_config(seed, network_config(network))
     path = write_seed(seed, plan.runtime_dir / SEED_NAME)
     for warning in seed.warnings:
         events.emit(plan.task, f"cloud-init: {warning}")
