@@ -7,10 +7,12 @@ first appeared, in seconds since QEMU started, and fails the test with the conso
 from __future__ import annotations
 
 import bisect
+import contextlib
 import os
 import subprocess
 import threading
 import time
+from collections.abc import Iterator
 
 import pytest
 
@@ -71,3 +73,20 @@ class QemuConsole:
 
     def tail(self, lines: int = 60) -> str:
         return "\n".join(self.text().splitlines()[-lines:])
+
+
+@contextlib.contextmanager
+def run_qemu(argv: list[str]) -> Iterator[tuple[subprocess.Popen[bytes], QemuConsole]]:
+    """QEMU started with its console (and its own errors, interleaved) read as it comes; killed
+    afterwards if it is still running."""
+    process = subprocess.Popen(
+        argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
+    try:
+        yield process, QemuConsole(process)
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.wait()
+        assert process.stdout is not None
+        process.stdout.close()

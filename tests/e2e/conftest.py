@@ -219,11 +219,21 @@ variable "cmdline" { type = string }
 def run_debian_job(agent: DevAgent, job_file: Path, guest: Any) -> None:
     """`nomad job run -detach` a job taking the Debian test guest as variables (image, kernel,
     initramfs, cmdline), like examples/debian.nomad.hcl."""
-    variables = {
-        "image": guest.disk,
-        "kernel": guest.vmlinux,
-        "initramfs": guest.initrd,
-        "cmdline": guest.cmdline,
-    }
+    run_job(
+        agent,
+        job_file,
+        image=guest.disk,
+        kernel=guest.vmlinux,
+        initramfs=guest.initrd,
+        cmdline=guest.cmdline,
+    )
+
+
+def run_tiny_job(agent: DevAgent, job_file: Path, guest: Any) -> None:
+    """The same for the tiny guest (kernel, initramfs), like examples/demo.nomad.hcl."""
+    run_job(agent, job_file, kernel=guest.vmlinux, initramfs=guest.initramfs)
+
+
+def run_job(agent: DevAgent, job_file: Path, **variables: object) -> None:
     var_args = [arg for k, v in variables.items() for arg in ("-var", f"{k}={v}")]
     agent.nomad("job", "run", "-detach", *var_args, str(job_file))

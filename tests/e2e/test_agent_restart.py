@@ -10,7 +10,7 @@ import pytest
 
 from nomad_vm.cli.devagent import DevAgent
 from tests.conftest import REPO, qemu_processes_under
-from tests.e2e.conftest import running_agent, wait_alloc
+from tests.e2e.conftest import run_tiny_job, running_agent, wait_alloc
 
 pytestmark = pytest.mark.e2e
 JOB = REPO / "examples" / "demo.nomad.hcl"
@@ -46,16 +46,7 @@ def test_agent_restart_keeps_the_same_vm_and_stop_cleans_up(
     tiny_guest,  # type: ignore[no-untyped-def]
 ) -> None:
     agent = server_agent
-    agent.nomad(
-        "job",
-        "run",
-        "-detach",
-        "-var",
-        f"kernel={tiny_guest.vmlinux}",
-        "-var",
-        f"initramfs={tiny_guest.initramfs}",
-        str(JOB),
-    )
+    run_tiny_job(agent, JOB, tiny_guest)
     alloc = wait_alloc(agent, "vm-demo", {"running"})
     alloc_id = str(alloc["ID"])
     (qemu,) = qemu_processes_under(agent.config.workdir)

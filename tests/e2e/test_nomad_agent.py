@@ -9,7 +9,7 @@ import pytest
 
 from nomad_vm.cli.devagent import DevAgent
 from tests.conftest import REPO, qemu_processes_under
-from tests.e2e.conftest import wait_alloc
+from tests.e2e.conftest import run_tiny_job, wait_alloc
 
 pytestmark = pytest.mark.e2e
 MARKER = "nomad-vm tiny guest: booted"
@@ -32,16 +32,7 @@ def test_node_reports_driver_vm_healthy_with_attributes(agent: DevAgent) -> None
 
 def test_vm_job_console_in_alloc_logs_and_stop_cleans_up(agent: DevAgent, tiny_guest) -> None:  # type: ignore[no-untyped-def]
     job = REPO / "examples" / "demo.nomad.hcl"
-    agent.nomad(
-        "job",
-        "run",
-        "-detach",
-        "-var",
-        f"kernel={tiny_guest.vmlinux}",
-        "-var",
-        f"initramfs={tiny_guest.initramfs}",
-        str(job),
-    )
+    run_tiny_job(agent, job, tiny_guest)
     alloc = wait_alloc(agent, "vm-demo", {"running"})
     deadline = time.monotonic() + 180
     logs = ""

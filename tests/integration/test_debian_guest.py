@@ -23,6 +23,7 @@ from nomad_vm.guests.cache import MANIFEST
 from nomad_vm.guests.debian import DebianGuest, build_debian
 from tests.conftest import guest_cache
 from tests.console import QemuConsole as Console
+from tests.console import run_qemu
 
 pytestmark = pytest.mark.integration
 
@@ -145,19 +146,9 @@ def boot(guest: DebianGuest, tmp: Path, *, from_disk: bool) -> Iterator[Boot]:
     if not from_disk:
         argv += ["-kernel", str(guest.vmlinux), "-initrd", str(guest.initrd)]
         argv += ["-append", guest.cmdline]
-    process = subprocess.Popen(
-        argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
-    )
-    try:
-        console = Console(process)
+    with run_qemu(argv) as (process, console):
         _wait_for_path(agent_socket, process, console)
         yield Boot(console, agent_socket, process)
-    finally:
-        if process.poll() is None:
-            process.kill()
-        process.wait()
-        assert process.stdout is not None
-        process.stdout.close()
 
 
 def _wait_for_path(path: Path, process: subprocess.Popen[bytes], console: Console) -> None:

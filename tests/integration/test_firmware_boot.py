@@ -42,6 +42,7 @@ from nomad_vm.guests.tiny import TinyGuest, tiny_cmdline
 from nomad_vm.vm.firmware import FirmwarePlan, plan_firmware, prepare_vars
 from nomad_vm.vm.machine import machine_argv, validate_machine
 from tests.console import QemuConsole as Console
+from tests.console import run_qemu
 
 pytestmark = pytest.mark.integration
 
@@ -70,22 +71,10 @@ BOOT_TIMEOUT = 180.0
 BOOT_TIMES: dict[str, float] = {}
 
 
-@contextlib.contextmanager
-def qemu(argv: list[str]) -> Iterator[tuple[subprocess.Popen[bytes], Console]]:
-    process = subprocess.Popen(
-        [QEMU, *COMMON_ARGS, *argv],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-    )
-    try:
-        yield process, Console(process)
-    finally:
-        if process.poll() is None:
-            process.kill()
-        process.wait()
-        assert process.stdout is not None
-        process.stdout.close()
+def qemu(
+    argv: list[str],
+) -> contextlib.AbstractContextManager[tuple[subprocess.Popen[bytes], Console]]:
+    return run_qemu([QEMU, *COMMON_ARGS, *argv])
 
 
 async def system_powerdown(socket: Path) -> None:

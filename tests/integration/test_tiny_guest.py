@@ -19,6 +19,7 @@ from qemu.qmp import QMPClient
 
 from nomad_vm.guests.tiny import TinyGuest, tiny_cmdline
 from tests.console import QemuConsole as Console
+from tests.console import run_qemu
 
 pytestmark = pytest.mark.integration
 
@@ -42,17 +43,8 @@ def boot(
     argv = [QEMU, *QEMU_ARGS, "-kernel", str(guest.vmlinux), "-initrd", str(guest.initramfs)]
     argv += ["-append", cmdline, *extra]
     # QEMU's own errors (stderr) are interleaved with the console so failures show them.
-    process = subprocess.Popen(
-        argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
-    )
-    try:
-        yield process, Console(process)
-    finally:
-        if process.poll() is None:
-            process.kill()
-        process.wait()
-        assert process.stdout is not None
-        process.stdout.close()
+    with run_qemu(argv) as started:
+        yield started
 
 
 def wait(process: subprocess.Popen[bytes], console: Console, timeout: float) -> int:

@@ -72,6 +72,9 @@ async def run_terminal(
         tasks.append(process)
         tasks.append(asyncio.create_task(_send_inputs(inputs, writer)))
         status = await _receive_output(reader, process, on_output)
+        # The relay exits right after its exit frame: let the agent collect it normally rather
+        # than cancelling, which would start a kill of the (finished) process tree in the guest.
+        await asyncio.wait({process}, timeout=_DRAIN_TIMEOUT)
     finally:
         for task in tasks:
             task.cancel()

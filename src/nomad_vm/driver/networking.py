@@ -32,6 +32,7 @@ import contextlib
 import hashlib
 import json
 import logging
+from dataclasses import replace
 from ipaddress import IPv4Address
 from pathlib import Path
 from typing import Any
@@ -128,9 +129,7 @@ class NetworkManager:
         try:
             self._prepare_bridge(net, vlan=nic.vlan is not None, netns=netns)
             address = self._pool(record, net).allocate(plan.owner, nic.static_ip)
-            record = NetworkRecord(
-                plan.owner, net.bridge, plan.tap, plan.guest_mac, str(address), plan.netns
-            )
+            record = replace(record, address=str(address))
             self._write_record(record)
             taps.create_tap(
                 plan.tap, net.bridge, mac=tap_mac(plan.guest_mac), vlan=nic.vlan, netns=netns

@@ -58,20 +58,15 @@ def choose_share_transport(requested: str, configured_binary: str | None) -> Sha
         raise ConfigError("config.share_transport", f"{requested!r} is not one of {choices}")
     if requested == "9p":
         return ShareTransport("9p", None, "share_transport = 9p")
-    if configured_binary and configured_binary.strip():
-        # An operator who named a binary wants that one: a wrong path is an error, not 9p.
-        try:
-            binary = find_virtiofsd(configured_binary)
-        except HypervisorError as exc:
-            raise ConfigError("config.virtiofsd_binary", str(exc)) from None
-        return ShareTransport("virtiofs", binary, f"virtio-fs with {binary}")
     try:
         binary = find_virtiofsd(configured_binary)
     except HypervisorError as exc:
+        if configured_binary and configured_binary.strip():
+            # An operator who named a binary wants that one: a wrong path is an error, not 9p.
+            raise ConfigError("config.virtiofsd_binary", str(exc)) from None
         if requested == "virtiofs":
-            raise ConfigError(
-                "config.share_transport", f"virtiofs needs virtiofsd: {exc}"
-            ) from None
+            reason = f"virtiofs needs virtiofsd: {exc}"
+            raise ConfigError("config.share_transport", reason) from None
         return ShareTransport("9p", None, f"9p because {exc}")
     return ShareTransport("virtiofs", binary, f"virtio-fs with {binary}")
 
