@@ -67,9 +67,11 @@ def qemu(tmp: Path, *args: str) -> Iterator[VM]:
         process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
     vm = VM(process, vm_socket, console, time.monotonic())
     try:
-        while not vm_socket.exists():
+        # QEMU creates the socket and the console file one after the other: wait for both.
+        while not (vm_socket.exists() and console.exists()):
             if process.poll() is not None or time.monotonic() - vm.started > 30:
-                pytest.fail(f"QEMU did not create {vm_socket}: {(tmp / 'qemu.log').read_text()}")
+                log = (tmp / "qemu.log").read_text()
+                pytest.fail(f"QEMU did not create {vm_socket} and {console}: {log}")
             time.sleep(0.05)
         yield vm
     finally:
