@@ -21,12 +21,16 @@ cd "$(dirname "$0")/.."
 BIN=.tools/bin/$NAME
 WANT=$(sed -n "s#^require github.com/hashicorp/$NAME v\(.*\)#\1#p" "tools/$NAME/go.mod")
 
-if [[ -x $BIN ]] && "$BIN" version 2>/dev/null | grep -q "$TITLE v"; then
+# Version output is captured whole, never piped into `head`/`grep -q`: they stop reading early,
+# the tool dies of SIGPIPE (Consul prints several lines) and pipefail turns that into a failure.
+first_line() { local out; out=$("$1" version 2>/dev/null) || return 1; echo "${out%%$'\n'*}"; }
+
+if [[ -x $BIN ]] && [[ $(first_line "$BIN") == "$TITLE v"* ]]; then
     exit 0
 fi
 mkdir -p .tools/bin
 if existing=$(PATH=$(echo "$PATH" | tr ':' '\n' | grep -v "$PWD/.tools/bin" | paste -sd:) command -v "$NAME"); then
-    echo "using $NAME from PATH: $existing ($("$existing" version | head -1))"
+    echo "using $NAME from PATH: $existing ($(first_line "$existing"))"
     ln -sf "$existing" "$BIN"
     exit 0
 fi
@@ -34,4 +38,4 @@ command -v go >/dev/null || { echo "Go is needed to build $TITLE: install Go 1.2
 echo "building $TITLE v$WANT from its Go module (first time: several minutes)"
 (cd "tools/$NAME" && CGO_ENABLED=$CGO go build -trimpath -o "../../$BIN.tmp" "github.com/hashicorp/$NAME")
 mv "$BIN.tmp" "$BIN"
-"$BIN" version | head -1
+first_line "$BIN"

@@ -23,7 +23,8 @@ if [[ $policy != *"Candidate: "[0-9]* ]]; then
 fi
 missing=()
 for pkg in "${PACKAGES[@]}"; do
-    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+    status=$(dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null || true)
+    [[ $status == "install ok installed" ]] || missing+=("$pkg")
 done
 if ((${#missing[@]})); then
     echo "installing Debian packages: ${missing[*]}"
