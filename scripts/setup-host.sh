@@ -6,6 +6,7 @@ PACKAGES=(
     qemu-utils        # qemu-img: overlays and resize
     ovmf              # UEFI firmware for uefi/uefi-secure boot
     iproute2 nftables # networking
+    dnsmasq-base      # the DHCP mode's server (network { dhcp = true }); its tests
     containernetworking-plugins  # Nomad's bridge networking mode (CNI), in the e2e tests
     libseccomp-dev libcap-ng-dev pkg-config  # building virtiofsd (virtio-fs) from crates.io
     cpio xz-utils     # building the tiny test guest's initramfs and kernel

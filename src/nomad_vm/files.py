@@ -1,10 +1,12 @@
-"""Writing a file so that readers see the old content or the new, never half of it."""
+"""Files shared between threads and plugin processes: atomic replacement and exclusive locks."""
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 
@@ -31,3 +33,28 @@ def write_atomically(dest: Path, data: bytes, mode: int = 0o600) -> None:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+@contextlib.contextmanager
+def exclusive_lock(lock_path: Path) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``lock_path`` (created if missing) for the block.
+
+    The lock file may be unlinked by a holder that is discarding what it protects: a waiter
+    that then gets the lock on the old inode excludes nobody who opens the path anew, so it
+    starts over until the lock it holds is on the file the path names. OSError if the file
+    cannot be opened."""
+    while True:
+        lock_path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            current = os.stat(lock_path)
+        except FileNotFoundError:
+            current = None
+        if current is not None and current.st_ino == os.fstat(fd).st_ino:
+            break
+        os.close(fd)
+    try:
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock

@@ -132,6 +132,22 @@ PLUGIN_CONFIG = Schema(
                     "outbound connectivity (needs IP forwarding, which the plugin turns on).",
                     default=False,
                 ),
+                Field(
+                    "dhcp",
+                    "bool",
+                    "Serve DHCP on the bridge (dnsmasq, started and stopped by the plugin) for "
+                    "images without cloud-init: each guest's MAC gets the address the driver "
+                    "chose for it, with its gateway and DNS; other MACs get nothing. Applies "
+                    "to the bridges of group network mode too.",
+                    default=False,
+                ),
+                Field(
+                    "dnsmasq_binary",
+                    "string",
+                    "The dnsmasq for `dhcp`: a path, or a name looked up on PATH. Unset: "
+                    "`dnsmasq` on PATH, then `/usr/sbin/dnsmasq`.",
+                    default="",
+                ),
             ),
         ),
     ),
@@ -219,7 +235,8 @@ TASK_CONFIG = Schema(
             "block",
             "A network card on the plugin's bridge (`network` in the plugin config). The guest's "
             "address comes from `static_ip` or the plugin's pool and reaches the guest through "
-            "cloud-init `network-config`; Nomad learns it for services and checks.",
+            "cloud-init `network-config`, or by DHCP when the plugin's `network.dhcp` is on; "
+            "Nomad learns it for services and checks.",
             fields=(
                 Field(
                     "bridge",

@@ -17,3 +17,11 @@ def plugin(short_tmp: Path) -> Iterator[PluginProcess]:
     proc.start(short_tmp / "plugin.stderr")
     yield proc
     proc.kill()
+
+
+@pytest.fixture(scope="session")
+def busybox(tiny_guest: object, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """busybox (for its DHCP client, see tests/dhcp_client.py)."""
+    from tests.dhcp_client import extract_busybox
+
+    return extract_busybox(tmp_path_factory.mktemp("busybox"))

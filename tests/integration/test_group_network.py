@@ -22,8 +22,9 @@ from nomad_vm.driver.types import PortMapping
 from nomad_vm.network import links, sysctl, taps
 from nomad_vm.network.netns import netns_exists
 from nomad_vm.network.nft import PortForwarder
-from nomad_vm.network.settings import NicRequest
-from tests.netns import isolated_namespaces
+from nomad_vm.network.settings import NicRequest, parse_bridge_network
+from tests.dhcp_client import ask_for_lease
+from tests.netns import isolated_namespaces, pids_in
 
 pytestmark = pytest.mark.integration
 
@@ -80,3 +81,44 @@ def test_setup_lives_in_the_namespace_and_teardown_survives_its_end(
     manager._teardown(attachment.record, None)  # idempotent
     assert not list((tmp_path / "group").glob("leases-*"))
     subprocess.run(["ip", "netns", "add", name], check=True, timeout=30)  # for the fixture
+
+
+def test_dhcp_mode_serves_the_vm_inside_the_allocation_namespace(
+    tmp_path: Path, busybox: Path
+) -> None:
+    """With the plugin's ``dhcp = true``, the allocation's bridge gets its own dnsmasq, inside
+    the allocation's namespace; it must go with the task even when Nomad deleted the namespace
+    first (the dnsmasq process alone would keep that namespace alive)."""
+    with isolated_namespaces((GROUP_BRIDGE, PREFIX)) as spaces:
+        alloc = spaces.new()
+        alloc_netns = f"/run/netns/{alloc}"
+        plugin_net = parse_bridge_network({"subnet_cidr": "10.99.0.0/24", "dhcp": True}, tmp_path)
+        assert plugin_net is not None and plugin_net.dnsmasq is not None
+        owner = f"alloc-{secrets.token_hex(3)}/vm/1"
+        plan = plan_network(owner, NicRequest(""), plugin_net, (), alloc_netns, hostname="vm-g")
+        assert plan is not None
+        manager = NetworkManager(tmp_path)
+        record = manager._setup(plan).record
+
+        # A stand-in for the VM: a namespace whose eth0, with the guest's MAC, is a port of the
+        # allocation's bridge (where the TAP would be).
+        vm = spaces.new()
+        subprocess.run(["ip", "-n", alloc, "link", "add", "nvgdhcp", "type", "veth", "peer",
+                        "name", "eth0", "netns", vm], check=True)  # fmt: skip
+        subprocess.run(["ip", "-n", alloc, "link", "set", "nvgdhcp", "master", GROUP_BRIDGE,
+                        "up"], check=True)  # fmt: skip
+        subprocess.run(["ip", "-n", vm, "link", "set", "eth0", "address", record.guest_mac,
+                        "up"], check=True)  # fmt: skip
+        assert ask_for_lease(busybox, vm) == (
+            "bound ip=192.168.254.2 mask=28 router=192.168.254.1 dns= hostname=vm-g"
+        )
+        server = manager._dhcp(record, plugin_net)
+        daemon = server.running()
+        assert daemon is not None and daemon.pid in pids_in(alloc)
+        assert server.directory.parent == tmp_path / "dhcp"
+
+        subprocess.run(["ip", "netns", "del", alloc], check=True, timeout=30)
+        manager._teardown(record, plugin_net)
+        assert server.running() is None
+        assert list((tmp_path / "dhcp").iterdir()) == []
+        subprocess.run(["ip", "netns", "add", alloc], check=True, timeout=30)  # for the fixture

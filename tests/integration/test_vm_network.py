@@ -65,7 +65,7 @@ GUEST_PORT = 8080
 
 
 def network_block(**overrides: object) -> dict[str, object]:
-    """The plugin's ``network`` block as Nomad sends it: all 8 attributes, unset ones null."""
+    """The plugin's ``network`` block as Nomad sends it: all 10 attributes, unset ones null."""
     block: dict[str, object] = {
         "bridge": BRIDGE,
         "subnet_cidr": SUBNET,
@@ -75,9 +75,11 @@ def network_block(**overrides: object) -> dict[str, object]:
         "tap_prefix": TAP_PREFIX,
         "create_bridge": True,
         "nat": False,
+        "dhcp": False,
+        "dnsmasq_binary": None,
         **overrides,
     }
-    assert len(block) == 8, block
+    assert len(block) == 10, block
     return dict(sorted(block.items()))
 
 

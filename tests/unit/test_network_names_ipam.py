@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 
 from nomad_vm.errors import ConfigError, NetworkError
-from nomad_vm.network import ipam
 from nomad_vm.network.ipam import STATIC_FIELD, AddressPool
 from nomad_vm.network.names import (
     DEFAULT_TAP_PREFIX,
@@ -245,7 +244,7 @@ def test_a_failed_write_keeps_the_old_file(
     def broken_replace(src: str, dst: str) -> None:
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(ipam.os, "replace", broken_replace)
+    monkeypatch.setattr(os, "replace", broken_replace)
     with pytest.raises(NetworkError, match="cannot write the IP lease file"):
         pool.allocate("b")
     monkeypatch.undo()

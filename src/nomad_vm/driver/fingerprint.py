@@ -67,4 +67,5 @@ def network_attributes(net: BridgeNetwork) -> dict[str, AttributeValue]:
         "driver.vm.network.subnet": str(net.subnet),
         "driver.vm.network.bridge_exists": exists,
         "driver.vm.network.usable": exists or net.create_bridge,
+        "driver.vm.network.dhcp": net.dnsmasq is not None,
     }

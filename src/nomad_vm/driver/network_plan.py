@@ -38,6 +38,7 @@ class NetworkPlan:
     forwards: tuple[tuple[str, PortForward], ...]  # (label, forward)
     # Group mode: the path of the allocation's network namespace (empty: the plugin's bridge).
     netns: str = ""
+    hostname: str = ""  # what DHCP mode tells the guest
 
 
 @dataclass(frozen=True)
@@ -84,8 +85,9 @@ class NetworkAttachment:
         return NetworkOverride(str(self.address), dict(self.port_map))
 
 
-def group_network(tap_prefix: str = DEFAULT_TAP_PREFIX) -> BridgeNetwork:
-    """The bridge inside an allocation's network namespace (group mode)."""
+def group_network(plugin_net: BridgeNetwork | None = None) -> BridgeNetwork:
+    """The bridge inside an allocation's network namespace (group mode); the TAP prefix and
+    DHCP mode are the plugin's."""
     hosts = list(GROUP_SUBNET.hosts())
     return BridgeNetwork(
         bridge=GROUP_BRIDGE,
@@ -93,9 +95,10 @@ def group_network(tap_prefix: str = DEFAULT_TAP_PREFIX) -> BridgeNetwork:
         gateway=hosts[0],
         pool_start=hosts[1],
         pool_end=hosts[-1],
-        tap_prefix=tap_prefix,
+        tap_prefix=plugin_net.tap_prefix if plugin_net is not None else DEFAULT_TAP_PREFIX,
         create_bridge=True,
         nat=True,
+        dnsmasq=plugin_net.dnsmasq if plugin_net is not None else None,
     )
 
 
@@ -105,13 +108,14 @@ def plan_network(
     net: BridgeNetwork | None,
     ports: tuple[PortMapping, ...],
     netns: str = "",
+    hostname: str = "",
 ) -> NetworkPlan | None:
     """The task's NIC: on the plugin's bridge ``net``, or (``netns``, the allocation's group
     network namespace) on a bridge inside that namespace."""
     if nic is None:
         return None
     if netns:
-        return _plan_group_network(owner, nic, net, ports, netns)
+        return _plan_group_network(owner, nic, net, ports, netns, hostname)
     if net is None:
         raise ConfigError(
             NIC_FIELD,
@@ -129,12 +133,12 @@ def plan_network(
     for label, port in _ports(nic, ports):
         host_ip = IPv4Address(port.host_ip) if _is_ipv4(port.host_ip) else None
         forwards.append((label, PortForward(port.value, port.to or port.value, "tcp", host_ip)))
-    return _plan(owner, net, nic, forwards)
+    return _plan(owner, net, nic, forwards, hostname=hostname)
 
 
 def network_config(attachment: NetworkAttachment) -> dict[str, Any]:
     """cloud-init network-config v2 for the guest: the NIC matched by its MAC, static address,
-    default route and name servers. No DHCP server is involved.
+    default route and name servers; the guest needs no DHCP server for it.
 
     The default route is ``gateway4``, not ``routes``: Debian's cloud-init renders ``routes``
     for ifupdown as ``post-up route add ...``, and images without net-tools have no ``route``
@@ -158,6 +162,7 @@ def _plan_group_network(
     net: BridgeNetwork | None,
     ports: tuple[PortMapping, ...],
     netns: str,
+    hostname: str,
 ) -> NetworkPlan:
     field = f"{NIC_FIELD}.bridge"
     unsupported = (
@@ -171,14 +176,14 @@ def _plan_group_network(
             raise ConfigError(f"{field}.{name}", f"cannot be set in {GROUP_MODE}: {why}")
     if nic.vlan is not None:
         raise ConfigError(f"{NIC_FIELD}.vlan", f"cannot be set in {GROUP_MODE}")
-    group = group_network(net.tap_prefix if net is not None else DEFAULT_TAP_PREFIX)
+    group = group_network(net)
     forwards = []
     for label, port in _ports(nic, ports):
         # Nomad's CNI portmap already forwards host_ip:value to <namespace address>:to (to
         # unset: value); from there the VM takes it on the same port.
         inside = port.to or port.value
         forwards.append((label, PortForward(inside, inside, "tcp", None)))
-    return _plan(owner, group, nic, forwards, netns)
+    return _plan(owner, group, nic, forwards, netns, hostname)
 
 
 def _plan(
@@ -187,6 +192,7 @@ def _plan(
     nic: NicRequest,
     forwards: list[tuple[str, PortForward]],
     netns: str = "",
+    hostname: str = "",
 ) -> NetworkPlan:
     """The TAP's name and the guest's MAC derive from the task id, so recovery finds them."""
     return NetworkPlan(
@@ -197,6 +203,7 @@ def _plan(
         guest_mac=mac_address(owner),
         forwards=tuple(forwards),
         netns=netns,
+        hostname=hostname,
     )
 
 

@@ -7,9 +7,11 @@ error, a plugin SIGKILLed mid-start) ``teardown`` can undo exactly what exists:
 2. the bridge is made ready (created when ``create_bridge``; guard rules, IP forwarding, NAT);
 3. the address is leased (``static_ip`` or the pool) and added to the record;
 4. the TAP is created on the bridge (its name and MAC derive from the task id);
-5. the port forwards are set in the plugin's nftables table.
+5. the port forwards are set in the plugin's nftables table;
+6. DHCP mode (``dhcp = true``): the bridge's dnsmasq learns the guest's MAC and address.
 
-``teardown`` removes rules, TAP, lease and finally the record; every step is idempotent. The
+``teardown`` removes DHCP host, rules, TAP, lease and finally the record; every step is
+idempotent. The
 record also travels in driver_state, but the file is what a new plugin process finds for a task
 whose StartTask never returned (Nomad then has no handle to give back).
 
@@ -38,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from nomad_vm.driver.network_plan import (
+    GROUP_SUBNET,
     NetworkAttachment,
     NetworkPlan,
     NetworkRecord,
@@ -46,6 +49,7 @@ from nomad_vm.driver.network_plan import (
 from nomad_vm.errors import NetworkError
 from nomad_vm.files import write_atomically
 from nomad_vm.network import links, sysctl, taps
+from nomad_vm.network.dhcp import DhcpHost, DhcpServer
 from nomad_vm.network.ipam import AddressPool
 from nomad_vm.network.names import tap_mac
 from nomad_vm.network.netns import netns_exists
@@ -97,6 +101,8 @@ class NetworkManager:
         if self._read_record(record.owner) is None:
             self._write_record(record)
             repaired.append("network record rewritten")
+        if self._dhcp(record, net).ensure_running():
+            repaired.append("DHCP server restarted")
         if record.netns or net is None or net.bridge != record.bridge or not record.address:
             return repaired
         pool = net.pool(self.state_dir)
@@ -137,6 +143,11 @@ class NetworkManager:
             if plan.forwards:
                 forwards = [f for _, f in plan.forwards]
                 forwarder.set_port_forwards(plan.owner, address, forwards)
+            if net.dnsmasq is not None:
+                host = DhcpHost(
+                    plan.guest_mac, address, plan.hostname, nic.gateway or net.gateway, nic.dns
+                )
+                self._dhcp(record, net).add(plan.owner, host)
         except BaseException:
             self._teardown(record, net)
             raise
@@ -148,6 +159,15 @@ class NetworkManager:
             dns=nic.dns,
             port_map={label: f.guest_port for label, f in plan.forwards},
         )
+
+    def _dhcp(self, record: NetworkRecord, net: BridgeNetwork | None) -> DhcpServer:
+        """The DHCP server of the record's bridge. Its binary comes from the plugin config,
+        which may have turned DHCP off since: such a server can still be wound down."""
+        if record.netns:
+            net = group_network(net)
+        binary = net.dnsmasq if net is not None and net.bridge == record.bridge else None
+        subnet = net.subnet if net is not None else GROUP_SUBNET
+        return DhcpServer(self.state_dir, record.bridge, subnet, binary, record.netns or None)
 
     def _forwarder(self, netns: str | None) -> PortForwarder:
         return self.forwarder if netns is None else PortForwarder(netns=netns)
@@ -181,7 +201,9 @@ class NetworkManager:
     def _teardown(self, record: NetworkRecord, net: BridgeNetwork | None) -> None:
         failures = []
         netns = record.netns or None
-        steps: list[tuple[str, Any]] = []
+        steps: list[tuple[str, Any]] = [
+            ("DHCP host", lambda: self._dhcp(record, net).remove(record.owner))
+        ]
         # A group namespace that is gone took the TAP and the rules with it.
         if netns is None or netns_exists(netns):
             forwarder = self._forwarder(netns)

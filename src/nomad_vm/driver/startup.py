@@ -95,7 +95,9 @@ async def plan_start(
         seed=render_seed(task, vm, shares, transport.name),
         shares=shares,
         share_transport=transport,
-        network=plan_network(task.id, vm.nic, plugin.network, task.ports, task.netns_path),
+        network=plan_network(
+            task.id, vm.nic, plugin.network, task.ports, task.netns_path, vm.hostname
+        ),
     )
 
 

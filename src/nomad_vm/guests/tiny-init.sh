@@ -5,9 +5,12 @@
 #   "nomad-vm tiny guest: booted"                      once modules are loaded
 #   "nomad-vm tiny guest: command exited with status N" after nomadvm.run=<base64> ran, then poweroff
 #   "nomad-vm tiny guest: running" and "... uptime N"   when there is no command
-# Kernel arguments it reads: nomadvm.run=<base64 shell command>, nomadvm.ignore_acpi=1.
+#   "nomad-vm tiny guest: dhcp eth0 A.B.C.D/N router R dns D hostname H"  with nomadvm.dhcp=1
+# Kernel arguments it reads: nomadvm.run=<base64 shell command>, nomadvm.ignore_acpi=1,
+# nomadvm.dhcp=1 (configure eth0 by DHCP before the command: the guest has no cloud-init, so
+# this is how it learns the address the driver chose, from the driver's DHCP mode).
 # An ACPI power-button press (QMP system_powerdown) powers the guest off at any time.
-# Nothing here touches the network.
+# Without nomadvm.dhcp=1 nothing here touches the network.
 
 export PATH=/bin:/sbin:/usr/bin:/usr/sbin HOME=/root TERM=linux
 MARK="nomad-vm tiny guest:"
@@ -60,14 +63,40 @@ esac
 
 have_run=0
 run_b64=""
+dhcp=0
 # Kernel arguments may contain glob characters: split words without pathname expansion.
 set -f
 for arg in $(cat /proc/cmdline); do
     case "$arg" in
         nomadvm.run=*) have_run=1 run_b64="${arg#nomadvm.run=}" ;;
+        nomadvm.dhcp=1) dhcp=1 ;;
     esac
 done
 set +f
+
+# busybox udhcpc calls this script with the lease in its environment ($ip, $mask as a prefix
+# length, $router, $dns, $hostname). udhcpc stays in the background afterwards and renews.
+configure_by_dhcp() {
+    cat >/tmp/udhcpc.sh <<SCRIPT
+#!/bin/sh
+case "\$1" in
+    deconfig) ip addr flush dev "\$interface"; ip link set "\$interface" up ;;
+    bound|renew)
+        ip addr flush dev "\$interface"
+        ip addr add "\$ip/\$mask" dev "\$interface"
+        [ -z "\$router" ] || ip route replace default via "\${router%% *}" dev "\$interface"
+        [ -z "\$hostname" ] || hostname "\$hostname"
+        rm -f /etc/resolv.conf
+        for server in \$dns; do echo "nameserver \$server" >>/etc/resolv.conf; done
+        echo "$MARK dhcp \$interface \$ip/\$mask router \$router dns \$dns hostname \$hostname" >/dev/console
+        ;;
+esac
+SCRIPT
+    chmod 755 /tmp/udhcpc.sh
+    ip link set lo up
+    udhcpc -i eth0 -s /tmp/udhcpc.sh -t 30 -T 2 >/dev/null 2>&1 || echo "$MARK dhcp failed on eth0"
+}
+[ "$dhcp" = 1 ] && configure_by_dhcp
 
 if [ "$have_run" = 1 ]; then
     # The command's stdin is /dev/null so it cannot block on (or eat) console input.

@@ -53,6 +53,7 @@ TINY_MODULES = (
     "pvpanic_mmio",  # tells QEMU when the kernel panics (QEMU's ISA pvpanic is ACPI-enumerated)
     "evdev",
     "button",
+    "virtio_net",  # the NIC of the networking tests (nomadvm.dhcp=1)
 )
 
 # quiet: serial output under TCG is slow and the tests read only /init's lines.

@@ -7,6 +7,7 @@ netns.py   run a function in a named network namespace (a fresh thread that ente
 links.py   bridges and links over netlink (pyroute2)
 taps.py    the VMs' TAP devices on a bridge
 nft.py     port forwards and NAT in the plugin's own nftables table (``nft -j``)
+dhcp.py    DHCP mode: one dnsmasq per bridge, answering only the MACs of the driver's guests
 sysctl.py  /proc/sys settings: ip_forward, route_localnet
 
 Knows nothing about Nomad or QEMU: the driver maps task configuration onto these calls.

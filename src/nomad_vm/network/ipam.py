@@ -15,16 +15,14 @@ across a crash: readers see the old leases or the new ones, never half a JSON do
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
-import os
 from collections.abc import Iterator
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 from typing import Any
 
 from nomad_vm.errors import ConfigError, NetworkError
-from nomad_vm.files import write_atomically
+from nomad_vm.files import exclusive_lock, write_atomically
 
 FORMAT_VERSION = 1
 STATIC_FIELD = "config.network_interface.bridge.static_ip"
@@ -155,27 +153,12 @@ class AddressPool:
     @contextlib.contextmanager
     def _locked(self) -> Iterator[dict[str, IPv4Address]]:
         """The leases, read while holding the exclusive lock (held until the block ends)."""
-        while True:
+        with contextlib.ExitStack() as stack:
             try:
-                self.path.parent.mkdir(parents=True, exist_ok=True)
-                fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+                stack.enter_context(exclusive_lock(self.lock_path))
             except OSError as exc:
                 raise NetworkError(f"cannot open the IP pool lock {self.lock_path}: {exc}") from exc
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            # ``discard_if_empty`` may have unlinked the lock file while we waited for it: a
-            # lock on that old inode excludes nobody who opens the path now, so start over.
-            try:
-                current = os.stat(self.lock_path)
-            except FileNotFoundError:
-                current = None
-            if current is not None and current.st_ino == os.fstat(fd).st_ino:
-                break
-            os.close(fd)
-        try:
             yield self._read()
-        finally:
-            # Closing the descriptor releases the lock.
-            os.close(fd)
 
     def discard_if_empty(self) -> bool:
         """Delete the lease file and its lock file when no lease is left (a pool that belongs to

@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network, ip_address, ip_network
 from pathlib import Path
 
-from nomad_vm.errors import ConfigError
+from nomad_vm.errors import ConfigError, HypervisorError
+from nomad_vm.executables import find_executable
+from nomad_vm.network.dhcp import DNSMASQ
 from nomad_vm.network.ipam import AddressPool
 from nomad_vm.network.names import DEFAULT_TAP_PREFIX, tap_name
+
+SBIN_DNSMASQ = Path("/usr/sbin") / DNSMASQ
 
 
 @dataclass(frozen=True)
@@ -22,6 +28,8 @@ class BridgeNetwork:
     tap_prefix: str = DEFAULT_TAP_PREFIX
     create_bridge: bool = False
     nat: bool = False
+    # DHCP mode (``dhcp = true``): the dnsmasq that tells guests their addresses; None: off.
+    dnsmasq: Path | None = None
 
     @property
     def gateway_cidr(self) -> str:
@@ -52,11 +60,28 @@ def parse_bridge_network(values: Mapping[str, object], data_dir: Path) -> Bridge
         tap_prefix=str(values.get("tap_prefix") or DEFAULT_TAP_PREFIX),
         create_bridge=bool(values.get("create_bridge")),
         nat=bool(values.get("nat")),
+        dnsmasq=find_dnsmasq(values.get("dnsmasq_binary")) if values.get("dhcp") else None,
     )
     # The same checks StartTask would make, so a bad block fails at SetConfig, naming the field.
     tap_name(net.tap_prefix, "check")
     net.pool(data_dir / "network")
     return net
+
+
+def find_dnsmasq(configured: object) -> Path:
+    """dnsmasq for ``dhcp = true``: the configured path or name, else on PATH or in /usr/sbin
+    (where Debian's dnsmasq-base puts it, often not on a service's PATH)."""
+    name = str(configured or "").strip()
+    hint = "install dnsmasq-base (Debian) or set network.dnsmasq_binary"
+    try:
+        if name:
+            return find_executable(name, DNSMASQ, "network.dnsmasq_binary", hint)
+        if os.access(SBIN_DNSMASQ, os.X_OK) and not shutil.which(DNSMASQ):
+            return SBIN_DNSMASQ
+        return find_executable(None, DNSMASQ, DNSMASQ, hint)
+    except HypervisorError as exc:
+        field = "config.network.dnsmasq_binary" if name else "config.network.dhcp"
+        raise ConfigError(field, f"DHCP mode needs dnsmasq: {exc}") from None
 
 
 def _network(text: str, field: str) -> IPv4Network:

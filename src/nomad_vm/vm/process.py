@@ -14,40 +14,11 @@ import os
 import signal
 import subprocess
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
-import psutil
-
 from nomad_vm.errors import HypervisorError, LaunchError
+from nomad_vm.processes import ProcessIdentity, identity_of, is_same_process
 from nomad_vm.vm.spec import VMExit
-
-
-@dataclass(frozen=True)
-class ProcessIdentity:
-    pid: int
-    # psutil's create_time (seconds since the epoch, as the kernel reports it).
-    start_time: float
-
-
-def identity_of(pid: int) -> ProcessIdentity | None:
-    try:
-        return ProcessIdentity(pid, psutil.Process(pid).create_time())
-    except psutil.Error:
-        return None
-
-
-def is_same_process(ident: ProcessIdentity) -> bool:
-    """True when ``ident.pid`` still names the very process we started (not a recycled pid)."""
-    current = identity_of(ident.pid)
-    if current is None:
-        return False
-    try:
-        if psutil.Process(ident.pid).status() == psutil.STATUS_ZOMBIE:
-            return False
-    except psutil.Error:
-        return False
-    return abs(current.start_time - ident.start_time) < 0.05
 
 
 class SupervisedProcess:

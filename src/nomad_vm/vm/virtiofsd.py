@@ -18,9 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from nomad_vm.errors import ConfigError, HypervisorError
+from nomad_vm.executables import find_executable
 from nomad_vm.schema import SHARE_TRANSPORTS
 from nomad_vm.vm.process import SupervisedProcess, spawn
-from nomad_vm.vm.qemu.binary import find_executable
 from nomad_vm.vm.spec import ShareSpec
 
 VIRTIOFSD = "virtiofsd"

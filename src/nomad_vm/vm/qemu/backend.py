@@ -27,12 +27,8 @@ from pathlib import Path
 import psutil
 
 from nomad_vm.errors import HypervisorError, LaunchError
-from nomad_vm.vm.process import (
-    ProcessIdentity,
-    SupervisedProcess,
-    reattach,
-    spawn,
-)
+from nomad_vm.processes import ProcessIdentity
+from nomad_vm.vm.process import SupervisedProcess, reattach, spawn
 from nomad_vm.vm.qemu.argv import qemu_argv
 from nomad_vm.vm.qemu.monitor import QemuEvent, QemuMonitor, connect_when_ready
 from nomad_vm.vm.spec import VMExit, VMSpec

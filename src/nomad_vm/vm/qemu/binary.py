@@ -7,14 +7,12 @@ binary is touched, so callers (fingerprint, start) only ever see the project's e
 from __future__ import annotations
 
 import functools
-import os
 import re
-import shutil
-import stat
 import subprocess
 from pathlib import Path
 
 from nomad_vm.errors import HypervisorError
+from nomad_vm.executables import find_executable
 
 QEMU_SYSTEM = "qemu-system-x86_64"
 QEMU_IMG = "qemu-img"
@@ -36,29 +34,6 @@ def find_qemu(configured: str | None = None) -> Path:
 def find_qemu_img(configured: str | None = None) -> Path:
     """The image tool: ``configured`` (a path or a name on PATH), else qemu-img."""
     return find_executable(configured, QEMU_IMG, "qemu-img", QEMU_IMG_HINT)
-
-
-def find_executable(configured: str | None, default: str, label: str, hint: str) -> Path:
-    # An empty string is what an unset optional HCL attribute decodes to: treat it as unset.
-    name = configured.strip() if configured and configured.strip() else default
-    subject = f"{label} {name!r}" if name != default else name
-    if os.sep not in name:
-        found = shutil.which(name)
-        if found is None:
-            raise HypervisorError(f"{subject} not found on PATH; {hint}")
-        return Path(found).absolute()
-    path = Path(name).absolute()
-    try:
-        mode = path.stat().st_mode
-    except FileNotFoundError as exc:
-        raise HypervisorError(f"{subject} does not exist; {hint}") from exc
-    except OSError as exc:
-        raise HypervisorError(f"{subject}: cannot stat: {exc.strerror}") from exc
-    if not stat.S_ISREG(mode):
-        raise HypervisorError(f"{subject} is not a regular file")
-    if not os.access(path, os.X_OK):
-        raise HypervisorError(f"{subject} is not executable")
-    return path
 
 
 def parse_qemu_version(text: str) -> str | None:
