@@ -16,7 +16,7 @@ from google.protobuf import duration_pb2
 from nomad_vm.plugin.launcher import PluginProcess
 from nomad_vm.plugin.proto import driver_pb2
 from tests.conftest import vm_processes_under
-from tests.integration.pluginkit import FifoReader, configure, drv, task_config
+from tests.integration.pluginkit import FifoReader, configure, debian_boot, drv, task_config
 from tests.integration.test_vm_lifecycle import collect_events, destroy, stop, wait, wait_until
 
 MARKER = "nomad-vm-cmds-ran"
@@ -155,10 +155,7 @@ def test_debian_guest_with_cloud_init_agent_and_acpi_stop(
     (alloc / "web").mkdir(parents=True)
     fifo = FifoReader(alloc / "alloc" / "logs" / ".tiny.stdout.fifo")
     config = {
-        "image": str(debian_guest.disk),
-        "kernel": str(debian_guest.vmlinux),
-        "initramfs": str(debian_guest.initrd),
-        "cmdline": debian_guest.cmdline,
+        **debian_boot(debian_guest),
         # The task environment reaches the guest as /etc/profile.d/nomad-env.sh.
         "cmds": [
             # A process for `nomad alloc signal` to reach: it reports SIGHUP on the console.

@@ -21,7 +21,7 @@ import pytest
 import nomad_vm
 from nomad_vm.plugin.launcher import PluginProcess
 from nomad_vm.plugin.proto import driver_pb2
-from tests.integration.pluginkit import FifoReader, configure, drv, task_config
+from tests.integration.pluginkit import FifoReader, configure, debian_boot, drv, task_config
 from tests.integration.test_debian_task import run
 from tests.integration.test_vm_lifecycle import collect_events, wait_until
 
@@ -51,10 +51,7 @@ def test_vlan_ports_isolate_traffic_on_a_vlan_filtering_bridge(
     shutil.copy(PROBE, local / PROBE.name)
     fifo = FifoReader(alloc / "alloc" / "logs" / ".tiny.stdout.fifo")
     config = {
-        "image": str(debian_guest.disk),
-        "kernel": str(debian_guest.vmlinux),
-        "initramfs": str(debian_guest.initrd),
-        "cmdline": debian_guest.cmdline,
+        **debian_boot(debian_guest),
         "cmds": [f"echo {READY} > /dev/ttyS0"],  # after cloud-init mounted /local
     }
     cfg = task_config(alloc, config, task_id="alloc/probe/vlan1")

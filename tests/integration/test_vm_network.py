@@ -40,6 +40,7 @@ from tests.integration.pluginkit import (
     DRIVER,
     FifoReader,
     configure,
+    debian_boot,
     drv,
     task_config,
     tiny_task,
@@ -308,10 +309,7 @@ def debian_vm(root: Path, guest: Any, n: int) -> DebianVM:
         ">/dev/null 2>&1 &"
     )
     config = {
-        "image": str(guest.disk),
-        "kernel": str(guest.vmlinux),
-        "initramfs": str(guest.initrd),
-        "cmdline": guest.cmdline,
+        **debian_boot(guest),
         "hostname": f"vm-{n}",
         "share_task_dirs": False,
         "cmds": [serve, f"echo READY-{n} > /dev/ttyS0"],
