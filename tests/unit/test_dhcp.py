@@ -26,7 +26,7 @@ HOST = DhcpHost("52:54:00:12:34:56", A("10.89.0.7"), "web-1", A("10.89.0.1"), (A
 
 
 def test_argv_serves_only_the_given_hosts_on_one_bridge() -> None:
-    other = DhcpHost("52:54:00:aa:aa:aa", A("10.89.0.8"), "web-2", A("10.89.0.254"))
+    other = DhcpHost("52:54:00:aa:aa:aa", A("10.89.0.8"), "", A("10.89.0.254"))  # no name
     argv = dnsmasq_argv(
         Path("/usr/sbin/dnsmasq"), Path("/d"), "br0", IPv4Network("10.89.0.0/24"),
         {"task-1": HOST, "task-2": other},
@@ -45,6 +45,7 @@ def test_argv_serves_only_the_given_hosts_on_one_bridge() -> None:
     # Each host its own router; no DNS option for a host without name servers.
     tag2 = hosts[1].split(",")[1].removeprefix("set:")
     assert tag2 != tag and f"--dhcp-option=tag:{tag2},option:router,10.89.0.254" in argv
+    assert hosts[1] == f"--dhcp-host=52:54:00:aa:aa:aa,set:{tag2},10.89.0.8"
     assert not [a for a in argv if a.startswith(f"--dhcp-option=tag:{tag2},option:dns")]
     assert "--pid-file=/d/dnsmasq.pid" in argv and "--dhcp-leasefile=/d/leases" in argv
 

@@ -291,7 +291,8 @@ def dnsmasq_argv(
     ]
     for owner, host in sorted(hosts.items()):
         tag = "h" + hashlib.sha256(owner.encode()).hexdigest()[:12]
-        argv.append(f"--dhcp-host={host.mac},set:{tag},{host.address},{host.hostname}")
+        name = f",{host.hostname}" if host.hostname else ""
+        argv.append(f"--dhcp-host={host.mac},set:{tag},{host.address}{name}")
         argv.append(f"--dhcp-option=tag:{tag},option:router,{host.router}")
         if host.dns:
             servers = ",".join(str(d) for d in host.dns)
