@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 
 from tests.conftest import REPO
+from tests.netns import ip, isolated_namespaces
 
 NOMAD_VM = str(REPO / ".venv" / "bin" / "nomad-vm")
 
@@ -46,3 +47,23 @@ def test_docs_check_passes_on_the_checked_in_reference() -> None:
         [NOMAD_VM, "docs", "--check"], capture_output=True, text=True, cwd=REPO, timeout=60
     )
     assert proc.returncode == 0, proc.stderr
+
+
+def test_doctor_checks_the_plugins_bridge() -> None:
+    """Run inside a test namespace with (and then without) the bridge."""
+    with isolated_namespaces(("nvtbr",)) as spaces:
+        ns = spaces.new()
+
+        def doctor() -> subprocess.CompletedProcess[str]:
+            argv = ["ip", "netns", "exec", ns, NOMAD_VM, "doctor", "--bridge", "nvtbrd"]
+            return subprocess.run(argv, capture_output=True, text=True, timeout=120)
+
+        missing = doctor()
+        assert missing.returncode == 1
+        assert "FAIL  bridge nvtbrd does not exist" in missing.stdout, missing.stdout
+        ip("-n", ns, "link", "add", "nvtbrd", "type", "bridge")
+        ip("-n", ns, "addr", "add", "10.94.0.1/24", "dev", "nvtbrd")
+        present = doctor()
+        assert present.returncode == 0, present.stdout
+        assert "ok    bridge nvtbrd DOWN, 10.94.0.1/24" in present.stdout, present.stdout
+        assert "ok    DHCP mode possible: dnsmasq at /usr/sbin/dnsmasq" in present.stdout

@@ -6,6 +6,7 @@ import shutil
 
 from nomad_vm.errors import ConfigError, HypervisorError, NetworkError
 from nomad_vm.network import links
+from nomad_vm.network.settings import find_dnsmasq
 from nomad_vm.vm.accel import choose_accelerator, probe_kvm
 from nomad_vm.vm.qemu.binary import find_qemu, find_qemu_img, qemu_version
 from nomad_vm.vm.virtiofsd import choose_share_transport
@@ -60,4 +61,8 @@ def _check_bridge(name: str) -> int:
     if shutil.which("nft") is None:
         print("FAIL  nft not found: port forwards need nftables (Debian package nftables)")
         problems += 1
+    try:  # only needed with dhcp = true, so never a failure
+        print(f"ok    DHCP mode possible: dnsmasq at {find_dnsmasq(None)}")
+    except ConfigError as exc:
+        print(f"info  DHCP mode (network.dhcp) unavailable: {exc.reason}")
     return problems
