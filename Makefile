@@ -67,6 +67,7 @@ bench: setup
 	$(PY) bench/start_latency.py
 	$(PY) bench/thin_copy.py
 	$(PY) bench/many_vms.py
+	$(PY) bench/network_start.py
 
 clean:
 	rm -rf $(VENV) .tools .cache build *.egg-info
