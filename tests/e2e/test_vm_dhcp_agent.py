@@ -77,6 +77,9 @@ def test_a_guest_without_cloud_init_is_served_its_address_and_passes_its_check(
     address = IPv4Address(event.removeprefix("Driver: Network: ").split()[0])
     assert address in SUBNET, event
     assert ", served by DHCP to 52:" in event, event
+    # `nomad alloc status` shows it among the task's recent events.
+    status = agent.nomad("alloc", "status", alloc_id)
+    assert f"Network: {address} on {TAP_PREFIX}" in status, status
     assert len(dnsmasqs(agent)) == 1
 
     def registered() -> list[dict[str, Any]]:

@@ -157,6 +157,9 @@ def test_service_check_on_the_vm_address_becomes_healthy(
     vm_ip = IPv4Address(address)
     assert vm_ip in SUBNET and vm_ip != SUBNET[1], network_event
     assert (on, event_tap) == ("on", tap), network_event
+    # `nomad alloc status` shows the address among the task's recent events.
+    status = agent.nomad("alloc", "status", alloc_id)
+    assert f"Network: {vm_ip} on {tap}" in status, status
     assert owner_rules(netns), "no port forward rules for the task"
 
     # The service carries the VM's address and the guest port: StartTask's NetworkOverride,
