@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network, ip_address, ip_network
@@ -74,11 +72,8 @@ def find_dnsmasq(configured: object) -> Path:
     name = str(configured or "").strip()
     hint = "install dnsmasq-base (Debian) or set network.dnsmasq_binary"
     try:
-        if name:
-            return find_executable(name, DNSMASQ, "network.dnsmasq_binary", hint)
-        if os.access(SBIN_DNSMASQ, os.X_OK) and not shutil.which(DNSMASQ):
-            return SBIN_DNSMASQ
-        return find_executable(None, DNSMASQ, DNSMASQ, hint)
+        label = "network.dnsmasq_binary"
+        return find_executable(name, DNSMASQ, label, hint, fallbacks=(SBIN_DNSMASQ,))
     except HypervisorError as exc:
         field = "config.network.dnsmasq_binary" if name else "config.network.dhcp"
         raise ConfigError(field, f"DHCP mode needs dnsmasq: {exc}") from None

@@ -39,15 +39,9 @@ class ShareTransport:
 
 
 def find_virtiofsd(configured: str | None) -> Path:
-    if configured and configured.strip():
-        return find_executable(configured, VIRTIOFSD, "virtiofsd_binary", VIRTIOFSD_HINT)
-    try:
-        return find_executable(None, VIRTIOFSD, VIRTIOFSD, VIRTIOFSD_HINT)
-    except HypervisorError:
-        for path in LIBEXEC_PATHS:
-            if os.access(path, os.X_OK):
-                return Path(path)
-        raise
+    return find_executable(
+        configured, VIRTIOFSD, "virtiofsd_binary", VIRTIOFSD_HINT, fallbacks=LIBEXEC_PATHS
+    )
 
 
 def choose_share_transport(requested: str, configured_binary: str | None) -> ShareTransport:
