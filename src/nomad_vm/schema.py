@@ -4,8 +4,8 @@ Three things are derived from it, so they cannot disagree:
 
 * the hclspec Nomad uses to parse HCL (``nomad_vm.plugin.hclspec`` turns it into protobuf);
 * validation of the decoded values, with errors that name the field (``fields.validate``);
-* the configuration reference, ``docs/configuration.md`` (``render_reference``; a test fails when
-  the checked-in file is stale).
+* the configuration reference, ``docs/configuration.md`` (``nomad_vm.cli.reference``; a test
+  fails when the checked-in file is stale).
 
 Nothing here knows about protobuf or gRPC. Semantic checks that need the host (does the kernel
 exist, is it inside ``image_paths``) live with the code that uses the value.
@@ -13,9 +13,7 @@ exist, is it inside ``image_paths``) live with the code that uses the value.
 
 from __future__ import annotations
 
-import json
-
-from nomad_vm.fields import Field, Schema, flatten
+from nomad_vm.fields import Field, Schema
 
 ACCELERATORS = ("auto", "kvm", "tcg")
 SHARE_TRANSPORTS = ("auto", "virtiofs", "9p")
@@ -371,37 +369,3 @@ TASK_CONFIG = Schema(
         ),
     ),
 )
-
-
-def render_reference() -> str:
-    """The Markdown configuration reference (docs/configuration.md)."""
-    lines = [
-        "# Configuration reference",
-        "",
-        "<!-- Generated from src/nomad_vm/schema.py by `make docs`; do not edit by hand. -->",
-        "",
-    ]
-    for schema in (PLUGIN_CONFIG, TASK_CONFIG):
-        lines += [f"## {schema.title}", "", f"Set in {schema.where}.", ""]
-        lines += ["| option | type | default | description |", "|---|---|---|---|"]
-        for f in flatten(schema.fields):
-            default = "—" if f.default is None else f"`{json.dumps(f.default)}`"
-            doc = f.doc
-            if f.choices:
-                doc += " One of: " + ", ".join(f"`{c}`" for c in f.choices) + "."
-            if f.example:
-                doc += f" Example: `{f.name} = {f.example}`."
-            lines.append(f"| `{f.name}` | {f.type} | {default} | {doc} |")
-        lines.append("")
-    lines += [
-        "## Resources",
-        "",
-        "The VM's size comes from the task's `resources` block, not from `config`:",
-        "",
-        "* vCPUs: the number of reserved `cores`, or else `cpu` (MHz) divided by the host's",
-        "  per-core MHz as Nomad fingerprinted it, rounded up; at least 1, at most the host's",
-        "  cores.",
-        "* Memory: `memory` (MB) becomes the guest's RAM.",
-        "",
-    ]
-    return "\n".join(lines)

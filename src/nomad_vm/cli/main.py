@@ -45,7 +45,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_docs(args: argparse.Namespace) -> int:
-    from nomad_vm.schema import render_reference
+    from nomad_vm.cli.reference import render_reference
 
     text = render_reference()
     if args.check:
