@@ -19,22 +19,25 @@ import pytest
 from nomad_vm.cli.devagent import DevAgent
 from tests.conftest import REPO
 from tests.e2e.conftest import private_netns, run_tiny_job, running_agent, wait_alloc
-from tests.e2e.test_vm_network_agent import checks, http_get, owner_rules, poll, taps, task_events
+from tests.e2e.test_vm_network_agent import (
+    BRIDGE,
+    TAP_PREFIX,
+    checks,
+    http_get,
+    owner_rules,
+    poll,
+    taps,
+    task_events,
+)
+from tests.e2e.test_vm_network_agent import PLUGIN_NETWORK as BRIDGE_NETWORK
 
 pytestmark = pytest.mark.e2e
 
 JOB = REPO / "examples" / "dhcp-web.nomad.hcl"
 JOB_NAME = "dhcp-web"
-BRIDGE = "nvebr0"
-TAP_PREFIX = "nve"
 SUBNET = IPv4Network("10.95.0.0/24")
-PLUGIN_NETWORK = {
-    "bridge": BRIDGE,
-    "subnet_cidr": str(SUBNET),
-    "create_bridge": True,
-    "tap_prefix": TAP_PREFIX,
-    "dhcp": True,
-}
+# The bridge of test_vm_network_agent.py, with DHCP on.
+PLUGIN_NETWORK = {**BRIDGE_NETWORK, "subnet_cidr": str(SUBNET), "dhcp": True}
 
 
 @pytest.fixture
