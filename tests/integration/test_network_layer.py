@@ -219,7 +219,10 @@ def test_tap_errors_leave_nothing_behind(ns: Namespaces) -> None:
     assert links.bridge_ports(BRIDGE, netns=host) == []
 
 
-def test_vlan_filtering_sets_the_ports_pvid(ns: Namespaces) -> None:
+def test_vlan_filtering_sets_the_ports_pvid_or_is_refused_clearly(ns: Namespaces) -> None:
+    """On this host's kernel (and CI's), which lack bridge VLAN filtering, what is checked is
+    the refusal; the VLAN ports themselves are verified on the Debian guest's kernel, which has
+    it (test_vlan_in_guest.py), and here too on a host that has it."""
     host = ns.new()
     try:
         state = links.ensure_bridge(BRIDGE, None, vlan_filtering=True, netns=host)
@@ -228,10 +231,7 @@ def test_vlan_filtering_sets_the_ports_pvid(ns: Namespaces) -> None:
         # the error must say so, and nothing may be left half made.
         assert "CONFIG_BRIDGE_VLAN_FILTERING" in str(exc)
         assert not links.link_exists(BRIDGE, netns=host)
-        pytest.skip(
-            f"this kernel has no bridge VLAN filtering ({exc}); test_vlan_in_guest.py verifies "
-            "the VLAN code on the Debian guest's kernel"
-        )
+        return
     assert state.vlan_filtering
     name = tap_name(TAP_PREFIX, "vlan-task")
     taps.create_tap(name, BRIDGE, vlan=100, netns=host)
