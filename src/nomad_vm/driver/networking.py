@@ -40,7 +40,6 @@ from pathlib import Path
 from typing import Any
 
 from nomad_vm.driver.network_plan import (
-    GROUP_SUBNET,
     NetworkAttachment,
     NetworkPlan,
     NetworkRecord,
@@ -165,9 +164,9 @@ class NetworkManager:
         which may have turned DHCP off since: such a server can still be wound down."""
         if record.netns:
             net = group_network(net)
-        binary = net.dnsmasq if net is not None and net.bridge == record.bridge else None
-        subnet = net.subnet if net is not None else GROUP_SUBNET
-        return DhcpServer(self.state_dir, record.bridge, subnet, binary, record.netns or None)
+        if net is None or net.bridge != record.bridge:
+            return DhcpServer(self.state_dir, record.bridge, None, None, record.netns or None)
+        return DhcpServer(self.state_dir, net.bridge, net.subnet, net.dnsmasq, record.netns or None)
 
     def _forwarder(self, netns: str | None) -> PortForwarder:
         return self.forwarder if netns is None else PortForwarder(netns=netns)

@@ -90,14 +90,15 @@ def server_key(bridge: str, netns: str | None) -> str:
 
 class DhcpServer:
     """The dnsmasq serving ``bridge`` (inside the network namespace ``netns`` if given).
-    ``binary`` may be None for a server that is only being wound down (DHCP turned off in the
-    plugin config since its hosts were added): it can stop dnsmasq but not start it."""
+    ``subnet`` and ``binary`` may be None for a server that is only being wound down (DHCP or
+    the bridge gone from the plugin config since its hosts were added): it can stop dnsmasq but
+    not start it."""
 
     def __init__(
         self,
         state_dir: Path,
         bridge: str,
-        subnet: IPv4Network,
+        subnet: IPv4Network | None,
         binary: Path | None,
         netns: str | None = None,
     ) -> None:
@@ -135,7 +136,7 @@ class DhcpServer:
             if hosts.pop(owner, None) is None and hosts:
                 return
             self._save_hosts(hosts)
-            if hosts and self.binary is not None:
+            if hosts and self.can_start:
                 self._restart(hosts)
                 return
             self._stop()
@@ -149,7 +150,7 @@ class DhcpServer:
     def ensure_running(self) -> bool:
         """Start dnsmasq again if it died (after a host reboot or a kill) while hosts remain;
         True if it had to be started."""
-        if not self.directory.exists() or self.binary is None:
+        if not self.directory.exists() or not self.can_start:
             return False
         with self._locked():
             hosts = self._hosts()
@@ -157,6 +158,10 @@ class DhcpServer:
                 return False
             self._restart(hosts)
             return True
+
+    @property
+    def can_start(self) -> bool:
+        return self.binary is not None and self.subnet is not None
 
     def running(self) -> ProcessIdentity | None:
         """The daemon's identity if it still runs."""
@@ -171,9 +176,8 @@ class DhcpServer:
         """MAC -> address of the leases dnsmasq has granted (its lease file)."""
         found = {}
         for line in self._lease_lines():
-            fields = line.split()
             with contextlib.suppress(IndexError, ValueError):
-                found[fields[1].lower()] = IPv4Address(fields[2])
+                found[_lease_mac(line)] = IPv4Address(line.split()[2])
         return found
 
     def __str__(self) -> str:
@@ -206,7 +210,7 @@ class DhcpServer:
         write_atomically(self.directory / "hosts.json", json.dumps(data, indent=1).encode())
 
     def _restart(self, hosts: Mapping[str, DhcpHost]) -> None:
-        if self.binary is None:
+        if self.binary is None or self.subnet is None:
             raise NetworkError(f"{self} cannot be started: DHCP is off in the plugin config")
         self._stop()
         self._prune_leases({h.mac for h in hosts.values()})
@@ -262,9 +266,15 @@ class DhcpServer:
     def _prune_leases(self, macs: set[str]) -> None:
         """Drop the leases of MACs no longer served (dnsmasq is stopped while this runs)."""
         lines = self._lease_lines()
-        kept = [line for line in lines if line.split()[1:2] and line.split()[1].lower() in macs]
+        kept = [line for line in lines if _lease_mac(line) in macs]
         if kept != lines:
             write_atomically(self.directory / "leases", "".join(f"{k}\n" for k in kept).encode())
+
+
+def _lease_mac(line: str) -> str:
+    """The MAC of a dnsmasq lease line, ``<expiry> <mac> <address> <name> <client id>``."""
+    fields = line.split()
+    return fields[1].lower() if len(fields) > 1 else ""
 
 
 def dnsmasq_argv(
