@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from nomad_vm.driver.driver import network_event
 from nomad_vm.driver.network_plan import (
     GROUP_BRIDGE,
     NetworkAttachment,
     NetworkRecord,
     group_network,
+    network_event,
     plan_network,
 )
 from nomad_vm.errors import ConfigError

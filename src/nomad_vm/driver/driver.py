@@ -22,7 +22,7 @@ from nomad_vm.driver.events import EventBus
 from nomad_vm.driver.fingerprint import fingerprint_async
 from nomad_vm.driver.guest_exec import ExecOutcome, SignalTarget, exec_in_guest, signal_guest
 from nomad_vm.driver.guest_terminal import OutputSink, TerminalInput, run_terminal
-from nomad_vm.driver.network_plan import NetworkAttachment, NetworkPlan, NetworkRecord
+from nomad_vm.driver.network_plan import NetworkRecord, network_event
 from nomad_vm.driver.networking import NetworkManager
 from nomad_vm.driver.output import open_task_output
 from nomad_vm.driver.startup import (
@@ -291,21 +291,6 @@ class VMDriver:
         """The plugin is going away: VMs keep running (Nomad will recover them)."""
         for entry in self._tasks.values():
             await entry.close()
-
-
-def network_event(network: NetworkAttachment, plan: NetworkPlan, has_seed: bool) -> str:
-    """The "Network: ..." task event: the address, the TAP, and how the guest learns it."""
-    where = f" in {network.record.netns}" if network.record.netns else ""
-    text = f"Network: {network.address} on {network.record.tap}{where}"
-    if plan.net.dnsmasq is not None:
-        return f"{text}, served by DHCP to {network.record.guest_mac}"
-    if not has_seed:
-        # Not an error: the image may well configure this very address itself.
-        return (
-            f"{text}; the guest has no cloud-init seed and the plugin serves no DHCP "
-            "(network { dhcp = true }), so it must configure that address itself"
-        )
-    return text
 
 
 def _close_quietly(fd: int) -> None:

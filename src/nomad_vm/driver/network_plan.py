@@ -156,6 +156,21 @@ def network_config(attachment: NetworkAttachment) -> dict[str, Any]:
     return {"version": 2, "ethernets": {"eth0": nic}}
 
 
+def network_event(network: NetworkAttachment, plan: NetworkPlan, has_seed: bool) -> str:
+    """The "Network: ..." task event: the address, the TAP, and how the guest learns it."""
+    where = f" in {network.record.netns}" if network.record.netns else ""
+    text = f"Network: {network.address} on {network.record.tap}{where}"
+    if plan.net.dnsmasq is not None:
+        return f"{text}, served by DHCP to {network.record.guest_mac}"
+    if not has_seed:
+        # Not an error: the image may well configure this very address itself.
+        return (
+            f"{text}; the guest has no cloud-init seed and the plugin serves no DHCP "
+            "(network { dhcp = true }), so it must configure that address itself"
+        )
+    return text
+
+
 def _plan_group_network(
     owner: str,
     nic: NicRequest,
