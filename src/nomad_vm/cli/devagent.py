@@ -6,7 +6,6 @@ The agent runs in its own session so a test or a demo can stop it (and only it) 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shutil
 import signal
@@ -19,9 +18,11 @@ from pathlib import Path
 
 import httpx
 
+from nomad_vm.cli.hcl import PLUGIN_NAME, hcl_string, plugin_block
+from nomad_vm.cli.install import wrapper_script
 from nomad_vm.network.netns import netns_path, run_in
 
-PLUGIN_FILE = "nomad-driver-vm"
+PLUGIN_FILE = PLUGIN_NAME
 FINGERPRINT_DENYLIST = "env_aws,env_gce,env_azure,env_digitalocean,consul,vault"
 
 
@@ -36,40 +37,28 @@ def write_plugin_launcher(plugin_dir: Path, driver_executable: Path) -> Path:
     """Nomad runs files named like their `plugin` block; ours execs the installed console script."""
     plugin_dir.mkdir(parents=True, exist_ok=True)
     launcher = plugin_dir / PLUGIN_FILE
-    launcher.write_text(f'#!/bin/sh\nexec "{driver_executable}" "$@"\n')
+    launcher.write_text(wrapper_script(driver_executable))
     launcher.chmod(0o755)
     return launcher
 
 
-def _hcl_string(value: str) -> str:
-    return json.dumps(value)
+@dataclass(frozen=True)
+class InstalledPlugin:
+    """What `nomad-vm install` wrote: the plugin_dir with the wrapper, the plugin block's file."""
 
-
-def _hcl_value(value: object) -> str:
-    """A plugin option as HCL: strings, numbers, booleans and lists of those."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return str(value)
-    if isinstance(value, str):
-        return _hcl_string(value)
-    if isinstance(value, list | tuple):
-        return "[" + ", ".join(_hcl_value(v) for v in value) + "]"
-    raise TypeError(f"no HCL form for {value!r}")
-
-
-def _hcl_block(name: str, attributes: Mapping[str, object], indent: str) -> str:
-    lines = [f"{indent}{name} {{"]
-    lines += [f"{indent}  {key} = {_hcl_value(value)}" for key, value in attributes.items()]
-    return "\n".join([*lines, f"{indent}}}"])
+    plugin_dir: Path
+    config_file: Path
 
 
 @dataclass
 class DevAgentConfig:
     workdir: Path
     nomad_binary: Path
-    driver_executable: Path
-    image_paths: Sequence[Path]
+    # The plugin this agent loads: the console script a launcher of ours execs, and the plugin
+    # block's options below (image_paths ... plugin_network); or, with `installed`, what
+    # `nomad-vm install` wrote, and then those fields are not used.
+    driver_executable: Path | None = None
+    image_paths: Sequence[Path] = ()
     accelerator: str = "auto"
     log_level: str = "DEBUG"
     # dev=False runs a real single-node server+client whose state survives an agent restart.
@@ -91,6 +80,10 @@ class DevAgentConfig:
     # (`network { mode = "bridge" }`) runs, e.g. /usr/lib/cni (Debian's
     # containernetworking-plugins). None: Nomad's default (/opt/cni/bin).
     cni_path: Path | None = None
+    installed: InstalledPlugin | None = None
+    # The agent's PATH, which the plugin and what it starts (QEMU, virtiofsd) inherit.
+    # None: ours.
+    path: str | None = None
 
     @property
     def fingerprint_denylist(self) -> str:
@@ -99,12 +92,6 @@ class DevAgentConfig:
         return ",".join(n for n in FINGERPRINT_DENYLIST.split(",") if n != "consul")
 
     def render(self) -> str:
-        paths = ", ".join(_hcl_string(str(p)) for p in self.image_paths)
-        network = (
-            ""
-            if self.plugin_network is None
-            else "\n" + _hcl_block("network", self.plugin_network, indent="    ")
-        )
         server = (
             ""
             if self.dev
@@ -131,10 +118,10 @@ advertise {
             if self.consul_address is None
             else f"""
 consul {{
-  address = {_hcl_string(self.consul_address)}
+  address = {hcl_string(self.consul_address)}
 }}"""
         )
-        cni = "" if self.cni_path is None else f"\n  cni_path = {_hcl_string(str(self.cni_path))}"
+        cni = "" if self.cni_path is None else f"\n  cni_path = {hcl_string(str(self.cni_path))}"
         return f"""
 bind_addr = "127.0.0.1"
 log_level = "{self.log_level}"
@@ -156,14 +143,19 @@ client {{{client_role}{cni}
     "fingerprint.denylist" = "{self.fingerprint_denylist}"
   }}
 }}
-plugin "{PLUGIN_FILE}" {{
-  config {{
-    data_dir    = {_hcl_string(str(self.workdir / "plugin-data"))}
-    image_paths = [{paths}]
-    accelerator = "{self.accelerator}"{network}
-  }}
-}}
-"""
+{self.plugin_block()}"""
+
+    def plugin_block(self) -> str:
+        if self.installed is not None:
+            return ""  # in the installed config file, the agent's second -config
+        config: dict[str, object] = {
+            "data_dir": str(self.workdir / "plugin-data"),
+            "image_paths": [str(p) for p in self.image_paths],
+            "accelerator": self.accelerator,
+        }
+        if self.plugin_network is not None:
+            config["network"] = self.plugin_network
+        return plugin_block(config)
 
 
 class DevAgent:
@@ -199,17 +191,24 @@ class DevAgent:
     def start(self) -> None:
         cfg = self.config
         cfg.workdir.mkdir(parents=True, exist_ok=True)
-        write_plugin_launcher(cfg.workdir / "plugins", cfg.driver_executable)
-        (cfg.workdir / "agent.hcl").write_text(cfg.render())
+        configs = [cfg.workdir / "agent.hcl"]
+        if cfg.installed is not None:
+            plugin_dir = cfg.installed.plugin_dir
+            configs.append(cfg.installed.config_file)
+        elif cfg.driver_executable is not None:
+            launcher = write_plugin_launcher(cfg.workdir / "plugins", cfg.driver_executable)
+            plugin_dir = launcher.parent
+        else:
+            raise ValueError("DevAgentConfig needs driver_executable or installed")
+        configs[0].write_text(cfg.render())
         argv = [
             *self.netns_prefix,
             str(cfg.nomad_binary),
             "agent",
             *(["-dev"] if cfg.dev else []),
-            "-config",
-            str(cfg.workdir / "agent.hcl"),
+            *(arg for config in configs for arg in ("-config", str(config))),
             "-plugin-dir",
-            str(cfg.workdir / "plugins"),
+            str(plugin_dir),
             "-data-dir",
             str(cfg.workdir / "data"),
         ]
@@ -221,6 +220,7 @@ class DevAgent:
                 stdin=subprocess.DEVNULL,
                 start_new_session=True,
                 cwd=cfg.workdir,
+                env=None if cfg.path is None else {**os.environ, "PATH": cfg.path},
             )
 
     def api(self, path: str) -> object:

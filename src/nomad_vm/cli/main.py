@@ -1,4 +1,4 @@
-"""`nomad-vm`: the operator's command (doctor, image, demo, docs)."""
+"""`nomad-vm`: the operator's command (install, doctor, image, demo, docs)."""
 
 from __future__ import annotations
 
@@ -7,12 +7,37 @@ import sys
 from pathlib import Path
 
 from nomad_vm import __version__
+from nomad_vm.cli.install import CONFIG_FILE_NAME, DEFAULT_DATA_DIR
 
 
 def _cmd_doctor(args: argparse.Namespace) -> int:
     from nomad_vm.cli.doctor import run_doctor
 
     return run_doctor(args.qemu_binary, args.accelerator, args.bridge)
+
+
+def _cmd_install(args: argparse.Namespace) -> int:
+    from nomad_vm.cli.doctor import run_doctor
+    from nomad_vm.cli.install import InstallError, InstallRequest, install, installed_driver
+
+    if args.config_dir:
+        config_file: Path | None = Path(args.config_dir).absolute() / CONFIG_FILE_NAME
+    else:
+        config_file = Path(args.config).absolute() if args.config else None
+    request = InstallRequest(
+        plugin_dir=Path(args.plugin_dir).absolute(),
+        config_file=config_file,
+        image_paths=tuple(Path(p).absolute() for p in args.image_path),
+        data_dir=Path(args.data_dir).absolute(),
+        accelerator=args.accelerator,
+        force=args.force,
+    )
+    try:
+        driver = installed_driver()
+    except InstallError as exc:
+        print(f"FAIL  {exc}")
+        return 1
+    return install(request, driver, lambda: run_doctor("qemu-system-x86_64", args.accelerator))
 
 
 def _cmd_image_build(args: argparse.Namespace) -> int:
@@ -62,6 +87,35 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nomad-vm", description=__doc__)
     parser.add_argument("--version", action="version", version=f"nomad-vm {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
+
+    inst = sub.add_parser(
+        "install",
+        help="put this installation's plugin in a Nomad agent's plugin_dir and configuration",
+        description="Write the nomad-driver-vm wrapper into the agent's plugin_dir and the "
+        "plugin's configuration block into the agent's configuration, then check this host "
+        "like `nomad-vm doctor`. Changes nothing when already installed; refuses to replace "
+        "a different file without --force.",
+    )
+    inst.add_argument("--plugin-dir", required=True, help="the agent's plugin_dir")
+    where = inst.add_mutually_exclusive_group()
+    where.add_argument(
+        "--config-dir",
+        help=f"the agent's configuration directory: writes {CONFIG_FILE_NAME} there "
+        "(without --config-dir or --config the block is printed)",
+    )
+    where.add_argument("--config", help="write the plugin block to this file instead")
+    inst.add_argument(
+        "--image-path",
+        action="append",
+        default=[],
+        help="a directory VM kernels and images may come from (repeatable): image_paths",
+    )
+    inst.add_argument(
+        "--data-dir", default=str(DEFAULT_DATA_DIR), help="the plugin's data_dir (%(default)s)"
+    )
+    inst.add_argument("--accelerator", default="auto", choices=("auto", "kvm", "tcg"))
+    inst.add_argument("--force", action="store_true", help="replace files that differ")
+    inst.set_defaults(func=_cmd_install)
 
     doctor = sub.add_parser("doctor", help="check that this host can run VM tasks")
     doctor.add_argument("--qemu-binary", default="qemu-system-x86_64")
