@@ -93,7 +93,9 @@ PLUGIN_CONFIG = Schema(
                     "gateway",
                     "string",
                     "The bridge's own address, the guests' default route. Unset: the subnet's "
-                    "first host address.",
+                    "first host address. Must lie outside `ip_pool_start`..`ip_pool_end` (the "
+                    "pool's addresses go to VMs): a gateway inside the pool is refused when the "
+                    "agent loads the plugin config.",
                     default="",
                 ),
                 Field(

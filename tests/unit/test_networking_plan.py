@@ -58,6 +58,42 @@ def test_bad_plugin_network_blocks_name_the_field(
     assert err.value.field == field
 
 
+@pytest.mark.parametrize(
+    ("extra", "advice"),
+    [
+        ({"gateway": "10.99.0.1", "ip_pool_start": "10.99.0.1"}, 'ip_pool_start = "10.99.0.2"'),
+        ({"gateway": "10.99.0.254", "ip_pool_start": "10.99.0.2"}, 'ip_pool_end = "10.99.0.253"'),
+        (
+            {"gateway": "10.99.0.50", "ip_pool_start": "10.99.0.10", "ip_pool_end": "10.99.0.90"},
+            "outside ip_pool_start..ip_pool_end",
+        ),
+    ],
+)
+def test_a_gateway_inside_the_pool_is_refused_with_a_way_out(
+    tmp_path: Path, extra: dict[str, object], advice: str
+) -> None:
+    with pytest.raises(ConfigError) as err:
+        net(tmp_path, **extra)
+    assert err.value.field == "config.network.gateway"
+    assert "inside the address pool" in err.value.reason and "handed to VMs" in err.value.reason
+    assert advice in err.value.reason
+    assert not (tmp_path / "network").exists()
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"gateway": "10.99.0.1", "ip_pool_start": "10.99.0.2"},
+        {"gateway": "10.99.0.254", "ip_pool_start": "10.99.0.1", "ip_pool_end": "10.99.0.253"},
+        {"gateway": "10.99.0.100"},  # the default pool starts after the gateway
+        {"gateway": "10.99.0.1", "ip_pool_start": "10.99.0.100", "ip_pool_end": "10.99.0.110"},
+    ],
+)
+def test_a_gateway_outside_the_pool_is_accepted(tmp_path: Path, extra: dict[str, object]) -> None:
+    n = net(tmp_path, **extra)
+    assert not n.pool_start <= n.gateway <= n.pool_end
+
+
 def test_nic_block_parsing() -> None:
     nic = parse_nic(
         {

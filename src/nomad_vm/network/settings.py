@@ -63,7 +63,29 @@ def parse_bridge_network(values: Mapping[str, object], data_dir: Path) -> Bridge
     # The same checks StartTask would make, so a bad block fails at SetConfig, naming the field.
     tap_name(net.tap_prefix, "check")
     net.pool(data_dir / "network")
+    _check_gateway_outside_pool(net)
     return net
+
+
+def _check_gateway_outside_pool(net: BridgeNetwork) -> None:
+    """The pool is for VMs and the gateway is the bridge's own address: one address cannot be
+    both. The pool would skip it, but a block that says both is a typo or a misunderstanding
+    (e.g. a pool meant to start after the gateway), so it is refused rather than repaired."""
+    gateway, start, end = net.gateway, net.pool_start, net.pool_end
+    if not start <= gateway <= end:
+        return
+    if gateway == start and gateway < end:
+        fix = f'start the pool after it (ip_pool_start = "{gateway + 1}")'
+    elif gateway == end and gateway > start:
+        fix = f'end the pool before it (ip_pool_end = "{gateway - 1}")'
+    else:
+        fix = "give the gateway an address outside ip_pool_start..ip_pool_end, or narrow the range"
+    raise ConfigError(
+        "config.network.gateway",
+        f"{gateway} is inside the address pool {start}-{end} (network.ip_pool_start to "
+        "network.ip_pool_end), whose addresses are handed to VMs, but the gateway is the "
+        f"bridge's own address; {fix}",
+    )
 
 
 def find_dnsmasq(configured: object) -> Path:
