@@ -1,4 +1,5 @@
-"""Files shared between threads and plugin processes: atomic replacement and exclusive locks."""
+"""Files shared between threads and plugin processes: atomic replacement, exclusive locks, and
+the tail of a helper's log for an error message."""
 
 from __future__ import annotations
 
@@ -58,3 +59,16 @@ def exclusive_lock(lock_path: Path) -> Iterator[None]:
         yield
     finally:
         os.close(fd)  # closing the descriptor releases the lock
+
+
+def read_log_tail(path: Path, limit: int = 2000) -> str:
+    """The last lines of a log (QEMU's, a virtiofsd's), as one line of text for an event or an
+    error message."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - limit))
+            text = f.read().decode("utf-8", errors="replace")
+    except OSError:
+        return ""
+    return " | ".join(line.strip() for line in text.splitlines() if line.strip())

@@ -9,7 +9,7 @@ from nomad_vm.network import links
 from nomad_vm.network.settings import find_dnsmasq
 from nomad_vm.vm.accel import choose_accelerator, probe_kvm
 from nomad_vm.vm.qemu.binary import find_qemu, find_qemu_img, qemu_version
-from nomad_vm.vm.virtiofsd import choose_share_transport
+from nomad_vm.vm.share_transport import choose_share_transport
 
 
 def run_doctor(qemu_binary: str, accelerator: str, bridge: str | None = None) -> int:
@@ -36,7 +36,8 @@ def run_doctor(qemu_binary: str, accelerator: str, bridge: str | None = None) ->
         print(f"FAIL  {exc}")
         failures += 1
     shares = choose_share_transport("auto", None)
-    print(f"{'ok  ' if shares.name == 'virtiofs' else 'info'}  shares: {shares.reason}")
+    level = "warn" if shares.fallback else "ok  "
+    print(f"{level}  shares: {shares.reason}")
     if bridge:
         failures += _check_bridge(bridge)
     print("host is ready" if not failures else f"{failures} problem(s) found")

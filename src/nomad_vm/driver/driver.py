@@ -131,6 +131,8 @@ class VMDriver:
         if task.id in self._tasks:
             raise TaskExists(task.id)
         plan = await plan_start(task, self.config, self.agent, self._runtime_dir(task))
+        if plan.shares and plan.share_transport.fallback:
+            self.events.emit(task, f"Shares use {plan.share_transport.reason}")
         async with contextlib.AsyncExitStack() as undo:
             make_runtime_dir(plan, undo)
             disk = await prepare_disk(plan, self.events)

@@ -12,7 +12,7 @@ from nomad_vm.network import links
 from nomad_vm.network.settings import BridgeNetwork
 from nomad_vm.vm.accel import choose_accelerator, probe_kvm
 from nomad_vm.vm.qemu.binary import find_qemu, qemu_version
-from nomad_vm.vm.virtiofsd import choose_share_transport
+from nomad_vm.vm.share_transport import choose_share_transport
 
 
 def fingerprint(config: PluginConfig) -> Fingerprint:
@@ -30,6 +30,7 @@ def fingerprint(config: PluginConfig) -> Fingerprint:
         return Fingerprint(Health.UNHEALTHY, str(exc), attrs)
     # How Nomad's directories and volumes reach the guest.
     attrs["driver.vm.fs_transport"] = transport.name
+    attrs["driver.vm.fs_transport.reason"] = transport.reason
     if transport.virtiofsd is not None:
         attrs["driver.vm.virtiofsd"] = str(transport.virtiofsd)
     try:

@@ -41,6 +41,13 @@ class SupervisedProcess:
     def exit(self) -> VMExit | None:
         return self._exit
 
+    def poll(self) -> int | None:
+        """The exit status of our own child if it has ended (negative: killed by that signal);
+        None while it runs, or when it is not our child."""
+        if self._popen is None:
+            return None
+        return self._popen.poll()
+
     async def wait(self) -> VMExit:
         """Block until the process ends and return how it ended. Safe to call concurrently."""
         if self._exit is not None:

@@ -1,13 +1,11 @@
-"""virtio-fs shares: finding virtiofsd, choosing the transport, and one daemon per share.
+"""virtio-fs daemons: one virtiofsd per share, started before QEMU.
 
-virtio-fs is faster than 9p and gives the guest real POSIX semantics, but needs a vhost-user
-daemon (virtiofsd) per shared directory and guest memory QEMU can share with it. Debian 12 does not
-package virtiofsd; `make setup` builds it from crates.io into .tools/bin. Without it the driver
-falls back to 9p (``share_transport = "auto"``).
-
-Each daemon gets a listening socket the driver has already bound (``--fd``), so QEMU can connect
-the moment it starts, with no wait for the daemon to create its socket. A daemon serves exactly one
-connection and exits when QEMU closes it, so daemons end with their VM, whoever stopped it.
+Which binary (and whether virtio-fs at all) is decided by nomad_vm.vm.share_transport. Each daemon
+gets a listening socket the driver has already bound (``--fd``), so QEMU can connect the moment it
+starts, with no wait for the daemon to create its socket. A daemon serves exactly one connection
+and exits when QEMU closes it, so daemons end with their VM, whoever stopped it. One that exits
+before QEMU connects (bad options, a sandbox it cannot set up) leaves QEMU with "Connection
+refused": ``early_exit_report`` turns that into the daemon's own words from its log.
 """
 
 from __future__ import annotations
@@ -17,52 +15,19 @@ import socket
 from dataclasses import dataclass
 from pathlib import Path
 
-from nomad_vm.errors import ConfigError, HypervisorError
-from nomad_vm.executables import find_executable
-from nomad_vm.schema import SHARE_TRANSPORTS
+from nomad_vm.errors import HypervisorError
+from nomad_vm.files import read_log_tail
 from nomad_vm.vm.process import SupervisedProcess, spawn
 from nomad_vm.vm.spec import ShareSpec
 
-VIRTIOFSD = "virtiofsd"
-VIRTIOFSD_HINT = (
-    "run `make setup` (cargo install virtiofsd) or set virtiofsd_binary in the plugin config"
-)
-# Where distributions that package it put it (it is not on PATH there).
-LIBEXEC_PATHS = ("/usr/libexec/virtiofsd", "/usr/lib/qemu/virtiofsd")
-
 
 @dataclass(frozen=True)
-class ShareTransport:
-    name: str  # "virtiofs" or "9p"
-    virtiofsd: Path | None
-    reason: str
+class ShareDaemon:
+    """A running virtiofsd, the share it serves and where its messages go."""
 
-
-def find_virtiofsd(configured: str | None) -> Path:
-    return find_executable(
-        configured, VIRTIOFSD, "virtiofsd_binary", VIRTIOFSD_HINT, fallbacks=LIBEXEC_PATHS
-    )
-
-
-def choose_share_transport(requested: str, configured_binary: str | None) -> ShareTransport:
-    """``auto``: virtio-fs when virtiofsd is found, else 9p. ``virtiofs`` without virtiofsd is
-    a configuration error (the node reports itself unhealthy with this message)."""
-    if requested not in SHARE_TRANSPORTS:
-        choices = ", ".join(SHARE_TRANSPORTS)
-        raise ConfigError("config.share_transport", f"{requested!r} is not one of {choices}")
-    if requested == "9p":
-        return ShareTransport("9p", None, "share_transport = 9p")
-    try:
-        binary = find_virtiofsd(configured_binary)
-    except HypervisorError as exc:
-        if configured_binary and configured_binary.strip():
-            # An operator who named a binary wants that one: a wrong path is an error, not 9p.
-            raise ConfigError("config.virtiofsd_binary", str(exc)) from None
-        if requested == "virtiofs":
-            reason = f"virtiofs needs virtiofsd: {exc}"
-            raise ConfigError("config.share_transport", reason) from None
-        return ShareTransport("9p", None, f"9p because {exc}")
-    return ShareTransport("virtiofs", binary, f"virtio-fs with {binary}")
+    process: SupervisedProcess
+    share: ShareSpec
+    log: Path
 
 
 def daemon_argv(binary: Path, share: ShareSpec, listen_fd: int) -> list[str]:
@@ -82,9 +47,9 @@ def daemon_argv(binary: Path, share: ShareSpec, listen_fd: int) -> list[str]:
 
 def start_daemons(
     binary: Path, shares: tuple[ShareSpec, ...], runtime_dir: Path
-) -> list[SupervisedProcess]:
+) -> list[ShareDaemon]:
     """One virtiofsd per share, each already listening on ``share.socket``; all or none."""
-    started: list[SupervisedProcess] = []
+    started: list[ShareDaemon] = []
     try:
         for i, share in enumerate(shares):
             log = runtime_dir / f"virtiofsd-{i}.log"
@@ -95,7 +60,7 @@ def start_daemons(
     return started
 
 
-def _start_one(binary: Path, share: ShareSpec, log: Path) -> SupervisedProcess:
+def _start_one(binary: Path, share: ShareSpec, log: Path) -> ShareDaemon:
     if share.socket is None:
         raise ValueError(f"share {share.tag} has no vhost-user socket path")
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -110,14 +75,31 @@ def _start_one(binary: Path, share: ShareSpec, log: Path) -> SupervisedProcess:
     try:
         fd = listener.fileno()
         argv = daemon_argv(binary, share, fd)
-        return spawn(argv, stdout=log_fd, stderr=log_fd, cwd=log.parent, pass_fds=[fd])
+        process = spawn(argv, stdout=log_fd, stderr=log_fd, cwd=log.parent, pass_fds=[fd])
+        return ShareDaemon(process, share, log)
     finally:
         # The daemon has its own copy of the listening socket now.
         listener.close()
         os.close(log_fd)
 
 
-def kill_daemons(daemons: list[SupervisedProcess]) -> None:
+def kill_daemons(daemons: list[ShareDaemon]) -> None:
     """SIGKILL and reap them (a start that failed: their VM never ran, nothing to flush)."""
     for daemon in daemons:
-        daemon.kill_and_reap()
+        daemon.process.kill_and_reap()
+
+
+def early_exit_report(daemons: list[ShareDaemon]) -> str:
+    """Which daemons have failed (so QEMU could not connect to them), in their own words; empty
+    when none has. A daemon that exited 0 only saw QEMU go away, which is not a cause."""
+    reports = []
+    for daemon in daemons:
+        code = daemon.process.poll()
+        if not code:
+            continue
+        how = f"was killed by signal {-code}" if code < 0 else f"exited with status {code}"
+        said = read_log_tail(daemon.log) or "no output"
+        reports.append(
+            f"virtiofsd for {daemon.share.host_path} {how} before QEMU connected: {said}"
+        )
+    return "; ".join(reports)

@@ -27,12 +27,13 @@ from pathlib import Path
 import psutil
 
 from nomad_vm.errors import HypervisorError, LaunchError
+from nomad_vm.files import read_log_tail
 from nomad_vm.processes import ProcessIdentity
 from nomad_vm.vm.process import SupervisedProcess, reattach, spawn
 from nomad_vm.vm.qemu.argv import qemu_argv
 from nomad_vm.vm.qemu.monitor import QemuEvent, QemuMonitor, connect_when_ready
 from nomad_vm.vm.spec import VMExit, VMSpec
-from nomad_vm.vm.virtiofsd import kill_daemons, start_daemons
+from nomad_vm.vm.virtiofsd import early_exit_report, kill_daemons, start_daemons
 
 log = logging.getLogger(__name__)
 
@@ -218,12 +219,16 @@ class QemuBackend:
         try:
             monitor, _ = await connect_when_ready(spec.control_socket, running, QMP_READY_TIMEOUT)
         except HypervisorError as exc:
+            # A share daemon that failed first is the cause; QEMU only saw "Connection refused".
+            cause = early_exit_report(daemons)
             await process.terminate(grace=2.0)
             kill_daemons(daemons)
             tail = read_log_tail(log_path)
             process.close()
+            if cause:
+                raise LaunchError(f"QEMU failed to start: {cause}") from None
             raise LaunchError(f"QEMU failed to start: {tail or exc}") from None
-        vm = QemuVM(process, monitor, log_path, tuple(daemons))
+        vm = QemuVM(process, monitor, log_path, tuple(d.process for d in daemons))
         await vm.enable_guest_stats()
         return vm
 
@@ -271,18 +276,6 @@ def _signal_from_log(path: Path) -> int | None:
     except OSError:
         return None
     return int(found[-1]) if found else None
-
-
-def read_log_tail(path: Path, limit: int = 2000) -> str:
-    """The last lines of QEMU's log, as one line of text for an event or error message."""
-    try:
-        with open(path, "rb") as f:
-            f.seek(0, os.SEEK_END)
-            f.seek(max(0, f.tell() - limit))
-            text = f.read().decode("utf-8", errors="replace")
-    except OSError:
-        return ""
-    return " | ".join(line.strip() for line in text.splitlines() if line.strip())
 
 
 async def sleep_until_exit(vm: QemuVM, timeout: float) -> bool:
