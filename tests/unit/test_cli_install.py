@@ -201,7 +201,7 @@ def test_another_plugin_block_in_the_config_dir_is_pointed_out(
     tmp_path: Path, driver: Path, config_dir: Path
 ) -> None:
     (config_dir / "client.hcl").write_text('plugin "nomad-driver-vm" {\n  config {}\n}\n')
-    (config_dir / "server.hcl").write_text('server { enabled = true }\n')
+    (config_dir / "server.hcl").write_text("server { enabled = true }\n")
     run = Run(request_for(tmp_path, config_dir), driver)
     assert f"warn  {config_dir / 'client.hcl'} also has a plugin" in run.output
     assert "server.hcl" not in run.output

@@ -32,7 +32,7 @@ class InstallError(Exception):
 
 def wrapper_script(driver: Path) -> str:
     """The file Nomad runs from plugin_dir: a shell script that execs the installed plugin."""
-    return f"#!/bin/sh\nexec {shlex.quote(str(driver))} \"$@\"\n"
+    return f'#!/bin/sh\nexec {shlex.quote(str(driver))} "$@"\n'
 
 
 def installed_driver() -> Path:
