@@ -154,6 +154,19 @@ PLUGIN_CONFIG = Schema(
 )
 
 FIRMWARES = ("bios", "uefi", "uefi-secure")
+# The task options that only reach the guest through its cloud-init seed: set on a VM that gets
+# none (no `image`, or `cloud_init = false`), they are refused rather than dropped unseen.
+# `hostname` is not one: it also names the QEMU process and the VM's DHCP host entry.
+CLOUD_INIT_OPTIONS = (
+    "default_user_password",
+    "default_user_authorized_ssh_key",
+    "cmds",
+    "timezone",
+    "user_data",
+)
+NEEDS_SEED = (
+    "Only through cloud-init: refused on a VM without a seed (no `image`, or `cloud_init = false`)."
+)
 MACHINES = ("pc", "q35", "microvm")
 
 TASK_CONFIG = Schema(
@@ -297,31 +310,37 @@ TASK_CONFIG = Schema(
             "cloud_init",
             "bool",
             "Attach a cloud-init NoCloud seed (an ISO labelled `cidata`) to VMs that boot a disk "
-            "`image`. Set `false` for images without cloud-init.",
+            "`image`. Set `false` for images without cloud-init. A VM without a seed (this "
+            "`false`, or no `image`) refuses the options that only cloud-init applies: "
+            + ", ".join(f"`{name}`" for name in CLOUD_INIT_OPTIONS)
+            + ".",
             default=True,
         ),
         Field(
             "default_user_password",
             "string",
             "Password of the image's default user (`nomad`). Stored only as a SHA-512 crypt hash "
-            "in the seed; never in argv, logs or events.",
+            "in the seed; never in argv, logs or events. " + NEEDS_SEED,
         ),
         Field(
             "default_user_authorized_ssh_key",
             "string",
-            "Public SSH key(s) for the default user, one per line.",
+            "Public SSH key(s) for the default user, one per line. " + NEEDS_SEED,
             example='"ssh-ed25519 AAAA... me@laptop"',
         ),
         Field(
             "cmds",
             "list(string)",
-            "Shell commands run once, in order, at the guest's first boot (cloud-init `runcmd`).",
+            "Shell commands run once, in order, at the guest's first boot (cloud-init `runcmd`). "
+            + NEEDS_SEED,
             example='["systemctl enable --now nginx"]',
         ),
         Field(
             "timezone",
             "string",
-            "The guest's time zone, e.g. `Europe/Berlin`.",
+            "The guest's time zone, e.g. `Europe/Berlin`: a zone of the IANA time zone "
+            "database, checked at start against the host's (`/usr/share/zoneinfo`, else the "
+            "`tzdata` Python package). " + NEEDS_SEED,
         ),
         Field(
             "user_data",
@@ -329,8 +348,8 @@ TASK_CONFIG = Schema(
             "Your own cloud-init document: inline text starting with `#cloud-config` (or a `#!` "
             "script), or the path of a file (inside `image_paths` or the allocation dir, e.g. a "
             "Nomad `template` in `local/`). Merged with the generated one by cloud-init: maps "
-            "merge, lists append, the task options above win on single values. See "
-            "docs/cloud-init.md.",
+            "merge, lists append, the task options above win on single values; its own "
+            "`timezone:` is checked like the option. See docs/cloud-init.md. " + NEEDS_SEED,
         ),
         Field(
             "signal_unit",
@@ -366,7 +385,9 @@ TASK_CONFIG = Schema(
             "hostname",
             "string",
             "The guest's hostname, an RFC 1123 label (letters, digits and `-`, at most 63). "
-            "Default: the task name and the first 8 characters of the allocation id.",
+            "Default: the task name and the first 8 characters of the allocation id. It reaches "
+            "the guest through cloud-init or DHCP mode (`network.dhcp`), and always names the "
+            "QEMU process (`-name guest=...`), so it is accepted on VMs without cloud-init too.",
             example='"web-1"',
         ),
     ),

@@ -49,6 +49,7 @@ import yaml
 from nomad_vm.cloudinit.envfiles import ENV_FILE_PATH, PROFILE_PATH, EnvFiles, environment_files
 from nomad_vm.cloudinit.model import CloudInitRequest, GuestMount, SeedDocuments
 from nomad_vm.cloudinit.passwd import sha512_crypt
+from nomad_vm.cloudinit.timezone import check_timezone
 from nomad_vm.cloudinit.userdoc import CLOUD_CONFIG, UserDocument, parse_user_data
 from nomad_vm.errors import ConfigError
 
@@ -58,7 +59,6 @@ GENERATED_PART_NAME = "nomad-vm.cfg"
 USER_CONFIG_PART_NAME = "user-data.cfg"
 USER_SCRIPT_PART_NAME = "user-data.sh"
 
-_TIMEZONE = re.compile(r"^[A-Za-z0-9_+-]+(/[A-Za-z0-9_+-]+)*$")
 _USER_NAME = re.compile(r"^[a-z_][a-z0-9_-]{0,31}$")
 _KEY_TYPE = re.compile(r"(^|\s)(ssh|ecdsa-sha2|sk)-[a-z0-9@.-]+\s")
 
@@ -122,8 +122,8 @@ def _check_request(req: CloudInitRequest) -> None:
         raise ConfigError("config.default_user", "is not a valid Linux user name")
     if req.password == "":
         raise ConfigError("config.default_user_password", "must not be empty")
-    if req.timezone is not None and not _TIMEZONE.match(req.timezone):
-        raise ConfigError("config.timezone", f"{req.timezone!r} is not a time zone name")
+    if req.timezone is not None:
+        check_timezone(req.timezone, "config.timezone")
     for index, cmd in enumerate(req.cmds):
         if not cmd.strip():
             raise ConfigError(f"config.cmds[{index}]", "is empty")

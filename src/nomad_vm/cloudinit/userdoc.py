@@ -21,6 +21,7 @@ from typing import Any
 
 import yaml
 
+from nomad_vm.cloudinit.timezone import check_timezone
 from nomad_vm.errors import ConfigError
 
 FIELD = "config.user_data"
@@ -112,6 +113,7 @@ def _load_mapping(text: str) -> dict[Any, Any] | None:
         )
     assert isinstance(data, dict)
     _check_merge_how(node, data)
+    _check_timezone(node, data)
     return data
 
 
@@ -129,6 +131,21 @@ def _check_merge_how(node: yaml.MappingNode, data: dict[Any, Any]) -> None:
         _check_mergers(data[key])
     except ValueError as error:
         raise ConfigError(FIELD, f"line {line}: {key}: {error}") from None
+
+
+def _check_timezone(node: yaml.MappingNode, data: dict[Any, Any]) -> None:
+    """The document's own ``timezone:``, checked like the task's ``timezone`` option: cloud-init
+    would only log its refusal inside the guest."""
+    if "timezone" not in data:
+        return
+    line = next(k.start_mark.line + 1 for k, _ in node.value if k.value == "timezone")
+    value = data["timezone"]
+    if not isinstance(value, str):
+        raise ConfigError(FIELD, f"line {line}: timezone: must be a zone name like Europe/Berlin")
+    try:
+        check_timezone(value, FIELD)
+    except ConfigError as error:
+        raise ConfigError(FIELD, f"line {line}: timezone: {error.reason}") from None
 
 
 def _check_mergers(value: object) -> None:

@@ -60,6 +60,38 @@ class VMTaskConfig:
     signal_unit: str | None = None
     signal_pidfile: str | None = None
 
+    @property
+    def gets_seed(self) -> bool:
+        """Does this VM get a cloud-init seed (the only way the cloud-init options reach it)?"""
+        return gets_cloud_init_seed(self.image is not None, self.cloud_init)
+
+
+def gets_cloud_init_seed(has_image: bool, cloud_init: bool) -> bool:
+    """A seed is attached to VMs that boot a disk image, unless the task turned it off: a VM
+    that boots only a kernel has no cloud-init to read it (its userland is the initramfs)."""
+    return has_image and cloud_init
+
+
+def refuse_cloud_init_options(values: Mapping[str, object]) -> None:
+    """For a VM without a seed: a ConfigError naming the first cloud-init option that is set
+    (and the others), since nothing else would apply it and it would be dropped unseen."""
+    given = [name for name in schema.CLOUD_INIT_OPTIONS if values.get(name)]
+    if not given:
+        return
+    first, *others = given
+    if values.get("image"):
+        why = "cloud_init = false"
+        fix = f"remove {first}, or set cloud_init = true if the image has cloud-init"
+    else:
+        why = "it boots a kernel without a disk image (the seed comes with `image`)"
+        fix = f"remove {first}, or boot from an `image` that has cloud-init"
+    also = f" (as do {_and(others)})" if others else ""
+    raise ConfigError(
+        f"config.{first}",
+        f"only takes effect through cloud-init{also}, and this VM gets no cloud-init seed "
+        f"because {why}; {fix}",
+    )
+
 
 def parse_plugin_config(raw: Mapping[str, object] | None) -> PluginConfig:
     values = validate(schema.PLUGIN_CONFIG, raw, "config")
@@ -105,6 +137,8 @@ def parse_task_config(task: TaskConfig, plugin: PluginConfig) -> VMTaskConfig:
         )
     if values["initramfs"] and not values["kernel"]:
         raise ConfigError("config.initramfs", "needs kernel: an initramfs is loaded with a kernel")
+    if not gets_cloud_init_seed(bool(values["image"]), bool(values["cloud_init"])):
+        refuse_cloud_init_options(values)
     os_block = values["os"] or {}
     assert isinstance(os_block, dict)
     hostname = values["hostname"]
@@ -135,6 +169,10 @@ def parse_task_config(task: TaskConfig, plugin: PluginConfig) -> VMTaskConfig:
         signal_pidfile=_optional_str(values["signal_pidfile"]),
         nic=parse_nic(_block(values["network_interface"])),
     )
+
+
+def _and(names: list[str]) -> str:
+    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} and {names[-1]}"
 
 
 def _optional_str(value: object) -> str | None:

@@ -105,7 +105,7 @@ def render_seed(
     task: TaskConfig, vm: VMTaskConfig, shares: tuple[ShareSpec, ...] = (), transport: str = "9p"
 ) -> SeedDocuments | None:
     """The NoCloud documents for a disk-booting VM, unless the task turned cloud-init off."""
-    if vm.image is None or not vm.cloud_init:
+    if not vm.gets_seed:
         return None
     request = CloudInitRequest(
         # A fresh instance id per start makes cloud-init treat each start as a first boot.
