@@ -7,6 +7,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator, Mapping
@@ -60,13 +61,16 @@ def running_agent(
         yield agent
     finally:
         agent.stop()
-        leftover = vm_processes_under(workdir)
-        for proc in leftover:
+        leftover = [(p, " ".join(p.cmdline())) for p in vm_processes_under(workdir)]
+        # The machine is cleaned up either way; the test still fails below.
+        for proc, _ in leftover:
             proc.kill()
-        if leftover:
-            print(f"killed QEMU processes left behind: {[p.pid for p in leftover]}")
         print(f"agent log: {agent.log_path}")
         agent.remove()
+        # A dev agent destroys its allocations when it shuts down: a VM or a virtiofsd still
+        # running is a leak. (A non-dev agent leaves its VMs running on purpose, for recovery.)
+        if dev and leftover and sys.exc_info()[0] is None:
+            pytest.fail(f"processes outlived the agent: {[cmd for _, cmd in leftover]}")
 
 
 @pytest.fixture(scope="module")
