@@ -14,6 +14,8 @@ table (``nomad_vm.plugin.status``)::
      |    +-- LaunchError     the VMM exited or failed during start (recoverable: Nomad may retry)
      |    +-- GuestAgentUnavailable  exec/signal cannot reach the guest (no agent answering)
      |    +-- NetworkError    the host side of a VM's network (bridge, TAP, IP pool, nftables)
+     +-- CommandNotRunnable   the guest could not start an exec'd command (not found, not
+     |                        executable); ``exit_code`` is what a shell would give (127, 126)
      +-- GuestBuildError      building a test guest failed
      +-- Unsupported          the operation is not available for this task or host
 """
@@ -74,6 +76,15 @@ class NetworkError(HypervisorError):
     A ``HypervisorError`` so that a failed start stays recoverable: a full IP pool or a busy
     netlink may well succeed on Nomad's retry. Bad user input is a ``ConfigError`` instead.
     """
+
+
+class CommandNotRunnable(NomadVMError):
+    """The guest could not start the command given to exec. ``exit_code`` is a shell's for the
+    same failure: 127 when the program was not found, 126 when it could not be executed."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 class GuestBuildError(NomadVMError):

@@ -20,7 +20,13 @@ from nomad_vm import schema
 from nomad_vm.driver.config import PluginConfig, parse_plugin_config
 from nomad_vm.driver.events import EventBus
 from nomad_vm.driver.fingerprint import fingerprint_async
-from nomad_vm.driver.guest_exec import ExecOutcome, SignalTarget, exec_in_guest, signal_guest
+from nomad_vm.driver.guest_exec import (
+    ExecOutcome,
+    SignalTarget,
+    StdinReader,
+    exec_in_guest,
+    signal_guest,
+)
 from nomad_vm.driver.guest_terminal import OutputSink, TerminalInput, run_terminal
 from nomad_vm.driver.network_plan import NetworkRecord, network_event
 from nomad_vm.driver.networking import NetworkManager
@@ -276,7 +282,7 @@ class VMDriver:
         await signal_guest(entry, signal_name, target)
 
     async def exec_task(
-        self, task_id: str, command: list[str], timeout: float, stdin: bytes | None = None
+        self, task_id: str, command: list[str], timeout: float, stdin: StdinReader | None = None
     ) -> ExecOutcome:
         return await exec_in_guest(self._task(task_id), command, timeout, stdin)
 

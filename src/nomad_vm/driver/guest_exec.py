@@ -12,17 +12,24 @@ signals go, through the agent, to the systemd unit (`signal_unit`) or the pidfil
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 from nomad_vm.driver.startup import AGENT_SOCKET
 from nomad_vm.driver.task import VMTask
-from nomad_vm.errors import GuestAgentUnavailable, Unsupported
-from nomad_vm.vm.qemu.agent import AgentError, AgentTimeout, GuestAgent
+from nomad_vm.errors import CommandNotRunnable, GuestAgentUnavailable, Unsupported
+from nomad_vm.vm.qemu.agent import AgentCommandError, AgentError, AgentTimeout, GuestAgent
 
 # qemu-ga replaces the whole environment of the command: give it a usable PATH.
 GUEST_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 POWER_SIGNALS = ("SIGTERM", "SIGINT")
+# Where a shell says "not found" (127) rather than "cannot execute" (126): glib's g_spawn error,
+# which qemu-ga quotes, ends with the errno text.
+_NOT_FOUND = "No such file or directory"
+
+# The command's stdin, read only once the guest can run the command: a refusal (no agent, VM
+# stopped) is then reported at once instead of after the user's end of input.
+StdinReader = Callable[[], Awaitable[bytes]]
 
 
 @dataclass(frozen=True)
@@ -53,7 +60,10 @@ async def agent_for(entry: VMTask) -> GuestAgent:
 
 
 async def exec_in_guest(
-    entry: VMTask, command: Sequence[str], timeout: float | None, stdin: bytes | None = None
+    entry: VMTask,
+    command: Sequence[str],
+    timeout: float | None,
+    stdin: StdinReader | None = None,
 ) -> ExecOutcome:
     if not entry.running:
         raise Unsupported("the VM has stopped; there is nothing to run the command in")
@@ -61,13 +71,30 @@ async def exec_in_guest(
         raise Unsupported("no command given")
     agent = await agent_for(entry)
     env = {"PATH": GUEST_PATH, **entry.config.env}
+    data = await stdin() if stdin is not None else b""
     try:
-        result = await agent.exec(list(command), stdin=stdin, env=env, timeout=timeout or None)
+        result = await agent.exec(
+            list(command), stdin=data or None, env=env, timeout=timeout or None
+        )
     except AgentTimeout as exc:
         return ExecOutcome(b"", b"", 124, err=str(exc))
     except AgentError as exc:
+        if isinstance(exc, AgentCommandError) and exc.command == "guest-exec":
+            # The agent answered but could not start the program: the user's command is at fault.
+            raise not_runnable(command[0], exc.desc, env["PATH"]) from None
         raise GuestAgentUnavailable(f"running {command[0]!r} in the guest failed: {exc}") from None
     return ExecOutcome(result.stdout, result.stderr, result.exit_code, result.signal or 0)
+
+
+def not_runnable(program: str, agent_says: str, path: str) -> CommandNotRunnable:
+    """The guest agent could not start ``program``: say so as a shell would, with its reason."""
+    if _NOT_FOUND in agent_says:
+        return CommandNotRunnable(
+            f"{program}: command not found in the guest (PATH={path}; qemu-ga: {agent_says})", 127
+        )
+    return CommandNotRunnable(
+        f"{program}: cannot be executed in the guest (qemu-ga: {agent_says})", 126
+    )
 
 
 async def signal_guest(entry: VMTask, signal_name: str, target: SignalTarget) -> None:

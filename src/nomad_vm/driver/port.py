@@ -20,7 +20,7 @@ from nomad_vm.driver.types import (
 from nomad_vm.fields import Schema
 
 if TYPE_CHECKING:
-    from nomad_vm.driver.guest_exec import ExecOutcome
+    from nomad_vm.driver.guest_exec import ExecOutcome, StdinReader
     from nomad_vm.driver.guest_terminal import OutputSink, TerminalInput
 
 
@@ -52,7 +52,7 @@ class DriverPort(Protocol):
     async def signal_task(self, task_id: str, signal_name: str) -> None: ...
 
     async def exec_task(
-        self, task_id: str, command: list[str], timeout: float, stdin: bytes | None = None
+        self, task_id: str, command: list[str], timeout: float, stdin: StdinReader | None = None
     ) -> ExecOutcome: ...
 
     async def exec_terminal(

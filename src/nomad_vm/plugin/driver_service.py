@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, TypeAlias
 
@@ -10,9 +11,16 @@ import grpc
 
 from nomad_vm.driver.guest_terminal import TerminalInput
 from nomad_vm.driver.types import ExitResult
-from nomad_vm.errors import Unsupported
+from nomad_vm.errors import NomadVMError, Unsupported
 from nomad_vm.plugin import convert
 from nomad_vm.plugin.errors_guard import rpc_errors
+from nomad_vm.plugin.exec_frames import (
+    EXEC_CHUNK,
+    abort_internal,
+    exited_frame,
+    output_frames,
+    refusal_frames,
+)
 from nomad_vm.plugin.hclspec import schema_spec
 from nomad_vm.plugin.proto import driver_pb2 as pb
 from nomad_vm.plugin.proto import driver_pb2_grpc
@@ -21,8 +29,7 @@ if TYPE_CHECKING:
     from nomad_vm.driver.port import DriverPort
 
 Ctx: TypeAlias = grpc.aio.ServicerContext
-# Nomad's own drivers send exec output in 1 KiB frames.
-EXEC_CHUNK = 1024
+log = logging.getLogger(__name__)
 
 
 class DriverService(driver_pb2_grpc.DriverServicer):
@@ -139,26 +146,49 @@ class DriverService(driver_pb2_grpc.DriverServicer):
     ) -> AsyncIterator[pb.ExecTaskStreamingResponse]:
         """`nomad alloc exec`. Without a tty, stdin is collected until Nomad closes it, then the
         command runs and its output is sent back (the guest agent returns output only at the
-        end). With a tty, a pty session in the guest streams both ways (guest_terminal)."""
-        async with rpc_errors(context, "ExecTaskStreaming"):
-            first = await anext(aiter(request_iterator))
-            setup = first.setup
-            if setup.tty:
-                async for frame in self._terminal_session(first, request_iterator):
-                    yield frame
-                return
-            stdin = bytearray()
-            async for message in request_iterator:
-                stdin += message.stdin.data
+        end). With a tty, a pty session in the guest streams both ways (guest_terminal).
+
+        A session that cannot run (no guest agent, VM stopped, command not found, ...) ends like
+        a shell's, with the reason as output and exit code 126 or 127: Nomad would not show a
+        gRPC error's text (exec_frames). Only bugs end the RPC with an error.
+        """
+        requests = aiter(request_iterator)
+        tty = False
+        try:
+            first = await anext(requests)
+            tty = first.setup.tty
+            if tty:
+                session = self._terminal_session(first, requests)
+            else:
+                session = self._collected_exec(first.setup, requests)
+            async for frame in session:
+                yield frame
+        except NomadVMError as exc:
+            log.info("ExecTaskStreaming could not run the command: %s", exc)
+            for frame in refusal_frames(exc, tty=tty):
+                yield frame
+        except Exception:
+            log.exception("ExecTaskStreaming failed unexpectedly")
+            await abort_internal(context)
+
+    async def _collected_exec(
+        self,
+        setup: pb.ExecTaskStreamingRequest.Setup,
+        requests: AsyncIterator[pb.ExecTaskStreamingRequest],
+    ) -> AsyncIterator[pb.ExecTaskStreamingResponse]:
+        async def read_stdin() -> bytes:
+            data = bytearray()
+            async for message in requests:
+                data += message.stdin.data
                 if message.stdin.close:
                     break
-            out = await self.driver.exec_task(
-                setup.task_id, list(setup.command), 0.0, bytes(stdin) or None
-            )
-            for frame in exec_frames(out.stdout, out.stderr):
-                yield frame
-            result = convert.exit_result(ExitResult(out.exit_code, out.signal))
-            yield pb.ExecTaskStreamingResponse(exited=True, result=result)
+            return bytes(data)
+
+        out = await self.driver.exec_task(setup.task_id, list(setup.command), 0.0, read_stdin)
+        stderr = out.stderr + (f"nomad-vm: {out.err}\n".encode() if out.err else b"")
+        for frame in output_frames(out.stdout, stderr, tty=False):
+            yield frame
+        yield exited_frame(out.exit_code, out.signal)
 
     async def _terminal_session(
         self,
@@ -190,11 +220,9 @@ class DriverService(driver_pb2_grpc.DriverServicer):
             outcome = await session
         finally:
             session.cancel()
-        closed = pb.ExecTaskStreamingResponse()
-        closed.stdout.close = True
-        yield closed
-        result = convert.exit_result(ExitResult(outcome.exit_code, outcome.signal))
-        yield pb.ExecTaskStreamingResponse(exited=True, result=result)
+        for frame in output_frames(b"", b"", tty=True):
+            yield frame
+        yield exited_frame(outcome.exit_code, outcome.signal)
 
     async def CreateNetwork(
         self, request: pb.CreateNetworkRequest, context: Ctx
@@ -219,19 +247,3 @@ def terminal_input(message: pb.ExecTaskStreamingRequest) -> TerminalInput:
         cols=size.width if size else 0,
         end=message.stdin.close,
     )
-
-
-def exec_frames(stdout: bytes, stderr: bytes) -> list[pb.ExecTaskStreamingResponse]:
-    """Output in 1 KiB chunks (like Nomad's own drivers), then a close frame per stream."""
-    frames = []
-    for is_stdout, data in ((True, stdout), (False, stderr)):
-        ops = [
-            pb.ExecTaskStreamingIOOperation(data=data[i : i + EXEC_CHUNK])
-            for i in range(0, len(data), EXEC_CHUNK)
-        ]
-        ops.append(pb.ExecTaskStreamingIOOperation(close=True))
-        for op in ops:
-            frame = pb.ExecTaskStreamingResponse()
-            (frame.stdout if is_stdout else frame.stderr).CopyFrom(op)
-            frames.append(frame)
-    return frames

@@ -22,6 +22,7 @@ STATUS_TABLE: tuple[tuple[type[BaseException], grpc.StatusCode, bool], ...] = (
     (errors.TaskNotFound, grpc.StatusCode.NOT_FOUND, False),
     (errors.TaskExists, grpc.StatusCode.ALREADY_EXISTS, False),
     (errors.Unsupported, grpc.StatusCode.UNIMPLEMENTED, False),
+    (errors.CommandNotRunnable, grpc.StatusCode.INVALID_ARGUMENT, False),
     (errors.LaunchError, grpc.StatusCode.FAILED_PRECONDITION, True),
     (errors.GuestAgentUnavailable, grpc.StatusCode.FAILED_PRECONDITION, False),
     (errors.HypervisorError, grpc.StatusCode.INTERNAL, True),
