@@ -52,6 +52,17 @@ def test_alloc_exec_into_the_vm(debian_agent: DevAgent, debian_guest) -> None:  
         timeout=120,
     )
     assert (piped.stdout, piped.returncode) == (b"THROUGH STDIN\n", 0), piped
+    # A program the guest does not have: a shell's 127 and the reason qemu-ga gave, on stderr.
+    missing = subprocess.run(
+        [*exec_argv, "no-such-program", "x"],
+        stdin=subprocess.DEVNULL,
+        env=agent.env,
+        capture_output=True,
+        timeout=120,
+    )
+    assert missing.returncode == 127, missing
+    assert missing.stderr.startswith(b"nomad-vm: no-such-program: command not found"), missing
+    assert b"No such file or directory" in missing.stderr, missing
 
     # Interactive: the CLI on a terminal of its own (40x120) gets a pty in the guest of that size.
     session = run_on_terminal(
