@@ -179,7 +179,11 @@ TASK_CONFIG = Schema(
             "Boot disk image (raw or qcow2; vmdk, vdi, vhdx, vpc and qed are converted to a "
             "private qcow2). Must lie inside `image_paths` or the allocation directory (a Nomad "
             "`artifact` in `local/` works), and so must every file in its backing chain. The "
-            "image itself is never written. `image` or `kernel` (or both) is required.",
+            "image itself is never written. `image` or `kernel` (or both) is required. A qcow2 "
+            "image, and each qcow2 file of its chain, must pass `qemu-img check`: a truncated or "
+            "corrupted one is refused (leaked clusters, wasted space only, are not). The check "
+            "reads the metadata, not the data (milliseconds for a few GiB); an unchanged file "
+            "is checked once per plugin process.",
             example='"local/debian.qcow2"',
         ),
         Field(

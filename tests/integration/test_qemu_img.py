@@ -20,6 +20,14 @@ import pytest
 from nomad_vm.errors import HypervisorError, ImageError
 from nomad_vm.storage import qemu_img
 from nomad_vm.storage.disk import MIB, PreparedDisk, prepare_boot_disk
+from nomad_vm.storage.integrity import IntactImages
+from tests.integration.damaged_images import (
+    cut_in_the_data,
+    header_only,
+    leaked_clusters,
+    whole_qcow2,
+    zeroed_refcounts,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -356,6 +364,80 @@ def test_qemu_img_errors_quote_qemu_img(tmp_path: Path) -> None:
         qemu_img.resize(TOOL, tmp_path / "nope.qcow2", "qcow2", MIB)
     assert "nope.qcow2" in str(err.value)
     assert "No such file" in err.value.stderr
+
+
+# ---- integrity: qemu-img check ---------------------------------------------------------------
+
+
+def test_check_finds_a_whole_image_intact(images: Path) -> None:
+    result = qemu_img.check(TOOL, whole_qcow2(images / "a.qcow2"), "qcow2")
+    assert result.intact and (result.corruptions, result.leaks, result.check_errors) == (0, 0, 0)
+
+
+@pytest.mark.parametrize("make", [header_only, cut_in_the_data, zeroed_refcounts])
+def test_check_finds_truncation_and_broken_tables(make, images: Path) -> None:  # type: ignore[no-untyped-def]
+    result = qemu_img.check(TOOL, make(images / "a.qcow2"), "qcow2")
+    assert result.corruptions > 0 and not result.intact
+    assert result.first_error.startswith("ERROR")
+
+
+def test_leaked_clusters_alone_are_intact(images: Path) -> None:
+    result = qemu_img.check(TOOL, leaked_clusters(images / "a.qcow2"), "qcow2")
+    assert result.leaks > 0 and result.corruptions == 0 and result.intact
+
+
+def test_check_of_a_missing_file_quotes_qemu_img(images: Path) -> None:
+    with pytest.raises(qemu_img.QemuImgError) as err:
+        qemu_img.check(TOOL, images / "nope.qcow2", "qcow2")
+    assert "No such file" in err.value.stderr
+
+
+@pytest.mark.parametrize("thin", [True, False])
+@pytest.mark.parametrize("make", [header_only, cut_in_the_data, zeroed_refcounts])
+def test_a_damaged_qcow2_is_refused_before_anything_is_made(
+    make,  # type: ignore[no-untyped-def]
+    thin: bool,
+    images: Path,
+    dest: Path,
+) -> None:
+    image = make(images / "broken.qcow2")
+    before = sha256(image)
+    with pytest.raises(ImageError) as err:
+        prepare(image, dest, images, thin=thin, verdicts=IntactImages())
+    assert err.value.field == "config.image"
+    assert err.value.reason.startswith(f"{image} is a damaged qcow2 image: qemu-img check found")
+    assert list(dest.iterdir()) == []
+    assert sha256(image) == before  # checked, never repaired
+
+
+def test_a_damaged_backing_file_is_refused_naming_it(images: Path, dest: Path) -> None:
+    base = header_only(images / "base.qcow2")
+    top = images / "top.qcow2"
+    run(TOOL, "create", "-q", "-f", "qcow2", "-b", base, "-F", "qcow2", top)
+    with pytest.raises(ImageError) as err:
+        prepare(top, dest, images, verdicts=IntactImages())
+    assert err.value.reason.startswith(f"backing file {base} of {top} is a damaged qcow2 image")
+    assert list(dest.iterdir()) == []
+
+
+def test_an_image_with_leaks_is_used(images: Path, dest: Path) -> None:
+    disk = prepare(leaked_clusters(images / "a.qcow2"), dest, images, verdicts=IntactImages())
+    assert disk.virtual_size == 64 * MIB
+
+
+def test_an_unchanged_image_is_checked_once(images: Path, tmp_path: Path) -> None:
+    image = whole_qcow2(images / "a.qcow2")
+    verdicts = IntactImages()
+    for name in ("one", "two"):
+        (tmp_path / name).mkdir()
+        prepare(image, tmp_path / name, images, verdicts=verdicts)
+    assert len(verdicts) == 1
+    # Damaged in place after the first check: a new version, checked (and refused) again.
+    data = image.read_bytes()
+    image.write_bytes(data[:512])
+    (tmp_path / "three").mkdir()
+    with pytest.raises(ImageError):
+        prepare(image, tmp_path / "three", images, verdicts=verdicts)
 
 
 # ---- sharing with running VMs ----------------------------------------------------------------

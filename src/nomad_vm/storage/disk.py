@@ -17,6 +17,9 @@ backing file, an ``nbd://`` URL or a blocking FIFO included, before we can look 
 every named file must resolve inside ``allowed_dirs`` and have a recorded format before it is
 opened. Residual risk: qemu-img opens vmdk extents and qcow2 data files (read-only) while
 answering ``info``, before they are checked; the timeout bounds a FIFO there.
+
+Integrity. Once the chain is allowed, each qcow2 file in it must pass ``qemu-img check``
+(``nomad_vm.storage.integrity``): QEMU would boot a truncated qcow2 as if it were whole.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from pathlib import Path
 
 from nomad_vm.errors import HypervisorError, ImageError
 from nomad_vm.storage import qemu_img
+from nomad_vm.storage.integrity import PROCESS_VERDICTS, IntactImages, check_chain
 from nomad_vm.storage.paths import resolve_allowed_file, resolve_within
 from nomad_vm.storage.qemu_img import ImageInfo
 
@@ -77,12 +81,14 @@ def prepare_boot_disk(
     allowed_dirs: Sequence[str],
     field: str = IMAGE_FIELD,
     size_field: str = SIZE_FIELD,
+    verdicts: IntactImages = PROCESS_VERDICTS,
 ) -> PreparedDisk:
     """Make ``dest_dir/disk.qcow2`` from ``image`` (see the module docstring for the rules).
 
     ``image`` should be the absolute path the driver resolved (a relative one is taken from the
     current directory). ``dest_dir`` must exist; an existing ``disk.qcow2`` there is never
-    overwritten (HypervisorError). User problems raise ImageError naming ``field`` or
+    overwritten (HypervisorError). Every qcow2 file of the chain must pass ``qemu-img check``
+    (``verdicts`` remembers the files that did). User problems raise ImageError naming ``field`` or
     ``size_field``; qemu-img failures on our own files raise HypervisorError. On any failure
     nothing this call created is left behind.
     """
@@ -93,6 +99,8 @@ def prepare_boot_disk(
     if top.virtual_size <= 0:
         raise ImageError(field, f"{top.path} is empty (virtual size 0); it cannot be a VM disk")
     size_bytes = target_size(size_mb, top.virtual_size, size_field)
+    # Before anything is made: a damaged qcow2 would otherwise boot as if whole.
+    check_chain(qemu_img_path, chain, field, verdicts)
     dest = dest_dir / DISK_NAME
     created: list[Path] = []
     try:

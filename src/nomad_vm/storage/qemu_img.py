@@ -1,4 +1,4 @@
-"""Typed wrappers over qemu-img: info, create (overlay), convert, resize.
+"""Typed wrappers over qemu-img: info, check, create (overlay), convert, resize.
 
 Every call passes the formats explicitly (``-f``/``-F``/``-O``): only ``info`` without ``fmt``
 probes, and that is done once, on the user's top-level image, by the caller that then records the
@@ -28,7 +28,15 @@ from nomad_vm.errors import HypervisorError
 # that takes this long is stuck, e.g. on a FIFO or a dead NFS server named by the image.
 INFO_TIMEOUT = 30.0
 CREATE_TIMEOUT = 60.0
+# check reads all of a qcow2's metadata (L1/L2 and refcount tables): tens of ms for a few GiB,
+# more for a large, fully allocated image on slow storage.
+CHECK_TIMEOUT = 120.0
+# qemu-img check's exit statuses that come with a report (check_image in qemu-img.c): 0 whole,
+# 1 errors while checking (report printed only if the check itself ran), 2 corruptions,
+# 3 leaked clusters only. 63 is "this format does not support checks".
+_CHECK_REPORTED = (0, 1, 2, 3)
 _STDERR_LIMIT = 2000
+_FIRST_ERROR_LIMIT = 300
 _T = TypeVar("_T")
 
 
@@ -85,6 +93,62 @@ def info(
         argv += ["-f", fmt]
     argv.append(_abs(path))
     return parse_info(_run(argv, timeout, f"qemu-img info {_abs(path)}"), path)
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    """What ``qemu-img check`` found in one image's own structure (not its backing files).
+
+    ``corruptions``: metadata that is wrong (a table pointing past the end of the file, a
+    cluster used twice, refcounts that disagree): reads may return wrong data. ``leaks``:
+    clusters allocated but unused, wasted space only (qemu-img itself calls the image usable).
+    ``check_errors``: parts qemu-img could not check at all (e.g. unreadable). ``first_error``
+    is qemu-img's first line about a problem (it prints one per bad cluster), for messages.
+    """
+
+    path: Path
+    corruptions: int = 0
+    leaks: int = 0
+    check_errors: int = 0
+    first_error: str = ""
+
+    @property
+    def intact(self) -> bool:
+        return self.corruptions == 0 and self.check_errors == 0
+
+
+def check(qemu_img: Path, path: Path, fmt: str, *, timeout: float = CHECK_TIMEOUT) -> CheckResult:
+    """``qemu-img check --output=json --force-share -f FMT PATH``: never repairs (no ``-r``).
+
+    It opens the image's backing chain, so walk and check that first (``nomad_vm.storage.disk``
+    does). ``--force-share`` as for ``info``: running VMs may use the image as a backing file.
+    """
+    argv = [str(qemu_img), "check", "--output=json", "--force-share", "-f", fmt, _abs(path)]
+    what = f"qemu-img check {_abs(path)}"
+    done = _execute(argv, timeout, what)
+    if done.returncode in _CHECK_REPORTED and done.stdout.strip():
+        return parse_check(done.stdout, path, done.stderr)
+    raise _failed(what, done)
+
+
+def parse_check(text: str, path: Path, stderr: str = "") -> CheckResult:
+    """The CheckResult in ``qemu-img check --output=json`` text (qemu-img leaves out the counts
+    that are zero); ``stderr`` is where it lists the problems, one line each."""
+    problems = [line.removeprefix("qemu-img: ").strip() for line in stderr.splitlines()]
+    problems = [line for line in problems if line]
+    try:
+        decoded: Any = json.loads(text)
+        return CheckResult(
+            path=path,
+            corruptions=_typed(decoded.get("corruptions", 0), int),
+            leaks=_typed(decoded.get("leaks", 0), int),
+            check_errors=_typed(decoded.get("check-errors", 0), int),
+            first_error=problems[0][:_FIRST_ERROR_LIMIT] if problems else "",
+        )
+    except (ValueError, TypeError, AttributeError) as exc:
+        raise HypervisorError(
+            f"qemu-img check {path}: unexpected JSON ({exc!r}): {text[:200]!r}"
+        ) from None
 
 
 def create_overlay(
@@ -193,8 +257,16 @@ def _size_arg(size_bytes: int) -> str:
 
 def _run(argv: list[str], timeout: float | None, what: str) -> str:
     """Run qemu-img; its stdout, or a HypervisorError that quotes its stderr."""
+    done = _execute(argv, timeout, what)
+    if done.returncode != 0:
+        raise _failed(what, done)
+    return done.stdout
+
+
+def _execute(argv: list[str], timeout: float | None, what: str) -> subprocess.CompletedProcess[str]:
+    """Run qemu-img to its end, whatever its exit status; HypervisorError if it could not run."""
     try:
-        done = subprocess.run(
+        return subprocess.run(
             argv,
             stdin=subprocess.DEVNULL,
             capture_output=True,
@@ -208,11 +280,12 @@ def _run(argv: list[str], timeout: float | None, what: str) -> str:
         raise HypervisorError(f"{what}: no answer within {timeout:g} s") from None
     except OSError as exc:
         raise HypervisorError(f"cannot run {argv[0]}: {exc.strerror or exc}") from None
-    if done.returncode != 0:
-        stderr = _clean_stderr(done.stderr)
-        status = f"exit status {done.returncode}" if done.returncode > 0 else "killed"
-        raise QemuImgError(f"{what} failed ({status}): {stderr or '(no message)'}", stderr)
-    return done.stdout
+
+
+def _failed(what: str, done: subprocess.CompletedProcess[str]) -> QemuImgError:
+    stderr = _clean_stderr(done.stderr)
+    status = f"exit status {done.returncode}" if done.returncode > 0 else "killed"
+    return QemuImgError(f"{what} failed ({status}): {stderr or '(no message)'}", stderr)
 
 
 def _clean_stderr(stderr: str) -> str:

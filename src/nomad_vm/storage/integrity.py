@@ -1,0 +1,141 @@
+"""Is an image's qcow2 structure whole? ``qemu-img check`` on each qcow2 file of a chain.
+
+QEMU opens a truncated or corrupted qcow2 without a word (reads past the end of the file come
+back as zeros), so without this a half-downloaded image boots as if whole and the guest meets
+missing or wrong data, or an I/O error, somewhere later. ``qemu-img check`` reads the image's
+metadata (L1/L2 and refcount tables), not its data: a table pointing past the end of the file,
+a cluster used twice, refcounts that disagree. Leaked clusters (allocated, unused) are wasted
+space only and are accepted, as qemu-img itself does. raw files have no structure to check, and
+the formats that are converted (vmdk, ...) are read whole by the conversion.
+
+Cost: the check grows with the image's metadata, not its virtual size (docs/configuration.md
+under `image` has the numbers). A verdict "intact" is remembered in this process per file
+*version* (device, inode, size, mtime and ctime), so the next start of an unchanged image does
+not run qemu-img again, and a file replaced or rewritten in place is checked anew. Only good
+verdicts are kept: a damaged file is checked again at each start, in case it was repaired.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from nomad_vm.errors import ImageError
+from nomad_vm.storage import qemu_img
+from nomad_vm.storage.qemu_img import CheckResult, ImageInfo
+
+CHECKED_FORMATS = frozenset({"qcow2"})
+# Images a node boots are few; this bounds the memory whatever happens.
+DEFAULT_LIMIT = 256
+
+
+@dataclass(frozen=True)
+class FileVersion:
+    """One version of a file: any write changes mtime and ctime, a replacement the inode."""
+
+    path: Path
+    device: int
+    inode: int
+    size: int
+    mtime_ns: int
+    ctime_ns: int
+
+    @classmethod
+    def of(cls, path: Path) -> FileVersion | None:
+        try:
+            st = os.stat(path)
+        except OSError:
+            return None  # qemu-img will say what is wrong with it
+        return cls(path, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+class IntactImages:
+    """File versions ``qemu-img check`` found whole, the least recently used forgotten first."""
+
+    def __init__(self, limit: int = DEFAULT_LIMIT) -> None:
+        self._limit = limit
+        self._known: OrderedDict[FileVersion, None] = OrderedDict()
+        # Disks are prepared in worker threads, several tasks at once.
+        self._lock = threading.Lock()
+
+    def __contains__(self, version: FileVersion) -> bool:
+        with self._lock:
+            if version not in self._known:
+                return False
+            self._known.move_to_end(version)
+            return True
+
+    def add(self, version: FileVersion) -> None:
+        with self._lock:
+            self._known[version] = None
+            self._known.move_to_end(version)
+            while len(self._known) > self._limit:
+                self._known.popitem(last=False)
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._known)
+
+
+# The plugin process's memory of good images.
+PROCESS_VERDICTS = IntactImages()
+
+
+def check_chain(
+    qemu_img_path: Path,
+    chain: Sequence[ImageInfo],
+    field: str,
+    verdicts: IntactImages = PROCESS_VERDICTS,
+) -> None:
+    """Refuse, naming ``field``, a chain with a damaged qcow2 file. ``chain`` must already be
+    walked and allowed (``disk.inspect_chain``): checking a file opens its backing files."""
+    for position, level in enumerate(chain):
+        if level.format not in CHECKED_FORMATS:
+            continue
+        where = str(level.path)
+        if position:
+            where = f"backing file {level.path} of {chain[position - 1].path}"
+        _check_file(qemu_img_path, level, where, field, verdicts)
+
+
+def _check_file(
+    qemu_img_path: Path, level: ImageInfo, where: str, field: str, verdicts: IntactImages
+) -> None:
+    before = FileVersion.of(level.path)
+    if before is not None and before in verdicts:
+        return
+    try:
+        result = qemu_img.check(qemu_img_path, level.path, level.format)
+    except qemu_img.QemuImgError as exc:
+        raise ImageError(field, f"qemu-img cannot check {where}: {exc.stderr}") from None
+    if not result.intact:
+        raise ImageError(field, _damage(where, level.path, result))
+    # Remembered only if the file did not change while qemu-img read it.
+    if before is not None and FileVersion.of(level.path) == before:
+        verdicts.add(before)
+
+
+def _damage(where: str, path: Path, result: CheckResult) -> str:
+    found = []
+    if result.corruptions:
+        found.append(_count(result.corruptions, "corruption"))
+    if result.check_errors:
+        found.append(_count(result.check_errors, "part it could not check"))
+    first = f"; the first: {result.first_error}" if result.first_error else ""
+    return (
+        f"{where} is a damaged qcow2 image: qemu-img check found {' and '.join(found)}{first}. "
+        "A VM would read missing or wrong data from it. It may be truncated (an interrupted "
+        "download or copy): replace it with a whole copy (compare its checksum), and see "
+        f"`qemu-img check {path}` for the details"
+    )
+
+
+def _count(n: int, what: str) -> str:
+    if n == 1:
+        return f"1 {what}"
+    plural = what.replace("part ", "parts ", 1) if what.startswith("part ") else f"{what}s"
+    return f"{n} {plural}"
