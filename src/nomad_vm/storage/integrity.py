@@ -8,11 +8,15 @@ a cluster used twice, refcounts that disagree. Leaked clusters (allocated, unuse
 space only and are accepted, as qemu-img itself does. raw files have no structure to check, and
 the formats that are converted (vmdk, ...) are read whole by the conversion.
 
-Cost: the check grows with the image's metadata, not its virtual size (docs/configuration.md
-under `image` has the numbers). A verdict "intact" is remembered in this process per file
-*version* (device, inode, size, mtime and ctime), so the next start of an unchanged image does
-not run qemu-img again, and a file replaced or rewritten in place is checked anew. Only good
-verdicts are kept: a damaged file is checked again at each start, in case it was repaired.
+Cost: the check grows with the clusters in use, not the virtual size. Measured on the 2-core
+development VM (page cache warm, medians of 14), what it adds to ``prepare_boot_disk(thin)``:
++5.4 ms (17.5 vs 12.1 ms) for the Debian test guest (3 GiB virtual, 236 MiB in use), +4.8 ms
+for a 64 MiB image, +6.6 ms for 20 GiB with 1.25 GiB in use, +105 ms for a 100 GiB image with
+every cluster mapped (``preallocation=metadata``). Mostly the cost of running qemu-img at all.
+A verdict "intact" is remembered in this process per file *version* (device, inode, size,
+mtime and ctime), so the next start of an unchanged image does not run qemu-img again, and a
+file replaced or rewritten in place is checked anew. Only good verdicts are kept: a damaged
+file is checked again at each start, in case it was replaced.
 """
 
 from __future__ import annotations
