@@ -22,6 +22,7 @@ from tests.integration.test_vm_lifecycle import (
     destroy,
     stop,
     wait,
+    wait_until,
 )
 from tests.unit.test_virtiofsd import RUST_DAEMON, write_daemon
 
@@ -187,3 +188,35 @@ def test_daemons_end_after_a_plugin_restart(
     finally:
         first.kill()
         second.kill()
+
+
+def test_a_start_that_nomad_gives_up_on_leaves_nothing(
+    plugin: PluginProcess,
+    short_tmp: Path,
+    tiny_guest,  # type: ignore[no-untyped-def]
+) -> None:
+    """StartTask cancelled (its deadline passed: Nomad gave up, or the agent is shutting down)
+    while the plugin waits for QMP: the VM and its daemons must not run on unknown to anyone."""
+    spawned = short_tmp / "qemu-was-spawned"
+    slow_qemu = write_daemon(
+        short_tmp / "bin" / "slow-qemu",
+        f'#!/bin/sh\n[ "$1" = --version ] || touch {spawned}; sleep 3\n'
+        'exec qemu-system-x86_64 "$@"\n',
+    )
+    with tiny_task(
+        plugin,
+        short_tmp,
+        tiny_guest,
+        alloc_name="cancel",
+        plugin_options={"qemu_binary": str(slow_qemu)},
+    ) as (cfg, _, alloc):
+        with pytest.raises(grpc.RpcError) as err:
+            drv(plugin).StartTask(driver_pb2.StartTaskRequest(task=cfg), timeout=2)
+        assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert spawned.exists(), "the plugin never got as far as starting QEMU"
+        # The plugin handles the cancellation on its side; QEMU would exec a second later.
+        _, alive = psutil.wait_procs(processes_under(short_tmp, "virtiofsd"), timeout=10)
+        assert not alive
+        assert wait_until(lambda: not list((alloc / "tiny").iterdir()), 10)
+        assert not processes_under(short_tmp, "slow-qemu")
+    assert not qemu_processes_under(short_tmp) and not daemons_under(short_tmp)

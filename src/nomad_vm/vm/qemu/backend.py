@@ -228,8 +228,20 @@ class QemuBackend:
             if cause:
                 raise LaunchError(f"QEMU failed to start: {cause}") from None
             raise LaunchError(f"QEMU failed to start: {tail or exc}") from None
+        except BaseException:
+            # Cancelled (Nomad gave up on StartTask, the agent is shutting down): nobody will
+            # ever learn of this VM, so it must not outlive the call.
+            process.kill_and_reap()
+            kill_daemons(daemons)
+            raise
         vm = QemuVM(process, monitor, log_path, tuple(d.process for d in daemons))
-        await vm.enable_guest_stats()
+        try:
+            await vm.enable_guest_stats()
+        except BaseException:
+            process.kill_and_reap()
+            kill_daemons(daemons)
+            await monitor.close()
+            raise
         return vm
 
     async def reattach(self, ident: ProcessIdentity, socket: Path, runtime_dir: Path) -> QemuVM:
