@@ -37,8 +37,8 @@ from nomad_vm.vm.accel import AcceleratorChoice, choose_accelerator, probe_kvm
 from nomad_vm.vm.firmware import FirmwarePlan, plan_firmware, prepare_vars
 from nomad_vm.vm.machine import MachineConfig, validate_machine
 from nomad_vm.vm.qemu.binary import find_qemu, find_qemu_img
-from nomad_vm.vm.spec import DiskSpec, NicSpec, ShareSpec, VMSpec
 from nomad_vm.vm.share_transport import ShareTransport, choose_share_transport
+from nomad_vm.vm.spec import DiskSpec, NicSpec, ShareSpec, VMSpec
 
 SEED_NAME = "cidata.iso"
 AGENT_SOCKET = "agent.sock"
