@@ -57,16 +57,20 @@ PLUGIN_CONFIG = Schema(
             "string",
             "How Nomad's directories and volumes reach the guest: `virtiofs` (a virtiofsd per "
             "share, guest RAM shared with it; faster, full POSIX semantics), `9p` (served by "
-            "QEMU itself), or `auto`: virtio-fs when virtiofsd is found, 9p otherwise. The "
-            "choice is in the node attribute `driver.vm.fs_transport`.",
+            "QEMU itself), or `auto`: virtio-fs when a usable virtiofsd is found (the Rust "
+            "daemon; QEMU's legacy C virtiofsd, Debian 12's /usr/lib/qemu/virtiofsd, is "
+            "recognised and not used), 9p otherwise. The choice is in the node attribute "
+            "`driver.vm.fs_transport`, and why in `driver.vm.fs_transport.reason`.",
             default="auto",
             choices=SHARE_TRANSPORTS,
         ),
         Field(
             "virtiofsd_binary",
             "string",
-            "The virtiofsd to use: a path, or a name looked up on PATH. Unset: `virtiofsd` on "
-            "PATH, then `/usr/libexec/virtiofsd` and `/usr/lib/qemu/virtiofsd`.",
+            "The virtiofsd to use: a path, or a name looked up on PATH. Unset: the first "
+            "usable one of `virtiofsd` on PATH, `/usr/libexec/virtiofsd` and "
+            "`/usr/lib/qemu/virtiofsd`. Usable means its `--help` lists every option the driver "
+            "passes; a named binary that does not is an error, not a fallback to 9p.",
             default="",
             example='"/usr/libexec/virtiofsd"',
         ),
