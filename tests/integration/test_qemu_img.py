@@ -482,3 +482,40 @@ def test_report_overlay_creation_time(images: Path, tmp_path: Path) -> None:
         "\nprepare_boot_disk(thin) on a sparse raw base, median of 5: "
         + ", ".join(f"{g} GiB {t * 1000:.1f} ms" for g, t in results.items())
     )
+
+
+# ---- what is remembered per image version ----------------------------------------------------
+
+
+@pytest.mark.parametrize("fmt", ["raw", "qcow2"])
+def test_later_overlays_of_an_unchanged_image_need_no_qemu_img(
+    fmt: str, images: Path, tmp_path: Path
+) -> None:
+    """The first start runs qemu-img (info, check, create); the next ones of the same image
+    version get the same overlay bytes without it (here qemu-img is /bin/false for them)."""
+    image = whole_qcow2(images / "a.qcow2") if fmt == "qcow2" else images / "a.raw"
+    if fmt == "raw":
+        run(TOOL, "create", "-q", "-f", "raw", image, "64M")
+    first, second, fresh = (tmp_path / name for name in ("first", "second", "fresh"))
+    for directory in (first, second, fresh):
+        directory.mkdir()
+    made = prepare(image, first, images, size_mb=128)
+    copied = prepare_boot_disk(
+        Path("/bin/false"), image, second, thin=True, size_mb=128, allowed_dirs=[str(images)]
+    )
+    run(TOOL, "create", "-q", "-f", "qcow2", "-b", image, "-F", fmt, fresh / "disk.qcow2", "128M")
+    assert copied.path.read_bytes() == made.path.read_bytes() == (fresh / "disk.qcow2").read_bytes()
+    assert copied.path.stat().st_mode & 0o777 == 0o600
+    assert copied.virtual_size == 128 * MIB and copied.thin
+    # A write to the image is a new version: qemu-img is asked again (and here fails).
+    os.utime(image, ns=(time.time_ns(), time.time_ns()))
+    (tmp_path / "third").mkdir()
+    with pytest.raises(ImageError):
+        prepare_boot_disk(
+            Path("/bin/false"),
+            image,
+            tmp_path / "third",
+            thin=True,
+            size_mb=128,
+            allowed_dirs=[str(images)],
+        )

@@ -13,7 +13,8 @@ import pytest
 
 from nomad_vm.errors import HypervisorError, ImageError
 from nomad_vm.storage import qemu_img
-from nomad_vm.storage.integrity import FileVersion, IntactImages, check_chain
+from nomad_vm.storage.file_versions import FileVersion
+from nomad_vm.storage.integrity import IntactImages, check_chain
 from nomad_vm.storage.qemu_img import CheckResult, ImageInfo, parse_check
 
 WHOLE = {"image-end-offset": 262144, "total-clusters": 1024, "check-errors": 0, "format": "qcow2"}

@@ -32,6 +32,7 @@ from pathlib import Path
 
 from nomad_vm.errors import HypervisorError, ImageError
 from nomad_vm.storage import qemu_img
+from nomad_vm.storage.file_versions import FileVersion, VersionMemo
 from nomad_vm.storage.integrity import PROCESS_VERDICTS, IntactImages, check_chain
 from nomad_vm.storage.paths import resolve_allowed_file, resolve_within
 from nomad_vm.storage.qemu_img import ImageInfo
@@ -49,6 +50,14 @@ CONVERTED_FORMATS = frozenset({"vmdk", "vdi", "vhdx", "vpc", "qed"})
 MAX_CHAIN_LENGTH = 16
 # 64 TiB. A qcow2 of 1 PiB costs 16 MB of metadata before the guest writes anything.
 MAX_DISK_MB = 64 * 1024 * 1024
+# What qemu-img info said about each user file version (and the format it was opened with).
+PROCESS_INFOS: VersionMemo[tuple[FileVersion, str | None], ImageInfo] = VersionMemo()
+# Fresh overlays by (base file version, base format, size): a few hundred KB each.
+OVERLAY_TEMPLATES: VersionMemo[tuple[FileVersion | None, str, int | None], bytes] = VersionMemo(
+    limit=32
+)
+# Larger ones (huge virtual sizes have large L1 tables) are left to qemu-img each time.
+MAX_TEMPLATE_BYTES = 4 * MIB
 _FORMAT_HINT = (
     "use a raw or qcow2 image (vmdk, vdi, vhdx, vpc and qed are converted to qcow2), "
     "e.g. `qemu-img convert -O qcow2 IMAGE NEW.qcow2`"
@@ -110,7 +119,7 @@ def prepare_boot_disk(
         if shared:
             # An overlay is exactly the size asked for, or the base's: no need to ask qemu-img
             # again (each qemu-img run is tens of ms on the start path).
-            qemu_img.create_overlay(qemu_img_path, top.path, top.format, dest, size_bytes)
+            _make_overlay(qemu_img_path, top, dest, size_bytes)
             virtual_size = size_bytes or top.virtual_size
         else:
             qemu_img.convert(qemu_img_path, top.path, top.format, dest, DISK_FORMAT)
@@ -257,14 +266,41 @@ def _allowed(field: str, name: str, allowed_dirs: Sequence[str], base: Path, con
 def _info_of_user_file(
     qemu_img_path: Path, path: Path, fmt: str | None, field: str, levels: Sequence[ImageInfo]
 ) -> ImageInfo:
-    """``info`` on a user-supplied file: qemu-img refusing it is the user's problem."""
+    """``info`` on a user-supplied file: qemu-img refusing it is the user's problem. What
+    qemu-img said is remembered per file version (its refusals are not)."""
+    version = FileVersion.of(path)
+    known = PROCESS_INFOS.get((version, fmt)) if version is not None else None
+    if known is not None:
+        return known
     try:
-        return qemu_img.info(qemu_img_path, path, fmt=fmt, follow_backing=False)
+        info = qemu_img.info(qemu_img_path, path, fmt=fmt, follow_backing=False)
     except qemu_img.QemuImgError as exc:
         where = f"backing file {path} of {levels[-1].path}" if levels else str(path)
         raise ImageError(
             field, f"qemu-img cannot open {where} as a disk image: {exc.stderr}; {_FORMAT_HINT}"
         ) from None
+    # Remembered only if the file did not change while qemu-img read it.
+    if version is not None and FileVersion.of(path) == version:
+        PROCESS_INFOS.put((version, fmt), info)
+    return info
+
+
+def _make_overlay(qemu_img_path: Path, top: ImageInfo, dest: Path, size_bytes: int | None) -> None:
+    """``qemu-img create`` of an overlay on ``top``. A fresh overlay names only its backing
+    file, format and size, so the same request gives the same bytes: the first is made by
+    qemu-img and kept, later ones are copies of it (no qemu-img run on the start path)."""
+    version = FileVersion.of(top.path)
+    key = (version, top.format, size_bytes)
+    template = OVERLAY_TEMPLATES.get(key) if version is not None else None
+    if template is not None:
+        with open(dest, "wb") as out:  # reserved (0600) by the caller
+            out.write(template)
+        return
+    qemu_img.create_overlay(qemu_img_path, top.path, top.format, dest, size_bytes)
+    if version is not None and FileVersion.of(top.path) == version:
+        made = dest.read_bytes()
+        if len(made) <= MAX_TEMPLATE_BYTES:
+            OVERLAY_TEMPLATES.put(key, made)
 
 
 def _reserve(dest: Path) -> None:

@@ -21,68 +21,25 @@ file is checked again at each start, in case it was replaced.
 
 from __future__ import annotations
 
-import os
-import threading
-from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 from nomad_vm.errors import ImageError
 from nomad_vm.storage import qemu_img
+from nomad_vm.storage.file_versions import FileVersion, VersionMemo
 from nomad_vm.storage.qemu_img import CheckResult, ImageInfo
 
 CHECKED_FORMATS = frozenset({"qcow2"})
-# Images a node boots are few; this bounds the memory whatever happens.
-DEFAULT_LIMIT = 256
 
 
-@dataclass(frozen=True)
-class FileVersion:
-    """One version of a file: any write changes mtime and ctime, a replacement the inode."""
-
-    path: Path
-    device: int
-    inode: int
-    size: int
-    mtime_ns: int
-    ctime_ns: int
-
-    @classmethod
-    def of(cls, path: Path) -> FileVersion | None:
-        try:
-            st = os.stat(path)
-        except OSError:
-            return None  # qemu-img will say what is wrong with it
-        return cls(path, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-
-
-class IntactImages:
-    """File versions ``qemu-img check`` found whole, the least recently used forgotten first."""
-
-    def __init__(self, limit: int = DEFAULT_LIMIT) -> None:
-        self._limit = limit
-        self._known: OrderedDict[FileVersion, None] = OrderedDict()
-        # Disks are prepared in worker threads, several tasks at once.
-        self._lock = threading.Lock()
+class IntactImages(VersionMemo[FileVersion, bool]):
+    """File versions ``qemu-img check`` found whole."""
 
     def __contains__(self, version: FileVersion) -> bool:
-        with self._lock:
-            if version not in self._known:
-                return False
-            self._known.move_to_end(version)
-            return True
+        return self.get(version) is not None
 
     def add(self, version: FileVersion) -> None:
-        with self._lock:
-            self._known[version] = None
-            self._known.move_to_end(version)
-            while len(self._known) > self._limit:
-                self._known.popitem(last=False)
-
-    def __len__(self) -> int:
-        with self._lock:
-            return len(self._known)
+        self.put(version, True)
 
 
 # The plugin process's memory of good images.
