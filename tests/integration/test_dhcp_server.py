@@ -9,12 +9,12 @@ guest is built from (tests/dhcp_client.py).
 
 from __future__ import annotations
 
-import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 
+import psutil
 import pytest
 
 from nomad_vm.errors import NetworkError
@@ -129,7 +129,10 @@ def test_a_dead_server_is_started_again_and_a_failed_start_leaves_nothing(lan: L
     server.add("task-a", host(MAC_A, 42, "vm-a"))
     daemon = server.running()
     assert daemon is not None
-    subprocess.run(["kill", "-9", str(daemon.pid)], check=True)
+    victim = psutil.Process(daemon.pid)
+    victim.kill()
+    # kill(2) only queues the signal: wait until the process is really gone (or a zombie).
+    psutil.wait_procs([victim], timeout=10)
     assert server.running() is None
     assert server.ensure_running() is True
     assert server.ensure_running() is False  # already running
