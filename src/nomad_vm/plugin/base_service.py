@@ -7,7 +7,6 @@ from typing import TYPE_CHECKING
 import grpc
 
 from nomad_vm import __version__, schema
-from nomad_vm.plugin import convert
 from nomad_vm.plugin.errors_guard import rpc_errors
 from nomad_vm.plugin.hclspec import schema_spec
 from nomad_vm.plugin.proto import base_pb2, base_pb2_grpc
@@ -42,6 +41,11 @@ class BasePluginService(base_pb2_grpc.BasePluginServicer):
     async def SetConfig(
         self, request: base_pb2.SetConfigRequest, context: grpc.aio.ServicerContext
     ) -> base_pb2.SetConfigResponse:
+        # Imported here: the conversions need the driver's types, and all of the driver's
+        # modules come with them. SetConfig builds the driver anyway; PluginInfo and
+        # ConfigSchema, the fingerprint launch's only calls, need neither.
+        from nomad_vm.plugin import convert
+
         async with rpc_errors(context, "SetConfig"):
             raw = convert.decode_config(request.msgpack_config)
             agent = (

@@ -6,7 +6,7 @@ import asyncio
 import logging
 import signal
 import sys
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING
 
 from nomad_vm.plugin import handshake
 from nomad_vm.plugin.hclog import configure_plugin_logging
@@ -44,7 +44,7 @@ async def _run() -> None:
     # `kill -USR1 <plugin pid>` writes every pending asyncio task's stack to the agent log:
     # the way to see what a stuck RPC is waiting for.
     asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, _dump_tasks)
-    await serve(cast("DriverPort", LazyDriver(_make_driver)))
+    await serve(LazyDriver(_make_driver))
 
 
 def _dump_tasks() -> None:

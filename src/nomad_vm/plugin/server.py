@@ -3,19 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, cast
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from nomad_vm.plugin import handshake
 from nomad_vm.plugin.base_service import BasePluginService
-from nomad_vm.plugin.driver_service import DriverService
+from nomad_vm.plugin.deferred import DeferredService
 from nomad_vm.plugin.goplugin_services import BrokerService, ControllerService, StdioService
-from nomad_vm.plugin.proto import base_pb2_grpc, driver_pb2_grpc, goplugin_pb2_grpc
+from nomad_vm.plugin.lazy import LazyDriver
+from nomad_vm.plugin.proto import base_pb2_grpc, goplugin_pb2_grpc
 
 if TYPE_CHECKING:
     from nomad_vm.driver.port import DriverPort
@@ -29,17 +31,21 @@ SERVER_OPTIONS = [
 ]
 # Seconds in-flight RPCs get to finish after GRPCController.Shutdown (go-plugin waits 2 s).
 SHUTDOWN_GRACE = 0.5
+DRIVER_SERVICE = "hashicorp.nomad.plugins.drivers.proto.Driver"
 
 
-async def serve(driver: DriverPort, socket_dir: Path | None = None) -> None:
+async def serve(driver: LazyDriver, socket_dir: Path | None = None) -> None:
     """Listen on a unix socket, announce it on stdout, serve until Shutdown."""
     socket_dir = socket_dir or handshake.make_socket_dir()
     socket_path = socket_dir / "plugin.sock"
     server = grpc.aio.server(options=SERVER_OPTIONS)
     stop = asyncio.Event()
+    port = cast("DriverPort", driver)  # LazyDriver forwards everything else to the driver
 
-    base_pb2_grpc.add_BasePluginServicer_to_server(BasePluginService(driver), server)
-    driver_pb2_grpc.add_DriverServicer_to_server(DriverService(driver), server)
+    base_pb2_grpc.add_BasePluginServicer_to_server(BasePluginService(port), server)
+    server.add_generic_rpc_handlers(
+        (DeferredService(DRIVER_SERVICE, functools.partial(_add_driver_service, driver)),)
+    )
     goplugin_pb2_grpc.add_GRPCControllerServicer_to_server(ControllerService(stop.set), server)
     goplugin_pb2_grpc.add_GRPCStdioServicer_to_server(StdioService(), server)
     goplugin_pb2_grpc.add_GRPCBrokerServicer_to_server(BrokerService(), server)
@@ -58,3 +64,11 @@ async def serve(driver: DriverPort, socket_dir: Path | None = None) -> None:
         await server.stop(SHUTDOWN_GRACE)
         await driver.shutdown()
         shutil.rmtree(socket_dir, ignore_errors=True)
+
+
+def _add_driver_service(driver: LazyDriver, target: Any) -> None:
+    """Registers the Driver service on ``target``; imports its module (see plugin/deferred.py)."""
+    from nomad_vm.plugin.driver_service import DriverService
+    from nomad_vm.plugin.proto import driver_pb2_grpc
+
+    driver_pb2_grpc.add_DriverServicer_to_server(DriverService(cast("DriverPort", driver)), target)
