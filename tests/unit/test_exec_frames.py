@@ -23,7 +23,7 @@ from nomad_vm.driver.guest_exec import ExecOutcome, StdinReader, exec_in_guest
 from nomad_vm.driver.guest_terminal import OutputSink, TerminalInput
 from nomad_vm.driver.port import DriverPort
 from nomad_vm.driver.task import VMTask
-from nomad_vm.plugin.driver_service import DriverService
+from nomad_vm.plugin.driver_service import DriverService, Lifecycle
 from nomad_vm.plugin.exec_frames import CLOSE_TEXT_LIMIT
 from nomad_vm.plugin.proto import driver_pb2 as pb
 from nomad_vm.plugin.proto import driver_pb2_grpc
@@ -98,7 +98,7 @@ def run_session(driver: FakeDriver, *, tty: bool, stdin: list[bytes] | None = No
         with tempfile.TemporaryDirectory(prefix="nvx-", dir="/tmp") as tmp:
             socket = Path(tmp) / "s.sock"
             server = grpc.aio.server()
-            servicer = DriverService(cast(DriverPort, driver))
+            servicer = DriverService(cast(DriverPort, driver), cast(Lifecycle, driver))
             driver_pb2_grpc.add_DriverServicer_to_server(servicer, server)
             server.add_insecure_port(f"unix:{socket}")
             await server.start()

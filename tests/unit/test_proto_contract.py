@@ -2,10 +2,11 @@
 
 The facts asserted here were checked against Nomad v1.11.2 (plugins/base/proto,
 plugins/drivers/proto, plugins/shared/hclspec, plugins/shared/structs/proto) and go-plugin
-v1.7.0 (internal/plugin). What goes on the wire, and therefore must never drift: fully
-qualified service/method/message names (method paths, google.protobuf.Any type URLs), field
-numbers and field types. Field names are asserted too, because they are kept identical to
-Nomad's (JSON names, reflection).
+v1.7.0 (internal/plugin); Nomad v2.0.5's protos, Driver.Init and Driver.Shutdown included, have
+the same descriptors as ours (docs/plugin-protocol.md). What goes on the wire, and therefore
+must never drift: fully qualified service/method/message names (method paths,
+google.protobuf.Any type URLs), field numbers and field types. Field names are asserted too,
+because they are kept identical to Nomad's (JSON names, reflection).
 """
 
 from __future__ import annotations

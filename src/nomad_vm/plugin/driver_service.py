@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING, TypeAlias
+from typing import TYPE_CHECKING, Protocol, TypeAlias
 
 import grpc
 
@@ -31,17 +31,45 @@ if TYPE_CHECKING:
 Ctx: TypeAlias = grpc.aio.ServicerContext
 log = logging.getLogger(__name__)
 
+# Driver.Shutdown: Nomad's deadline (drivermanager/instance.go driverShutdownTimeout), for a
+# caller that sets none, and how long before the deadline to answer. An answer in time keeps
+# "context deadline exceeded" out of the agent's log; the close goes on after it either way.
+SHUTDOWN_TIMEOUT = 2.0
+SHUTDOWN_MARGIN = 0.3
+
+
+class Lifecycle(Protocol):
+    """What Init and Shutdown act on (plugin/lazy.py's LazyDriver)."""
+
+    async def init(self) -> None: ...
+
+    async def shutdown(self) -> None: ...
+
 
 class DriverService(driver_pb2_grpc.DriverServicer):
-    def __init__(self, driver: DriverPort) -> None:
+    def __init__(self, driver: DriverPort, lifecycle: Lifecycle) -> None:
         self.driver = driver
+        self.lifecycle = lifecycle
 
     async def Init(self, request: pb.InitRequest, context: Ctx) -> pb.InitResponse:
+        """Nomad 2.0.4+: an agent starts using this process (after SetConfig, or when it
+        reattaches). An error here makes Nomad kill the plugin and fail the dispense."""
+        async with rpc_errors(context, "Init"):
+            await self.lifecycle.init()
         return pb.InitResponse()
 
     async def Shutdown(self, request: pb.ShutdownRequest, context: Ctx) -> pb.ShutdownResponse:
-        # Graceful agent shutdown: VMs keep running and are recovered by the next plugin.
-        await self.driver.shutdown()
+        """Nomad 2.0.4+, on a graceful agent shutdown, after every allocation has stopped or
+        been left running, and just before go-plugin's Kill (GRPCController.Shutdown ends this
+        process). VMs keep running: the next plugin recovers them. The process keeps serving
+        until that Kill: Nomad only skips the Kill for a plugin that has already exited."""
+        remaining = context.time_remaining()
+        budget = (SHUTDOWN_TIMEOUT if remaining is None else remaining) - SHUTDOWN_MARGIN
+        # asyncio.wait, not wait_for: running out of time must not cancel the close.
+        closing = asyncio.ensure_future(self.lifecycle.shutdown())
+        done, _ = await asyncio.wait({closing}, timeout=max(budget, 0.0))
+        if not done:
+            log.warning("Shutdown answered while the driver is still closing")
         return pb.ShutdownResponse()
 
     async def TaskConfigSchema(

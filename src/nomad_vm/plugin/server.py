@@ -71,4 +71,6 @@ def _add_driver_service(driver: LazyDriver, target: Any) -> None:
     from nomad_vm.plugin.driver_service import DriverService
     from nomad_vm.plugin.proto import driver_pb2_grpc
 
-    driver_pb2_grpc.add_DriverServicer_to_server(DriverService(cast("DriverPort", driver)), target)
+    driver_pb2_grpc.add_DriverServicer_to_server(
+        DriverService(cast("DriverPort", driver), driver), target
+    )

@@ -9,7 +9,9 @@ part of the method paths (/hashicorp.nomad.plugins.drivers.proto.Driver/StartTas
 the fully qualified message names.
 
 A few additions of later Nomad releases are included; they are optional, and clients that
-do not know them ignore them (unknown fields) or never call them (unknown RPCs):
+do not know them ignore them (unknown fields) or never call them (unknown RPCs). The whole
+file matches Nomad v2.0.5's descriptors (docs/plugin-protocol.md, "Driver.Init and
+Driver.Shutdown"):
   * Driver.Init / Driver.Shutdown and their messages (Nomad 2.0.4),
   * FingerprintResponse.err = 4 (Nomad 1.11.3 / 2.0.0),
   * Mount.request_name = 6 (Nomad 2.0.1).

@@ -130,7 +130,8 @@ class DriverServicer:
     """Missing associated documentation comment in .proto file."""
 
     def Init(self, request, context):
-        """Optional (Nomad 2.0.4+): called after SetConfig on every dispense, including reattach.
+        """Optional (Nomad 2.0.4+): called after SetConfig on every dispense, and on a reattach
+        (which sends no SetConfig). An error makes Nomad kill the plugin.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -208,7 +209,8 @@ class DriverServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Shutdown(self, request, context):
-        """Optional (Nomad 2.0.4+): called on a graceful agent shutdown.
+        """Optional (Nomad 2.0.4+): called on a graceful agent shutdown, with a 2 s deadline, right
+        before go-plugin's Kill (GRPCController.Shutdown).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

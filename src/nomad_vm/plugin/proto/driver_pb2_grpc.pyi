@@ -9,7 +9,9 @@ part of the method paths (/hashicorp.nomad.plugins.drivers.proto.Driver/StartTas
 the fully qualified message names.
 
 A few additions of later Nomad releases are included; they are optional, and clients that
-do not know them ignore them (unknown fields) or never call them (unknown RPCs):
+do not know them ignore them (unknown fields) or never call them (unknown RPCs). The whole
+file matches Nomad v2.0.5's descriptors (docs/plugin-protocol.md, "Driver.Init and
+Driver.Shutdown"):
   * Driver.Init / Driver.Shutdown and their messages (Nomad 2.0.4),
   * FingerprintResponse.err = 4 (Nomad 1.11.3 / 2.0.0),
   * Mount.request_name = 6 (Nomad 2.0.1).
@@ -44,7 +46,9 @@ class DriverStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> DriverAsyncStub: ...
     Init: _grpc.UnaryUnaryMultiCallable[_driver_pb2.InitRequest, _driver_pb2.InitResponse]
-    """Optional (Nomad 2.0.4+): called after SetConfig on every dispense, including reattach."""
+    """Optional (Nomad 2.0.4+): called after SetConfig on every dispense, and on a reattach
+    (which sends no SetConfig). An error makes Nomad kill the plugin.
+    """
     TaskConfigSchema: _grpc.UnaryUnaryMultiCallable[_driver_pb2.TaskConfigSchemaRequest, _driver_pb2.TaskConfigSchemaResponse]
     """hclspec of the job's task `config {}` block."""
     Capabilities: _grpc.UnaryUnaryMultiCallable[_driver_pb2.CapabilitiesRequest, _driver_pb2.CapabilitiesResponse]
@@ -62,7 +66,9 @@ class DriverStub:
     TaskEvents: _grpc.UnaryStreamMultiCallable[_driver_pb2.TaskEventsRequest, _driver_pb2.DriverTaskEvent]
     """Long-lived: every task event of the driver."""
     Shutdown: _grpc.UnaryUnaryMultiCallable[_driver_pb2.ShutdownRequest, _driver_pb2.ShutdownResponse]
-    """Optional (Nomad 2.0.4+): called on a graceful agent shutdown."""
+    """Optional (Nomad 2.0.4+): called on a graceful agent shutdown, with a 2 s deadline, right
+    before go-plugin's Kill (GRPCController.Shutdown).
+    """
     SignalTask: _grpc.UnaryUnaryMultiCallable[_driver_pb2.SignalTaskRequest, _driver_pb2.SignalTaskResponse]
     ExecTask: _grpc.UnaryUnaryMultiCallable[_driver_pb2.ExecTaskRequest, _driver_pb2.ExecTaskResponse]
     ExecTaskStreaming: _grpc.StreamStreamMultiCallable[_driver_pb2.ExecTaskStreamingRequest, _driver_pb2.ExecTaskStreamingResponse]
@@ -74,7 +80,9 @@ class DriverStub:
 class DriverAsyncStub(DriverStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     Init: _aio.UnaryUnaryMultiCallable[_driver_pb2.InitRequest, _driver_pb2.InitResponse]  # type: ignore[assignment]
-    """Optional (Nomad 2.0.4+): called after SetConfig on every dispense, including reattach."""
+    """Optional (Nomad 2.0.4+): called after SetConfig on every dispense, and on a reattach
+    (which sends no SetConfig). An error makes Nomad kill the plugin.
+    """
     TaskConfigSchema: _aio.UnaryUnaryMultiCallable[_driver_pb2.TaskConfigSchemaRequest, _driver_pb2.TaskConfigSchemaResponse]  # type: ignore[assignment]
     """hclspec of the job's task `config {}` block."""
     Capabilities: _aio.UnaryUnaryMultiCallable[_driver_pb2.CapabilitiesRequest, _driver_pb2.CapabilitiesResponse]  # type: ignore[assignment]
@@ -92,7 +100,9 @@ class DriverAsyncStub(DriverStub):
     TaskEvents: _aio.UnaryStreamMultiCallable[_driver_pb2.TaskEventsRequest, _driver_pb2.DriverTaskEvent]  # type: ignore[assignment]
     """Long-lived: every task event of the driver."""
     Shutdown: _aio.UnaryUnaryMultiCallable[_driver_pb2.ShutdownRequest, _driver_pb2.ShutdownResponse]  # type: ignore[assignment]
-    """Optional (Nomad 2.0.4+): called on a graceful agent shutdown."""
+    """Optional (Nomad 2.0.4+): called on a graceful agent shutdown, with a 2 s deadline, right
+    before go-plugin's Kill (GRPCController.Shutdown).
+    """
     SignalTask: _aio.UnaryUnaryMultiCallable[_driver_pb2.SignalTaskRequest, _driver_pb2.SignalTaskResponse]  # type: ignore[assignment]
     ExecTask: _aio.UnaryUnaryMultiCallable[_driver_pb2.ExecTaskRequest, _driver_pb2.ExecTaskResponse]  # type: ignore[assignment]
     ExecTaskStreaming: _aio.StreamStreamMultiCallable[_driver_pb2.ExecTaskStreamingRequest, _driver_pb2.ExecTaskStreamingResponse]  # type: ignore[assignment]
@@ -107,7 +117,9 @@ class DriverServicer(metaclass=_abc_1.ABCMeta):
         request: _driver_pb2.InitRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_driver_pb2.InitResponse, _abc.Awaitable[_driver_pb2.InitResponse]]:
-        """Optional (Nomad 2.0.4+): called after SetConfig on every dispense, including reattach."""
+        """Optional (Nomad 2.0.4+): called after SetConfig on every dispense, and on a reattach
+        (which sends no SetConfig). An error makes Nomad kill the plugin.
+        """
 
     @_abc_1.abstractmethod
     def TaskConfigSchema(
@@ -197,7 +209,9 @@ class DriverServicer(metaclass=_abc_1.ABCMeta):
         request: _driver_pb2.ShutdownRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_driver_pb2.ShutdownResponse, _abc.Awaitable[_driver_pb2.ShutdownResponse]]:
-        """Optional (Nomad 2.0.4+): called on a graceful agent shutdown."""
+        """Optional (Nomad 2.0.4+): called on a graceful agent shutdown, with a 2 s deadline, right
+        before go-plugin's Kill (GRPCController.Shutdown).
+        """
 
     @_abc_1.abstractmethod
     def SignalTask(
