@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from pathlib import Path
 
 import grpc
 import pytest
@@ -63,6 +64,16 @@ def test_handshake_line_round_trips() -> None:
     assert line == "1|2|unix|/tmp/x/plugin.sock|grpc\n"
     parsed = Handshake.parse(line)
     assert parsed.target == "unix:/tmp/x/plugin.sock"
+
+
+def test_socket_dir_is_private_and_new_each_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PLUGIN_UNIX_SOCKET_DIR", str(tmp_path))
+    first, second = handshake.make_socket_dir(), handshake.make_socket_dir()
+    assert first != second and first.parent == second.parent == tmp_path
+    assert all(d.name.startswith("nomad-vm-") for d in (first, second))
+    assert oct(first.stat().st_mode & 0o777) == "0o700"
 
 
 def test_exit_result_always_set_and_go_zero_time() -> None:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 COOKIE_KEY = "NOMAD_PLUGIN_MAGIC_COOKIE"
@@ -41,9 +40,18 @@ def supports_protocol() -> bool:
 
 
 def make_socket_dir() -> Path:
-    """A private 0700 directory for the socket (short path: unix sockets allow 108 bytes)."""
-    base = os.environ.get("PLUGIN_UNIX_SOCKET_DIR") or tempfile.gettempdir()
-    return Path(tempfile.mkdtemp(prefix="nomad-vm-", dir=base))
+    """A private 0700 directory for the socket (short path: unix sockets allow 108 bytes).
+
+    What tempfile.mkdtemp does (a random name, created 0700 or retried), without importing
+    tempfile and, through it, random and shutil: ~5% of the handshake."""
+    base = os.environ.get("PLUGIN_UNIX_SOCKET_DIR") or os.environ.get("TMPDIR") or "/tmp"
+    while True:
+        path = Path(base) / f"nomad-vm-{os.urandom(6).hex()}"
+        try:
+            path.mkdir(mode=0o700)
+        except FileExistsError:
+            continue
+        return path
 
 
 def handshake_line(socket_path: Path) -> str:

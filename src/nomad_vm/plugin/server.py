@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
-import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
@@ -63,7 +63,10 @@ async def serve(driver: LazyDriver, socket_dir: Path | None = None) -> None:
     finally:
         await server.stop(SHUTDOWN_GRACE)
         await driver.shutdown()
-        shutil.rmtree(socket_dir, ignore_errors=True)
+        # The directory holds the socket only (shutil.rmtree would be one more import).
+        socket_path.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            socket_dir.rmdir()
 
 
 def _add_driver_service(driver: LazyDriver, target: Any) -> None:

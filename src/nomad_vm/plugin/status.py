@@ -8,12 +8,8 @@ RecoverableError detail. Everything else is just a message shown in task events.
 from __future__ import annotations
 
 import grpc
-from google.protobuf import any_pb2
-from google.rpc import code_pb2, status_pb2
-from grpc_status import rpc_status
 
 from nomad_vm import errors
-from nomad_vm.plugin.proto import recoverable_error_pb2
 
 # (error type, gRPC code, recoverable when it fails a StartTask); first match wins.
 STATUS_TABLE: tuple[tuple[type[BaseException], grpc.StatusCode, bool], ...] = (
@@ -39,6 +35,14 @@ def classify(exc: BaseException) -> tuple[grpc.StatusCode, bool]:
 
 def to_status(exc: BaseException, *, with_recoverable: bool) -> grpc.Status:
     """A status for ``exc``; ``with_recoverable`` adds Nomad's RecoverableError detail."""
+    # Imported on the first error: grpc_status and google.rpc are ~6% of the handshake, and
+    # most plugin launches never fail an RPC.
+    from google.protobuf import any_pb2
+    from google.rpc import code_pb2, status_pb2
+    from grpc_status import rpc_status
+
+    from nomad_vm.plugin.proto import recoverable_error_pb2
+
     code, recoverable = classify(exc)
     message = str(exc) or type(exc).__name__
     detail = any_pb2.Any()
