@@ -18,7 +18,7 @@ from nomad_vm.plugin.proto import base_pb2, driver_pb2, goplugin_pb2, goplugin_p
 from tests.conftest import qemu_processes_under
 from tests.integration.pluginkit import DRIVER, FifoReader, base, configure, drv, tiny_task
 from tests.integration.test_recovery import recover, still_waiting
-from tests.integration.test_vm_lifecycle import destroy, stop, wait, wait_until
+from tests.integration.test_vm_lifecycle import destroy, wait, wait_until
 
 # Nomad's deadline for Driver.Shutdown (client/pluginmanager/drivermanager/instance.go).
 NOMAD_SHUTDOWN_TIMEOUT = 2.0
@@ -39,7 +39,9 @@ def start_task(
 
 
 def stop_and_clean_up(plugin: PluginProcess, task_id: str, root: Path) -> None:
-    stop(plugin, task_id, 20)
+    # A deadline on the call: a driver left with closed connections never sees the VM end.
+    request = driver_pb2.StopTaskRequest(task_id=task_id, timeout=duration_pb2.Duration(seconds=20))
+    drv(plugin).StopTask(request, timeout=90)
     done = wait(plugin, task_id)
     assert (done.result.exit_code, done.err) == (0, ""), done
     destroy(plugin, task_id)
