@@ -6,8 +6,9 @@
 # refuses because their go.mod files have replace directives, so tools/NAME/ is a small wrapper
 # module that requires the release and repeats its replace directives (its go.mod says how each
 # is pinned). The Go build and module caches make a rebuild on the same machine quick.
-#   nomad:  Nomad v1.11.2, the agent the e2e tests and `make demo` run (built with cgo, as
-#           Nomad's releases are).
+#   nomad:  Nomad v1.11.3, the agent the e2e tests and `make demo` run (built with cgo, as
+#           Nomad's releases are), the newest 1.x the module proxy serves (2.x tags are not
+#           valid module versions).
 #   consul: Consul v1.22.7, only for tests/e2e/test_script_check.py (script checks need Consul:
 #           Nomad's own service provider does not run them); pure Go, as its releases are.
 set -euo pipefail
@@ -25,7 +26,8 @@ WANT=$(sed -n "s#^require github.com/hashicorp/$NAME v\(.*\)#\1#p" "tools/$NAME/
 # the tool dies of SIGPIPE (Consul prints several lines) and pipefail turns that into a failure.
 first_line() { local out; out=$("$1" version 2>/dev/null) || return 1; echo "${out%%$'\n'*}"; }
 
-if [[ -x $BIN ]] && [[ $(first_line "$BIN") == "$TITLE v"* ]]; then
+# A binary built for an older pin is rebuilt (one linked from PATH is linked again below).
+if [[ -x $BIN ]] && have=$(first_line "$BIN") && [[ $have == "$TITLE v$WANT" || $have == "$TITLE v$WANT "* ]]; then
     exit 0
 fi
 mkdir -p .tools/bin
@@ -34,7 +36,7 @@ if existing=$(PATH=$(echo "$PATH" | tr ':' '\n' | grep -v "$PWD/.tools/bin" | pa
     ln -sf "$existing" "$BIN"
     exit 0
 fi
-command -v go >/dev/null || { echo "Go is needed to build $TITLE: install Go 1.25 or newer" >&2; exit 1; }
+command -v go >/dev/null || { echo "Go is needed to build $TITLE: install Go 1.25.9 or newer" >&2; exit 1; }
 echo "building $TITLE v$WANT from its Go module (first time: several minutes)"
 (cd "tools/$NAME" && CGO_ENABLED=$CGO go build -trimpath -o "../../$BIN.tmp" "github.com/hashicorp/$NAME")
 mv "$BIN.tmp" "$BIN"
