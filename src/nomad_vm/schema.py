@@ -25,16 +25,21 @@ PLUGIN_CONFIG = Schema(
         Field(
             "data_dir",
             "string",
-            "Directory where the plugin keeps its per-task runtime files (control sockets whose "
-            "path would be too long inside the task directory). Created if missing.",
+            "Directory where the plugin keeps its own state: address leases and network "
+            "records, and per-task runtime files (disks, cloud-init seeds, control sockets) "
+            "whose path would be too long inside the task directory. Created if missing. No "
+            "job may name a file in it, and no `image_paths` entry may contain it or lie "
+            "inside it.",
             default="/var/lib/nomad-vm",
         ),
         Field(
             "image_paths",
             "list(string)",
-            "Host directories that kernels, initramfs files and disk images may come from. The "
-            "plugin's `data_dir` and the task's own allocation directory are always allowed. "
-            "Paths are resolved (symlinks, `..`) before the check, so a link cannot escape.",
+            "Host directories that kernels, initramfs files, disk images (and their backing "
+            "files) and `user_data` files may come from. The task's own allocation directory "
+            "is always allowed too; the plugin's `data_dir` and the driver's runtime "
+            "directories never are, even inside an allowed directory. Paths are resolved "
+            "(symlinks, `..`) before the check, so a link cannot escape.",
             default=[],
             example='["/srv/vm-images"]',
         ),

@@ -17,7 +17,10 @@ from nomad_vm.network.settings import (
     parse_bridge_network,
     parse_nic,
 )
-from nomad_vm.storage.paths import resolve_allowed_file
+from nomad_vm.storage.paths import Allowlist, private_dir, private_pattern, resolve_allowed_file
+
+# A task's runtime directory is ``<task dir>/<RUNTIME_PREFIX>-<start id>`` (see VMDriver).
+RUNTIME_PREFIX = "nomad-vm"
 
 
 @dataclass(frozen=True)
@@ -103,6 +106,7 @@ def parse_plugin_config(raw: Mapping[str, object] | None) -> PluginConfig:
     for i, p in enumerate(paths):
         if not Path(p).is_absolute():
             raise ConfigError(f"config.image_paths[{i}]", f"must be an absolute path, got {p!r}")
+        _refuse_overlap(f"config.image_paths[{i}]", Path(p), Path(data_dir))
     return PluginConfig(
         data_dir=Path(data_dir),
         image_paths=tuple(paths),
@@ -114,6 +118,39 @@ def parse_plugin_config(raw: Mapping[str, object] | None) -> PluginConfig:
     )
 
 
+def _refuse_overlap(field: str, image_dir: Path, data_dir: Path) -> None:
+    """An image directory must not contain the plugin's data_dir, nor lie inside it: jobs may
+    name any file in an image directory, and data_dir holds other tasks' disks, seeds and
+    leases. Compared resolved (symlinks, ``..``), as the task paths are."""
+    images, data = image_dir.resolve(), data_dir.resolve()
+    if images == data:
+        why = "is the plugin's data_dir"
+    elif data in images.parents:
+        why = f"is inside the plugin's data_dir {data}"
+    elif images in data.parents:
+        why = f"contains the plugin's data_dir {data}"
+    else:
+        return
+    shown = str(image_dir) if image_dir == images else f"{image_dir} (resolved: {images})"
+    raise ConfigError(
+        field,
+        f"{shown} {why}, where the plugin keeps its own state (other tasks' disks and "
+        "cloud-init seeds, address leases); jobs may name any file in image_paths, so use a "
+        "directory that holds only images, or move data_dir out of it",
+    )
+
+
+def task_allowlist(task: TaskConfig, plugin: PluginConfig) -> Allowlist:
+    """Where a task's kernel, initramfs, image (and its backing files) and user_data may come
+    from: the plugin's image_paths and the task's own allocation directory; never the
+    plugin's own state (its data_dir, and the runtime dirs of any task in the allocation,
+    which hold disks and seeds), even where an allowed directory contains it."""
+    private = [private_dir(plugin.data_dir)]
+    if task.alloc_dir:
+        private.append(private_pattern(task.alloc_dir, "*", f"{RUNTIME_PREFIX}-*"))
+    return Allowlist(roots=(*plugin.image_paths, task.alloc_dir), private=tuple(private))
+
+
 def _block(value: object) -> dict[str, object]:
     return value if isinstance(value, dict) else {}
 
@@ -121,7 +158,7 @@ def _block(value: object) -> dict[str, object]:
 def parse_task_config(task: TaskConfig, plugin: PluginConfig) -> VMTaskConfig:
     """Validate a task's config; errors name the option as ``config.<name>``."""
     values = validate(schema.TASK_CONFIG, task.driver_config, "config")
-    allowed = (*plugin.image_paths, str(plugin.data_dir), task.alloc_dir)
+    allowed = task_allowlist(task, plugin)
 
     def path_of(name: str) -> Path | None:
         value = values[name]
@@ -179,7 +216,7 @@ def _optional_str(value: object) -> str | None:
     return str(value) if value else None
 
 
-def _read_user_data(value: object, allowed: tuple[str, ...], task_dir: str) -> str | None:
+def _read_user_data(value: object, allowed: Allowlist, task_dir: str) -> str | None:
     """Inline documents start with '#' (``#cloud-config``, ``#!``); anything else is a path."""
     if not value:
         return None

@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 
 from nomad_vm import schema
-from nomad_vm.driver.config import PluginConfig, parse_plugin_config
+from nomad_vm.driver.config import RUNTIME_PREFIX, PluginConfig, parse_plugin_config
 from nomad_vm.driver.events import EventBus
 from nomad_vm.driver.fingerprint import fingerprint_async
 from nomad_vm.driver.guest_exec import (
@@ -75,7 +75,6 @@ HANDLE_VERSION = 1
 FINGERPRINT_PERIOD = 30.0
 # Unix socket paths are limited to 108 bytes; beyond this the runtime dir moves to data_dir.
 MAX_SOCKET_PATH = 100
-RUNTIME_PREFIX = "nomad-vm"
 
 
 class VMDriver:

@@ -21,7 +21,12 @@ from nomad_vm.cloudinit import (
     with_network_config,
     write_seed,
 )
-from nomad_vm.driver.config import PluginConfig, VMTaskConfig, parse_task_config
+from nomad_vm.driver.config import (
+    PluginConfig,
+    VMTaskConfig,
+    parse_task_config,
+    task_allowlist,
+)
 from nomad_vm.driver.events import EventBus
 from nomad_vm.driver.network_plan import (
     NetworkAttachment,
@@ -33,6 +38,7 @@ from nomad_vm.driver.resources import memory_mb_for, vcpus_for
 from nomad_vm.driver.shares import task_shares, with_sockets
 from nomad_vm.driver.types import AgentInfo, TaskConfig
 from nomad_vm.storage.disk import prepare_boot_disk
+from nomad_vm.storage.paths import Allowlist
 from nomad_vm.vm.accel import AcceleratorChoice, choose_accelerator, probe_kvm
 from nomad_vm.vm.firmware import FirmwarePlan, plan_firmware, prepare_vars
 from nomad_vm.vm.machine import MachineConfig, validate_machine
@@ -53,7 +59,7 @@ class StartPlan:
     vcpus: int
     memory_mb: int
     runtime_dir: Path
-    allowed_dirs: tuple[str, ...]
+    allowed_dirs: Allowlist
     machine: MachineConfig
     firmware: FirmwarePlan | None
     # The cloud-init seed's documents (rendered, so bad user_data fails before anything exists).
@@ -89,7 +95,7 @@ async def plan_start(
         vcpus=vcpus_for(task.resources, agent),
         memory_mb=memory_mb_for(task.resources),
         runtime_dir=runtime_dir,
-        allowed_dirs=(*plugin.image_paths, str(plugin.data_dir), task.alloc_dir),
+        allowed_dirs=task_allowlist(task, plugin),
         machine=machine,
         firmware=plan_firmware(vm.firmware),
         seed=render_seed(task, vm, shares, transport.name),

@@ -34,7 +34,7 @@ from nomad_vm.errors import HypervisorError, ImageError
 from nomad_vm.storage import qemu_img
 from nomad_vm.storage.file_versions import FileVersion, VersionMemo
 from nomad_vm.storage.integrity import PROCESS_VERDICTS, IntactImages, check_chain
-from nomad_vm.storage.paths import resolve_allowed_file, resolve_within
+from nomad_vm.storage.paths import AllowedDirs, resolve_allowed_file, resolve_within
 from nomad_vm.storage.qemu_img import ImageInfo
 
 MIB = 1024 * 1024
@@ -87,7 +87,7 @@ def prepare_boot_disk(
     *,
     thin: bool,
     size_mb: int | None,
-    allowed_dirs: Sequence[str],
+    allowed_dirs: AllowedDirs,
     field: str = IMAGE_FIELD,
     size_field: str = SIZE_FIELD,
     verdicts: IntactImages = PROCESS_VERDICTS,
@@ -134,7 +134,7 @@ def prepare_boot_disk(
 
 
 def inspect_chain(
-    qemu_img_path: Path, top: Path, allowed_dirs: Sequence[str], field: str
+    qemu_img_path: Path, top: Path, allowed_dirs: AllowedDirs, field: str
 ) -> tuple[ImageInfo, ...]:
     """ImageInfo for ``top`` and each backing file below it, each checked before it is opened.
 
@@ -193,7 +193,7 @@ def target_size(size_mb: int | None, virtual_size: int, size_field: str = SIZE_F
     return wanted if wanted > virtual_size else None
 
 
-def check_level(level: ImageInfo, allowed_dirs: Sequence[str], field: str) -> None:
+def check_level(level: ImageInfo, allowed_dirs: AllowedDirs, field: str) -> None:
     """One file of the chain: a format we take, not encrypted, no files outside allowed_dirs."""
     name = level.path
     if level.encrypted or level.format == "luks":
@@ -214,9 +214,7 @@ def check_level(level: ImageInfo, allowed_dirs: Sequence[str], field: str) -> No
         _allowed(field, extent, allowed_dirs, name.parent, f"{name} reads extent file {extent}")
 
 
-def backing_of(
-    level: ImageInfo, allowed_dirs: Sequence[str], field: str
-) -> tuple[Path, str] | None:
+def backing_of(level: ImageInfo, allowed_dirs: AllowedDirs, field: str) -> tuple[Path, str] | None:
     """The resolved path and recorded format of ``level``'s backing file, or None.
 
     Refuses what QEMU would open as anything but a plain file inside ``allowed_dirs`` (a
@@ -249,7 +247,7 @@ def can_share(chain: Sequence[ImageInfo]) -> bool:
     return all(level.format in SHARED_FORMATS for level in chain)
 
 
-def _allowed(field: str, name: str, allowed_dirs: Sequence[str], base: Path, context: str) -> Path:
+def _allowed(field: str, name: str, allowed_dirs: AllowedDirs, base: Path, context: str) -> Path:
     """The resolved path of a file an image refers to, if it is a regular file inside
     ``allowed_dirs``. The advice differs from the task options': widening image_paths is the
     wrong fix for an image that points elsewhere."""
