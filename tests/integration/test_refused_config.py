@@ -1,7 +1,8 @@
 """Nothing a job or plugin config says is silently dropped (issue 9), through the real plugin
 process driven over gRPC as Nomad drives it: a gateway inside the address pool, cloud-init
-options on a VM without a seed, a time zone the zone database does not know, a damaged qcow2.
-Each is refused naming the field, and the refused call leaves nothing behind."""
+options on a VM without a seed, a time zone the zone database does not know, a damaged qcow2,
+an image crafted to exhaust qemu-img (issue 10). Each is refused naming the field, and the
+refused call leaves nothing behind."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ import pytest
 
 from nomad_vm.plugin.launcher import PluginProcess
 from nomad_vm.plugin.proto import base_pb2, driver_pb2
-from tests.conftest import vm_processes_under
+from tests.conftest import processes_under, vm_processes_under
+from tests.integration.crafted_images import memory_bomb
 from tests.integration.damaged_images import (
     QEMU_IMG,
     cut_in_the_data,
@@ -31,11 +33,13 @@ def tree(path: Path) -> list[str]:
     return sorted(str(p.relative_to(path)) for p in path.rglob("*")) if path.exists() else []
 
 
-def refused(plugin: PluginProcess, cfg: driver_pb2.TaskConfig) -> grpc.RpcError:
+def refused(
+    plugin: PluginProcess, cfg: driver_pb2.TaskConfig, timeout: float = 120
+) -> grpc.RpcError:
     """StartTask's error. A start that succeeds (today's code for these configs) is destroyed
     before the test fails, so that it leaves no VM behind either."""
     try:
-        drv(plugin).StartTask(driver_pb2.StartTaskRequest(task=cfg), timeout=120)
+        drv(plugin).StartTask(driver_pb2.StartTaskRequest(task=cfg), timeout=timeout)
     except grpc.RpcError as err:
         return err
     drv(plugin).DestroyTask(driver_pb2.DestroyTaskRequest(task_id=cfg.id, force=True))
@@ -252,3 +256,36 @@ def test_a_whole_qcow2_with_a_known_zone_starts(
             finally:
                 drv(plugin).DestroyTask(driver_pb2.DestroyTaskRequest(task_id=cfg.id, force=True))
     assert not vm_processes_under(short_tmp)
+
+
+# -- 5. an image crafted to exhaust qemu-img (issue 10) ----------------------------------------
+
+
+def test_an_image_crafted_to_exhaust_qemu_img_is_refused_naming_the_image(
+    plugin: PluginProcess,
+    short_tmp: Path,
+    images: Path,
+    tiny_guest,  # type: ignore[no-untyped-def]
+) -> None:
+    """1 KiB of vmdk that makes ``qemu-img info`` take 1.8 GB (and converting it, hours): under
+    the driver's limits the start is refused at once, naming config.image."""
+    bomb = memory_bomb(images / "bomb.vmdk")
+    overrides = {"image": str(bomb), "share_task_dirs": False}
+    paths = [str(tiny_guest.vmlinux.parent), str(images)]
+    try:
+        with tiny_task(
+            plugin, short_tmp, tiny_guest, alloc_name="bomb", overrides=overrides, image_paths=paths
+        ) as (cfg, _, alloc):
+            err = refused(plugin, cfg, timeout=60)
+        assert err.code() == grpc.StatusCode.INVALID_ARGUMENT, (err.code(), err.details())
+        details = err.details() or ""
+        assert details.startswith(
+            f"config.image: qemu-img needed more than 1024 MiB of memory to read {bomb}"
+        ), details
+        assert "it may be crafted to exhaust the host" in details
+        assert_nothing_left(short_tmp, alloc)
+        assert not processes_under(short_tmp, "qemu-img")
+    finally:
+        # Without limits (today's code) qemu-img would still be converting it.
+        for proc in processes_under(short_tmp, "qemu-img"):
+            proc.kill()

@@ -7,6 +7,7 @@ import shutil
 from nomad_vm.errors import ConfigError, HypervisorError, NetworkError
 from nomad_vm.network import links
 from nomad_vm.network.settings import find_dnsmasq
+from nomad_vm.storage.qemu_img import find_prlimit
 from nomad_vm.vm.accel import choose_accelerator, probe_kvm
 from nomad_vm.vm.qemu.binary import find_qemu, find_qemu_img, qemu_version
 from nomad_vm.vm.share_transport import choose_share_transport
@@ -24,6 +25,10 @@ def run_doctor(qemu_binary: str, accelerator: str, bridge: str | None = None) ->
         print(f"ok    qemu-img at {find_qemu_img()}")
     except HypervisorError as exc:
         print(f"warn  {exc} (needed for disk images)")
+    try:
+        print(f"ok    prlimit at {find_prlimit()} (limits qemu-img on jobs' images)")
+    except HypervisorError as exc:
+        print(f"warn  {exc} (needed for disk images: qemu-img runs on them under limits)")
     kvm = probe_kvm()
     print(
         f"{'ok  ' if kvm.usable else 'info'}  KVM {'usable' if kvm.usable else 'not usable'}: "

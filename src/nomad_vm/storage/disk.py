@@ -20,6 +20,11 @@ answering ``info``, before they are checked; the timeout bounds a FIFO there.
 
 Integrity. Once the chain is allowed, each qcow2 file in it must pass ``qemu-img check``
 (``nomad_vm.storage.integrity``): QEMU would boot a truncated qcow2 as if it were whole.
+
+Resources. Every qemu-img run on the image's files (info, check, the overlay's create, convert)
+runs under ``limits`` (``qemu_img.USER_IMAGE_LIMITS``: address space and CPU time, the CPU time
+of a conversion in proportion to the chain's allocated data); an image that makes qemu-img
+exceed them is refused naming ``field`` (see ``qemu_img`` for the crafted image that does).
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ from nomad_vm.storage import qemu_img
 from nomad_vm.storage.file_versions import FileVersion, VersionMemo
 from nomad_vm.storage.integrity import PROCESS_VERDICTS, IntactImages, check_chain
 from nomad_vm.storage.paths import AllowedDirs, resolve_allowed_file, resolve_within
-from nomad_vm.storage.qemu_img import ImageInfo
+from nomad_vm.storage.qemu_img import USER_IMAGE_LIMITS, ImageInfo, Limits, QemuImgLimitExceeded
 
 MIB = 1024 * 1024
 DISK_NAME = "disk.qcow2"
@@ -91,42 +96,59 @@ def prepare_boot_disk(
     field: str = IMAGE_FIELD,
     size_field: str = SIZE_FIELD,
     verdicts: IntactImages = PROCESS_VERDICTS,
+    limits: Limits = USER_IMAGE_LIMITS,
 ) -> PreparedDisk:
     """Make ``dest_dir/disk.qcow2`` from ``image`` (see the module docstring for the rules).
 
     ``image`` should be the absolute path the driver resolved (a relative one is taken from the
     current directory). ``dest_dir`` must exist; an existing ``disk.qcow2`` there is never
     overwritten (HypervisorError). Every qcow2 file of the chain must pass ``qemu-img check``
-    (``verdicts`` remembers the files that did). User problems raise ImageError naming ``field`` or
-    ``size_field``; qemu-img failures on our own files raise HypervisorError. On any failure
-    nothing this call created is left behind.
+    (``verdicts`` remembers the files that did). qemu-img runs on the image's files under
+    ``limits``. User problems raise ImageError naming ``field`` or ``size_field``; qemu-img
+    failures on our own files raise HypervisorError. On any failure nothing this call created
+    is left behind.
     """
     check_requested_size(size_mb, size_field)
     top_path = resolve_allowed_file(field, str(image), allowed_dirs, base=os.getcwd())
-    chain = inspect_chain(qemu_img_path, top_path, allowed_dirs, field)
+    chain = inspect_chain(qemu_img_path, top_path, allowed_dirs, field, limits)
     top = chain[0]
     if top.virtual_size <= 0:
         raise ImageError(field, f"{top.path} is empty (virtual size 0); it cannot be a VM disk")
     size_bytes = target_size(size_mb, top.virtual_size, size_field)
     # Before anything is made: a damaged qcow2 would otherwise boot as if whole.
-    check_chain(qemu_img_path, chain, field, verdicts)
+    check_chain(qemu_img_path, chain, field, verdicts, limits)
     dest = dest_dir / DISK_NAME
     created: list[Path] = []
+    shared = thin and can_share(chain)
     try:
         _reserve(dest)
         created.append(dest)
-        shared = thin and can_share(chain)
         if shared:
             # An overlay is exactly the size asked for, or the base's: no need to ask qemu-img
             # again (each qemu-img run is tens of ms on the start path).
-            _make_overlay(qemu_img_path, top, dest, size_bytes)
+            _make_overlay(qemu_img_path, top, dest, size_bytes, limits)
             virtual_size = size_bytes or top.virtual_size
         else:
-            qemu_img.convert(qemu_img_path, top.path, top.format, dest, DISK_FORMAT)
+            data = sum(level.actual_size for level in chain)
+            qemu_img.convert(
+                qemu_img_path,
+                top.path,
+                top.format,
+                dest,
+                DISK_FORMAT,
+                limits=limits.for_conversion(data),
+            )
             if size_bytes is not None:
                 qemu_img.resize(qemu_img_path, dest, DISK_FORMAT, size_bytes)
-            made = qemu_img.info(qemu_img_path, dest, fmt=DISK_FORMAT, follow_backing=False)
+            # Our own file, made from the image, flat: no backing file to open.
+            made = qemu_img.info(
+                qemu_img_path, dest, fmt=DISK_FORMAT, follow_backing=False, limits=None
+            )
             virtual_size = made.virtual_size
+    except QemuImgLimitExceeded as exc:
+        _remove(created)
+        action = "to open" if shared else "to convert"
+        raise ImageError(field, exc.explain(f"{action} {top.path}")) from None
     except BaseException:
         _remove(created)
         raise
@@ -134,7 +156,11 @@ def prepare_boot_disk(
 
 
 def inspect_chain(
-    qemu_img_path: Path, top: Path, allowed_dirs: AllowedDirs, field: str
+    qemu_img_path: Path,
+    top: Path,
+    allowed_dirs: AllowedDirs,
+    field: str,
+    limits: Limits = USER_IMAGE_LIMITS,
 ) -> tuple[ImageInfo, ...]:
     """ImageInfo for ``top`` and each backing file below it, each checked before it is opened.
 
@@ -145,7 +171,7 @@ def inspect_chain(
     seen = {top}
     path, fmt = top, None
     while True:
-        level = _info_of_user_file(qemu_img_path, path, fmt, field, levels)
+        level = _info_of_user_file(qemu_img_path, path, fmt, field, levels, limits)
         check_level(level, allowed_dirs, field)
         levels.append(level)
         backing = backing_of(level, allowed_dirs, field)
@@ -262,7 +288,12 @@ def _allowed(field: str, name: str, allowed_dirs: AllowedDirs, base: Path, conte
 
 
 def _info_of_user_file(
-    qemu_img_path: Path, path: Path, fmt: str | None, field: str, levels: Sequence[ImageInfo]
+    qemu_img_path: Path,
+    path: Path,
+    fmt: str | None,
+    field: str,
+    levels: Sequence[ImageInfo],
+    limits: Limits = USER_IMAGE_LIMITS,
 ) -> ImageInfo:
     """``info`` on a user-supplied file: qemu-img refusing it is the user's problem. What
     qemu-img said is remembered per file version (its refusals are not)."""
@@ -271,7 +302,10 @@ def _info_of_user_file(
     if known is not None:
         return known
     try:
-        info = qemu_img.info(qemu_img_path, path, fmt=fmt, follow_backing=False)
+        info = qemu_img.info(qemu_img_path, path, fmt=fmt, follow_backing=False, limits=limits)
+    except QemuImgLimitExceeded as exc:
+        where = f"backing file {path} of {levels[-1].path}" if levels else str(path)
+        raise ImageError(field, exc.explain(f"to read {where}")) from None
     except qemu_img.QemuImgError as exc:
         where = f"backing file {path} of {levels[-1].path}" if levels else str(path)
         raise ImageError(
@@ -283,7 +317,13 @@ def _info_of_user_file(
     return info
 
 
-def _make_overlay(qemu_img_path: Path, top: ImageInfo, dest: Path, size_bytes: int | None) -> None:
+def _make_overlay(
+    qemu_img_path: Path,
+    top: ImageInfo,
+    dest: Path,
+    size_bytes: int | None,
+    limits: Limits = USER_IMAGE_LIMITS,
+) -> None:
     """``qemu-img create`` of an overlay on ``top``. A fresh overlay names only its backing
     file, format and size, so the same request gives the same bytes: the first is made by
     qemu-img and kept, later ones are copies of it (no qemu-img run on the start path)."""
@@ -294,7 +334,7 @@ def _make_overlay(qemu_img_path: Path, top: ImageInfo, dest: Path, size_bytes: i
         with open(dest, "wb") as out:  # reserved (0600) by the caller
             out.write(template)
         return
-    qemu_img.create_overlay(qemu_img_path, top.path, top.format, dest, size_bytes)
+    qemu_img.create_overlay(qemu_img_path, top.path, top.format, dest, size_bytes, limits=limits)
     if version is not None and FileVersion.of(top.path) == version:
         made = dest.read_bytes()
         if len(made) <= MAX_TEMPLATE_BYTES:

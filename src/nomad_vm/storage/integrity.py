@@ -27,7 +27,13 @@ from pathlib import Path
 from nomad_vm.errors import ImageError
 from nomad_vm.storage import qemu_img
 from nomad_vm.storage.file_versions import FileVersion, VersionMemo
-from nomad_vm.storage.qemu_img import CheckResult, ImageInfo
+from nomad_vm.storage.qemu_img import (
+    USER_IMAGE_LIMITS,
+    CheckResult,
+    ImageInfo,
+    Limits,
+    QemuImgLimitExceeded,
+)
 
 CHECKED_FORMATS = frozenset({"qcow2"})
 
@@ -51,26 +57,35 @@ def check_chain(
     chain: Sequence[ImageInfo],
     field: str,
     verdicts: IntactImages = PROCESS_VERDICTS,
+    limits: Limits = USER_IMAGE_LIMITS,
 ) -> None:
-    """Refuse, naming ``field``, a chain with a damaged qcow2 file. ``chain`` must already be
-    walked and allowed (``disk.inspect_chain``): checking a file opens its backing files."""
+    """Refuse, naming ``field``, a chain with a damaged qcow2 file (or one that makes qemu-img
+    exceed ``limits``). ``chain`` must already be walked and allowed (``disk.inspect_chain``):
+    checking a file opens its backing files."""
     for position, level in enumerate(chain):
         if level.format not in CHECKED_FORMATS:
             continue
         where = str(level.path)
         if position:
             where = f"backing file {level.path} of {chain[position - 1].path}"
-        _check_file(qemu_img_path, level, where, field, verdicts)
+        _check_file(qemu_img_path, level, where, field, verdicts, limits)
 
 
 def _check_file(
-    qemu_img_path: Path, level: ImageInfo, where: str, field: str, verdicts: IntactImages
+    qemu_img_path: Path,
+    level: ImageInfo,
+    where: str,
+    field: str,
+    verdicts: IntactImages,
+    limits: Limits,
 ) -> None:
     before = FileVersion.of(level.path)
     if before is not None and before in verdicts:
         return
     try:
-        result = qemu_img.check(qemu_img_path, level.path, level.format)
+        result = qemu_img.check(qemu_img_path, level.path, level.format, limits=limits)
+    except QemuImgLimitExceeded as exc:
+        raise ImageError(field, exc.explain(f"to check {where}")) from None
     except qemu_img.QemuImgError as exc:
         raise ImageError(field, f"qemu-img cannot check {where}: {exc.stderr}") from None
     if not result.intact:

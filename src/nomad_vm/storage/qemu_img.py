@@ -11,18 +11,34 @@ Paths are made absolute before they reach qemu-img, so a relative name such as `
 Failures become ``HypervisorError``; when qemu-img ran and said no, the subclass
 ``QemuImgError`` carries its stderr so a caller can turn "cannot open this file" into a
 user-facing ``ImageError``.
+
+Resource limits (CVE-2015-5162). A crafted image can make qemu-img allocate or compute without
+bound while merely opening it: a 1 KiB vmdk whose descriptor names six sparse extents with the
+largest grain directories QEMU accepts makes ``qemu-img info`` take 1.8 GB and 3.6 s (each
+extent's directory and its backup are read whole), and converting it spins for hours. So every
+run on a job's image (``info``, ``check``, ``create`` of an overlay, which opens the base, and
+``convert``) runs under ``Limits``, set by util-linux's ``prlimit`` (``prlimit --as=... --cpu=...
+-- qemu-img ...``: it sets the limits on itself, then execs qemu-img, so they are in force
+before qemu-img reads a byte; setting them from the plugin after spawning would race with the
+child, and ``preexec_fn`` is unsafe in the plugin's threaded process). A run that hits a limit
+raises ``QemuImgLimitExceeded``, which says which limit and how much.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
+import resource
+import signal
 import subprocess
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
 from nomad_vm.errors import HypervisorError
+from nomad_vm.executables import find_executable
 
 # Metadata operations take milliseconds whatever the image size (see the timing test); a call
 # that takes this long is stuck, e.g. on a FIFO or a dead NFS server named by the image.
@@ -35,6 +51,30 @@ CHECK_TIMEOUT = 120.0
 # 1 errors while checking (report printed only if the check itself ran), 2 corruptions,
 # 3 leaked clusters only. 63 is "this format does not support checks".
 _CHECK_REPORTED = (0, 1, 2, 3)
+MIB = 1024 * 1024
+# What a run on a job's image may use (Nova's limits for qemu-img since CVE-2015-5162).
+# Address space: legitimate runs need far less (measured with qemu-img 7.2 on the Debian test
+# image: info 40 MiB, check 48 MiB, create 64 MiB, convert 256 MiB with MALLOC_ARENA_MAX=2 set
+# below); the crafted vmdk above needs 1.8 GB. CPU: metadata reads take milliseconds (check:
+# about 0.1 s for 100 GiB of allocated clusters), so 30 s is only ever reached by a crafted
+# image; conversion gets more, in proportion to the data (``for_conversion``).
+ADDRESS_SPACE_LIMIT = 1024 * MIB
+CPU_SECONDS_LIMIT = 30
+# Conversion reads every allocated byte: at least 1 s of CPU per 4 MiB of the chain's allocated
+# data on top of the base (measured: 6 s of CPU for 730 MB of deflate-compressed vmdk, a
+# tenth of what this allows; plain copies are faster still).
+CONVERT_BYTES_PER_CPU_SECOND = 4 * MIB
+# glibc reserves 64 MiB of address space per malloc arena, up to 8 per core, one per thread
+# that allocates: qemu-img convert's I/O threads would count gigabytes of reservations against
+# the limit on a large host without using them. Two arenas are plenty for qemu-img.
+_LIMITED_ENV = {"MALLOC_ARENA_MAX": "2"}
+# What qemu-img and glibc print when an allocation, a thread or a coroutine stack cannot get
+# address space (ENOMEM, or EAGAIN from pthread_create).
+_OUT_OF_MEMORY = re.compile(
+    r"Cannot allocate memory|[Ff]ailed to allocate|Could not allocate|[Oo]ut of memory|"
+    r"qemu_thread_create: Resource temporarily unavailable"
+)
+PRLIMIT_HINT = "install util-linux (Debian's util-linux package provides prlimit)"
 _STDERR_LIMIT = 2000
 _FIRST_ERROR_LIMIT = 300
 _T = TypeVar("_T")
@@ -46,6 +86,47 @@ class QemuImgError(HypervisorError):
     def __init__(self, message: str, stderr: str) -> None:
         super().__init__(message)
         self.stderr = stderr
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Resource limits for one qemu-img run: ``address_space`` in bytes (RLIMIT_AS) and
+    ``cpu_seconds`` of CPU time (RLIMIT_CPU; qemu-img gets SIGXCPU there)."""
+
+    address_space: int = ADDRESS_SPACE_LIMIT
+    cpu_seconds: int = CPU_SECONDS_LIMIT
+
+    def for_conversion(self, data_bytes: int) -> Limits:
+        """These limits with CPU time for converting ``data_bytes`` of allocated data."""
+        extra = math.ceil(max(data_bytes, 0) / CONVERT_BYTES_PER_CPU_SECOND)
+        return replace(self, cpu_seconds=self.cpu_seconds + extra)
+
+
+# The limits for every qemu-img run on a file a job supplied.
+USER_IMAGE_LIMITS = Limits()
+
+
+class QemuImgLimitExceeded(QemuImgError):
+    """qemu-img ran out of the memory (``resource`` "memory") or CPU time ("cpu") its
+    ``limits`` allowed."""
+
+    def __init__(self, message: str, stderr: str, resource: str, limits: Limits) -> None:
+        super().__init__(message, stderr)
+        self.resource = resource
+        self.limits = limits
+
+    def explain(self, action: str) -> str:
+        """For the user: ``action`` is what qemu-img was doing, e.g. "to read /srv/a.vmdk"."""
+        if self.resource == "cpu":
+            needed = f"more than {self.limits.cpu_seconds} s of CPU time"
+        else:
+            needed = f"more than {self.limits.address_space // MIB} MiB of memory"
+        return (
+            f"qemu-img needed {needed} {action}, far more than a real disk image needs; it may "
+            "be crafted to exhaust the host (see CVE-2015-5162), so it is refused. Check where "
+            "the image came from, or convert it where that is safe "
+            "(`qemu-img convert -O qcow2`) and use the result"
+        )
 
 
 @dataclass(frozen=True)
@@ -77,6 +158,7 @@ def info(
     fmt: str | None = None,
     follow_backing: bool = True,
     timeout: float = INFO_TIMEOUT,
+    limits: Limits | None = USER_IMAGE_LIMITS,
 ) -> ImageInfo:
     """``qemu-img info --output=json --force-share [--backing-chain] [-f FMT] PATH``.
 
@@ -92,7 +174,7 @@ def info(
     if fmt is not None:
         argv += ["-f", fmt]
     argv.append(_abs(path))
-    return parse_info(_run(argv, timeout, f"qemu-img info {_abs(path)}"), path)
+    return parse_info(_run(argv, timeout, f"qemu-img info {_abs(path)}", limits), path)
 
 
 @dataclass(frozen=True)
@@ -117,7 +199,14 @@ class CheckResult:
         return self.corruptions == 0 and self.check_errors == 0
 
 
-def check(qemu_img: Path, path: Path, fmt: str, *, timeout: float = CHECK_TIMEOUT) -> CheckResult:
+def check(
+    qemu_img: Path,
+    path: Path,
+    fmt: str,
+    *,
+    timeout: float = CHECK_TIMEOUT,
+    limits: Limits | None = USER_IMAGE_LIMITS,
+) -> CheckResult:
     """``qemu-img check --output=json --force-share -f FMT PATH``: never repairs (no ``-r``).
 
     It opens the image's backing chain, so walk and check that first (``nomad_vm.storage.disk``
@@ -125,10 +214,10 @@ def check(qemu_img: Path, path: Path, fmt: str, *, timeout: float = CHECK_TIMEOU
     """
     argv = [str(qemu_img), "check", "--output=json", "--force-share", "-f", fmt, _abs(path)]
     what = f"qemu-img check {_abs(path)}"
-    done = _execute(argv, timeout, what)
+    done = _execute(argv, timeout, what, limits)
     if done.returncode in _CHECK_REPORTED and done.stdout.strip():
         return parse_check(done.stdout, path, done.stderr)
-    raise _failed(what, done)
+    raise _failed(what, done, limits)
 
 
 def parse_check(text: str, path: Path, stderr: str = "") -> CheckResult:
@@ -159,17 +248,19 @@ def create_overlay(
     size_bytes: int | None,
     *,
     timeout: float = CREATE_TIMEOUT,
+    limits: Limits | None = USER_IMAGE_LIMITS,
 ) -> None:
     """A qcow2 ``overlay`` backed by ``base`` (recorded as an absolute path and ``base_format``).
 
     Without ``size_bytes`` the overlay has the base's virtual size. qemu-img opens the base
-    read-only (shared) to check it; the base is never written. Overwrites ``overlay``.
+    read-only (shared) to check it, which is why this runs under ``limits`` too; the base is
+    never written. Overwrites ``overlay``.
     """
     argv = [str(qemu_img), "create", "-q", "-f", "qcow2"]
     argv += ["-b", _abs(base), "-F", base_format, _abs(overlay)]
     if size_bytes is not None:
         argv.append(_size_arg(size_bytes))
-    _run(argv, timeout, f"qemu-img create {_abs(overlay)}")
+    _run(argv, timeout, f"qemu-img create {_abs(overlay)}", limits)
 
 
 def convert(
@@ -180,6 +271,7 @@ def convert(
     dst_format: str,
     *,
     timeout: float | None = None,
+    limits: Limits | None = USER_IMAGE_LIMITS,
 ) -> None:
     """Copy ``src`` into a new, independent ``dst`` image (its backing chain flattened).
 
@@ -187,19 +279,22 @@ def convert(
     a mostly empty disk stays sparse. No ``-W``: out-of-order writes fragment a qcow2 target.
     No ``--force-share``: copying an image some other process is writing gives a torn copy, so
     qemu-img's lock refusal is the right answer. ``timeout`` is None by default because the time
-    grows with the allocated data. Overwrites ``dst``.
+    grows with the allocated data; give ``limits`` CPU time in proportion to it
+    (``Limits.for_conversion``). Overwrites ``dst``.
     """
     argv = [str(qemu_img), "convert", "-q", "-f", src_format, "-O", dst_format, "-S", "4k"]
     argv += [_abs(src), _abs(dst)]
-    _run(argv, timeout, f"qemu-img convert {_abs(src)} -> {_abs(dst)}")
+    _run(argv, timeout, f"qemu-img convert {_abs(src)} -> {_abs(dst)}", limits)
 
 
 def resize(
     qemu_img: Path, path: Path, fmt: str, size_bytes: int, *, timeout: float = CREATE_TIMEOUT
 ) -> None:
-    """Set the virtual size of ``path``. Never passes ``--shrink``: qemu-img refuses to shrink."""
+    """Set the virtual size of ``path``. Never passes ``--shrink``: qemu-img refuses to shrink.
+
+    For the driver's own files only (no backing file), hence no limits."""
     argv = [str(qemu_img), "resize", "-q", "-f", fmt, _abs(path), _size_arg(size_bytes)]
-    _run(argv, timeout, f"qemu-img resize {_abs(path)}")
+    _run(argv, timeout, f"qemu-img resize {_abs(path)}", None)
 
 
 def parse_info(text: str, path: Path) -> ImageInfo:
@@ -255,25 +350,53 @@ def _size_arg(size_bytes: int) -> str:
     return str(size_bytes)
 
 
-def _run(argv: list[str], timeout: float | None, what: str) -> str:
+def _run(argv: list[str], timeout: float | None, what: str, limits: Limits | None) -> str:
     """Run qemu-img; its stdout, or a HypervisorError that quotes its stderr."""
-    done = _execute(argv, timeout, what)
+    done = _execute(argv, timeout, what, limits)
     if done.returncode != 0:
-        raise _failed(what, done)
+        raise _failed(what, done, limits)
     return done.stdout
 
 
-def _execute(argv: list[str], timeout: float | None, what: str) -> subprocess.CompletedProcess[str]:
+def limited_argv(argv: list[str], limits: Limits | None) -> list[str]:
+    """``argv`` run through ``prlimit`` with ``limits`` (as it is, without). Each limit is
+    capped at this process's own hard limit, which an unprivileged plugin could not exceed."""
+    if limits is None:
+        return argv
+    prlimit = find_prlimit()
+    space = _capped(limits.address_space, resource.RLIMIT_AS)
+    # Soft limit: SIGXCPU, which ends qemu-img and tells this limit apart; the hard limit one
+    # second later (SIGKILL) only matters if something caught SIGXCPU.
+    cpu = _capped(limits.cpu_seconds, resource.RLIMIT_CPU)
+    cpu_hard = _capped(limits.cpu_seconds + 1, resource.RLIMIT_CPU)
+    return [str(prlimit), f"--as={space}", f"--cpu={cpu}:{cpu_hard}", "--", *argv]
+
+
+def find_prlimit() -> Path:
+    """util-linux's prlimit, which applies the limits (HypervisorError saying what to install)."""
+    return find_executable(None, "prlimit", "prlimit", PRLIMIT_HINT, ("/usr/bin/prlimit",))
+
+
+def _capped(value: int, which: int) -> int:
+    hard = resource.getrlimit(which)[1]
+    return value if hard == resource.RLIM_INFINITY else min(value, hard)
+
+
+def _execute(
+    argv: list[str], timeout: float | None, what: str, limits: Limits | None = None
+) -> subprocess.CompletedProcess[str]:
     """Run qemu-img to its end, whatever its exit status; HypervisorError if it could not run."""
+    env = None if limits is None else {**os.environ, **_LIMITED_ENV}
     try:
         return subprocess.run(
-            argv,
+            limited_argv(argv, limits),
             stdin=subprocess.DEVNULL,
             capture_output=True,
             text=True,
             errors="replace",
             timeout=timeout,
             check=False,
+            env=env,
         )
     except subprocess.TimeoutExpired:
         # run() has already killed and reaped the child.
@@ -282,10 +405,26 @@ def _execute(argv: list[str], timeout: float | None, what: str) -> subprocess.Co
         raise HypervisorError(f"cannot run {argv[0]}: {exc.strerror or exc}") from None
 
 
-def _failed(what: str, done: subprocess.CompletedProcess[str]) -> QemuImgError:
+def _failed(
+    what: str, done: subprocess.CompletedProcess[str], limits: Limits | None = None
+) -> QemuImgError:
     stderr = _clean_stderr(done.stderr)
     status = f"exit status {done.returncode}" if done.returncode > 0 else "killed"
-    return QemuImgError(f"{what} failed ({status}): {stderr or '(no message)'}", stderr)
+    message = f"{what} failed ({status}): {stderr or '(no message)'}"
+    hit = limit_hit(done.returncode, done.stderr) if limits is not None else None
+    if hit is not None and limits is not None:
+        return QemuImgLimitExceeded(f"{message} (over its {hit} limit)", stderr, hit, limits)
+    return QemuImgError(message, stderr)
+
+
+def limit_hit(returncode: int, stderr: str) -> str | None:
+    """Which limit a failed run under ``Limits`` ran into: "cpu" (killed by SIGXCPU), "memory"
+    (an allocation, thread or stack that could not get address space), or None."""
+    if returncode == -signal.SIGXCPU:
+        return "cpu"
+    if returncode != 0 and _OUT_OF_MEMORY.search(stderr):
+        return "memory"
+    return None
 
 
 def _clean_stderr(stderr: str) -> str:
