@@ -11,7 +11,14 @@ from pathlib import Path
 import httpx
 
 from nomad_vm.cli.devagent import DevAgent, DevAgentConfig, remove_tree
-from nomad_vm.cli.paths import demo_dir, driver_executable, guest_cache_dir, nomad_binary
+from nomad_vm.cli.paths import (
+    NotPrivateError,
+    demo_dir,
+    driver_executable,
+    guest_cache_dir,
+    nomad_binary,
+    private_dir,
+)
 from nomad_vm.guests.tiny import build_tiny
 
 JOB_NAME = "vm-demo"
@@ -33,6 +40,11 @@ def _running_pid() -> int | None:
 
 
 def run_demo() -> int:
+    try:
+        workdir = private_dir(demo_dir())
+    except NotPrivateError as exc:
+        print(f"refusing to run the demo: {exc}")
+        return 1
     if _running_pid():
         print(
             f"a demo agent is already running (pid {_running_pid()}); stop it with `make demo-stop`"
@@ -42,7 +54,7 @@ def run_demo() -> int:
     guest = build_tiny(guest_cache_dir())
     agent = DevAgent(
         DevAgentConfig(
-            workdir=demo_dir(),
+            workdir=workdir,
             nomad_binary=nomad_binary(),
             driver_executable=driver_executable(),
             image_paths=[guest.vmlinux.parent],
@@ -83,6 +95,12 @@ def _wait_for_console(agent: DevAgent, timeout: float = 180.0) -> str:
 
 def stop_demo() -> int:
     """Stop the job (so the driver stops the VM), wait for that, then stop the agent."""
+    try:
+        # The pid file is trusted (its process group is signalled) only in a private dir.
+        private_dir(demo_dir(), create=False)
+    except NotPrivateError as exc:
+        print(f"no demo to stop: {exc}")
+        return 1 if os.path.lexists(demo_dir()) else 0
     pid = _running_pid()
     if pid is None:
         print("no demo agent is running")
