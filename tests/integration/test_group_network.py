@@ -54,9 +54,12 @@ def test_setup_lives_in_the_namespace_and_teardown_survives_its_end(
 
     assert links.bridge_ports(GROUP_BRIDGE, netns=alloc_netns) == [record.tap]
     assert sysctl.read("net/ipv4/ip_forward", netns=alloc_netns) == "1"
-    rules = PortForwarder(netns=alloc_netns).rules(owner)
+    rules = PortForwarder(netns=alloc_netns).rules(owner, family="ip")
     assert len(rules) == 3, rules  # prerouting + output DNAT to :8080, localhost masquerade
     assert "192.168.254.2" in str(rules) and "8080" in str(rules)
+    # The guest guard, in the namespace's bridge table: the TAP's frames only from its MAC.
+    guard = PortForwarder(netns=alloc_netns).rules(owner, family="bridge")
+    assert record.tap in str(guard) and record.guest_mac in str(guard), guard
     assert not links.link_exists(record.tap), "the TAP must not be in the plugin's namespace"
 
     # The descriptor QEMU gets: attached to the TAP inside the namespace.

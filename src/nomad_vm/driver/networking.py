@@ -6,14 +6,22 @@ error, a plugin SIGKILLed mid-start) ``teardown`` can undo exactly what exists:
 1. the task's record is written to ``<data_dir>/network/tasks/<hash>.json``;
 2. the bridge is made ready (created when ``create_bridge``; guard rules, IP forwarding, NAT);
 3. the address is leased (``static_ip`` or the pool) and added to the record;
-4. the TAP is created on the bridge (its name and MAC derive from the task id);
-5. the port forwards are set in the plugin's nftables table;
-6. DHCP mode (``dhcp = true``): the bridge's dnsmasq learns the guest's MAC and address.
+4. the guest guard is set (``nft.PortForwarder.set_guest_guard``: frames from the TAP only with
+   the guest's MAC and address), before the TAP exists, so the TAP never exists without it;
+5. the TAP is created on the bridge (its name and MAC derive from the task id);
+6. the port forwards are set in the plugin's nftables table;
+7. DHCP mode (``dhcp = true``): the bridge's dnsmasq learns the guest's MAC and address.
 
-``teardown`` removes DHCP host, rules, TAP, lease and finally the record; every step is
-idempotent. The
+``teardown`` removes DHCP host, rules (forwards and guard, by the task's tag), TAP, lease and
+finally the record; every step is idempotent. The
 record also travels in driver_state, but the file is what a new plugin process finds for a task
 whose StartTask never returned (Nomad then has no handle to give back).
+
+``reconcile`` (RecoverTask, after a plugin restart) also re-asserts what keeps guests in their
+place, since the plugin was not there to see it removed (``nft flush ruleset``, a firewall
+reload): the bridge's loopback guard, without which its ``route_localnet`` lets guests reach
+the host's 127.0.0.1 (turned off when the guard cannot be put back), and the task's guest
+guard.
 
 Group mode (the job's ``network { mode = "bridge" }``: Nomad gives the task the path of the
 allocation's network namespace): the same steps, but inside that namespace and on a bridge of
@@ -91,8 +99,9 @@ class NetworkManager:
 
     async def reconcile(self, record: NetworkRecord, net: BridgeNetwork | None) -> list[str]:
         """After a plugin restart, for a recovered task: its record file and lease are back in
-        place (they are what a later teardown works from), and leases of tasks that have no
-        record any more are dropped. Returns what was repaired, for a task event."""
+        place (they are what a later teardown works from), leases of tasks that have no record
+        any more are dropped, and the bridge's loopback guard and the task's guest guard are
+        in place. Returns what was repaired, for a task event."""
         return await asyncio.to_thread(self._reconcile, record, net)
 
     def _reconcile(self, record: NetworkRecord, net: BridgeNetwork | None) -> list[str]:
@@ -102,14 +111,55 @@ class NetworkManager:
             repaired.append("network record rewritten")
         if self._dhcp(record, net).ensure_running():
             repaired.append("DHCP server restarted")
-        if record.netns or net is None or net.bridge != record.bridge or not record.address:
-            return repaired
-        pool = net.pool(self.state_dir)
-        if record.owner not in pool.leases():
-            pool.allocate(record.owner, IPv4Address(record.address))
-            repaired.append(f"lease of {record.address} restored")
-        stale = pool.reconcile(self._recorded_owners())
-        repaired += [f"stale lease of {owner} released" for owner in stale]
+        if not (record.netns or net is None or net.bridge != record.bridge or not record.address):
+            pool = net.pool(self.state_dir)
+            if record.owner not in pool.leases():
+                pool.allocate(record.owner, IPv4Address(record.address))
+                repaired.append(f"lease of {record.address} restored")
+            stale = pool.reconcile(self._recorded_owners())
+            repaired += [f"stale lease of {owner} released" for owner in stale]
+        return repaired + self._reassert_guards(record, net)
+
+    def _reassert_guards(self, record: NetworkRecord, net: BridgeNetwork | None) -> list[str]:
+        """The record's bridge keeps its loopback guard (or loses route_localnet), and the
+        task's guest keeps its guard; what had to be put back, for the task event."""
+        netns = record.netns or None
+        if netns is not None and not netns_exists(netns):
+            return []  # Nomad deleted the namespace, and the bridge and rules with it
+        forwarder = self._forwarder(netns)
+        repaired = []
+        bridge_net = group_network(net) if record.netns else net
+        if not forwarder.has_loopback_guard(record.bridge):
+            if bridge_net is not None and bridge_net.bridge == record.bridge:
+                try:
+                    forwarder.prepare_bridge(bridge_net.bridge, bridge_net.subnet)
+                    repaired.append(
+                        f"guard rules of bridge {record.bridge} restored (guests could reach "
+                        "the host's 127.0.0.1 without them)"
+                    )
+                except NetworkError as exc:
+                    sysctl.set_route_localnet(record.bridge, False, netns=netns)
+                    log.warning("bridge %s: guard rules not restored: %s", record.bridge, exc)
+                    repaired.append(
+                        f"guard rules of bridge {record.bridge} were gone and cannot be put "
+                        f"back ({exc}); route_localnet turned off on it, so guests cannot reach "
+                        "the host's 127.0.0.1 (nor do port forwards from it)"
+                    )
+            elif links.link_exists(record.bridge, netns=netns) and (
+                sysctl.read(sysctl.route_localnet_key(record.bridge), netns=netns) == "1"
+            ):
+                # Not the plugin's bridge any more: the hole closes instead.
+                sysctl.set_route_localnet(record.bridge, False, netns=netns)
+                repaired.append(
+                    f"route_localnet turned off on bridge {record.bridge}: its guard rules were "
+                    "gone and the plugin config no longer names it"
+                )
+        if record.address:
+            had = forwarder.set_guest_guard(
+                record.owner, record.tap, record.guest_mac, IPv4Address(record.address)
+            )
+            if not had:
+                repaired.append(f"guest guard on {record.tap} restored")
         return repaired
 
     def _recorded_owners(self) -> set[str]:
@@ -136,6 +186,7 @@ class NetworkManager:
             address = self._pool(record, net).allocate(plan.owner, nic.static_ip)
             record = replace(record, address=str(address))
             self._write_record(record)
+            forwarder.set_guest_guard(plan.owner, plan.tap, plan.guest_mac, address)
             taps.create_tap(
                 plan.tap, net.bridge, mac=tap_mac(plan.guest_mac), vlan=nic.vlan, netns=netns
             )
@@ -207,7 +258,7 @@ class NetworkManager:
         if netns is None or netns_exists(netns):
             forwarder = self._forwarder(netns)
             steps += [
-                ("port forwards", lambda: forwarder.remove_rules(record.owner)),
+                ("port forwards and guest guard", lambda: forwarder.remove_rules(record.owner)),
                 (f"TAP {record.tap}", lambda: links.delete_link(record.tap, netns=netns)),
             ]
         steps.append(("address lease", lambda: self._release(record, net)))

@@ -1,12 +1,13 @@
-"""Port forwards (DNAT) to guests, in one nftables table the plugin owns (``ip nomad_vm``).
+"""Port forwards (DNAT) to guests and what guests may send, in two nftables tables the plugin
+owns (``ip nomad_vm`` and ``bridge nomad_vm``).
 
 Driven through ``nft -j``: requests go in as JSON on stdin, the ruleset comes back as JSON, so
 nothing parses nft's text output. Every change is one ``nft -f`` batch, which the kernel
 applies atomically: a task's old rules are deleted and its new ones added in the same
-transaction, and the batch also re-declares the table and chains, so a table deleted behind
+transaction, and the batch also re-declares the tables and chains, so a table deleted behind
 our back comes back instead of failing the change.
 
-The table::
+The tables::
 
     table ip nomad_vm {
       chain guard       { type filter hook prerouting priority -150; }  # see prepare_bridge
@@ -14,6 +15,18 @@ The table::
       chain output      { type nat hook output priority -100; }         # from this host
       chain postrouting { type nat hook postrouting priority srcnat; }  # masquerades
     }
+    table bridge nomad_vm {
+      chain guests      { type filter hook prerouting priority -200; }  # see set_guest_guard
+    }
+
+What a guest may send (``set_guest_guard``): frames entering the bridge from a guest's TAP
+must carry the guest's own MAC, and its own IPv4 address in IPv4 packets and in ARP (0.0.0.0
+too where it means "no address yet": DHCP requests, ARP probes); everything else from the TAP
+(IPv6, VLAN tags, other protocols) is dropped. Without this a guest could take a neighbour's
+address (ARP replies claiming it, or simply sending from it) and receive its traffic or
+impersonate it, to the host and to the other guests. The bridge's prerouting hook sees frames
+before the bridge learns their source MAC or forwards them, whether they go to another guest or
+to the host.
 
 A forward ``host_port -> guest_ip:guest_port`` is a DNAT rule in ``prerouting`` (traffic
 arriving from elsewhere) and the same rule in ``output``: locally generated packets never pass
@@ -38,8 +51,9 @@ packets arriving on the bridge with a loopback source or destination. They run b
 our own replies arrive addressed to the bridge's address and only become 127.0.0.1 later.
 
 Rules are tagged with a comment: ``nomad-vm:<hash of the owner>`` (``names.rule_tag``) for a
-task's forwards, ``nomad-vm:bridge:<name>`` and ``nomad-vm:nat:<name>`` for a bridge's rules.
-Removal goes by the handles of the rules carrying the tag.
+task's forwards and its guest guard (in both tables), ``nomad-vm:bridge:<name>`` and
+``nomad-vm:nat:<name>`` for a bridge's rules. Removal goes by the handles of the rules
+carrying the tag.
 
 Forwarding to a guest also needs ``net.ipv4.ip_forward=1`` (``sysctl.enable_ip_forward``) for
 traffic from other machines. A drop in another table (a ``forward`` chain with policy drop, as
@@ -64,16 +78,21 @@ from nomad_vm.network.netns import run_in
 
 DEFAULT_TABLE = "nomad_vm"
 FAMILY = "ip"
+BRIDGE_FAMILY = "bridge"
+FAMILIES = (FAMILY, BRIDGE_FAMILY)
 NFT_TIMEOUT = 30.0
 LOOPBACK = IPv4Network("127.0.0.0/8")
-# name, type, hook, priority (the numbers behind raw/mangle/dstnat/srcnat: nft 1.0.6's JSON
-# input wants numbers).
+NO_ADDRESS = "0.0.0.0"
+# name, type, hook, priority, family (the numbers behind raw/mangle/dstnat/srcnat/filter: nft
+# 1.0.6's JSON input wants numbers). Chain names are unique across the two tables.
 CHAINS = (
-    ("guard", "filter", "prerouting", -150),
-    ("prerouting", "nat", "prerouting", -100),
-    ("output", "nat", "output", -100),
-    ("postrouting", "nat", "postrouting", 100),
+    ("guard", "filter", "prerouting", -150, FAMILY),
+    ("prerouting", "nat", "prerouting", -100, FAMILY),
+    ("output", "nat", "output", -100, FAMILY),
+    ("postrouting", "nat", "postrouting", 100, FAMILY),
+    ("guests", "filter", "prerouting", -200, BRIDGE_FAMILY),
 )
+CHAIN_FAMILY = {name: family for name, _, _, _, family in CHAINS}
 PROTOCOLS = ("tcp", "udp")
 
 
@@ -98,16 +117,17 @@ class PortForward:
 
 @dataclass(frozen=True)
 class Rule:
-    """One rule of the table as nft lists it; ``expr`` is nft's JSON expression list."""
+    """One rule of the tables as nft lists it; ``expr`` is nft's JSON expression list."""
 
     chain: str
     handle: int
     comment: str | None
     expr: tuple[Any, ...]
+    family: str = FAMILY
 
 
 class PortForwarder:
-    """The plugin's nftables table in the plugin's namespace, or in ``netns``."""
+    """The plugin's nftables tables in the plugin's namespace, or in ``netns``."""
 
     def __init__(
         self, table: str = DEFAULT_TABLE, netns: str | None = None, nft: str | None = None
@@ -119,20 +139,28 @@ class PortForwarder:
     # -- the table ---------------------------------------------------------------------------
 
     def ensure_table(self) -> None:
-        """Create the table and its chains if missing (never touching existing rules)."""
+        """Create the tables and their chains if missing (never touching existing rules)."""
         self._apply(self._declare())
 
     def delete_table(self) -> None:
-        """Delete the table with all its rules; nothing happens if there is none."""
+        """Delete the tables with all their rules; nothing happens if there are none."""
         # "add" then "delete" in one batch: deletes whether or not the table existed (nft 1.0.6
         # has no "destroy").
-        table = {"family": FAMILY, "name": self.table}
-        self._apply([{"add": {"table": table}}, {"delete": {"table": table}}])
+        commands: list[dict[str, Any]] = []
+        for family in FAMILIES:
+            table = {"family": family, "name": self.table}
+            commands += [{"add": {"table": table}}, {"delete": {"table": table}}]
+        self._apply(commands)
 
-    def rules(self, owner: str | None = None) -> list[Rule]:
-        """The table's rules, or only ``owner``'s; empty when the table does not exist."""
+    def rules(self, owner: str | None = None, family: str | None = None) -> list[Rule]:
+        """The tables' rules, or only ``owner``'s, or only one ``family``'s; empty when the
+        tables do not exist."""
         tag = rule_tag(owner) if owner is not None else None
-        return [r for r in self._list() if tag is None or r.comment == tag]
+        return [
+            r
+            for r in self._list()
+            if (tag is None or r.comment == tag) and (family is None or r.family == family)
+        ]
 
     # -- per task ----------------------------------------------------------------------------
 
@@ -163,10 +191,18 @@ class PortForwarder:
             new.append(("output", dnat))
         for protocol, guest_port in sorted({(f.protocol, f.guest_port) for f in forwards}):
             new.append(("postrouting", _localhost_masquerade_expr(protocol, guest_ip, guest_port)))
-        self._replace(tag, new)
+        self._replace(tag, new, FAMILY)
+
+    def set_guest_guard(self, owner: str, tap: str, guest_mac: str, guest_ip: IPv4Address) -> int:
+        """Let the guest behind ``tap`` send only from ``guest_mac`` and ``guest_ip`` (see the
+        module's docstring), replacing ``owner``'s earlier guard; returns how many rules that
+        guard had (0: it was missing). The TAP need not exist yet: rules match its name."""
+        new = [("guests", expr) for expr in _guest_guard_exprs(tap, guest_mac, guest_ip)]
+        return self._replace(rule_tag(owner), new, BRIDGE_FAMILY)
 
     def remove_rules(self, owner: str) -> int:
-        """Delete ``owner``'s rules; returns how many there were (0: nothing to do)."""
+        """Delete ``owner``'s rules (forwards and guard); returns how many there were (0:
+        nothing to do)."""
         return self._replace(rule_tag(owner), [])
 
     def reconcile(self, live_owners: set[str]) -> list[str]:
@@ -217,8 +253,14 @@ class PortForwarder:
                 ],
             ),
         ]
-        self._replace(f"nomad-vm:bridge:{bridge}", new)
+        self._replace(f"nomad-vm:bridge:{bridge}", new, FAMILY)
         sysctl.enable_route_localnet(bridge, netns=self.netns)
+
+    def has_loopback_guard(self, bridge: str) -> bool:
+        """Are ``prepare_bridge``'s two guard rules for ``bridge`` in place? (Gone, e.g. after
+        ``nft flush ruleset``, the bridge's route_localnet lets guests reach 127.0.0.1.)"""
+        tag = f"nomad-vm:bridge:{bridge}"
+        return len([r for r in self._list() if r.chain == "guard" and r.comment == tag]) == 2
 
     def enable_nat(self, subnet: IPv4Network, bridge: str) -> None:
         """Masquerade the guests' traffic to anywhere but their bridge (outbound NAT)."""
@@ -227,28 +269,35 @@ class PortForwarder:
             _match({"meta": {"key": "oifname"}}, bridge, op="!="),
             {"masquerade": None},
         ]
-        self._replace(f"nomad-vm:nat:{bridge}", [("postrouting", rule)])
+        self._replace(f"nomad-vm:nat:{bridge}", [("postrouting", rule)], FAMILY)
 
     def disable_nat(self, bridge: str) -> None:
-        self._replace(f"nomad-vm:nat:{bridge}", [])
+        self._replace(f"nomad-vm:nat:{bridge}", [], FAMILY)
 
     # -- nft ---------------------------------------------------------------------------------
 
-    def _replace(self, tag: str, new: list[tuple[str, list[Any]]]) -> int:
-        """Swap the rules tagged ``tag`` for ``new`` in one transaction; returns how many went.
+    def _replace(
+        self, tag: str, new: list[tuple[str, list[Any]]], family: str | None = None
+    ) -> int:
+        """Swap the rules tagged ``tag`` (in ``family``'s table, or both) for ``new`` in one
+        transaction; returns how many went.
 
         Retried once: a rule deleted by someone else between listing and the batch fails the
         whole batch, and the second listing no longer has it.
         """
         last: NetworkError | None = None
         for _ in range(2):
-            old = [r for r in self._list() if r.comment == tag]
+            old = [
+                r
+                for r in self._list()
+                if r.comment == tag and (family is None or r.family == family)
+            ]
             if not old and not new:
                 return 0
             commands = self._declare() + self._delete(old)
             for chain, expr in new:
                 rule = {
-                    "family": FAMILY,
+                    "family": CHAIN_FAMILY[chain],
                     "table": self.table,
                     "chain": chain,
                     "comment": tag,
@@ -266,11 +315,11 @@ class PortForwarder:
 
     def _declare(self) -> list[dict[str, Any]]:
         commands: list[dict[str, Any]] = [
-            {"add": {"table": {"family": FAMILY, "name": self.table}}}
+            {"add": {"table": {"family": family, "name": self.table}}} for family in FAMILIES
         ]
-        for name, kind, hook, prio in CHAINS:
+        for name, kind, hook, prio, family in CHAINS:
             chain = {
-                "family": FAMILY,
+                "family": family,
                 "table": self.table,
                 "name": name,
                 "type": kind,
@@ -286,7 +335,7 @@ class PortForwarder:
             {
                 "delete": {
                     "rule": {
-                        "family": FAMILY,
+                        "family": r.family,
                         "table": self.table,
                         "chain": r.chain,
                         "handle": r.handle,
@@ -297,21 +346,24 @@ class PortForwarder:
         ]
 
     def _list(self) -> list[Rule]:
-        tables = self._query(["list", "tables", FAMILY])
-        if not any(item.get("table", {}).get("name") == self.table for item in tables):
-            return []
+        tables = self._query(["list", "tables"])
         found = []
-        for item in self._query(["list", "table", FAMILY, self.table]):
-            rule = item.get("rule")
-            if rule is not None:
-                found.append(
-                    Rule(
-                        chain=str(rule["chain"]),
-                        handle=int(rule["handle"]),
-                        comment=rule.get("comment"),
-                        expr=tuple(rule.get("expr", ())),
+        for family in FAMILIES:
+            ours = {"family": family, "name": self.table}
+            if not any({k: item.get("table", {}).get(k) for k in ours} == ours for item in tables):
+                continue
+            for item in self._query(["list", "table", family, self.table]):
+                rule = item.get("rule")
+                if rule is not None:
+                    found.append(
+                        Rule(
+                            chain=str(rule["chain"]),
+                            handle=int(rule["handle"]),
+                            comment=rule.get("comment"),
+                            expr=tuple(rule.get("expr", ())),
+                            family=family,
+                        )
                     )
-                )
         return found
 
     def _query(self, args: list[str]) -> list[dict[str, Any]]:
@@ -345,8 +397,9 @@ class PortForwarder:
         if proc.returncode != 0:
             where = f" in network namespace {self.netns}" if self.netns else ""
             raise NetworkError(
-                f"nft {' '.join(args)}{where} failed (exit {proc.returncode}) on table "
-                f"{FAMILY} {self.table}: {proc.stderr.strip()[:2000]}"
+                f"nft {' '.join(args)}{where} failed (exit {proc.returncode}) on tables "
+                f"{' and '.join(f'{f} {self.table}' for f in FAMILIES)}: "
+                f"{proc.stderr.strip()[:2000]}"
             )
         return proc.stdout
 
@@ -382,6 +435,50 @@ def _forward_expr(forward: PortForward, guest_ip: IPv4Address) -> list[Any]:
         daddr,
         _match(_field(forward.protocol, "dport"), forward.host_port),
         {"dnat": {"addr": str(guest_ip), "port": forward.guest_port}},
+    ]
+
+
+def _guest_guard_exprs(tap: str, guest_mac: str, guest_ip: IPv4Address) -> list[list[Any]]:
+    """The bridge-family rules for frames from ``tap``: own MAC, own address, IPv4 and ARP only
+    (in this order; the first that matches decides)."""
+    iif = _match({"meta": {"key": "iifname"}}, tap)
+    ether_type = _field("ether", "type")
+    mac = guest_mac.lower()
+    own_or_none = {"set": [str(guest_ip), NO_ADDRESS]}
+    return [
+        [iif, _match(_field("ether", "saddr"), mac, op="!="), {"drop": None}],
+        [iif, _match(ether_type, {"set": ["ip", "arp"]}, op="!="), {"drop": None}],
+        # ARP: Ethernet and IPv4 addresses only (the kernel ignores other lengths anyway), and
+        # the sender is the guest.
+        [iif, _match(ether_type, "arp"), _match(_field("arp", "hlen"), 6, op="!="), {"drop": None}],
+        [iif, _match(ether_type, "arp"), _match(_field("arp", "plen"), 4, op="!="), {"drop": None}],
+        [
+            iif,
+            _match(ether_type, "arp"),
+            _match(_field("arp", "saddr ether"), mac, op="!="),
+            {"drop": None},
+        ],
+        [
+            iif,
+            _match(ether_type, "arp"),
+            _match(_field("arp", "saddr ip"), own_or_none, op="!="),
+            {"drop": None},
+        ],
+        # A DHCP client asks before it has an address.
+        [
+            iif,
+            _match(ether_type, "ip"),
+            _match(_field("ip", "saddr"), NO_ADDRESS),
+            _match(_field("udp", "sport"), 68),
+            _match(_field("udp", "dport"), 67),
+            {"accept": None},
+        ],
+        [
+            iif,
+            _match(ether_type, "ip"),
+            _match(_field("ip", "saddr"), str(guest_ip), op="!="),
+            {"drop": None},
+        ],
     ]
 
 

@@ -65,6 +65,16 @@ def enable_ip_forward(*, netns: str | None = None) -> None:
 
 def enable_route_localnet(interface: str, *, netns: str | None = None) -> None:
     """``net.ipv4.conf.<interface>.route_localnet=1``: see ``nft.PortForwarder.prepare_bridge``."""
+    set_route_localnet(interface, True, netns=netns)
+
+
+def set_route_localnet(interface: str, on: bool, *, netns: str | None = None) -> None:
+    """``net.ipv4.conf.<interface>.route_localnet``: on only behind the bridge's guard rules
+    (``nft.PortForwarder.prepare_bridge``); off closes the hole when they cannot be had."""
+    write(route_localnet_key(interface), "1" if on else "0", netns=netns)
+
+
+def route_localnet_key(interface: str) -> str:
     if "/" in interface or interface in ("", ".", ".."):
         raise ValueError(f"{interface!r} is not an interface name")
-    write(f"net/ipv4/conf/{interface}/route_localnet", "1", netns=netns)
+    return f"net/ipv4/conf/{interface}/route_localnet"
