@@ -125,3 +125,47 @@ def test_dhcp_mode_serves_the_vm_inside_the_allocation_namespace(
         assert server.running() is None
         assert list((tmp_path / "dhcp").iterdir()) == []
         subprocess.run(["ip", "netns", "add", alloc], check=True, timeout=30)  # for the fixture
+
+
+def flush_ruleset(netns: str) -> None:
+    name = netns.rsplit("/", 1)[-1]
+    subprocess.run(["ip", "netns", "exec", name, "nft", "flush", "ruleset"], check=True)
+
+
+def test_reconcile_restores_both_guards_or_else_closes_route_localnet(
+    alloc_netns: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Someone flushed the namespace's rules while the plugin was away: reconcile puts the
+    bridge's loopback guard and the guest's guard back; where nft cannot be used, it turns
+    route_localnet off, so the hole the guard covers is closed either way."""
+    owner = f"alloc-{secrets.token_hex(3)}/vm/1"
+    plan = plan_network(owner, NicRequest(""), None, (), alloc_netns)
+    assert plan is not None
+    manager = NetworkManager(tmp_path)
+    record = manager._setup(plan).record
+    nft = PortForwarder(netns=alloc_netns)
+    key = f"net/ipv4/conf/{GROUP_BRIDGE}/route_localnet"
+    guard = [r.expr for r in nft.rules(owner, family="bridge")]
+    assert guard and nft.has_loopback_guard(GROUP_BRIDGE)
+    assert manager._reconcile(record, None) == []  # nothing to repair
+
+    flush_ruleset(alloc_netns)
+    assert manager._reconcile(record, None) == [
+        f"guard rules of bridge {GROUP_BRIDGE} restored (guests could reach the host's "
+        "127.0.0.1 without them)",
+        f"guest guard on {record.tap} restored",
+    ]
+    assert nft.has_loopback_guard(GROUP_BRIDGE)
+    assert [r.expr for r in nft.rules(owner, family="bridge")] == guard
+    assert sysctl.read(key, netns=alloc_netns) == "1"
+
+    flush_ruleset(alloc_netns)
+    monkeypatch.setattr(PortForwarder, "_binary", lambda self: "/bin/false")
+    repaired = manager._reconcile(record, None)
+    assert repaired[0].startswith(f"guard rules of bridge {GROUP_BRIDGE} could not be checked")
+    assert "route_localnet turned off on it" in repaired[0]
+    assert repaired[1].startswith(f"guest guard on {record.tap} could not be checked")
+    assert sysctl.read(key, netns=alloc_netns) == "0"
+    monkeypatch.undo()
+    manager._teardown(record, None)
+    assert links.bridge_ports(GROUP_BRIDGE, netns=alloc_netns) == []

@@ -122,45 +122,54 @@ class NetworkManager:
 
     def _reassert_guards(self, record: NetworkRecord, net: BridgeNetwork | None) -> list[str]:
         """The record's bridge keeps its loopback guard (or loses route_localnet), and the
-        task's guest keeps its guard; what had to be put back, for the task event."""
+        task's guest keeps its guard; what had to be put back (or could not be), for the task
+        event."""
         netns = record.netns or None
         if netns is not None and not netns_exists(netns):
             return []  # Nomad deleted the namespace, and the bridge and rules with it
         forwarder = self._forwarder(netns)
-        repaired = []
         bridge_net = group_network(net) if record.netns else net
-        if not forwarder.has_loopback_guard(record.bridge):
-            if bridge_net is not None and bridge_net.bridge == record.bridge:
-                try:
-                    forwarder.prepare_bridge(bridge_net.bridge, bridge_net.subnet)
-                    repaired.append(
-                        f"guard rules of bridge {record.bridge} restored (guests could reach "
-                        "the host's 127.0.0.1 without them)"
-                    )
-                except NetworkError as exc:
-                    sysctl.set_route_localnet(record.bridge, False, netns=netns)
-                    log.warning("bridge %s: guard rules not restored: %s", record.bridge, exc)
-                    repaired.append(
-                        f"guard rules of bridge {record.bridge} were gone and cannot be put "
-                        f"back ({exc}); route_localnet turned off on it, so guests cannot reach "
-                        "the host's 127.0.0.1 (nor do port forwards from it)"
-                    )
-            elif links.link_exists(record.bridge, netns=netns) and (
-                sysctl.read(sysctl.route_localnet_key(record.bridge), netns=netns) == "1"
-            ):
-                # Not the plugin's bridge any more: the hole closes instead.
-                sysctl.set_route_localnet(record.bridge, False, netns=netns)
+        if bridge_net is not None and bridge_net.bridge != record.bridge:
+            bridge_net = None
+        repaired = []
+        try:
+            if not forwarder.has_loopback_guard(record.bridge):
+                if bridge_net is None:
+                    raise NetworkError("the plugin config no longer names this bridge")
+                forwarder.prepare_bridge(bridge_net.bridge, bridge_net.subnet)
                 repaired.append(
-                    f"route_localnet turned off on bridge {record.bridge}: its guard rules were "
-                    "gone and the plugin config no longer names it"
+                    f"guard rules of bridge {record.bridge} restored (guests could reach the "
+                    "host's 127.0.0.1 without them)"
+                )
+        except NetworkError as exc:
+            if self._close_route_localnet(record.bridge, netns):
+                log.warning("bridge %s: guard rules not restored: %s", record.bridge, exc)
+                repaired.append(
+                    f"guard rules of bridge {record.bridge} could not be checked or put back "
+                    f"({exc}); route_localnet turned off on it, so guests cannot reach the "
+                    "host's 127.0.0.1 (nor do port forwards from it)"
                 )
         if record.address:
-            had = forwarder.set_guest_guard(
-                record.owner, record.tap, record.guest_mac, IPv4Address(record.address)
-            )
-            if not had:
-                repaired.append(f"guest guard on {record.tap} restored")
+            try:
+                had = forwarder.set_guest_guard(
+                    record.owner, record.tap, record.guest_mac, IPv4Address(record.address)
+                )
+            except NetworkError as exc:
+                log.warning("%s: guest guard not restored: %s", record.tap, exc)
+                repaired.append(f"guest guard on {record.tap} could not be checked: {exc}")
+            else:
+                if not had:
+                    repaired.append(f"guest guard on {record.tap} restored")
         return repaired
+
+    def _close_route_localnet(self, bridge: str, netns: str | None) -> bool:
+        """Turn route_localnet off on ``bridge`` if it is on; whether it was."""
+        if not links.link_exists(bridge, netns=netns):
+            return False
+        if sysctl.read(sysctl.route_localnet_key(bridge), netns=netns) != "1":
+            return False
+        sysctl.set_route_localnet(bridge, False, netns=netns)
+        return True
 
     def _recorded_owners(self) -> set[str]:
         owners = set()
