@@ -6,11 +6,11 @@ error, a plugin SIGKILLed mid-start) ``teardown`` can undo exactly what exists:
 1. the task's record is written to ``<data_dir>/network/tasks/<hash>.json``;
 2. the bridge is made ready (created when ``create_bridge``; guard rules, IP forwarding, NAT);
 3. the address is leased (``static_ip`` or the pool) and added to the record;
-4. the guest guard is set (``nft.PortForwarder.set_guest_guard``: frames from the TAP only with
-   the guest's MAC and address), before the TAP exists, so the TAP never exists without it;
+4. the task's nftables rules are set in one transaction: its guest guard
+   (``nft.PortForwarder.set_guest_guard``: frames from the TAP only with the guest's MAC and
+   address) and its port forwards, before the TAP exists, so the TAP never exists unguarded;
 5. the TAP is created on the bridge (its name and MAC derive from the task id);
-6. the port forwards are set in the plugin's nftables table;
-7. DHCP mode (``dhcp = true``): the bridge's dnsmasq learns the guest's MAC and address.
+6. DHCP mode (``dhcp = true``): the bridge's dnsmasq learns the guest's MAC and address.
 
 ``teardown`` removes DHCP host, rules (forwards and guard, by the task's tag), TAP, lease and
 finally the record; every step is idempotent. The
@@ -195,13 +195,11 @@ class NetworkManager:
             address = self._pool(record, net).allocate(plan.owner, nic.static_ip)
             record = replace(record, address=str(address))
             self._write_record(record)
-            forwarder.set_guest_guard(plan.owner, plan.tap, plan.guest_mac, address)
+            forwards = [f for _, f in plan.forwards]
+            forwarder.set_task_rules(plan.owner, plan.tap, plan.guest_mac, address, forwards)
             taps.create_tap(
                 plan.tap, net.bridge, mac=tap_mac(plan.guest_mac), vlan=nic.vlan, netns=netns
             )
-            if plan.forwards:
-                forwards = [f for _, f in plan.forwards]
-                forwarder.set_port_forwards(plan.owner, address, forwards)
             if net.dnsmasq is not None:
                 host = DhcpHost(
                     plan.guest_mac, address, plan.hostname, nic.gateway or net.gateway, nic.dns

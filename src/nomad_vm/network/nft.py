@@ -64,6 +64,7 @@ drop in another.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 from collections.abc import Iterable
@@ -94,6 +95,8 @@ CHAINS = (
 )
 CHAIN_FAMILY = {name: family for name, _, _, _, family in CHAINS}
 PROTOCOLS = ("tcp", "udp")
+# What nft says (in the C locale) when a table it is asked about does not exist.
+_MISSING = "No such file or directory"
 
 
 @dataclass(frozen=True)
@@ -171,27 +174,7 @@ class PortForwarder:
 
         Replacing rather than adding, so a retried start cannot leave duplicate rules.
         """
-        forwards = list(forwards)
-        seen: set[tuple[str, IPv4Address | None, int]] = set()
-        for i, forward in enumerate(forwards):
-            field = f"port_forwards[{i}]"
-            forward.validate(field)
-            key = (forward.protocol, forward.host_ip, forward.host_port)
-            if key in seen:
-                raise ConfigError(
-                    f"{field}.host_port",
-                    f"{forward.protocol} port {forward.host_port} is forwarded twice",
-                )
-            seen.add(key)
-        tag = rule_tag(owner)
-        new: list[tuple[str, list[Any]]] = []
-        for forward in forwards:
-            dnat = _forward_expr(forward, guest_ip)
-            new.append(("prerouting", dnat))
-            new.append(("output", dnat))
-        for protocol, guest_port in sorted({(f.protocol, f.guest_port) for f in forwards}):
-            new.append(("postrouting", _localhost_masquerade_expr(protocol, guest_ip, guest_port)))
-        self._replace(tag, new, FAMILY)
+        self._replace(rule_tag(owner), _forward_rules(guest_ip, forwards), FAMILY)
 
     def set_guest_guard(self, owner: str, tap: str, guest_mac: str, guest_ip: IPv4Address) -> int:
         """Let the guest behind ``tap`` send only from ``guest_mac`` and ``guest_ip`` (see the
@@ -199,6 +182,19 @@ class PortForwarder:
         guard had (0: it was missing). The TAP need not exist yet: rules match its name."""
         new = [("guests", expr) for expr in _guest_guard_exprs(tap, guest_mac, guest_ip)]
         return self._replace(rule_tag(owner), new, BRIDGE_FAMILY)
+
+    def set_task_rules(
+        self,
+        owner: str,
+        tap: str,
+        guest_mac: str,
+        guest_ip: IPv4Address,
+        forwards: Iterable[PortForward] = (),
+    ) -> None:
+        """``set_guest_guard`` and ``set_port_forwards`` in one transaction (all of ``owner``'s
+        rules replaced): a task's rules come and go together."""
+        guard = [("guests", expr) for expr in _guest_guard_exprs(tap, guest_mac, guest_ip)]
+        self._replace(rule_tag(owner), guard + _forward_rules(guest_ip, forwards))
 
     def remove_rules(self, owner: str) -> int:
         """Delete ``owner``'s rules (forwards and guard); returns how many there were (0:
@@ -346,13 +342,9 @@ class PortForwarder:
         ]
 
     def _list(self) -> list[Rule]:
-        tables = self._query(["list", "tables"])
         found = []
         for family in FAMILIES:
-            ours = {"family": family, "name": self.table}
-            if not any({k: item.get("table", {}).get(k) for k in ours} == ours for item in tables):
-                continue
-            for item in self._query(["list", "table", family, self.table]):
+            for item in self._query(["list", "table", family, self.table], missing_ok=True):
                 rule = item.get("rule")
                 if rule is not None:
                     found.append(
@@ -366,8 +358,12 @@ class PortForwarder:
                     )
         return found
 
-    def _query(self, args: list[str]) -> list[dict[str, Any]]:
-        out = self._run(["-j", *args], None)
+    def _query(self, args: list[str], missing_ok: bool = False) -> list[dict[str, Any]]:
+        """nft's JSON answer to ``args``; with ``missing_ok`` no items when what they name does
+        not exist (one nft run instead of asking first)."""
+        out = self._run(["-j", *args], None, missing_ok)
+        if out is None:
+            return []
         try:
             items = json.loads(out)["nftables"]
         except (ValueError, KeyError, TypeError) as exc:
@@ -377,7 +373,9 @@ class PortForwarder:
     def _apply(self, commands: list[dict[str, Any]]) -> None:
         self._run(["-j", "-f", "-"], json.dumps({"nftables": commands}))
 
-    def _run(self, args: list[str], stdin: str | None) -> str:
+    def _run(self, args: list[str], stdin: str | None, missing_ok: bool = False) -> str | None:
+        """nft's output; None when ``missing_ok`` and nft said what ``args`` name does not
+        exist (its messages in the C locale, so that this can be told)."""
         argv = [self._binary(), *args]
 
         def run() -> subprocess.CompletedProcess[str]:
@@ -388,12 +386,15 @@ class PortForwarder:
                 text=True,
                 timeout=NFT_TIMEOUT,
                 check=False,
+                env={**os.environ, "LC_ALL": "C"},
             )
 
         try:
             proc = run_in(self.netns, run)
         except (OSError, subprocess.TimeoutExpired) as exc:
             raise NetworkError(f"cannot run {' '.join(argv)}: {exc}") from exc
+        if proc.returncode != 0 and missing_ok and _MISSING in proc.stderr:
+            return None
         if proc.returncode != 0:
             where = f" in network namespace {self.netns}" if self.netns else ""
             raise NetworkError(
@@ -436,6 +437,33 @@ def _forward_expr(forward: PortForward, guest_ip: IPv4Address) -> list[Any]:
         _match(_field(forward.protocol, "dport"), forward.host_port),
         {"dnat": {"addr": str(guest_ip), "port": forward.guest_port}},
     ]
+
+
+def _forward_rules(
+    guest_ip: IPv4Address, forwards: Iterable[PortForward]
+) -> list[tuple[str, list[Any]]]:
+    """(chain, expression) of the DNAT and localhost masquerade rules for ``forwards``,
+    validated (ConfigError naming ``port_forwards[i]``)."""
+    forwards = list(forwards)
+    seen: set[tuple[str, IPv4Address | None, int]] = set()
+    for i, forward in enumerate(forwards):
+        field = f"port_forwards[{i}]"
+        forward.validate(field)
+        key = (forward.protocol, forward.host_ip, forward.host_port)
+        if key in seen:
+            raise ConfigError(
+                f"{field}.host_port",
+                f"{forward.protocol} port {forward.host_port} is forwarded twice",
+            )
+        seen.add(key)
+    new: list[tuple[str, list[Any]]] = []
+    for forward in forwards:
+        dnat = _forward_expr(forward, guest_ip)
+        new.append(("prerouting", dnat))
+        new.append(("output", dnat))
+    for protocol, guest_port in sorted({(f.protocol, f.guest_port) for f in forwards}):
+        new.append(("postrouting", _localhost_masquerade_expr(protocol, guest_ip, guest_port)))
+    return new
 
 
 def _guest_guard_exprs(tap: str, guest_mac: str, guest_ip: IPv4Address) -> list[list[Any]]:
