@@ -10,6 +10,9 @@ table (``nomad_vm.plugin.status``)::
      |    +-- ImageError      kernel/image/initramfs missing, unreadable or outside image_paths
      +-- TaskNotFound         no task with that id in this plugin
      +-- TaskExists           StartTask for an id already running
+     +-- VMRequestError       a backend cannot honour a VM request or hypervisor setting; names
+     |                        the backend's option (``machine``), the driver turns it into a
+     |                        ConfigError naming the config field (``config.os.machine``)
      +-- HypervisorError      the VMM could not be started, controlled or queried
      |    +-- LaunchError     the VMM exited or failed during start (recoverable: Nomad may retry)
      |    +-- GuestAgentUnavailable  exec/signal cannot reach the guest (no agent answering)
@@ -52,6 +55,18 @@ class TaskExists(NomadVMError):
     def __init__(self, task_id: str) -> None:
         super().__init__(f"task with id already started: {task_id}")
         self.task_id = task_id
+
+
+class VMRequestError(NomadVMError):
+    """A VM request, or a hypervisor setting, that a backend cannot honour. ``option`` names it
+    in the backend's own terms (``machine``, ``firmware``, ``accelerator``, ...): the hypervisor
+    layer knows no Nomad config, so the driver, which knows where the value came from, raises a
+    ConfigError naming the field instead."""
+
+    def __init__(self, option: str, reason: str) -> None:
+        super().__init__(f"{option}: {reason}")
+        self.option = option
+        self.reason = reason
 
 
 class ImageError(FieldError):

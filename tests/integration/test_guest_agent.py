@@ -24,14 +24,14 @@ from pathlib import Path
 import pytest
 
 from nomad_vm.guests.tiny import TinyGuest
-from nomad_vm.vm.qemu.agent import (
+from nomad_vm.vm.guest_agent import (
     NO_AGENT,
     AgentCommandError,
     AgentTimeout,
     AgentUnavailable,
     GuestAgent,
-    agent_argv,
 )
+from nomad_vm.vm.qemu.agent_channel import agent_argv
 
 pytestmark = pytest.mark.integration
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from nomad_vm.errors import ConfigError, HypervisorError
+from nomad_vm.errors import HypervisorError, VMRequestError
 from nomad_vm.vm import kvm_probe
 from nomad_vm.vm.accel import (
     AcceleratorChoice,
@@ -57,10 +57,10 @@ def test_explicit_kvm_when_usable() -> None:
     assert choose_accelerator("kvm", USABLE).name == "kvm"
 
 
-def test_explicit_kvm_when_unusable_is_a_config_error() -> None:
-    with pytest.raises(ConfigError) as caught:
+def test_explicit_kvm_when_unusable_is_an_error_naming_the_setting() -> None:
+    with pytest.raises(VMRequestError) as caught:
         choose_accelerator("kvm", BROKEN)
-    assert caught.value.field == "accelerator"
+    assert caught.value.option == "accelerator"
     assert BROKEN.reason in caught.value.reason
     assert '"auto"' in caught.value.reason and '"tcg"' in caught.value.reason
 
@@ -72,9 +72,9 @@ def test_explicit_tcg_ignores_kvm(kvm: KvmStatus) -> None:
 
 @pytest.mark.parametrize("setting", ["", "KVM", "hvf", "kvm:tcg"])
 def test_unknown_setting_names_field_and_allowed_values(setting: str) -> None:
-    with pytest.raises(ConfigError) as caught:
+    with pytest.raises(VMRequestError) as caught:
         choose_accelerator(setting, USABLE)
-    assert caught.value.field == "accelerator"
+    assert caught.value.option == "accelerator"
     for allowed in ('"auto"', '"kvm"', '"tcg"'):
         assert allowed in caught.value.reason
 

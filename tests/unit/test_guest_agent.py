@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from nomad_vm.errors import HypervisorError
-from nomad_vm.vm.qemu.agent import (
+from nomad_vm.vm.guest_agent import (
     NO_AGENT,
     AgentCommandError,
     AgentError,
@@ -26,8 +26,8 @@ from nomad_vm.vm.qemu.agent import (
     AgentUnavailable,
     ExecResult,
     GuestAgent,
-    agent_argv,
 )
+from nomad_vm.vm.qemu.agent_channel import agent_argv
 
 Status = dict[str, Any]
 

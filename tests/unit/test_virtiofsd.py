@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from nomad_vm.cloudinit import CloudInitRequest, GuestMount, render
-from nomad_vm.errors import ConfigError
+from nomad_vm.errors import VMRequestError
 from nomad_vm.vm.share_transport import choose_share_transport, identify_virtiofsd
 from nomad_vm.vm.spec import ShareSpec
 from nomad_vm.vm.virtiofsd import daemon_argv
@@ -106,9 +106,9 @@ def test_a_daemon_without_our_options_is_not_used(
 
 def test_a_configured_legacy_daemon_is_an_error_naming_the_option(tmp_path: Path) -> None:
     legacy = write_daemon(tmp_path / "virtiofsd", LEGACY_C_DAEMON)
-    with pytest.raises(ConfigError) as err:
+    with pytest.raises(VMRequestError) as err:
         choose_share_transport("auto", str(legacy))
-    assert err.value.field == "config.virtiofsd_binary" and "legacy C" in str(err.value)
+    assert err.value.option == "virtiofsd_binary" and "legacy C" in str(err.value)
 
 
 def test_9p_is_used_even_when_virtiofsd_exists(path_with_virtiofsd: Path) -> None:
@@ -118,19 +118,19 @@ def test_9p_is_used_even_when_virtiofsd_exists(path_with_virtiofsd: Path) -> Non
 def test_virtiofs_without_virtiofsd_is_an_error_naming_the_option(
     path_without_virtiofsd: None,
 ) -> None:
-    with pytest.raises(ConfigError) as err:
+    with pytest.raises(VMRequestError) as err:
         choose_share_transport("virtiofs", None)
-    assert err.value.field == "config.share_transport" and "make setup" in str(err.value)
+    assert err.value.option == "share_transport" and "make setup" in str(err.value)
 
 
 def test_a_named_binary_that_is_missing_is_an_error_not_9p(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError) as err:
+    with pytest.raises(VMRequestError) as err:
         choose_share_transport("auto", str(tmp_path / "nope" / "virtiofsd"))
-    assert err.value.field == "config.virtiofsd_binary" and "does not exist" in str(err.value)
+    assert err.value.option == "virtiofsd_binary" and "does not exist" in str(err.value)
 
 
 def test_unknown_transport_is_refused() -> None:
-    with pytest.raises(ConfigError, match="'nfs' is not one of auto, virtiofs, 9p"):
+    with pytest.raises(VMRequestError, match="'nfs' is not one of auto, virtiofs, 9p"):
         choose_share_transport("nfs", None)
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import shutil
 
-from nomad_vm.errors import ConfigError, HypervisorError, NetworkError
+from nomad_vm.errors import ConfigError, HypervisorError, NetworkError, VMRequestError
 from nomad_vm.network import links
 from nomad_vm.network.settings import find_dnsmasq
 from nomad_vm.storage.qemu_img import find_prlimit
@@ -37,7 +37,7 @@ def run_doctor(qemu_binary: str, accelerator: str, bridge: str | None = None) ->
     try:
         accel = choose_accelerator(accelerator, kvm)
         print(f"ok    accelerator {accelerator!r} -> {accel.name}: {accel.reason}")
-    except ConfigError as exc:
+    except VMRequestError as exc:
         print(f"FAIL  {exc}")
         failures += 1
     shares = choose_share_transport("auto", None)

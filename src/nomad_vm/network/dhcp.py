@@ -42,7 +42,12 @@ from typing import Any
 
 from nomad_vm.errors import NetworkError
 from nomad_vm.files import exclusive_lock, write_atomically
-from nomad_vm.processes import ProcessIdentity, identity_of, is_same_process
+from nomad_vm.processes import (
+    ProcessIdentity,
+    identity_from_legacy,
+    identity_of,
+    is_same_process,
+)
 
 log = logging.getLogger(__name__)
 
@@ -167,7 +172,10 @@ class DhcpServer:
         """The daemon's identity if it still runs."""
         try:
             raw = json.loads((self.directory / "server.json").read_text(encoding="utf-8"))
-            ident = ProcessIdentity(int(raw["pid"]), float(raw["start_time"]))
+            if "start_time" in raw:  # written by an older plugin: a wall-clock start time
+                legacy = identity_from_legacy(int(raw["pid"]), float(raw["start_time"]))
+                return legacy if legacy is not None and is_same_process(legacy) else None
+            ident = ProcessIdentity.from_dict(raw)
         except (OSError, ValueError, KeyError, TypeError):
             return None
         return ident if is_same_process(ident) else None
@@ -229,7 +237,7 @@ class DhcpServer:
         ident = self._daemon_identity()
         write_atomically(
             self.directory / "server.json",
-            json.dumps({"pid": ident.pid, "start_time": ident.start_time}).encode(),
+            json.dumps(ident.to_dict()).encode(),
         )
 
     def _daemon_identity(self) -> ProcessIdentity:

@@ -18,10 +18,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-from nomad_vm.errors import ConfigError
+from nomad_vm.errors import VMRequestError
+from nomad_vm.schema import ACCELERATORS
 
 PROBE_MODULE = "nomad_vm.vm.kvm_probe"
-ACCELERATOR_SETTINGS = ("auto", "kvm", "tcg")
 DEFAULT_PROBE_TIMEOUT = 5.0
 # On top of the probe's own KVM_RUN budget: interpreter start-up and VM teardown. The probe
 # reports a hung KVM_RUN itself; this margin only matters if the child is stuck elsewhere.
@@ -118,14 +118,14 @@ def choose_accelerator(setting: str, kvm: KvmStatus) -> AcceleratorChoice:
     """Map the ``accelerator`` setting and the probe result to QEMU's accelerator.
 
     ``auto`` falls back to TCG quietly (the reason says why); an explicit ``kvm`` that cannot be
-    honoured is a configuration error rather than a silent slowdown.
+    honoured is an error (VMRequestError) rather than a silent slowdown.
     """
     if setting == "tcg":
         return AcceleratorChoice("tcg", 'accelerator = "tcg" in the configuration')
     if setting == "kvm":
         if kvm.usable:
             return AcceleratorChoice("kvm", f'accelerator = "kvm" and KVM is usable: {kvm.reason}')
-        raise ConfigError(
+        raise VMRequestError(
             "accelerator",
             f'"kvm" was requested but KVM is not usable on this host: {kvm.reason}; '
             'set accelerator to "auto" (falls back to TCG) or "tcg"',
@@ -136,5 +136,5 @@ def choose_accelerator(setting: str, kvm: KvmStatus) -> AcceleratorChoice:
         return AcceleratorChoice(
             "tcg", f"KVM not usable: {kvm.reason}; using TCG (software emulation)"
         )
-    allowed = ", ".join(f'"{value}"' for value in ACCELERATOR_SETTINGS)
-    raise ConfigError("accelerator", f"unknown value {setting!r}; allowed values: {allowed}")
+    allowed = ", ".join(f'"{value}"' for value in ACCELERATORS)
+    raise VMRequestError("accelerator", f"unknown value {setting!r}; allowed values: {allowed}")

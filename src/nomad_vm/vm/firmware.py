@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from nomad_vm.errors import ConfigError, HypervisorError
+from nomad_vm.errors import HypervisorError, VMRequestError
 from nomad_vm.files import write_atomically
 
 log = logging.getLogger(__name__)
@@ -93,13 +93,13 @@ def plan_firmware(
 ) -> FirmwarePlan | None:
     """The firmware files for ``kind``; None for ``bios`` (QEMU's built-in SeaBIOS).
 
-    Raises ConfigError for an unknown kind, HypervisorError when OVMF is not installed.
+    Raises VMRequestError for an unknown kind, HypervisorError when OVMF is not installed.
     """
     if kind == BIOS:
         return None
     if kind not in _FAMILIES:
-        raise ConfigError(
-            "config.firmware", f"unknown firmware {kind!r}; use one of {', '.join(FIRMWARE_KINDS)}"
+        raise VMRequestError(
+            "firmware", f"unknown firmware {kind!r}; use one of {', '.join(FIRMWARE_KINDS)}"
         )
     for descriptor in _descriptors(descriptor_dirs):
         if _fits(descriptor, kind):

@@ -18,13 +18,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from nomad_vm.errors import ConfigError
+from nomad_vm.errors import VMRequestError
 from nomad_vm.vm.firmware import BIOS, FIRMWARE_KINDS, UEFI_SECURE, FirmwarePlan
 
+# What QEMU's backend supports (its capabilities); schema.py declares the allowed values and
+# defaults of the task config, of which these are the QEMU subset.
 ARCHES = ("x86_64",)
 MACHINE_TYPES = ("pc", "q35", "microvm")
-DEFAULT_ARCH = "x86_64"
-DEFAULT_MACHINE = "pc"
 
 # Tells QEMU's pflash device that only SMM code may write the variable store; OVMF's SMM build
 # checks for this and refuses to run without it.
@@ -40,30 +40,30 @@ class MachineConfig:
 
 
 def validate_machine(
-    arch: str | None, machine: str | None, firmware: str, has_kernel: bool, has_disk: bool
+    arch: str, machine: str, firmware: str, has_kernel: bool, has_disk: bool
 ) -> MachineConfig:
-    """Check a task's platform choice; None for ``arch`` or ``machine`` means the default.
+    """Check a VM's platform choice.
 
-    Raises ConfigError naming the option to change.
+    Raises VMRequestError naming the request's option to change (``arch``, ``machine``,
+    ``firmware``, ``kernel``).
     """
-    if (arch or DEFAULT_ARCH) not in ARCHES:
-        raise ConfigError("config.os.arch", f"unsupported architecture {arch!r}; use x86_64")
+    if arch not in ARCHES:
+        raise VMRequestError("arch", f"unsupported architecture {arch!r}; use x86_64")
     if firmware not in FIRMWARE_KINDS:
-        raise ConfigError(
-            "config.firmware", f"unknown firmware {firmware!r}; use {_either(FIRMWARE_KINDS)}"
+        raise VMRequestError(
+            "firmware", f"unknown firmware {firmware!r}; use {_either(FIRMWARE_KINDS)}"
         )
-    machine = machine or DEFAULT_MACHINE
     if machine not in MACHINE_TYPES:
-        raise ConfigError(
-            "config.os.machine", f"unknown machine type {machine!r}; use {_either(MACHINE_TYPES)}"
+        raise VMRequestError(
+            "machine", f"unknown machine type {machine!r}; use {_either(MACHINE_TYPES)}"
         )
     if not has_kernel and not has_disk:
-        raise ConfigError("config.kernel", "nothing to boot: set kernel, or give the task a disk")
+        raise VMRequestError("kernel", "nothing to boot: set kernel, or give the task a disk")
     if machine == "microvm":
         _check_microvm(firmware, has_kernel)
     if firmware == UEFI_SECURE and machine != "q35":
-        raise ConfigError(
-            "config.firmware",
+        raise VMRequestError(
+            "firmware",
             f'uefi-secure needs os {{ machine = "q35" }}, not {machine!r}: Secure Boot needs '
             "SMM-protected firmware (OVMF's secure build), which QEMU provides only on q35",
         )
@@ -73,14 +73,14 @@ def validate_machine(
 
 def _check_microvm(firmware: str, has_kernel: bool) -> None:
     if firmware != BIOS:
-        raise ConfigError(
-            "config.firmware",
+        raise VMRequestError(
+            "firmware",
             f"{firmware} is not available on microvm (no flash for UEFI firmware); use "
             'firmware = "bios", or os { machine = "pc" } or "q35"',
         )
     if not has_kernel:
-        raise ConfigError(
-            "config.os.machine",
+        raise VMRequestError(
+            "machine",
             "microvm only boots a kernel given directly (config.kernel); its firmware cannot "
             'boot from a disk: set kernel, or use os { machine = "pc" } or "q35"',
         )

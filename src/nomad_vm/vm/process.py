@@ -4,6 +4,12 @@ A VMM runs in its own session, so it outlives the plugin (Nomad restarts plugins
 Ctrl-C in the terminal of `nomad agent -dev` does not reach it. A process is identified by its pid
 *and* its start time: after a plugin restart a recycled pid must never be taken for our VM.
 Exit is watched through a pidfd, which works for processes that are not our children too.
+
+A process is *gated*: it is forked as ``/bin/sh`` waiting for one line on its stdin (a pipe only
+the plugin holds) and only then execs the real program, with the same pid and start time. The
+driver records the identity in the task's journal between the fork and ``release``. If the plugin
+dies in between, the pipe reaches end-of-file and the shell exits without running anything: no
+VMM or helper ever runs that the journal does not know.
 """
 
 from __future__ import annotations
@@ -11,8 +17,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import select
 import signal
 import subprocess
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -20,18 +28,44 @@ from nomad_vm.errors import HypervisorError, LaunchError
 from nomad_vm.processes import ProcessIdentity, identity_of, is_same_process
 from nomad_vm.vm.spec import VMExit
 
+# Waits for the plugin's go (one line on stdin), then becomes the program with stdin on
+# /dev/null; end-of-file first (the plugin died before recording the process) ends it unrun.
+GATE_SHELL = "/bin/sh"
+GATE_SCRIPT = 'read -r _ || exit 125; exec "$@" </dev/null'
+GATE_NAME = "nomad-vm-gate"
+
 
 class SupervisedProcess:
     """A VMM process: started by us (``Popen`` known, real exit status) or re-found by identity."""
 
-    def __init__(self, ident: ProcessIdentity, popen: subprocess.Popen[bytes] | None) -> None:
+    def __init__(
+        self,
+        ident: ProcessIdentity,
+        popen: subprocess.Popen[bytes] | None,
+        gate: int | None = None,
+    ) -> None:
         self.ident = ident
         self._popen = popen
         self._exit: VMExit | None = None
         self._pidfd: int | None = None
         self._waiter: asyncio.Future[VMExit] | None = None
+        # The write end of a gated process's stdin until ``release``.
+        self._gate = gate
         with contextlib.suppress(OSError):
             self._pidfd = os.pidfd_open(ident.pid)
+
+    def release(self) -> None:
+        """Let a gated process exec its program (its identity is on record by now)."""
+        if self._gate is None:
+            return
+        with contextlib.suppress(OSError):  # already killed: nothing left to release
+            os.write(self._gate, b"go\n")
+        self._close_gate()
+
+    def _close_gate(self) -> None:
+        if self._gate is not None:
+            os.close(self._gate)
+            self._gate = None
 
     @property
     def pid(self) -> int:
@@ -63,7 +97,10 @@ class SupervisedProcess:
             while is_same_process(self.ident):
                 await asyncio.sleep(0.2)
         self._exit = self._collect()
-        self._close_pidfd()
+        # The waiter itself: its reader is already unregistered.
+        if self._pidfd is not None:
+            os.close(self._pidfd)
+            self._pidfd = None
         return self._exit
 
     def _collect(self) -> VMExit:
@@ -96,13 +133,23 @@ class SupervisedProcess:
             return await self.wait()
 
     def _close_pidfd(self) -> None:
-        if self._pidfd is not None:
-            os.close(self._pidfd)
-            self._pidfd = None
+        """Close the pidfd from outside the waiter (which is cancelled if still waiting)."""
+        if self._pidfd is None:
+            return
+        if self._waiter is not None and not self._waiter.done():
+            # Stop waiting first: the event loop must forget the descriptor before it is
+            # closed, or a later pidfd given the same number would be watched under the stale
+            # registration and never reported (asyncio only updates the callback then).
+            self._waiter.cancel()
+            with contextlib.suppress(RuntimeError):  # no running loop: nothing registered
+                asyncio.get_running_loop().remove_reader(self._pidfd)
+        os.close(self._pidfd)
+        self._pidfd = None
 
     def kill_and_reap(self, timeout: float = 5.0) -> None:
         """SIGKILL and, for our own child, collect its exit status at once (no zombie left).
         For failure paths where nothing awaits the process; SIGKILL makes the wait short."""
+        self._close_gate()
         self.send_signal(signal.SIGKILL)
         if self._popen is not None and self._exit is None:
             with contextlib.suppress(subprocess.TimeoutExpired):
@@ -110,6 +157,8 @@ class SupervisedProcess:
         self._close_pidfd()
 
     def close(self) -> None:
+        # An unreleased gated process reads end-of-file and ends without running its program.
+        self._close_gate()
         self._close_pidfd()
 
 
@@ -129,14 +178,26 @@ async def _wait_readable(fd: int) -> None:
 
 
 def spawn(
-    argv: Sequence[str], *, stdout: int, stderr: int, cwd: Path, pass_fds: Sequence[int] = ()
+    argv: Sequence[str],
+    *,
+    stdout: int,
+    stderr: int,
+    cwd: Path,
+    pass_fds: Sequence[int] = (),
+    gated: bool = False,
 ) -> SupervisedProcess:
     """Start ``argv`` in a new session with the given output fds and no stdin; ``pass_fds``
-    are inherited under the same numbers."""
+    are inherited under the same numbers. ``gated``: the program only runs once the returned
+    process is ``release``d (see the module docstring)."""
+    command = list(argv)
+    gate_read = gate_write = None
+    if gated:
+        command = [GATE_SHELL, "-c", GATE_SCRIPT, GATE_NAME, *command]
+        gate_read, gate_write = os.pipe()
     try:
         popen = subprocess.Popen(
-            list(argv),
-            stdin=subprocess.DEVNULL,
+            command,
+            stdin=gate_read if gate_read is not None else subprocess.DEVNULL,
             stdout=stdout,
             stderr=stderr,
             cwd=cwd,
@@ -145,17 +206,29 @@ def spawn(
             pass_fds=tuple(pass_fds),
         )
     except OSError as exc:
+        if gate_write is not None:
+            os.close(gate_write)
         raise LaunchError(f"cannot start {argv[0]}: {exc.strerror or exc}") from exc
-    ident = identity_of(popen.pid) or ProcessIdentity(popen.pid, 0.0)
-    return SupervisedProcess(ident, popen)
+    finally:
+        if gate_read is not None:
+            os.close(gate_read)
+    # Our child cannot be reaped before we wait for it, so its /proc entry is there to read.
+    ident = identity_of(popen.pid)
+    if ident is None:
+        popen.kill()
+        popen.wait()
+        if gate_write is not None:
+            os.close(gate_write)
+        raise LaunchError(f"cannot read the identity of {argv[0]} (pid {popen.pid})")
+    return SupervisedProcess(ident, popen, gate_write)
 
 
 def reattach(ident: ProcessIdentity) -> SupervisedProcess:
     """Find a VMM started by an earlier plugin process; HypervisorError if it is gone."""
     if not is_same_process(ident):
         raise HypervisorError(
-            f"process {ident.pid} started at {ident.start_time} no longer exists "
-            "(or the pid now belongs to another process)"
+            f"process {ident.pid} (started {ident.start_ticks} ticks after boot) is not running "
+            "(it ended, or the pid now belongs to another process)"
         )
     return SupervisedProcess(ident, None)
 
@@ -166,3 +239,37 @@ def kill_leftovers(idents: Sequence[ProcessIdentity]) -> None:
         if is_same_process(ident):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(ident.pid, signal.SIGKILL)
+
+
+def end_processes(idents: Sequence[ProcessIdentity], timeout: float = 10.0) -> list[int]:
+    """SIGKILL each process still running under its identity and wait (up to ``timeout`` in
+    all) until they have ended, so that what they held (a TAP, files) is free afterwards.
+    Returns the pids that outlived the wait (a process stuck in the kernel)."""
+    waiting: dict[int, ProcessIdentity] = {}
+    for ident in idents:
+        if not is_same_process(ident):
+            continue
+        try:
+            pidfd = os.pidfd_open(ident.pid)
+        except OSError:
+            continue  # gone in between
+        if not is_same_process(ident):  # the pid was recycled just before we opened it
+            os.close(pidfd)
+            continue
+        with contextlib.suppress(ProcessLookupError):
+            signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+        waiting[pidfd] = ident
+    try:
+        poller = select.poll()
+        for pidfd in waiting:
+            poller.register(pidfd, select.POLLIN)
+        deadline = time.monotonic() + timeout
+        pending = set(waiting)
+        while pending and (left := deadline - time.monotonic()) > 0:
+            for pidfd, _ in poller.poll(left * 1000):
+                pending.discard(pidfd)
+                poller.unregister(pidfd)
+        return [waiting[pidfd].pid for pidfd in pending]
+    finally:
+        for pidfd in waiting:
+            os.close(pidfd)

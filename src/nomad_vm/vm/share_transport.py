@@ -19,7 +19,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from nomad_vm.errors import ConfigError, HypervisorError
+from nomad_vm.errors import HypervisorError, VMRequestError
 from nomad_vm.executables import find_executable
 from nomad_vm.schema import SHARE_TRANSPORTS
 
@@ -61,11 +61,11 @@ class VirtiofsdBinary:
 
 def choose_share_transport(requested: str, configured_binary: str | None) -> ShareTransport:
     """``auto``: virtio-fs with the first usable virtiofsd, else 9p with the reason.
-    ``virtiofs`` without one, or a configured binary that is unusable, is a configuration
-    error (the node then reports itself unhealthy with this message)."""
+    ``virtiofs`` without one, or a configured binary that is unusable, is a VMRequestError
+    naming the setting (the node then reports itself unhealthy with this message)."""
     if requested not in SHARE_TRANSPORTS:
         choices = ", ".join(SHARE_TRANSPORTS)
-        raise ConfigError("config.share_transport", f"{requested!r} is not one of {choices}")
+        raise VMRequestError("share_transport", f"{requested!r} is not one of {choices}")
     if requested == "9p":
         return ShareTransport("9p", None, "share_transport = 9p")
     if configured_binary and configured_binary.strip():
@@ -73,9 +73,9 @@ def choose_share_transport(requested: str, configured_binary: str | None) -> Sha
         try:
             found = identify_virtiofsd(find_virtiofsd(configured_binary))
         except HypervisorError as exc:
-            raise ConfigError("config.virtiofsd_binary", str(exc)) from None
+            raise VMRequestError("virtiofsd_binary", str(exc)) from None
         if not found.usable:
-            raise ConfigError("config.virtiofsd_binary", f"{found.problem}; {VIRTIOFSD_HINT}")
+            raise VMRequestError("virtiofsd_binary", f"{found.problem}; {VIRTIOFSD_HINT}")
         return _virtiofs(found)
     problems = []
     for candidate in virtiofsd_candidates():
@@ -85,8 +85,8 @@ def choose_share_transport(requested: str, configured_binary: str | None) -> Sha
         problems.append(found.problem)
     why = "; ".join(problems) or "virtiofsd not found on PATH"
     if requested == "virtiofs":
-        raise ConfigError(
-            "config.share_transport", f"virtiofs needs virtiofsd: {why}; {VIRTIOFSD_HINT}"
+        raise VMRequestError(
+            "share_transport", f"virtiofs needs virtiofsd: {why}; {VIRTIOFSD_HINT}"
         )
     return ShareTransport("9p", None, f"9p because {why} ({VIRTIOFSD_HINT})", fallback=True)
 

@@ -46,21 +46,22 @@ def daemon_argv(binary: Path, share: ShareSpec, listen_fd: int) -> list[str]:
 
 
 def start_daemons(
-    binary: Path, shares: tuple[ShareSpec, ...], runtime_dir: Path
+    binary: Path, shares: tuple[ShareSpec, ...], runtime_dir: Path, *, gated: bool = False
 ) -> list[ShareDaemon]:
-    """One virtiofsd per share, each already listening on ``share.socket``; all or none."""
+    """One virtiofsd per share, each already listening on ``share.socket``; all or none.
+    ``gated``: each runs only once its process is released (``nomad_vm.vm.process``)."""
     started: list[ShareDaemon] = []
     try:
         for i, share in enumerate(shares):
             log = runtime_dir / f"virtiofsd-{i}.log"
-            started.append(_start_one(binary, share, log))
+            started.append(_start_one(binary, share, log, gated))
     except BaseException:
         kill_daemons(started)
         raise
     return started
 
 
-def _start_one(binary: Path, share: ShareSpec, log: Path) -> ShareDaemon:
+def _start_one(binary: Path, share: ShareSpec, log: Path, gated: bool) -> ShareDaemon:
     if share.socket is None:
         raise ValueError(f"share {share.tag} has no vhost-user socket path")
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -75,7 +76,9 @@ def _start_one(binary: Path, share: ShareSpec, log: Path) -> ShareDaemon:
     try:
         fd = listener.fileno()
         argv = daemon_argv(binary, share, fd)
-        process = spawn(argv, stdout=log_fd, stderr=log_fd, cwd=log.parent, pass_fds=[fd])
+        process = spawn(
+            argv, stdout=log_fd, stderr=log_fd, cwd=log.parent, pass_fds=[fd], gated=gated
+        )
         return ShareDaemon(process, share, log)
     finally:
         # The daemon has its own copy of the listening socket now.

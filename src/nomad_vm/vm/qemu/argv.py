@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from nomad_vm.vm.machine import machine_argv
 from nomad_vm.vm.machine import option_value as opt
-from nomad_vm.vm.qemu.agent import agent_argv
+from nomad_vm.vm.qemu.agent_channel import agent_argv
 from nomad_vm.vm.spec import VMSpec
 
 # The guest's first serial port is QEMU's stdout, which the driver connects to Nomad's task stdout

@@ -1,15 +1,10 @@
-"""The QEMU backend: launch a VMSpec, reattach to a running VM, stop it, measure it.
+"""The QEMU backend: check the host, plan a VM, launch it, find it again.
 
-How a VM's end is known, even when the plugin was not running at that moment:
-
-* QEMU runs with ``-action shutdown=pause,panic=pause``: when the guest powers off or panics,
-  QEMU does not exit but stops the VM and keeps the verdict in its run state (``shutdown`` or
-  ``guest-panicked``). The plugin, live or restarted, reads it over QMP, records the result and
-  then tells QEMU to quit. No supervising process per VM is needed; the cost is that a finished
-  VM's QEMU lingers (paused) while the plugin is down.
-* QEMU ending without such a state was killed or crashed: as its parent the plugin gets the
-  exit status; otherwise QEMU's own "terminating on signal N" line in qemu.log names the signal,
-  and its absence means SIGKILL or a crash.
+The running VM itself (events, wait, stop, usage) is ``running.QemuVM``; the command line is
+``argv.qemu_argv`` (a pure function). Launch order: the task's UEFI variable store (when the
+firmware is UEFI), one virtiofsd per share (virtio-fs), then QEMU; every process is forked
+gated, reported to the recorder, and only then released, so the task's journal knows it
+before it runs.
 """
 
 from __future__ import annotations
@@ -18,193 +13,173 @@ import asyncio
 import contextlib
 import logging
 import os
-import re
-import signal
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import psutil
 
-from nomad_vm.errors import HypervisorError, LaunchError
+from nomad_vm.errors import HypervisorError, LaunchError, NomadVMError
 from nomad_vm.files import read_log_tail
-from nomad_vm.processes import ProcessIdentity
+from nomad_vm.processes import is_same_process
+from nomad_vm.vm.accel import choose_accelerator, probe_kvm
+from nomad_vm.vm.firmware import FIRMWARE_KINDS, VARS_FILE, FirmwarePlan, plan_firmware
+from nomad_vm.vm.firmware import prepare_vars as prepare_firmware_vars
+from nomad_vm.vm.hypervisor import (
+    VMM_ROLE,
+    BackendPlan,
+    HostFacts,
+    HostSettings,
+    HypervisorCapabilities,
+    LaunchDevices,
+    LaunchRecorder,
+    SpawnedProcess,
+    VMPlan,
+    VMRef,
+    VMRequest,
+)
+from nomad_vm.vm.machine import ARCHES, MACHINE_TYPES, MachineConfig, validate_machine
 from nomad_vm.vm.process import SupervisedProcess, reattach, spawn
 from nomad_vm.vm.qemu.argv import qemu_argv
-from nomad_vm.vm.qemu.monitor import QemuEvent, QemuMonitor, connect_when_ready
-from nomad_vm.vm.spec import VMExit, VMSpec
-from nomad_vm.vm.virtiofsd import early_exit_report, kill_daemons, start_daemons
+from nomad_vm.vm.qemu.binary import find_qemu, qemu_version
+from nomad_vm.vm.qemu.monitor import QemuMonitor, connect_when_ready
+from nomad_vm.vm.qemu.running import AGENT_SOCKET, LOG_NAME, QMP_SOCKET, QemuVM
+from nomad_vm.vm.share_transport import choose_share_transport
+from nomad_vm.vm.spec import ShareSpec, VMSpec
+from nomad_vm.vm.virtiofsd import ShareDaemon, early_exit_report, kill_daemons, start_daemons
 
 log = logging.getLogger(__name__)
 
+NAME = "qemu"
 # How long QEMU may take to create its QMP socket. It is milliseconds normally; a loaded CI host
 # with several TCG guests booting can stretch it.
 QMP_READY_TIMEOUT = 30.0
-# QEMU's own messages (stderr) go to this file in the VM's runtime directory, so a failed start
-# or an unexpected end can be explained in the task event.
-LOG_NAME = "qemu.log"
-SIGNAL_LINE = re.compile(rb"terminating on signal (\d+)")
-GUEST_DONE_STATES = {"shutdown": "poweroff", "guest-panicked": "panic"}
-BALLOON = "/machine/peripheral/balloon0"
-# A virtiofsd exits as soon as QEMU closes its socket; one that has not after this is killed.
-HELPER_GRACE = 5.0
+HELPER_ROLE = "virtiofsd"
+
+CAPABILITIES = HypervisorCapabilities(
+    accelerators=("kvm", "tcg"),
+    firmware_kinds=FIRMWARE_KINDS,
+    machine_types=MACHINE_TYPES,
+    arches=ARCHES,
+    share_transports=("virtiofs", "9p"),
+    terminal_hotplug=True,
+    # QEMU could (QMP stop/cont, migrate-to-file), but this backend does not offer them yet.
+    pause=False,
+    snapshot=False,
+    # -action shutdown=pause,panic=pause keeps the guest's verdict in QEMU's run state.
+    verdict_survives_plugin_absence=True,
+)
 
 
 @dataclass(frozen=True)
-class VMUsage:
-    """Raw host-side measurements of the VMM process."""
-
-    user_seconds: float
-    system_seconds: float
-    rss_bytes: int
+class QemuPlan(BackendPlan):
+    binary: str
+    machine: MachineConfig
+    firmware: FirmwarePlan | None
 
 
-class QemuVM:
-    """One running QEMU process and the QMP connection the driver holds to it."""
+class QemuHypervisor:
+    """QEMU with KVM when the host really can, TCG otherwise."""
 
-    def __init__(
-        self,
-        process: SupervisedProcess,
-        monitor: QemuMonitor | None,
-        log_path: Path,
-        helpers: tuple[SupervisedProcess, ...] = (),
-    ) -> None:
-        self.process = process
-        self.monitor = monitor
-        self.log_path = log_path
-        # Processes serving this VM (virtiofsd) that this plugin started; they exit when QEMU
-        # does, and are reaped (waited for) with it.
-        self.helpers = helpers
-        # What the guest did, once QEMU told us: "poweroff" or "panic".
-        self.guest_end: str | None = None
+    name = NAME
+    capabilities = CAPABILITIES
 
-    @property
-    def helper_identities(self) -> tuple[ProcessIdentity, ...]:
-        return tuple(helper.ident for helper in self.helpers)
-
-    @property
-    def identity(self) -> ProcessIdentity:
-        return self.process.ident
-
-    async def follow_events(self, on_event: Callable[[QemuEvent], None]) -> None:
-        """Report lifecycle events until the VM ends; end QEMU once the guest is done."""
-        if self.monitor is None:
-            return
-        while True:
-            event = await self.monitor.next_event()
-            on_event(event)
-            if event.name == "SHUTDOWN" and event.data.get("guest"):
-                await self._guest_finished("poweroff")
-            elif event.name == "GUEST_PANICKED":
-                await self._guest_finished("panic")
-
-    async def check_finished_meanwhile(self) -> None:
-        """After a reattach: did the guest power off or panic while nobody was watching?"""
-        if self.monitor is None:
-            return
-        with contextlib.suppress(HypervisorError):
-            end = GUEST_DONE_STATES.get(await self.monitor.status())
-            if end:
-                await self._guest_finished(end)
-
-    async def _guest_finished(self, end: str) -> None:
-        self.guest_end = end
-        if self.monitor is not None:
-            with contextlib.suppress(HypervisorError):
-                await self.monitor.execute("quit")
-
-    async def enable_guest_stats(self, interval: int = 2) -> None:
-        """Ask the balloon driver in the guest to report memory statistics every few seconds."""
-        if self.monitor is not None:
-            with contextlib.suppress(HypervisorError):
-                prop = {"path": BALLOON, "property": "guest-stats-polling-interval"}
-                await self.monitor.execute("qom-set", {**prop, "value": interval})
-
-    async def guest_memory_used(self) -> int | None:
-        """Bytes the guest itself uses (total minus available), or None when it does not say
-        (no balloon driver in the guest, or no report yet)."""
-        if self.monitor is None:
-            return None
+    def check_host(self, settings: HostSettings) -> HostFacts:
+        kvm = probe_kvm()
         try:
-            reply = await self.monitor.execute(
-                "qom-get", {"path": BALLOON, "property": "guest-stats"}
+            transport = choose_share_transport(
+                settings.share_transport, settings.virtiofsd_binary
             )
-        except HypervisorError:
-            return None
-        return guest_used_bytes(reply)
-
-    async def powerdown(self) -> bool:
-        """Press the ACPI power button; False when QMP is unavailable."""
-        if self.monitor is None:
-            return False
+        except NomadVMError as exc:
+            return HostFacts(kvm, problem=exc)
+        facts = HostFacts(kvm, share_transport=transport)
         try:
-            await self.monitor.execute("system_powerdown")
+            binary = find_qemu(settings.binary)
+            attributes = (("qemu.version", qemu_version(binary)), ("qemu.binary", str(binary)))
         except HypervisorError as exc:
-            log.warning("ACPI powerdown request failed: %s", exc)
-            return False
-        return True
-
-    async def wait(self) -> VMExit:
-        ended = await self.process.wait()
-        for helper in self.helpers:
-            await helper.terminate(HELPER_GRACE)
-        if self.guest_end == "poweroff":
-            return VMExit(0, None, "the guest powered off", guest_poweroff=True)
-        if self.guest_end == "panic":
-            return VMExit(None, None, "the guest kernel panicked", panicked=True)
-        signalled = ended.signal or _signal_from_log(self.log_path)
-        if signalled and not ended.signal:
-            name = signal.Signals(signalled).name
-            ended = VMExit(None, signalled, f"QEMU was terminated by {name}")
-        if ended.clean:
-            return ended
-        tail = read_log_tail(self.log_path)
-        return VMExit(ended.code, ended.signal, f"{ended.reason}: {tail}" if tail else ended.reason)
-
-    async def terminate(self, grace: float) -> None:
-        """End QEMU now: SIGTERM (QEMU exits at once), SIGKILL after ``grace`` seconds."""
-        await self.process.terminate(grace)
-
-    def usage(self) -> VMUsage:
+            return replace(facts, problem=exc)
+        facts = replace(facts, attributes=attributes)
         try:
-            proc = psutil.Process(self.process.pid)
-            with proc.oneshot():
-                times = proc.cpu_times()
-                rss = proc.memory_info().rss
-        except psutil.Error as exc:
-            pid = self.process.pid
-            raise HypervisorError(f"cannot read usage of QEMU pid {pid}: {exc}") from exc
-        return VMUsage(times.user, times.system, rss)
+            return replace(facts, accelerator=choose_accelerator(settings.accelerator, kvm))
+        except NomadVMError as exc:
+            return replace(facts, problem=exc)
 
-    async def close(self) -> None:
-        if self.monitor is not None:
-            await self.monitor.close()
-        self.process.close()
-        for helper in self.helpers:
-            helper.close()
+    async def plan(self, request: VMRequest, settings: HostSettings, runtime_dir: Path) -> VMPlan:
+        machine = validate_machine(
+            request.arch,
+            request.machine,
+            request.firmware,
+            has_kernel=request.kernel is not None,
+            has_disk=request.has_disk,
+        )
+        transport = choose_share_transport(settings.share_transport, settings.virtiofsd_binary)
+        shares = request.shares
+        if transport.name == "virtiofs":
+            shares = with_sockets(shares, runtime_dir)
+        # The KVM probe runs a child process (once per plugin process): keep it off the loop.
+        kvm = await asyncio.to_thread(probe_kvm)
+        accelerator = choose_accelerator(settings.accelerator, kvm)
+        details = QemuPlan(
+            binary=str(find_qemu(settings.binary)),
+            machine=machine,
+            firmware=plan_firmware(request.firmware),
+        )
+        return VMPlan(NAME, request, runtime_dir, accelerator, transport, shares, details)
 
-
-class QemuBackend:
-    def __init__(self, binary: str, virtiofsd: Path | None = None) -> None:
-        self.binary = binary
-        self.virtiofsd = virtiofsd
-
-    async def launch(self, spec: VMSpec, console_fd: int, runtime_dir: Path) -> QemuVM:
+    async def launch(
+        self, plan: VMPlan, devices: LaunchDevices, recorder: LaunchRecorder
+    ) -> QemuVM:
         """Start QEMU (and the virtiofsd its shares need) and return once its QMP socket
         answers; no process is left on failure."""
-        argv = qemu_argv(self.binary, spec)
-        daemons = []
+        details = _details(plan)
+        runtime_dir = plan.runtime_dir
+        firmware_vars = None
+        if details.firmware is not None:
+            await recorder.creating("firmware-vars", runtime_dir / VARS_FILE)
+            firmware_vars = await asyncio.to_thread(
+                prepare_firmware_vars, details.firmware, runtime_dir
+            )
+        spec = build_spec(plan, details, devices, firmware_vars)
+        daemons, process = self._spawn(plan, spec, devices.console_fd)
+        processes = [d.process for d in daemons] + [process]
+        try:
+            await recorder.spawned(
+                [SpawnedProcess(HELPER_ROLE, d.process.ident) for d in daemons]
+                + [SpawnedProcess(VMM_ROLE, process.ident)]
+            )
+        except BaseException:
+            # Still at their gates: they end without having run anything.
+            for proc in processes:
+                proc.kill_and_reap()
+            raise
+        for proc in processes:
+            proc.release()
+        return await self._connect(spec, process, daemons, runtime_dir)
+
+    def _spawn(
+        self, plan: VMPlan, spec: VMSpec, console_fd: int
+    ) -> tuple[list[ShareDaemon], SupervisedProcess]:
+        """virtiofsd per share, then QEMU, all forked at their gates."""
+        daemons: list[ShareDaemon] = []
         if spec.share_transport == "virtiofs" and spec.shares:
-            if self.virtiofsd is None:
+            if plan.share_transport.virtiofsd is None:
                 raise ValueError("virtio-fs shares need the virtiofsd binary")
-            daemons = start_daemons(self.virtiofsd, spec.shares, runtime_dir)
-        log_path = runtime_dir / LOG_NAME
+            daemons = start_daemons(
+                plan.share_transport.virtiofsd, spec.shares, plan.runtime_dir, gated=True
+            )
+        argv = qemu_argv(_details(plan).binary, spec)
+        log_path = plan.runtime_dir / LOG_NAME
         try:
             log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
             try:
                 fds = [nic.fd for nic in spec.nics if nic.fd is not None]
                 process = spawn(
-                    argv, stdout=console_fd, stderr=log_fd, cwd=runtime_dir, pass_fds=fds
+                    argv,
+                    stdout=console_fd,
+                    stderr=log_fd,
+                    cwd=plan.runtime_dir,
+                    pass_fds=fds,
+                    gated=True,
                 )
             finally:
                 os.close(log_fd)
@@ -212,7 +187,15 @@ class QemuBackend:
             kill_daemons(daemons)
             raise
         log.debug("started qemu", extra={"fields": {"pid": process.pid, "argv": " ".join(argv)}})
+        return daemons, process
 
+    async def _connect(
+        self,
+        spec: VMSpec,
+        process: SupervisedProcess,
+        daemons: list[ShareDaemon],
+        runtime_dir: Path,
+    ) -> QemuVM:
         async def running() -> bool:
             return process.exit is None and _alive(process)
 
@@ -223,7 +206,7 @@ class QemuBackend:
             cause = early_exit_report(daemons)
             await process.terminate(grace=2.0)
             kill_daemons(daemons)
-            tail = read_log_tail(log_path)
+            tail = read_log_tail(runtime_dir / LOG_NAME)
             process.close()
             if cause:
                 raise LaunchError(f"QEMU failed to start: {cause}") from None
@@ -234,7 +217,7 @@ class QemuBackend:
             process.kill_and_reap()
             kill_daemons(daemons)
             raise
-        vm = QemuVM(process, monitor, log_path, tuple(d.process for d in daemons))
+        vm = QemuVM(process, monitor, runtime_dir, tuple(d.process for d in daemons))
         try:
             await vm.enable_guest_stats()
         except BaseException:
@@ -244,10 +227,10 @@ class QemuBackend:
             raise
         return vm
 
-    async def reattach(self, ident: ProcessIdentity, socket: Path, runtime_dir: Path) -> QemuVM:
+    async def reattach(self, ref: VMRef) -> QemuVM:
         """Find a QEMU started by an earlier plugin process (pid + start time, then QMP)."""
-        process = reattach(ident)
-        monitor: QemuMonitor | None = QemuMonitor(socket)
+        process = reattach(ref.vmm)
+        monitor: QemuMonitor | None = QemuMonitor(ref.control_socket)
         assert monitor is not None
         try:
             await monitor.connect()
@@ -256,44 +239,50 @@ class QemuBackend:
             log.warning("reattached without QMP: %s", exc)
             await monitor.close()
             monitor = None
-        vm = QemuVM(process, monitor, runtime_dir / LOG_NAME)
+        # Its virtiofsd end when it does; watched too, so they are ended with it if not.
+        helpers = tuple(reattach(h) for h in ref.helpers if is_same_process(h))
+        vm = QemuVM(process, monitor, ref.runtime_dir, helpers)
         await vm.check_finished_meanwhile()
         return vm
 
 
-def guest_used_bytes(reply: object) -> int | None:
-    """Used memory from a balloon ``guest-stats`` reply; -1 marks a value the guest did not send."""
-    if not isinstance(reply, dict) or not reply.get("last-update"):
-        return None
-    stats = reply.get("stats") or {}
-    total = stats.get("stat-total-memory", -1)
-    free = stats.get("stat-available-memory", -1)
-    if free is None or free < 0:
-        free = stats.get("stat-free-memory", -1)
-    if not isinstance(total, int) or not isinstance(free, int) or total <= 0 or free < 0:
-        return None
-    return max(0, total - free)
+def _details(plan: VMPlan) -> QemuPlan:
+    if not isinstance(plan.details, QemuPlan):
+        raise TypeError(f"a {plan.backend} plan cannot be launched by QEMU")
+    return plan.details
+
+
+def with_sockets(shares: Sequence[ShareSpec], runtime_dir: Path) -> tuple[ShareSpec, ...]:
+    """virtio-fs: each share's vhost-user socket, in the task's runtime directory."""
+    return tuple(replace(s, socket=runtime_dir / f"vfs{i}.sock") for i, s in enumerate(shares))
+
+
+def build_spec(
+    plan: VMPlan, details: QemuPlan, devices: LaunchDevices, firmware_vars: Path | None
+) -> VMSpec:
+    request = plan.request
+    return VMSpec(
+        name=request.name,
+        vcpus=request.vcpus,
+        memory_mb=request.memory_mb,
+        kernel=request.kernel,
+        initramfs=request.initramfs,
+        cmdline=request.cmdline,
+        accelerator=plan.accelerator.name,
+        control_socket=plan.runtime_dir / QMP_SOCKET,
+        disk=devices.disk,
+        machine=details.machine,
+        firmware=details.firmware,
+        firmware_vars=firmware_vars,
+        seed=devices.seed,
+        agent_socket=plan.runtime_dir / AGENT_SOCKET,
+        shares=plan.shares,
+        share_transport=plan.share_transport.name,
+        nics=devices.nics,
+    )
 
 
 def _alive(process: SupervisedProcess) -> bool:
     with contextlib.suppress(psutil.Error):
         return psutil.Process(process.pid).status() != psutil.STATUS_ZOMBIE
     return False
-
-
-def _signal_from_log(path: Path) -> int | None:
-    """QEMU logs "terminating on signal N from pid P" when a signal made it exit."""
-    try:
-        found = SIGNAL_LINE.findall(path.read_bytes()[-4096:])
-    except OSError:
-        return None
-    return int(found[-1]) if found else None
-
-
-async def sleep_until_exit(vm: QemuVM, timeout: float) -> bool:
-    """True when QEMU exits within ``timeout`` seconds."""
-    try:
-        await asyncio.wait_for(vm.process.wait(), timeout)
-    except TimeoutError:
-        return False
-    return True

@@ -13,11 +13,10 @@ from pathlib import Path
 
 from nomad_vm.errors import HypervisorError
 from nomad_vm.executables import find_executable
+from nomad_vm.storage.tools import find_qemu_img as find_qemu_img
 
 QEMU_SYSTEM = "qemu-system-x86_64"
-QEMU_IMG = "qemu-img"
 QEMU_SYSTEM_HINT = "install Debian's qemu-system-x86 or set qemu_binary in the plugin config"
-QEMU_IMG_HINT = "install Debian's qemu-utils"
 # "--version" only prints; a binary that takes longer is broken (or the host is on fire).
 VERSION_TIMEOUT = 10.0
 _OUTPUT_TAIL = 400
@@ -29,11 +28,6 @@ _VERSION_RE = re.compile(r"\bversion\s+v?(\d+\.\d+(?:\.\d+)?)\b", re.IGNORECASE)
 def find_qemu(configured: str | None = None) -> Path:
     """The system emulator: ``configured`` (a path or a name on PATH), else qemu-system-x86_64."""
     return find_executable(configured, QEMU_SYSTEM, "qemu_binary", QEMU_SYSTEM_HINT)
-
-
-def find_qemu_img(configured: str | None = None) -> Path:
-    """The image tool: ``configured`` (a path or a name on PATH), else qemu-img."""
-    return find_executable(configured, QEMU_IMG, "qemu-img", QEMU_IMG_HINT)
 
 
 def parse_qemu_version(text: str) -> str | None:

@@ -10,42 +10,33 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import secrets
-from dataclasses import dataclass
 from pathlib import Path
 
 from nomad_vm.errors import HypervisorError
-from nomad_vm.vm.qemu.agent import SERIAL_BUS
+from nomad_vm.vm.hypervisor import TerminalPort
+from nomad_vm.vm.qemu.agent_channel import SERIAL_BUS
 from nomad_vm.vm.qemu.monitor import QemuMonitor
 
 NAME_PREFIX = "org.nomadvm.tty."
 _UNPLUG_WAIT = 5.0  # seconds for the guest to release the port before its chardev is removed
 
 
-@dataclass(frozen=True)
-class TerminalPort:
-    token: str
-    socket: Path
+def _chardev_id(port: TerminalPort) -> str:
+    return f"tty-{port.token}"
 
-    @property
-    def name(self) -> str:
-        """The port's name as the guest sees it in /sys/class/virtio-ports/*/name."""
-        return NAME_PREFIX + self.token
 
-    @property
-    def chardev_id(self) -> str:
-        return f"tty-{self.token}"
-
-    @property
-    def device_id(self) -> str:
-        return f"ttyport-{self.token}"
+def _device_id(port: TerminalPort) -> str:
+    return f"ttyport-{port.token}"
 
 
 async def plug_terminal_port(monitor: QemuMonitor, runtime_dir: Path) -> TerminalPort:
-    port = TerminalPort(secrets.token_hex(4), runtime_dir / f"tty-{secrets.token_hex(4)}.sock")
+    token = secrets.token_hex(4)
+    socket = runtime_dir / f"tty-{secrets.token_hex(4)}.sock"
+    port = TerminalPort(token, NAME_PREFIX + token, socket)
     await monitor.execute(
         "chardev-add",
         {
-            "id": port.chardev_id,
+            "id": _chardev_id(port),
             "backend": {
                 "type": "socket",
                 "data": {
@@ -62,9 +53,9 @@ async def plug_terminal_port(monitor: QemuMonitor, runtime_dir: Path) -> Termina
             {
                 "driver": "virtserialport",
                 "bus": f"{SERIAL_BUS}.0",
-                "chardev": port.chardev_id,
+                "chardev": _chardev_id(port),
                 "name": port.name,
-                "id": port.device_id,
+                "id": _device_id(port),
             },
         )
     except HypervisorError:
@@ -76,7 +67,7 @@ async def plug_terminal_port(monitor: QemuMonitor, runtime_dir: Path) -> Termina
 async def unplug_terminal_port(monitor: QemuMonitor, port: TerminalPort) -> None:
     """Remove the port and its socket; QEMU keeps the chardev busy until the device is gone."""
     with contextlib.suppress(HypervisorError):
-        await monitor.execute("device_del", {"id": port.device_id})
+        await monitor.execute("device_del", {"id": _device_id(port)})
     await _remove_chardev(monitor, port)
 
 
@@ -85,7 +76,7 @@ async def _remove_chardev(monitor: QemuMonitor, port: TerminalPort) -> None:
     deadline = loop.time() + _UNPLUG_WAIT
     while True:
         try:
-            await monitor.execute("chardev-remove", {"id": port.chardev_id})
+            await monitor.execute("chardev-remove", {"id": _chardev_id(port)})
             break
         except HypervisorError:
             if loop.time() >= deadline:

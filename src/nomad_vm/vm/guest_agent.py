@@ -1,12 +1,13 @@
 """An asyncio client for qemu-guest-agent (qemu-ga): the only module that speaks its protocol.
 
-The agent listens in the guest on the virtio-serial port ``org.qemu.guest_agent.0``, whose host
-side is a unix socket (``agent_argv``). One JSON command per line, one reply per command, in
-order; but the channel has no session: replies meant for a previous client (or our own timed-out
-requests) may still be in the pipe, and nothing answers while no agent runs in the guest. So every
-session, and every call after a timeout, starts with ``guest-sync-delimited`` and a random id,
-and everything is discarded until that id comes back. The guest is untrusted: sizes are bounded.
-Socket, JSON and agent errors become the ``AgentError`` family (HypervisorError) here.
+Any backend can give its guests the agent: QEMU on a virtio-serial port whose host side is a
+unix socket (``nomad_vm.vm.qemu.agent_channel``); the client only needs that socket. One JSON
+command per line, one reply per command, in order; but the channel has no session: replies meant
+for a previous client (or our own timed-out requests) may still be in the pipe, and nothing
+answers while no agent runs in the guest. So every session, and every call after a timeout,
+starts with ``guest-sync-delimited`` and a random id, and everything is discarded until that id
+comes back. The guest is untrusted: sizes are bounded. Socket, JSON and agent errors become the
+``AgentError`` family (HypervisorError) here.
 """
 
 from __future__ import annotations
@@ -21,25 +22,25 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from nomad_vm.vm.qemu.agent_protocol import (
+from nomad_vm.vm.guest_agent_protocol import (
     AgentCommandError as AgentCommandError,
 )
-from nomad_vm.vm.qemu.agent_protocol import (
+from nomad_vm.vm.guest_agent_protocol import (
     AgentError as AgentError,
 )
-from nomad_vm.vm.qemu.agent_protocol import (
+from nomad_vm.vm.guest_agent_protocol import (
     AgentProtocolError as AgentProtocolError,
 )
-from nomad_vm.vm.qemu.agent_protocol import (
+from nomad_vm.vm.guest_agent_protocol import (
     AgentTimeout as AgentTimeout,
 )
-from nomad_vm.vm.qemu.agent_protocol import (
+from nomad_vm.vm.guest_agent_protocol import (
     AgentUnavailable as AgentUnavailable,
 )
-from nomad_vm.vm.qemu.agent_protocol import (
+from nomad_vm.vm.guest_agent_protocol import (
     ExecResult as ExecResult,
 )
-from nomad_vm.vm.qemu.agent_protocol import (
+from nomad_vm.vm.guest_agent_protocol import (
     encode_command,
     exec_result,
     reply_b64,
@@ -50,9 +51,6 @@ from nomad_vm.vm.qemu.agent_protocol import (
 
 log = logging.getLogger(__name__)
 
-PORT_NAME = "org.qemu.guest_agent.0"
-# The virtio-serial controller the agent's port sits on; interactive sessions hot-plug theirs here.
-SERIAL_BUS = "qga-serial"
 # The agent's sentinel: 0xFF is never valid UTF-8, so it cannot occur inside a JSON reply. Sent
 # by us it flushes the agent's parser; sent by the agent it precedes the guest-sync reply.
 _SENTINEL = b"\xff"
@@ -70,19 +68,6 @@ _KILL_TREE = (
     't() { kill -STOP "$1" 2>/dev/null; for c in $(cat /proc/"$1"/task/*/children 2>/dev/null);'
     ' do t "$c"; done; kill -KILL "$1" 2>/dev/null; }; t "$1"'
 )
-
-
-def agent_argv(socket: Path, microvm: bool = False) -> list[str]:
-    """QEMU arguments for the agent's port, its host side a unix socket QEMU listens on."""
-    # Commas separate QEMU option properties; a literal one in the path is written twice.
-    path = str(socket).replace(",", ",,")
-    # microvm has no PCI bus, only virtio-mmio transports.
-    bus = "virtio-serial-device" if microvm else "virtio-serial-pci"
-    return [
-        "-chardev", f"socket,path={path},server=on,wait=off,id=qga0",
-        "-device", f"{bus},id={SERIAL_BUS}",
-        "-device", f"virtserialport,bus={SERIAL_BUS}.0,chardev=qga0,name={PORT_NAME}",
-    ]  # fmt: skip
 
 
 class GuestAgent:

@@ -1,0 +1,271 @@
+"""The hypervisor interface: what the driver asks of a backend, in the backend's own terms.
+
+Derived from what ``nomad_vm.driver`` really does with a VM: check the host (fingerprint), plan
+a VM from a hypervisor-neutral request (validation per backend), launch it, find it again from
+a stored reference after a plugin restart, and drive the running VM (guest events, wait,
+graceful power-down, terminate, kill, usage, guest memory, the guest agent, a terminal port).
+
+What a backend can do is declared once, in its ``capabilities``; the driver asks that value and
+never imports a backend module (``tests/unit/test_layers.py``). Nothing here knows Nomad: errors
+name the request's option (``VMRequestError.option``), and the driver names the config field.
+
+Every host change a launch makes is reported to a ``LaunchRecorder`` first (files before they
+are created; processes between fork and exec, see ``nomad_vm.vm.process``), so that the task's
+journal knows it before it exists. A launch that fails undoes its own changes; the journal
+covers the case where nobody is left to undo them (the plugin was killed).
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
+
+from nomad_vm.errors import NomadVMError
+from nomad_vm.processes import ProcessIdentity
+from nomad_vm.vm.accel import AcceleratorChoice, KvmStatus
+from nomad_vm.vm.share_transport import ShareTransport
+from nomad_vm.vm.spec import DiskSpec, NicSpec, ShareSpec, VMExit
+
+if TYPE_CHECKING:
+    from nomad_vm.vm.guest_agent import GuestAgent
+
+
+@dataclass(frozen=True)
+class HypervisorCapabilities:
+    """What one backend can do. Values are the task and plugin config's own (``schema.py``
+    declares every allowed value and default; each backend supports a subset)."""
+
+    accelerators: tuple[str, ...]
+    firmware_kinds: tuple[str, ...]
+    machine_types: tuple[str, ...]
+    arches: tuple[str, ...]
+    share_transports: tuple[str, ...]
+    # A port for an interactive session can be added to a running VM (`nomad alloc exec -t`).
+    terminal_hotplug: bool
+    pause: bool
+    snapshot: bool
+    # A guest power-off or panic that happens while no plugin runs is still known afterwards
+    # (QEMU keeps it in its paused run state); otherwise such an end reads as "VM gone".
+    verdict_survives_plugin_absence: bool
+
+
+@dataclass(frozen=True)
+class HostSettings:
+    """The plugin config's hypervisor settings, in neutral terms."""
+
+    binary: str
+    accelerator: str
+    share_transport: str
+    virtiofsd_binary: str
+
+
+@dataclass(frozen=True)
+class HostFacts:
+    """What ``check_host`` found: fingerprint facts. ``problem`` (None when the host can run
+    VMs) says why not: a VMRequestError names the setting at fault. ``attributes`` are backend
+    facts such as its version, named without the ``driver.vm.`` prefix (``qemu.version``)."""
+
+    kvm: KvmStatus
+    problem: NomadVMError | None = None
+    accelerator: AcceleratorChoice | None = None
+    share_transport: ShareTransport | None = None
+    attributes: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True)
+class VMRequest:
+    """One VM as the driver wants it, before any backend has looked at it."""
+
+    name: str
+    vcpus: int
+    memory_mb: int
+    arch: str
+    machine: str
+    firmware: str
+    kernel: Path | None
+    initramfs: Path | None
+    cmdline: str
+    # The VM boots (or has its root filesystem on) a disk the driver prepares.
+    has_disk: bool
+    shares: tuple[ShareSpec, ...] = ()
+
+
+@dataclass(frozen=True)
+class BackendPlan:
+    """Base of a backend's own part of a plan (its binary, machine, firmware files ...)."""
+
+
+@dataclass(frozen=True)
+class VMPlan:
+    """A validated request: what the driver needs to know (accelerator, how shares travel, the
+    shares as the guest will see them) plus the backend's own part, which only it reads."""
+
+    backend: str
+    request: VMRequest
+    runtime_dir: Path
+    accelerator: AcceleratorChoice
+    share_transport: ShareTransport
+    shares: tuple[ShareSpec, ...]
+    details: BackendPlan
+
+
+@dataclass(frozen=True)
+class LaunchDevices:
+    """What the driver prepared for the VM: its disk, cloud-init seed, NICs and console."""
+
+    console_fd: int
+    disk: DiskSpec | None = None
+    seed: Path | None = None
+    nics: tuple[NicSpec, ...] = ()
+
+
+@dataclass(frozen=True)
+class SpawnedProcess:
+    """A process a launch forked: ``role`` is ``vmm`` for the VMM, else a helper's name."""
+
+    role: str
+    ident: ProcessIdentity
+
+
+VMM_ROLE = "vmm"
+
+
+@dataclass(frozen=True)
+class VMRef:
+    """What a backend needs to find its running VM again after a plugin restart."""
+
+    vmm: ProcessIdentity
+    control_socket: Path
+    runtime_dir: Path
+    helpers: tuple[ProcessIdentity, ...] = ()
+
+
+class GuestEvent(enum.Enum):
+    """What the guest did, as the VMM reports it."""
+
+    REBOOTED = "rebooted"
+    POWERED_OFF = "powered off"
+    PANICKED = "panicked"
+
+
+@dataclass(frozen=True)
+class GuestEventReport:
+    event: GuestEvent
+    # The VMM's own words, e.g. QEMU's shutdown reason ("guest-shutdown").
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class VMUsage:
+    """Raw host-side measurements of the VMM process."""
+
+    user_seconds: float
+    system_seconds: float
+    rss_bytes: int
+
+
+@dataclass(frozen=True)
+class TerminalPort:
+    """A port hot-plugged for one interactive session: ``name`` is what the guest sees (under
+    /sys/class/virtio-ports), ``socket`` its host side. ``token`` tells sessions apart."""
+
+    token: str
+    name: str
+    socket: Path = field(compare=False)
+
+
+class LaunchRecorder(Protocol):
+    """The task's journal as a launch sees it: told of each host change before it exists."""
+
+    async def creating(self, what: str, path: Path) -> None:
+        """``path`` (``what``: e.g. ``firmware-vars``) is about to be created."""
+
+    async def spawned(self, processes: Sequence[SpawnedProcess]) -> None:
+        """These processes were just forked and wait at their gate; they are released (and
+        their programs run) only after this returns. Raising here makes the launch fail and
+        end them."""
+
+
+class RunningVM(Protocol):
+    """One VM that a launch started or a reattach found."""
+
+    @property
+    def ref(self) -> VMRef: ...
+
+    def guest_events(self) -> AsyncIterator[GuestEventReport]:
+        """What the guest does, until the VM ends (the iterator then stops)."""
+        ...
+
+    async def wait(self) -> VMExit:
+        """How the VM ended; waits until it has. May be awaited by several callers."""
+        ...
+
+    async def power_down(self) -> bool:
+        """Press the ACPI power button; False when the VMM cannot be asked."""
+        ...
+
+    async def terminate(self, grace: float) -> None:
+        """End the VMM now: asked to exit, killed after ``grace`` seconds."""
+        ...
+
+    def kill(self) -> None:
+        """SIGKILL the VMM (``wait`` then reports it)."""
+        ...
+
+    def usage(self) -> VMUsage:
+        """CPU and memory of the VMM process (blocking: call it in a thread)."""
+        ...
+
+    async def guest_memory_used(self) -> int | None:
+        """Bytes the guest uses by its own account (balloon statistics); None when unknown."""
+        ...
+
+    def guest_agent(self) -> GuestAgent | None:
+        """A new client for the guest agent's channel; None when the VM has none."""
+        ...
+
+    async def open_terminal(self) -> TerminalPort:
+        """Hot-plug a port for one interactive session (``terminal_hotplug`` backends only)."""
+        ...
+
+    async def close_terminal(self, port: TerminalPort) -> None:
+        """Unplug a session's port and remove its socket."""
+        ...
+
+    async def close(self) -> None:
+        """Drop this plugin's connections to the VM (the VM keeps running)."""
+        ...
+
+
+class Hypervisor(Protocol):
+    """A backend. One instance serves every task; per-task state lives in plans and VMs."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def capabilities(self) -> HypervisorCapabilities: ...
+
+    def check_host(self, settings: HostSettings) -> HostFacts:
+        """Can this host run VMs with ``settings``? Blocking (runs probes): call in a thread."""
+        ...
+
+    async def plan(self, request: VMRequest, settings: HostSettings, runtime_dir: Path) -> VMPlan:
+        """Validate ``request`` for this backend without touching the host. VMRequestError
+        names the request's option (or the setting) that cannot be honoured."""
+        ...
+
+    async def launch(
+        self, plan: VMPlan, devices: LaunchDevices, recorder: LaunchRecorder
+    ) -> RunningVM:
+        """Create the VM's own files, start its processes and return once the VMM answers on
+        its control socket. On failure (or cancellation) nothing it started is left running."""
+        ...
+
+    async def reattach(self, ref: VMRef) -> RunningVM:
+        """Find a VM started by an earlier plugin process; HypervisorError when it is gone.
+        Never starts anything."""
+        ...
