@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from nomad_vm.driver.network_plan import GROUP_BRIDGE, plan_network
+from nomad_vm.driver.network_plan import GROUP_BRIDGE, NetworkRecord, plan_network
 from nomad_vm.driver.networking import NetworkManager
 from nomad_vm.driver.types import PortMapping
 from nomad_vm.network import links, sysctl, taps
@@ -47,8 +47,11 @@ def test_setup_lives_in_the_namespace_and_teardown_survives_its_end(
     plan = plan_network(owner, NicRequest("", ("http",)), None, ports, alloc_netns)
     assert plan is not None
     manager = NetworkManager(tmp_path)
-    attachment = manager._setup(plan)
+    recorded: list[NetworkRecord] = []
+    attachment = manager._setup(plan, recorded.append)
     record = attachment.record
+    # Recorded before the first step, then again with the address once it was leased.
+    assert [r.address for r in recorded] == ["", "192.168.254.2"] and recorded[-1] == record
     assert (record.netns, attachment.address) == (alloc_netns, IPv4Address("192.168.254.2"))
     assert attachment.override is None
 
@@ -73,10 +76,9 @@ def test_setup_lives_in_the_namespace_and_teardown_survives_its_end(
     assert links.bridge_ports(GROUP_BRIDGE, netns=alloc_netns) == []
     assert PortForwarder(netns=alloc_netns).rules(owner) == []
     assert not list((tmp_path / "group").glob("leases-*")), "the allocation's pool file stays"
-    assert not list((tmp_path / "tasks").glob("*.json"))
 
     # A second start, then the namespace vanishes before DestroyTask (Nomad deleted it).
-    attachment = manager._setup(plan)
+    attachment = manager._setup(plan, recorded.append)
     name = alloc_netns.rsplit("/", 1)[-1]
     subprocess.run(["ip", "netns", "del", name], check=True, timeout=30)
     assert not netns_exists(alloc_netns)
@@ -101,7 +103,7 @@ def test_dhcp_mode_serves_the_vm_inside_the_allocation_namespace(
         plan = plan_network(owner, NicRequest(""), plugin_net, (), alloc_netns, hostname="vm-g")
         assert plan is not None
         manager = NetworkManager(tmp_path)
-        record = manager._setup(plan).record
+        record = manager._setup(plan, lambda _: None).record
 
         # A stand-in for the VM: a namespace whose eth0, with the guest's MAC, is a port of the
         # allocation's bridge (where the TAP would be).

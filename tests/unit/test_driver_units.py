@@ -1,4 +1,4 @@
-"""Pure driver-layer logic: resources, the path allowlist, driver_state, exit mapping, config."""
+"""Pure driver-layer logic: resources, the path allowlist, exit mapping, config."""
 
 from __future__ import annotations
 
@@ -9,10 +9,9 @@ import pytest
 
 from nomad_vm.driver.config import parse_plugin_config, parse_task_config
 from nomad_vm.driver.resources import count_cpuset, memory_mb_for, vcpus_for
-from nomad_vm.driver.state import DriverState
 from nomad_vm.driver.task import exit_result_from
 from nomad_vm.driver.types import AgentInfo, TaskConfig, TaskResources
-from nomad_vm.errors import ConfigError, HypervisorError, ImageError
+from nomad_vm.errors import ConfigError, ImageError
 from nomad_vm.storage.paths import resolve_allowed_file
 from nomad_vm.vm.spec import VMExit
 
@@ -137,18 +136,6 @@ def test_plugin_config_rejects_relative_paths() -> None:
     assert err.value.field == "config.data_dir"
 
 
-def test_driver_state_round_trip_and_version_check() -> None:
-    state = DriverState("a/t/1", "qemu", 42, 1700000000.25, "/s/qmp.sock", "/s", 1700000001.0)
-    assert DriverState.decode(state.encode()) == state
-    import msgpack
-
-    newer = msgpack.packb({**state.__dict__, "version": 99})
-    with pytest.raises(HypervisorError, match="version 99"):
-        DriverState.decode(newer)
-    with pytest.raises(HypervisorError, match="msgpack"):
-        DriverState.decode(b"\xc1")
-
-
 def test_exit_results() -> None:
     assert exit_result_from(VMExit(0, None, "ok"), False).successful
     crashed = exit_result_from(VMExit(1, None, "QEMU exited with status 1: boom"), False)
@@ -160,7 +147,7 @@ def test_exit_results() -> None:
 
 
 def test_guest_memory_from_balloon_stats() -> None:
-    from nomad_vm.vm.qemu.backend import guest_used_bytes
+    from nomad_vm.vm.qemu.running import guest_used_bytes
 
     reply = {
         "last-update": 5,
@@ -178,7 +165,7 @@ def test_guest_memory_from_balloon_stats() -> None:
 
 def test_stats_measured_fields_follow_what_was_measured() -> None:
     from nomad_vm.driver.stats import CpuRate
-    from nomad_vm.vm.qemu.backend import VMUsage
+    from nomad_vm.vm.hypervisor import VMUsage
 
     rate = CpuRate(2000)
     first = rate.sample("t", VMUsage(1.0, 0.5, 100))

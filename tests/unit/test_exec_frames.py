@@ -28,7 +28,7 @@ from nomad_vm.plugin.exec_frames import CLOSE_TEXT_LIMIT
 from nomad_vm.plugin.proto import driver_pb2 as pb
 from nomad_vm.plugin.proto import driver_pb2_grpc
 from nomad_vm.plugin.status import classify
-from nomad_vm.vm.qemu.agent import AgentCommandError, ExecResult
+from nomad_vm.vm.guest_agent import AgentCommandError, ExecResult, GuestAgent
 
 NO_AGENT = errors.GuestAgentUnavailable(
     "the guest agent does not answer, so commands cannot run in this VM (no answer from the "
@@ -220,9 +220,10 @@ class FakeAgent:
 
 
 def fake_task(agent: FakeAgent | None, *, running: bool = True, dir: Path = Path("/")) -> VMTask:
-    entry = SimpleNamespace(
-        running=running, agent=agent, config=SimpleNamespace(env={}), runtime_dir=dir
-    )
+    """A task whose VM offers an agent channel at ``dir/agent.sock`` (nothing listens there
+    unless a test says so)."""
+    vm = SimpleNamespace(guest_agent=lambda: GuestAgent(dir / "agent.sock", rpc_timeout=1.0))
+    entry = SimpleNamespace(running=running, agent=agent, config=SimpleNamespace(env={}), vm=vm)
     return cast(VMTask, entry)
 
 

@@ -35,6 +35,13 @@ FORBIDDEN = {
 }
 
 
+# Hypervisor backends: packages under vm/ holding one backend each. The driver reaches them only
+# through the interface (vm/hypervisor.py) and the registry; no backend imports another.
+BACKENDS = sorted(
+    p.name for p in (SRC / "vm").iterdir() if p.is_dir() and (p / "backend.py").exists()
+)
+
+
 def imports_of(path: Path) -> set[str]:
     tree = ast.parse(path.read_text())
     names: set[str] = set()
@@ -43,6 +50,16 @@ def imports_of(path: Path) -> set[str]:
             names.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             names.add(node.module)
+    return names
+
+
+def imported_modules(path: Path) -> set[str]:
+    """``imports_of`` plus ``pkg.name`` for every ``from pkg import name`` (``name`` may be a
+    module: ``from nomad_vm.vm import qemu`` must count as importing ``nomad_vm.vm.qemu``)."""
+    names = imports_of(path)
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.update(f"{node.module}.{alias.name}" for alias in node.names)
     return names
 
 
@@ -62,3 +79,43 @@ def test_schema_and_errors_import_nothing_above_them() -> None:
     for name in ("schema.py", "fields.py", "errors.py", "files.py"):
         project = {i for i in imports_of(SRC / name) if i.startswith("nomad_vm")}
         assert project <= {"nomad_vm.errors", "nomad_vm.fields"}, (name, project)
+
+
+def test_there_is_a_backend_to_keep_apart() -> None:
+    assert "qemu" in BACKENDS
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_driver_imports_no_backend(backend: str) -> None:
+    forbidden = f"nomad_vm.vm.{backend}"
+    bad = [
+        f"{path.relative_to(SRC)} imports {name}"
+        for path in (SRC / "driver").rglob("*.py")
+        for name in imported_modules(path)
+        if name == forbidden or name.startswith(forbidden + ".")
+    ]
+    assert not bad, bad
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_backends_do_not_import_each_other(backend: str) -> None:
+    others = [f"nomad_vm.vm.{other}" for other in BACKENDS if other != backend]
+    bad = [
+        f"{path.relative_to(SRC)} imports {name}"
+        for path in (SRC / "vm" / backend).rglob("*.py")
+        for name in imported_modules(path)
+        if any(name == o or name.startswith(o + ".") for o in others)
+    ]
+    assert not bad, bad
+
+
+def test_only_the_registry_names_a_backend_outside_its_package() -> None:
+    """The rest of vm/ is shared by every backend: it must not lean on one of them."""
+    bad = []
+    for path in (SRC / "vm").glob("*.py"):
+        if path.name == "registry.py":
+            continue
+        for name in imported_modules(path):
+            if any(name.startswith(f"nomad_vm.vm.{b}") for b in BACKENDS):
+                bad.append(f"{path.relative_to(SRC)} imports {name}")
+    assert not bad, bad

@@ -11,9 +11,8 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
-from pathlib import Path
 
-from nomad_vm.vm.qemu.agent import AgentError, GuestAgent
+from nomad_vm.vm.guest_agent import AgentError, GuestAgent
 
 log = logging.getLogger(__name__)
 
@@ -24,11 +23,10 @@ MAX_INTERVAL = 15.0
 PING_TIMEOUT = 3.0
 
 
-async def watch_agent(socket: Path, on_ready: Callable[[GuestAgent, float], None]) -> None:
+async def watch_agent(agent: GuestAgent, on_ready: Callable[[GuestAgent, float], None]) -> None:
     """Ping until the agent answers, then hand the connected client to ``on_ready``."""
     started = time.monotonic()
     interval = FIRST_INTERVAL
-    agent = GuestAgent(socket)
     while time.monotonic() - started < GIVE_UP_AFTER:
         try:
             await agent.ping(timeout=PING_TIMEOUT)
@@ -42,6 +40,6 @@ async def watch_agent(socket: Path, on_ready: Callable[[GuestAgent, float], None
     await agent.close()
     log.info(
         "no guest agent answered on %s within %.0fs; exec and signals unavailable",
-        socket,
+        agent.socket,
         GIVE_UP_AFTER,
     )

@@ -10,7 +10,7 @@ from nomad_vm import schema
 from nomad_vm.driver.hostname import default_hostname, validate_hostname
 from nomad_vm.driver.types import TaskConfig
 from nomad_vm.errors import ConfigError
-from nomad_vm.fields import validate
+from nomad_vm.fields import Schema, validate
 from nomad_vm.network.settings import (
     BridgeNetwork,
     NicRequest,
@@ -176,7 +176,8 @@ def parse_task_config(task: TaskConfig, plugin: PluginConfig) -> VMTaskConfig:
         raise ConfigError("config.initramfs", "needs kernel: an initramfs is loaded with a kernel")
     if not gets_cloud_init_seed(bool(values["image"]), bool(values["cloud_init"])):
         refuse_cloud_init_options(values)
-    os_block = values["os"] or {}
+    # An absent block decodes to None: its fields then take their defaults from the schema.
+    os_block = values["os"] or validate(_block_schema("os"), {}, "config.os")
     assert isinstance(os_block, dict)
     hostname = values["hostname"]
     return VMTaskConfig(
@@ -187,8 +188,8 @@ def parse_task_config(task: TaskConfig, plugin: PluginConfig) -> VMTaskConfig:
         initramfs=path_of("initramfs"),
         cmdline=str(values["cmdline"] or ""),
         firmware=str(values["firmware"]),
-        arch=str(os_block.get("arch") or "x86_64"),
-        machine=str(os_block.get("machine") or "pc"),
+        arch=str(os_block["arch"]),
+        machine=str(os_block["machine"]),
         hostname=(
             validate_hostname(str(hostname))
             if hostname
@@ -206,6 +207,11 @@ def parse_task_config(task: TaskConfig, plugin: PluginConfig) -> VMTaskConfig:
         signal_pidfile=_optional_str(values["signal_pidfile"]),
         nic=parse_nic(_block(values["network_interface"])),
     )
+
+
+def _block_schema(name: str) -> Schema:
+    block = schema.TASK_CONFIG.field(name)
+    return Schema(block.name, f"config.{name}", block.fields)
 
 
 def _and(names: list[str]) -> str:

@@ -9,14 +9,13 @@ import asyncio
 import contextlib
 import hashlib
 import logging
-import os
 import re
-import shutil
 import time
 from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 
 from nomad_vm import schema
+from nomad_vm.driver.checkpoints import Checkpoints, checkpoints_from_environment
 from nomad_vm.driver.config import RUNTIME_PREFIX, PluginConfig, parse_plugin_config
 from nomad_vm.driver.events import EventBus
 from nomad_vm.driver.fingerprint import fingerprint_async
@@ -28,19 +27,13 @@ from nomad_vm.driver.guest_exec import (
     signal_guest,
 )
 from nomad_vm.driver.guest_terminal import OutputSink, TerminalInput, run_terminal
-from nomad_vm.driver.network_plan import NetworkRecord, network_event
+from nomad_vm.driver.journal import TaskJournal
+from nomad_vm.driver.journal_store import JournalStore
 from nomad_vm.driver.networking import NetworkManager
-from nomad_vm.driver.output import open_task_output
-from nomad_vm.driver.startup import (
-    AGENT_SOCKET,
-    build_spec,
-    make_runtime_dir,
-    plan_start,
-    prepare_disk,
-    prepare_firmware_vars,
-    write_seed_iso,
-)
-from nomad_vm.driver.state import DriverState
+from nomad_vm.driver.recorder import TaskRecorder
+from nomad_vm.driver.replay import undo_host_changes
+from nomad_vm.driver.start_steps import run_start_steps
+from nomad_vm.driver.startup import plan_start
 from nomad_vm.driver.stats import CpuRate
 from nomad_vm.driver.task import VMTask
 from nomad_vm.driver.types import (
@@ -64,9 +57,7 @@ from nomad_vm.errors import (
     TaskNotFound,
 )
 from nomad_vm.fields import Schema
-from nomad_vm.processes import ProcessIdentity
-from nomad_vm.vm.process import kill_leftovers
-from nomad_vm.vm.qemu.backend import QemuBackend
+from nomad_vm.vm.registry import HypervisorRegistry
 
 log = logging.getLogger(__name__)
 
@@ -75,13 +66,22 @@ HANDLE_VERSION = 1
 FINGERPRINT_PERIOD = 30.0
 # Unix socket paths are limited to 108 bytes; beyond this the runtime dir moves to data_dir.
 MAX_SOCKET_PATH = 100
+# The longest socket name a backend puts in the runtime dir ("qmp.sock", "vfs12.sock", ...).
+LONGEST_SOCKET_NAME = "tty-0123abcd.sock"
 
 
 class VMDriver:
-    def __init__(self) -> None:
+    def __init__(
+        self,
+        backends: HypervisorRegistry | None = None,
+        checkpoints: Checkpoints | None = None,
+    ) -> None:
         self.config: PluginConfig = parse_plugin_config(None)
         self.agent = AgentInfo()
         self.events = EventBus()
+        self.backends = backends or HypervisorRegistry()
+        # StartTask's test hook (nothing happens unless a test asks for it).
+        self.checkpoints = checkpoints or checkpoints_from_environment()
         self._tasks: dict[str, VMTask] = {}
         self._config_changed = asyncio.Event()
 
@@ -109,7 +109,7 @@ class VMDriver:
         """First fingerprint at once, then every 30 s or when the config changes."""
         while True:
             self._config_changed.clear()
-            yield await fingerprint_async(self.config)
+            yield await fingerprint_async(self.config, self.backends.default())
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._config_changed.wait(), FINGERPRINT_PERIOD)
 
@@ -121,105 +121,135 @@ class VMDriver:
         except KeyError:
             raise TaskNotFound(task_id) from None
 
+    @property
+    def journals(self) -> JournalStore:
+        return JournalStore(self.config.data_dir)
+
+    def _networks(self) -> NetworkManager:
+        return NetworkManager(self.config.data_dir / "network")
+
     def _runtime_dir(self, task: TaskConfig) -> Path:
         """``<task dir>/nomad-vm-<start id>``: per start, so a restart never meets leftovers of an
         earlier one; under data_dir when the socket path would be too long for unix sockets."""
         start_id = re.sub(r"[^A-Za-z0-9]", "", task.id.rsplit("/", 1)[-1])[:12] or "x"
         preferred = Path(task.task_dir) / f"{RUNTIME_PREFIX}-{start_id}"
-        if len(str(preferred / "qmp.sock")) <= MAX_SOCKET_PATH:
+        if len(str(preferred / LONGEST_SOCKET_NAME)) <= MAX_SOCKET_PATH:
             return preferred
         digest = hashlib.sha256(task.id.encode()).hexdigest()[:16]
         return self.config.data_dir / "run" / digest
 
     async def start_task(self, task: TaskConfig) -> tuple[TaskHandle, NetworkOverride | None]:
-        """Validate, then prepare and launch; a failure at any step undoes the earlier ones."""
+        """Validate, then make each host change (journal first); a failure at any step undoes
+        everything the journal recorded."""
         if task.id in self._tasks:
             raise TaskExists(task.id)
-        plan = await plan_start(task, self.config, self.agent, self._runtime_dir(task))
-        if plan.shares and plan.share_transport.fallback:
-            self.events.emit(task, f"Shares use {plan.share_transport.reason}")
-        async with contextlib.AsyncExitStack() as undo:
-            make_runtime_dir(plan, undo)
-            disk = await prepare_disk(plan, self.events)
-            network = None
-            tap_fd = None
-            if plan.network is not None:
-                network = await self._networks().setup(plan.network)
-                undo.push_async_callback(
-                    self._networks().teardown, network.record, plan.network.net
-                )
-                self.events.emit(task, network_event(network, plan.network, plan.seed is not None))
-                tap_fd = await self._networks().open_tap(network.record)
-                if tap_fd is not None:
-                    undo.callback(_close_quietly, tap_fd)
-            seed = write_seed_iso(plan, self.events, network)
-            spec = build_spec(plan, disk, prepare_firmware_vars(plan), seed, network, tap_fd)
-            console_fd = await open_task_output(task.stdout_path)
-            try:
-                backend = QemuBackend(plan.qemu, plan.share_transport.virtiofsd)
-                vm = await backend.launch(spec, console_fd, plan.runtime_dir)
-            finally:
-                # QEMU holds its own copies of the FIFO and the TAP descriptor; ours must not
-                # keep logmon's pipe (or the TAP) open.
-                os.close(console_fd)
-                if tap_fd is not None:
-                    _close_quietly(tap_fd)
-            state = DriverState(
-                task_id=task.id,
-                backend="qemu",
-                pid=vm.identity.pid,
-                process_start_time=vm.identity.start_time,
-                control_socket=str(spec.control_socket),
-                runtime_dir=str(plan.runtime_dir),
-                started_at=time.time(),
-                signal_unit=plan.vm.signal_unit,
-                signal_pidfile=plan.vm.signal_pidfile,
-                helper_processes=tuple((h.pid, h.start_time) for h in vm.helper_identities),
-                network=network.record.to_dict() if network is not None else None,
-            )
-            undo.pop_all()
-        entry = VMTask(task, vm, state, plan.runtime_dir, self.events)
+        backend = self.backends.default()
+        plan = await plan_start(task, self.config, self.agent, self._runtime_dir(task), backend)
+        if plan.vm_plan.shares and plan.vm_plan.share_transport.fallback:
+            self.events.emit(task, f"Shares use {plan.vm_plan.share_transport.reason}")
+        # A start of this very id that a dead plugin left half done: undo it first.
+        await self._undo_leftover(task.id)
+        journal = TaskJournal(
+            task.id,
+            backend.name,
+            started_at=time.time(),
+            signal_unit=plan.vm.signal_unit,
+            signal_pidfile=plan.vm.signal_pidfile,
+        )
+        recorder = TaskRecorder(self.journals, journal, self.checkpoints)
+        try:
+            started = await run_start_steps(plan, backend, recorder, self._networks(), self.events)
+        except BaseException:
+            await self._undo_failed_start(recorder.journal)
+            raise
+        entry = VMTask(task, started.vm, recorder.journal, self.events, backend.capabilities)
         self._tasks[task.id] = entry
-        entry.start_watching(spec.agent_socket)
+        entry.start_watching()
+        vmm = recorder.journal.vmm
+        accel = plan.vm_plan.accelerator
+        request = plan.vm_plan.request
         self.events.emit(
             task,
-            f"VM started: {spec.vcpus} vCPU, {spec.memory_mb} MB, accelerator {spec.accelerator}",
-            {"pid": str(state.pid), "accelerator_reason": plan.accel.reason},
+            f"VM started: {request.vcpus} vCPU, {request.memory_mb} MB, accelerator {accel.name}",
+            {"pid": str(vmm.pid if vmm else ""), "accelerator_reason": accel.reason},
         )
-        handle = TaskHandle(HANDLE_VERSION, TaskState.RUNNING, state.encode())
+        handle = TaskHandle(HANDLE_VERSION, TaskState.RUNNING, recorder.journal.encode())
+        network = started.network
         return handle, network.override if network is not None else None
 
-    def _networks(self) -> NetworkManager:
-        return NetworkManager(self.config.data_dir / "network")
+    async def _undo_failed_start(self, journal: TaskJournal) -> None:
+        """The start failed (or was cancelled): undo what it did; its own error is the one to
+        report, so a failed clean-up is logged (and the journal kept for DestroyTask)."""
+        try:
+            await self._undo(journal)
+        except Exception:
+            log.exception("undoing the failed start of %s", journal.task_id)
+
+    async def _undo(self, journal: TaskJournal) -> None:
+        """Replay the journal; it is removed only once everything it names is gone."""
+        await undo_host_changes(journal, self._networks(), self.config.network)
+        self.journals.remove(journal.task_id)
+
+    async def _undo_leftover(self, task_id: str) -> bool:
+        """Replay the journal of a task this plugin does not run (a plugin died during its
+        StartTask, or before DestroyTask); False when there is none."""
+        journal = self.journals.load(task_id)
+        if journal is None:
+            return False
+        log.info("undoing what an earlier plugin left of task %s", task_id)
+        await self._undo(journal)
+        return True
 
     async def recover_task(self, task: TaskConfig, handle: TaskHandle) -> None:
         """Reattach to a VM started by an earlier plugin process; never boot a second one."""
         if task.id in self._tasks:
             return
-        state = DriverState.decode(handle.driver_state)
-        runtime_dir = Path(state.runtime_dir)
-        ident = ProcessIdentity(state.pid, state.process_start_time)
-        backend = QemuBackend(self.config.qemu_binary)
+        journal = self._recovered_journal(task.id, handle)
+        backend = self.backends.get(journal.backend)
+        ref = journal.vm_ref()
         try:
-            vm = await backend.reattach(ident, Path(state.control_socket), runtime_dir)
+            if ref is None:
+                raise HypervisorError("its start never completed")
+            vm = await backend.reattach(ref)
         except HypervisorError as exc:
-            entry = VMTask(task, None, state, runtime_dir, self.events)
+            entry = VMTask(task, None, journal, self.events, backend.capabilities)
             gone = f"VM ended while the plugin was not running: {exc}"
             entry.mark_exited(ExitResult(exit_code=1, err=gone))
             self._tasks[task.id] = entry
             return
-        entry = VMTask(task, vm, state, runtime_dir, self.events)
+        entry = VMTask(task, vm, journal, self.events, backend.capabilities)
         self._tasks[task.id] = entry
-        if state.network is not None:
-            record = NetworkRecord.from_dict(state.network)
+        if journal.network is not None:
+            owners = {j.task_id for j in self.journals.all() if j.network is not None}
             try:
-                for repair in await self._networks().reconcile(record, self.config.network):
+                repairs = await self._networks().reconcile(
+                    journal.network, self.config.network, owners
+                )
+                for repair in repairs:
                     self.events.emit(task, f"Network reconciled: {repair}")
             except (NetworkError, ConfigError) as exc:
                 log.warning("reconciling the network of %s failed: %s", task.id, exc)
-        agent_socket = runtime_dir / AGENT_SOCKET
-        entry.start_watching(agent_socket if agent_socket.exists() else None)
-        self.events.emit(task, "Reattached to the running VM", {"pid": str(state.pid)})
+        entry.start_watching()
+        vmm = journal.vmm
+        self.events.emit(
+            task, "Reattached to the running VM", {"pid": str(vmm.pid if vmm else "")}
+        )
+
+    def _recovered_journal(self, task_id: str, handle: TaskHandle) -> TaskJournal:
+        """The journal on disk (the latest); else the copy in Nomad's handle, saved again so
+        that a later DestroyTask by id finds it."""
+        try:
+            found = self.journals.load(task_id)
+        except HypervisorError as exc:
+            log.warning("using the journal in Nomad's handle of %s: %s", task_id, exc)
+            found = None
+        if found is not None:
+            return found
+        journal = TaskJournal.decode(handle.driver_state)
+        if journal.task_id != task_id:
+            raise HypervisorError(f"the handle of {task_id} holds the journal of {journal.task_id}")
+        self.journals.save(journal)
+        return journal
 
     async def wait_task(self, task_id: str) -> ExitResult:
         return await self._task(task_id).wait()
@@ -237,8 +267,9 @@ class VMDriver:
     async def destroy_task(self, task_id: str, force: bool) -> None:
         entry = self._tasks.get(task_id)
         if entry is None:
-            # Unknown here, but a plugin that died mid-start may have left its network behind.
-            await self._networks().teardown_leftover(task_id, self.config.network)
+            # Unknown here: a plugin that died mid-start (or before DestroyTask) may have left
+            # all of it behind, and only the journal knows.
+            await self._undo_leftover(task_id)
             return
         if entry.running:
             if not force:
@@ -246,14 +277,11 @@ class VMDriver:
                     f"task {task_id} is still running; stop it first or use force"
                 )
             await entry.kill()
-        # virtiofsd ends with QEMU by itself; this catches one that did not (or not yet).
-        kill_leftovers([ProcessIdentity(pid, t) for pid, t in entry.state.helper_processes])
         await entry.close()
-        if entry.state.network is not None:
-            record = NetworkRecord.from_dict(entry.state.network)
-            await self._networks().teardown(record, self.config.network)
-        shutil.rmtree(entry.runtime_dir, ignore_errors=True)
         del self._tasks[task_id]
+        # Helpers (virtiofsd) end with the VMM by themselves; the replay ends any that did not.
+        # If it fails, the journal stays, and DestroyTask again finds it by id.
+        await self._undo(entry.journal)
 
     async def inspect_task(self, task_id: str) -> TaskStatus:
         return self._task(task_id).status()
@@ -277,7 +305,7 @@ class VMDriver:
 
     async def signal_task(self, task_id: str, signal_name: str) -> None:
         entry = self._task(task_id)
-        target = SignalTarget(entry.state.signal_unit, entry.state.signal_pidfile)
+        target = SignalTarget(entry.journal.signal_unit, entry.journal.signal_pidfile)
         await signal_guest(entry, signal_name, target)
 
     async def exec_task(
@@ -299,7 +327,3 @@ class VMDriver:
         for entry in self._tasks.values():
             await entry.close()
 
-
-def _close_quietly(fd: int) -> None:
-    with contextlib.suppress(OSError):
-        os.close(fd)

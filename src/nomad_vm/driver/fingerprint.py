@@ -5,54 +5,69 @@ from __future__ import annotations
 import asyncio
 
 from nomad_vm import __version__
+from nomad_vm.driver.backend_options import check_settings, config_error, host_settings
 from nomad_vm.driver.config import PluginConfig
 from nomad_vm.driver.types import AttributeValue, Fingerprint, Health
-from nomad_vm.errors import ConfigError, HypervisorError, NetworkError
+from nomad_vm.errors import NetworkError, NomadVMError, VMRequestError
 from nomad_vm.network import links
 from nomad_vm.network.settings import BridgeNetwork
-from nomad_vm.vm.accel import choose_accelerator, probe_kvm
-from nomad_vm.vm.qemu.binary import find_qemu, qemu_version
-from nomad_vm.vm.share_transport import choose_share_transport
+from nomad_vm.vm.hypervisor import HostFacts, Hypervisor
+
+ATTRIBUTE_PREFIX = "driver.vm."
 
 
-def fingerprint(config: PluginConfig) -> Fingerprint:
-    """Healthy only when QEMU runs and the configured accelerator can be used."""
-    kvm = probe_kvm()
-    attrs: dict[str, AttributeValue] = {
-        "driver.vm.version": __version__,
-        "driver.vm.kvm": kvm.usable,
-        # VMs get a qemu-guest-agent channel; the guest must run the agent to use it.
-        "driver.vm.guest_agent": True,
-    }
+def fingerprint(config: PluginConfig, backend: Hypervisor) -> Fingerprint:
+    """Healthy only when the backend can run VMs here with the configured settings."""
+    settings = host_settings(config)
     try:
-        transport = choose_share_transport(config.share_transport, config.virtiofsd_binary)
-    except ConfigError as exc:
-        return Fingerprint(Health.UNHEALTHY, str(exc), attrs)
-    # How Nomad's directories and volumes reach the guest.
-    attrs["driver.vm.fs_transport"] = transport.name
-    attrs["driver.vm.fs_transport.reason"] = transport.reason
-    if transport.virtiofsd is not None:
-        attrs["driver.vm.virtiofsd"] = str(transport.virtiofsd)
-    try:
-        binary = find_qemu(config.qemu_binary)
-        attrs["driver.vm.qemu.version"] = qemu_version(binary)
-        attrs["driver.vm.qemu.binary"] = str(binary)
-    except HypervisorError as exc:
-        return Fingerprint(Health.UNHEALTHY, str(exc), attrs)
-    try:
-        accel = choose_accelerator(config.accelerator, kvm)
-    except ConfigError as exc:
-        return Fingerprint(Health.UNHEALTHY, str(exc), attrs)
-    attrs["driver.vm.accelerator"] = accel.name
+        check_settings(backend.name, backend.capabilities, settings)
+    except VMRequestError as exc:
+        return Fingerprint(Health.UNHEALTHY, str(config_error(exc)), _base_attributes())
+    facts = backend.check_host(settings)
+    attrs = _base_attributes(facts)
+    if facts.problem is not None:
+        return Fingerprint(Health.UNHEALTHY, _describe(facts.problem), attrs)
+    if facts.accelerator is None:  # a backend that found no problem always chose one
+        return Fingerprint(Health.UNHEALTHY, "no accelerator could be chosen", attrs)
+    attrs["driver.vm.accelerator"] = facts.accelerator.name
     if config.network is not None:
         attrs.update(network_attributes(config.network))
-    description = "Healthy" if accel.name == "kvm" else f"Healthy ({accel.reason})"
+    reason = facts.accelerator.reason
+    description = "Healthy" if facts.accelerator.name == "kvm" else f"Healthy ({reason})"
     return Fingerprint(Health.HEALTHY, description, attrs)
 
 
-async def fingerprint_async(config: PluginConfig) -> Fingerprint:
+def _base_attributes(facts: HostFacts | None = None) -> dict[str, AttributeValue]:
+    attrs: dict[str, AttributeValue] = {
+        "driver.vm.version": __version__,
+        # VMs get a qemu-guest-agent channel; the guest must run the agent to use it.
+        "driver.vm.guest_agent": True,
+    }
+    if facts is None:
+        return attrs
+    attrs["driver.vm.kvm"] = facts.kvm.usable
+    transport = facts.share_transport
+    if transport is not None:
+        # How Nomad's directories and volumes reach the guest.
+        attrs["driver.vm.fs_transport"] = transport.name
+        attrs["driver.vm.fs_transport.reason"] = transport.reason
+        if transport.virtiofsd is not None:
+            attrs["driver.vm.virtiofsd"] = str(transport.virtiofsd)
+    for name, value in facts.attributes:
+        attrs[ATTRIBUTE_PREFIX + name] = value
+    return attrs
+
+
+def _describe(problem: NomadVMError) -> str:
+    """The health description: a setting at fault is named as the plugin config field."""
+    if isinstance(problem, VMRequestError):
+        return str(config_error(problem))
+    return str(problem)
+
+
+async def fingerprint_async(config: PluginConfig, backend: Hypervisor) -> Fingerprint:
     # The KVM probe and `qemu --version` run child processes: keep them off the event loop.
-    return await asyncio.to_thread(fingerprint, config)
+    return await asyncio.to_thread(fingerprint, config, backend)
 
 
 def network_attributes(net: BridgeNetwork) -> dict[str, AttributeValue]:

@@ -15,10 +15,9 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
-from nomad_vm.driver.startup import AGENT_SOCKET
 from nomad_vm.driver.task import VMTask
 from nomad_vm.errors import CommandNotRunnable, GuestAgentUnavailable, Unsupported
-from nomad_vm.vm.qemu.agent import AgentCommandError, AgentError, AgentTimeout, GuestAgent
+from nomad_vm.vm.guest_agent import AgentCommandError, AgentError, AgentTimeout, GuestAgent
 
 # qemu-ga replaces the whole environment of the command: give it a usable PATH.
 GUEST_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -46,7 +45,11 @@ async def agent_for(entry: VMTask) -> GuestAgent:
     """The task's agent client; connects on demand when the background watcher has not yet."""
     if entry.agent is not None:
         return entry.agent
-    agent = GuestAgent(entry.runtime_dir / AGENT_SOCKET)
+    agent = entry.vm.guest_agent() if entry.vm is not None else None
+    if agent is None:
+        raise GuestAgentUnavailable(
+            "this VM has no guest agent channel, so commands cannot run in it"
+        )
     try:
         await agent.ping(timeout=3.0)
     except AgentError as exc:
@@ -100,8 +103,8 @@ def not_runnable(program: str, agent_says: str, path: str) -> CommandNotRunnable
 async def signal_guest(entry: VMTask, signal_name: str, target: SignalTarget) -> None:
     name = signal_name.upper() if signal_name.upper().startswith("SIG") else f"SIG{signal_name}"
     if name in POWER_SIGNALS:
-        if entry.vm is None or not entry.running or not await entry.vm.powerdown():
-            raise GuestAgentUnavailable("the VM is not running or its QMP socket does not answer")
+        if entry.vm is None or not entry.running or not await entry.vm.power_down():
+            raise GuestAgentUnavailable("the VM is not running or its VMM does not answer")
         entry.emit(f"{name} received: ACPI shutdown requested")
         return
     if not target.unit and not target.pidfile:

@@ -2,7 +2,8 @@
 
 The guest agent cannot give a command a terminal, so a session works like this:
 
-1. a virtio-serial port is hot-plugged into the VM (``terminal_port``), its host side a socket;
+1. a port is hot-plugged into the VM (``RunningVM.open_terminal``; with QEMU a virtio-serial
+   port), its host side a socket; only backends whose capabilities offer ``terminal_hotplug``;
 2. the guest agent starts ``python3 -c <guest_pty_relay source>`` in the guest, which opens that
    port, runs the command on a new pty and relays frames between the two;
 3. Nomad's stdin and window-size messages become frames to the guest; terminal output frames
@@ -26,8 +27,7 @@ from nomad_vm.driver.guest_exec import GUEST_PATH, ExecOutcome, agent_for
 from nomad_vm.driver.task import VMTask
 from nomad_vm.errors import GuestAgentUnavailable, Unsupported
 from nomad_vm.vm import guest_pty_relay as relay
-from nomad_vm.vm.qemu.agent import AgentError, ExecResult
-from nomad_vm.vm.qemu.terminal_port import plug_terminal_port, unplug_terminal_port
+from nomad_vm.vm.guest_agent import AgentError, ExecResult
 
 RELAY_SOURCE = inspect.getsource(relay)
 DEFAULT_WINDOW = (24, 80)
@@ -54,13 +54,17 @@ async def run_terminal(
     inputs: AsyncIterator[TerminalInput],
     on_output: OutputSink,
 ) -> ExecOutcome:
-    if not entry.running or entry.vm is None or entry.vm.monitor is None:
+    if not entry.running or entry.vm is None:
         raise Unsupported("the VM has stopped; there is nothing to run the command in")
+    if not entry.capabilities.terminal_hotplug:
+        raise Unsupported(
+            "this VM's hypervisor cannot add a terminal port; run the command with -t=false"
+        )
     if not command:
         raise Unsupported("no command given")
     agent = await agent_for(entry)
-    monitor = entry.vm.monitor
-    port = await plug_terminal_port(monitor, entry.runtime_dir)
+    vm = entry.vm
+    port = await vm.open_terminal()
     tasks: list[asyncio.Task[Any]] = []
     writer = None
     try:
@@ -85,7 +89,7 @@ async def run_terminal(
             writer.close()
             with contextlib.suppress(OSError):
                 await writer.wait_closed()
-        await unplug_terminal_port(monitor, port)
+        await vm.close_terminal(port)
     if status < 0:
         return ExecOutcome(b"", b"", 128 - status, signal=-status)
     return ExecOutcome(b"", b"", status)

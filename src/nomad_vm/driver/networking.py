@@ -1,9 +1,10 @@
 """A VM task's bridge networking, host side: address, TAP, port forwards, and their teardown.
 
-Start order, each step recorded before it is taken, so that whatever happens in between (an
-error, a plugin SIGKILLed mid-start) ``teardown`` can undo exactly what exists:
+Start order, each step recorded in the task's journal before it is taken (``record``, see
+``driver.journal``), so that whatever happens in between (an error, a plugin SIGKILLed
+mid-start) ``teardown`` can undo exactly what exists:
 
-1. the task's record is written to ``<data_dir>/network/tasks/<hash>.json``;
+1. the task's record (bridge, TAP name, MAC; derived from the task id) is recorded;
 2. the bridge is made ready (created when ``create_bridge``; guard rules, IP forwarding, NAT);
 3. the address is leased (``static_ip`` or the pool) and added to the record;
 4. the task's nftables rules are set in one transaction: its guest guard
@@ -12,10 +13,8 @@ error, a plugin SIGKILLed mid-start) ``teardown`` can undo exactly what exists:
 5. the TAP is created on the bridge (its name and MAC derive from the task id);
 6. DHCP mode (``dhcp = true``): the bridge's dnsmasq learns the guest's MAC and address.
 
-``teardown`` removes DHCP host, rules (forwards and guard, by the task's tag), TAP, lease and
-finally the record; every step is idempotent. The
-record also travels in driver_state, but the file is what a new plugin process finds for a task
-whose StartTask never returned (Nomad then has no handle to give back).
+``teardown`` removes DHCP host, rules (forwards and guard, by the task's tag), TAP and lease;
+every step is idempotent.
 
 ``reconcile`` (RecoverTask, after a plugin restart) also re-asserts what keeps guests in their
 place, since the plugin was not there to see it removed (``nft flush ruleset``, a firewall
@@ -38,10 +37,9 @@ allocation).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
-import json
 import logging
+from collections.abc import Callable, Set
 from dataclasses import replace
 from ipaddress import IPv4Address
 from pathlib import Path
@@ -54,7 +52,6 @@ from nomad_vm.driver.network_plan import (
     group_network,
 )
 from nomad_vm.errors import NetworkError
-from nomad_vm.files import write_atomically
 from nomad_vm.network import links, sysctl, taps
 from nomad_vm.network.dhcp import DhcpHost, DhcpServer
 from nomad_vm.network.ipam import AddressPool
@@ -66,16 +63,20 @@ from nomad_vm.network.settings import BridgeNetwork
 log = logging.getLogger(__name__)
 
 
+# Saves the task's network record in its journal (called before each step, in the thread).
+RecordNetwork = Callable[[NetworkRecord], None]
+
+
 class NetworkManager:
-    """Sets up and tears down task networks on this host; the record files live in
+    """Sets up and tears down task networks on this host; leases and DHCP state live in
     ``state_dir`` (the plugin's data_dir/network)."""
 
     def __init__(self, state_dir: Path) -> None:
         self.state_dir = state_dir
         self.forwarder = PortForwarder()
 
-    async def setup(self, plan: NetworkPlan) -> NetworkAttachment:
-        return await asyncio.to_thread(self._setup, plan)
+    async def setup(self, plan: NetworkPlan, record: RecordNetwork) -> NetworkAttachment:
+        return await asyncio.to_thread(self._setup, plan, record)
 
     async def teardown(self, record: NetworkRecord, net: BridgeNetwork | None) -> None:
         await asyncio.to_thread(self._teardown, record, net)
@@ -88,27 +89,19 @@ class NetworkManager:
             return None
         return await asyncio.to_thread(taps.open_tap, record.tap, netns=record.netns)
 
-    async def teardown_leftover(self, owner: str, net: BridgeNetwork | None) -> bool:
-        """Tear down what a record file says exists for ``owner`` (a task this process never
-        started, e.g. after a crash mid-start); False when there is no record."""
-        record = self._read_record(owner)
-        if record is None:
-            return False
-        await self.teardown(record, net)
-        return True
+    async def reconcile(
+        self, record: NetworkRecord, net: BridgeNetwork | None, recorded_owners: Set[str]
+    ) -> list[str]:
+        """After a plugin restart, for a recovered task: its lease is back in place (it is what
+        keeps the address from being handed out twice), and leases of tasks no journal knows
+        any more (``recorded_owners``: the tasks with a network in their journal) are dropped.
+        Returns what was repaired, for a task event."""
+        return await asyncio.to_thread(self._reconcile, record, net, recorded_owners)
 
-    async def reconcile(self, record: NetworkRecord, net: BridgeNetwork | None) -> list[str]:
-        """After a plugin restart, for a recovered task: its record file and lease are back in
-        place (they are what a later teardown works from), leases of tasks that have no record
-        any more are dropped, and the bridge's loopback guard and the task's guest guard are
-        in place. Returns what was repaired, for a task event."""
-        return await asyncio.to_thread(self._reconcile, record, net)
-
-    def _reconcile(self, record: NetworkRecord, net: BridgeNetwork | None) -> list[str]:
+    def _reconcile(
+        self, record: NetworkRecord, net: BridgeNetwork | None, recorded_owners: Set[str]
+    ) -> list[str]:
         repaired = []
-        if self._read_record(record.owner) is None:
-            self._write_record(record)
-            repaired.append("network record rewritten")
         if self._dhcp(record, net).ensure_running():
             repaired.append("DHCP server restarted")
         if not (record.netns or net is None or net.bridge != record.bridge or not record.address):
@@ -116,7 +109,7 @@ class NetworkManager:
             if record.owner not in pool.leases():
                 pool.allocate(record.owner, IPv4Address(record.address))
                 repaired.append(f"lease of {record.address} restored")
-            stale = pool.reconcile(self._recorded_owners())
+            stale = pool.reconcile({*recorded_owners, record.owner})
             repaired += [f"stale lease of {owner} released" for owner in stale]
         return repaired + self._reassert_guards(record, net)
 
@@ -171,30 +164,20 @@ class NetworkManager:
         sysctl.set_route_localnet(bridge, False, netns=netns)
         return True
 
-    def _recorded_owners(self) -> set[str]:
-        owners = set()
-        for path in (self.state_dir / "tasks").glob("*.json"):
-            with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
-                owners.add(NetworkRecord.from_dict(json.loads(path.read_text())).owner)
-        return owners
-
     # -- blocking work, in a thread ----------------------------------------------------------
 
-    def _setup(self, plan: NetworkPlan) -> NetworkAttachment:
+    def _setup(self, plan: NetworkPlan, record_network: RecordNetwork) -> NetworkAttachment:
         net, nic, netns = plan.net, plan.nic, plan.netns or None
-        record = NetworkRecord(plan.owner, net.bridge, plan.tap, plan.guest_mac, netns=plan.netns)
-        stale = self._read_record(plan.owner)
-        if stale is not None:  # a retried start of the same task: start clean
-            self._teardown(stale, net)
+        record = record_of(plan)
         if netns is not None and not netns_exists(netns):
             raise NetworkError(f"the allocation's network namespace {netns} does not exist")
-        self._write_record(record)
+        record_network(record)
         forwarder = self._forwarder(netns)
         try:
             self._prepare_bridge(net, vlan=nic.vlan is not None, netns=netns)
             address = self._pool(record, net).allocate(plan.owner, nic.static_ip)
             record = replace(record, address=str(address))
-            self._write_record(record)
+            record_network(record)
             forwards = [f for _, f in plan.forwards]
             forwarder.set_task_rules(plan.owner, plan.tap, plan.guest_mac, address, forwards)
             taps.create_tap(
@@ -275,9 +258,8 @@ class NetworkManager:
             except Exception as exc:  # keep going: remove as much as possible
                 failures.append(f"{what}: {exc}")
         if failures:
-            # The record stays, so a later DestroyTask can try again.
+            # The journal keeps the record, so a later DestroyTask can try again.
             raise NetworkError(f"network teardown incomplete ({'; '.join(failures)})")
-        self._record_path(record.owner).unlink(missing_ok=True)
 
     def _release(self, record: NetworkRecord, net: BridgeNetwork | None) -> None:
         if record.netns:
@@ -291,22 +273,8 @@ class NetworkManager:
             return
         net.pool(self.state_dir).release(record.owner)
 
-    # -- records -----------------------------------------------------------------------------
 
-    def _record_path(self, owner: str) -> Path:
-        digest = hashlib.sha256(owner.encode()).hexdigest()[:24]
-        return self.state_dir / "tasks" / f"{digest}.json"
-
-    def _write_record(self, record: NetworkRecord) -> None:
-        path = self._record_path(record.owner)
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        write_atomically(path, json.dumps(record.to_dict()).encode())
-
-    def _read_record(self, owner: str) -> NetworkRecord | None:
-        path = self._record_path(owner)
-        with contextlib.suppress(FileNotFoundError):
-            try:
-                return NetworkRecord.from_dict(json.loads(path.read_text(encoding="utf-8")))
-            except (ValueError, KeyError, TypeError) as exc:
-                raise NetworkError(f"network record {path} is unreadable: {exc}") from exc
-        return None
+def record_of(plan: NetworkPlan) -> NetworkRecord:
+    """What the journal records before any network step: everything but the address, all
+    derived from the task id and the plugin's bridge."""
+    return NetworkRecord(plan.owner, plan.net.bridge, plan.tap, plan.guest_mac, netns=plan.netns)

@@ -9,7 +9,6 @@ cloud-init mounts them (nomad_vm.cloudinit, `mounts:`).
 
 from __future__ import annotations
 
-from dataclasses import replace
 from pathlib import Path
 
 from nomad_vm.driver.config import VMTaskConfig
@@ -23,11 +22,6 @@ TASK_DIR_SHARES = (
     ("nomad-local", "local", "/local"),
     ("nomad-secrets", "secrets", "/secrets"),
 )
-
-
-def with_sockets(shares: tuple[ShareSpec, ...], runtime_dir: Path) -> tuple[ShareSpec, ...]:
-    """virtio-fs: each share's vhost-user socket, in the task's runtime directory."""
-    return tuple(replace(s, socket=runtime_dir / f"vfs{i}.sock") for i, s in enumerate(shares))
 
 
 def task_shares(task: TaskConfig, vm: VMTaskConfig) -> tuple[ShareSpec, ...]:

@@ -6,7 +6,7 @@ import time
 from datetime import UTC, datetime
 
 from nomad_vm.driver.types import CpuUsage, MemoryUsage, TaskStats
-from nomad_vm.vm.qemu.backend import VMUsage
+from nomad_vm.vm.hypervisor import VMUsage
 
 
 class CpuRate:
@@ -14,8 +14,8 @@ class CpuRate:
 
     ``user_mode``/``system_mode``/``percent`` are percent of one core over the interval;
     ``total_ticks`` is the share of the host's compute in MHz (percent of one core x core MHz).
-    Memory: ``rss`` is the QEMU process's resident memory on the host (guest RAM it touched plus
-    QEMU's own, e.g. TCG's translation cache); ``usage``, when the guest's balloon driver
+    Memory: ``rss`` is the VMM process's resident memory on the host (guest RAM it touched plus
+    the VMM's own, e.g. QEMU TCG's translation cache); ``usage``, when the guest's balloon driver
     reports, is the memory the guest itself uses (total minus available).
     """
 

@@ -5,22 +5,24 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import signal
 from datetime import UTC, datetime
-from pathlib import Path
 
 from nomad_vm.driver.agent_watch import watch_agent
 from nomad_vm.driver.events import EventBus
-from nomad_vm.driver.state import DriverState
+from nomad_vm.driver.journal import TaskJournal
 from nomad_vm.driver.types import ExitResult, TaskConfig, TaskState, TaskStatus
-from nomad_vm.vm.qemu.agent import GuestAgent
-from nomad_vm.vm.qemu.backend import QemuVM, sleep_until_exit
-from nomad_vm.vm.qemu.monitor import QemuEvent
+from nomad_vm.vm.guest_agent import GuestAgent
+from nomad_vm.vm.hypervisor import (
+    GuestEvent,
+    GuestEventReport,
+    HypervisorCapabilities,
+    RunningVM,
+)
 from nomad_vm.vm.spec import VMExit
 
 log = logging.getLogger(__name__)
 
-# After SIGTERM QEMU exits at once; SIGKILL follows if it has not within this many seconds.
+# After SIGTERM the VMM exits at once; SIGKILL follows if it has not within this many seconds.
 TERM_GRACE = 5.0
 
 
@@ -39,32 +41,29 @@ def exit_result_from(ended: VMExit, stopped_by_driver: bool) -> ExitResult:
     return ExitResult(exit_code=ended.code, err=ended.reason)
 
 
-def describe_event(event: QemuEvent) -> str | None:
-    """The task event text for a QEMU lifecycle event, or None for ones not worth showing."""
-    reason = str(event.data.get("reason", ""))
-    if event.name == "RESET" and event.data.get("guest"):
+def describe_event(report: GuestEventReport) -> str:
+    """The task event text for what the guest did."""
+    if report.event is GuestEvent.REBOOTED:
         return "Guest rebooted (the VM keeps running in place)"
-    if event.name == "SHUTDOWN" and event.data.get("guest"):
-        return f"Guest powered off ({reason or 'guest-shutdown'})"
-    if event.name == "GUEST_PANICKED":
-        return "Guest kernel panicked"
-    return None
+    if report.event is GuestEvent.POWERED_OFF:
+        return f"Guest powered off ({report.detail or 'guest-shutdown'})"
+    return "Guest kernel panicked"
 
 
 class VMTask:
     def __init__(
         self,
         config: TaskConfig,
-        vm: QemuVM | None,
-        state: DriverState,
-        runtime_dir: Path,
+        vm: RunningVM | None,
+        journal: TaskJournal,
         events: EventBus,
+        capabilities: HypervisorCapabilities,
     ) -> None:
         self.config = config
         self.vm = vm
-        self.state = state
-        self.runtime_dir = runtime_dir
-        self.started_at = datetime.fromtimestamp(state.started_at, UTC)
+        self.journal = journal
+        self.capabilities = capabilities
+        self.started_at = datetime.fromtimestamp(journal.started_at, UTC)
         self.completed_at: datetime | None = None
         self.result: ExitResult | None = None
         self.stopping = False
@@ -74,14 +73,13 @@ class VMTask:
         # The guest agent client once it has answered (exec and signals go through it).
         self.agent: GuestAgent | None = None
 
-    def start_watching(self, agent_socket: Path | None = None) -> None:
+    def start_watching(self) -> None:
         assert self.vm is not None
         self._tasks.append(asyncio.create_task(self._watch(), name=f"wait {self.config.id}"))
-        self._tasks.append(
-            asyncio.create_task(self.vm.follow_events(self._on_event), name="qmp events")
-        )
-        if agent_socket is not None:
-            watcher = watch_agent(agent_socket, self._agent_ready)
+        self._tasks.append(asyncio.create_task(self._follow(self.vm), name="guest events"))
+        agent = self.vm.guest_agent()
+        if agent is not None:
+            watcher = watch_agent(agent, self._agent_ready)
             self._tasks.append(asyncio.create_task(watcher, name="guest agent"))
 
     def _agent_ready(self, agent: GuestAgent, after: float) -> None:
@@ -91,10 +89,9 @@ class VMTask:
     def emit(self, message: str) -> None:
         self._events.emit(self.config, message)
 
-    def _on_event(self, event: QemuEvent) -> None:
-        text = describe_event(event)
-        if text:
-            self._events.emit(self.config, text)
+    async def _follow(self, vm: RunningVM) -> None:
+        async for report in vm.guest_events():
+            self._events.emit(self.config, describe_event(report))
 
     def mark_exited(self, result: ExitResult) -> None:
         """Record an exit found without watching (the VM died while the plugin was away)."""
@@ -127,26 +124,32 @@ class VMTask:
         assert self.result is not None
         return self.result
 
+    async def _ended_within(self, timeout: float) -> bool:
+        try:
+            await asyncio.wait_for(self._done.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
+
     async def stop(self, timeout: float) -> None:
         """ACPI power button, up to ``timeout`` for the guest to power off, then terminate."""
         if not self.running or self.vm is None:
             return
         self.stopping = True
-        if await self.vm.powerdown():
+        if await self.vm.power_down():
             self._events.emit(self.config, f"ACPI shutdown requested (waiting up to {timeout:g}s)")
-            if await sleep_until_exit(self.vm, timeout):
-                await self.wait()
+            if await self._ended_within(timeout):
                 return
             self._events.emit(self.config, f"Guest did not stop within {timeout:g}s, VM terminated")
         else:
-            self._events.emit(self.config, "QMP unavailable: terminating the VM")
+            self._events.emit(self.config, "The VMM does not answer: terminating the VM")
         await self.vm.terminate(TERM_GRACE)
         await self.wait()
 
     async def kill(self) -> None:
         if self.running and self.vm is not None:
             self.stopping = True
-            self.vm.process.send_signal(signal.SIGKILL)
+            self.vm.kill()
             await self.wait()
 
     async def close(self) -> None:
@@ -158,12 +161,15 @@ class VMTask:
                     await task
                 except Exception:  # already reported where it happened; closing regardless
                     log.exception("watcher of task %s failed", self.config.id)
+        self._tasks.clear()
         if self.agent is not None:
             await self.agent.close()
+            self.agent = None
         if self.vm is not None:
             await self.vm.close()
 
     def status(self) -> TaskStatus:
+        vmm = self.journal.vmm
         return TaskStatus(
             id=self.config.id,
             name=self.config.name,
@@ -171,5 +177,8 @@ class VMTask:
             started_at=self.started_at,
             completed_at=self.completed_at,
             result=self.result,
-            attributes={"pid": str(self.state.pid), "control_socket": self.state.control_socket},
+            attributes={
+                "pid": str(vmm.pid) if vmm is not None else "",
+                "control_socket": self.journal.control_socket,
+            },
         )

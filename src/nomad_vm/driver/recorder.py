@@ -1,0 +1,57 @@
+"""The journal of one StartTask as it happens: each host change is saved before it is made,
+and the step's checkpoint follows (``checkpoints``). It is also the ``LaunchRecorder`` a
+backend's launch reports its own files and processes to."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
+
+from nomad_vm.driver.checkpoints import Checkpoints
+from nomad_vm.driver.journal import RecordedProcess, TaskJournal
+from nomad_vm.driver.journal_store import JournalStore
+from nomad_vm.driver.network_plan import NetworkRecord
+from nomad_vm.vm.hypervisor import SpawnedProcess
+
+
+class TaskRecorder:
+    def __init__(self, store: JournalStore, journal: TaskJournal, checkpoints: Checkpoints) -> None:
+        self.store = store
+        self.journal = journal
+        self.checkpoints = checkpoints
+
+    def _save(self, journal: TaskJournal) -> None:
+        self.store.save(journal)
+        self.journal = journal
+
+    async def _reached(self, step: str) -> None:
+        await self.checkpoints.reached(step, self.journal.task_id)
+
+    async def runtime_dir(self, path: Path) -> None:
+        """The first entry: the journal itself comes into being with it."""
+        self._save(replace(self.journal, runtime_dir=str(path)))
+        await self._reached("runtime-dir")
+
+    async def creating(self, what: str, path: Path) -> None:
+        self._save(self.journal.with_file(path))
+        await self._reached(what)
+
+    async def network(self, record: NetworkRecord) -> None:
+        self.record_network(record)
+        await self._reached("network")
+
+    def record_network(self, record: NetworkRecord) -> None:
+        """Also called by the network setup (in its thread) as the record grows (the lease)."""
+        self._save(replace(self.journal, network=record))
+
+    async def spawned(self, processes: Sequence[SpawnedProcess]) -> None:
+        await self._reached("processes-spawned")
+        self._save(
+            self.journal.with_processes(tuple(RecordedProcess(p.role, p.ident) for p in processes))
+        )
+        await self._reached("processes-recorded")
+
+    async def started(self, control_socket: Path) -> None:
+        self._save(replace(self.journal, control_socket=str(control_socket)))
+        await self._reached("started")

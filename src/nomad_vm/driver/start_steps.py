@@ -1,0 +1,129 @@
+"""StartTask's host changes, in order, each recorded in the task's journal before it is made:
+runtime directory, disk, network, seed, then the backend's launch (its own files, helper
+processes and the VMM). Nothing here undoes anything: on any failure the caller replays the
+journal (``replay``), the same path DestroyTask takes, so there is one clean-up to get right.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from nomad_vm.cloudinit import with_network_config, write_seed
+from nomad_vm.driver.events import EventBus
+from nomad_vm.driver.network_plan import NetworkAttachment, network_config, network_event
+from nomad_vm.driver.networking import NetworkManager, record_of
+from nomad_vm.driver.output import open_task_output
+from nomad_vm.driver.recorder import TaskRecorder
+from nomad_vm.driver.startup import StartPlan
+from nomad_vm.storage.disk import DISK_NAME, prepare_boot_disk
+from nomad_vm.storage.tools import find_qemu_img
+from nomad_vm.vm.hypervisor import Hypervisor, LaunchDevices, RunningVM
+from nomad_vm.vm.spec import DiskSpec, NicSpec
+
+SEED_NAME = "cidata.iso"
+# SIGKILL ends a VMM at once; one still there after this is left to the journal replay.
+REAP_TIMEOUT = 10.0
+
+
+@dataclass(frozen=True)
+class Started:
+    vm: RunningVM
+    network: NetworkAttachment | None
+
+
+async def run_start_steps(
+    plan: StartPlan,
+    backend: Hypervisor,
+    recorder: TaskRecorder,
+    networks: NetworkManager,
+    events: EventBus,
+) -> Started:
+    await recorder.runtime_dir(plan.runtime_dir)
+    plan.runtime_dir.mkdir(mode=0o700, parents=True, exist_ok=False)
+    disk = await prepare_disk(plan, recorder, events)
+    network = None
+    if plan.network is not None:
+        await recorder.network(record_of(plan.network))
+        network = await networks.setup(plan.network, recorder.record_network)
+        events.emit(plan.task, network_event(network, plan.network, plan.seed is not None))
+    seed = await write_seed_iso(plan, recorder, events, network)
+    tap_fd = await networks.open_tap(network.record) if network is not None else None
+    try:
+        nics = (
+            ()
+            if network is None
+            else (NicSpec(network.record.tap, network.record.guest_mac, tap_fd),)
+        )
+        console_fd = await open_task_output(plan.task.stdout_path)
+        try:
+            devices = LaunchDevices(console_fd=console_fd, disk=disk, seed=seed, nics=nics)
+            vm = await backend.launch(plan.vm_plan, devices, recorder)
+        finally:
+            # The VMM holds its own copies of the FIFO and the TAP descriptor; ours must not
+            # keep logmon's pipe (or the TAP) open.
+            os.close(console_fd)
+    finally:
+        if tap_fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(tap_fd)
+    try:
+        await recorder.started(vm.ref.control_socket)
+    except BaseException:
+        # The VMM is our child: end and reap it here (the journal replay that follows finds
+        # it gone), then drop our connection.
+        vm.kill()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(vm.wait(), REAP_TIMEOUT)
+        await vm.close()
+        raise
+    return Started(vm, network)
+
+
+async def prepare_disk(
+    plan: StartPlan, recorder: TaskRecorder, events: EventBus
+) -> DiskSpec | None:
+    """The task's own disk (overlay or copy) inside the runtime dir."""
+    if plan.vm.image is None:
+        return None
+    await recorder.creating("disk", plan.runtime_dir / DISK_NAME)
+    qemu_img = find_qemu_img()
+    disk = await asyncio.to_thread(
+        prepare_boot_disk,
+        qemu_img,
+        plan.vm.image,
+        plan.runtime_dir,
+        thin=plan.vm.use_thin_copy,
+        size_mb=plan.vm.disk_size_mb,
+        allowed_dirs=plan.allowed_dirs,
+    )
+    how = "thin copy (qcow2 overlay)" if disk.thin else "full copy"
+    size_mb = disk.virtual_size // (1024 * 1024)
+    events.emit(
+        plan.task,
+        f"Disk prepared: {how} of {plan.vm.image.name}, {size_mb} MB",
+        {"image": str(plan.vm.image), "source_format": disk.source_format},
+    )
+    return DiskSpec(disk.path, disk.format)
+
+
+async def write_seed_iso(
+    plan: StartPlan,
+    recorder: TaskRecorder,
+    events: EventBus,
+    network: NetworkAttachment | None = None,
+) -> Path | None:
+    """The seed as planned, with the guest's address once the network has one."""
+    seed = plan.seed
+    if seed is None:
+        return None
+    if network is not None:
+        seed = with_network_config(seed, network_config(network))
+    await recorder.creating("seed", plan.runtime_dir / SEED_NAME)
+    path = write_seed(seed, plan.runtime_dir / SEED_NAME)
+    for warning in seed.warnings:
+        events.emit(plan.task, f"cloud-init: {warning}")
+    return path
