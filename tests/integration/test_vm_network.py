@@ -10,8 +10,8 @@ Port forwarding topology of the Debian test::
     other (10.98.0.2) --veth-- host (10.98.0.1; bridge nvtbr0 10.99.0.1/24) --TAP-- VM 1, VM 2
 
 What a test can see from outside the plugin: the bridge's ports (the TAPs), the lease file
-``<data_dir>/network/leases-<bridge>.json``, and the rules in table ``ip nomad_vm`` tagged with
-``names.rule_tag(task id)``.
+``<data_dir>/network/leases-<bridge>.json``, the rules in table ``ip nomad_vm`` tagged with
+``names.rule_tag(task id)``, and the tasks' journals in ``<data_dir>/journal``.
 """
 
 from __future__ import annotations
@@ -139,8 +139,8 @@ class NetHost:
     def nft(self) -> PortForwarder:
         return PortForwarder(netns=self.ns)
 
-    def start_plugin(self) -> PluginProcess:
-        plugin = PluginProcess(["ip", "netns", "exec", self.ns, str(DRIVER)])
+    def start_plugin(self, env: dict[str, str] | None = None) -> PluginProcess:
+        plugin = PluginProcess(["ip", "netns", "exec", self.ns, str(DRIVER)], env)
         self.plugins.append(plugin)
         plugin.start(self.root / f"plugin{len(self.plugins)}.stderr")
         self.plugin = plugin
@@ -202,14 +202,16 @@ class NetHost:
         return {r.comment for r in self.nft.rules() if r.comment and is_owner_tag(r.comment)}
 
     def records(self) -> list[str]:
-        """Files under ``<data_dir>/network`` other than the lease file and its lock: the
-        plugin's records of tasks' network state."""
+        """The plugin's records of tasks: their journals, and any file under
+        ``<data_dir>/network`` other than the lease file and its lock."""
         lease = self.lease_file.name
-        return sorted(
-            str(p.relative_to(self.network_dir))
+        network = [
+            p
             for p in self.network_dir.rglob("*")
             if p.is_file() and p.name not in (lease, f"{lease}.lock")
-        )
+        ]
+        journals = list((self.data_dir / "journal").glob("*"))
+        return sorted(str(p.relative_to(self.data_dir)) for p in network + journals)
 
     def observe(self) -> tuple[list[str], dict[str, str], set[str], list[str]]:
         return self.taps(), self.leases(), self.owner_tags(), self.records()
@@ -501,10 +503,14 @@ time.sleep(600)
 """
 
 
-def test_plugin_killed_between_tap_and_qemu_leaves_nothing_after_destroy(
+def test_plugin_killed_while_qemu_starts_leaves_nothing_after_destroy(
     host: NetHost,
     tiny_guest: Any,
 ) -> None:
+    """The plugin is SIGKILLed while StartTask waits for QMP (TAP, lease, forwards and QEMU
+    all exist); Nomad never got an answer, so a fresh plugin only gets DestroyTask with the
+    task id. The driver must end the orphaned QEMU (it outlives the plugin in its own session)
+    and remove everything else. See test_crash_safety.py for every other step."""
     fake = host.root / "qemu-system-fake"
     fake.write_text(FAKE_QEMU)
     fake.chmod(0o755)
@@ -533,10 +539,10 @@ def test_plugin_killed_between_tap_and_qemu_leaves_nothing_after_destroy(
         # TAP, then port forwards, then QEMU; the plugin then waits up to 30 s for QMP, which
         # the fake never opens. Kill it there: everything of the network exists by then.
         assert wait_until(lambda: tap in host.taps(), 25), (outcome, host.observe())
-        assert wait_until(lambda: qemu_processes_under(host.root), 10), outcome
+        assert wait_until(lambda: fake_qemu_running(host.root), 10), outcome
         assert host.leased(), "no address leased"
         assert host.nft.rules(cfg.id), "no port forward rules"
-        assert host.records(), "no record of the task's network state"
+        assert host.records(), "no record of the task's state"
 
         first = host.plugin
         assert first is not None and first.process is not None
@@ -544,21 +550,27 @@ def test_plugin_killed_between_tap_and_qemu_leaves_nothing_after_destroy(
         assert first.wait_exit(10) is not None
         starter.join(30)
         assert isinstance(outcome[0], grpc.RpcError), outcome
-        for qemu in qemu_processes_under(host.root):  # it outlives the plugin (own session)
-            qemu.kill()
-            qemu.wait(10)
 
         # Still there: the plugin died before it could undo anything.
-        assert tap in host.taps()
+        assert tap in host.taps() and fake_qemu_running(host.root)
         second = host.start_plugin()
         configure(second, host.data_dir, [str(tiny_guest.vmlinux.parent)], **options)
         host.destroy(cfg.id)
-        host.assert_clean()  # also: nothing in <data_dir>/network but the lease file (+ lock)
+        assert not qemu_processes_under(host.root), "the orphaned QEMU was not ended"
+        host.assert_clean()  # also: no journal, nothing in <data_dir>/network but the leases
         assert not host.nft.rules(cfg.id)
         # Idempotent, and fine for a task nobody ever heard of.
         host.destroy(cfg.id)
         host.destroy("a1b2c3d4-0000-0000-0000-000000000001/tiny/never-started")
         host.assert_clean()
+
+
+def fake_qemu_running(root: Path) -> bool:
+    """The stand-in QEMU runs its program (not just the gate it is forked at)."""
+    return any(
+        "qemu-system-fake" in " ".join(p.cmdline()) and "python" in p.cmdline()[0]
+        for p in qemu_processes_under(root)
+    )
 
 
 # -- 5. validation ---------------------------------------------------------------------------
