@@ -28,13 +28,19 @@ class TaskRecorder:
     async def _reached(self, step: str) -> None:
         await self.checkpoints.reached(step, self.journal.task_id)
 
-    async def runtime_dir(self, path: Path) -> None:
-        """The first entry: the journal itself comes into being with it."""
-        self._save(replace(self.journal, runtime_dir=str(path)))
+    async def runtime_dir(self, path: Path, planned: tuple[Path, ...] = ()) -> None:
+        """The first entry: the journal itself comes into being with it. ``planned`` are files
+        the start will make in it (disk, seed): recorded now, in the same write, since each
+        write costs a file and a directory fsync on StartTask's path."""
+        journal = replace(self.journal, runtime_dir=str(path))
+        for file in planned:
+            journal = journal.with_file(file)
+        self._save(journal)
         await self._reached("runtime-dir")
 
     async def creating(self, what: str, path: Path) -> None:
-        self._save(self.journal.with_file(path))
+        if str(path) not in self.journal.files:
+            self._save(self.journal.with_file(path))
         await self._reached(what)
 
     async def network(self, record: NetworkRecord) -> None:

@@ -42,7 +42,11 @@ async def run_start_steps(
     networks: NetworkManager,
     events: EventBus,
 ) -> Started:
-    await recorder.runtime_dir(plan.runtime_dir)
+    planned = (
+        *([plan.runtime_dir / DISK_NAME] if plan.vm.image is not None else []),
+        *([plan.runtime_dir / SEED_NAME] if plan.seed is not None else []),
+    )
+    await recorder.runtime_dir(plan.runtime_dir, planned)
     plan.runtime_dir.mkdir(mode=0o700, parents=True, exist_ok=False)
     disk = await prepare_disk(plan, recorder, events)
     network = None
