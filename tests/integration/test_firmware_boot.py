@@ -127,7 +127,7 @@ def report_boot_times() -> Iterator[None]:
 def test_boot_and_acpi_power_button(
     tiny_guest: TinyGuest, short_tmp: Path, firmware: str, machine: str
 ) -> None:
-    cfg = validate_machine(None, machine, firmware, has_kernel=True, has_disk=False)
+    cfg = validate_machine("x86_64", machine, firmware, has_kernel=True, has_disk=False)
     plan = plan_firmware(firmware)
     vars_path = None if plan is None else prepare_vars(plan, short_tmp)
     template_before = None if plan is None else sha256(plan.vars_template)
@@ -223,7 +223,7 @@ def secure_plan_with(keys: SigningKeys, dest: Path, boot_entry: str | None = Non
 def test_secure_boot_with_signed_kernel(
     tiny_guest: TinyGuest, signing_keys: SigningKeys, short_tmp: Path
 ) -> None:
-    cfg = validate_machine(None, "q35", "uefi-secure", has_kernel=True, has_disk=False)
+    cfg = validate_machine("x86_64", "q35", "uefi-secure", has_kernel=True, has_disk=False)
     plan = secure_plan_with(signing_keys, short_tmp / "template.fd")
     template_before = sha256(plan.vars_template)
     task_dir = short_tmp / "task"
@@ -265,7 +265,7 @@ def test_secure_boot_enforced_for_disk_boot(
     shutil.copyfile(tiny_guest.initramfs, esp / "initrd.img")
     options = tiny_cmdline(f"{tiny_guest.cmdline} initrd=\\initrd.img", PROBE)
     plan = secure_plan_with(signing_keys, short_tmp / "template.fd", f"\\linux.efi {options}")
-    cfg = validate_machine(None, "q35", "uefi-secure", has_kernel=False, has_disk=True)
+    cfg = validate_machine("x86_64", "q35", "uefi-secure", has_kernel=False, has_disk=True)
     vars_path = prepare_vars(plan, short_tmp)
     disk = f"if=virtio,format=raw,readonly=on,file=fat:{esp}"
     with qemu([*machine_argv(cfg, plan, vars_path), "-drive", disk]) as (_, console):
