@@ -34,6 +34,7 @@ from nomad_vm.errors import HypervisorError
 from nomad_vm.processes import ProcessIdentity, identity_of, is_same_process
 from nomad_vm.vm.hypervisor import VMM_ROLE
 from nomad_vm.vm.process import GATE_SHELL
+from nomad_vm.vm.registry import BUILT_IN, HypervisorRegistry
 from tests.conformance.kits import BOOTED, RUNNING, RUNS, Behaviour, Kit
 from tests.fakes import hypervisor as fake
 
@@ -83,7 +84,11 @@ async def watching(driver: VMDriver) -> AsyncIterator[Events]:
 
 
 def run(coroutine: Callable[[], Awaitable[None]]) -> None:
-    asyncio.run(asyncio.wait_for(coroutine(), float(os.environ.get("NOMAD_VM_TEST_SCENARIO_TIMEOUT", "600"))))
+    asyncio.run(
+        asyncio.wait_for(
+            coroutine(), float(os.environ.get("NOMAD_VM_TEST_SCENARIO_TIMEOUT", "600"))
+        )
+    )
 
 
 def journal_of(kit: Kit, task: TaskConfig) -> TaskJournal:
@@ -470,6 +475,34 @@ def test_what_the_backend_cannot_do_is_refused_naming_the_option(kit: Kit) -> No
         with pytest.raises(Exception) as err:
             await driver.start_task(task)
         assert getattr(err.value, "field", "") == "config.os.machine", err.value
+        await assert_clean(kit, task)
+
+    run(scenario)
+
+
+def test_recovery_dispatches_on_the_backend_the_journal_names(
+    short_tmp: Path, tiny_guest: Any
+) -> None:
+    """A plugin whose default backend is QEMU recovers a task its journal says runs on the fake
+    (and would fail to find a QMP socket if it asked QEMU)."""
+    kit = Kit(fake.NAME, short_tmp, tiny_guest)
+
+    async def scenario() -> None:
+        task = kit.task("dispatch")
+        first = kit.driver()
+        handle, _ = await first.start_task(task)
+        await first.shutdown()
+        both = {**BUILT_IN, fake.NAME: lambda: fake.FakeHypervisor(kit.host)}
+        second = VMDriver(backends=HypervisorRegistry(both, default="qemu"))
+        second.set_config({"data_dir": str(kit.data_dir)}, None)
+        assert journal_of(kit, task).backend == fake.NAME
+        await second.recover_task(task, handle)
+        assert (await second.inspect_task(task.id)).state == TaskState.RUNNING
+        # Only the fake can press its guest's power button (QEMU would find no QMP socket).
+        await second.stop_task(task.id, 20, "SIGTERM")
+        result = await second.wait_task(task.id)
+        assert (result.exit_code, result.signal, result.err) == (0, 0, ""), result
+        await second.destroy_task(task.id, force=False)
         await assert_clean(kit, task)
 
     run(scenario)

@@ -336,14 +336,9 @@ class FakeHypervisor:
         return vm
 
 
-def registry(host: FakeHost, *, with_qemu: bool = False) -> HypervisorRegistry:
-    """A registry whose default backend is the fake (and, optionally, which has QEMU too)."""
-    from nomad_vm.vm.registry import BUILT_IN, BackendFactory
-
-    factories: dict[str, BackendFactory] = {NAME: lambda: FakeHypervisor(host)}
-    if with_qemu:
-        factories.update(BUILT_IN)
-    return HypervisorRegistry(factories, default=NAME)
+def registry(host: FakeHost) -> HypervisorRegistry:
+    """A registry whose (only) backend is the fake."""
+    return HypervisorRegistry({NAME: lambda: FakeHypervisor(host)}, default=NAME)
 
 
 def tokens(ignores_acpi: bool = False, then: str = "", after: float = 0.0) -> str:
