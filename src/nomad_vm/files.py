@@ -11,11 +11,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 
-def write_atomically(dest: Path, data: bytes, mode: int = 0o600) -> None:
+def write_atomically(dest: Path, data: bytes, mode: int = 0o600, *, durable: bool = True) -> None:
     """Replace ``dest`` with ``data``: a temporary file in the same directory (so the rename is
     atomic; created 0600 whatever the umask, then given ``mode``), fsync, rename, and fsync of
-    the directory so the rename itself survives a host crash. OSError on failure, with no
-    temporary file left behind."""
+    the directory so the rename itself survives a host crash. ``durable=False`` skips both
+    fsyncs: readers (another process, a restarted plugin) still see the old or the new content,
+    never a mix, but a host crash may lose the change. OSError on failure, with no temporary
+    file left behind."""
     fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
     try:
         with os.fdopen(fd, "wb") as out:
@@ -23,12 +25,15 @@ def write_atomically(dest: Path, data: bytes, mode: int = 0o600) -> None:
                 os.fchmod(out.fileno(), mode)
             out.write(data)
             out.flush()
-            os.fsync(out.fileno())
+            if durable:
+                os.fsync(out.fileno())
         os.replace(tmp_name, dest)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp_name)
         raise
+    if not durable:
+        return
     dir_fd = os.open(dest.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         os.fsync(dir_fd)

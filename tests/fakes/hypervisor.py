@@ -296,7 +296,8 @@ class FakeHypervisor:
         try:
             await recorder.spawned(
                 [SpawnedProcess("fake-helper", h.ident) for h in helpers]
-                + [SpawnedProcess(VMM_ROLE, vmm.ident)]
+                + [SpawnedProcess(VMM_ROLE, vmm.ident)],
+                plan.runtime_dir / CONTROL,
             )
         except BaseException:
             for proc in processes:

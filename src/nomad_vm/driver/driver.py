@@ -209,7 +209,7 @@ class VMDriver:
         ref = journal.vm_ref()
         try:
             if ref is None:
-                raise HypervisorError("its start never completed")
+                raise HypervisorError("its start never got as far as the VMM")
             vm = await backend.reattach(ref)
         except HypervisorError as exc:
             entry = VMTask(task, None, journal, self.events, backend.capabilities)

@@ -8,8 +8,8 @@ encoding). It says, in the order StartTask makes them:
 * the files made in it (disk, seed, UEFI variable store), each before it is created;
 * the network (bridge port, lease, TAP, forwards, DHCP host) as ``NetworkRecord``;
 * every process (helpers such as virtiofsd, then the VMM) by pid, start ticks and boot id,
-  recorded between fork and exec (``nomad_vm.vm.process``: a process runs only once recorded);
-* the VMM's control socket, once it answered: from then on the VM can be reattached.
+  recorded between fork and exec (``nomad_vm.vm.process``: a process runs only once recorded),
+  with the VMM's control socket: from then on the VM can be reattached.
 
 Replaying it (``replay.undo_host_changes``) removes all of that, whether the start failed, the
 task is destroyed, or a plugin died in the middle of StartTask and a fresh one is asked to
@@ -53,7 +53,7 @@ class TaskJournal:
     files: tuple[str, ...] = ()
     network: NetworkRecord | None = None
     processes: tuple[RecordedProcess, ...] = ()
-    # Set once the VMM answered on it: the start is complete and the VM can be reattached.
+    # Where the VMM answers (recorded with the processes): the VM can be reattached.
     control_socket: str = ""
     # Where `nomad alloc signal` goes in the guest (task options: Nomad does not hand the job's
     # config back after an agent restart, so they are kept here).
@@ -72,7 +72,7 @@ class TaskJournal:
         return tuple(p.ident for p in self.processes if p.role != VMM_ROLE)
 
     def vm_ref(self) -> VMRef | None:
-        """How the backend finds the VM again; None when its start never completed."""
+        """How the backend finds the VM again; None when its start never got to the VMM."""
         vmm = self.vmm
         if vmm is None or not self.control_socket:
             return None

@@ -36,9 +36,10 @@ class JournalStore:
         digest = hashlib.sha256(task_id.encode()).hexdigest()[:_DIGEST_CHARS]
         return self.directory / f"{digest}{SUFFIX}"
 
-    def save(self, journal: TaskJournal) -> None:
+    def save(self, journal: TaskJournal, *, durable: bool = True) -> None:
         """Replace the task's journal with ``journal``; HypervisorError when it cannot be
-        written (a start must not go on making changes nobody could undo)."""
+        written (a start must not go on making changes nobody could undo). ``durable=False``
+        when what follows cannot outlive a host crash either (processes): no fsync."""
         data = journal.encode()
         path = self.path_for(journal.task_id)
         # ``remove`` drops the directory with its last journal; another task's may do so
@@ -46,7 +47,7 @@ class JournalStore:
         for attempt in (1, 2):
             try:
                 self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-                write_atomically(path, data)
+                write_atomically(path, data, durable=durable)
                 return
             except FileNotFoundError:
                 if attempt == 2:

@@ -21,8 +21,8 @@ class TaskRecorder:
         self.journal = journal
         self.checkpoints = checkpoints
 
-    def _save(self, journal: TaskJournal) -> None:
-        self.store.save(journal)
+    def _save(self, journal: TaskJournal, *, durable: bool = True) -> None:
+        self.store.save(journal, durable=durable)
         self.journal = journal
 
     async def _reached(self, step: str) -> None:
@@ -51,13 +51,14 @@ class TaskRecorder:
         """Also called by the network setup (in its thread) as the record grows (the lease)."""
         self._save(replace(self.journal, network=record))
 
-    async def spawned(self, processes: Sequence[SpawnedProcess]) -> None:
+    async def spawned(self, processes: Sequence[SpawnedProcess], control_socket: Path) -> None:
         await self._reached("processes-spawned")
-        self._save(
-            self.journal.with_processes(tuple(RecordedProcess(p.role, p.ident) for p in processes))
-        )
+        recorded = tuple(RecordedProcess(p.role, p.ident) for p in processes)
+        journal = replace(self.journal.with_processes(recorded), control_socket=str(control_socket))
+        # No fsync: processes do not outlive a host crash that would lose this write.
+        self._save(journal, durable=False)
         await self._reached("processes-recorded")
 
-    async def started(self, control_socket: Path) -> None:
-        self._save(replace(self.journal, control_socket=str(control_socket)))
+    async def started(self) -> None:
+        """The VMM answered; StartTask answers Nomad next (nothing more to record)."""
         await self._reached("started")

@@ -75,7 +75,7 @@ async def run_start_steps(
             with contextlib.suppress(OSError):
                 os.close(tap_fd)
     try:
-        await recorder.started(vm.ref.control_socket)
+        await recorder.started()
     except BaseException:
         # The VMM is our child: end and reap it here (the journal replay that follows finds
         # it gone), then drop our connection.

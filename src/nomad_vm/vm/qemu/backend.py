@@ -145,7 +145,8 @@ class QemuHypervisor:
         try:
             await recorder.spawned(
                 [SpawnedProcess(HELPER_ROLE, d.process.ident) for d in daemons]
-                + [SpawnedProcess(VMM_ROLE, process.ident)]
+                + [SpawnedProcess(VMM_ROLE, process.ident)],
+                spec.control_socket,
             )
         except BaseException:
             # Still at their gates: they end without having run anything.
