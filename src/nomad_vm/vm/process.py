@@ -1,15 +1,18 @@
 """Supervision of VMM processes, shared by every backend.
 
 A VMM runs in its own session, so it outlives the plugin (Nomad restarts plugins freely) and a
-Ctrl-C in the terminal of `nomad agent -dev` does not reach it. A process is identified by its pid
-*and* its start time: after a plugin restart a recycled pid must never be taken for our VM.
-Exit is watched through a pidfd, which works for processes that are not our children too.
+Ctrl-C in the terminal of `nomad agent -dev` does not reach it. A process is identified by its
+pid, start ticks and boot id (``nomad_vm.processes``): after a plugin restart a recycled pid must
+never be taken for our VM. Exit is watched through a pidfd, which works for processes that are
+not our children too.
 
-A process is *gated*: it is forked as ``/bin/sh`` waiting for one line on its stdin (a pipe only
-the plugin holds) and only then execs the real program, with the same pid and start time. The
-driver records the identity in the task's journal between the fork and ``release``. If the plugin
-dies in between, the pipe reaches end-of-file and the shell exits without running anything: no
-VMM or helper ever runs that the journal does not know.
+Backends start every process *gated*: it is forked as ``/bin/sh`` waiting for one line on its
+stdin (a pipe only the plugin holds) and only then execs the real program, with the same pid and
+start ticks. The driver records the identity in the task's journal between the fork and
+``release``. If the plugin dies in between, the pipe reaches end-of-file and the shell exits
+without running anything: no VMM or helper ever runs that the journal does not know. (The
+pipe's ends are close-on-exec, and every child is spawned with ``close_fds``, so no other
+process holds the plugin's end.) The shell costs about 0.7 ms before the program runs.
 """
 
 from __future__ import annotations
@@ -231,14 +234,6 @@ def reattach(ident: ProcessIdentity) -> SupervisedProcess:
             "(it ended, or the pid now belongs to another process)"
         )
     return SupervisedProcess(ident, None)
-
-
-def kill_leftovers(idents: Sequence[ProcessIdentity]) -> None:
-    """SIGKILL each process that still runs under its identity (never a recycled pid)."""
-    for ident in idents:
-        if is_same_process(ident):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(ident.pid, signal.SIGKILL)
 
 
 def end_processes(idents: Sequence[ProcessIdentity], timeout: float = 10.0) -> list[int]:
