@@ -22,6 +22,8 @@ class TaskRecorder:
         self.checkpoints = checkpoints
 
     def _save(self, journal: TaskJournal, *, durable: bool = True) -> None:
+        if journal == self.journal and self.store.path_for(journal.task_id).exists():
+            return  # already on record (e.g. the network record, again from its setup)
         self.store.save(journal, durable=durable)
         self.journal = journal
 
