@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import os
 import re
 import time
 from collections.abc import AsyncIterator, Mapping
@@ -68,6 +69,7 @@ FINGERPRINT_PERIOD = 30.0
 MAX_SOCKET_PATH = 100
 # The longest socket name a backend puts in the runtime dir ("qmp.sock", "vfs12.sock", ...).
 LONGEST_SOCKET_NAME = "tty-0123abcd.sock"
+RUN_DIR = "run"
 
 
 class VMDriver:
@@ -136,7 +138,7 @@ class VMDriver:
         if len(str(preferred / LONGEST_SOCKET_NAME)) <= MAX_SOCKET_PATH:
             return preferred
         digest = hashlib.sha256(task.id.encode()).hexdigest()[:16]
-        return self.config.data_dir / "run" / digest
+        return self.config.data_dir / RUN_DIR / digest
 
     async def start_task(self, task: TaskConfig) -> tuple[TaskHandle, NetworkOverride | None]:
         """Validate, then make each host change (journal first); a failure at any step undoes
@@ -189,6 +191,10 @@ class VMDriver:
         """Replay the journal; it is removed only once everything it names is gone."""
         await undo_host_changes(journal, self._networks(), self.config.network)
         self.journals.remove(journal.task_id)
+        # The parent of long-path runtime dirs goes with the last of them (a start that makes
+        # one meanwhile recreates it: mkdir(parents=True)).
+        with contextlib.suppress(OSError):
+            os.rmdir(self.config.data_dir / RUN_DIR)
 
     async def _undo_leftover(self, task_id: str) -> bool:
         """Replay the journal of a task this plugin does not run (a plugin died during its
