@@ -104,6 +104,16 @@ def wait_alloc(
     raise TimeoutError(f"job {job}: allocation status {last}, wanted {statuses}")
 
 
+def wait_until_empty(directory: Path, timeout: float) -> bool:
+    """True once ``directory`` is gone or holds nothing (polled until ``timeout``)."""
+    deadline = time.monotonic() + timeout
+    while directory.exists() and any(directory.rglob("*")):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.2)
+    return True
+
+
 @contextlib.contextmanager
 def private_netns(link_prefixes: tuple[str, ...]) -> Iterator[str]:
     """A new network namespace ``nve-<random>`` (loopback up) for an agent whose bridge, TAPs,

@@ -10,7 +10,7 @@ import pytest
 
 from nomad_vm.cli.devagent import DevAgent
 from tests.conftest import REPO, qemu_processes_under
-from tests.e2e.conftest import run_tiny_job, running_agent, wait_alloc
+from tests.e2e.conftest import run_tiny_job, running_agent, wait_alloc, wait_until_empty
 
 pytestmark = pytest.mark.e2e
 JOB = REPO / "examples" / "demo.nomad.hcl"
@@ -69,7 +69,8 @@ def test_agent_restart_keeps_the_same_vm_and_stop_cleans_up(
         time.sleep(0.5)
     assert not qemu_processes_under(agent.config.workdir)
     data_dir = agent.config.workdir / "plugin-data"
-    assert not data_dir.exists() or not any(data_dir.rglob("*"))
+    # The task's journal goes with DestroyTask, which Nomad sends after the VM has ended.
+    assert wait_until_empty(data_dir, 20), sorted(data_dir.rglob("*"))
     events = agent.api(f"/v1/allocation/{alloc_id}")["TaskStates"]["tiny"]["Events"]  # type: ignore[index]
     messages = [e["DisplayMessage"] for e in events]
     # The stop went through the recovered plugin's QMP connection: a graceful ACPI stop.

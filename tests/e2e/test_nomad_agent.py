@@ -9,7 +9,7 @@ import pytest
 
 from nomad_vm.cli.devagent import DevAgent
 from tests.conftest import REPO, qemu_processes_under
-from tests.e2e.conftest import run_tiny_job, wait_alloc
+from tests.e2e.conftest import run_tiny_job, wait_alloc, wait_until_empty
 
 pytestmark = pytest.mark.e2e
 MARKER = "nomad-vm tiny guest: booted"
@@ -50,7 +50,8 @@ def test_vm_job_console_in_alloc_logs_and_stop_cleans_up(agent: DevAgent, tiny_g
         time.sleep(0.5)
     assert not qemu_processes_under(agent.config.workdir)
     data_dir = agent.config.workdir / "plugin-data"
-    assert not data_dir.exists() or not any(data_dir.rglob("*"))
+    # The task's journal goes with DestroyTask, which Nomad sends after the VM has ended.
+    assert wait_until_empty(data_dir, 20), sorted(data_dir.rglob("*"))
     alloc_dir = agent.config.workdir / "data" / "alloc" / str(stopped["ID"]) / "tiny"
     assert not list(alloc_dir.glob("nomad-vm*"))
 
