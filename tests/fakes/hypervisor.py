@@ -290,21 +290,11 @@ class FakeHypervisor:
         if plan.request.firmware != "bios":
             await recorder.creating("firmware-vars", plan.runtime_dir / VARS)
             (plan.runtime_dir / VARS).write_bytes(b"\0" * 4096)
+        # As QEMU does: the helpers first (recorded, released), then the VMM.
         helpers = [self._spawn(plan.runtime_dir) for _ in plan.shares]
+        await _record(recorder, helpers, "fake-helper", [])
         vmm = self._spawn(plan.runtime_dir)
-        processes = [*helpers, vmm]
-        try:
-            await recorder.spawned(
-                [SpawnedProcess("fake-helper", h.ident) for h in helpers]
-                + [SpawnedProcess(VMM_ROLE, vmm.ident)],
-                plan.runtime_dir / CONTROL,
-            )
-        except BaseException:
-            for proc in processes:
-                proc.kill_and_reap()
-            raise
-        for proc in processes:
-            proc.release()
+        await _record(recorder, [vmm], VMM_ROLE, helpers, plan.runtime_dir / CONTROL)
         self.host.guests[vmm.ident] = replace(
             plan.details.guest, watchers=[], booted_at=time.monotonic()
         )
@@ -335,6 +325,25 @@ class FakeHypervisor:
         elif not vm.guest.reboots:  # an act still due happens on time (a reboot only once)
             vm.schedule()
         return vm
+
+
+async def _record(
+    recorder: LaunchRecorder,
+    processes: list[SupervisedProcess],
+    role: str,
+    running: list[SupervisedProcess],
+    control_socket: Path | None = None,
+) -> None:
+    if not processes:
+        return
+    try:
+        await recorder.spawned([SpawnedProcess(role, p.ident) for p in processes], control_socket)
+    except BaseException:
+        for process in processes + running:
+            process.kill_and_reap()
+        raise
+    for process in processes:
+        process.release()
 
 
 def registry(host: FakeHost) -> HypervisorRegistry:

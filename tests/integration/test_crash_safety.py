@@ -3,11 +3,12 @@ fresh plugin must leave nothing behind: no process, TAP, rule, lease, directory 
 
 The plugin is paused at a step by its test hook (``NOMAD_VM_TEST_PAUSE_AT``, see
 ``nomad_vm.driver.checkpoints``): the step's host change is in the journal, not yet made
-(``processes-spawned``: QEMU and virtiofsd are forked but not yet recorded, waiting at their
-gate). Nomad never got StartTask's answer, so it only calls DestroyTask with the task id; after
-the answer it has a handle, and calls RecoverTask, StopTask and DestroyTask. The task takes
-every step: a disk image (so a cloud-init seed), UEFI (its variable store), the task dirs
-shared over virtio-fs (a virtiofsd each) and a NIC on the plugin's bridge with a forwarded port.
+(``helpers-spawned``, ``vmm-spawned``: virtiofsd, then QEMU, are forked but not yet recorded,
+waiting at their gate). Nomad never got StartTask's answer, so it only calls DestroyTask with
+the task id; after the answer it has a handle, and calls RecoverTask, StopTask and DestroyTask.
+The task takes every step: a disk image (so a cloud-init seed), UEFI (its variable store), the
+task dirs shared over virtio-fs (a virtiofsd each) and a NIC on the plugin's bridge with a
+forwarded port.
 """
 
 from __future__ import annotations

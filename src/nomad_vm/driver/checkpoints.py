@@ -1,12 +1,13 @@
 """StartTask's steps by name, and a hook at each one for tests of crashes and failures.
 
 Each checkpoint comes after the step's host change is in the journal and before it is made
-(``processes-spawned``: after the fork, before the record; ``processes-recorded``: after the
-record, before the processes may run). A plugin killed at a checkpoint leaves exactly what a
-real crash there would leave. In production the hook does nothing. Tests inject a failure at
-a checkpoint (``FailAt`` in the conformance suite), or pause the real plugin process there to
-SIGKILL it: ``NOMAD_VM_TEST_PAUSE_AT=<step>`` with ``NOMAD_VM_TEST_PAUSE_MARKER=<file>``, which
-the plugin creates when it has paused. Nothing else reads those variables.
+(``helpers-spawned``, ``vmm-spawned``: after the fork, before the record; ``helpers-recorded``,
+``vmm-recorded``: after the record, before the processes may run). A plugin killed at a
+checkpoint leaves exactly what a real crash there would leave. In production the hook does
+nothing. Tests inject a failure at a checkpoint (``FailAt`` in the conformance suite), or pause
+the real plugin process there to SIGKILL it: ``NOMAD_VM_TEST_PAUSE_AT=<step>`` with
+``NOMAD_VM_TEST_PAUSE_MARKER=<file>``, which the plugin creates when it has paused. Nothing else
+reads those variables.
 """
 
 from __future__ import annotations
@@ -26,8 +27,10 @@ START_STEPS = (
     "network",
     "seed",
     "firmware-vars",
-    "processes-spawned",
-    "processes-recorded",
+    "helpers-spawned",
+    "helpers-recorded",
+    "vmm-spawned",
+    "vmm-recorded",
     "started",
 )
 PAUSE_AT = "NOMAD_VM_TEST_PAUSE_AT"

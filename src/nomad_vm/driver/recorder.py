@@ -12,7 +12,7 @@ from nomad_vm.driver.checkpoints import Checkpoints
 from nomad_vm.driver.journal import RecordedProcess, TaskJournal
 from nomad_vm.driver.journal_store import JournalStore
 from nomad_vm.driver.network_plan import NetworkRecord
-from nomad_vm.vm.hypervisor import SpawnedProcess
+from nomad_vm.vm.hypervisor import VMM_ROLE, SpawnedProcess
 
 
 class TaskRecorder:
@@ -53,13 +53,21 @@ class TaskRecorder:
         """Also called by the network setup (in its thread) as the record grows (the lease)."""
         self._save(replace(self.journal, network=record))
 
-    async def spawned(self, processes: Sequence[SpawnedProcess], control_socket: Path) -> None:
-        await self._reached("processes-spawned")
-        recorded = tuple(RecordedProcess(p.role, p.ident) for p in processes)
-        journal = replace(self.journal.with_processes(recorded), control_socket=str(control_socket))
+    async def spawned(
+        self, processes: Sequence[SpawnedProcess], control_socket: Path | None = None
+    ) -> None:
+        """Checkpoints ``vmm-spawned``/``vmm-recorded`` when the VMM is among them, else
+        ``helpers-spawned``/``helpers-recorded``."""
+        what = "vmm" if any(p.role == VMM_ROLE for p in processes) else "helpers"
+        await self._reached(f"{what}-spawned")
+        journal = self.journal.with_processes(
+            tuple(RecordedProcess(p.role, p.ident) for p in processes)
+        )
+        if control_socket is not None:
+            journal = replace(journal, control_socket=str(control_socket))
         # No fsync: processes do not outlive a host crash that would lose this write.
         self._save(journal, durable=False)
-        await self._reached("processes-recorded")
+        await self._reached(f"{what}-recorded")
 
     async def started(self) -> None:
         """The VMM answered; StartTask answers Nomad next (nothing more to record)."""

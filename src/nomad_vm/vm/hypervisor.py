@@ -183,10 +183,13 @@ class LaunchRecorder(Protocol):
     async def creating(self, what: str, path: Path) -> None:
         """``path`` (``what``: e.g. ``firmware-vars``) is about to be created."""
 
-    async def spawned(self, processes: Sequence[SpawnedProcess], control_socket: Path) -> None:
+    async def spawned(
+        self, processes: Sequence[SpawnedProcess], control_socket: Path | None = None
+    ) -> None:
         """These processes were just forked and wait at their gate; they are released (and
-        their programs run) only after this returns. ``control_socket`` is where the VMM will
-        answer. Raising here makes the launch fail and end them."""
+        their programs run) only after this returns. Helpers and the VMM may come in separate
+        calls (helpers first, so they are up when the VMM needs them); ``control_socket``, with
+        the VMM, is where it will answer. Raising here makes the launch fail and end them."""
 
 
 class RunningVM(Protocol):

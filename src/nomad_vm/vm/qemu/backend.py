@@ -4,7 +4,8 @@ The running VM itself (events, wait, stop, usage) is ``running.QemuVM``; the com
 ``argv.qemu_argv`` (a pure function). Launch order: the task's UEFI variable store (when the
 firmware is UEFI), one virtiofsd per share (virtio-fs), then QEMU; every process is forked
 gated, reported to the recorder, and only then released, so the task's journal knows it
-before it runs.
+before it runs. The daemons are released before QEMU is forked: QEMU's vhost-user handshake
+waits for them, and their head start keeps StartTask as fast as it was without the gate.
 """
 
 from __future__ import annotations
@@ -140,34 +141,26 @@ class QemuHypervisor:
                 prepare_firmware_vars, details.firmware, runtime_dir
             )
         spec = build_spec(plan, details, devices, firmware_vars)
-        daemons, process = self._spawn(plan, spec, devices.console_fd)
-        processes = [d.process for d in daemons] + [process]
-        try:
-            await recorder.spawned(
-                [SpawnedProcess(HELPER_ROLE, d.process.ident) for d in daemons]
-                + [SpawnedProcess(VMM_ROLE, process.ident)],
-                spec.control_socket,
-            )
-        except BaseException:
-            # Still at their gates: they end without having run anything.
-            for proc in processes:
-                proc.kill_and_reap()
-            raise
-        for proc in processes:
-            proc.release()
+        daemons = self._start_daemons(plan, spec)
+        await _record(recorder, [d.process for d in daemons], HELPER_ROLE, [])
+        process = self._spawn_qemu(plan, spec, devices.console_fd, daemons)
+        await _record(recorder, [process], VMM_ROLE, daemons, spec.control_socket)
         return await self._connect(spec, process, daemons, runtime_dir)
 
-    def _spawn(
-        self, plan: VMPlan, spec: VMSpec, console_fd: int
-    ) -> tuple[list[ShareDaemon], SupervisedProcess]:
-        """virtiofsd per share, then QEMU, all forked at their gates."""
-        daemons: list[ShareDaemon] = []
-        if spec.share_transport == "virtiofs" and spec.shares:
-            if plan.share_transport.virtiofsd is None:
-                raise ValueError("virtio-fs shares need the virtiofsd binary")
-            daemons = start_daemons(
-                plan.share_transport.virtiofsd, spec.shares, plan.runtime_dir, gated=True
-            )
+    def _start_daemons(self, plan: VMPlan, spec: VMSpec) -> list[ShareDaemon]:
+        """One virtiofsd per share (virtio-fs), forked at their gates."""
+        if spec.share_transport != "virtiofs" or not spec.shares:
+            return []
+        if plan.share_transport.virtiofsd is None:
+            raise ValueError("virtio-fs shares need the virtiofsd binary")
+        return start_daemons(
+            plan.share_transport.virtiofsd, spec.shares, plan.runtime_dir, gated=True
+        )
+
+    def _spawn_qemu(
+        self, plan: VMPlan, spec: VMSpec, console_fd: int, daemons: list[ShareDaemon]
+    ) -> SupervisedProcess:
+        """QEMU, forked at its gate; its messages go to qemu.log."""
         argv = qemu_argv(_details(plan).binary, spec)
         log_path = plan.runtime_dir / LOG_NAME
         try:
@@ -188,7 +181,7 @@ class QemuHypervisor:
             kill_daemons(daemons)
             raise
         log.debug("started qemu", extra={"fields": {"pid": process.pid, "argv": " ".join(argv)}})
-        return daemons, process
+        return process
 
     async def _connect(
         self,
@@ -245,6 +238,28 @@ class QemuHypervisor:
         vm = QemuVM(process, monitor, ref.runtime_dir, helpers)
         await vm.check_finished_meanwhile()
         return vm
+
+
+async def _record(
+    recorder: LaunchRecorder,
+    processes: list[SupervisedProcess],
+    role: str,
+    started: list[ShareDaemon],
+    control_socket: Path | None = None,
+) -> None:
+    """Tell the recorder, then let the processes run. If it fails (or the start is cancelled),
+    they end at their gates without having run, and ``started`` (already running) with them."""
+    if not processes:
+        return
+    try:
+        await recorder.spawned([SpawnedProcess(role, p.ident) for p in processes], control_socket)
+    except BaseException:
+        for process in processes:
+            process.kill_and_reap()
+        kill_daemons(started)
+        raise
+    for process in processes:
+        process.release()
 
 
 def _details(plan: VMPlan) -> QemuPlan:
