@@ -1,5 +1,5 @@
 """No job can name the plugin's own state (issue 10, least privilege): files under its data_dir
-(leases, network records, long-path runtime dirs with other tasks' disks and seeds) and the
+(leases, task journals, long-path runtime dirs with other tasks' disks and seeds) and the
 runtime dirs in an allocation are refused for every path option and for an image's backing
 file, even where an allowed directory contains them; and image_paths may not overlap data_dir.
 The same through the real plugin process: tests/integration/test_state_isolation.py."""
@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 
 from nomad_vm.driver.config import parse_plugin_config, parse_task_config, task_allowlist
+from nomad_vm.driver.journal import TaskJournal
+from nomad_vm.driver.journal_store import JournalStore
 from nomad_vm.driver.types import TaskConfig, TaskResources
 from nomad_vm.errors import ConfigError, ImageError
 from nomad_vm.storage.disk import MIB, backing_of
@@ -56,6 +58,8 @@ def layout(tmp_path: Path) -> dict[str, Path]:
     other_run.mkdir(parents=True)
     (other_run / "disk.qcow2").write_bytes(b"QFI\xfb")
     (other_run / "cidata.iso").write_bytes(b"\0" * 2048)
+    journal = JournalStore(paths["data"])
+    journal.save(TaskJournal("other-alloc/web/1", "qemu", 1.0, runtime_dir=str(other_run)))
     (paths["alloc"] / "t").mkdir()
     for name in ("vmlinux", "disk.img"):
         (paths["alloc"] / "t" / name).write_bytes(b"x")
@@ -70,6 +74,7 @@ def test_nothing_under_data_dir_can_be_named(layout: dict[str, Path]) -> None:
         layout["data"] / "network" / "leases-nomadvm0.json",
         layout["data"] / "run" / "0123456789abcdef" / "disk.qcow2",
         layout["data"] / "run" / "0123456789abcdef" / "cidata.iso",
+        JournalStore(layout["data"]).path_for("other-alloc/web/1"),  # another task's journal
     ]
     for name in PATH_OPTIONS:
         for target in targets:
