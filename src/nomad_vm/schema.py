@@ -25,8 +25,9 @@ PLUGIN_CONFIG = Schema(
         Field(
             "data_dir",
             "string",
-            "Directory where the plugin keeps its own state: address leases and network "
-            "records, and per-task runtime files (disks, cloud-init seeds, control sockets) "
+            "Directory where the plugin keeps its own state: address leases, each task's "
+            "journal (what its start made on the host, found again by task id after a "
+            "crash), and per-task runtime files (disks, cloud-init seeds, control sockets) "
             "whose path would be too long inside the task directory. Created if missing. No "
             "job may name a file in it, and no `image_paths` entry may contain it or lie "
             "inside it.",

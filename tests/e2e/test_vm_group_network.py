@@ -164,9 +164,9 @@ def test_vm_in_the_allocation_namespace_serves_nomads_port_mapping(
         return not ports and not _owner_rules(alloc_netns)
 
     poll("the allocation's namespace gone or clean", namespace_clean, 60, every=1)
-    data = agent.config.workdir / "plugin-data" / "network"
-    poll("no network records left", lambda: not list(data.glob("tasks/*.json")), 30, every=1)
-    assert not list(data.glob("group/leases-*")), "the allocation's lease file stays"
+    data = agent.config.workdir / "plugin-data"
+    poll("no task journal left", lambda: not list(data.glob("journal/*")), 30, every=1)
+    assert not list(data.glob("network/group/leases-*")), "the allocation's lease file stays"
 
 
 def _owner_rules(alloc_netns: str) -> list[str]:

@@ -4,7 +4,7 @@ A path is allowed when, after resolving symlinks and ``..``, it lies inside one 
 directories (also resolved), and inside none of the private ones. Checking the unresolved
 string would let ``/allowed/../etc/shadow`` or a symlink planted in an allowed directory escape.
 
-Private directories hold the plugin's own state (its ``data_dir``: leases, network records,
+Private directories hold the plugin's own state (its ``data_dir``: leases, task journals,
 other tasks' disks and seed ISOs in long-path runtime dirs; the runtime dirs inside allocation
 directories). They are refused even when an allowed directory contains them, so no allowlist,
 however wide, lets one job boot or read another's files.
@@ -109,7 +109,7 @@ def resolve_within(
         raise ImageError(
             field,
             f"{subject} resolves to {resolved}, which is part of the VM driver's own state "
-            f"({private}: leases, network records and other tasks' disks and cloud-init seeds); "
+            f"({private}: leases, task journals and other tasks' disks and cloud-init seeds); "
             "a job may only name files in the plugin's image_paths or in its own allocation "
             "directory",
         )
