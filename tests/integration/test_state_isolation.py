@@ -1,10 +1,10 @@
 """A job cannot name the plugin's own state (issue 10, least privilege), through the real
-plugin process (in a throwaway namespace, as in test_vm_network.py, since a lease and a
-network record need the plugin's bridge).
+plugin process (in a throwaway namespace, as in test_vm_network.py, since a lease needs the
+plugin's bridge).
 
 A first task runs with a disk, a cloud-init seed (with a password) and a NIC, its alloc path
 long enough that its runtime dir moves under ``<data_dir>/run``. Then other jobs name its disk,
-its seed, the lease file, its network record, a link to its disk planted in their own
+its seed, the lease file, its journal, a link to its disk planted in their own
 allocation dir: each StartTask is refused naming the option, and creates nothing.
 (Unit level: tests/unit/test_state_isolation.py.)"""
 
@@ -66,7 +66,7 @@ def test_a_job_naming_the_plugins_state_is_refused(
         runtime = only(list((host.data_dir / "run").iterdir()))
         disk, seed = runtime / "disk.qcow2", runtime / "cidata.iso"
         assert disk.is_file() and seed.is_file()
-        record = only(list((host.network_dir / "tasks").glob("*.json")))
+        journal = only(list((host.data_dir / "journal").glob("*.msgpack")))
         assert host.lease_file.is_file()
 
         # (option, what it names): absolute, through .., and through a link in the thief's
@@ -75,7 +75,7 @@ def test_a_job_naming_the_plugins_state_is_refused(
             ("image", str(disk)),
             ("image", str(seed)),
             ("initramfs", str(seed)),
-            ("kernel", str(record)),
+            ("kernel", str(journal)),
             ("user_data", str(host.lease_file)),
             ("image", f"../../data/run/{runtime.name}/disk.qcow2"),
             ("image", "local/innocent.qcow2"),
