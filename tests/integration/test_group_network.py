@@ -144,15 +144,16 @@ def test_reconcile_restores_both_guards_or_else_closes_route_localnet(
     plan = plan_network(owner, NicRequest(""), None, (), alloc_netns)
     assert plan is not None
     manager = NetworkManager(tmp_path)
-    record = manager._setup(plan).record
+    record = manager._setup(plan, lambda _: None).record
+    journalled = {owner}  # the tasks with a network in their journal
     nft = PortForwarder(netns=alloc_netns)
     key = f"net/ipv4/conf/{GROUP_BRIDGE}/route_localnet"
     guard = [r.expr for r in nft.rules(owner, family="bridge")]
     assert guard and nft.has_loopback_guard(GROUP_BRIDGE)
-    assert manager._reconcile(record, None) == []  # nothing to repair
+    assert manager._reconcile(record, None, journalled) == []  # nothing to repair
 
     flush_ruleset(alloc_netns)
-    assert manager._reconcile(record, None) == [
+    assert manager._reconcile(record, None, journalled) == [
         f"guard rules of bridge {GROUP_BRIDGE} restored (guests could reach the host's "
         "127.0.0.1 without them)",
         f"guest guard on {record.tap} restored",
@@ -163,7 +164,7 @@ def test_reconcile_restores_both_guards_or_else_closes_route_localnet(
 
     flush_ruleset(alloc_netns)
     monkeypatch.setattr(PortForwarder, "_binary", lambda self: "/bin/false")
-    repaired = manager._reconcile(record, None)
+    repaired = manager._reconcile(record, None, journalled)
     assert repaired[0].startswith(f"guard rules of bridge {GROUP_BRIDGE} could not be checked")
     assert "route_localnet turned off on it" in repaired[0]
     assert repaired[1].startswith(f"guest guard on {record.tap} could not be checked")
