@@ -28,9 +28,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-import psutil
-
-from nomad_vm.errors import HypervisorError, LaunchError, Unsupported, VMRequestError
+from nomad_vm.errors import LaunchError, Unsupported, VMRequestError
 from nomad_vm.processes import ProcessIdentity, is_same_process
 from nomad_vm.vm.accel import KvmStatus, choose_accelerator
 from nomad_vm.vm.guest_agent import GuestAgent
@@ -227,12 +225,7 @@ class FakeVM:
         self.process.send_signal(signal.SIGKILL)
 
     def usage(self) -> VMUsage:
-        try:
-            proc = psutil.Process(self.process.pid)
-            times, rss = proc.cpu_times(), proc.memory_info().rss
-        except psutil.Error as exc:
-            raise HypervisorError(f"cannot read usage of pid {self.process.pid}: {exc}") from exc
-        return VMUsage(times.user, times.system, rss)
+        return VMUsage.of(self.process.pid)
 
     async def guest_memory_used(self) -> int | None:
         return None  # the simulated guest has no balloon driver

@@ -23,7 +23,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
-from nomad_vm.errors import NomadVMError
+import psutil
+
+from nomad_vm.errors import HypervisorError, NomadVMError
 from nomad_vm.processes import ProcessIdentity
 from nomad_vm.vm.accel import AcceleratorChoice, KvmStatus
 from nomad_vm.vm.share_transport import ShareTransport
@@ -165,6 +167,18 @@ class VMUsage:
     user_seconds: float
     system_seconds: float
     rss_bytes: int
+
+    @classmethod
+    def of(cls, pid: int) -> VMUsage:
+        """CPU times and RSS of the VMM process ``pid``, as every backend measures them."""
+        try:
+            proc = psutil.Process(pid)
+            with proc.oneshot():
+                times = proc.cpu_times()
+                rss = proc.memory_info().rss
+        except psutil.Error as exc:
+            raise HypervisorError(f"cannot read usage of the VMM (pid {pid}): {exc}") from exc
+        return cls(times.user, times.system, rss)
 
 
 @dataclass(frozen=True)

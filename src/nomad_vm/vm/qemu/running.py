@@ -22,8 +22,6 @@ import signal
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-import psutil
-
 from nomad_vm.errors import HypervisorError, Unsupported
 from nomad_vm.files import read_log_tail
 from nomad_vm.vm.guest_agent import GuestAgent
@@ -184,15 +182,7 @@ class QemuVM:
         self.process.send_signal(signal.SIGKILL)
 
     def usage(self) -> VMUsage:
-        try:
-            proc = psutil.Process(self.process.pid)
-            with proc.oneshot():
-                times = proc.cpu_times()
-                rss = proc.memory_info().rss
-        except psutil.Error as exc:
-            pid = self.process.pid
-            raise HypervisorError(f"cannot read usage of QEMU pid {pid}: {exc}") from exc
-        return VMUsage(times.user, times.system, rss)
+        return VMUsage.of(self.process.pid)
 
     def guest_agent(self) -> GuestAgent | None:
         socket = self.runtime_dir / AGENT_SOCKET
