@@ -30,7 +30,8 @@ import pytest
 from nomad_vm.errors import ConfigError, NetworkError
 from nomad_vm.network import links, netns, sysctl, taps
 from nomad_vm.network.names import bridge_mac, mac_address, rule_tag, tap_mac, tap_name
-from nomad_vm.network.nft import DEFAULT_TABLE, PortForward, PortForwarder
+from nomad_vm.network.nft import DEFAULT_TABLE, PortForwarder
+from nomad_vm.network.nft_rules import PortForward
 from nomad_vm.network.taps import PortVlan
 from tests.netns import Namespaces, ip, isolated_namespaces
 

@@ -13,7 +13,7 @@ from typing import Any
 from nomad_vm.driver.types import NetworkOverride, PortMapping
 from nomad_vm.errors import ConfigError
 from nomad_vm.network.names import DEFAULT_TAP_PREFIX, mac_address, tap_name
-from nomad_vm.network.nft import PortForward
+from nomad_vm.network.nft_rules import PortForward
 from nomad_vm.network.settings import NIC_FIELD, BridgeNetwork, NicRequest
 
 PORTS_FIELD = f"{NIC_FIELD}.bridge.ports"

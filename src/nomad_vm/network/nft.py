@@ -19,14 +19,7 @@ The tables::
       chain guests      { type filter hook prerouting priority -200; }  # see set_guest_guard
     }
 
-What a guest may send (``set_guest_guard``): frames entering the bridge from a guest's TAP
-must carry the guest's own MAC, and its own IPv4 address in IPv4 packets and in ARP (0.0.0.0
-too where it means "no address yet": DHCP requests, ARP probes); everything else from the TAP
-(IPv6, VLAN tags, other protocols) is dropped. Without this a guest could take a neighbour's
-address (ARP replies claiming it, or simply sending from it) and receive its traffic or
-impersonate it, to the host and to the other guests. The bridge's prerouting hook sees frames
-before the bridge learns their source MAC or forwards them, whether they go to another guest or
-to the host.
+What a guest may send (``set_guest_guard``): see nomad_vm.network.nft_rules.
 
 A forward ``host_port -> guest_ip:guest_port`` is a DNAT rule in ``prerouting`` (traffic
 arriving from elsewhere) and the same rule in ``output``: locally generated packets never pass
@@ -72,18 +65,25 @@ from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network
 from typing import Any
 
-from nomad_vm.errors import ConfigError, NetworkError
+from nomad_vm.errors import NetworkError
 from nomad_vm.network import sysctl
 from nomad_vm.network.names import is_owner_tag, rule_tag
 from nomad_vm.network.netns import run_in
+from nomad_vm.network.nft_rules import (
+    LOOPBACK,
+    PortForward,
+    field,
+    forward_rules,
+    guest_guard_exprs,
+    match,
+    prefix,
+)
 
 DEFAULT_TABLE = "nomad_vm"
 FAMILY = "ip"
 BRIDGE_FAMILY = "bridge"
 FAMILIES = (FAMILY, BRIDGE_FAMILY)
 NFT_TIMEOUT = 30.0
-LOOPBACK = IPv4Network("127.0.0.0/8")
-NO_ADDRESS = "0.0.0.0"
 # name, type, hook, priority, family (the numbers behind raw/mangle/dstnat/srcnat/filter: nft
 # 1.0.6's JSON input wants numbers). Chain names are unique across the two tables.
 CHAINS = (
@@ -94,28 +94,8 @@ CHAINS = (
     ("guests", "filter", "prerouting", -200, BRIDGE_FAMILY),
 )
 CHAIN_FAMILY = {name: family for name, _, _, _, family in CHAINS}
-PROTOCOLS = ("tcp", "udp")
 # What nft says (in the C locale) when a table it is asked about does not exist.
 _MISSING = "No such file or directory"
-
-
-@dataclass(frozen=True)
-class PortForward:
-    """Forward ``host_port`` on this host (``host_ip``, or all its addresses) to the guest."""
-
-    host_port: int
-    guest_port: int
-    protocol: str = "tcp"
-    host_ip: IPv4Address | None = None
-
-    def validate(self, field: str) -> None:
-        for name, port in (("host_port", self.host_port), ("guest_port", self.guest_port)):
-            if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
-                raise ConfigError(f"{field}.{name}", f"{port!r} is not a port: use 1 to 65535")
-        if self.protocol not in PROTOCOLS:
-            raise ConfigError(f"{field}.protocol", f"{self.protocol!r}: use 'tcp' or 'udp'")
-        if self.host_ip is not None and not isinstance(self.host_ip, IPv4Address):
-            raise ConfigError(f"{field}.host_ip", f"{self.host_ip!r} is not an IPv4 address")
 
 
 @dataclass(frozen=True)
@@ -174,13 +154,13 @@ class PortForwarder:
 
         Replacing rather than adding, so a retried start cannot leave duplicate rules.
         """
-        self._replace(rule_tag(owner), _forward_rules(guest_ip, forwards), FAMILY)
+        self._replace(rule_tag(owner), forward_rules(guest_ip, forwards), FAMILY)
 
     def set_guest_guard(self, owner: str, tap: str, guest_mac: str, guest_ip: IPv4Address) -> int:
         """Let the guest behind ``tap`` send only from ``guest_mac`` and ``guest_ip`` (see the
         module's docstring), replacing ``owner``'s earlier guard; returns how many rules that
         guard had (0: it was missing). The TAP need not exist yet: rules match its name."""
-        new = [("guests", expr) for expr in _guest_guard_exprs(tap, guest_mac, guest_ip)]
+        new = [("guests", expr) for expr in guest_guard_exprs(tap, guest_mac, guest_ip)]
         return self._replace(rule_tag(owner), new, BRIDGE_FAMILY)
 
     def set_task_rules(
@@ -193,8 +173,8 @@ class PortForwarder:
     ) -> None:
         """``set_guest_guard`` and ``set_port_forwards`` in one transaction (all of ``owner``'s
         rules replaced): a task's rules come and go together."""
-        guard = [("guests", expr) for expr in _guest_guard_exprs(tap, guest_mac, guest_ip)]
-        self._replace(rule_tag(owner), guard + _forward_rules(guest_ip, forwards))
+        guard = [("guests", expr) for expr in guest_guard_exprs(tap, guest_mac, guest_ip)]
+        self._replace(rule_tag(owner), guard + forward_rules(guest_ip, forwards))
 
     def remove_rules(self, owner: str) -> int:
         """Delete ``owner``'s rules (forwards and guard); returns how many there were (0:
@@ -234,17 +214,17 @@ class PortForwarder:
           from the host's address and resets the connection. Under br_netfilter the guest's
           bridge port also needs hairpin mode (``taps.attach_to_bridge``, on by default).
         """
-        prefix = _prefix(subnet)
-        iif = _match({"meta": {"key": "iifname"}}, bridge)
+        subnet_prefix = prefix(subnet)
+        iif = match({"meta": {"key": "iifname"}}, bridge)
         new: list[tuple[str, list[Any]]] = [
-            ("guard", [iif, _match(_field("ip", "saddr"), _prefix(LOOPBACK)), {"drop": None}]),
-            ("guard", [iif, _match(_field("ip", "daddr"), _prefix(LOOPBACK)), {"drop": None}]),
+            ("guard", [iif, match(field("ip", "saddr"), prefix(LOOPBACK)), {"drop": None}]),
+            ("guard", [iif, match(field("ip", "daddr"), prefix(LOOPBACK)), {"drop": None}]),
             (
                 "postrouting",
                 [
-                    _match(_field("ip", "saddr"), prefix),
-                    _match(_field("ip", "daddr"), prefix),
-                    _match({"ct": {"key": "status"}}, "dnat", op="in"),
+                    match(field("ip", "saddr"), subnet_prefix),
+                    match(field("ip", "daddr"), subnet_prefix),
+                    match({"ct": {"key": "status"}}, "dnat", op="in"),
                     {"masquerade": None},
                 ],
             ),
@@ -261,8 +241,8 @@ class PortForwarder:
     def enable_nat(self, subnet: IPv4Network, bridge: str) -> None:
         """Masquerade the guests' traffic to anywhere but their bridge (outbound NAT)."""
         rule = [
-            _match(_field("ip", "saddr"), _prefix(subnet)),
-            _match({"meta": {"key": "oifname"}}, bridge, op="!="),
+            match(field("ip", "saddr"), prefix(subnet)),
+            match({"meta": {"key": "oifname"}}, bridge, op="!="),
             {"masquerade": None},
         ]
         self._replace(f"nomad-vm:nat:{bridge}", [("postrouting", rule)], FAMILY)
@@ -413,107 +393,3 @@ class PortForwarder:
                 )
             self._nft = found
         return self._nft
-
-
-def _match(left: Any, right: Any, op: str = "==") -> dict[str, Any]:
-    return {"match": {"op": op, "left": left, "right": right}}
-
-
-def _field(protocol: str, field: str) -> dict[str, Any]:
-    return {"payload": {"protocol": protocol, "field": field}}
-
-
-def _prefix(network: IPv4Network) -> dict[str, Any]:
-    return {"prefix": {"addr": str(network.network_address), "len": network.prefixlen}}
-
-
-def _forward_expr(forward: PortForward, guest_ip: IPv4Address) -> list[Any]:
-    if forward.host_ip is None or forward.host_ip.is_unspecified:
-        daddr = _match({"fib": {"result": "type", "flags": ["daddr"]}}, "local")
-    else:
-        daddr = _match(_field("ip", "daddr"), str(forward.host_ip))
-    return [
-        daddr,
-        _match(_field(forward.protocol, "dport"), forward.host_port),
-        {"dnat": {"addr": str(guest_ip), "port": forward.guest_port}},
-    ]
-
-
-def _forward_rules(
-    guest_ip: IPv4Address, forwards: Iterable[PortForward]
-) -> list[tuple[str, list[Any]]]:
-    """(chain, expression) of the DNAT and localhost masquerade rules for ``forwards``,
-    validated (ConfigError naming ``port_forwards[i]``)."""
-    forwards = list(forwards)
-    seen: set[tuple[str, IPv4Address | None, int]] = set()
-    for i, forward in enumerate(forwards):
-        field = f"port_forwards[{i}]"
-        forward.validate(field)
-        key = (forward.protocol, forward.host_ip, forward.host_port)
-        if key in seen:
-            raise ConfigError(
-                f"{field}.host_port",
-                f"{forward.protocol} port {forward.host_port} is forwarded twice",
-            )
-        seen.add(key)
-    new: list[tuple[str, list[Any]]] = []
-    for forward in forwards:
-        dnat = _forward_expr(forward, guest_ip)
-        new.append(("prerouting", dnat))
-        new.append(("output", dnat))
-    for protocol, guest_port in sorted({(f.protocol, f.guest_port) for f in forwards}):
-        new.append(("postrouting", _localhost_masquerade_expr(protocol, guest_ip, guest_port)))
-    return new
-
-
-def _guest_guard_exprs(tap: str, guest_mac: str, guest_ip: IPv4Address) -> list[list[Any]]:
-    """The bridge-family rules for frames from ``tap``: own MAC, own address, IPv4 and ARP only
-    (in this order; the first that matches decides)."""
-    iif = _match({"meta": {"key": "iifname"}}, tap)
-    ether_type = _field("ether", "type")
-    mac = guest_mac.lower()
-    own_or_none = {"set": [str(guest_ip), NO_ADDRESS]}
-    return [
-        [iif, _match(_field("ether", "saddr"), mac, op="!="), {"drop": None}],
-        [iif, _match(ether_type, {"set": ["ip", "arp"]}, op="!="), {"drop": None}],
-        # ARP: Ethernet and IPv4 addresses only (the kernel ignores other lengths anyway), and
-        # the sender is the guest.
-        [iif, _match(ether_type, "arp"), _match(_field("arp", "hlen"), 6, op="!="), {"drop": None}],
-        [iif, _match(ether_type, "arp"), _match(_field("arp", "plen"), 4, op="!="), {"drop": None}],
-        [
-            iif,
-            _match(ether_type, "arp"),
-            _match(_field("arp", "saddr ether"), mac, op="!="),
-            {"drop": None},
-        ],
-        [
-            iif,
-            _match(ether_type, "arp"),
-            _match(_field("arp", "saddr ip"), own_or_none, op="!="),
-            {"drop": None},
-        ],
-        # A DHCP client asks before it has an address.
-        [
-            iif,
-            _match(ether_type, "ip"),
-            _match(_field("ip", "saddr"), NO_ADDRESS),
-            _match(_field("udp", "sport"), 68),
-            _match(_field("udp", "dport"), 67),
-            {"accept": None},
-        ],
-        [
-            iif,
-            _match(ether_type, "ip"),
-            _match(_field("ip", "saddr"), str(guest_ip), op="!="),
-            {"drop": None},
-        ],
-    ]
-
-
-def _localhost_masquerade_expr(protocol: str, guest_ip: IPv4Address, guest_port: int) -> list[Any]:
-    return [
-        _match(_field("ip", "saddr"), _prefix(LOOPBACK)),
-        _match(_field("ip", "daddr"), str(guest_ip)),
-        _match(_field(protocol, "dport"), guest_port),
-        {"masquerade": None},
-    ]
