@@ -16,7 +16,7 @@ import pytest
 from nomad_vm.errors import ImageError
 from nomad_vm.storage.disk import inspect_chain, prepare_boot_disk
 from nomad_vm.storage.integrity import IntactImages
-from nomad_vm.storage.qemu_img import ADDRESS_SPACE_LIMIT, Limits
+from nomad_vm.storage.limits import ADDRESS_SPACE_LIMIT, Limits
 from tests.integration.crafted_images import memory_bomb, slow_to_convert
 from tests.integration.damaged_images import whole_qcow2
 

@@ -17,16 +17,15 @@ from nomad_vm.errors import ImageError
 from nomad_vm.storage import qemu_img
 from nomad_vm.storage.disk import inspect_chain
 from nomad_vm.storage.integrity import IntactImages, check_chain
-from nomad_vm.storage.qemu_img import (
+from nomad_vm.storage.limits import (
     ADDRESS_SPACE_LIMIT,
     CPU_SECONDS_LIMIT,
     MIB,
     USER_IMAGE_LIMITS,
-    ImageInfo,
     Limits,
-    QemuImgLimitExceeded,
     limit_hit,
 )
+from nomad_vm.storage.qemu_img import ImageInfo, QemuImgLimitExceeded
 
 INFO = {"virtual-size": 1 << 20, "filename": "x", "format": "qcow2", "actual-size": 512}
 

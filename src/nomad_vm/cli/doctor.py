@@ -7,7 +7,7 @@ import shutil
 from nomad_vm.errors import ConfigError, HypervisorError, NetworkError, VMRequestError
 from nomad_vm.network import links
 from nomad_vm.network.settings import find_dnsmasq
-from nomad_vm.storage.qemu_img import find_prlimit
+from nomad_vm.storage.limits import find_prlimit
 from nomad_vm.vm.accel import choose_accelerator, probe_kvm
 from nomad_vm.vm.qemu.binary import find_qemu, find_qemu_img, qemu_version
 from nomad_vm.vm.share_transport import choose_share_transport

@@ -22,7 +22,7 @@ Integrity. Once the chain is allowed, each qcow2 file in it must pass ``qemu-img
 (``nomad_vm.storage.integrity``): QEMU would boot a truncated qcow2 as if it were whole.
 
 Resources. Every qemu-img run on the image's files (info, check, the overlay's create, convert)
-runs under ``limits`` (``qemu_img.USER_IMAGE_LIMITS``: address space and CPU time, the CPU time
+runs under ``limits`` (``limits.USER_IMAGE_LIMITS``: address space and CPU time, the CPU time
 of a conversion in proportion to the chain's allocated data); an image that makes qemu-img
 exceed them is refused naming ``field`` (see ``qemu_img`` for the crafted image that does).
 """
@@ -39,8 +39,9 @@ from nomad_vm.errors import HypervisorError, ImageError
 from nomad_vm.storage import qemu_img
 from nomad_vm.storage.file_versions import FileVersion, VersionMemo
 from nomad_vm.storage.integrity import PROCESS_VERDICTS, IntactImages, check_chain
+from nomad_vm.storage.limits import USER_IMAGE_LIMITS, Limits
 from nomad_vm.storage.paths import AllowedDirs, resolve_allowed_file, resolve_within
-from nomad_vm.storage.qemu_img import USER_IMAGE_LIMITS, ImageInfo, Limits, QemuImgLimitExceeded
+from nomad_vm.storage.qemu_img import ImageInfo, QemuImgLimitExceeded
 
 MIB = 1024 * 1024
 DISK_NAME = "disk.qcow2"

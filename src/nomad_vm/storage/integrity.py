@@ -27,13 +27,8 @@ from pathlib import Path
 from nomad_vm.errors import ImageError
 from nomad_vm.storage import qemu_img
 from nomad_vm.storage.file_versions import FileVersion, VersionMemo
-from nomad_vm.storage.qemu_img import (
-    USER_IMAGE_LIMITS,
-    CheckResult,
-    ImageInfo,
-    Limits,
-    QemuImgLimitExceeded,
-)
+from nomad_vm.storage.limits import USER_IMAGE_LIMITS, Limits
+from nomad_vm.storage.qemu_img import CheckResult, ImageInfo, QemuImgLimitExceeded
 
 CHECKED_FORMATS = frozenset({"qcow2"})
 
