@@ -13,7 +13,7 @@ def render_reference() -> str:
     lines = [
         "# Configuration reference",
         "",
-        "<!-- Generated from src/nomad_vm/schema.py by `make docs`; do not edit by hand. -->",
+        "<!-- Generated from src/nomad_vm/schema/ by `make docs`; do not edit by hand. -->",
         "",
     ]
     for schema in (PLUGIN_CONFIG, TASK_CONFIG):

@@ -37,7 +37,7 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class HypervisorCapabilities:
-    """What one backend can do. Values are the task and plugin config's own (``schema.py``
+    """What one backend can do. Values are the task and plugin config's own (``schema/``
     declares every allowed value and default; each backend supports a subset)."""
 
     accelerators: tuple[str, ...]

@@ -21,7 +21,7 @@ from pathlib import Path
 from nomad_vm.errors import VMRequestError
 from nomad_vm.vm.firmware import BIOS, FIRMWARE_KINDS, UEFI_SECURE, FirmwarePlan
 
-# What QEMU's backend supports (its capabilities); schema.py declares the allowed values and
+# What QEMU's backend supports (its capabilities); schema/ declares the allowed values and
 # defaults of the task config, of which these are the QEMU subset.
 ARCHES = ("x86_64",)
 MACHINE_TYPES = ("pc", "q35", "microvm")

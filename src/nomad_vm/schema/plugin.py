@@ -1,0 +1,153 @@
+"""The plugin config: the agent's `plugin "nomad-driver-vm" { config { ... } }` block."""
+
+from __future__ import annotations
+
+from nomad_vm.fields import Field, Schema
+
+ACCELERATORS = ("auto", "kvm", "tcg")
+SHARE_TRANSPORTS = ("auto", "virtiofs", "9p")
+
+PLUGIN_CONFIG = Schema(
+    title="Plugin configuration",
+    where='the agent\'s `plugin "nomad-driver-vm" { config { ... } }` block',
+    fields=(
+        Field(
+            "data_dir",
+            "string",
+            "Directory where the plugin keeps its own state: address leases, each task's "
+            "journal (what its start made on the host, found again by task id after a "
+            "crash), and per-task runtime files (disks, cloud-init seeds, control sockets) "
+            "whose path would be too long inside the task directory. Created if missing. No "
+            "job may name a file in it, and no `image_paths` entry may contain it or lie "
+            "inside it.",
+            default="/var/lib/nomad-vm",
+        ),
+        Field(
+            "image_paths",
+            "list(string)",
+            "Host directories that kernels, initramfs files, disk images (and their backing "
+            "files) and `user_data` files may come from. The task's own allocation directory "
+            "is always allowed too; the plugin's `data_dir` and the driver's runtime "
+            "directories never are, even inside an allowed directory. Paths are resolved "
+            "(symlinks, `..`) before the check, so a link cannot escape.",
+            default=[],
+            example='["/srv/vm-images"]',
+        ),
+        Field(
+            "accelerator",
+            "string",
+            "`auto` uses KVM when a test guest really runs on it and TCG (software emulation) "
+            "otherwise; `kvm` refuses to run when KVM is unusable; `tcg` never uses KVM.",
+            default="auto",
+            choices=ACCELERATORS,
+        ),
+        Field(
+            "qemu_binary",
+            "string",
+            "The QEMU system emulator: a path, or a name looked up on PATH.",
+            default="qemu-system-x86_64",
+        ),
+        Field(
+            "share_transport",
+            "string",
+            "How Nomad's directories and volumes reach the guest: `virtiofs` (a virtiofsd per "
+            "share, guest RAM shared with it; faster, full POSIX semantics), `9p` (served by "
+            "QEMU itself), or `auto`: virtio-fs when a usable virtiofsd is found (the Rust "
+            "daemon; QEMU's legacy C virtiofsd, Debian 12's /usr/lib/qemu/virtiofsd, is "
+            "recognised and not used), 9p otherwise. The choice is in the node attribute "
+            "`driver.vm.fs_transport`, and why in `driver.vm.fs_transport.reason`.",
+            default="auto",
+            choices=SHARE_TRANSPORTS,
+        ),
+        Field(
+            "virtiofsd_binary",
+            "string",
+            "The virtiofsd to use: a path, or a name looked up on PATH. Unset: the first "
+            "usable one of `virtiofsd` on PATH, `/usr/libexec/virtiofsd` and "
+            "`/usr/lib/qemu/virtiofsd`. Usable means its `--help` lists every option the driver "
+            "passes; a named binary that does not is an error, not a fallback to 9p.",
+            default="",
+            example='"/usr/libexec/virtiofsd"',
+        ),
+        Field(
+            "network",
+            "block",
+            "The bridge VMs with a `network_interface { bridge { ... } }` attach to, and the "
+            "address pool they get addresses from (names as in nomad-driver-ch).",
+            fields=(
+                Field(
+                    "bridge",
+                    "string",
+                    "Name of the Linux bridge the VMs' TAP devices join.",
+                    default="nomadvm0",
+                ),
+                Field(
+                    "subnet_cidr",
+                    "string",
+                    "The bridge's IPv4 subnet. Unset: VMs cannot ask for bridge networking.",
+                    default="",
+                    example='"10.89.0.0/24"',
+                ),
+                Field(
+                    "gateway",
+                    "string",
+                    "The bridge's own address, the guests' default route. Unset: the subnet's "
+                    "first host address. Must lie outside `ip_pool_start`..`ip_pool_end` (the "
+                    "pool's addresses go to VMs): a gateway inside the pool is refused when the "
+                    "agent loads the plugin config.",
+                    default="",
+                ),
+                Field(
+                    "ip_pool_start",
+                    "string",
+                    "First address handed out to VMs without `static_ip`. Unset: the address "
+                    "after the gateway.",
+                    default="",
+                ),
+                Field(
+                    "ip_pool_end",
+                    "string",
+                    "Last address handed out (inclusive). Unset: the subnet's last host address.",
+                    default="",
+                ),
+                Field(
+                    "tap_prefix",
+                    "string",
+                    "Prefix of the TAP device names (`<prefix><hash of the task>`, 15 characters "
+                    "in all); 1 to 7 characters.",
+                    default="nvm",
+                ),
+                Field(
+                    "create_bridge",
+                    "bool",
+                    "Create the bridge (with the gateway address) when it is missing, and bring "
+                    "it up. Off: the operator's bridge must exist.",
+                    default=False,
+                ),
+                Field(
+                    "nat",
+                    "bool",
+                    "Masquerade the guests' traffic leaving the bridge, giving them the host's "
+                    "outbound connectivity (needs IP forwarding, which the plugin turns on).",
+                    default=False,
+                ),
+                Field(
+                    "dhcp",
+                    "bool",
+                    "Serve DHCP on the bridge (dnsmasq, started and stopped by the plugin) for "
+                    "images without cloud-init: each guest's MAC gets the address the driver "
+                    "chose for it, with its gateway and DNS; other MACs get nothing. Applies "
+                    "to the bridges of group network mode too.",
+                    default=False,
+                ),
+                Field(
+                    "dnsmasq_binary",
+                    "string",
+                    "The dnsmasq for `dhcp`: a path, or a name looked up on PATH. Unset: "
+                    "`dnsmasq` on PATH, then `/usr/sbin/dnsmasq`.",
+                    default="",
+                ),
+            ),
+        ),
+    ),
+)
