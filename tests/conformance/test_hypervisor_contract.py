@@ -463,11 +463,13 @@ def test_capabilities_only_name_values_the_config_allows(kit: Kit) -> None:
         assert set(getattr(caps, name)) <= set(values), name
 
 
+# QEMU runs every machine type the config allows, so only the fake has one to refuse; the check
+# itself is the driver's, the same for every backend.
+@pytest.mark.parametrize("kit", [fake.NAME], indirect=True)
 def test_what_the_backend_cannot_do_is_refused_naming_the_option(kit: Kit) -> None:
     caps = kit.capabilities
     missing = [m for m in schema.MACHINES if m not in caps.machine_types]
-    if not missing:
-        pytest.skip(f"{kit.name} runs every machine type the config allows")
+    assert missing, f"{kit.name} declares every machine type: nothing to refuse"
 
     async def scenario() -> None:
         driver = kit.driver()
