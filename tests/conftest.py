@@ -6,7 +6,8 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import psutil
@@ -61,3 +62,14 @@ def processes_under(path: Path, program: str) -> list[psutil.Process]:
         if program in cmdline and str(path) in cmdline:
             found.append(proc)
     return found
+
+
+def wait_until(predicate: Callable[[], object], timeout: float, every: float = 0.1) -> bool:
+    """True as soon as ``predicate()`` is true, polled until ``timeout`` seconds have passed."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if predicate():
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(every)

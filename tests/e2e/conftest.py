@@ -20,7 +20,7 @@ import pytest
 
 from nomad_vm.cli.devagent import DevAgent, DevAgentConfig, free_port
 from nomad_vm.cli.paths import nomad_binary, tool_binary
-from tests.conftest import REPO, vm_processes_under
+from tests.conftest import REPO, vm_processes_under, wait_until
 from tests.netns import isolated_namespaces
 
 
@@ -106,12 +106,7 @@ def wait_alloc(
 
 def wait_until_empty(directory: Path, timeout: float) -> bool:
     """True once ``directory`` is gone or holds nothing (polled until ``timeout``)."""
-    deadline = time.monotonic() + timeout
-    while directory.exists() and any(directory.rglob("*")):
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.2)
-    return True
+    return wait_until(lambda: not directory.exists() or not any(directory.rglob("*")), timeout)
 
 
 @contextlib.contextmanager

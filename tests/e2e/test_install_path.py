@@ -27,7 +27,7 @@ import pytest
 from nomad_vm.cli.devagent import DevAgent, DevAgentConfig, InstalledPlugin, remove_tree
 from nomad_vm.cli.install import CONFIG_FILE_NAME, wrapper_script
 from nomad_vm.cli.paths import nomad_binary
-from tests.conftest import REPO, vm_processes_under
+from tests.conftest import REPO, vm_processes_under, wait_until
 from tests.e2e.conftest import allocations, run_job, wait_alloc
 
 pytestmark = pytest.mark.e2e
@@ -256,9 +256,5 @@ def wait_for_console(agent: DevAgent, attributes: dict[str, str], timeout: float
 
 def wait_gone(root: Path, timeout: float) -> list[psutil.Process]:
     """QEMU and virtiofsd processes under ``root``, once none are left or after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    left = vm_processes_under(root)
-    while left and time.monotonic() < deadline:
-        time.sleep(0.5)
-        left = vm_processes_under(root)
-    return left
+    wait_until(lambda: not vm_processes_under(root), timeout, every=0.5)
+    return vm_processes_under(root)

@@ -11,7 +11,7 @@ from google.protobuf import duration_pb2
 
 from nomad_vm.plugin.launcher import PluginProcess
 from nomad_vm.plugin.proto import driver_pb2
-from tests.conftest import qemu_processes_under
+from tests.conftest import qemu_processes_under, wait_until
 from tests.integration.pluginkit import drv, tiny_task
 
 RUNNING = b"nomad-vm tiny guest: running"
@@ -33,15 +33,6 @@ def collect_events(plugin: PluginProcess) -> tuple[grpc.Future, list[str]]:  # t
 
     threading.Thread(target=pump, daemon=True).start()
     return stream, messages
-
-
-def wait_until(predicate, timeout: float) -> bool:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.1)
-    return False
 
 
 def stop(plugin: PluginProcess, task_id: str, seconds: int) -> float:
