@@ -9,8 +9,8 @@ import pytest
 from nomad_vm import schema
 from nomad_vm.driver.config import parse_plugin_config, parse_task_config
 from nomad_vm.driver.startup import render_seed
-from nomad_vm.driver.types import TaskConfig, TaskResources
 from nomad_vm.errors import ConfigError
+from tests.unit.tasks import unit_task
 
 # One value per option that only cloud-init applies.
 GIVEN: dict[str, object] = {
@@ -32,16 +32,7 @@ def task_dir(tmp_path: Path) -> Path:
 
 
 def parse(alloc_dir: Path, driver_config: dict[str, object]):  # type: ignore[no-untyped-def]
-    task = TaskConfig(
-        id="a/t/1",
-        name="t",
-        alloc_id="a",
-        alloc_dir=str(alloc_dir),
-        stdout_path="",
-        stderr_path="",
-        resources=TaskResources(cpu_mhz=100, memory_mb=128),
-        driver_config=driver_config,
-    )
+    task = unit_task(alloc_dir, driver_config)
     plugin = parse_plugin_config({"data_dir": str(alloc_dir / "data")})
     return task, parse_task_config(task, plugin)
 

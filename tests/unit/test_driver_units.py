@@ -14,6 +14,7 @@ from nomad_vm.driver.types import AgentInfo, TaskConfig, TaskResources
 from nomad_vm.errors import ConfigError, ImageError
 from nomad_vm.storage.paths import resolve_allowed_file
 from nomad_vm.vm.spec import VMExit
+from tests.unit.tasks import unit_task
 
 
 @pytest.mark.parametrize(("cpuset", "n"), [("0", 1), ("0,1", 2), ("0-3", 4), ("0-1,4,6-7", 5)])
@@ -63,16 +64,7 @@ def test_allowlist_relative_paths_are_task_dir_relative(tmp_path: Path) -> None:
 
 
 def _task(alloc_dir: Path, driver_config: dict[str, object] | None) -> TaskConfig:
-    return TaskConfig(
-        id="a/t/1",
-        name="t",
-        alloc_id="a",
-        alloc_dir=str(alloc_dir),
-        stdout_path="",
-        stderr_path="",
-        resources=TaskResources(cpu_mhz=100, memory_mb=128),
-        driver_config=driver_config,
-    )
+    return unit_task(alloc_dir, driver_config)
 
 
 def test_task_config_requires_something_to_boot_and_checks_paths(tmp_path: Path) -> None:

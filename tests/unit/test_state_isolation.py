@@ -14,26 +14,18 @@ import pytest
 from nomad_vm.driver.config import parse_plugin_config, parse_task_config, task_allowlist
 from nomad_vm.driver.journal import TaskJournal
 from nomad_vm.driver.journal_store import JournalStore
-from nomad_vm.driver.types import TaskConfig, TaskResources
+from nomad_vm.driver.types import TaskConfig
 from nomad_vm.errors import ConfigError, ImageError
 from nomad_vm.storage.disk import MIB, backing_of
 from nomad_vm.storage.qemu_img import ImageInfo
+from tests.unit.tasks import unit_task
 
 PRIVATE = "part of the VM driver's own state"
 PATH_OPTIONS = ("kernel", "initramfs", "image", "user_data")
 
 
 def task(alloc_dir: Path, driver_config: dict[str, object], name: str = "t") -> TaskConfig:
-    return TaskConfig(
-        id=f"a/{name}/1",
-        name=name,
-        alloc_id="a",
-        alloc_dir=str(alloc_dir),
-        stdout_path="",
-        stderr_path="",
-        resources=TaskResources(cpu_mhz=100, memory_mb=128),
-        driver_config=driver_config,
-    )
+    return unit_task(alloc_dir, driver_config, name)
 
 
 def options(name: str, value: str) -> dict[str, object]:
