@@ -13,7 +13,6 @@ forwarded port.
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -94,16 +93,7 @@ def test_plugin_killed_at_each_start_step_leaves_nothing(
     ) as (cfg, _, alloc):
         forward(cfg, "http", 20080, GUEST_PORT)
         (alloc / "tiny" / "local").mkdir()  # shared with the guest: a virtiofsd
-        outcome: list[object] = []
-
-        def start() -> None:
-            try:
-                outcome.append(host.start(cfg))
-            except grpc.RpcError as exc:
-                outcome.append(exc)
-
-        starter = threading.Thread(target=start, daemon=True)
-        starter.start()
+        starter, outcome = host.start_in_background(cfg)
         if step == ANSWERED:
             starter.join(120)
             assert isinstance(outcome[0], driver_pb2.StartTaskResponse), outcome

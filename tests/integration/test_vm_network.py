@@ -160,6 +160,23 @@ class NetHost:
         )
         return reply
 
+    def start_in_background(
+        self, cfg: driver_pb2.TaskConfig
+    ) -> tuple[threading.Thread, list[object]]:
+        """StartTask in a thread (the test kills the plugin meanwhile); the list receives its
+        reply or its RpcError."""
+        outcome: list[object] = []
+
+        def start() -> None:
+            try:
+                outcome.append(self.start(cfg))
+            except grpc.RpcError as exc:
+                outcome.append(exc)
+
+        starter = threading.Thread(target=start, daemon=True)
+        starter.start()
+        return starter, outcome
+
     def start_fails(self, cfg: driver_pb2.TaskConfig) -> grpc.RpcError:
         """StartTask's error, after checking that the failed start created nothing."""
         before = self.observe()
@@ -526,16 +543,7 @@ def test_plugin_killed_while_qemu_starts_leaves_nothing_after_destroy(
     ) as (cfg, _, _):
         forward(cfg, "http", 20080, GUEST_PORT)
         tap = tap_name(TAP_PREFIX, cfg.id)
-        outcome: list[object] = []
-
-        def start() -> None:
-            try:
-                outcome.append(host.start(cfg))
-            except grpc.RpcError as exc:
-                outcome.append(exc)
-
-        starter = threading.Thread(target=start, daemon=True)
-        starter.start()
+        starter, outcome = host.start_in_background(cfg)
         # TAP, then port forwards, then QEMU; the plugin then waits up to 30 s for QMP, which
         # the fake never opens. Kill it there: everything of the network exists by then.
         assert wait_until(lambda: tap in host.taps(), 25), (outcome, host.observe())
