@@ -42,12 +42,12 @@ from nomad_vm.vm.hypervisor import (
     HypervisorCapabilities,
     LaunchDevices,
     LaunchRecorder,
+    OneProcessVMM,
     SpawnedProcess,
     TerminalPort,
     VMPlan,
     VMRef,
     VMRequest,
-    VMUsage,
 )
 from nomad_vm.vm.process import SupervisedProcess, reattach, spawn
 from nomad_vm.vm.registry import HypervisorRegistry
@@ -148,7 +148,7 @@ class FakePlan(BackendPlan):
     guest: FakeGuest
 
 
-class FakeVM:
+class FakeVM(OneProcessVMM):
     def __init__(
         self,
         host: FakeHost,
@@ -217,15 +217,6 @@ class FakeVM:
         if not self.guest.ignores_acpi:
             asyncio.get_running_loop().call_later(ACPI_DELAY, self._act, "poweroff")
         return True
-
-    async def terminate(self, grace: float) -> None:
-        await self.process.terminate(grace)
-
-    def kill(self) -> None:
-        self.process.send_signal(signal.SIGKILL)
-
-    def usage(self) -> VMUsage:
-        return VMUsage.of(self.process.pid)
 
     async def guest_memory_used(self) -> int | None:
         return None  # the simulated guest has no balloon driver

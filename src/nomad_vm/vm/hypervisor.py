@@ -18,6 +18,7 @@ covers the case where nobody is left to undo them (the plugin was killed).
 from __future__ import annotations
 
 import enum
+import signal
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +34,7 @@ from nomad_vm.vm.spec import DiskSpec, NicSpec, ShareSpec, VMExit
 
 if TYPE_CHECKING:
     from nomad_vm.vm.guest_agent import GuestAgent
+    from nomad_vm.vm.process import SupervisedProcess
 
 
 @dataclass(frozen=True)
@@ -179,6 +181,23 @@ class VMUsage:
         except psutil.Error as exc:
             raise HypervisorError(f"cannot read usage of the VMM (pid {pid}): {exc}") from exc
         return cls(times.user, times.system, rss)
+
+
+class OneProcessVMM:
+    """``terminate``, ``kill`` and ``usage`` of a RunningVM whose VMM is one process
+    (``self.process``): the same for every backend that runs one."""
+
+    process: SupervisedProcess
+
+    async def terminate(self, grace: float) -> None:
+        """End the VMM now: SIGTERM, SIGKILL after ``grace`` seconds."""
+        await self.process.terminate(grace)
+
+    def kill(self) -> None:
+        self.process.send_signal(signal.SIGKILL)
+
+    def usage(self) -> VMUsage:
+        return VMUsage.of(self.process.pid)
 
 
 @dataclass(frozen=True)

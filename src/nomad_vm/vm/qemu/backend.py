@@ -88,9 +88,7 @@ class QemuHypervisor:
     def check_host(self, settings: HostSettings) -> HostFacts:
         kvm = probe_kvm()
         try:
-            transport = choose_share_transport(
-                settings.share_transport, settings.virtiofsd_binary
-            )
+            transport = choose_share_transport(settings.share_transport, settings.virtiofsd_binary)
         except NomadVMError as exc:
             return HostFacts(kvm, problem=exc)
         facts = HostFacts(kvm, share_transport=transport)

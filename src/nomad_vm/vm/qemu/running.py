@@ -28,9 +28,9 @@ from nomad_vm.vm.guest_agent import GuestAgent
 from nomad_vm.vm.hypervisor import (
     GuestEvent,
     GuestEventReport,
+    OneProcessVMM,
     TerminalPort,
     VMRef,
-    VMUsage,
 )
 from nomad_vm.vm.process import SupervisedProcess
 from nomad_vm.vm.qemu.monitor import QemuEvent, QemuMonitor
@@ -51,7 +51,7 @@ BALLOON = "/machine/peripheral/balloon0"
 HELPER_GRACE = 5.0
 
 
-class QemuVM:
+class QemuVM(OneProcessVMM):
     """One running QEMU process and the QMP connection the driver holds to it."""
 
     def __init__(
@@ -173,16 +173,6 @@ class QemuVM:
             return ended
         tail = read_log_tail(self.log_path)
         return VMExit(ended.code, ended.signal, f"{ended.reason}: {tail}" if tail else ended.reason)
-
-    async def terminate(self, grace: float) -> None:
-        """End QEMU now: SIGTERM (QEMU exits at once), SIGKILL after ``grace`` seconds."""
-        await self.process.terminate(grace)
-
-    def kill(self) -> None:
-        self.process.send_signal(signal.SIGKILL)
-
-    def usage(self) -> VMUsage:
-        return VMUsage.of(self.process.pid)
 
     def guest_agent(self) -> GuestAgent | None:
         socket = self.runtime_dir / AGENT_SOCKET
