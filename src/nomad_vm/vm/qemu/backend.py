@@ -203,18 +203,12 @@ class QemuHypervisor:
             if cause:
                 raise LaunchError(f"QEMU failed to start: {cause}") from None
             raise LaunchError(f"QEMU failed to start: {tail or exc}") from None
-        except BaseException:
-            # Cancelled (Nomad gave up on StartTask, the agent is shutting down): nobody will
-            # ever learn of this VM, so it must not outlive the call.
-            process.kill_and_reap()
-            kill_daemons(daemons)
-            raise
+        # Cancelled here (Nomad gave up on StartTask, the agent is shutting down), QEMU and its
+        # daemons are ended by the driver's replay of the journal they are recorded in.
         vm = QemuVM(process, monitor, runtime_dir, tuple(d.process for d in daemons))
         try:
             await vm.enable_guest_stats()
         except BaseException:
-            process.kill_and_reap()
-            kill_daemons(daemons)
             await monitor.close()
             raise
         return vm
