@@ -5,9 +5,9 @@ PY := $(VENV)/bin/python
 export PATH := $(CURDIR)/.tools/bin:$(CURDIR)/$(VENV)/bin:$(PATH)
 export NOMAD_VM_CACHE ?= $(CURDIR)/.cache/guests
 
-.PHONY: setup host-packages venv bytecode nomad consul virtiofsd guests demo demo-stop test test-unit lint docs proto bench clean
+.PHONY: setup host-packages vm-user venv bytecode nomad consul virtiofsd guests demo demo-stop test test-unit lint docs proto bench clean
 
-setup: host-packages venv bytecode nomad consul virtiofsd guests
+setup: host-packages venv vm-user bytecode nomad consul virtiofsd guests
 
 host-packages:
 	@scripts/setup-host.sh
@@ -18,6 +18,10 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $@
+
+# The unprivileged user QEMU and virtiofsd run as (the plugin's vm_user, default nomad-vm).
+vm-user: venv
+	@$(VENV)/bin/nomad-vm vm-user
 
 # Bytecode for our own (editable) modules: with PYTHONDONTWRITEBYTECODE set, as on these
 # machines, every plugin start would otherwise recompile them (~50 ms of the handshake).

@@ -3,6 +3,7 @@ check that no QEMU process outlives the test that started it."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
@@ -56,12 +57,28 @@ def vm_processes_under(path: Path) -> list[psutil.Process]:
 
 
 def processes_under(path: Path, program: str) -> list[psutil.Process]:
+    """Processes running ``program`` that name ``path`` on their command line, or work in it,
+    or hold a descriptor of something under it (QEMU gets its sockets, files and shared
+    directories as descriptors and its log as stderr, so its command line may name none)."""
     found = []
     for proc in psutil.process_iter(["name", "cmdline"]):
         cmdline = " ".join(proc.info.get("cmdline") or [])
-        if program in cmdline and str(path) in cmdline:
+        if program in cmdline and (str(path) in cmdline or _uses(proc.pid, path)):
             found.append(proc)
     return found
+
+
+def _uses(pid: int, path: Path) -> bool:
+    """Does process ``pid`` work in or hold a descriptor of anything under ``path``?"""
+    prefix = str(path).rstrip("/") + "/"
+    links = [f"/proc/{pid}/cwd"]
+    with contextlib.suppress(OSError):
+        links += [f"/proc/{pid}/fd/{fd}" for fd in os.listdir(f"/proc/{pid}/fd")]
+    for link in links:
+        with contextlib.suppress(OSError):
+            if (os.readlink(link) + "/").startswith(prefix):
+                return True
+    return False
 
 
 def wait_until(predicate: Callable[[], object], timeout: float, every: float = 0.1) -> bool:

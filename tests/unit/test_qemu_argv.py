@@ -107,6 +107,46 @@ SPECS = {
         disk=DiskSpec(Path("/run/n/disk.qcow2"), "qcow2"),
         nics=(NicSpec("nvmabcdefghijkl", "52:54:12:34:56:78"),),
     ),
+    # As launched for an unprivileged QEMU: sandboxed; QMP, agent, vhost-user, shared
+    # directories and the TAP all as descriptors the driver opened (no path QEMU must reach).
+    "handed_descriptors_sandboxed": VMSpec(
+        name="safe-1",
+        vcpus=1,
+        memory_mb=512,
+        kernel=None,
+        initramfs=None,
+        cmdline="",
+        accelerator="tcg",
+        control_socket=Path("/run/s/qmp.sock"),
+        disk=DiskSpec(Path("/run/s/disk.qcow2"), "qcow2"),
+        agent_socket=Path("/run/s/agent.sock"),
+        shares=(
+            ShareSpec("nomad-alloc", Path("/alloc/s/alloc"), "/alloc", False, None, None, 11),
+            ShareSpec("nomad-vol0", Path("/srv/d"), "/data", True, None, None, 12),
+        ),
+        nics=(NicSpec("nvmabcdefghijkl", "52:54:12:34:56:78", 13),),
+        control_fd=9,
+        agent_fd=10,
+        seccomp=True,
+    ),
+    "handed_virtiofs": VMSpec(
+        name="safe-2",
+        vcpus=1,
+        memory_mb=512,
+        kernel=None,
+        initramfs=None,
+        cmdline="",
+        accelerator="tcg",
+        control_socket=Path("/run/t/qmp.sock"),
+        shares=(
+            ShareSpec(
+                "nomad-local", Path("/a/local"), "/local", True, Path("/run/t/vfs0.sock"), 14, 15
+            ),
+        ),
+        share_transport="virtiofs",
+        control_fd=9,
+        seccomp=True,
+    ),
 }
 
 

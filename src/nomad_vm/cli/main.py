@@ -40,6 +40,18 @@ def _cmd_install(args: argparse.Namespace) -> int:
     return install(request, driver, lambda: run_doctor("qemu-system-x86_64", args.accelerator))
 
 
+def _cmd_vm_user(args: argparse.Namespace) -> int:
+    from nomad_vm.cli.vm_account import AccountError, ensure_vm_user
+
+    try:
+        done = ensure_vm_user(args.name)
+    except AccountError as exc:
+        print(f"FAIL  {exc}")
+        return 1
+    print("\n".join(f"ok    {line}" for line in done) or f"ok    user {args.name} is ready")
+    return 0
+
+
 def _cmd_image_build(args: argparse.Namespace) -> int:
     from nomad_vm.cli.paths import guest_cache_dir
 
@@ -116,6 +128,13 @@ def build_parser() -> argparse.ArgumentParser:
     inst.add_argument("--accelerator", default="auto", choices=("auto", "kvm", "tcg"))
     inst.add_argument("--force", action="store_true", help="replace files that differ")
     inst.set_defaults(func=_cmd_install)
+
+    account = sub.add_parser(
+        "vm-user",
+        help="create the unprivileged user QEMU and virtiofsd run as (the plugin's vm_user)",
+    )
+    account.add_argument("name", nargs="?", default="nomad-vm", help="(%(default)s)")
+    account.set_defaults(func=_cmd_vm_user)
 
     doctor = sub.add_parser("doctor", help="check that this host can run VM tasks")
     doctor.add_argument("--qemu-binary", default="qemu-system-x86_64")

@@ -22,6 +22,7 @@ FIELD_OF_OPTION = {
     "accelerator": "accelerator",
     "share_transport": "config.share_transport",
     "virtiofsd_binary": "config.virtiofsd_binary",
+    "vm_user": "config.vm_user",
 }
 # Plugin settings whose "auto" lets the backend choose among what it supports.
 AUTO = "auto"
@@ -37,6 +38,8 @@ def host_settings(config: PluginConfig) -> HostSettings:
         accelerator=config.accelerator,
         share_transport=config.share_transport,
         virtiofsd_binary=config.virtiofsd_binary,
+        vm_user=config.vm_user,
+        seccomp=config.seccomp,
     )
 
 

@@ -31,6 +31,8 @@ class PluginConfig:
     qemu_binary: str
     share_transport: str = "auto"
     virtiofsd_binary: str = ""
+    vm_user: str = "nomad-vm"
+    seccomp: bool = True
     # The bridge and address pool, or None when the operator configured no subnet.
     network: BridgeNetwork | None = None
 
@@ -114,6 +116,8 @@ def parse_plugin_config(raw: Mapping[str, object] | None) -> PluginConfig:
         qemu_binary=str(values["qemu_binary"]),
         share_transport=str(values["share_transport"]),
         virtiofsd_binary=str(values["virtiofsd_binary"] or ""),
+        vm_user=str(values["vm_user"]),
+        seccomp=bool(values["seccomp"]),
         network=parse_bridge_network(_block(values["network"]), Path(data_dir)),
     )
 

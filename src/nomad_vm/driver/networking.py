@@ -81,13 +81,12 @@ class NetworkManager:
     async def teardown(self, record: NetworkRecord, net: BridgeNetwork | None) -> None:
         await asyncio.to_thread(self._teardown, record, net)
 
-    async def open_tap(self, record: NetworkRecord) -> int | None:
-        """Group mode: a descriptor of the task's TAP, opened inside the allocation's namespace,
-        for QEMU (``-netdev tap,fd=N``); the caller closes it once QEMU has its copy. None on
-        the plugin's bridge, where QEMU opens the TAP by name itself."""
-        if not record.netns:
-            return None
-        return await asyncio.to_thread(taps.open_tap, record.tap, netns=record.netns)
+    async def open_tap(self, record: NetworkRecord) -> int:
+        """A descriptor of the task's TAP for QEMU (``-netdev tap,fd=N``), opened by the plugin:
+        QEMU runs unprivileged and could not attach to a TAP by name, nor find one that lives
+        in an allocation's namespace (group mode). The caller closes it once QEMU has its
+        copy."""
+        return await asyncio.to_thread(taps.open_tap, record.tap, netns=record.netns or None)
 
     async def reconcile(
         self, record: NetworkRecord, net: BridgeNetwork | None, recorded_owners: Set[str]

@@ -70,6 +70,28 @@ PLUGIN_CONFIG = Schema(
             example='"/usr/libexec/virtiofsd"',
         ),
         Field(
+            "vm_user",
+            "string",
+            "The user QEMU and virtiofsd run as. The plugin (root) prepares everything they "
+            "need (disks, seed, sockets, the TAP) and hands it over as open descriptors, so "
+            "they need no privilege and no access to the plugin's files; they keep only that "
+            "user's own groups (add it to `kvm` where VMs use KVM). `make setup` and "
+            "`nomad-vm install` create the default system user. A writable share is written "
+            "as this user: the host directory (e.g. a host volume) must be writable by it. "
+            '`"root"` runs them as root: unsafe (a guest that escapes QEMU owns the host), '
+            "for hosts where the operator accepts that.",
+            default="nomad-vm",
+        ),
+        Field(
+            "seccomp",
+            "bool",
+            "QEMU filters its own system calls (`-sandbox on,obsolete=deny,"
+            "elevateprivileges=deny,spawn=deny,resourcecontrol=deny`): it cannot run programs, "
+            "change its user or use obsolete calls even if a guest takes it over. Turn off only "
+            "to debug QEMU itself.",
+            default=True,
+        ),
+        Field(
             "network",
             "block",
             "The bridge VMs with a `network_interface { bridge { ... } }` attach to, and the "

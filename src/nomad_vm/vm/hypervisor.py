@@ -64,6 +64,10 @@ class HostSettings:
     accelerator: str
     share_transport: str
     virtiofsd_binary: str
+    # The account the VMM and its helpers run as (``nomad_vm.vm.vmm_user``), and whether the
+    # VMM filters its own system calls (a backend that cannot says so in check_host).
+    vm_user: str
+    seccomp: bool
 
 
 @dataclass(frozen=True)

@@ -30,6 +30,7 @@ from pathlib import Path
 from nomad_vm.errors import HypervisorError, LaunchError
 from nomad_vm.processes import ProcessIdentity, identity_of, is_same_process
 from nomad_vm.vm.spec import VMExit
+from nomad_vm.vm.vmm_user import VMMUser
 
 # Waits for the plugin's go (one line on stdin), then becomes the program with stdin on
 # /dev/null; end-of-file first (the plugin died before recording the process) ends it unrun.
@@ -188,12 +189,19 @@ def spawn(
     cwd: Path,
     pass_fds: Sequence[int] = (),
     gated: bool = False,
+    user: VMMUser | None = None,
 ) -> SupervisedProcess:
     """Start ``argv`` in a new session with the given output fds and no stdin; ``pass_fds``
     are inherited under the same numbers. ``gated``: the program only runs once the returned
-    process is ``release``d (see the module docstring)."""
+    process is ``release``d (see the module docstring). ``user``: the program runs as that user
+    with only its groups, entering ``cwd`` first (so it may be root's); None: as the plugin."""
     command = list(argv)
     gate_read = gate_write = None
+    if user is not None:
+        # setpriv (util-linux) changes user in the child's exec chain: a Popen that changed
+        # users itself would fork() instead of vfork(), and gRPC's fork handlers crash the
+        # child of a threaded plugin.
+        command = user.switch_argv(command)
     if gated:
         command = [GATE_SHELL, "-c", GATE_SCRIPT, GATE_NAME, *command]
         gate_read, gate_write = os.pipe()

@@ -27,8 +27,13 @@ class ShareSpec:
     host_path: Path
     guest_path: str
     readonly: bool
-    # virtio-fs only: the vhost-user socket its virtiofsd listens on.
+    # virtio-fs only: the vhost-user socket its virtiofsd listens on, and QEMU's end of a
+    # connection to it, handed over as a descriptor (QEMU cannot reach the path).
     socket: Path | None = None
+    socket_fd: int | None = None
+    # ``host_path`` opened by the driver, handed to the VMM or share daemon, which reaches it
+    # as /proc/self/fd/N (nomad_vm.vm.handover); None: they open the path themselves.
+    host_fd: int | None = None
 
 
 @dataclass(frozen=True)
@@ -68,6 +73,13 @@ class VMSpec:
     # How shares reach the guest: "9p" (QEMU serves them) or "virtiofs" (a virtiofsd each).
     share_transport: str = "9p"
     nics: tuple[NicSpec, ...] = ()
+    # Listening descriptors of the control and agent sockets, bound by the driver at
+    # ``control_socket``/``agent_socket`` (nomad_vm.vm.handed_sockets); None: the VMM binds the
+    # path itself.
+    control_fd: int | None = None
+    agent_fd: int | None = None
+    # The VMM filters its own system calls (QEMU's -sandbox).
+    seccomp: bool = False
 
 
 @dataclass(frozen=True)

@@ -1,9 +1,15 @@
 """virtio-fs daemons: one virtiofsd per share, started before QEMU.
 
 Which binary (and whether virtio-fs at all) is decided by nomad_vm.vm.share_transport. Each daemon
-gets a listening socket the driver has already bound (``--fd``), so QEMU can connect the moment it
-starts, with no wait for the daemon to create its socket. A daemon serves exactly one connection
-and exits when QEMU closes it, so daemons end with their VM, whoever stopped it. One that exits
+gets a listening socket the driver has already bound (``--fd``), and QEMU gets a client already
+connected to it (``qemu_end``, waiting in the backlog until the daemon accepts): neither needs to
+reach the socket's path in the root-owned runtime directory, and QEMU needs no wait for the
+daemon to create its socket. A daemon runs as ``vm_user`` (nomad_vm.vm.vmm_user) with
+``--sandbox=none`` (the namespace sandbox needs root), so it reads and writes the share with
+that user's permissions only; as root it confines itself with ``--sandbox=namespace``.
+
+A daemon serves exactly one connection and exits when QEMU closes it, so daemons end with their
+VM, whoever stopped it. One that exits
 before QEMU connects (bad options, a sandbox it cannot set up) leaves QEMU with "Connection
 refused": ``early_exit_report`` turns that into the daemon's own words from its log.
 """
@@ -17,8 +23,10 @@ from pathlib import Path
 
 from nomad_vm.errors import HypervisorError
 from nomad_vm.files import read_log_tail
+from nomad_vm.vm.handover import connect_to, fd_path, listen_at
 from nomad_vm.vm.process import SupervisedProcess, spawn
 from nomad_vm.vm.spec import ShareSpec
+from nomad_vm.vm.vmm_user import VMMUser
 
 
 @dataclass(frozen=True)
@@ -28,16 +36,26 @@ class ShareDaemon:
     process: SupervisedProcess
     share: ShareSpec
     log: Path
+    # QEMU's end of the vhost-user connection; closed once QEMU has its copy (``close``).
+    qemu_end: socket.socket
+
+    def close(self) -> None:
+        self.qemu_end.close()
 
 
-def daemon_argv(binary: Path, share: ShareSpec, listen_fd: int) -> list[str]:
+def daemon_argv(
+    binary: Path, share: ShareSpec, listen_fd: int, as_root: bool | None = None
+) -> list[str]:
+    """``as_root``: the daemon runs as root (None: as the plugin, whatever that is)."""
+    if as_root is None:
+        as_root = os.geteuid() == 0
     argv = [
         str(binary),
         f"--fd={listen_fd}",
-        f"--shared-dir={share.host_path}",
+        f"--shared-dir={share_root(share)}",
         f"--tag={share.tag}",
         # Root can confine the daemon to the shared directory in namespaces of its own.
-        f"--sandbox={'namespace' if os.geteuid() == 0 else 'none'}",
+        f"--sandbox={'namespace' if as_root else 'none'}",
         "--cache=auto",
     ]
     if share.readonly:
@@ -45,41 +63,68 @@ def daemon_argv(binary: Path, share: ShareSpec, listen_fd: int) -> list[str]:
     return argv
 
 
+def share_root(share: ShareSpec) -> str:
+    """The shared directory as the daemon names it: the descriptor the driver opened, when
+    there is one (see nomad_vm.vm.handover), else its path."""
+    return fd_path(share.host_fd) if share.host_fd is not None else str(share.host_path)
+
+
 def start_daemons(
-    binary: Path, shares: tuple[ShareSpec, ...], runtime_dir: Path, *, gated: bool = False
+    binary: Path,
+    shares: tuple[ShareSpec, ...],
+    runtime_dir: Path,
+    *,
+    gated: bool = False,
+    user: VMMUser | None = None,
 ) -> list[ShareDaemon]:
     """One virtiofsd per share, each already listening on ``share.socket``; all or none.
-    ``gated``: each runs only once its process is released (``nomad_vm.vm.process``)."""
+    ``gated``: each runs only once its process is released (``nomad_vm.vm.process``);
+    ``user``: who it runs as (None: as the plugin)."""
     started: list[ShareDaemon] = []
     try:
         for i, share in enumerate(shares):
             log = runtime_dir / f"virtiofsd-{i}.log"
-            started.append(_start_one(binary, share, log, gated))
+            started.append(_start_one(binary, share, log, gated, user))
     except BaseException:
         kill_daemons(started)
         raise
     return started
 
 
-def _start_one(binary: Path, share: ShareSpec, log: Path, gated: bool) -> ShareDaemon:
+def _start_one(
+    binary: Path, share: ShareSpec, log: Path, gated: bool, user: VMMUser | None
+) -> ShareDaemon:
     if share.socket is None:
         raise ValueError(f"share {share.tag} has no vhost-user socket path")
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener = listen_at(share.socket)
+    qemu_end = None
     try:
-        share.socket.unlink(missing_ok=True)
-        listener.bind(str(share.socket))
-        listener.listen(1)
+        qemu_end = connect_to(listener)
         log_fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-    except OSError as exc:
+    except (OSError, HypervisorError) as exc:
         listener.close()
+        if qemu_end is not None:
+            qemu_end.close()
         raise HypervisorError(f"cannot set up virtiofsd for {share.host_path}: {exc}") from exc
     try:
         fd = listener.fileno()
-        argv = daemon_argv(binary, share, fd)
+        as_root = os.geteuid() == 0 and user is None
+        argv = daemon_argv(binary, share, fd, as_root)
         process = spawn(
-            argv, stdout=log_fd, stderr=log_fd, cwd=log.parent, pass_fds=[fd], gated=gated
+            argv,
+            stdout=log_fd,
+            stderr=log_fd,
+            # Not the runtime dir: as vm_user the daemon could not enter it, and it resolves
+            # its shared directory against its working directory.
+            cwd=Path("/"),
+            pass_fds=[fd] if share.host_fd is None else [fd, share.host_fd],
+            gated=gated,
+            user=user,
         )
-        return ShareDaemon(process, share, log)
+        return ShareDaemon(process, share, log, qemu_end)
+    except BaseException:
+        qemu_end.close()
+        raise
     finally:
         # The daemon has its own copy of the listening socket now.
         listener.close()
@@ -90,6 +135,7 @@ def kill_daemons(daemons: list[ShareDaemon]) -> None:
     """SIGKILL and reap them (a start that failed: their VM never ran, nothing to flush)."""
     for daemon in daemons:
         daemon.process.kill_and_reap()
+        daemon.close()
 
 
 def early_exit_report(daemons: list[ShareDaemon]) -> str:

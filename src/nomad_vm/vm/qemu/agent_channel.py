@@ -14,14 +14,15 @@ PORT_NAME = "org.qemu.guest_agent.0"
 SERIAL_BUS = "qga-serial"
 
 
-def agent_argv(socket: Path, microvm: bool = False) -> list[str]:
-    """QEMU arguments for the agent's port, its host side a unix socket QEMU listens on."""
+def agent_argv(socket: Path, microvm: bool = False, fd: int | None = None) -> list[str]:
+    """QEMU arguments for the agent's port, its host side a unix socket QEMU listens on: at
+    ``socket``, or on ``fd``, a socket already listening there (bound by the driver)."""
     # Commas separate QEMU option properties; a literal one in the path is written twice.
-    path = str(socket).replace(",", ",,")
+    where = f"fd={fd}" if fd is not None else "path=" + str(socket).replace(",", ",,")
     # microvm has no PCI bus, only virtio-mmio transports.
     bus = "virtio-serial-device" if microvm else "virtio-serial-pci"
     return [
-        "-chardev", f"socket,path={path},server=on,wait=off,id=qga0",
+        "-chardev", f"socket,{where},server=on,wait=off,id=qga0",
         "-device", f"{bus},id={SERIAL_BUS}",
         "-device", f"virtserialport,bus={SERIAL_BUS}.0,chardev=qga0,name={PORT_NAME}",
     ]  # fmt: skip

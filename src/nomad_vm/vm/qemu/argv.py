@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from nomad_vm.vm.handover import fd_path
 from nomad_vm.vm.machine import machine_argv
 from nomad_vm.vm.machine import option_value as opt
 from nomad_vm.vm.qemu.agent_channel import agent_argv
@@ -15,8 +16,14 @@ SERIAL_CHARDEV = "stdio,id=serial0,signal=off"
 SHARED_RAM = "ram0"
 
 
+# QEMU's own system-call filter: no obsolete calls, no setuid/setgid, no fork/exec, no
+# scheduler or resource changes, even for a guest that has taken QEMU over.
+SANDBOX = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
+
+
 def qemu_argv(binary: str, spec: VMSpec) -> list[str]:
-    return [binary, *_platform(spec), *_control(spec), *_devices(spec), *_boot(spec)]
+    sandbox = ["-sandbox", SANDBOX] if spec.seccomp else []
+    return [binary, *_platform(spec), *sandbox, *_control(spec), *_devices(spec), *_boot(spec)]
 
 
 def _platform(spec: VMSpec) -> list[str]:
@@ -41,6 +48,15 @@ def _platform(spec: VMSpec) -> list[str]:
 
 
 def _control(spec: VMSpec) -> list[str]:
+    if spec.control_fd is not None:
+        qmp = [
+            "-chardev",
+            f"socket,id=qmp,fd={spec.control_fd},server=on,wait=off",
+            "-mon",
+            "chardev=qmp,mode=control",
+        ]
+    else:
+        qmp = ["-qmp", f"unix:{opt(spec.control_socket)},server=on,wait=off"]
     return [
         "-display",
         "none",
@@ -50,8 +66,7 @@ def _control(spec: VMSpec) -> list[str]:
         SERIAL_CHARDEV,
         "-serial",
         "chardev:serial0",
-        "-qmp",
-        f"unix:{opt(spec.control_socket)},server=on,wait=off",
+        *qmp,
         # A guest power-off or panic pauses QEMU instead of ending it, so the verdict survives
         # in QEMU's run state until the driver (possibly restarted meanwhile) has read it.
         "-action",
@@ -81,7 +96,7 @@ def _devices(spec: VMSpec) -> list[str]:
         seed = f"file={opt(spec.seed)},format=raw,if=none,id=seed0,readonly=on"
         argv += ["-drive", seed, "-device", f"virtio-blk-{virtio},drive=seed0"]
     if spec.agent_socket is not None:
-        argv += agent_argv(spec.agent_socket, microvm=microvm)
+        argv += agent_argv(spec.agent_socket, microvm=microvm, fd=spec.agent_fd)
     for i, nic in enumerate(spec.nics):
         # script=no: the TAP already exists on its bridge; QEMU only opens it (or uses the
         # descriptor the driver opened for it).
@@ -97,15 +112,20 @@ def _devices(spec: VMSpec) -> list[str]:
     for i, share in enumerate(spec.shares):
         if spec.share_transport == "virtiofs":
             # read-only is enforced by the share's virtiofsd (--readonly).
+            fd = share.socket_fd
+            where = f"fd={fd}" if fd is not None else f"path={opt(share.socket)}"
             argv += [
                 "-chardev",
-                f"socket,id=vfs{i},path={opt(share.socket)}",
+                f"socket,id=vfs{i},{where}",
                 "-device",
                 f"vhost-user-fs-{virtio},chardev=vfs{i},tag={share.tag}",
             ]
             continue
-        # security_model=none: files keep the host's owners; readonly is enforced by QEMU.
-        fsdev = f"local,id=fs{i},path={opt(share.host_path)},security_model=none"
+        # security_model=none: files keep the host's owners, and the guest acts on them with
+        # QEMU's own rights (vm_user: no chown to root, no setuid-root files, no device
+        # nodes); readonly is enforced by QEMU.
+        root = fd_path(share.host_fd) if share.host_fd is not None else opt(share.host_path)
+        fsdev = f"local,id=fs{i},path={root},security_model=none"
         argv += [
             "-fsdev",
             fsdev + (",readonly=on" if share.readonly else ""),

@@ -26,6 +26,7 @@ from nomad_vm.processes import is_same_process
 from nomad_vm.vm.accel import choose_accelerator, probe_kvm
 from nomad_vm.vm.firmware import FIRMWARE_KINDS, VARS_FILE, FirmwarePlan, plan_firmware
 from nomad_vm.vm.firmware import prepare_vars as prepare_firmware_vars
+from nomad_vm.vm.handover import Handover, handover
 from nomad_vm.vm.hypervisor import (
     VMM_ROLE,
     BackendPlan,
@@ -48,6 +49,7 @@ from nomad_vm.vm.qemu.running import AGENT_SOCKET, LOG_NAME, QMP_SOCKET, QemuVM
 from nomad_vm.vm.share_transport import choose_share_transport
 from nomad_vm.vm.spec import ShareSpec, VMSpec
 from nomad_vm.vm.virtiofsd import ShareDaemon, early_exit_report, kill_daemons, start_daemons
+from nomad_vm.vm.vmm_user import VMMUser, check_kvm_access, resolve_vmm_user, runs_as
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +79,9 @@ class QemuPlan(BackendPlan):
     binary: str
     machine: MachineConfig
     firmware: FirmwarePlan | None
+    # Who QEMU and its virtiofsd run as (None: as the plugin) and whether QEMU runs sandboxed.
+    user: VMMUser | None
+    seccomp: bool
 
 
 class QemuHypervisor:
@@ -94,12 +99,21 @@ class QemuHypervisor:
         facts = HostFacts(kvm, share_transport=transport)
         try:
             binary = find_qemu(settings.binary)
-            attributes = (("qemu.version", qemu_version(binary)), ("qemu.binary", str(binary)))
-        except HypervisorError as exc:
+            user = resolve_vmm_user(settings.vm_user)
+            attributes = (
+                ("qemu.version", qemu_version(binary)),
+                ("qemu.binary", str(binary)),
+                ("vm_user", runs_as(user)),
+                ("seccomp", str(settings.seccomp).lower()),
+            )
+        except NomadVMError as exc:
             return replace(facts, problem=exc)
         facts = replace(facts, attributes=attributes)
         try:
-            return replace(facts, accelerator=choose_accelerator(settings.accelerator, kvm))
+            accelerator = choose_accelerator(settings.accelerator, kvm)
+            if accelerator.name == "kvm":
+                check_kvm_access(user)
+            return replace(facts, accelerator=accelerator)
         except NomadVMError as exc:
             return replace(facts, problem=exc)
 
@@ -118,10 +132,15 @@ class QemuHypervisor:
         # The KVM probe runs a child process (once per plugin process): keep it off the loop.
         kvm = await asyncio.to_thread(probe_kvm)
         accelerator = choose_accelerator(settings.accelerator, kvm)
+        user = resolve_vmm_user(settings.vm_user)
+        if accelerator.name == "kvm":
+            check_kvm_access(user)
         details = QemuPlan(
             binary=str(find_qemu(settings.binary)),
             machine=machine,
             firmware=plan_firmware(request.firmware),
+            user=user,
+            seccomp=settings.seccomp,
         )
         return VMPlan(NAME, request, runtime_dir, accelerator, transport, shares, details)
 
@@ -138,10 +157,17 @@ class QemuHypervisor:
             firmware_vars = await asyncio.to_thread(
                 prepare_firmware_vars, details.firmware, runtime_dir
             )
-        spec = build_spec(plan, details, devices, firmware_vars)
-        daemons = self._start_daemons(plan, spec)
-        await _record(recorder, [d.process for d in daemons], HELPER_ROLE, [])
-        process = self._spawn_qemu(plan, spec, devices.console_fd, daemons)
+        with handover() as handed:
+            spec = build_spec(plan, details, devices, firmware_vars, handed)
+            daemons = self._start_daemons(plan, spec)
+            try:
+                spec = with_daemon_ends(spec, daemons)
+                await _record(recorder, [d.process for d in daemons], HELPER_ROLE, [])
+                process = self._spawn_qemu(plan, spec, devices.console_fd, daemons, handed)
+            finally:
+                # QEMU (or its gate) holds its own copies now; the plugin keeps none.
+                for daemon in daemons:
+                    daemon.close()
         await _record(recorder, [process], VMM_ROLE, daemons, spec.control_socket)
         return await self._connect(spec, process, daemons, runtime_dir)
 
@@ -152,26 +178,37 @@ class QemuHypervisor:
         if plan.share_transport.virtiofsd is None:
             raise ValueError("virtio-fs shares need the virtiofsd binary")
         return start_daemons(
-            plan.share_transport.virtiofsd, spec.shares, plan.runtime_dir, gated=True
+            plan.share_transport.virtiofsd,
+            spec.shares,
+            plan.runtime_dir,
+            gated=True,
+            user=_details(plan).user,
         )
 
     def _spawn_qemu(
-        self, plan: VMPlan, spec: VMSpec, console_fd: int, daemons: list[ShareDaemon]
+        self,
+        plan: VMPlan,
+        spec: VMSpec,
+        console_fd: int,
+        daemons: list[ShareDaemon],
+        handed: Handover,
     ) -> SupervisedProcess:
-        """QEMU, forked at its gate; its messages go to qemu.log."""
+        """QEMU, forked at its gate as the plan's user; its messages go to qemu.log."""
         argv = qemu_argv(_details(plan).binary, spec)
         log_path = plan.runtime_dir / LOG_NAME
         try:
             log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
             try:
                 fds = [nic.fd for nic in spec.nics if nic.fd is not None]
+                fds += [s.socket_fd for s in spec.shares if s.socket_fd is not None]
                 process = spawn(
                     argv,
                     stdout=console_fd,
                     stderr=log_fd,
                     cwd=plan.runtime_dir,
-                    pass_fds=fds,
+                    pass_fds=[*fds, *handed.fds],
                     gated=True,
+                    user=_details(plan).user,
                 )
             finally:
                 os.close(log_fd)
@@ -265,10 +302,28 @@ def with_sockets(shares: Sequence[ShareSpec], runtime_dir: Path) -> tuple[ShareS
     return tuple(replace(s, socket=runtime_dir / f"vfs{i}.sock") for i, s in enumerate(shares))
 
 
+def with_daemon_ends(spec: VMSpec, daemons: list[ShareDaemon]) -> VMSpec:
+    """The spec with each virtio-fs share's connected descriptor (QEMU's end)."""
+    if not daemons:
+        return spec
+    ends = {d.share.tag: d.qemu_end.fileno() for d in daemons}
+    shares = tuple(replace(s, socket_fd=ends.get(s.tag)) for s in spec.shares)
+    return replace(spec, shares=shares)
+
+
 def build_spec(
-    plan: VMPlan, details: QemuPlan, devices: LaunchDevices, firmware_vars: Path | None
+    plan: VMPlan,
+    details: QemuPlan,
+    devices: LaunchDevices,
+    firmware_vars: Path | None,
+    handed: Handover | None = None,
 ) -> VMSpec:
+    """The VM's spec; with ``handed``, the QMP and agent sockets are bound now (by the
+    plugin, at their usual paths) and each shared directory opened: QEMU and its daemons get
+    descriptors (``nomad_vm.vm.handover``)."""
     request = plan.request
+    control_socket = plan.runtime_dir / QMP_SOCKET
+    agent_socket = plan.runtime_dir / AGENT_SOCKET
     return VMSpec(
         name=request.name,
         vcpus=request.vcpus,
@@ -277,16 +332,21 @@ def build_spec(
         initramfs=request.initramfs,
         cmdline=request.cmdline,
         accelerator=plan.accelerator.name,
-        control_socket=plan.runtime_dir / QMP_SOCKET,
+        control_socket=control_socket,
         disk=devices.disk,
         machine=details.machine,
         firmware=details.firmware,
         firmware_vars=firmware_vars,
         seed=devices.seed,
-        agent_socket=plan.runtime_dir / AGENT_SOCKET,
-        shares=plan.shares,
+        agent_socket=agent_socket,
+        shares=tuple(replace(s, host_fd=handed.directory(s.host_path)) for s in plan.shares)
+        if handed
+        else plan.shares,
         share_transport=plan.share_transport.name,
         nics=devices.nics,
+        control_fd=handed.listen(control_socket) if handed else None,
+        agent_fd=handed.listen(agent_socket) if handed else None,
+        seccomp=details.seccomp,
     )
 
 

@@ -44,6 +44,8 @@ class QemuMonitor:
         # cannot be removed: narrow it to the rare lifecycle events instead.
         self._listener = self._client.events
         self._listener.names = set(LIFECYCLE_EVENTS)
+        # A descriptor sent waits in QEMU for the next getfd; two in flight would swap.
+        self._fd_lock = asyncio.Lock()
 
     async def connect(self, timeout: float = 5.0) -> None:
         try:
@@ -56,6 +58,16 @@ class QemuMonitor:
             return await self._client.execute(command, arguments)
         except (QMPError, OSError) as exc:
             raise HypervisorError(f"QMP {command} failed: {exc}") from exc
+
+    async def send_fd(self, name: str, fd: int) -> None:
+        """Give QEMU a copy of ``fd`` under ``name`` (QMP getfd), for a later command that
+        takes a descriptor by name; QEMU needs no access to what it refers to."""
+        async with self._fd_lock:
+            try:
+                self._client.send_fd_scm(fd)
+            except (QMPError, OSError) as exc:
+                raise HypervisorError(f"cannot pass a descriptor to QEMU: {exc}") from exc
+            await self.execute("getfd", {"fdname": name})
 
     async def status(self) -> str:
         """QEMU's run state, e.g. ``running``, ``shutdown`` or ``guest-panicked``."""

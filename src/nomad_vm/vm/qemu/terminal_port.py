@@ -1,8 +1,10 @@
 """A virtio-serial port hot-plugged for one interactive session, and unplugged after it.
 
 The port sits on the guest agent's virtio-serial bus (``agent_argv``); its host side is a unix
-socket QEMU listens on in the task's runtime directory. Each session gets its own random id, so a
-port left behind by a plugin that died mid-session can never be confused with a new one.
+socket in the task's runtime directory, bound by the plugin and handed to QEMU as a listening
+descriptor (QEMU runs as ``vm_user`` and cannot create anything there). Each session gets its
+own random id, so a port left behind by a plugin that died mid-session can never be confused
+with a new one.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import secrets
 from pathlib import Path
 
 from nomad_vm.errors import HypervisorError
+from nomad_vm.vm.handover import listen_at
 from nomad_vm.vm.hypervisor import TerminalPort
 from nomad_vm.vm.qemu.agent_channel import SERIAL_BUS
 from nomad_vm.vm.qemu.monitor import QemuMonitor
@@ -33,20 +36,31 @@ async def plug_terminal_port(monitor: QemuMonitor, runtime_dir: Path) -> Termina
     token = secrets.token_hex(4)
     socket = runtime_dir / f"tty-{secrets.token_hex(4)}.sock"
     port = TerminalPort(token, NAME_PREFIX + token, socket)
-    await monitor.execute(
-        "chardev-add",
-        {
-            "id": _chardev_id(port),
-            "backend": {
-                "type": "socket",
-                "data": {
-                    "addr": {"type": "unix", "data": {"path": str(port.socket)}},
-                    "server": True,
-                    "wait": False,
+    listener = listen_at(socket)
+    try:
+        await monitor.send_fd(_chardev_id(port), listener.fileno())
+        await monitor.execute(
+            "chardev-add",
+            {
+                "id": _chardev_id(port),
+                "backend": {
+                    "type": "socket",
+                    "data": {
+                        "addr": {"type": "fd", "data": {"str": _chardev_id(port)}},
+                        "server": True,
+                        "wait": False,
+                    },
                 },
             },
-        },
-    )
+        )
+    except HypervisorError:
+        # chardev-add takes the named descriptor; when it failed, QEMU still holds it.
+        with contextlib.suppress(HypervisorError):
+            await monitor.execute("closefd", {"fdname": _chardev_id(port)})
+        socket.unlink(missing_ok=True)
+        raise
+    finally:
+        listener.close()  # QEMU has its own copy
     try:
         await monitor.execute(
             "device_add",
