@@ -7,6 +7,7 @@ Slow (a Debian boot under TCG is about a minute): one VM for the whole module.
 from __future__ import annotations
 
 import hashlib
+import stat
 import time
 from pathlib import Path
 
@@ -81,6 +82,27 @@ def check_shares(plugin: PluginProcess, task_id: str, transport: str) -> None:
     out, code = run(plugin, task_id, "touch /alloc/nope")
     assert code != 0, out
     assert run(plugin, task_id, "echo hi > /srv/vol/from-guest") == (b"", 0)
+
+
+# Guest root tries to plant a setuid-root program and a device node on a writable share.
+PLANT = (
+    "cd /srv/vol && cp /bin/sh suid-sh; chown 0:0 suid-sh; chmod 4755 suid-sh; "
+    "mknod mem c 1 1; mknod disk b 8 0; ls -ln suid-sh"
+)
+
+
+def check_nothing_privileged_planted(plugin: PluginProcess, task_id: str, volume: Path) -> None:
+    """The share is served as vm_user: whatever guest root does, the host sees no setuid-root
+    file and no device node there."""
+    out, _ = run(plugin, task_id, PLANT)
+    planted = volume / "suid-sh"
+    assert planted.exists(), out  # the attempt happened: the copy is there
+    st = planted.stat()
+    assert not (st.st_uid == 0 and st.st_mode & stat.S_ISUID), (oct(st.st_mode), st.st_uid, out)
+    assert st.st_uid != 0, (st.st_uid, out)
+    for name in ("mem", "disk"):
+        node = volume / name
+        assert not (node.exists() and (node.is_char_device() or node.is_block_device())), out
 
 
 def check_cloud_init(plugin: PluginProcess, task_id: str) -> None:
@@ -178,6 +200,9 @@ def test_debian_guest_with_cloud_init_agent_and_acpi_stop(
     (alloc / "alloc" / "data").mkdir(parents=True, exist_ok=True)
     volume = short_tmp / "volume"
     volume.mkdir()
+    # A host volume the guest may write to must be writable by vm_user, as Nomad's own
+    # allocation directories are (mode 0777).
+    volume.chmod(0o777)
     cfg.mounts.append(driver_pb2.Mount(task_path="/srv/vol", host_path=str(volume)))
     cfg.resources.allocated_resources.memory.memory_mb = 1024
     cfg.env["NOMAD_TASK_NAME"] = "web"
@@ -191,6 +216,7 @@ def test_debian_guest_with_cloud_init_agent_and_acpi_stop(
         assert fifo.wait_for(MARKER.encode() + b" web", 240), bytes(fifo.data[-3000:])
         check_exec(plugin, cfg.id)
         check_shares(plugin, cfg.id, transport)
+        check_nothing_privileged_planted(plugin, cfg.id, volume)
         check_cloud_init(plugin, cfg.id)
         drv(plugin).SignalTask(driver_pb2.SignalTaskRequest(task_id=cfg.id, signal="SIGHUP"))
         assert fifo.wait_for(b"got-sighup", 30), bytes(fifo.data[-2000:])
