@@ -71,7 +71,7 @@ def test_recovery_after_plugin_sigkill(short_tmp: Path, tiny_guest) -> None:  # 
 
 
 def _qemu_pid(root: Path, alloc_name: str) -> int:
-    (proc,) = [p for p in qemu_processes_under(root) if f"/{alloc_name}/" in " ".join(p.cmdline())]
+    (proc,) = qemu_processes_under(root / alloc_name)
     return proc.pid
 
 

@@ -184,9 +184,7 @@ class NetHost:
             self.start(cfg)
         assert self.observe() == before
         assert not self.nft.rules(cfg.id)
-        assert not [
-            p for p in qemu_processes_under(self.root) if cfg.alloc_dir in " ".join(p.cmdline())
-        ]
+        assert not qemu_processes_under(Path(cfg.alloc_dir))
         return err.value
 
     def destroy(self, task_id: str) -> None:

@@ -22,6 +22,7 @@ from nomad_vm.cli.install import (
     wrapper_script,
 )
 from nomad_vm.cli.main import main
+from nomad_vm.cli.vm_account import AccountError
 
 
 class Run:
@@ -241,3 +242,37 @@ def test_the_command_line(
         main(["install", "--plugin-dir", "p", "--config-dir", "d", "--config", "f.hcl"])
     assert exited.value.code == 2
     assert "not allowed with argument" in capsys.readouterr().err
+
+
+def test_the_vms_account_is_made_before_the_host_check(
+    tmp_path: Path, driver: Path, config_dir: Path
+) -> None:
+    made: list[str] = []
+
+    def account() -> list[str]:
+        made.append("yes")
+        return ["created system user nomad-vm"]
+
+    lines: list[str] = []
+    status = install(
+        request_for(tmp_path, config_dir), driver, lambda: 0, lines.append, make_account=account
+    )
+    assert (status, made) == (0, ["yes"])
+    assert "ok    created system user nomad-vm" in lines
+    assert lines.index("ok    created system user nomad-vm") < lines.index(
+        "==> checking this host (`nomad-vm doctor`)"
+    )
+
+
+def test_an_account_that_cannot_be_made_fails_the_install(
+    tmp_path: Path, driver: Path, config_dir: Path
+) -> None:
+    def account() -> list[str]:
+        raise AccountError("useradd is not installed (Debian package passwd)")
+
+    lines: list[str] = []
+    status = install(
+        request_for(tmp_path, config_dir), driver, lambda: 0, lines.append, make_account=account
+    )
+    assert status == 1
+    assert "FAIL  useradd is not installed (Debian package passwd)" in lines

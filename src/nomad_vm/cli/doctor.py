@@ -11,10 +11,20 @@ from nomad_vm.storage.limits import find_prlimit
 from nomad_vm.vm.accel import choose_accelerator, probe_kvm
 from nomad_vm.vm.qemu.binary import find_qemu, find_qemu_img, qemu_version
 from nomad_vm.vm.share_transport import choose_share_transport
+from nomad_vm.vm.vmm_user import resolve_vmm_user, runs_as
 
 
-def run_doctor(qemu_binary: str, accelerator: str, bridge: str | None = None) -> int:
+def run_doctor(
+    qemu_binary: str, accelerator: str, bridge: str | None = None, vm_user: str = "nomad-vm"
+) -> int:
     failures = 0
+    try:
+        user = resolve_vmm_user(vm_user)
+        who = user.describe() if user else f"{runs_as(None)} (the plugin's own user)"
+        print(f"ok    QEMU and virtiofsd will run as {who}")
+    except VMRequestError as exc:
+        print(f"FAIL  {exc}")
+        failures += 1
     try:
         binary = find_qemu(qemu_binary)
         print(f"ok    QEMU {qemu_version(binary)} at {binary}")

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from nomad_vm.cli.hcl import PLUGIN_NAME, plugin_block
+from nomad_vm.cli.vm_account import AccountError
 from nomad_vm.files import write_atomically
 
 # The file name in an agent's config directory (`nomad agent -config DIR` reads *.hcl there).
@@ -141,8 +142,10 @@ def install(
     driver: Path,
     check_host: Callable[[], int],
     out: Callable[[str], None] = print,
+    make_account: Callable[[], list[str]] | None = None,
 ) -> int:
-    """Write (or leave) the planned files, then run ``check_host``; the exit status."""
+    """Write (or leave) the planned files, create the VMs' account (``make_account``, which
+    raises AccountError), then run ``check_host``; the exit status."""
     try:
         files, block = plan_files(request, driver)
         currents = [f.current() for f in files]
@@ -180,6 +183,13 @@ def install(
     for path in request.image_paths:
         if not path.is_dir():
             out(f"warn  image path {path} does not exist yet: put VM kernels and images there")
+    if make_account is not None:
+        try:
+            done = make_account()
+        except AccountError as exc:
+            out(f"FAIL  {exc}")
+            return 1
+        out("\n".join(f"ok    {line}" for line in done) or "ok    the VMs' user already exists")
     out("==> checking this host (`nomad-vm doctor`)")
     status = check_host()
     out(next_steps(request))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -13,7 +14,7 @@ from nomad_vm.cli.install import CONFIG_FILE_NAME, DEFAULT_DATA_DIR
 def _cmd_doctor(args: argparse.Namespace) -> int:
     from nomad_vm.cli.doctor import run_doctor
 
-    return run_doctor(args.qemu_binary, args.accelerator, args.bridge)
+    return run_doctor(args.qemu_binary, args.accelerator, args.bridge, args.vm_user)
 
 
 def _cmd_install(args: argparse.Namespace) -> int:
@@ -37,7 +38,14 @@ def _cmd_install(args: argparse.Namespace) -> int:
     except InstallError as exc:
         print(f"FAIL  {exc}")
         return 1
-    return install(request, driver, lambda: run_doctor("qemu-system-x86_64", args.accelerator))
+    from nomad_vm.cli.vm_account import ensure_vm_user
+
+    def check() -> int:
+        return run_doctor("qemu-system-x86_64", args.accelerator)
+
+    # The plugin's default vm_user; only root can create it (and only root runs the plugin).
+    account = ensure_vm_user if os.geteuid() == 0 else None
+    return install(request, driver, check, make_account=account)
 
 
 def _cmd_vm_user(args: argparse.Namespace) -> int:
@@ -140,6 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     doctor.add_argument("--qemu-binary", default="qemu-system-x86_64")
     doctor.add_argument("--bridge", help="also check this bridge (the plugin's network.bridge)")
     doctor.add_argument("--accelerator", default="auto", choices=("auto", "kvm", "tcg"))
+    doctor.add_argument("--vm-user", default="nomad-vm", help="the plugin's vm_user (%(default)s)")
     doctor.set_defaults(func=_cmd_doctor)
 
     image = sub.add_parser("image", help="test guest images")
