@@ -38,6 +38,9 @@ def debian_guest():  # type: ignore[no-untyped-def]
 @pytest.fixture
 def short_tmp() -> Iterator[Path]:
     path = Path(tempfile.mkdtemp(prefix="nvt-", dir="/tmp"))
+    # Traversable but not listable, like Nomad's <data_dir>/alloc: programs a test puts here
+    # (fake VMMs and daemons) run as the unprivileged vm_user.
+    path.chmod(0o711)
     yield path
     leftover = vm_processes_under(path)
     for proc in leftover:

@@ -174,7 +174,11 @@ def test_a_start_that_nomad_gives_up_on_leaves_nothing(
 ) -> None:
     """StartTask cancelled (its deadline passed: Nomad gave up, or the agent is shutting down)
     while the plugin waits for QMP: the VM and its daemons must not run on unknown to anyone."""
-    spawned = short_tmp / "qemu-was-spawned"
+    # Where the fake QEMU, running as vm_user, can leave its mark.
+    marks = short_tmp / "marks"
+    marks.mkdir()
+    marks.chmod(0o777)
+    spawned = marks / "qemu-was-spawned"
     slow_qemu = write_daemon(
         short_tmp / "bin" / "slow-qemu",
         f'#!/bin/sh\n[ "$1" = --version ] || touch {spawned}; sleep 3\n'
