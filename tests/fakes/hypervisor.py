@@ -65,6 +65,7 @@ KVM = KvmStatus(False, "the fake hypervisor needs no KVM")
 CAPABILITIES = HypervisorCapabilities(
     accelerators=("tcg",),
     firmware_kinds=("bios", "uefi"),
+    disk_boot_firmware=("bios", "uefi"),
     machine_types=("pc", "q35"),
     arches=("x86_64",),
     share_transports=("virtiofs",),

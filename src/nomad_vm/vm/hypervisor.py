@@ -44,6 +44,10 @@ class HypervisorCapabilities:
 
     accelerators: tuple[str, ...]
     firmware_kinds: tuple[str, ...]
+    # The firmware kinds that boot a disk when the VM has no kernel (Cloud Hypervisor has no
+    # BIOS: "bios" there only means a kernel booted directly).
+    disk_boot_firmware: tuple[str, ...]
+    # The first is the default, for tasks that name none.
     machine_types: tuple[str, ...]
     arches: tuple[str, ...]
     share_transports: tuple[str, ...]
@@ -64,6 +68,22 @@ class HostSettings:
     accelerator: str
     share_transport: str
     virtiofsd_binary: str
+    # A kernel (and initramfs) for requests that name none; None: such VMs boot their disk.
+    default_kernel: Path | None = None
+    default_initramfs: Path | None = None
+    # A firmware file that boots disks, for backends that do not find their own.
+    firmware_file: Path | None = None
+    # The VMM's own seccomp mode, in its terms (Cloud Hypervisor: true, false or log).
+    seccomp_mode: str = "true"
+    # Where the VMM's own messages go (appended); None: a log in the VM's runtime directory.
+    log_file: Path | None = None
+    # Use KVM without probing it first (the operator vouches for it).
+    trust_kvm: bool = False
+    # Setting -> the config field it came from, for errors that name what the user wrote.
+    fields: tuple[tuple[str, str], ...] = ()
+
+    def field_of(self, option: str) -> str | None:
+        return dict(self.fields).get(option)
 
 
 @dataclass(frozen=True)

@@ -60,6 +60,7 @@ HELPER_ROLE = "virtiofsd"
 CAPABILITIES = HypervisorCapabilities(
     accelerators=("kvm", "tcg"),
     firmware_kinds=FIRMWARE_KINDS,
+    disk_boot_firmware=FIRMWARE_KINDS,
     machine_types=MACHINE_TYPES,
     arches=ARCHES,
     share_transports=("virtiofs", "9p"),
