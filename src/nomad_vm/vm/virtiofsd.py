@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import os
 import socket
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from nomad_vm.errors import HypervisorError
@@ -28,6 +29,11 @@ class ShareDaemon:
     process: SupervisedProcess
     share: ShareSpec
     log: Path
+
+
+def with_sockets(shares: Sequence[ShareSpec], runtime_dir: Path) -> tuple[ShareSpec, ...]:
+    """Each share's vhost-user socket, in the task's runtime directory."""
+    return tuple(replace(s, socket=runtime_dir / f"vfs{i}.sock") for i, s in enumerate(shares))
 
 
 def daemon_argv(binary: Path, share: ShareSpec, listen_fd: int) -> list[str]:
