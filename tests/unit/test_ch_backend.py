@@ -185,3 +185,24 @@ def test_an_end_nobody_asked_for_is_a_failure(short_tmp: Path) -> None:
 
     asyncio.run(scenario())
     _nothing_left(short_tmp, task)
+
+
+def test_doctor_says_whether_ch_can_run_and_why_not(
+    short_tmp: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from nomad_vm.cli import doctor
+
+    unusable = KvmStatus(False, "KVM does not run guest code at hardware speed")
+    monkeypatch.setattr(backend, "probe_kvm", lambda: unusable)
+    doctor._check_cloud_hypervisor(str(short_tmp / "missing"))
+    doctor._check_cloud_hypervisor(str(wrapper(short_tmp / CH)))
+    monkeypatch.setattr(backend, "probe_kvm", lambda: KvmStatus(True, "runs guests"))
+    doctor._check_cloud_hypervisor(str(short_tmp / CH))
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("info  Cloud Hypervisor: cloud_hypervisor.bin")
+    assert lines[1] == (
+        "info  Cloud Hypervisor would also need a KVM that runs guests: "
+        "KVM does not run guest code at hardware speed"
+    )
+    assert lines[2].startswith("info  Cloud Hypervisor 53.0: Cloud Hypervisor cannot run here")
+    assert lines[3].startswith("ok    Cloud Hypervisor 53.0 can run VMs here")
