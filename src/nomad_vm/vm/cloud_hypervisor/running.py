@@ -226,12 +226,6 @@ class CloudHypervisorVM(OneProcessVMM):
     async def close_terminal(self, port: TerminalPort) -> None:
         return None
 
-    async def counters(self) -> dict[str, dict[str, int]]:
-        """Per-device I/O counters (``vm.counters``), for the operator's view."""
-        if self.client is None:
-            return {}
-        return await self.client.counters()
-
     async def close(self) -> None:
         if self._ended is not None and not self._ended.done():
             self._ended.cancel()
