@@ -109,6 +109,11 @@ class CloudHypervisor:
             return replace(facts, problem=exc)
 
     async def plan(self, request: VMRequest, settings: HostSettings, runtime_dir: Path) -> VMPlan:
+        # Whether CH can run here at all comes first: it is the reason a task fails on this node.
+        binary = find_cloud_hypervisor(settings.binary)
+        # The KVM probe runs a child process (once per plugin process): keep it off the loop.
+        kvm = await asyncio.to_thread(kvm_status, settings)
+        accelerator = kvm_accelerator(kvm)
         firmware = None
         if request.kernel is None:
             if settings.firmware_file is None:
@@ -137,10 +142,6 @@ class CloudHypervisor:
                     "(or set share_task_dirs = false and mount no volumes)",
                 ) from None
             shares = with_sockets(shares, runtime_dir)
-        binary = find_cloud_hypervisor(settings.binary)
-        # The KVM probe runs a child process (once per plugin process): keep it off the loop.
-        kvm = await asyncio.to_thread(kvm_status, settings)
-        accelerator = kvm_accelerator(kvm)
         details = CloudHypervisorPlan(
             binary=str(binary),
             firmware=firmware,
