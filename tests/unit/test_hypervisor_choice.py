@@ -6,7 +6,6 @@ backend names in the driver is needed for any of these)."""
 from __future__ import annotations
 
 import asyncio
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -17,8 +16,9 @@ from nomad_vm.driver.fingerprint import fingerprint
 from nomad_vm.driver.startup import StartPlan, plan_start
 from nomad_vm.driver.types import AgentInfo, Health
 from nomad_vm.errors import ConfigError
+from nomad_vm.vm.cloud_hypervisor import backend as ch_backend
 from nomad_vm.vm.registry import HypervisorRegistry
-from tests.fakes.hypervisor import CAPABILITIES, FakeHost, FakeHypervisor
+from tests.fakes.hypervisor import FakeHost, FakeHypervisor
 from tests.unit.tasks import unit_task
 
 # The seed's block (nomad-driver-ch README), with its string "true" for seccomp.
@@ -39,16 +39,10 @@ class Qemu(FakeHypervisor):
 
 
 class KvmOnly(FakeHypervisor):
-    """The fake with Cloud Hypervisor's declared limits."""
+    """The fake with Cloud Hypervisor's declared capabilities (the backend's own value)."""
 
     name = "cloud-hypervisor"
-    capabilities = replace(
-        CAPABILITIES,
-        accelerators=("kvm",),
-        firmware_kinds=("bios", "uefi"),
-        disk_boot_firmware=("uefi",),
-        machine_types=("cloud-hypervisor",),
-    )
+    capabilities = ch_backend.CAPABILITIES
 
 
 def registry() -> HypervisorRegistry:
@@ -127,6 +121,12 @@ def test_the_task_hypervisor_wins_over_the_plugin_default(tmp_path: Path) -> Non
         ({"kernel": KERNEL, "os": {"machine": "pc"}}, {}, "config.os.machine", "'pc' is not"),
         ({"kernel": KERNEL, "firmware": "uefi-secure"}, {}, "config.firmware", "uefi-secure"),
         ({"kernel": KERNEL}, {"accelerator": "tcg"}, "accelerator", "'tcg' is not available"),
+        (
+            {"kernel": KERNEL},
+            {"share_transport": "9p"},
+            "config.share_transport",
+            "'9p' is not available",
+        ),
     ],
 )
 def test_what_the_backend_cannot_do_names_the_option(
