@@ -140,6 +140,12 @@ def _boot(vmm: FakeVmm, body: Any) -> tuple[int, Any]:
         return 500, "VmNotCreated"
     if vmm.running:
         return 500, "VmAlreadyBooted"
+    for net in vmm.config.net or ():
+        # CH opens a TAP by name in its own network namespace (TUNSETIFF on /dev/net/tun).
+        try:
+            socket.if_nametoindex(net.tap or "")
+        except OSError:
+            return 500, f"Error creating virtio-net device: no TAP {net.tap!r} in this namespace"
     for fs in vmm.config.fs or ():
         conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
