@@ -149,6 +149,9 @@ def test_a_disk_boots_with_uefi_or_the_default_kernel(tmp_path: Path) -> None:
     block = {"cloud_hypervisor": {"default_kernel": "/boot/vmlinuz"}}
     request = _plan(tmp_path, disk, block).vm_plan.request
     assert request.kernel == Path("/boot/vmlinuz") and request.initramfs is None
+    # A task that asks its firmware to boot the disk does not get the default kernel.
+    request = _plan(tmp_path, {**disk, "firmware": "uefi"}, block).vm_plan.request
+    assert request.kernel is None
 
 
 def test_a_hypervisor_the_plugin_lacks_is_named(tmp_path: Path) -> None:

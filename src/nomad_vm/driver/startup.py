@@ -61,8 +61,10 @@ async def plan_start(
     settings = host_settings(plugin, backend.name)
     caps = backend.capabilities
     kernel, initramfs = vm.kernel, vm.initramfs
-    if kernel is None and settings.default_kernel is not None:
-        # The operator's kernel for tasks that name none (their initramfs needs their kernel).
+    firmware_boots_disk = vm.image is not None and vm.firmware in caps.disk_boot_firmware
+    if kernel is None and settings.default_kernel is not None and not firmware_boots_disk:
+        # The operator's kernel for tasks that name none (their initramfs needs their kernel),
+        # unless the task's firmware boots its disk (CH: firmware = "uefi").
         kernel, initramfs = settings.default_kernel, settings.default_initramfs
     request = VMRequest(
         name=vm.hostname,

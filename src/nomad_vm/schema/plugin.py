@@ -46,7 +46,8 @@ CLOUD_HYPERVISOR_BLOCK = Field(
             "default_kernel",
             "string",
             "Kernel for Cloud Hypervisor tasks that name no `kernel` (a `vmlinux` with a PVH "
-            "entry, or a bzImage). A host path chosen by the operator: it need not lie in "
+            'entry, or a bzImage), except those with `firmware = "uefi"` and an `image` (their '
+            "firmware boots the disk). A host path chosen by the operator: it need not lie in "
             "`image_paths`.",
             default="",
             example='"/boot/vmlinuz"',
