@@ -69,6 +69,7 @@ CAPABILITIES = HypervisorCapabilities(
     machine_types=("pc", "q35"),
     arches=("x86_64",),
     share_transports=("virtiofs",),
+    guest_agent=False,
     terminal_hotplug=False,
     pause=False,
     snapshot=False,

@@ -127,6 +127,8 @@ def test_the_task_hypervisor_wins_over_the_plugin_default(tmp_path: Path) -> Non
             "config.share_transport",
             "'9p' is not available",
         ),
+        # Signals to a guest unit go through the guest agent, which CH guests do not get.
+        ({"kernel": KERNEL, "signal_unit": "app.service"}, {}, "config.signal_unit", "agent"),
     ],
 )
 def test_what_the_backend_cannot_do_names_the_option(

@@ -32,6 +32,8 @@ def fingerprint(
     facts, problem = _check(config, backend)
     if facts is not None:
         attrs.update(_base_attributes(facts))
+    # The guest gets a qemu-guest-agent channel (the guest must run the agent to use it).
+    attrs["driver.vm.guest_agent"] = backend.capabilities.guest_agent
     attrs.update(_usability(backend, problem))
     if problem is not None:
         return Fingerprint(Health.UNHEALTHY, problem, attrs)
@@ -71,8 +73,6 @@ def _backend_attributes(facts: HostFacts) -> dict[str, AttributeValue]:
 def _base_attributes(facts: HostFacts | None = None) -> dict[str, AttributeValue]:
     attrs: dict[str, AttributeValue] = {
         "driver.vm.version": __version__,
-        # VMs get a qemu-guest-agent channel; the guest must run the agent to use it.
-        "driver.vm.guest_agent": True,
     }
     if facts is None:
         return attrs

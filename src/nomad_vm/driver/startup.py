@@ -80,6 +80,8 @@ async def plan_start(
         shares=task_shares(task, vm),
     )
     check_request(backend.name, caps, request)
+    if not caps.guest_agent:
+        refuse_agent_options(backend.name, vm)
     try:
         check_settings(backend.name, caps, settings)
         vm_plan = await backend.plan(request, settings, runtime_dir)
@@ -96,6 +98,18 @@ async def plan_start(
             task.id, vm.nic, plugin.network, task.ports, task.netns_path, vm.hostname
         ),
     )
+
+
+def refuse_agent_options(backend: str, vm: VMTaskConfig) -> None:
+    """Signals other than SIGTERM/SIGINT reach the guest through its agent: a task that names
+    where they go on a backend without one would find out only when it is signalled."""
+    for option, value in (("signal_unit", vm.signal_unit), ("signal_pidfile", vm.signal_pidfile)):
+        if value:
+            raise ConfigError(
+                f"config.{option}",
+                f"signals reach the guest through its agent, and the {backend} hypervisor gives "
+                "its guests none; remove it (SIGTERM and SIGINT still shut the VM down)",
+            )
 
 
 def choose_backend(

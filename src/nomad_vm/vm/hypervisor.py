@@ -51,6 +51,8 @@ class HypervisorCapabilities:
     machine_types: tuple[str, ...]
     arches: tuple[str, ...]
     share_transports: tuple[str, ...]
+    # The guest gets a qemu-guest-agent channel: exec, signals to its units, terminal sessions.
+    guest_agent: bool
     # A port for an interactive session can be added to a running VM (`nomad alloc exec -t`).
     terminal_hotplug: bool
     pause: bool

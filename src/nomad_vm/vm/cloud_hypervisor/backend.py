@@ -73,6 +73,8 @@ CAPABILITIES = HypervisorCapabilities(
     machine_types=("cloud-hypervisor",),
     arches=("x86_64",),
     share_transports=("virtiofs",),
+    # No virtio-serial port for qemu-ga; the agent over vsock is not shown to work yet.
+    guest_agent=False,
     terminal_hotplug=False,
     # CH can (vm.pause/resume, vm.snapshot/restore); this backend does not offer them yet.
     pause=False,

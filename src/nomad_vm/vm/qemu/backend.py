@@ -66,6 +66,7 @@ CAPABILITIES = HypervisorCapabilities(
     machine_types=MACHINE_TYPES,
     arches=ARCHES,
     share_transports=("virtiofs", "9p"),
+    guest_agent=True,
     terminal_hotplug=True,
     # QEMU could (QMP stop/cont, migrate-to-file), but this backend does not offer them yet.
     pause=False,
