@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from nomad_vm.errors import HypervisorError, Unsupported
+from nomad_vm.files import read_log_tail
 from nomad_vm.vm.cloud_hypervisor.client import ChClient
 from nomad_vm.vm.cloud_hypervisor.events import EventFile, EventFormatError, MonitorEvent
 from nomad_vm.vm.cloud_hypervisor.files import API_SOCKET, EVENTS_FILE, LOG_NAME
@@ -59,13 +60,7 @@ class LogSpot:
     offset: int = 0
 
     def tail(self) -> str:
-        try:
-            with open(self.path, "rb") as f:
-                f.seek(self.offset)
-                text = f.read()[-2000:].decode("utf-8", errors="replace")
-        except OSError:
-            return ""
-        return " | ".join(line.strip() for line in text.splitlines() if line.strip())
+        return read_log_tail(self.path, start=self.offset)
 
 
 class CloudHypervisorVM(OneProcessVMM):
