@@ -66,13 +66,13 @@ def exclusive_lock(lock_path: Path) -> Iterator[None]:
         os.close(fd)  # closing the descriptor releases the lock
 
 
-def read_log_tail(path: Path, limit: int = 2000) -> str:
+def read_log_tail(path: Path, limit: int = 2000, start: int = 0) -> str:
     """The last lines of a log (QEMU's, a virtiofsd's), as one line of text for an event or an
-    error message."""
+    error message; only what was written from byte ``start`` on (a log shared with others)."""
     try:
         with open(path, "rb") as f:
             f.seek(0, os.SEEK_END)
-            f.seek(max(0, f.tell() - limit))
+            f.seek(max(start, f.tell() - limit))
             text = f.read().decode("utf-8", errors="replace")
     except OSError:
         return ""

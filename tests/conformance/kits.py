@@ -5,12 +5,20 @@ while no plugin watched, and which of its processes are still alive.
 QEMU runs the tiny test guest under TCG (its init reads ``nomadvm.run`` and
 ``nomadvm.ignore_acpi``); the fake simulates the same guest from its own command-line words.
 Both boot the same kernel and initramfs paths, which the driver validates either way.
+
+Cloud Hypervisor comes twice. ``CH_FAKE_VMM``: the real backend (its launch, API client, event
+file, verdicts, recovery) driving ``tests/fakes/cloud_hypervisor.py``, a fake VMM that serves
+CH's API and writes its events and simulates the guest like the fake: a test of our code, not
+of CH. ``CH``: a real ``cloud-hypervisor`` (NOMAD_VM_TEST_CH_BIN) booting the tiny guest, which
+needs a KVM that runs guests; ``ch_unavailable`` says precisely why it cannot run otherwise.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,15 +26,45 @@ from typing import Any
 
 import psutil
 
+from nomad_vm.driver.checkpoints import START_STEPS
 from nomad_vm.driver.driver import VMDriver
 from nomad_vm.driver.journal import TaskJournal
 from nomad_vm.driver.types import TaskConfig, TaskResources
 from nomad_vm.errors import HypervisorError
 from nomad_vm.guests.tiny import tiny_cmdline
+from nomad_vm.vm.accel import probe_kvm
+from nomad_vm.vm.cloud_hypervisor.events import EventFile
+from nomad_vm.vm.cloud_hypervisor.files import EVENTS_FILE
 from nomad_vm.vm.hypervisor import HypervisorCapabilities
-from nomad_vm.vm.registry import HypervisorRegistry
-from tests.conftest import vm_processes_under
+from nomad_vm.vm.registry import BUILT_IN, HypervisorRegistry
+from tests.conftest import processes_under, vm_processes_under
 from tests.fakes import hypervisor as fake
+from tests.fakes.cloud_hypervisor import wrapper
+
+CH = "cloud-hypervisor"
+CH_FAKE_VMM = "cloud-hypervisor+fake-vmm"
+CH_BIN = "NOMAD_VM_TEST_CH_BIN"
+# The fake VMM's console line once its guest "booted".
+CH_FAKE_BOOTED = b"fake cloud-hypervisor guest: booted"
+
+
+def ch_unavailable() -> str:
+    """Why the real Cloud Hypervisor kit cannot run here; "" when it can."""
+    binary = os.environ.get(CH_BIN, "")
+    kvm = probe_kvm()
+    problems = []
+    if not binary:
+        problems.append(
+            f"{CH_BIN} names no cloud-hypervisor binary (no package reachable from this host "
+            "ships one)"
+        )
+    elif not os.access(binary, os.X_OK):
+        problems.append(f"{CH_BIN}={binary} is not an executable")
+    if not kvm.usable:
+        problems.append(
+            f"KVM cannot run guests here, and Cloud Hypervisor has no emulation: {kvm.reason}"
+        )
+    return "; ".join(problems)
 
 RUNNING = b"nomad-vm tiny guest: running"
 BOOTED = b"nomad-vm tiny guest: booted"
@@ -67,10 +105,35 @@ class Kit:
     def images(self) -> Path:
         return self.root / "images"
 
+    @property
+    def is_ch(self) -> bool:
+        return self.name in (CH, CH_FAKE_VMM)
+
+    @property
+    def simulated_guest(self) -> bool:
+        """The guest acts from the fakes' command-line words (fake.then=...)."""
+        return self.name in (fake.NAME, CH_FAKE_VMM)
+
     def registry(self) -> HypervisorRegistry:
         if self.name == fake.NAME:
             return fake.registry(self.host)
+        if self.is_ch:
+            return HypervisorRegistry(BUILT_IN, default=CH)
         return HypervisorRegistry()
+
+    def _ch_block(self) -> dict[str, object]:
+        if self.name == CH_FAKE_VMM:
+            (self.root / "bin").mkdir(exist_ok=True)
+            # The fake VMM needs no KVM; the backend is told to trust it, as an operator may.
+            return {"bin": str(wrapper(self.root / "bin" / CH)), "trust_kvm": True}
+        return {"bin": os.environ[CH_BIN]}
+
+    @property
+    def start_steps(self) -> tuple[str, ...]:
+        """The StartTask steps the every-step task takes with this backend: CH boots the
+        kernel directly and keeps no UEFI variable store."""
+        steps = tuple(s for s in START_STEPS if s != "network")
+        return tuple(s for s in steps if s != "firmware-vars") if self.is_ch else steps
 
     @property
     def capabilities(self) -> HypervisorCapabilities:
@@ -80,7 +143,10 @@ class Kit:
         """A fresh plugin (as after a restart), configured as Nomad would."""
         driver = VMDriver(backends=self.registry(), **kwargs)
         paths = [str(self.guest.vmlinux.parent), str(self.images)]
-        driver.set_config({"data_dir": str(self.data_dir), "image_paths": paths}, None)
+        config: dict[str, object] = {"data_dir": str(self.data_dir), "image_paths": paths}
+        if self.is_ch:
+            config.update(hypervisor=CH, cloud_hypervisor=self._ch_block())
+        driver.set_config(config, None)
         return driver
 
     # -- tasks ---------------------------------------------------------------------------------
@@ -118,10 +184,12 @@ class Kit:
         if not image.exists():
             with open(image, "wb") as f:
                 f.truncate(16 * 1024 * 1024)
+        if self.is_ch:
+            return {"image": str(image)}
         return {"image": str(image), "firmware": "uefi"}
 
     def _cmdline(self, behaviour: Behaviour) -> str:
-        if self.name == fake.NAME:
+        if self.simulated_guest:
             after = 3600.0 if behaviour.later else 0.0  # later: when the test says (act_now)
             words = fake.tokens(behaviour.ignores_acpi, behaviour.then, after)
             return f"{self.guest.cmdline} {words}".strip()
@@ -141,6 +209,8 @@ class Kit:
         """The guest is up (and watches its power button). The fake's is at once."""
         if self.name == fake.NAME:
             return
+        if self.name == CH_FAKE_VMM:
+            marker = CH_FAKE_BOOTED
         console = Path(task.stdout_path)
         deadline = time.monotonic() + BOOT_TIMEOUT
         while marker not in console.read_bytes():
@@ -154,6 +224,11 @@ class Kit:
         assert vmm is not None
         if self.name == fake.NAME:
             self.host.act_now(vmm)
+            return
+        if self.is_ch:
+            if self.name == CH_FAKE_VMM:
+                os.kill(vmm.pid, signal.SIGUSR1)
+            await self._ch_acted(Path(journal.control_socket).parent / EVENTS_FILE)
             return
         from nomad_vm.vm.qemu.monitor import QemuMonitor
 
@@ -172,10 +247,25 @@ class Kit:
                 raise AssertionError("the guest never acted")
             await asyncio.sleep(0.2)
 
+    async def _ch_acted(self, events: Path) -> None:
+        """CH's event file shows the guest's power-off or panic."""
+        reader = EventFile(events)
+        seen = []
+        deadline = time.monotonic() + BOOT_TIMEOUT
+        while not any(e.is_("vm", "shutdown") or e.is_("guest", "panic") for e in seen):
+            if time.monotonic() > deadline:
+                raise AssertionError(f"the guest never acted: {seen}")
+            await asyncio.sleep(0.05)
+            seen += reader.read_new()
+
     # -- what is left --------------------------------------------------------------------------
 
     def live_processes(self) -> list[psutil.Process]:
         """Processes of this backend still running for the test's tasks."""
+        if self.is_ch:
+            found = {p.pid: p for p in processes_under(self.root, CH)}
+            found.update((p.pid, p) for p in processes_under(self.root, "virtiofsd"))
+            return list(found.values())
         if self.name != fake.NAME:
             return vm_processes_under(self.root)
         found = []

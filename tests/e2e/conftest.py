@@ -33,6 +33,7 @@ def running_agent(
     plugin_network: Mapping[str, object] | None = None,
     consul_address: str | None = None,
     cni_path: Path | None = None,
+    plugin_extra: Mapping[str, object] | None = None,
 ) -> Iterator[DevAgent]:
     """A Nomad agent with our plugin, on loopback; everything it started is gone afterwards.
 
@@ -53,6 +54,7 @@ def running_agent(
             plugin_network=plugin_network,
             consul_address=consul_address,
             cni_path=cni_path,
+            plugin_extra=plugin_extra,
         )
     )
     agent.start()

@@ -43,12 +43,12 @@ from nomad_vm.vm.hypervisor import (
     LaunchDevices,
     LaunchRecorder,
     OneProcessVMM,
-    SpawnedProcess,
     TerminalPort,
     VMPlan,
     VMRef,
     VMRequest,
 )
+from nomad_vm.vm.launching import record_and_release
 from nomad_vm.vm.process import SupervisedProcess, reattach, spawn
 from nomad_vm.vm.registry import HypervisorRegistry
 from nomad_vm.vm.share_transport import ShareTransport
@@ -65,9 +65,11 @@ KVM = KvmStatus(False, "the fake hypervisor needs no KVM")
 CAPABILITIES = HypervisorCapabilities(
     accelerators=("tcg",),
     firmware_kinds=("bios", "uefi"),
+    disk_boot_firmware=("bios", "uefi"),
     machine_types=("pc", "q35"),
     arches=("x86_64",),
     share_transports=("virtiofs",),
+    guest_agent=False,
     terminal_hotplug=False,
     pause=False,
     snapshot=False,
@@ -276,9 +278,9 @@ class FakeHypervisor:
             (plan.runtime_dir / VARS).write_bytes(b"\0" * 4096)
         # As QEMU does: the helpers first (recorded, released), then the VMM.
         helpers = [self._spawn(plan.runtime_dir) for _ in plan.shares]
-        await _record(recorder, helpers, "fake-helper", [])
+        await record_and_release(recorder, helpers, "fake-helper")
         vmm = self._spawn(plan.runtime_dir)
-        await _record(recorder, [vmm], VMM_ROLE, helpers, plan.runtime_dir / CONTROL)
+        await record_and_release(recorder, [vmm], VMM_ROLE, helpers, plan.runtime_dir / CONTROL)
         self.host.guests[vmm.ident] = replace(
             plan.details.guest, watchers=[], booted_at=time.monotonic()
         )
@@ -309,25 +311,6 @@ class FakeHypervisor:
         elif not vm.guest.reboots:  # an act still due happens on time (a reboot only once)
             vm.schedule()
         return vm
-
-
-async def _record(
-    recorder: LaunchRecorder,
-    processes: list[SupervisedProcess],
-    role: str,
-    running: list[SupervisedProcess],
-    control_socket: Path | None = None,
-) -> None:
-    if not processes:
-        return
-    try:
-        await recorder.spawned([SpawnedProcess(role, p.ident) for p in processes], control_socket)
-    except BaseException:
-        for process in processes + running:
-            process.kill_and_reap()
-        raise
-    for process in processes:
-        process.release()
 
 
 def registry(host: FakeHost) -> HypervisorRegistry:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from nomad_vm import schema
 from nomad_vm.driver.backend_options import FIELD_OF_OPTION, config_error
 from nomad_vm.driver.config import parse_plugin_config
 from nomad_vm.driver.fingerprint import fingerprint
@@ -67,5 +68,8 @@ def test_registry_builds_each_backend_once_and_names_unknown_ones() -> None:
 
 def test_the_built_in_registry_has_qemu_as_default() -> None:
     registry = HypervisorRegistry()
-    assert registry.names == ("qemu",) and registry.default_name == "qemu"
+    assert registry.names == ("cloud-hypervisor", "qemu") and registry.default_name == "qemu"
     assert registry.default().name == "qemu"
+    assert registry.get("cloud-hypervisor").name == "cloud-hypervisor"
+    # Every backend name is one the config allows, and the other way round.
+    assert registry.names == tuple(sorted(schema.HYPERVISORS))

@@ -81,7 +81,8 @@ def test_task_config_requires_something_to_boot_and_checks_paths(tmp_path: Path)
     assert cfg.kernel == tmp_path / "t" / "vmlinux"
     assert cfg.initramfs is None and cfg.image is None
     assert cfg.cmdline == "console=ttyS0"
-    assert (cfg.firmware, cfg.machine, cfg.arch) == ("bios", "pc", "x86_64")
+    # An unset machine is the hypervisor's default, filled in by plan_start.
+    assert (cfg.firmware, cfg.machine, cfg.arch, cfg.hypervisor) == ("bios", "", "x86_64", None)
     assert cfg.use_thin_copy is True
     assert cfg.hostname == "t-a"  # task name + alloc id prefix
 

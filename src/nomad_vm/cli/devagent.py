@@ -72,6 +72,9 @@ class DevAgentConfig:
     netns: str | None = None
     # The plugin's `network { ... }` block (attribute -> value), e.g. {"subnet_cidr": "..."}.
     plugin_network: Mapping[str, object] | None = None
+    # More of the plugin's options (attribute or block name -> value), e.g.
+    # {"cloud_hypervisor": {"bin": "..."}}.
+    plugin_extra: Mapping[str, object] | None = None
     # HOST:PORT of a Consul agent's HTTP API (e.g. a loopback `consul agent -dev`): the agent then
     # gets a `consul { address = ... }` block and its consul fingerprinter (which jobs with
     # `provider = "consul"` services are constrained on) is no longer denied. None: no Consul.
@@ -155,6 +158,7 @@ client {{{client_role}{cni}
         }
         if self.plugin_network is not None:
             config["network"] = self.plugin_network
+        config.update(self.plugin_extra or {})
         return plugin_block(config)
 
 

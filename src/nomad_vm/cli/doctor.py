@@ -9,13 +9,19 @@ from nomad_vm.network import links
 from nomad_vm.network.settings import find_dnsmasq
 from nomad_vm.storage.limits import find_prlimit
 from nomad_vm.vm.accel import choose_accelerator, probe_kvm
+from nomad_vm.vm.hypervisor import HostSettings
 from nomad_vm.vm.qemu.binary import find_qemu, find_qemu_img, qemu_version
+from nomad_vm.vm.registry import HypervisorRegistry
 from nomad_vm.vm.share_transport import choose_share_transport
 from nomad_vm.vm.vmm_user import resolve_vmm_user, runs_as
 
 
 def run_doctor(
-    qemu_binary: str, accelerator: str, bridge: str | None = None, vm_user: str = "nomad-vm"
+    qemu_binary: str,
+    accelerator: str,
+    bridge: str | None = None,
+    ch_binary: str = "cloud-hypervisor",
+    vm_user: str = "nomad-vm",
 ) -> int:
     failures = 0
     try:
@@ -53,10 +59,26 @@ def run_doctor(
     shares = choose_share_transport("auto", None)
     level = "warn" if shares.fallback else "ok  "
     print(f"{level}  shares: {shares.reason}")
+    _check_cloud_hypervisor(ch_binary, vm_user)
     if bridge:
         failures += _check_bridge(bridge)
     print("host is ready" if not failures else f"{failures} problem(s) found")
     return 1 if failures else 0
+
+
+def _check_cloud_hypervisor(binary: str, vm_user: str = "nomad-vm") -> None:
+    """Cloud Hypervisor is optional (tasks use QEMU unless they ask for it): never a failure,
+    but say whether it can run here and why not, as the fingerprint does."""
+    backend = HypervisorRegistry().get("cloud-hypervisor")
+    facts = backend.check_host(HostSettings(binary, "auto", "auto", "", vm_user, seccomp=True))
+    version = dict(facts.attributes).get("cloud_hypervisor.version")
+    found = f"Cloud Hypervisor {version}" if version else "Cloud Hypervisor"
+    if facts.problem is None:
+        print(f"ok    {found} can run VMs here (hypervisor = \"cloud-hypervisor\")")
+        return
+    print(f"info  {found}: {facts.problem}")
+    if facts.accelerator is None and not facts.kvm.usable and "KVM" not in str(facts.problem):
+        print(f"info  Cloud Hypervisor would also need a KVM that runs guests: {facts.kvm.reason}")
 
 
 def _check_bridge(name: str) -> int:

@@ -14,7 +14,9 @@ from nomad_vm.cli.install import CONFIG_FILE_NAME, DEFAULT_DATA_DIR
 def _cmd_doctor(args: argparse.Namespace) -> int:
     from nomad_vm.cli.doctor import run_doctor
 
-    return run_doctor(args.qemu_binary, args.accelerator, args.bridge, args.vm_user)
+    return run_doctor(
+        args.qemu_binary, args.accelerator, args.bridge, args.ch_binary, args.vm_user
+    )
 
 
 def _cmd_install(args: argparse.Namespace) -> int:
@@ -146,6 +148,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     doctor = sub.add_parser("doctor", help="check that this host can run VM tasks")
     doctor.add_argument("--qemu-binary", default="qemu-system-x86_64")
+    doctor.add_argument(
+        "--ch-binary",
+        default="cloud-hypervisor",
+        help="the Cloud Hypervisor to check (the plugin's cloud_hypervisor.bin)",
+    )
     doctor.add_argument("--bridge", help="also check this bridge (the plugin's network.bridge)")
     doctor.add_argument("--accelerator", default="auto", choices=("auto", "kvm", "tcg"))
     doctor.add_argument("--vm-user", default="nomad-vm", help="the plugin's vm_user (%(default)s)")

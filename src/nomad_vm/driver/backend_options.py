@@ -9,11 +9,15 @@ its declared capabilities, never from knowing which backend it is.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import replace
+
 from nomad_vm.driver.config import PluginConfig
 from nomad_vm.errors import ConfigError, VMRequestError
 from nomad_vm.vm.hypervisor import HostSettings, HypervisorCapabilities, VMRequest
 
-# VMRequest attribute or host setting -> the config field it comes from.
+# VMRequest attribute or host setting -> the config field it comes from (a setting that differs
+# per backend is named by the HostSettings built for that backend: ``HostSettings.fields``).
 FIELD_OF_OPTION = {
     "arch": "config.os.arch",
     "machine": "config.os.machine",
@@ -28,19 +32,58 @@ FIELD_OF_OPTION = {
 AUTO = "auto"
 
 
-def config_error(exc: VMRequestError) -> ConfigError:
-    return ConfigError(FIELD_OF_OPTION.get(exc.option, exc.option), exc.reason)
+def config_error(exc: VMRequestError, settings: HostSettings | None = None) -> ConfigError:
+    field = settings.field_of(exc.option) if settings is not None else None
+    return ConfigError(field or FIELD_OF_OPTION.get(exc.option, exc.option), exc.reason)
 
 
-def host_settings(config: PluginConfig) -> HostSettings:
-    return HostSettings(
+def host_settings(config: PluginConfig, backend: str = "qemu") -> HostSettings:
+    """The plugin settings a backend runs with: its own block where it has one (the config's
+    names are per hypervisor: `qemu_binary`, `cloud_hypervisor { bin }`), else the top level."""
+    common = HostSettings(
         binary=config.qemu_binary,
         accelerator=config.accelerator,
         share_transport=config.share_transport,
         virtiofsd_binary=config.virtiofsd_binary,
         vm_user=config.vm_user,
         seccomp=config.seccomp,
+        fields=(("binary", "qemu_binary"),),
     )
+    block = BACKEND_BLOCKS.get(backend)
+    return block(config, common) if block is not None else common
+
+
+def _cloud_hypervisor(config: PluginConfig, common: HostSettings) -> HostSettings:
+    ch = config.cloud_hypervisor
+    block = "cloud_hypervisor"
+    return replace(
+        common,
+        binary=ch.bin,
+        virtiofsd_binary=ch.virtiofsd_bin or config.virtiofsd_binary,
+        default_kernel=ch.default_kernel,
+        default_initramfs=ch.default_initramfs,
+        firmware_file=ch.firmware,
+        seccomp_mode=ch.seccomp,
+        log_file=ch.log_file,
+        trust_kvm=ch.trust_kvm,
+        fields=(
+            ("binary", f"{block}.bin"),
+            (
+                "virtiofsd_binary",
+                f"{block}.virtiofsd_bin" if ch.virtiofsd_bin else "virtiofsd_binary",
+            ),
+            ("default_kernel", f"{block}.default_kernel"),
+            ("firmware_file", f"{block}.firmware"),
+            ("log_file", f"{block}.log_file"),
+            ("trust_kvm", f"{block}.trust_kvm"),
+        ),
+    )
+
+
+# Backend name -> how its settings come from its own plugin config block.
+BACKEND_BLOCKS: dict[str, Callable[[PluginConfig, HostSettings], HostSettings]] = {
+    "cloud-hypervisor": _cloud_hypervisor,
+}
 
 
 def check_settings(backend: str, caps: HypervisorCapabilities, settings: HostSettings) -> None:
@@ -65,6 +108,13 @@ def check_request(backend: str, caps: HypervisorCapabilities, request: VMRequest
     for option, value, supported in wanted:
         if value not in supported:
             raise ConfigError(FIELD_OF_OPTION[option], _unsupported(backend, value, supported))
+    if request.kernel is None and request.firmware not in caps.disk_boot_firmware:
+        offered = ", ".join(caps.disk_boot_firmware) or "none"
+        raise ConfigError(
+            FIELD_OF_OPTION["firmware"],
+            f"{request.firmware!r} cannot boot a disk with the {backend} hypervisor (firmware "
+            f"that can: {offered}); set one of those, or give the VM a kernel",
+        )
 
 
 def _unsupported(backend: str, value: str, supported: tuple[str, ...]) -> str:

@@ -24,6 +24,21 @@ RUNTIME_PREFIX = "nomad-vm"
 
 
 @dataclass(frozen=True)
+class CloudHypervisorConfig:
+    """The plugin's `cloud_hypervisor { ... }` block (names as in nomad-driver-ch)."""
+
+    bin: str = "cloud-hypervisor"
+    remote_bin: str = ""
+    virtiofsd_bin: str = ""
+    default_kernel: Path | None = None
+    default_initramfs: Path | None = None
+    firmware: Path | None = None
+    seccomp: str = "true"
+    log_file: Path | None = None
+    trust_kvm: bool = False
+
+
+@dataclass(frozen=True)
 class PluginConfig:
     data_dir: Path
     image_paths: tuple[str, ...]
@@ -35,6 +50,9 @@ class PluginConfig:
     seccomp: bool = True
     # The bridge and address pool, or None when the operator configured no subnet.
     network: BridgeNetwork | None = None
+    # The hypervisor of tasks that name none; None: the registry's default (qemu).
+    hypervisor: str | None = None
+    cloud_hypervisor: CloudHypervisorConfig = field(default_factory=CloudHypervisorConfig)
 
 
 @dataclass(frozen=True)
@@ -49,8 +67,11 @@ class VMTaskConfig:
     cmdline: str
     firmware: str
     arch: str
+    # "" when unset: the hypervisor's own default (the first of its machine types).
     machine: str
     hostname: str
+    # The task's `hypervisor`; None: the plugin's.
+    hypervisor: str | None = None
     cloud_init: bool = True
     # Plaintext only in memory until the seed hashes it; kept out of repr so it cannot be logged.
     password: str | None = field(default=None, repr=False)
@@ -119,7 +140,49 @@ def parse_plugin_config(raw: Mapping[str, object] | None) -> PluginConfig:
         vm_user=str(values["vm_user"]),
         seccomp=bool(values["seccomp"]),
         network=parse_bridge_network(_block(values["network"]), Path(data_dir)),
+        hypervisor=_optional_str(values["hypervisor"]),
+        cloud_hypervisor=_cloud_hypervisor(values["cloud_hypervisor"]),
     )
+
+
+def _cloud_hypervisor(raw: object) -> CloudHypervisorConfig:
+    """The block, absent or not, with its defaults; its file paths must be absolute (they are
+    the operator's, used as given, so a relative one would depend on the agent's cwd)."""
+    schema_of = _plugin_block_schema("cloud_hypervisor")
+    values = raw if isinstance(raw, dict) else validate(schema_of, {}, schema_of.where)
+
+    def path(name: str) -> Path | None:
+        value = str(values[name] or "")
+        if not value:
+            return None
+        if not Path(value).is_absolute():
+            raise ConfigError(
+                f"config.cloud_hypervisor.{name}", f"must be an absolute path, got {value!r}"
+            )
+        return Path(value)
+
+    kernel, initramfs = path("default_kernel"), path("default_initramfs")
+    if initramfs is not None and kernel is None:
+        raise ConfigError(
+            "config.cloud_hypervisor.default_initramfs",
+            "needs default_kernel: it is loaded with the default kernel only",
+        )
+    return CloudHypervisorConfig(
+        bin=str(values["bin"]),
+        remote_bin=str(values["remote_bin"] or ""),
+        virtiofsd_bin=str(values["virtiofsd_bin"] or ""),
+        default_kernel=kernel,
+        default_initramfs=initramfs,
+        firmware=path("firmware"),
+        seccomp=str(values["seccomp"]),
+        log_file=path("log_file"),
+        trust_kvm=bool(values["trust_kvm"]),
+    )
+
+
+def _plugin_block_schema(name: str) -> Schema:
+    block = schema.PLUGIN_CONFIG.field(name)
+    return Schema(block.name, f"config.{name}", block.fields)
 
 
 def _refuse_overlap(field: str, image_dir: Path, data_dir: Path) -> None:
@@ -193,7 +256,8 @@ def parse_task_config(task: TaskConfig, plugin: PluginConfig) -> VMTaskConfig:
         cmdline=str(values["cmdline"] or ""),
         firmware=str(values["firmware"]),
         arch=str(os_block["arch"]),
-        machine=str(os_block["machine"]),
+        machine=str(os_block["machine"] or ""),
+        hypervisor=_optional_str(values["hypervisor"]),
         hostname=(
             validate_hostname(str(hostname))
             if hostname

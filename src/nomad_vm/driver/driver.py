@@ -58,6 +58,7 @@ from nomad_vm.errors import (
     TaskNotFound,
 )
 from nomad_vm.fields import Schema
+from nomad_vm.vm.hypervisor import Hypervisor
 from nomad_vm.vm.registry import HypervisorRegistry
 
 log = logging.getLogger(__name__)
@@ -111,9 +112,18 @@ class VMDriver:
         """First fingerprint at once, then every 30 s or when the config changes."""
         while True:
             self._config_changed.clear()
-            yield await fingerprint_async(self.config, self.backends.default())
+            default = self._default_backend()
+            others = [self.backends.get(n) for n in self.backends.names if n != default.name]
+            yield await fingerprint_async(self.config, default, others)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._config_changed.wait(), FINGERPRINT_PERIOD)
+
+    def _default_backend(self) -> Hypervisor:
+        """The plugin's `hypervisor` (when this plugin has it), else the registry's default."""
+        name = self.config.hypervisor
+        if name is not None and name in self.backends.names:
+            return self.backends.get(name)
+        return self.backends.default()
 
     # --- task lifecycle ---------------------------------------------------------------------
 
@@ -145,8 +155,9 @@ class VMDriver:
         everything the journal recorded."""
         if task.id in self._tasks:
             raise TaskExists(task.id)
-        backend = self.backends.default()
-        plan = await plan_start(task, self.config, self.agent, self._runtime_dir(task), backend)
+        runtime_dir = self._runtime_dir(task)
+        plan = await plan_start(task, self.config, self.agent, runtime_dir, self.backends)
+        backend = plan.backend
         if plan.vm_plan.shares and plan.vm_plan.share_transport.fallback:
             self.events.emit(task, f"Shares use {plan.vm_plan.share_transport.reason}")
         # A start of this very id that a dead plugin left half done: undo it first.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 
 from nomad_vm import __version__
 from nomad_vm.driver.backend_options import check_settings, config_error, host_settings
@@ -11,22 +12,32 @@ from nomad_vm.driver.types import AttributeValue, Fingerprint, Health
 from nomad_vm.errors import NetworkError, NomadVMError, VMRequestError
 from nomad_vm.network import links
 from nomad_vm.network.settings import BridgeNetwork
-from nomad_vm.vm.hypervisor import HostFacts, Hypervisor
+from nomad_vm.vm.hypervisor import HostFacts, HostSettings, Hypervisor
 
 ATTRIBUTE_PREFIX = "driver.vm."
 
 
-def fingerprint(config: PluginConfig, backend: Hypervisor) -> Fingerprint:
-    """Healthy only when the backend can run VMs here with the configured settings."""
-    settings = host_settings(config)
-    try:
-        check_settings(backend.name, backend.capabilities, settings)
-    except VMRequestError as exc:
-        return Fingerprint(Health.UNHEALTHY, str(config_error(exc)), _base_attributes())
-    facts = backend.check_host(settings)
-    attrs = _base_attributes(facts)
-    if facts.problem is not None:
-        return Fingerprint(Health.UNHEALTHY, _describe(facts.problem), attrs)
+def fingerprint(
+    config: PluginConfig, backend: Hypervisor, others: Sequence[Hypervisor] = ()
+) -> Fingerprint:
+    """Healthy only when ``backend`` (the plugin's default hypervisor) can run VMs here with the
+    configured settings. Every backend, ``others`` too, says whether it can run here and why
+    not (``driver.vm.<backend>.usable``/``.reason``): a job may constrain on it."""
+    attrs = _base_attributes()
+    for other in others:
+        other_facts, problem = _check(config, other)
+        if other_facts is not None:
+            attrs.update(_backend_attributes(other_facts))
+        attrs.update(_usability(other, problem))
+    facts, problem = _check(config, backend)
+    if facts is not None:
+        attrs.update(_base_attributes(facts))
+    # The guest gets a qemu-guest-agent channel (the guest must run the agent to use it).
+    attrs["driver.vm.guest_agent"] = backend.capabilities.guest_agent
+    attrs.update(_usability(backend, problem))
+    if problem is not None:
+        return Fingerprint(Health.UNHEALTHY, problem, attrs)
+    assert facts is not None
     if facts.accelerator is None:  # a backend that found no problem always chose one
         return Fingerprint(Health.UNHEALTHY, "no accelerator could be chosen", attrs)
     attrs["driver.vm.accelerator"] = facts.accelerator.name
@@ -37,11 +48,31 @@ def fingerprint(config: PluginConfig, backend: Hypervisor) -> Fingerprint:
     return Fingerprint(Health.HEALTHY, description, attrs)
 
 
+def _check(config: PluginConfig, backend: Hypervisor) -> tuple[HostFacts | None, str | None]:
+    """What the backend found on this host, and why it cannot run VMs here (None: it can)."""
+    settings = host_settings(config, backend.name)
+    try:
+        check_settings(backend.name, backend.capabilities, settings)
+    except VMRequestError as exc:
+        return None, str(config_error(exc, settings))
+    facts = backend.check_host(settings)
+    if facts.problem is None:
+        return facts, None
+    return facts, _describe(facts.problem, settings)
+
+
+def _usability(backend: Hypervisor, problem: str | None) -> dict[str, AttributeValue]:
+    prefix = ATTRIBUTE_PREFIX + backend.name.replace("-", "_")
+    return {f"{prefix}.usable": problem is None, f"{prefix}.reason": problem or "usable"}
+
+
+def _backend_attributes(facts: HostFacts) -> dict[str, AttributeValue]:
+    return {ATTRIBUTE_PREFIX + name: value for name, value in facts.attributes}
+
+
 def _base_attributes(facts: HostFacts | None = None) -> dict[str, AttributeValue]:
     attrs: dict[str, AttributeValue] = {
         "driver.vm.version": __version__,
-        # VMs get a qemu-guest-agent channel; the guest must run the agent to use it.
-        "driver.vm.guest_agent": True,
     }
     if facts is None:
         return attrs
@@ -53,21 +84,22 @@ def _base_attributes(facts: HostFacts | None = None) -> dict[str, AttributeValue
         attrs["driver.vm.fs_transport.reason"] = transport.reason
         if transport.virtiofsd is not None:
             attrs["driver.vm.virtiofsd"] = str(transport.virtiofsd)
-    for name, value in facts.attributes:
-        attrs[ATTRIBUTE_PREFIX + name] = value
+    attrs.update(_backend_attributes(facts))
     return attrs
 
 
-def _describe(problem: NomadVMError) -> str:
+def _describe(problem: NomadVMError, settings: HostSettings) -> str:
     """The health description: a setting at fault is named as the plugin config field."""
     if isinstance(problem, VMRequestError):
-        return str(config_error(problem))
+        return str(config_error(problem, settings))
     return str(problem)
 
 
-async def fingerprint_async(config: PluginConfig, backend: Hypervisor) -> Fingerprint:
+async def fingerprint_async(
+    config: PluginConfig, backend: Hypervisor, others: Sequence[Hypervisor] = ()
+) -> Fingerprint:
     # The KVM probe and `qemu --version` run child processes: keep them off the event loop.
-    return await asyncio.to_thread(fingerprint, config, backend)
+    return await asyncio.to_thread(fingerprint, config, backend, others)
 
 
 def network_attributes(net: BridgeNetwork) -> dict[str, AttributeValue]:

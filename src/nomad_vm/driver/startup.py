@@ -23,9 +23,10 @@ from nomad_vm.driver.network_plan import NetworkPlan, plan_network
 from nomad_vm.driver.resources import memory_mb_for, vcpus_for
 from nomad_vm.driver.shares import task_shares
 from nomad_vm.driver.types import AgentInfo, TaskConfig
-from nomad_vm.errors import VMRequestError
+from nomad_vm.errors import ConfigError, VMRequestError
 from nomad_vm.storage.paths import Allowlist
 from nomad_vm.vm.hypervisor import Hypervisor, VMPlan, VMRequest
+from nomad_vm.vm.registry import HypervisorRegistry
 from nomad_vm.vm.spec import ShareSpec
 
 
@@ -38,6 +39,8 @@ class StartPlan:
     allowed_dirs: Allowlist
     # The cloud-init seed's documents (rendered, so bad user_data fails before anything exists).
     seed: SeedDocuments | None
+    # The hypervisor the task asked for (or the plugin's default).
+    backend: Hypervisor
     network: NetworkPlan | None = None
 
     @property
@@ -50,40 +53,77 @@ async def plan_start(
     plugin: PluginConfig,
     agent: AgentInfo,
     runtime_dir: Path,
-    backend: Hypervisor,
+    backends: HypervisorRegistry,
 ) -> StartPlan:
     """Everything StartTask needs to know, checked before anything is created."""
     vm = parse_task_config(task, plugin)
+    backend = choose_backend(backends, vm, plugin)
+    settings = host_settings(plugin, backend.name)
+    caps = backend.capabilities
+    kernel, initramfs = vm.kernel, vm.initramfs
+    firmware_boots_disk = vm.image is not None and vm.firmware in caps.disk_boot_firmware
+    if kernel is None and settings.default_kernel is not None and not firmware_boots_disk:
+        # The operator's kernel for tasks that name none (their initramfs needs their kernel),
+        # unless the task's firmware boots its disk (CH: firmware = "uefi").
+        kernel, initramfs = settings.default_kernel, settings.default_initramfs
     request = VMRequest(
         name=vm.hostname,
         vcpus=vcpus_for(task.resources, agent),
         memory_mb=memory_mb_for(task.resources),
         arch=vm.arch,
-        machine=vm.machine,
+        machine=vm.machine or caps.machine_types[0],
         firmware=vm.firmware,
-        kernel=vm.kernel,
-        initramfs=vm.initramfs,
+        kernel=kernel,
+        initramfs=initramfs,
         cmdline=vm.cmdline,
         has_disk=vm.image is not None,
         shares=task_shares(task, vm),
     )
-    check_request(backend.name, backend.capabilities, request)
-    settings = host_settings(plugin)
+    check_request(backend.name, caps, request)
+    if not caps.guest_agent:
+        refuse_agent_options(backend.name, vm)
     try:
-        check_settings(backend.name, backend.capabilities, settings)
+        check_settings(backend.name, caps, settings)
         vm_plan = await backend.plan(request, settings, runtime_dir)
     except VMRequestError as exc:
-        raise config_error(exc) from None
+        raise config_error(exc, settings) from None
     return StartPlan(
         task=task,
         vm=vm,
         vm_plan=vm_plan,
         allowed_dirs=task_allowlist(task, plugin),
         seed=render_seed(task, vm, vm_plan.shares, vm_plan.share_transport.name),
+        backend=backend,
         network=plan_network(
             task.id, vm.nic, plugin.network, task.ports, task.netns_path, vm.hostname
         ),
     )
+
+
+def refuse_agent_options(backend: str, vm: VMTaskConfig) -> None:
+    """Signals other than SIGTERM/SIGINT reach the guest through its agent: a task that names
+    where they go on a backend without one would find out only when it is signalled."""
+    for option, value in (("signal_unit", vm.signal_unit), ("signal_pidfile", vm.signal_pidfile)):
+        if value:
+            raise ConfigError(
+                f"config.{option}",
+                f"signals reach the guest through its agent, and the {backend} hypervisor gives "
+                "its guests none; remove it (SIGTERM and SIGINT still shut the VM down)",
+            )
+
+
+def choose_backend(
+    backends: HypervisorRegistry, vm: VMTaskConfig, plugin: PluginConfig
+) -> Hypervisor:
+    """The task's `hypervisor`, else the plugin's, else the registry's default."""
+    name = vm.hypervisor or plugin.hypervisor
+    if name is None:
+        return backends.default()
+    if name not in backends.names:
+        field = "config.hypervisor" if vm.hypervisor else "hypervisor"
+        known = ", ".join(backends.names)
+        raise ConfigError(field, f"this plugin has no hypervisor {name!r} (it has {known})")
+    return backends.get(name)
 
 
 def render_seed(

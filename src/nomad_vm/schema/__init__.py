@@ -12,13 +12,22 @@ Nothing here knows about protobuf or gRPC. Semantic checks that need the host (d
 exist, is it inside ``image_paths``) live with the code that uses the value.
 """
 
-from nomad_vm.schema.plugin import ACCELERATORS, PLUGIN_CONFIG, SHARE_TRANSPORTS
-from nomad_vm.schema.task import CLOUD_INIT_OPTIONS, FIRMWARES, MACHINES, NEEDS_SEED, TASK_CONFIG
+from nomad_vm.schema.plugin import ACCELERATORS, CH_SECCOMP, PLUGIN_CONFIG, SHARE_TRANSPORTS
+from nomad_vm.schema.task import (
+    CLOUD_INIT_OPTIONS,
+    FIRMWARES,
+    HYPERVISORS,
+    MACHINES,
+    NEEDS_SEED,
+    TASK_CONFIG,
+)
 
 __all__ = [
     "ACCELERATORS",
+    "CH_SECCOMP",
     "CLOUD_INIT_OPTIONS",
     "FIRMWARES",
+    "HYPERVISORS",
     "MACHINES",
     "NEEDS_SEED",
     "PLUGIN_CONFIG",

@@ -3,9 +3,99 @@
 from __future__ import annotations
 
 from nomad_vm.fields import Field, Schema
+from nomad_vm.schema.task import HYPERVISORS
 
 ACCELERATORS = ("auto", "kvm", "tcg")
 SHARE_TRANSPORTS = ("auto", "virtiofs", "9p")
+# Cloud Hypervisor's own `--seccomp` values.
+CH_SECCOMP = ("true", "false", "log")
+
+CLOUD_HYPERVISOR_BLOCK = Field(
+    "cloud_hypervisor",
+    "block",
+    'Cloud Hypervisor, for tasks with `hypervisor = "cloud-hypervisor"` (or all tasks, with '
+    "the plugin's `hypervisor`). Names as in nomad-driver-ch, whose block is accepted as "
+    "written. Cloud Hypervisor runs guests on KVM only: without a usable KVM it cannot run "
+    "(the node attributes `driver.vm.cloud_hypervisor.usable` and `.reason` say so), 9p "
+    "shares, BIOS boot and QEMU's machine types are refused, and shares use virtio-fs.",
+    fields=(
+        Field(
+            "bin",
+            "string",
+            "The `cloud-hypervisor` binary: a path, or a name looked up on PATH.",
+            default="cloud-hypervisor",
+            example='"/usr/bin/cloud-hypervisor"',
+        ),
+        Field(
+            "remote_bin",
+            "string",
+            "Accepted for nomad-driver-ch configs and not used: the plugin speaks Cloud "
+            "Hypervisor's REST API on the VM's API socket itself, it never runs `ch-remote`.",
+            default="",
+            example='"/usr/bin/ch-remote"',
+        ),
+        Field(
+            "virtiofsd_bin",
+            "string",
+            "The virtiofsd for Cloud Hypervisor VMs (a path, or a name on PATH). Unset: the "
+            "plugin's `virtiofsd_binary` and its search.",
+            default="",
+            example='"/usr/bin/virtiofsd"',
+        ),
+        Field(
+            "default_kernel",
+            "string",
+            "Kernel for Cloud Hypervisor tasks that name no `kernel` (a `vmlinux` with a PVH "
+            'entry, or a bzImage), except those with `firmware = "uefi"` and an `image` (their '
+            "firmware boots the disk). A host path chosen by the operator: it need not lie in "
+            "`image_paths`.",
+            default="",
+            example='"/boot/vmlinuz"',
+        ),
+        Field(
+            "default_initramfs",
+            "string",
+            "Initramfs loaded with `default_kernel` (only with it: a task's own `kernel` comes "
+            "with the task's own `initramfs`).",
+            default="",
+            example='"/boot/initramfs.img"',
+        ),
+        Field(
+            "firmware",
+            "string",
+            "Cloud Hypervisor firmware (`CLOUDHV.fd` from edk2, or rust-hypervisor-firmware) "
+            'that boots a disk image for tasks with `firmware = "uefi"` and no kernel. Unset: '
+            "such tasks are refused.",
+            default="",
+            example='"/usr/share/cloud-hypervisor/CLOUDHV.fd"',
+        ),
+        Field(
+            "seccomp",
+            "string",
+            "Cloud Hypervisor's own seccomp filters (`--seccomp`): `true` (on), `false` (off) "
+            "or `log` (violations are logged, not fatal). A string, as in nomad-driver-ch.",
+            default="true",
+            choices=CH_SECCOMP,
+        ),
+        Field(
+            "log_file",
+            "string",
+            "Where Cloud Hypervisor's own messages go, appended (every VM of the node writes "
+            "to it; it is never truncated). Unset: a `cloud-hypervisor.log` in each VM's "
+            "runtime directory, removed with the task.",
+            default="",
+            example='"/var/log/cloud-hypervisor.log"',
+        ),
+        Field(
+            "trust_kvm",
+            "bool",
+            "Skip the KVM probe (a test guest run before KVM is trusted) and launch Cloud "
+            "Hypervisor whenever `/dev/kvm` exists: for hosts whose KVM fools the probe. Off by "
+            "default; with it on, a KVM that cannot run guests shows up as VMs that never boot.",
+            default=False,
+        ),
+    ),
+)
 
 PLUGIN_CONFIG = Schema(
     title="Plugin configuration",
@@ -40,6 +130,13 @@ PLUGIN_CONFIG = Schema(
             "otherwise; `kvm` refuses to run when KVM is unusable; `tcg` never uses KVM.",
             default="auto",
             choices=ACCELERATORS,
+        ),
+        Field(
+            "hypervisor",
+            "string",
+            "The hypervisor of tasks that set no `hypervisor` of their own. Unset: `qemu`.",
+            choices=HYPERVISORS,
+            example='"cloud-hypervisor"',
         ),
         Field(
             "qemu_binary",
@@ -171,5 +268,6 @@ PLUGIN_CONFIG = Schema(
                 ),
             ),
         ),
+        CLOUD_HYPERVISOR_BLOCK,
     ),
 )

@@ -18,12 +18,27 @@ CLOUD_INIT_OPTIONS = (
 NEEDS_SEED = (
     "Only through cloud-init: refused on a VM without a seed (no `image`, or `cloud_init = false`)."
 )
-MACHINES = ("pc", "q35", "microvm")
+# QEMU's machine types, and Cloud Hypervisor's one platform (it has no others).
+MACHINES = ("pc", "q35", "microvm", "cloud-hypervisor")
+# The hypervisor backends (nomad_vm.vm.registry has one of each name).
+HYPERVISORS = ("qemu", "cloud-hypervisor")
 
 TASK_CONFIG = Schema(
     title="Task configuration",
     where='a task\'s `config { ... }` block with `driver = "vm"`',
     fields=(
+        Field(
+            "hypervisor",
+            "string",
+            "Which hypervisor runs this VM: `qemu` or `cloud-hypervisor`. Unset: the plugin's "
+            "`hypervisor`. The same config gives the same VM on either wherever the hypervisor "
+            "can do it; what Cloud Hypervisor cannot do (9p shares, BIOS boot of a disk, TCG, "
+            "QEMU's machine types, `uefi-secure`) is an error naming the option, never a silent "
+            "difference. A node where the hypervisor cannot run fails the task at once, saying "
+            "why.",
+            choices=HYPERVISORS,
+            example='"cloud-hypervisor"',
+        ),
         Field(
             "image",
             "string",
@@ -77,7 +92,10 @@ TASK_CONFIG = Schema(
             "firmware",
             "string",
             "`bios` (SeaBIOS), `uefi` (OVMF, with a per-task copy of its variable store) or "
-            '`uefi-secure` (OVMF with Secure Boot enforced; needs `os { machine = "q35" }`).',
+            '`uefi-secure` (OVMF with Secure Boot enforced; needs `os { machine = "q35" }`). '
+            "Cloud Hypervisor has no BIOS: a VM with a kernel boots it directly (no firmware "
+            "runs, `bios` is then only the default), a disk without a kernel needs `uefi` (the "
+            "plugin's `cloud_hypervisor.firmware`), and `uefi-secure` is refused.",
             default="bios",
             choices=FIRMWARES,
         ),
@@ -92,8 +110,9 @@ TASK_CONFIG = Schema(
                 Field(
                     "machine",
                     "string",
-                    "QEMU machine type. `microvm` only boots a kernel directly, with BIOS.",
-                    default="pc",
+                    "Machine type. QEMU: `pc`, `q35` or `microvm` (`microvm` only boots a "
+                    "kernel directly, with BIOS). Cloud Hypervisor has one, `cloud-hypervisor`. "
+                    "Unset: the hypervisor's own default (`pc` on QEMU).",
                     choices=MACHINES,
                 ),
             ),

@@ -44,9 +44,15 @@ class HypervisorCapabilities:
 
     accelerators: tuple[str, ...]
     firmware_kinds: tuple[str, ...]
+    # The firmware kinds that boot a disk when the VM has no kernel (Cloud Hypervisor has no
+    # BIOS: "bios" there only means a kernel booted directly).
+    disk_boot_firmware: tuple[str, ...]
+    # The first is the default, for tasks that name none.
     machine_types: tuple[str, ...]
     arches: tuple[str, ...]
     share_transports: tuple[str, ...]
+    # The guest gets a qemu-guest-agent channel: exec, signals to its units, terminal sessions.
+    guest_agent: bool
     # A port for an interactive session can be added to a running VM (`nomad alloc exec -t`).
     terminal_hotplug: bool
     pause: bool
@@ -68,6 +74,22 @@ class HostSettings:
     # VMM filters its own system calls (a backend that cannot says so in check_host).
     vm_user: str
     seccomp: bool
+    # A kernel (and initramfs) for requests that name none; None: such VMs boot their disk.
+    default_kernel: Path | None = None
+    default_initramfs: Path | None = None
+    # A firmware file that boots disks, for backends that do not find their own.
+    firmware_file: Path | None = None
+    # The VMM's own seccomp mode, in its terms (Cloud Hypervisor: true, false or log).
+    seccomp_mode: str = "true"
+    # Where the VMM's own messages go (appended); None: a log in the VM's runtime directory.
+    log_file: Path | None = None
+    # Use KVM without probing it first (the operator vouches for it).
+    trust_kvm: bool = False
+    # Setting -> the config field it came from, for errors that name what the user wrote.
+    fields: tuple[tuple[str, str], ...] = ()
+
+    def field_of(self, option: str) -> str | None:
+        return dict(self.fields).get(option)
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,13 @@ def _qemu() -> Hypervisor:
     return QemuHypervisor()
 
 
-BUILT_IN: Mapping[str, BackendFactory] = {"qemu": _qemu}
+def _cloud_hypervisor() -> Hypervisor:
+    from nomad_vm.vm.cloud_hypervisor.backend import CloudHypervisor
+
+    return CloudHypervisor()
+
+
+BUILT_IN: Mapping[str, BackendFactory] = {"qemu": _qemu, "cloud-hypervisor": _cloud_hypervisor}
 DEFAULT_BACKEND = "qemu"
 
 

@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import os
 import socket
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from nomad_vm.errors import HypervisorError
@@ -36,11 +37,18 @@ class ShareDaemon:
     process: SupervisedProcess
     share: ShareSpec
     log: Path
-    # QEMU's end of the vhost-user connection; closed once QEMU has its copy (``close``).
-    qemu_end: socket.socket
+    # The VMM's end of the vhost-user connection, when asked for (``connect``); closed once
+    # the VMM has its copy (``close``).
+    qemu_end: socket.socket | None = None
 
     def close(self) -> None:
-        self.qemu_end.close()
+        if self.qemu_end is not None:
+            self.qemu_end.close()
+
+
+def with_sockets(shares: Sequence[ShareSpec], runtime_dir: Path) -> tuple[ShareSpec, ...]:
+    """Each share's vhost-user socket, in the task's runtime directory."""
+    return tuple(replace(s, socket=runtime_dir / f"vfs{i}.sock") for i, s in enumerate(shares))
 
 
 def daemon_argv(
@@ -76,15 +84,17 @@ def start_daemons(
     *,
     gated: bool = False,
     user: VMMUser | None = None,
+    connect: bool = False,
 ) -> list[ShareDaemon]:
     """One virtiofsd per share, each already listening on ``share.socket``; all or none.
     ``gated``: each runs only once its process is released (``nomad_vm.vm.process``);
-    ``user``: who it runs as (None: as the plugin)."""
+    ``user``: who it runs as (None: as the plugin); ``connect``: each gets a client already
+    connected (``qemu_end``), for a VMM that cannot reach the socket's path."""
     started: list[ShareDaemon] = []
     try:
         for i, share in enumerate(shares):
             log = runtime_dir / f"virtiofsd-{i}.log"
-            started.append(_start_one(binary, share, log, gated, user))
+            started.append(_start_one(binary, share, log, gated, user, connect))
     except BaseException:
         kill_daemons(started)
         raise
@@ -92,14 +102,14 @@ def start_daemons(
 
 
 def _start_one(
-    binary: Path, share: ShareSpec, log: Path, gated: bool, user: VMMUser | None
+    binary: Path, share: ShareSpec, log: Path, gated: bool, user: VMMUser | None, connect: bool
 ) -> ShareDaemon:
     if share.socket is None:
         raise ValueError(f"share {share.tag} has no vhost-user socket path")
     listener = listen_at(share.socket)
     qemu_end = None
     try:
-        qemu_end = connect_to(listener)
+        qemu_end = connect_to(listener) if connect else None
         log_fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
     except (OSError, HypervisorError) as exc:
         listener.close()
@@ -123,7 +133,8 @@ def _start_one(
         )
         return ShareDaemon(process, share, log, qemu_end)
     except BaseException:
-        qemu_end.close()
+        if qemu_end is not None:
+            qemu_end.close()
         raise
     finally:
         # The daemon has its own copy of the listening socket now.

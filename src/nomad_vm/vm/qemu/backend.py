@@ -11,14 +11,10 @@ waits for them, and their head start keeps StartTask as fast as it was without t
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
-from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-
-import psutil
 
 from nomad_vm.errors import HypervisorError, LaunchError, NomadVMError
 from nomad_vm.files import read_log_tail
@@ -35,11 +31,11 @@ from nomad_vm.vm.hypervisor import (
     HypervisorCapabilities,
     LaunchDevices,
     LaunchRecorder,
-    SpawnedProcess,
     VMPlan,
     VMRef,
     VMRequest,
 )
+from nomad_vm.vm.launching import is_running, record_and_release
 from nomad_vm.vm.machine import ARCHES, MACHINE_TYPES, MachineConfig, validate_machine
 from nomad_vm.vm.process import SupervisedProcess, reattach, spawn
 from nomad_vm.vm.qemu.argv import qemu_argv
@@ -47,8 +43,14 @@ from nomad_vm.vm.qemu.binary import find_qemu, qemu_version
 from nomad_vm.vm.qemu.monitor import QemuMonitor, connect_when_ready
 from nomad_vm.vm.qemu.running import AGENT_SOCKET, LOG_NAME, QMP_SOCKET, QemuVM
 from nomad_vm.vm.share_transport import choose_share_transport
-from nomad_vm.vm.spec import ShareSpec, VMSpec
-from nomad_vm.vm.virtiofsd import ShareDaemon, early_exit_report, kill_daemons, start_daemons
+from nomad_vm.vm.spec import VMSpec
+from nomad_vm.vm.virtiofsd import (
+    ShareDaemon,
+    early_exit_report,
+    kill_daemons,
+    start_daemons,
+    with_sockets,
+)
 from nomad_vm.vm.vmm_user import VMMUser, check_kvm_access, resolve_vmm_user, runs_as
 
 log = logging.getLogger(__name__)
@@ -62,9 +64,11 @@ HELPER_ROLE = "virtiofsd"
 CAPABILITIES = HypervisorCapabilities(
     accelerators=("kvm", "tcg"),
     firmware_kinds=FIRMWARE_KINDS,
+    disk_boot_firmware=FIRMWARE_KINDS,
     machine_types=MACHINE_TYPES,
     arches=ARCHES,
     share_transports=("virtiofs", "9p"),
+    guest_agent=True,
     terminal_hotplug=True,
     # QEMU could (QMP stop/cont, migrate-to-file), but this backend does not offer them yet.
     pause=False,
@@ -162,13 +166,14 @@ class QemuHypervisor:
             daemons = self._start_daemons(plan, spec)
             try:
                 spec = with_daemon_ends(spec, daemons)
-                await _record(recorder, [d.process for d in daemons], HELPER_ROLE, [])
+                await record_and_release(recorder, [d.process for d in daemons], HELPER_ROLE)
                 process = self._spawn_qemu(plan, spec, devices.console_fd, daemons, handed)
             finally:
                 # QEMU (or its gate) holds its own copies now; the plugin keeps none.
                 for daemon in daemons:
                     daemon.close()
-        await _record(recorder, [process], VMM_ROLE, daemons, spec.control_socket)
+        helpers = [d.process for d in daemons]
+        await record_and_release(recorder, [process], VMM_ROLE, helpers, spec.control_socket)
         return await self._connect(spec, process, daemons, runtime_dir)
 
     def _start_daemons(self, plan: VMPlan, spec: VMSpec) -> list[ShareDaemon]:
@@ -183,6 +188,7 @@ class QemuHypervisor:
             plan.runtime_dir,
             gated=True,
             user=_details(plan).user,
+            connect=True,
         )
 
     def _spawn_qemu(
@@ -226,7 +232,7 @@ class QemuHypervisor:
         runtime_dir: Path,
     ) -> QemuVM:
         async def running() -> bool:
-            return process.exit is None and _alive(process)
+            return is_running(process)
 
         try:
             monitor, _ = await connect_when_ready(spec.control_socket, running, QMP_READY_TIMEOUT)
@@ -269,44 +275,17 @@ class QemuHypervisor:
         return vm
 
 
-async def _record(
-    recorder: LaunchRecorder,
-    processes: list[SupervisedProcess],
-    role: str,
-    started: list[ShareDaemon],
-    control_socket: Path | None = None,
-) -> None:
-    """Tell the recorder, then let the processes run. If it fails (or the start is cancelled),
-    they end at their gates without having run, and ``started`` (already running) with them."""
-    if not processes:
-        return
-    try:
-        await recorder.spawned([SpawnedProcess(role, p.ident) for p in processes], control_socket)
-    except BaseException:
-        for process in processes:
-            process.kill_and_reap()
-        kill_daemons(started)
-        raise
-    for process in processes:
-        process.release()
-
-
 def _details(plan: VMPlan) -> QemuPlan:
     if not isinstance(plan.details, QemuPlan):
         raise TypeError(f"a {plan.backend} plan cannot be launched by QEMU")
     return plan.details
 
 
-def with_sockets(shares: Sequence[ShareSpec], runtime_dir: Path) -> tuple[ShareSpec, ...]:
-    """virtio-fs: each share's vhost-user socket, in the task's runtime directory."""
-    return tuple(replace(s, socket=runtime_dir / f"vfs{i}.sock") for i, s in enumerate(shares))
-
-
 def with_daemon_ends(spec: VMSpec, daemons: list[ShareDaemon]) -> VMSpec:
     """The spec with each virtio-fs share's connected descriptor (QEMU's end)."""
     if not daemons:
         return spec
-    ends = {d.share.tag: d.qemu_end.fileno() for d in daemons}
+    ends = {d.share.tag: d.qemu_end.fileno() for d in daemons if d.qemu_end is not None}
     shares = tuple(replace(s, socket_fd=ends.get(s.tag)) for s in spec.shares)
     return replace(spec, shares=shares)
 
@@ -348,9 +327,3 @@ def build_spec(
         agent_fd=handed.listen(agent_socket) if handed else None,
         seccomp=details.seccomp,
     )
-
-
-def _alive(process: SupervisedProcess) -> bool:
-    with contextlib.suppress(psutil.Error):
-        return psutil.Process(process.pid).status() != psutil.STATUS_ZOMBIE
-    return False

@@ -1,0 +1,337 @@
+"""The Cloud Hypervisor backend: check the host, plan a VM, launch it, find it again.
+
+Launch order, as with QEMU: one virtiofsd per share (forked gated, recorded, released), then
+``cloud-hypervisor`` with an API socket and an event monitor in the task's runtime dir (gated,
+recorded with its API socket, released), and once its API answers, the VM is defined
+(``vm.create``, the definition built by ``vm_config``) and booted (``vm.boot``). CH never sees
+a command line VM: nothing boots until the plugin has recorded the VMM.
+
+CH's ``vm.create`` takes no TAP descriptors (its HTTP handler drops them), so a TAP that lives
+in another network namespace (Nomad's group network mode) is reached by name, with CH started
+inside that namespace (``nsenter``, the namespace taken from the TAP's descriptor with
+``TUNGETDEVNETNS``). Only its network namespace changes; the API socket is a path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import logging
+import os
+import shutil
+from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import NoReturn
+
+from nomad_vm.errors import HypervisorError, LaunchError, NomadVMError, VMRequestError
+from nomad_vm.processes import is_same_process
+from nomad_vm.vm.accel import AcceleratorChoice, KvmStatus, probe_kvm
+from nomad_vm.vm.cloud_hypervisor.binary import cloud_hypervisor_version, find_cloud_hypervisor
+from nomad_vm.vm.cloud_hypervisor.client import ChClient, connect_when_ready
+from nomad_vm.vm.cloud_hypervisor.files import API_SOCKET, LOG_NAME
+from nomad_vm.vm.cloud_hypervisor.running import CloudHypervisorVM, LogSpot
+from nomad_vm.vm.cloud_hypervisor.vm_config import CloudHypervisorPlan, build_vm_config, vmm_argv
+from nomad_vm.vm.hypervisor import (
+    VMM_ROLE,
+    HostFacts,
+    HostSettings,
+    HypervisorCapabilities,
+    LaunchDevices,
+    LaunchRecorder,
+    VMPlan,
+    VMRef,
+    VMRequest,
+)
+from nomad_vm.vm.launching import is_running, record_and_release
+from nomad_vm.vm.process import SupervisedProcess, reattach, spawn
+from nomad_vm.vm.share_transport import ShareTransport, choose_share_transport
+from nomad_vm.vm.virtiofsd import (
+    ShareDaemon,
+    early_exit_report,
+    kill_daemons,
+    start_daemons,
+    with_sockets,
+)
+
+log = logging.getLogger(__name__)
+
+NAME = "cloud-hypervisor"
+HELPER_ROLE = "virtiofsd"
+API_READY_TIMEOUT = 30.0
+KVM_DEVICE = Path("/dev/kvm")
+# ioctl(tun_fd, TUNGETDEVNETNS): a descriptor of the TAP's network namespace (Linux >= 5.2).
+TUNGETDEVNETNS = 0x54E3
+
+CAPABILITIES = HypervisorCapabilities(
+    # CH has no software emulation.
+    accelerators=("kvm",),
+    # "bios" only as the default of a VM that boots a kernel directly: CH has no BIOS.
+    firmware_kinds=("bios", "uefi"),
+    disk_boot_firmware=("uefi",),
+    machine_types=("cloud-hypervisor",),
+    arches=("x86_64",),
+    share_transports=("virtiofs",),
+    # No virtio-serial port for qemu-ga; the agent over vsock is not shown to work yet.
+    guest_agent=False,
+    terminal_hotplug=False,
+    # CH can (vm.pause/resume, vm.snapshot/restore); this backend does not offer them yet.
+    pause=False,
+    snapshot=False,
+    # --no-shutdown keeps the VMM after a guest power-off; the event file keeps the panic.
+    verdict_survives_plugin_absence=True,
+)
+
+
+class CloudHypervisor:
+    """Cloud Hypervisor on KVM (probed, or trusted with ``cloud_hypervisor.trust_kvm``)."""
+
+    name = NAME
+    capabilities = CAPABILITIES
+
+    def check_host(self, settings: HostSettings) -> HostFacts:
+        kvm = kvm_status(settings)
+        facts = HostFacts(kvm)
+        with contextlib.suppress(NomadVMError):  # only shares need it: a plan-time refusal
+            facts = replace(facts, share_transport=_virtio_fs(settings))
+        try:
+            binary = find_cloud_hypervisor(settings.binary)
+            version = cloud_hypervisor_version(binary)
+        except HypervisorError as exc:
+            return replace(facts, problem=exc)
+        attributes = (
+            ("cloud_hypervisor.version", version),
+            ("cloud_hypervisor.binary", str(binary)),
+        )
+        facts = replace(facts, attributes=attributes)
+        try:
+            return replace(facts, accelerator=kvm_accelerator(kvm))
+        except NomadVMError as exc:
+            return replace(facts, problem=exc)
+
+    async def plan(self, request: VMRequest, settings: HostSettings, runtime_dir: Path) -> VMPlan:
+        # Whether CH can run here at all comes first: it is the reason a task fails on this node.
+        binary = find_cloud_hypervisor(settings.binary)
+        # The KVM probe runs a child process (once per plugin process): keep it off the loop.
+        kvm = await asyncio.to_thread(kvm_status, settings)
+        accelerator = kvm_accelerator(kvm)
+        firmware = None
+        if request.kernel is None:
+            if settings.firmware_file is None:
+                raise VMRequestError(
+                    "firmware_file",
+                    "is unset, and this VM has no kernel: Cloud Hypervisor boots a disk with "
+                    "its firmware (CLOUDHV.fd or rust-hypervisor-firmware); set it, or give "
+                    "the task a kernel (or the plugin a cloud_hypervisor.default_kernel)",
+                )
+            firmware = settings.firmware_file
+        elif request.firmware != "bios":
+            raise VMRequestError(
+                "firmware",
+                f"{request.firmware!r} with a kernel: Cloud Hypervisor boots a kernel directly "
+                "(no firmware runs), so leave firmware unset, or boot the disk without a kernel",
+            )
+        transport = ShareTransport("virtiofs", None, "no shares")
+        shares = request.shares
+        if shares:
+            try:
+                transport = _virtio_fs(settings)
+            except VMRequestError as exc:
+                raise VMRequestError(
+                    exc.option,
+                    f"Cloud Hypervisor shares directories only over virtio-fs: {exc.reason} "
+                    "(or set share_task_dirs = false and mount no volumes)",
+                ) from None
+            shares = with_sockets(shares, runtime_dir)
+        details = CloudHypervisorPlan(
+            binary=str(binary),
+            firmware=firmware,
+            seccomp=settings.seccomp_mode,
+            log_file=settings.log_file,
+        )
+        return VMPlan(NAME, request, runtime_dir, accelerator, transport, shares, details)
+
+    async def launch(
+        self, plan: VMPlan, devices: LaunchDevices, recorder: LaunchRecorder
+    ) -> CloudHypervisorVM:
+        details = _details(plan)
+        config = build_vm_config(plan, details.firmware, devices)
+        daemons = self._start_daemons(plan)
+        helpers = [d.process for d in daemons]
+        await record_and_release(recorder, helpers, HELPER_ROLE)
+        process, log_spot = self._spawn(plan, details, devices, daemons)
+        socket = plan.runtime_dir / API_SOCKET
+        await record_and_release(recorder, [process], VMM_ROLE, helpers, socket)
+        client = await self._connect(socket, process, daemons, log_spot)
+        vm = CloudHypervisorVM(
+            process, client, plan.runtime_dir, tuple(d.process for d in daemons), log_spot
+        )
+        try:
+            await client.create(config)
+            await client.boot()
+        except HypervisorError as exc:
+            await self._failed(process, daemons, client, log_spot, str(exc))
+        return vm
+
+    def _start_daemons(self, plan: VMPlan) -> list[ShareDaemon]:
+        if not plan.shares:
+            return []
+        binary = plan.share_transport.virtiofsd
+        if binary is None:
+            raise ValueError("virtio-fs shares need the virtiofsd binary")
+        return start_daemons(binary, plan.shares, plan.runtime_dir, gated=True)
+
+    def _spawn(
+        self,
+        plan: VMPlan,
+        details: CloudHypervisorPlan,
+        devices: LaunchDevices,
+        daemons: list[ShareDaemon],
+    ) -> tuple[SupervisedProcess, LogSpot]:
+        """CH, forked at its gate: serial on stdout (the task's), its messages to the log."""
+        runtime = plan.runtime_dir
+        argv = vmm_argv(details, runtime)
+        netns_fd = None
+        try:
+            log_path = details.log_file or runtime / LOG_NAME
+            flags = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC
+            flags |= os.O_APPEND if details.log_file else os.O_TRUNC
+            log_fd = os.open(log_path, flags, 0o640 if details.log_file else 0o600)
+            try:
+                spot = LogSpot(log_path, os.fstat(log_fd).st_size if details.log_file else 0)
+                netns_fd = _tap_namespace([nic.fd for nic in devices.nics if nic.fd is not None])
+                if netns_fd is not None:
+                    argv = [*_nsenter(netns_fd), *argv]
+                process = spawn(
+                    argv,
+                    stdout=devices.console_fd,
+                    stderr=log_fd,
+                    cwd=runtime,
+                    pass_fds=[netns_fd] if netns_fd is not None else [],
+                    gated=True,
+                )
+            finally:
+                os.close(log_fd)
+        except BaseException:
+            kill_daemons(daemons)
+            raise
+        finally:
+            if netns_fd is not None:
+                os.close(netns_fd)
+        log.debug("started cloud-hypervisor", extra={"fields": {"pid": process.pid}})
+        return process, spot
+
+    async def _connect(
+        self,
+        socket: Path,
+        process: SupervisedProcess,
+        daemons: list[ShareDaemon],
+        log_spot: LogSpot,
+    ) -> ChClient:
+        async def running() -> bool:
+            return is_running(process)
+
+        try:
+            client, _ = await connect_when_ready(socket, running, API_READY_TIMEOUT)
+        except HypervisorError as exc:
+            await self._failed(process, daemons, None, log_spot, str(exc))
+        return client
+
+    async def _failed(
+        self,
+        process: SupervisedProcess,
+        daemons: list[ShareDaemon],
+        client: ChClient | None,
+        log_spot: LogSpot,
+        what: str,
+    ) -> NoReturn:
+        """End what the launch started and raise LaunchError with the best explanation: a
+        share daemon that failed first, else CH's own words (its log), else ``what``."""
+        cause = early_exit_report(daemons)
+        if client is not None:
+            await client.close()
+        await process.terminate(grace=2.0)
+        kill_daemons(daemons)
+        process.close()
+        said = log_spot.tail()
+        detail = cause or (f"{what}; its log: {said}" if said else what)
+        raise LaunchError(f"Cloud Hypervisor failed to start the VM: {detail}")
+
+    async def reattach(self, ref: VMRef) -> CloudHypervisorVM:
+        """Find a CH started by an earlier plugin process (pid + start ticks, then vm.info)."""
+        process = reattach(ref.vmm)
+        client: ChClient | None = ChClient(ref.control_socket)
+        assert client is not None
+        try:
+            await client.info()
+        except HypervisorError as exc:
+            # The process is ours but its API is unusable: watch it, stop it by signal.
+            log.warning("reattached without the Cloud Hypervisor API: %s", exc)
+            await client.close()
+            client = None
+        helpers = tuple(reattach(h) for h in ref.helpers if is_same_process(h))
+        vm = CloudHypervisorVM(process, client, ref.runtime_dir, helpers)
+        await vm.check_finished_meanwhile()
+        return vm
+
+
+def kvm_status(settings: HostSettings) -> KvmStatus:
+    if not settings.trust_kvm:
+        return probe_kvm()
+    if KVM_DEVICE.exists():
+        return KvmStatus(True, "trusted without the probe (cloud_hypervisor.trust_kvm = true)")
+    return KvmStatus(False, f"{KVM_DEVICE} does not exist (cloud_hypervisor.trust_kvm is on)")
+
+
+def kvm_accelerator(kvm: KvmStatus) -> AcceleratorChoice:
+    if kvm.usable:
+        return AcceleratorChoice("kvm", kvm.reason)
+    raise HypervisorError(
+        f"Cloud Hypervisor cannot run here: it needs KVM and has no software emulation, and "
+        f'KVM cannot run guests on this host ({kvm.reason}); use hypervisor = "qemu", or set '
+        "cloud_hypervisor.trust_kvm = true if the probe is wrong"
+    )
+
+
+def _virtio_fs(settings: HostSettings) -> ShareTransport:
+    return choose_share_transport("virtiofs", settings.virtiofsd_binary)
+
+
+def _tap_namespace(fds: Sequence[int]) -> int | None:
+    """A descriptor of the network namespace the TAPs (given as descriptors) live in; None
+    when every TAP is in ours (named, no descriptor)."""
+    if not fds:
+        return None
+    namespaces = []
+    for fd in fds:
+        try:
+            namespaces.append(fcntl.ioctl(fd, TUNGETDEVNETNS))
+        except OSError as exc:
+            for ns in namespaces:
+                os.close(ns)
+            raise LaunchError(f"cannot find the network namespace of a TAP: {exc}") from exc
+    first, *others = namespaces
+    first_id = os.fstat(first).st_ino
+    different = any(os.fstat(ns).st_ino != first_id for ns in others)
+    for ns in others:
+        os.close(ns)
+    if different:
+        os.close(first)
+        raise LaunchError("Cloud Hypervisor runs in one network namespace; the TAPs are in several")
+    return first
+
+
+def _nsenter(netns_fd: int) -> list[str]:
+    nsenter = shutil.which("nsenter")
+    if nsenter is None:
+        raise LaunchError(
+            "nsenter (util-linux) is needed to start Cloud Hypervisor in the TAP's namespace"
+        )
+    return [nsenter, f"--net=/proc/self/fd/{netns_fd}", "--"]
+
+
+def _details(plan: VMPlan) -> CloudHypervisorPlan:
+    if not isinstance(plan.details, CloudHypervisorPlan):
+        raise TypeError(f"a {plan.backend} plan cannot be launched by Cloud Hypervisor")
+    return plan.details

@@ -1,0 +1,231 @@
+"""One running Cloud Hypervisor: its process, its API, and the event-monitor file.
+
+How a VM's end is known, even when the plugin was not running at that moment:
+
+* CH runs with ``--no-shutdown``: when the guest powers off, CH tears the VM down but the VMM
+  stays, with the VM's config (``vm.info`` says ``Created``), and the event file has a
+  ``vm``/``shutdown`` event. A panic (pvpanic) is a ``guest``/``panic`` event, and the VMM keeps
+  running. The plugin, live or restarted, reads the file, records the verdict and then tells CH
+  to exit (``vmm.shutdown``), as the QEMU backend quits a paused QEMU.
+* ``vm``/``shutdown`` is also written on CH's way out (SIGTERM, ``vmm.shutdown``), but then the
+  API no longer answers: CH handles its exit and API calls in one loop, so a ``vm.info`` that
+  answers after the event means the guest did it.
+* CH ending without a verdict was ended by us (``terminate``: SIGTERM, on which CH exits 0), by
+  someone else, or crashed; as its parent the plugin has the exit status.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from nomad_vm.errors import HypervisorError, Unsupported
+from nomad_vm.files import read_log_tail
+from nomad_vm.vm.cloud_hypervisor.client import ChClient
+from nomad_vm.vm.cloud_hypervisor.events import EventFile, EventFormatError, MonitorEvent
+from nomad_vm.vm.cloud_hypervisor.files import API_SOCKET, EVENTS_FILE, LOG_NAME
+from nomad_vm.vm.cloud_hypervisor.model import VmState
+from nomad_vm.vm.guest_agent import GuestAgent
+from nomad_vm.vm.hypervisor import (
+    GuestEvent,
+    GuestEventReport,
+    OneProcessVMM,
+    TerminalPort,
+    VMRef,
+)
+from nomad_vm.vm.process import SupervisedProcess
+from nomad_vm.vm.spec import VMExit
+
+log = logging.getLogger(__name__)
+
+# How often the event file is read while the VMM runs (a few events per boot; reading a small
+# file is cheap, and CH offers no other channel that outlives the plugin).
+EVENT_POLL = 0.1
+# A virtiofsd exits as soon as CH closes its socket; one that has not after this is killed.
+HELPER_GRACE = 5.0
+# The VM's states once the guest has powered it off (the VMM keeps its config).
+POWERED_OFF_STATES = (VmState.CREATED, VmState.SHUTDOWN)
+
+
+@dataclass(frozen=True)
+class LogSpot:
+    """Where CH's messages go, and from which byte on they are this VM's (a shared log_file)."""
+
+    path: Path
+    offset: int = 0
+
+    def tail(self) -> str:
+        return read_log_tail(self.path, start=self.offset)
+
+
+class CloudHypervisorVM(OneProcessVMM):
+    def __init__(
+        self,
+        process: SupervisedProcess,
+        client: ChClient | None,
+        runtime_dir: Path,
+        helpers: tuple[SupervisedProcess, ...] = (),
+        log_spot: LogSpot | None = None,
+    ) -> None:
+        self.process = process
+        self.client = client
+        self.runtime_dir = runtime_dir
+        self.helpers = helpers
+        self.log_spot = log_spot or LogSpot(runtime_dir / LOG_NAME)
+        self.events = EventFile(runtime_dir / EVENTS_FILE)
+        # "poweroff" or "panic", once the guest did it.
+        self.guest_end: str | None = None
+        self._quitting = False
+        self._terminated = False
+        self._ended: asyncio.Future[VMExit] | None = None
+
+    @property
+    def ref(self) -> VMRef:
+        return VMRef(
+            vmm=self.process.ident,
+            control_socket=self.runtime_dir / API_SOCKET,
+            runtime_dir=self.runtime_dir,
+            helpers=tuple(h.ident for h in self.helpers),
+        )
+
+    async def guest_events(self) -> AsyncIterator[GuestEventReport]:
+        """What the guest does, from the event file, until CH exits (then the rest is read)."""
+        exited = asyncio.ensure_future(self.process.wait())
+        try:
+            while True:
+                for event in self._read():
+                    report = await self._handle(event)
+                    if report is not None:
+                        yield report
+                if exited.done():
+                    return
+                await asyncio.wait({exited}, timeout=EVENT_POLL)
+        finally:
+            exited.cancel()
+
+    def _read(self) -> list[MonitorEvent]:
+        try:
+            return self.events.read_new()
+        except (EventFormatError, OSError) as exc:
+            log.warning("cannot read Cloud Hypervisor's events: %s", exc)
+            return []
+
+    async def _handle(self, event: MonitorEvent) -> GuestEventReport | None:
+        if event.is_("vm", "rebooted"):
+            return GuestEventReport(GuestEvent.REBOOTED)
+        if self.guest_end is not None or self._quitting:
+            return None
+        if event.is_("guest", "panic") and event.properties.get("event", "panicked") == "panicked":
+            self.guest_end = "panic"
+            await self._quit()
+            return GuestEventReport(GuestEvent.PANICKED)
+        if event.is_("vm", "shutdown") and await self._vm_powered_off():
+            self.guest_end = "poweroff"
+            await self._quit()
+            return GuestEventReport(GuestEvent.POWERED_OFF, "guest-shutdown")
+        return None
+
+    async def _vm_powered_off(self) -> bool:
+        """After a ``vm``/``shutdown`` event: is the VMM still there, its VM torn down (the
+        guest did it), rather than on its way out?"""
+        if self.client is None or self._terminated:
+            return False
+        try:
+            info = await self.client.info()
+        except HypervisorError:
+            return False
+        return info.state in POWERED_OFF_STATES
+
+    async def check_finished_meanwhile(self) -> None:
+        """After a reattach: did the guest power off or panic while nobody was watching? The
+        whole file is read again; its older events are history, not news for Nomad."""
+        try:
+            events = self.events.read_all()
+        except (EventFormatError, OSError) as exc:
+            log.warning("cannot read Cloud Hypervisor's events: %s", exc)
+            return
+        for event in events:
+            if not event.is_("vm", "rebooted"):
+                await self._handle(event)
+
+    async def _quit(self) -> None:
+        self._quitting = True
+        if self.client is not None:
+            with contextlib.suppress(HypervisorError):
+                await self.client.shutdown_vmm()
+
+    async def power_down(self) -> bool:
+        """The ACPI power button (``vm.power-button``), which the guest sees, unlike
+        ``vm.shutdown``; False when the API does not answer."""
+        if self.client is None:
+            return False
+        try:
+            await self.client.power_button()
+        except HypervisorError as exc:
+            log.warning("ACPI power button request failed: %s", exc)
+            return False
+        return True
+
+    async def terminate(self, grace: float) -> None:
+        self._terminated = True
+        await self.process.terminate(grace)
+
+    async def wait(self) -> VMExit:
+        if self._ended is None:
+            self._ended = asyncio.ensure_future(self._wait_once())
+        return await asyncio.shield(self._ended)
+
+    async def _wait_once(self) -> VMExit:
+        ended = await self.process.wait()
+        for helper in self.helpers:
+            await helper.terminate(HELPER_GRACE)
+        if self.guest_end == "poweroff":
+            return VMExit(0, None, "the guest powered off", guest_poweroff=True)
+        if self.guest_end == "panic":
+            return VMExit(None, None, "the guest kernel panicked", panicked=True)
+        if self._terminated and not ended.signal:
+            # CH exits 0 on SIGTERM: the signal we sent is how it ended.
+            return VMExit(None, signal.SIGTERM, "Cloud Hypervisor was terminated by SIGTERM")
+        if ended.signal or ended.code:
+            tail = self.log_spot.tail()
+            return VMExit(
+                ended.code, ended.signal, f"{ended.reason}: {tail}" if tail else ended.reason
+            )
+        if ended.code == 0:
+            return VMExit(
+                None,
+                None,
+                "Cloud Hypervisor exited without the guest powering off (SIGTERM or vmm.shutdown "
+                "from outside the plugin)",
+            )
+        return ended
+
+    async def guest_memory_used(self) -> int | None:
+        """None: CH's balloon has no statistics queue, so the guest's own count is unknown
+        (``vm.info``'s memory size is the configured one, not what the guest uses)."""
+        return None
+
+    def guest_agent(self) -> GuestAgent | None:
+        """None: CH has no virtio-serial port for qemu-guest-agent, and the agent over vsock
+        has not been shown to work with it here (no CH guest runs on these hosts)."""
+        return None
+
+    async def open_terminal(self) -> TerminalPort:
+        raise Unsupported("Cloud Hypervisor VMs have no guest agent for an interactive session")
+
+    async def close_terminal(self, port: TerminalPort) -> None:
+        return None
+
+    async def close(self) -> None:
+        if self._ended is not None and not self._ended.done():
+            self._ended.cancel()
+        if self.client is not None:
+            await self.client.close()
+        self.process.close()
+        for helper in self.helpers:
+            helper.close()

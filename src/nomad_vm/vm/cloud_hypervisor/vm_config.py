@@ -1,0 +1,131 @@
+"""The VMM's command line and the VM definition sent with ``vm.create``: pure functions of
+the plan and the devices the driver prepared, so every spec can be checked against the model
+without a VMM.
+
+What the QEMU backend gives a guest, in CH's terms: vCPUs and memory from the task's resources
+(memory shared with the VMM's helpers when virtio-fs is used: virtiofsd maps guest RAM); the
+payload (a kernel with initramfs and command line, or the firmware that boots the disk); the
+task disk (a qcow2 overlay names its backing file, which CH only follows when told) and the
+cloud-init seed, read-only; TAP devices by name; one virtio-fs device per share, each on its
+own virtiofsd's socket; the serial port on the VMM's stdout, which is the task's stdout; a
+balloon (free page reporting gives memory the guest freed back to the host), pvpanic (so a
+panic is an event) and an RNG. No virtio-console: the guest's console is the serial port, as
+on QEMU (`console=ttyS0`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from nomad_vm.vm.cloud_hypervisor.files import API_SOCKET, EVENTS_FILE
+from nomad_vm.vm.cloud_hypervisor.model import (
+    BalloonConfig,
+    ConsoleConfig,
+    ConsoleMode,
+    CpusConfig,
+    DiskConfig,
+    FsConfig,
+    ImageType,
+    MemoryConfig,
+    NetConfig,
+    PayloadConfig,
+    RngConfig,
+    VmConfig,
+)
+from nomad_vm.vm.hypervisor import BackendPlan, LaunchDevices, VMPlan
+
+MIB = 1024 * 1024
+RNG_SOURCE = "/dev/urandom"
+IMAGE_TYPES = {"qcow2": ImageType.QCOW2, "raw": ImageType.RAW}
+
+
+@dataclass(frozen=True)
+class CloudHypervisorPlan(BackendPlan):
+    binary: str
+    # The firmware that boots the disk (a VM without a kernel), else None.
+    firmware: Path | None
+    seccomp: str
+    # The operator's log_file (appended to by every VM), or None: one in the runtime dir.
+    log_file: Path | None
+
+
+def vmm_argv(details: CloudHypervisorPlan, runtime_dir: Path) -> list[str]:
+    """The VMM only: the VM itself comes over the API. ``--no-shutdown`` keeps CH (and so the
+    verdict) after the guest powers off, until the plugin has read it."""
+    return [
+        details.binary,
+        "--api-socket",
+        f"path={runtime_dir / API_SOCKET}",
+        "--event-monitor",
+        f"path={runtime_dir / EVENTS_FILE}",
+        "--seccomp",
+        details.seccomp,
+        "--no-shutdown",
+    ]
+
+
+def build_vm_config(plan: VMPlan, firmware: Path | None, devices: LaunchDevices) -> VmConfig:
+    """``firmware``: the file that boots the disk when the request has no kernel."""
+    request = plan.request
+    shares = plan.shares
+    return VmConfig(
+        payload=_payload(plan, firmware),
+        cpus=CpusConfig(boot_vcpus=request.vcpus, max_vcpus=request.vcpus),
+        memory=MemoryConfig(size=request.memory_mb * MIB, shared=bool(shares)),
+        disks=_disks(devices) or None,
+        net=tuple(
+            NetConfig(tap=nic.tap, mac=nic.mac, id=f"net{i}") for i, nic in enumerate(devices.nics)
+        )
+        or None,
+        fs=tuple(
+            FsConfig(tag=share.tag, socket=str(_socket(share.socket, share.tag)), id=f"fs{i}")
+            for i, share in enumerate(shares)
+        )
+        or None,
+        serial=ConsoleConfig(mode=ConsoleMode.TTY),
+        console=ConsoleConfig(mode=ConsoleMode.OFF),
+        rng=RngConfig(src=RNG_SOURCE),
+        balloon=BalloonConfig(size=0, deflate_on_oom=True, free_page_reporting=True),
+        pvpanic=True,
+    )
+
+
+def _payload(plan: VMPlan, firmware: Path | None) -> PayloadConfig:
+    request = plan.request
+    if request.kernel is not None:
+        return PayloadConfig(
+            kernel=str(request.kernel),
+            initramfs=str(request.initramfs) if request.initramfs is not None else None,
+            cmdline=request.cmdline or None,
+        )
+    if firmware is None:
+        raise ValueError("a VM without a kernel needs the firmware that boots its disk")
+    return PayloadConfig(firmware=str(firmware))
+
+
+def _disks(devices: LaunchDevices) -> tuple[DiskConfig, ...]:
+    disks = []
+    if devices.disk is not None:
+        kind = IMAGE_TYPES.get(devices.disk.format)
+        if kind is None:
+            raise ValueError(f"Cloud Hypervisor cannot boot a {devices.disk.format} disk")
+        disks.append(
+            DiskConfig(
+                path=str(devices.disk.path),
+                image_type=kind,
+                backing_files=kind is ImageType.QCOW2,
+                id="disk0",
+            )
+        )
+    if devices.seed is not None:
+        disks.append(
+            DiskConfig(path=str(devices.seed), readonly=True, image_type=ImageType.RAW, id="seed")
+        )
+    return tuple(disks)
+
+
+def _socket(socket: Path | None, tag: str) -> Path:
+    if socket is None:
+        raise ValueError(f"share {tag} has no virtiofsd socket")
+    return socket

@@ -1,0 +1,132 @@
+"""Cloud Hypervisor through a real Nomad agent: the seed's `cloud_hypervisor {}` block accepted
+as written by Nomad's config parser, a node without CH saying why in its attributes and failing
+a CH job at once with that reason, and a CH job run, logged, stopped and cleaned up, with the
+fake `cloud-hypervisor` executable as the VMM (a test of our plugin, not of CH)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from nomad_vm.cli.devagent import DevAgent
+from tests.conftest import processes_under
+from tests.e2e.conftest import running_agent, wait_alloc, wait_until_empty
+from tests.fakes.cloud_hypervisor import wrapper
+
+pytestmark = pytest.mark.e2e
+
+# As the nomad-driver-ch README writes it; no cloud-hypervisor is installed there on this host.
+SEED_BLOCK = {
+    "bin": "/usr/bin/cloud-hypervisor",
+    "remote_bin": "/usr/bin/ch-remote",
+    "virtiofsd_bin": "/usr/bin/virtiofsd",
+    "default_kernel": "/boot/vmlinuz",
+    "default_initramfs": "/boot/initramfs.img",
+    "firmware": "/usr/share/qemu/OVMF.fd",
+    "seccomp": "true",
+    "log_file": "/var/log/cloud-hypervisor.log",
+}
+BOOTED = "fake cloud-hypervisor guest: booted"
+
+
+def _job(name: str, kernel: Path) -> str:
+    return f"""
+job "{name}" {{
+  type = "service"
+  group "g" {{
+    restart {{
+      attempts = 0
+      mode     = "fail"
+    }}
+    reschedule {{
+      attempts  = 0
+      unlimited = false
+    }}
+    task "vm" {{
+      driver = "vm"
+      config {{
+        hypervisor = "cloud-hypervisor"
+        kernel     = "{kernel}"
+        cmdline    = "console=ttyS0"
+      }}
+      resources {{
+        memory = 128
+      }}
+      kill_timeout = "10s"
+    }}
+  }}
+}}
+"""
+
+
+def _events(alloc: dict[str, Any]) -> list[str]:
+    return [
+        f"{e['Type']}: {e.get('DisplayMessage', '')} {e.get('DriverError', '')}"
+        for e in alloc["TaskStates"]["vm"]["Events"]
+    ]
+
+
+def _ch_processes(agent: DevAgent) -> list[object]:
+    return list(processes_under(agent.config.workdir, "ch-api.sock"))
+
+
+def test_a_node_without_ch_says_why_and_fails_ch_jobs_at_once(
+    tiny_guest: Any, tmp_path: Path
+) -> None:
+    with running_agent(
+        [tiny_guest.vmlinux.parent], plugin_extra={"cloud_hypervisor": SEED_BLOCK}
+    ) as agent:
+        driver = agent.wait_driver()["driver"]
+        assert isinstance(driver, dict)
+        # QEMU (the default) runs; CH cannot, and the node says why.
+        assert driver["Healthy"], driver
+        attrs = driver["Attributes"]
+        assert attrs["driver.vm.cloud_hypervisor.usable"] == "false"
+        reason = attrs["driver.vm.cloud_hypervisor.reason"]
+        assert "cloud_hypervisor.bin" in reason and "/usr/bin/cloud-hypervisor" in reason
+        job = tmp_path / "ch-missing.nomad.hcl"
+        job.write_text(_job("ch-missing", tiny_guest.vmlinux))
+        agent.nomad("job", "run", "-detach", str(job))
+        alloc = wait_alloc(agent, "ch-missing", {"failed"}, timeout=60)
+        texts = _events(alloc)
+        failure = [t for t in texts if t.startswith("Driver Failure")]
+        assert (
+            failure
+            and "cloud_hypervisor.bin '/usr/bin/cloud-hypervisor' does not exist" in (failure[0])
+        ), texts
+
+
+def test_a_ch_job_runs_logs_stops_and_leaves_nothing(tiny_guest: Any, tmp_path: Path) -> None:
+    fake = wrapper(tmp_path / "cloud-hypervisor")
+    block = {"bin": str(fake), "trust_kvm": True}
+    with running_agent(
+        [tiny_guest.vmlinux.parent], plugin_extra={"cloud_hypervisor": block}
+    ) as agent:
+        attrs = agent.wait_driver()["driver"]["Attributes"]  # type: ignore[index]
+        assert attrs["driver.vm.cloud_hypervisor.usable"] == "true"
+        assert attrs["driver.vm.cloud_hypervisor.version"] == "53.0"
+        job = tmp_path / "ch-job.nomad.hcl"
+        job.write_text(_job("ch-job", tiny_guest.vmlinux))
+        agent.nomad("job", "run", "-detach", str(job))
+        alloc = wait_alloc(agent, "ch-job", {"running"}, timeout=120)
+        deadline = time.monotonic() + 60
+        logs = ""
+        while BOOTED not in logs and time.monotonic() < deadline:
+            logs = agent.nomad("alloc", "logs", str(alloc["ID"]), "vm", check=False)
+            time.sleep(0.5)
+        assert BOOTED in logs, logs
+        assert len(_ch_processes(agent)) == 1
+        agent.nomad("job", "stop", "-detach", "ch-job")
+        stopped = wait_alloc(agent, "ch-job", {"complete", "failed"}, timeout=60)
+        texts = _events(stopped)
+        assert any("ACPI shutdown requested" in t for t in texts), texts
+        assert any("Guest powered off" in t for t in texts), texts
+        deadline = time.monotonic() + 20
+        while _ch_processes(agent) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert not _ch_processes(agent)
+        data_dir = agent.config.workdir / "plugin-data"
+        assert wait_until_empty(data_dir, 20), sorted(data_dir.rglob("*"))
