@@ -1,0 +1,174 @@
+"""Files a VM uses, opened once by the plugin and handed on as descriptors.
+
+A job names files (``image`` and its backing chain, ``kernel``, ``initramfs``, ``user_data``);
+checking such a name and then letting qemu-img or QEMU open it again by name leaves a window
+in which the path can be replaced (by a symlink to ``/etc/shadow``, or to another tenant's
+disk) and the swap wins. So a file is opened here exactly once and everything after works on
+that descriptor:
+
+* ``open_allowed`` opens the name with ``O_PATH`` (no access to the file's data, no side
+  effect on a FIFO or a device), then checks *the descriptor*: where it really is
+  (``readlink /proc/self/fd/N``: inside the allowlist, not in the plugin's state) and what it
+  is (``fstat``: a regular file). Only then is the same inode reopened for reading, through
+  ``/proc/self/fd/N`` (which names the inode, not the path). A name that leads out of the
+  allowed directories is refused before anything behind it is opened for reading.
+* qemu-img reads ``/proc/self/fd/N`` (the descriptor is passed to it), QEMU gets block devices
+  as ``-add-fd`` + ``/dev/fdset/S``, and a kernel or initramfs as ``/proc/self/fd/N`` (QEMU
+  loads those with plain ``open``, which does not know fdsets).
+* Reopening ``/proc/self/fd/N`` checks the inode's permissions against the opener, so a
+  kernel that an unprivileged QEMU could not read itself is given to it as a sealed memfd copy
+  (``readable_copy``): memfds are readable by anyone who holds them, and the seals make the
+  copy immutable. Only files that need it are copied (a few ms per MB).
+* The plugin's own files that QEMU uses (the task's disk, the seed ISO, the UEFI code and the
+  task's variable store) are passed the same way (``open_own``), so QEMU needs no filesystem
+  permission at all.
+
+Every descriptor opened for one start is registered with a ``FileHolder`` and closed once the
+VMM has been spawned (it holds its own copies) or the start failed: the plugin serves many
+tasks and must not leak descriptors, nor let one task's VMM inherit another's (spawn uses
+``close_fds``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+
+from nomad_vm.errors import ImageError
+from nomad_vm.storage.paths import AllowedDirs, check_real_path
+
+# Copied into a memfd in chunks of this size (sendfile needs no user-space buffer).
+_COPY_CHUNK = 1 << 24
+# A sealed copy can no longer be written, resized or unsealed by anyone.
+_SEALS = fcntl.F_SEAL_WRITE | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_SEAL
+
+
+@dataclass(frozen=True)
+class HeldFile:
+    """An open descriptor (``fd``) of the file that was at ``path`` when it was opened.
+
+    ``path`` is for messages and records only: nothing opens it again."""
+
+    path: Path
+    fd: int
+    writable: bool = False
+
+    @property
+    def proc_path(self) -> str:
+        """The name that reopens this very inode (in this process, or in a child that inherited
+        the descriptor under the same number)."""
+        return f"/proc/self/fd/{self.fd}"
+
+    def fstat(self) -> os.stat_result:
+        return os.fstat(self.fd)
+
+
+class FileHolder:
+    """The descriptors one task start opened; ``close`` closes them all (idempotent)."""
+
+    def __init__(self) -> None:
+        self._files: list[HeldFile] = []
+
+    def add(self, held: HeldFile) -> HeldFile:
+        self._files.append(held)
+        return held
+
+    @property
+    def fds(self) -> tuple[int, ...]:
+        return tuple(f.fd for f in self._files)
+
+    def close(self) -> None:
+        files, self._files = self._files, []
+        for held in files:
+            with contextlib.suppress(OSError):
+                os.close(held.fd)
+
+    def __enter__(self) -> FileHolder:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def open_allowed(
+    field: str,
+    candidate: Path,
+    allowed_dirs: AllowedDirs,
+    holder: FileHolder,
+    *,
+    subject: str,
+    advice: str,
+) -> HeldFile:
+    """Open ``candidate`` read-only, if the file it leads to is a regular file inside
+    ``allowed_dirs`` and not in their private parts, checked on the descriptor (see the module
+    docstring). ``subject`` starts every error message, ``advice`` ends the "outside" one.
+    The descriptor is registered with ``holder``."""
+    try:
+        probe = os.open(candidate, os.O_PATH | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise ImageError(field, f"{subject}: no such file") from None
+    except OSError as exc:
+        raise ImageError(field, f"{subject}: cannot open the path: {exc.strerror or exc}") from None
+    try:
+        real = Path(os.readlink(f"/proc/self/fd/{probe}"))
+        check_real_path(field, real, allowed_dirs, subject=subject, advice=advice)
+        if not stat.S_ISREG(os.fstat(probe).st_mode):
+            raise ImageError(field, f"{subject}: not a regular file")
+        try:
+            # The same inode (the magic link does not walk the path again), now readable.
+            fd = os.open(f"/proc/self/fd/{probe}", os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY)
+        except OSError as exc:
+            raise ImageError(
+                field, f"{subject}: not readable by the plugin: {exc.strerror or exc}"
+            ) from None
+    finally:
+        os.close(probe)
+    return holder.add(HeldFile(real, fd))
+
+
+def open_own(path: Path, holder: FileHolder, *, writable: bool) -> HeldFile:
+    """A file the plugin made itself (in the task's runtime dir) or trusts (the UEFI code),
+    opened for QEMU; never through a symlink. OSError if it cannot be opened."""
+    flags = (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC | os.O_NOFOLLOW
+    return holder.add(HeldFile(path, os.open(path, flags), writable))
+
+
+def readable_by_anyone(held: HeldFile) -> bool:
+    """Could any user reopen it through ``/proc/self/fd`` (world-readable)?"""
+    return bool(held.fstat().st_mode & stat.S_IROTH)
+
+
+def readable_copy(held: HeldFile, holder: FileHolder) -> HeldFile:
+    """``held`` itself if anyone may read it, else a sealed memfd copy of it (see the module
+    docstring). The copy is registered with ``holder``."""
+    if readable_by_anyone(held):
+        return held
+    fd = os.memfd_create(held.path.name or "file", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    copy = holder.add(HeldFile(held.path, fd))
+    size = held.fstat().st_size
+    offset = 0
+    while offset < size:
+        sent = os.sendfile(fd, held.fd, offset, min(_COPY_CHUNK, size - offset))
+        if sent == 0:
+            break  # the file shrank meanwhile: the copy is what was there
+        offset += sent
+    fcntl.fcntl(fd, fcntl.F_ADD_SEALS, _SEALS)
+    return copy
+
+
+def read_allowed_text(
+    field: str, candidate: Path, allowed_dirs: AllowedDirs, *, subject: str, advice: str
+) -> str:
+    """The UTF-8 text of a file a job names, read from the one descriptor that was checked."""
+    with FileHolder() as holder:
+        held = open_allowed(field, candidate, allowed_dirs, holder, subject=subject, advice=advice)
+        with os.fdopen(os.dup(held.fd), "rb") as f:
+            data = f.read()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ImageError(field, f"cannot read {held.path}: {exc}") from None
