@@ -159,7 +159,9 @@ def test_a_relative_backing_name_is_relative_to_the_images_real_directory(
     assert found is not None and found[0].path == base
 
 
-def test_backing_file_outside_is_refused_by_name(allowed: Path, outside: Path, holder: FileHolder) -> None:
+def test_backing_file_outside_is_refused_by_name(
+    allowed: Path, outside: Path, holder: FileHolder
+) -> None:
     level = image(allowed / "a", backing_chain=(str(outside),), backing_format="raw")
     with pytest.raises(ImageError) as err:
         backing_of(level, [str(allowed)], "config.image", holder)
@@ -169,7 +171,9 @@ def test_backing_file_outside_is_refused_by_name(allowed: Path, outside: Path, h
     assert "image_paths" not in err.value.reason  # widening the allowlist is not the fix
 
 
-def test_dotdot_and_symlinks_do_not_escape(allowed: Path, outside: Path, holder: FileHolder) -> None:
+def test_dotdot_and_symlinks_do_not_escape(
+    allowed: Path, outside: Path, holder: FileHolder
+) -> None:
     link = allowed / "innocent.raw"
     link.symlink_to(outside)
     for name in (str(link), f"{allowed}/../elsewhere/secret"):
