@@ -87,7 +87,7 @@ def platform_argv(
     argv = machine_argv(cfg, plan)
     if plan is None or vars_path is None:
         return argv, ()
-    code = open_own(plan.code, files, writable=False)
+    code = open_own(plan.code, files, writable=False, follow_symlinks=True)
     variables = open_own(vars_path, files, writable=True)
     return [*argv, *firmware_argv(FdSets(), plan, code, variables)], files.fds
 

@@ -130,10 +130,15 @@ def open_allowed(
     return holder.add(HeldFile(real, fd))
 
 
-def open_own(path: Path, holder: FileHolder, *, writable: bool) -> HeldFile:
-    """A file the plugin made itself (in the task's runtime dir) or trusts (the UEFI code),
-    opened for QEMU; never through a symlink. OSError if it cannot be opened."""
-    flags = (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC | os.O_NOFOLLOW
+def open_own(
+    path: Path, holder: FileHolder, *, writable: bool, follow_symlinks: bool = False
+) -> HeldFile:
+    """A file the plugin made itself (in the task's runtime dir: never through a symlink) or
+    a system file it trusts (the UEFI code: Debian installs some builds as symlinks, so
+    ``follow_symlinks``), opened for QEMU. OSError if it cannot be opened."""
+    flags = (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC
+    if not follow_symlinks:
+        flags |= os.O_NOFOLLOW
     return holder.add(HeldFile(path, os.open(path, flags), writable))
 
 

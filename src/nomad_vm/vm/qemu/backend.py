@@ -277,7 +277,7 @@ def open_firmware(
 ) -> tuple[HeldFile, HeldFile]:
     """The UEFI code (read-only) and the task's variable store (read-write), for QEMU."""
     try:
-        code = open_own(plan.code, holder, writable=False)
+        code = open_own(plan.code, holder, writable=False, follow_symlinks=True)
         return code, open_own(vars_path, holder, writable=True)
     except OSError as exc:
         raise HypervisorError(f"cannot open the UEFI firmware for QEMU: {exc}") from exc
