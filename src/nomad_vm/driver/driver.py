@@ -34,7 +34,7 @@ from nomad_vm.driver.networking import NetworkManager
 from nomad_vm.driver.recorder import TaskRecorder
 from nomad_vm.driver.replay import undo_host_changes
 from nomad_vm.driver.start_steps import run_start_steps
-from nomad_vm.driver.startup import plan_start
+from nomad_vm.driver.startup import StartPlan, plan_start
 from nomad_vm.driver.stats import CpuRate
 from nomad_vm.driver.task import VMTask
 from nomad_vm.driver.types import (
@@ -58,6 +58,7 @@ from nomad_vm.errors import (
     TaskNotFound,
 )
 from nomad_vm.fields import Schema
+from nomad_vm.vm.hypervisor import Hypervisor
 from nomad_vm.vm.registry import HypervisorRegistry
 
 log = logging.getLogger(__name__)
@@ -148,29 +149,32 @@ class VMDriver:
         backend = self.backends.default()
         plan = await plan_start(task, self.config, self.agent, self._runtime_dir(task), backend)
         try:
-            if plan.vm_plan.shares and plan.vm_plan.share_transport.fallback:
-                self.events.emit(task, f"Shares use {plan.vm_plan.share_transport.reason}")
-            # A start of this very id that a dead plugin left half done: undo it first.
-            await self._undo_leftover(task.id)
-            journal = TaskJournal(
-                task.id,
-                backend.name,
-                started_at=time.time(),
-                signal_unit=plan.vm.signal_unit,
-                signal_pidfile=plan.vm.signal_pidfile,
-            )
-            recorder = TaskRecorder(self.journals, journal, self.checkpoints)
-            try:
-                started = await run_start_steps(
-                    plan, backend, recorder, self._networks(), self.events
-                )
-            except BaseException:
-                await self._undo_failed_start(recorder.journal)
-                raise
+            return await self._start_planned(task, plan, backend)
         finally:
             # The VMM has its own copies by now (or there is none): the plugin serves many
             # tasks and keeps no descriptor of any task's files.
             plan.files.close()
+
+    async def _start_planned(
+        self, task: TaskConfig, plan: StartPlan, backend: Hypervisor
+    ) -> tuple[TaskHandle, NetworkOverride | None]:
+        if plan.vm_plan.shares and plan.vm_plan.share_transport.fallback:
+            self.events.emit(task, f"Shares use {plan.vm_plan.share_transport.reason}")
+        # A start of this very id that a dead plugin left half done: undo it first.
+        await self._undo_leftover(task.id)
+        journal = TaskJournal(
+            task.id,
+            backend.name,
+            started_at=time.time(),
+            signal_unit=plan.vm.signal_unit,
+            signal_pidfile=plan.vm.signal_pidfile,
+        )
+        recorder = TaskRecorder(self.journals, journal, self.checkpoints)
+        try:
+            started = await run_start_steps(plan, backend, recorder, self._networks(), self.events)
+        except BaseException:
+            await self._undo_failed_start(recorder.journal)
+            raise
         entry = VMTask(task, started.vm, recorder.journal, self.events, backend.capabilities)
         self._tasks[task.id] = entry
         entry.start_watching()
@@ -244,7 +248,9 @@ class VMDriver:
                 log.warning("reconciling the network of %s failed: %s", task.id, exc)
         entry.start_watching()
         vmm = journal.vmm
-        self.events.emit(task, "Reattached to the running VM", {"pid": str(vmm.pid if vmm else "")})
+        self.events.emit(
+            task, "Reattached to the running VM", {"pid": str(vmm.pid if vmm else "")}
+        )
 
     def _recovered_journal(self, task_id: str, handle: TaskHandle) -> TaskJournal:
         """The journal on disk (the latest); else the copy in Nomad's handle, saved again so
@@ -337,3 +343,4 @@ class VMDriver:
         """The plugin is going away: VMs keep running (Nomad will recover them)."""
         for entry in self._tasks.values():
             await entry.close()
+
