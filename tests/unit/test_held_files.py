@@ -149,3 +149,37 @@ def test_user_data_is_read_from_the_checked_descriptor(allowed: Path) -> None:
     with pytest.raises(ImageError) as err:
         read_allowed_text("config.user_data", doc, [str(allowed)], subject="x", advice="")
     assert err.value.field == "config.user_data"
+
+
+def test_a_link_to_an_allowed_file_is_followed_by_resolving_it_first(
+    allowed: Path, holder: FileHolder
+) -> None:
+    (allowed / "v1").write_bytes(b"kernel v1")
+    (allowed / "current").symlink_to("v1")
+    held = open_it(allowed / "current", allowed, holder)
+    assert held.path == allowed / "v1"
+
+
+def test_a_symlink_swapped_in_after_resolving_is_refused_not_followed(
+    allowed: Path, holder: FileHolder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The walk below the allowed directory follows no symlink (openat2 RESOLVE_NO_SYMLINKS):
+    a name that was a file when it was resolved and is a link when it is opened is refused."""
+    kernel = allowed / "vmlinux"
+    kernel.write_bytes(b"validated")
+    elsewhere = allowed / "other"
+    elsewhere.write_bytes(b"other file, also allowed")
+    real_resolve = Path.resolve
+
+    def resolve_then_swap(self: Path, strict: bool = False) -> Path:
+        resolved = real_resolve(self, strict=strict)
+        if self == kernel:
+            kernel.unlink()
+            kernel.symlink_to(elsewhere)
+        return resolved
+
+    monkeypatch.setattr(Path, "resolve", resolve_then_swap)
+    with pytest.raises(ImageError, match="a symlink appeared in") as err:
+        open_it(kernel, allowed, holder)
+    assert err.value.field == "config.kernel"
+    assert holder.fds == ()

@@ -6,12 +6,13 @@ in which the path can be replaced (by a symlink to ``/etc/shadow``, or to anothe
 disk) and the swap wins. So a file is opened here exactly once and everything after works on
 that descriptor:
 
-* ``open_allowed`` opens the name with ``O_PATH`` (no access to the file's data, no side
-  effect on a FIFO or a device), then checks *the descriptor*: where it really is
-  (``readlink /proc/self/fd/N``: inside the allowlist, not in the plugin's state) and what it
-  is (``fstat``: a regular file). Only then is the same inode reopened for reading, through
-  ``/proc/self/fd/N`` (which names the inode, not the path). A name that leads out of the
-  allowed directories is refused before anything behind it is opened for reading.
+* ``open_allowed`` resolves the name (nothing opened) and refuses it at once if it leads out
+  of the allowed directories; then opens the resolved path with ``O_PATH`` (no access to the
+  file's data, no side effect on a FIFO or a device) below its allowed directory, following
+  no symlink (``beneath``: a symlink swapped in meanwhile is refused), and checks *the
+  descriptor*: where it really is (``readlink /proc/self/fd/N``: inside the allowlist, not in
+  the plugin's state) and what it is (``fstat``: a regular file). Only then is the same inode
+  reopened for reading, through ``/proc/self/fd/N`` (which names the inode, not the path).
 * qemu-img reads ``/proc/self/fd/N`` (the descriptor is passed to it), QEMU gets block devices
   as ``-add-fd`` + ``/dev/fdset/S``, and a kernel or initramfs as ``/proc/self/fd/N`` (QEMU
   loads those with plain ``open``, which does not know fdsets).
@@ -32,6 +33,7 @@ tasks and must not leak descriptors, nor let one task's VMM inherit another's (s
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
 import stat
@@ -39,7 +41,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from nomad_vm.errors import ImageError
-from nomad_vm.storage.paths import AllowedDirs, check_real_path
+from nomad_vm.storage.beneath import REFUSED_WALK, open_beneath
+from nomad_vm.storage.paths import (
+    AllowedDirs,
+    Allowlist,
+    as_allowlist,
+    check_real_path,
+    resolve_within,
+)
 
 # Copied into a memfd in chunks of this size (sendfile needs no user-space buffer).
 _COPY_CHUNK = 1 << 24
@@ -107,12 +116,12 @@ def open_allowed(
     ``allowed_dirs`` and not in their private parts, checked on the descriptor (see the module
     docstring). ``subject`` starts every error message, ``advice`` ends the "outside" one.
     The descriptor is registered with ``holder``."""
-    try:
-        probe = os.open(candidate, os.O_PATH | os.O_CLOEXEC)
-    except FileNotFoundError:
-        raise ImageError(field, f"{subject}: no such file") from None
-    except OSError as exc:
-        raise ImageError(field, f"{subject}: cannot open the path: {exc.strerror or exc}") from None
+    # Where the name leads now (symlinks and ".." resolved, nothing opened), refused at once
+    # if that is outside; then opened below its allowed directory through no symlink at all.
+    resolved = resolve_within(
+        field, candidate, allowed_dirs, subject=subject, advice=advice, regular=False
+    )
+    probe = _open_path(field, resolved, as_allowlist(allowed_dirs), subject)
     try:
         real = Path(os.readlink(f"/proc/self/fd/{probe}"))
         check_real_path(field, real, allowed_dirs, subject=subject, advice=advice)
@@ -128,6 +137,40 @@ def open_allowed(
     finally:
         os.close(probe)
     return holder.add(HeldFile(real, fd))
+
+
+def _open_path(field: str, resolved: Path, allowlist: Allowlist, subject: str) -> int:
+    """An ``O_PATH`` descriptor of ``resolved``, opened below the allowed directory holding it
+    without following any symlink (``beneath.open_beneath``): a component swapped for a
+    symlink since it was resolved is refused, not followed."""
+    root = next(r for r in allowlist.root_paths() if r == resolved or r in resolved.parents)
+    flags = os.O_PATH | os.O_CLOEXEC
+    try:
+        root_fd = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            return open_beneath(root_fd, str(resolved.relative_to(root)), flags)
+        finally:
+            os.close(root_fd)
+    except OSError as exc:
+        if exc.errno in REFUSED_WALK:
+            raise ImageError(
+                field,
+                f"{subject}: its path changed while it was being opened (a symlink appeared in "
+                f"{resolved}); refused",
+            ) from None
+        if exc.errno == errno.ENOSYS:
+            # A kernel before 5.6: the check on the descriptor below still decides.
+            return _open_fallback(field, resolved, subject)
+        if exc.errno == errno.ENOENT:
+            raise ImageError(field, f"{subject}: no such file") from None
+        raise ImageError(field, f"{subject}: cannot open {resolved}: {exc.strerror}") from None
+
+
+def _open_fallback(field: str, resolved: Path, subject: str) -> int:
+    try:
+        return os.open(resolved, os.O_PATH | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except OSError as exc:
+        raise ImageError(field, f"{subject}: cannot open {resolved}: {exc.strerror}") from None
 
 
 def open_own(

@@ -90,9 +90,11 @@ def resolve_within(
     *,
     subject: str,
     advice: str,
+    regular: bool = True,
 ) -> Path:
     """``candidate`` resolved (symlinks, ``..``), if it is a regular file inside ``allowed_dirs``
-    and not inside one of its private directories.
+    and not inside one of its private directories (``regular=False``: whatever it is; the
+    caller checks what it opens).
 
     ``subject`` starts every error message (what the user gave, or what referred to the file);
     ``advice`` ends the "outside" error with what to do about it.
@@ -104,7 +106,7 @@ def resolve_within(
     except (OSError, RuntimeError) as exc:  # RuntimeError: a symlink loop
         raise ImageError(field, f"{subject}: cannot resolve the path: {exc}") from None
     check_real_path(field, resolved, allowed_dirs, subject=subject, advice=advice)
-    if not resolved.is_file():
+    if regular and not resolved.is_file():
         raise ImageError(field, f"{subject}: not a regular file")
     return resolved
 
