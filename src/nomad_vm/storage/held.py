@@ -143,7 +143,12 @@ def _open_path(field: str, resolved: Path, allowlist: Allowlist, subject: str) -
     """An ``O_PATH`` descriptor of ``resolved``, opened below the allowed directory holding it
     without following any symlink (``beneath.open_beneath``): a component swapped for a
     symlink since it was resolved is refused, not followed."""
-    root = next(r for r in allowlist.root_paths() if r == resolved or r in resolved.parents)
+    roots = allowlist.root_paths()
+    root = next((r for r in roots if r == resolved or r in resolved.parents), None)
+    if root is None:  # an allowed directory itself moved since the path was checked
+        raise ImageError(
+            field, f"{subject}: {resolved} is no longer inside the allowed directories"
+        )
     flags = os.O_PATH | os.O_CLOEXEC
     try:
         root_fd = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
