@@ -13,7 +13,10 @@ QEMU and virtiofsd are found by the project's own lookup (with make's .tools/bin
 whatever PATH the benchmark was started with), and the plugin is given the same virtiofsd, so
 both sides use the same share transport; the header says which.
 
-Two cases: a kernel-only VM (the tiny guest), and a VM with a thin copy of a 10 GiB image.
+Three cases: a kernel-only VM (the tiny guest), the same with a kernel and initramfs that
+only their owner may read (mode 0600: the driver hands QEMU sealed memfd copies of them, see
+storage/held.py; the bare side reads them by descriptor), and a VM with a thin copy of a 10 GiB
+image. Both sides give QEMU its files as descriptors (the bare side opens them once, up front).
 Each case's first driver start is printed apart: the plugin's very first StartTask also loads
 the driver's modules and probes KVM, QEMU and virtiofsd (once per plugin process), and the first
 start of an image runs qemu-img, whose answers are remembered per image version
@@ -27,6 +30,7 @@ import argparse
 import asyncio
 import contextlib
 import os
+import shutil
 import socket
 import statistics
 import subprocess
@@ -43,8 +47,10 @@ from nomad_vm.cloudinit import CloudInitRequest, render, write_seed  # noqa: E40
 from nomad_vm.guests.tiny import build_tiny  # noqa: E402
 from nomad_vm.plugin.launcher import PluginProcess  # noqa: E402
 from nomad_vm.plugin.proto import driver_pb2  # noqa: E402
+from nomad_vm.storage.held import FileHolder, HeldFile, open_own  # noqa: E402
 from nomad_vm.vm.qemu.argv import qemu_argv  # noqa: E402
 from nomad_vm.vm.qemu.binary import find_qemu  # noqa: E402
+from nomad_vm.vm.qemu.files_argv import inherited_fds  # noqa: E402
 from nomad_vm.vm.qemu.monitor import connect_when_ready  # noqa: E402
 from nomad_vm.vm.share_transport import ShareTransport, choose_share_transport  # noqa: E402
 from nomad_vm.vm.spec import DiskSpec, ShareSpec, VMSpec  # noqa: E402
@@ -71,7 +77,11 @@ def time_bare(qemu: str, spec: VMSpec, virtiofsd: Path | None) -> float:
             for share in spec.shares:
                 cleanup.enter_context(bare_daemon(virtiofsd, share))
         proc = subprocess.Popen(
-            argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            pass_fds=inherited_fds(spec),
         )
         cleanup.callback(proc.wait)
         cleanup.callback(proc.kill)
@@ -166,14 +176,23 @@ def main() -> None:
         image = root / "images" / "big.raw"
         image.parent.mkdir()
         subprocess.run(["truncate", "-s", "10G", str(image)], check=True)
+        private = root / "private"
+        private.mkdir()
+        for source in (guest.vmlinux, guest.initramfs):
+            shutil.copyfile(source, private / source.name)
+            (private / source.name).chmod(0o600)
         plugin = PluginProcess([str(DRIVER)])
         plugin.start(root / "plugin.stderr")
         fifo = FifoReader(alloc / "alloc" / "logs" / ".tiny.stdout.fifo")
+        files = FileHolder()
         try:
             options = {"virtiofsd_binary": str(transport.virtiofsd)} if transport.virtiofsd else {}
-            configure(
-                plugin, root / "data", [str(guest.vmlinux.parent), str(image.parent)], **options
-            )
+            allowed = [str(guest.vmlinux.parent), str(image.parent), str(private)]
+            configure(plugin, root / "data", allowed, **options)
+
+            def held(path: Path, writable: bool = False) -> HeldFile:
+                return open_own(path, files, writable=writable)
+
             kernel_cfg = {
                 "kernel": str(guest.vmlinux),
                 "initramfs": str(guest.initramfs),
@@ -185,8 +204,8 @@ def main() -> None:
                 name="bench",
                 vcpus=1,
                 memory_mb=160,
-                kernel=guest.vmlinux,
-                initramfs=guest.initramfs,
+                kernel=held(guest.vmlinux),
+                initramfs=held(guest.initramfs),
                 cmdline=guest.cmdline,
                 accelerator="tcg",
                 control_socket=bare_dir / "qmp.sock",
@@ -215,7 +234,21 @@ def main() -> None:
             seed = write_seed(render(CloudInitRequest("bench", "bench")), bare_dir / "seed.iso")
             print(f"runs: {args.runs} per side, alternating; medians; shares: {transport.reason}")
             run_case("kernel-only VM", args.runs, plugin, root, kernel_cfg, base, transport)
-            disk_spec = replace(base, disk=DiskSpec(overlay, "qcow2"), seed=seed)
+            run_case(
+                "kernel-only, owner-only files",
+                args.runs,
+                plugin,
+                root,
+                {
+                    **kernel_cfg,
+                    "kernel": str(private / guest.vmlinux.name),
+                    "initramfs": str(private / guest.initramfs.name),
+                },
+                base,
+                transport,
+            )
+            disk = DiskSpec(held(overlay, writable=True), "qcow2", ((held(image), "raw"),))
+            disk_spec = replace(base, disk=disk, seed=held(seed))
             run_case(
                 "thin copy of a 10 GiB image",
                 args.runs,
@@ -226,6 +259,7 @@ def main() -> None:
                 transport,
             )
         finally:
+            files.close()
             fifo.close()
             plugin.kill()
 

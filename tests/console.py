@@ -76,11 +76,17 @@ class QemuConsole:
 
 
 @contextlib.contextmanager
-def run_qemu(argv: list[str]) -> Iterator[tuple[subprocess.Popen[bytes], QemuConsole]]:
+def run_qemu(
+    argv: list[str], pass_fds: tuple[int, ...] = ()
+) -> Iterator[tuple[subprocess.Popen[bytes], QemuConsole]]:
     """QEMU started with its console (and its own errors, interleaved) read as it comes; killed
-    afterwards if it is still running."""
+    afterwards if it is still running. ``pass_fds``: descriptors the command line names."""
     process = subprocess.Popen(
-        argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+        argv,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        pass_fds=pass_fds,
     )
     try:
         yield process, QemuConsole(process)

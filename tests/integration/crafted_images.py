@@ -52,9 +52,11 @@ def sparse_extent(path: Path, directory_entries: int = MAX_DIRECTORY_ENTRIES) ->
     return path
 
 
-def memory_bomb(path: Path, extents: int = 6) -> Path:
+def memory_bomb(path: Path, extents: int = 6, *, absolute: bool = True) -> Path:
     """A vmdk descriptor ``path`` naming ``extents`` times one maximal sparse extent beside it:
-    about 270 MB of qemu-img's memory per extent, just to open it."""
+    about 270 MB of qemu-img's memory per extent, just to open it. The extents are named by
+    absolute path (the driver reads a job's image through a descriptor, ``/proc/self/fd/N``,
+    against which qemu-img cannot find a relative name), or relative with ``absolute=False``."""
     extent = sparse_extent(path.with_name(path.stem + "-s001.vmdk"))
     sectors = MAX_DIRECTORY_ENTRIES * GTES_PER_GT * GRAIN_SECTORS
     lines = [
@@ -64,7 +66,7 @@ def memory_bomb(path: Path, extents: int = 6) -> Path:
         "parentCID=ffffffff",
         'createType="twoGbMaxExtentSparse"',
         "",
-        *[f'RW {sectors} SPARSE "{extent.name}"' for _ in range(extents)],
+        *[f'RW {sectors} SPARSE "{extent if absolute else extent.name}"' for _ in range(extents)],
     ]
     path.write_text("\n".join(lines) + "\n")
     return path

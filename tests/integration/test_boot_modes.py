@@ -43,6 +43,31 @@ def test_uefi_on_q35_boots_with_a_private_variable_store(
     assert hashlib.sha256(plan.vars_template.read_bytes()).hexdigest() == template_digest
 
 
+def test_uefi_secure_firmware_runs_through_the_driver(
+    plugin: PluginProcess,
+    short_tmp: Path,
+    tiny_guest,  # type: ignore[no-untyped-def]
+) -> None:
+    """The SMM build of OVMF, whose code Debian installs as a symlink (OVMF_CODE_4M.ms.fd),
+    reaches QEMU as a descriptor like every other file and runs: with Debian's enrolled keys it
+    refuses the tiny guest's unsigned kernel (test_firmware_boot.py boots signed ones)."""
+    overrides = {
+        "kernel": str(tiny_guest.vmlinuz),
+        "firmware": "uefi-secure",
+        "os": {"arch": None, "machine": "q35"},
+    }
+    with tiny_task(plugin, short_tmp, tiny_guest, alloc_name="secure", overrides=overrides) as (
+        cfg,
+        fifo,
+        _,
+    ):
+        drv(plugin).StartTask(driver_pb2.StartTaskRequest(task=cfg), timeout=60)
+        try:
+            assert fifo.wait_for(b"BdsDxe: failed to load", 120), bytes(fifo.data[-2000:])
+        finally:
+            destroy(plugin, cfg.id)
+
+
 def test_microvm_boots_a_kernel(
     plugin: PluginProcess,
     short_tmp: Path,

@@ -39,8 +39,10 @@ import pytest
 from qemu.qmp import QMPClient
 
 from nomad_vm.guests.tiny import TinyGuest, tiny_cmdline
+from nomad_vm.storage.held import FileHolder, open_own
 from nomad_vm.vm.firmware import FirmwarePlan, plan_firmware, prepare_vars
-from nomad_vm.vm.machine import machine_argv, validate_machine
+from nomad_vm.vm.machine import MachineConfig, machine_argv, validate_machine
+from nomad_vm.vm.qemu.files_argv import FdSets, firmware_argv
 from tests.console import QemuConsole as Console
 from tests.console import run_qemu
 
@@ -72,9 +74,22 @@ BOOT_TIMES: dict[str, float] = {}
 
 
 def qemu(
-    argv: list[str],
+    argv: list[str], pass_fds: tuple[int, ...] = ()
 ) -> contextlib.AbstractContextManager[tuple[subprocess.Popen[bytes], Console]]:
-    return run_qemu([QEMU, *COMMON_ARGS, *argv])
+    return run_qemu([QEMU, *COMMON_ARGS, *argv], pass_fds)
+
+
+def platform_argv(
+    cfg: MachineConfig, plan: FirmwarePlan | None, vars_path: Path | None, files: FileHolder
+) -> tuple[list[str], tuple[int, ...]]:
+    """The machine and its flash images as the driver gives them to QEMU (descriptors), and
+    the descriptors QEMU must inherit."""
+    argv = machine_argv(cfg, plan)
+    if plan is None or vars_path is None:
+        return argv, ()
+    code = open_own(plan.code, files, writable=False, follow_symlinks=True)
+    variables = open_own(vars_path, files, writable=True)
+    return [*argv, *firmware_argv(FdSets(), plan, code, variables)], files.fds
 
 
 async def system_powerdown(socket: Path) -> None:
@@ -139,10 +154,12 @@ def test_boot_and_acpi_power_button(
         # kernel cannot calibrate the TSC and hangs at boot unless told its frequency.
         base += " tsc_early_khz=2000000"
     qmp = short_tmp / "qmp.sock"
-    argv = [*machine_argv(cfg, plan, vars_path), "-qmp", f"unix:{qmp},server=on,wait=off"]
+    files = FileHolder()
+    platform, fds = platform_argv(cfg, plan, vars_path, files)
+    argv = [*platform, "-qmp", f"unix:{qmp},server=on,wait=off"]
     argv += ["-kernel", str(kernel), "-initrd", str(tiny_guest.initramfs)]
     argv += ["-append", tiny_cmdline(base, PROBE)]
-    with qemu(argv) as (process, console):
+    with files, qemu(argv, fds) as (process, console):
         booted = console.wait_for(f"{MARK} booted")
         console.wait_for(READY)
         stopped = power_button_stops(process, console, qmp)
@@ -230,10 +247,12 @@ def test_secure_boot_with_signed_kernel(
     task_dir.mkdir()
     vars_path = prepare_vars(plan, task_dir)
     qmp = short_tmp / "qmp.sock"
-    argv = [*machine_argv(cfg, plan, vars_path), "-qmp", f"unix:{qmp},server=on,wait=off"]
+    files = FileHolder()
+    platform, fds = platform_argv(cfg, plan, vars_path, files)
+    argv = [*platform, "-qmp", f"unix:{qmp},server=on,wait=off"]
     argv += ["-kernel", str(signing_keys.signed), "-initrd", str(tiny_guest.initramfs)]
     argv += ["-append", tiny_cmdline(tiny_guest.cmdline, PROBE)]
-    with qemu(argv) as (process, console):
+    with files, qemu(argv, fds) as (process, console):
         booted = console.wait_for(f"{MARK} booted")
         console.wait_for(READY)
         stopped = power_button_stops(process, console, qmp)
@@ -268,7 +287,9 @@ def test_secure_boot_enforced_for_disk_boot(
     cfg = validate_machine("x86_64", "q35", "uefi-secure", has_kernel=False, has_disk=True)
     vars_path = prepare_vars(plan, short_tmp)
     disk = f"if=virtio,format=raw,readonly=on,file=fat:{esp}"
-    with qemu([*machine_argv(cfg, plan, vars_path), "-drive", disk]) as (_, console):
+    files = FileHolder()
+    platform, fds = platform_argv(cfg, plan, vars_path, files)
+    with files, qemu([*platform, "-drive", disk], fds) as (_, console):
         if image == "signed":
             booted = console.wait_for(f"{MARK} booted")
             console.wait_for(READY)

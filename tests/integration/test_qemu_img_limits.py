@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from nomad_vm.errors import ImageError
-from nomad_vm.storage.disk import inspect_chain, prepare_boot_disk
+from nomad_vm.storage.chain import inspect_chain
+from nomad_vm.storage.disk import prepare_boot_disk
 from nomad_vm.storage.integrity import IntactImages
 from nomad_vm.storage.limits import ADDRESS_SPACE_LIMIT, Limits
 from tests.integration.crafted_images import memory_bomb, slow_to_convert
@@ -69,6 +70,19 @@ def test_an_image_that_needs_gigabytes_to_open_is_refused_naming_it(images: Path
         f"qemu-img needed more than 1024 MiB of memory to read {bomb}, far more than a real "
         "disk image needs; it may be crafted to exhaust the host (see CVE-2015-5162)"
     )
+
+
+def test_a_vmdk_with_extents_it_names_relatively_is_refused_without_reading_them(
+    images: Path,
+) -> None:
+    """Read through its descriptor, a vmdk's relative extent names mean nothing to qemu-img:
+    such an image is refused as a multi-file vmdk, naming the field and what to do."""
+    bomb = memory_bomb(images / "bomb.vmdk", absolute=False)
+    with pytest.raises(ImageError) as err:
+        inspect_chain(TOOL, bomb, [str(images)], "config.image")
+    assert err.value.field == "config.image"
+    assert "separate extent files" in err.value.reason
+    assert "qemu-img convert -O qcow2" in err.value.reason
 
 
 def test_a_conversion_that_spins_is_stopped_by_its_cpu_limit(images: Path, tmp_path: Path) -> None:

@@ -11,13 +11,17 @@ from pathlib import Path
 import pytest
 
 from nomad_vm.errors import HypervisorError, VMRequestError
+from nomad_vm.storage.held import HeldFile
 from nomad_vm.vm import firmware
 from nomad_vm.vm.firmware import FirmwarePlan, plan_firmware, prepare_vars
 from nomad_vm.vm.machine import MachineConfig, machine_argv, validate_machine
+from nomad_vm.vm.qemu.files_argv import FdSets, firmware_argv
 
 CODE = Path("/fw/CODE.fd")
 SECURE_CODE = Path("/fw/CODE.secboot.fd")
 VARS = Path("/task/dir/uefi-vars.fd")
+CODE_FILE = HeldFile(CODE, 40)
+VARS_FILE = HeldFile(VARS, 41, writable=True)
 UEFI_PLAN = FirmwarePlan("uefi", CODE, Path("/fw/VARS.fd"), False, False, "test")
 SECURE_PLAN = FirmwarePlan("uefi-secure", SECURE_CODE, Path("/fw/VARS.ms.fd"), True, True, "test")
 
@@ -117,61 +121,75 @@ def test_secure_boot_needs_q35(machine: str) -> None:
     ],
 )
 def test_bios_argv(cfg: MachineConfig, expected: list[str]) -> None:
-    assert machine_argv(cfg, None, None) == expected
+    assert machine_argv(cfg, None) == expected
 
 
 def test_uefi_on_pc_argv() -> None:
-    assert machine_argv(valid("pc", "uefi"), UEFI_PLAN, VARS) == [
-        "-machine", "pc",
-        "-drive", "if=pflash,format=raw,unit=0,readonly=on,file=/fw/CODE.fd",
-        "-drive", "if=pflash,format=raw,unit=1,file=/task/dir/uefi-vars.fd",
+    assert machine_argv(valid("pc", "uefi"), UEFI_PLAN) == [
+        "-machine", "pc,pflash0=fw-code,pflash1=fw-vars",
     ]  # fmt: skip
 
 
 def test_uefi_on_q35_argv_turns_smm_off() -> None:
-    assert machine_argv(valid("q35", "uefi"), UEFI_PLAN, VARS) == [
-        "-machine", "q35,smm=off",
-        "-drive", "if=pflash,format=raw,unit=0,readonly=on,file=/fw/CODE.fd",
-        "-drive", "if=pflash,format=raw,unit=1,file=/task/dir/uefi-vars.fd",
+    assert machine_argv(valid("q35", "uefi"), UEFI_PLAN) == [
+        "-machine", "q35,smm=off,pflash0=fw-code,pflash1=fw-vars",
     ]  # fmt: skip
 
 
 def test_uefi_secure_argv() -> None:
-    assert machine_argv(valid("q35", "uefi-secure"), SECURE_PLAN, VARS) == [
-        "-machine", "q35,smm=on",
+    assert machine_argv(valid("q35", "uefi-secure"), SECURE_PLAN) == [
+        "-machine", "q35,smm=on,pflash0=fw-code,pflash1=fw-vars",
         "-global", "driver=cfi.pflash01,property=secure,value=on",
-        "-drive", "if=pflash,format=raw,unit=0,readonly=on,file=/fw/CODE.secboot.fd",
-        "-drive", "if=pflash,format=raw,unit=1,file=/task/dir/uefi-vars.fd",
     ]  # fmt: skip
 
 
-def test_commas_in_paths_are_doubled() -> None:
-    argv = machine_argv(valid("pc", "uefi"), UEFI_PLAN, Path("/alloc/a,b/uefi-vars.fd"))
-    assert argv[-1] == "if=pflash,format=raw,unit=1,file=/alloc/a,,b/uefi-vars.fd"
+def test_flash_images_are_descriptors_code_read_only() -> None:
+    argv = firmware_argv(FdSets(), UEFI_PLAN, CODE_FILE, VARS_FILE)
+    assert argv[:2] == ["-add-fd", "fd=40,set=1"]
+    assert argv[4:6] == ["-add-fd", "fd=41,set=2"]
+    code, variables = json.loads(argv[3]), json.loads(argv[7])
+    assert (code["node-name"], code["read-only"]) == ("fw-code", True)
+    assert code["file"] == {"driver": "file", "filename": "/dev/fdset/1", "read-only": True}
+    assert (variables["node-name"], variables["read-only"]) == ("fw-vars", False)
+    assert variables["file"]["filename"] == "/dev/fdset/2"
 
 
 def test_argv_is_pure() -> None:
     cfg = valid("q35", "uefi-secure")
-    assert machine_argv(cfg, SECURE_PLAN, VARS) == machine_argv(cfg, SECURE_PLAN, VARS)
+    assert machine_argv(cfg, SECURE_PLAN) == machine_argv(cfg, SECURE_PLAN)
 
 
 @pytest.mark.parametrize(
-    ("cfg", "plan", "vars_path"),
+    ("cfg", "plan"),
     [
-        (MachineConfig("pc", "bios", None), UEFI_PLAN, VARS),
-        (MachineConfig("pc", "bios", None), None, VARS),
-        (MachineConfig("pc", "uefi", None), None, None),
-        (MachineConfig("pc", "uefi", None), UEFI_PLAN, None),
-        (MachineConfig("q35", "uefi", False), SECURE_PLAN, VARS),
+        (MachineConfig("pc", "bios", None), UEFI_PLAN),
+        (MachineConfig("pc", "uefi", None), None),
+        (MachineConfig("q35", "uefi", False), SECURE_PLAN),
         # An SMM-only firmware build on a machine without SMM would hang in the firmware.
-        (MachineConfig("q35", "uefi-secure", False), SECURE_PLAN, VARS),
+        (MachineConfig("q35", "uefi-secure", False), SECURE_PLAN),
     ],
 )
 def test_mismatched_arguments_are_programming_errors(
-    cfg: MachineConfig, plan: FirmwarePlan | None, vars_path: Path | None
+    cfg: MachineConfig, plan: FirmwarePlan | None
 ) -> None:
     with pytest.raises(ValueError):
-        machine_argv(cfg, plan, vars_path)
+        machine_argv(cfg, plan)
+
+
+@pytest.mark.parametrize(
+    ("plan", "code", "variables"),
+    [
+        (None, CODE_FILE, VARS_FILE),
+        (UEFI_PLAN, None, VARS_FILE),
+        (UEFI_PLAN, CODE_FILE, None),
+        (UEFI_PLAN, VARS_FILE, CODE_FILE),  # writable code, read-only variable store
+    ],
+)
+def test_mismatched_firmware_files_are_programming_errors(
+    plan: FirmwarePlan | None, code: HeldFile | None, variables: HeldFile | None
+) -> None:
+    with pytest.raises(ValueError):
+        firmware_argv(FdSets(), plan, code, variables)
 
 
 # --- firmware discovery ----------------------------------------------------------------------

@@ -7,20 +7,32 @@ from pathlib import Path
 
 import pytest
 
+from nomad_vm.storage.held import HeldFile
 from nomad_vm.vm.firmware import FirmwarePlan
 from nomad_vm.vm.machine import MachineConfig
 from nomad_vm.vm.qemu.argv import qemu_argv
+from nomad_vm.vm.qemu.files_argv import inherited_fds
 from nomad_vm.vm.spec import DiskSpec, NicSpec, ShareSpec, VMSpec
 
 GOLDEN = Path(__file__).parent / "golden"
+
+
+def held(path: str, fd: int, writable: bool = False) -> HeldFile:
+    """A descriptor as the driver would pass it (never opened here: argv is pure)."""
+    return HeldFile(Path(path), fd, writable)
+
+
+def disk(path: str, fd: int, *backing: tuple[HeldFile, str]) -> DiskSpec:
+    return DiskSpec(held(path, fd, writable=True), "qcow2", tuple(backing))
+
 
 SPECS = {
     "kernel_tcg": VMSpec(
         name="web-1a2b3c4d",
         vcpus=2,
         memory_mb=256,
-        kernel=Path("/img/vmlinux"),
-        initramfs=Path("/img/initramfs.img"),
+        kernel=held("/img/vmlinux", 20),
+        initramfs=held("/img/initramfs.img", 21),
         cmdline="console=ttyS0 quiet",
         accelerator="tcg",
         control_socket=Path("/alloc/web/nomad-vm/qmp.sock"),
@@ -29,7 +41,7 @@ SPECS = {
         name="db-00000000",
         vcpus=1,
         memory_mb=128,
-        kernel=Path("/img/bzImage"),
+        kernel=held("/img/bzImage", 20),
         initramfs=None,
         cmdline="",
         accelerator="kvm",
@@ -44,7 +56,8 @@ SPECS = {
         cmdline="",
         accelerator="tcg",
         control_socket=Path("/alloc/win/nomad-vm-x/qmp.sock"),
-        disk=DiskSpec(Path("/alloc/win/nomad-vm-x/disk.qcow2"), "qcow2"),
+        # A copy: no backing chain.
+        disk=disk("/alloc/win/nomad-vm-x/disk.qcow2", 30),
         machine=MachineConfig("q35", "uefi-secure", smm=True),
         firmware=FirmwarePlan(
             "uefi-secure",
@@ -54,8 +67,9 @@ SPECS = {
             True,
             "test",
         ),
-        firmware_vars=Path("/alloc/win/nomad-vm-x/uefi-vars.fd"),
-        seed=Path("/alloc/win/nomad-vm-x/cidata.iso"),
+        firmware_code=held("/usr/share/OVMF/OVMF_CODE_4M.ms.fd", 40),
+        firmware_vars=held("/alloc/win/nomad-vm-x/uefi-vars.fd", 41, writable=True),
+        seed=held("/alloc/win/nomad-vm-x/cidata.iso", 31),
         agent_socket=Path("/alloc/win/nomad-vm-x/agent.sock"),
         shares=(
             ShareSpec("nomad-local", Path("/alloc/win/local"), "/local", True),
@@ -66,12 +80,18 @@ SPECS = {
         name="micro-1",
         vcpus=1,
         memory_mb=128,
-        kernel=Path("/img/vmlinux"),
+        kernel=held("/img/vmlinux", 20),
         initramfs=None,
         cmdline="console=ttyS0 root=/dev/vda",
         accelerator="tcg",
         control_socket=Path("/run/m/qmp.sock"),
-        disk=DiskSpec(Path("/run/m/di,sk.qcow2"), "qcow2"),  # a comma must be escaped
+        # A thin copy of a qcow2 on a raw base: the chain explicit, nearest first.
+        disk=disk(
+            "/run/m/di,sk.qcow2",
+            30,
+            (held("/img/mid.qcow2", 32), "qcow2"),
+            (held("/img/base,1.raw", 33), "raw"),
+        ),
         machine=MachineConfig("microvm", "bios", smm=None),
     ),
     # virtio-fs: RAM from a shared memfd, one vhost-user-fs device per virtiofsd socket.
@@ -84,7 +104,7 @@ SPECS = {
         cmdline="",
         accelerator="tcg",
         control_socket=Path("/run/v/qmp.sock"),
-        disk=DiskSpec(Path("/run/v/disk.qcow2"), "qcow2"),
+        disk=disk("/run/v/disk.qcow2", 30, (held("/img/debian.qcow2", 32), "qcow2")),
         agent_socket=Path("/run/v/agent.sock"),
         shares=(
             ShareSpec(
@@ -104,8 +124,8 @@ SPECS = {
         cmdline="",
         accelerator="tcg",
         control_socket=Path("/run/n/qmp.sock"),
-        disk=DiskSpec(Path("/run/n/disk.qcow2"), "qcow2"),
-        nics=(NicSpec("nvmabcdefghijkl", "52:54:12:34:56:78"),),
+        disk=disk("/run/n/disk.qcow2", 30, (held("/img/base.raw", 32), "raw")),
+        nics=(NicSpec("nvmabcdefghijkl", "52:54:12:34:56:78", 50),),
     ),
     # As launched for an unprivileged QEMU: sandboxed; QMP, agent, vhost-user, shared
     # directories and the TAP all as descriptors the driver opened (no path QEMU must reach).
@@ -118,7 +138,7 @@ SPECS = {
         cmdline="",
         accelerator="tcg",
         control_socket=Path("/run/s/qmp.sock"),
-        disk=DiskSpec(Path("/run/s/disk.qcow2"), "qcow2"),
+        disk=disk("/run/s/disk.qcow2", 30),
         agent_socket=Path("/run/s/agent.sock"),
         shares=(
             ShareSpec("nomad-alloc", Path("/alloc/s/alloc"), "/alloc", False, None, None, 11),
@@ -157,3 +177,26 @@ def test_argv_matches_golden(name: str) -> None:
     if os.environ.get("UPDATE_GOLDEN"):
         golden.write_text(rendered)
     assert rendered == golden.read_text(), f"run with UPDATE_GOLDEN=1 to accept: {golden}"
+
+
+def test_qemu_inherits_exactly_the_descriptors_its_command_line_names() -> None:
+    spec = SPECS["disk_uefi_secure_q35"]
+    assert sorted(inherited_fds(spec)) == [30, 31, 40, 41]
+    argv = qemu_argv("qemu-system-x86_64", spec)
+    assert [a for a in argv if a.startswith("fd=")] == [
+        "fd=40,set=1",
+        "fd=41,set=2",
+        "fd=30,set=3",
+        "fd=31,set=4",
+    ]
+    chain = SPECS["microvm_disk"]
+    assert sorted(inherited_fds(chain)) == [20, 30, 32, 33]
+
+
+def test_qemu_is_given_no_file_by_name() -> None:
+    """Every file QEMU reads or writes is a descriptor: no image, kernel or firmware path."""
+    for name, spec in SPECS.items():
+        argv = qemu_argv("qemu-system-x86_64", spec)
+        for arg in argv:
+            for path in ("/img/", "/usr/share/OVMF", ".qcow2", ".iso", ".fd", ".raw"):
+                assert path not in arg, (name, arg)

@@ -15,7 +15,7 @@ import pytest
 
 from nomad_vm.errors import ImageError
 from nomad_vm.storage import qemu_img
-from nomad_vm.storage.disk import inspect_chain
+from nomad_vm.storage.chain import inspect_chain
 from nomad_vm.storage.integrity import IntactImages, check_chain
 from nomad_vm.storage.limits import (
     ADDRESS_SPACE_LIMIT,

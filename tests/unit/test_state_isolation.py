@@ -16,7 +16,9 @@ from nomad_vm.driver.journal import TaskJournal
 from nomad_vm.driver.journal_store import JournalStore
 from nomad_vm.driver.types import TaskConfig
 from nomad_vm.errors import ConfigError, ImageError
-from nomad_vm.storage.disk import MIB, backing_of
+from nomad_vm.storage.chain import backing_of
+from nomad_vm.storage.disk import MIB
+from nomad_vm.storage.held import FileHolder
 from nomad_vm.storage.qemu_img import ImageInfo
 from tests.unit.tasks import unit_task
 
@@ -146,8 +148,8 @@ def test_a_backing_file_in_data_dir_is_refused(layout: dict[str, Path]) -> None:
         backing_chain=(str(theirs),),
         backing_format="qcow2",
     )
-    with pytest.raises(ImageError) as err:
-        backing_of(level, allowed, "config.image")
+    with pytest.raises(ImageError) as err, FileHolder() as holder:
+        backing_of(level, allowed, "config.image", holder)
     assert err.value.field == "config.image" and PRIVATE in err.value.reason
 
 

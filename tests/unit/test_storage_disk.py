@@ -6,20 +6,15 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from nomad_vm.errors import HypervisorError, ImageError
-from nomad_vm.storage.disk import (
-    MAX_DISK_MB,
-    MIB,
-    backing_of,
-    can_share,
-    check_level,
-    check_requested_size,
-    target_size,
-)
+from nomad_vm.storage.chain import backing_of, check_level
+from nomad_vm.storage.disk import MAX_DISK_MB, MIB, can_share, check_requested_size, target_size
+from nomad_vm.storage.held import FileHolder
 from nomad_vm.storage.qemu_img import ImageInfo, parse_info
 
 
@@ -130,77 +125,102 @@ def test_vmdk_extents_must_stay_inside(allowed: Path, outside: Path) -> None:
 # ---- backing files ---------------------------------------------------------------------------
 
 
-def test_no_backing_file(allowed: Path) -> None:
-    assert backing_of(image(allowed / "a"), [str(allowed)], "config.image") is None
+@pytest.fixture
+def holder() -> Iterator[FileHolder]:
+    with FileHolder() as files:
+        yield files
 
 
-def test_backing_file_inside_is_resolved(allowed: Path) -> None:
+def test_no_backing_file(allowed: Path, holder: FileHolder) -> None:
+    assert backing_of(image(allowed / "a"), [str(allowed)], "config.image", holder) is None
+
+
+def test_backing_file_inside_is_resolved(allowed: Path, holder: FileHolder) -> None:
     base = allowed / "sub" / "base.raw"
     base.parent.mkdir()
     base.write_bytes(b"")
     name = str(allowed / "sub" / ".." / "sub" / "base.raw")
     level = image(allowed / "a", backing_chain=(name,), backing_format="raw")
-    assert backing_of(level, [str(allowed)], "config.image") == (base, "raw")
+    found = backing_of(level, [str(allowed)], "config.image", holder)
+    assert found is not None
+    held, fmt = found
+    assert (held.path, fmt) == (base, "raw")
+    assert os.path.samestat(os.fstat(held.fd), os.stat(base))
 
 
-def test_backing_file_outside_is_refused_by_name(allowed: Path, outside: Path) -> None:
+def test_a_relative_backing_name_is_relative_to_the_images_real_directory(
+    allowed: Path, holder: FileHolder
+) -> None:
+    (allowed / "sub").mkdir()
+    base = allowed / "sub" / "base.raw"
+    base.write_bytes(b"")
+    level = image(allowed / "sub" / "a", backing_filename="base.raw", backing_format="raw")
+    found = backing_of(level, [str(allowed)], "config.image", holder)
+    assert found is not None and found[0].path == base
+
+
+def test_backing_file_outside_is_refused_by_name(
+    allowed: Path, outside: Path, holder: FileHolder
+) -> None:
     level = image(allowed / "a", backing_chain=(str(outside),), backing_format="raw")
     with pytest.raises(ImageError) as err:
-        backing_of(level, [str(allowed)], "config.image")
+        backing_of(level, [str(allowed)], "config.image", holder)
     assert err.value.field == "config.image"
     assert f"has backing file {outside}" in err.value.reason
     assert "outside the allowed directories" in err.value.reason
     assert "image_paths" not in err.value.reason  # widening the allowlist is not the fix
 
 
-def test_dotdot_and_symlinks_do_not_escape(allowed: Path, outside: Path) -> None:
+def test_dotdot_and_symlinks_do_not_escape(
+    allowed: Path, outside: Path, holder: FileHolder
+) -> None:
     link = allowed / "innocent.raw"
     link.symlink_to(outside)
     for name in (str(link), f"{allowed}/../elsewhere/secret"):
         level = image(allowed / "a", backing_chain=(name,), backing_format="raw")
         with pytest.raises(ImageError, match="outside the allowed directories"):
-            backing_of(level, [str(allowed)], "config.image")
+            backing_of(level, [str(allowed)], "config.image", holder)
 
 
 @pytest.mark.parametrize(
-    "name", ["nbd://127.0.0.1:10809/x", 'json:{"driver": "file"}', "http://h/x", "relative"]
+    "name", ["nbd://127.0.0.1:10809/x", 'json:{"driver": "file"}', "http://h/x", "nbd:h:10809"]
 )
-def test_non_file_backing_is_refused(name: str, allowed: Path) -> None:
+def test_non_file_backing_is_refused(name: str, allowed: Path, holder: FileHolder) -> None:
     level = image(allowed / "a", backing_chain=(name,), backing_format="raw")
     with pytest.raises(ImageError, match="not a plain file path"):
-        backing_of(level, [str(allowed)], "config.image")
+        backing_of(level, [str(allowed)], "config.image", holder)
 
 
-def test_missing_backing_file(allowed: Path) -> None:
+def test_missing_backing_file(allowed: Path, holder: FileHolder) -> None:
     level = image(allowed / "a", backing_chain=(str(allowed / "gone.raw"),), backing_format="raw")
     with pytest.raises(ImageError, match="no such file"):
-        backing_of(level, [str(allowed)], "config.image")
+        backing_of(level, [str(allowed)], "config.image", holder)
 
 
-def test_backing_fifo_is_refused(allowed: Path) -> None:
+def test_backing_fifo_is_refused(allowed: Path, holder: FileHolder) -> None:
     fifo = allowed / "fifo.raw"
     os.mkfifo(fifo)
     level = image(allowed / "a", backing_chain=(str(fifo),), backing_format="raw")
     with pytest.raises(ImageError, match="not a regular file"):
-        backing_of(level, [str(allowed)], "config.image")
+        backing_of(level, [str(allowed)], "config.image", holder)
 
 
-def test_unrecorded_backing_format_is_refused(allowed: Path) -> None:
+def test_unrecorded_backing_format_is_refused(allowed: Path, holder: FileHolder) -> None:
     base = allowed / "base.img"
     base.write_bytes(b"")
     level = image(allowed / "a", backing_chain=(str(base),))
     with pytest.raises(ImageError) as err:
-        backing_of(level, [str(allowed)], "config.image")
+        backing_of(level, [str(allowed)], "config.image", holder)
     assert "does not record its format" in err.value.reason
     assert "qemu-img rebase -u" in err.value.reason
 
 
-def test_unsupported_backing_format_is_refused(allowed: Path) -> None:
+def test_unsupported_backing_format_is_refused(allowed: Path, holder: FileHolder) -> None:
     base = allowed / "base.img"
     base.write_bytes(b"")
     level = image(allowed / "a", backing_chain=(str(base),), backing_format="host_device")
     with pytest.raises(ImageError, match="host_device"):
-        backing_of(level, [str(allowed)], "config.image")
+        backing_of(level, [str(allowed)], "config.image", holder)
 
 
 def test_only_raw_and_qcow2_chains_are_shared(tmp_path: Path) -> None:
@@ -227,7 +247,16 @@ def test_parse_single_image_with_backing() -> None:
     )
     got = parse_info(text, Path("/i/ov.qcow2"))
     assert got == ImageInfo(
-        Path("/i/ov.qcow2"), "qcow2", 1024, 200704, ("/i/base.raw",), "raw", False, None, ()
+        Path("/i/ov.qcow2"),
+        "qcow2",
+        1024,
+        200704,
+        ("/i/base.raw",),
+        "raw",
+        False,
+        None,
+        (),
+        backing_filename="base.raw",
     )
 
 

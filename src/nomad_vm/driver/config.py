@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +18,7 @@ from nomad_vm.network.settings import (
     parse_bridge_network,
     parse_nic,
 )
+from nomad_vm.storage.held import read_allowed_text
 from nomad_vm.storage.paths import Allowlist, private_dir, private_pattern, resolve_allowed_file
 
 # A task's runtime directory is ``<task dir>/<RUNTIME_PREFIX>-<start id>`` (see VMDriver).
@@ -297,8 +299,15 @@ def _read_user_data(value: object, allowed: Allowlist, task_dir: str) -> str | N
     text = str(value)
     if text.lstrip().startswith("#") or "\n" in text:
         return text
-    path = resolve_allowed_file("config.user_data", text, allowed, task_dir)
+    candidate = Path(text) if os.path.isabs(text) else Path(task_dir) / text
     try:
-        return path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError("config.user_data", f"cannot read {path}: {exc}") from exc
+        # Opened once, checked on the descriptor, read from it (storage.held).
+        return read_allowed_text(
+            "config.user_data",
+            candidate,
+            allowed,
+            subject=text,
+            advice="add its directory to the plugin's image_paths",
+        )
+    except OSError as exc:
+        raise ConfigError("config.user_data", f"cannot read {text}: {exc}") from exc

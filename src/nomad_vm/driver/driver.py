@@ -34,7 +34,7 @@ from nomad_vm.driver.networking import NetworkManager
 from nomad_vm.driver.recorder import TaskRecorder
 from nomad_vm.driver.replay import undo_host_changes
 from nomad_vm.driver.start_steps import run_start_steps
-from nomad_vm.driver.startup import plan_start
+from nomad_vm.driver.startup import StartPlan, plan_start
 from nomad_vm.driver.stats import CpuRate
 from nomad_vm.driver.task import VMTask
 from nomad_vm.driver.types import (
@@ -157,7 +157,16 @@ class VMDriver:
             raise TaskExists(task.id)
         runtime_dir = self._runtime_dir(task)
         plan = await plan_start(task, self.config, self.agent, runtime_dir, self.backends)
-        backend = plan.backend
+        try:
+            return await self._start_planned(task, plan, plan.backend)
+        finally:
+            # The VMM has its own copies by now (or there is none): the plugin serves many
+            # tasks and keeps no descriptor of any task's files.
+            plan.files.close()
+
+    async def _start_planned(
+        self, task: TaskConfig, plan: StartPlan, backend: Hypervisor
+    ) -> tuple[TaskHandle, NetworkOverride | None]:
         if plan.vm_plan.shares and plan.vm_plan.share_transport.fallback:
             self.events.emit(task, f"Shares use {plan.vm_plan.share_transport.reason}")
         # A start of this very id that a dead plugin left half done: undo it first.

@@ -2,6 +2,10 @@
 runtime directory, disk, network, seed, then the backend's launch (its own files, helper
 processes and the VMM). Nothing here undoes anything: on any failure the caller replays the
 journal (``replay``), the same path DestroyTask takes, so there is one clean-up to get right.
+
+Every file the VMM uses goes to the backend as a descriptor in the plan's ``FileHolder`` (the
+job's files opened by ``startup``, the backing chain, the task's disk and seed opened here);
+the caller closes them all after the launch.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from nomad_vm.driver.output import open_task_output
 from nomad_vm.driver.recorder import TaskRecorder
 from nomad_vm.driver.startup import StartPlan
 from nomad_vm.storage.disk import DISK_NAME, prepare_boot_disk
+from nomad_vm.storage.held import HeldFile, open_own, readable_copy
 from nomad_vm.storage.tools import find_qemu_img
 from nomad_vm.vm.hypervisor import Hypervisor, LaunchDevices, RunningVM
 from nomad_vm.vm.spec import DiskSpec, NicSpec
@@ -55,6 +60,9 @@ async def run_start_steps(
         network = await networks.setup(plan.network, recorder.record_network)
         events.emit(plan.task, network_event(network, plan.network, plan.seed is not None))
     seed = await write_seed_iso(plan, recorder, events, network)
+    holder = plan.files.holder
+    seed_file = open_own(seed, holder, writable=False) if seed is not None else None
+    kernel, initramfs = await asyncio.to_thread(boot_files, plan)
     tap_fd = await networks.open_tap(network.record) if network is not None else None
     try:
         nics = (
@@ -64,7 +72,14 @@ async def run_start_steps(
         )
         console_fd = await open_task_output(plan.task.stdout_path)
         try:
-            devices = LaunchDevices(console_fd=console_fd, disk=disk, seed=seed, nics=nics)
+            devices = LaunchDevices(
+                console_fd=console_fd,
+                disk=disk,
+                seed=seed_file,
+                nics=nics,
+                kernel=kernel,
+                initramfs=initramfs,
+            )
             vm = await backend.launch(plan.vm_plan, devices, recorder)
         finally:
             # The VMM holds its own copies of the FIFO and the TAP descriptor; ours must not
@@ -95,14 +110,19 @@ async def prepare_disk(
         return None
     await recorder.creating("disk", plan.runtime_dir / DISK_NAME)
     qemu_img = find_qemu_img()
+    image = plan.files.image
+    if image is None:
+        raise ValueError("a plan with an image has it open")
+    holder = plan.files.holder
     disk = await asyncio.to_thread(
         prepare_boot_disk,
         qemu_img,
-        plan.vm.image,
+        image,
         plan.runtime_dir,
         thin=plan.vm.use_thin_copy,
         size_mb=plan.vm.disk_size_mb,
         allowed_dirs=plan.allowed_dirs,
+        holder=holder,
     )
     how = "thin copy (qcow2 overlay)" if disk.thin else "full copy"
     size_mb = disk.virtual_size // (1024 * 1024)
@@ -111,7 +131,16 @@ async def prepare_disk(
         f"Disk prepared: {how} of {plan.vm.image.name}, {size_mb} MB",
         {"image": str(plan.vm.image), "source_format": disk.source_format},
     )
-    return DiskSpec(disk.path, disk.format)
+    return DiskSpec(open_own(disk.path, holder, writable=True), disk.format, disk.chain)
+
+
+def boot_files(plan: StartPlan) -> tuple[HeldFile | None, HeldFile | None]:
+    """The kernel and initramfs for the VMM: the descriptors checked at planning, or sealed
+    copies of those the VMM could not reopen itself (``held.readable_copy``)."""
+    files = plan.files
+    kernel = None if files.kernel is None else readable_copy(files.kernel, files.holder)
+    initramfs = None if files.initramfs is None else readable_copy(files.initramfs, files.holder)
+    return kernel, initramfs
 
 
 async def write_seed_iso(

@@ -1,9 +1,13 @@
 """StartTask's plan: everything that can be checked without touching the host, so a bad job
-fails before any file or process exists. The host changes follow in ``start_steps``."""
+fails before any file or process exists. The host changes follow in ``start_steps``.
+
+The files the job names (image, kernel, initramfs) are opened here, once, and checked on the
+descriptor (``storage.held``); the plan holds them (``StartPlan.files``) until the VMM has its
+own copies, and whoever made the plan closes them (``TaskFiles.close``)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from nomad_vm.cloudinit import CloudInitRequest, GuestMount, SeedDocuments, render
@@ -24,10 +28,24 @@ from nomad_vm.driver.resources import memory_mb_for, vcpus_for
 from nomad_vm.driver.shares import task_shares
 from nomad_vm.driver.types import AgentInfo, TaskConfig
 from nomad_vm.errors import ConfigError, VMRequestError
+from nomad_vm.storage.held import FileHolder, HeldFile, open_allowed
 from nomad_vm.storage.paths import Allowlist
 from nomad_vm.vm.hypervisor import Hypervisor, VMPlan, VMRequest
 from nomad_vm.vm.registry import HypervisorRegistry
 from nomad_vm.vm.spec import ShareSpec
+
+
+@dataclass(frozen=True)
+class TaskFiles:
+    """The job's files, opened once and checked (see the module docstring)."""
+
+    holder: FileHolder
+    image: HeldFile | None = None
+    kernel: HeldFile | None = None
+    initramfs: HeldFile | None = None
+
+    def close(self) -> None:
+        self.holder.close()
 
 
 @dataclass(frozen=True)
@@ -42,6 +60,7 @@ class StartPlan:
     # The hypervisor the task asked for (or the plugin's default).
     backend: Hypervisor
     network: NetworkPlan | None = None
+    files: TaskFiles = field(default_factory=lambda: TaskFiles(FileHolder()))
 
     @property
     def runtime_dir(self) -> Path:
@@ -87,16 +106,21 @@ async def plan_start(
         vm_plan = await backend.plan(request, settings, runtime_dir)
     except VMRequestError as exc:
         raise config_error(exc, settings) from None
+    allowed = task_allowlist(task, plugin)
+    seed = render_seed(task, vm, vm_plan.shares, vm_plan.share_transport.name)
+    network = plan_network(
+        task.id, vm.nic, plugin.network, task.ports, task.netns_path, vm.hostname
+    )
+    # Last: from here on the plan holds descriptors its caller must close.
     return StartPlan(
         task=task,
         vm=vm,
         vm_plan=vm_plan,
-        allowed_dirs=task_allowlist(task, plugin),
-        seed=render_seed(task, vm, vm_plan.shares, vm_plan.share_transport.name),
+        allowed_dirs=allowed,
+        seed=seed,
         backend=backend,
-        network=plan_network(
-            task.id, vm.nic, plugin.network, task.ports, task.netns_path, vm.hostname
-        ),
+        network=network,
+        files=open_task_files(vm, allowed),
     )
 
 
@@ -124,6 +148,33 @@ def choose_backend(
         known = ", ".join(backends.names)
         raise ConfigError(field, f"this plugin has no hypervisor {name!r} (it has {known})")
     return backends.get(name)
+
+
+def open_task_files(vm: VMTaskConfig, allowed: Allowlist) -> TaskFiles:
+    """Open the image, kernel and initramfs ``vm`` names, each checked on its descriptor
+    (ImageError naming the option if one is not allowed); nothing stays open on failure."""
+    holder = FileHolder()
+    try:
+        opened = {
+            name: open_allowed(
+                f"config.{name}",
+                path,
+                allowed,
+                holder,
+                subject=str(path),
+                advice="add its directory to the plugin's image_paths",
+            )
+            for name, path in (
+                ("image", vm.image),
+                ("kernel", vm.kernel),
+                ("initramfs", vm.initramfs),
+            )
+            if path is not None
+        }
+    except BaseException:
+        holder.close()
+        raise
+    return TaskFiles(holder, opened.get("image"), opened.get("kernel"), opened.get("initramfs"))
 
 
 def render_seed(

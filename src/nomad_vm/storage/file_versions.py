@@ -15,7 +15,10 @@ from collections import OrderedDict
 from collections.abc import Hashable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Generic, TypeVar
+from typing import TYPE_CHECKING, Generic, TypeVar
+
+if TYPE_CHECKING:
+    from nomad_vm.storage.held import HeldFile
 
 # Images a node boots are few; this bounds the memory whatever happens.
 DEFAULT_LIMIT = 256
@@ -42,6 +45,12 @@ class FileVersion:
         except OSError:
             return None  # qemu-img will say what is wrong with it
         return cls(path, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+    @classmethod
+    def of_held(cls, held: HeldFile) -> FileVersion:
+        """The version of an open file (``held.path`` is where it was opened)."""
+        st = held.fstat()
+        return cls(held.path, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
 class VersionMemo(Generic[K, V]):

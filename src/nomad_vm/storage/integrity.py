@@ -56,7 +56,7 @@ def check_chain(
 ) -> None:
     """Refuse, naming ``field``, a chain with a damaged qcow2 file (or one that makes qemu-img
     exceed ``limits``). ``chain`` must already be walked and allowed (``disk.inspect_chain``):
-    checking a file opens its backing files."""
+    checking a file by name opens its backing files (through a descriptor, only itself)."""
     for position, level in enumerate(chain):
         if level.format not in CHECKED_FORMATS:
             continue
@@ -74,11 +74,13 @@ def _check_file(
     verdicts: IntactImages,
     limits: Limits,
 ) -> None:
-    before = FileVersion.of(level.path)
+    # Through the descriptor the chain was inspected with, when there is one.
+    source = level.held if level.held is not None else level.path
+    before = _version(level)
     if before is not None and before in verdicts:
         return
     try:
-        result = qemu_img.check(qemu_img_path, level.path, level.format, limits=limits)
+        result = qemu_img.check(qemu_img_path, source, level.format, limits=limits)
     except QemuImgLimitExceeded as exc:
         raise ImageError(field, exc.explain(f"to check {where}")) from None
     except qemu_img.QemuImgError as exc:
@@ -86,8 +88,12 @@ def _check_file(
     if not result.intact:
         raise ImageError(field, _damage(where, level.path, result))
     # Remembered only if the file did not change while qemu-img read it.
-    if before is not None and FileVersion.of(level.path) == before:
+    if before is not None and _version(level) == before:
         verdicts.add(before)
+
+
+def _version(level: ImageInfo) -> FileVersion | None:
+    return FileVersion.of_held(level.held) if level.held is not None else FileVersion.of(level.path)
 
 
 def _damage(where: str, path: Path, result: CheckResult) -> str:

@@ -90,20 +90,34 @@ def resolve_within(
     *,
     subject: str,
     advice: str,
+    regular: bool = True,
 ) -> Path:
     """``candidate`` resolved (symlinks, ``..``), if it is a regular file inside ``allowed_dirs``
-    and not inside one of its private directories.
+    and not inside one of its private directories (``regular=False``: whatever it is; the
+    caller checks what it opens).
 
     ``subject`` starts every error message (what the user gave, or what referred to the file);
     ``advice`` ends the "outside" error with what to do about it.
     """
-    allowlist = as_allowlist(allowed_dirs)
     try:
         resolved = candidate.resolve(strict=True)
     except FileNotFoundError:
         raise ImageError(field, f"{subject}: no such file") from None
     except (OSError, RuntimeError) as exc:  # RuntimeError: a symlink loop
         raise ImageError(field, f"{subject}: cannot resolve the path: {exc}") from None
+    check_real_path(field, resolved, allowed_dirs, subject=subject, advice=advice)
+    if regular and not resolved.is_file():
+        raise ImageError(field, f"{subject}: not a regular file")
+    return resolved
+
+
+def check_real_path(
+    field: str, resolved: Path, allowed_dirs: AllowedDirs, *, subject: str, advice: str
+) -> None:
+    """Refuse ``resolved`` (a path with no symlink or ``..`` left, such as the kernel's name
+    for an open descriptor) unless it lies inside ``allowed_dirs`` and outside their private
+    directories. ``subject`` and ``advice`` as for ``resolve_within``."""
+    allowlist = as_allowlist(allowed_dirs)
     private = allowlist.private_match(resolved)
     if private is not None:
         raise ImageError(
@@ -121,6 +135,3 @@ def resolve_within(
             f"{subject} resolves to {resolved}, which is outside the allowed directories "
             f"({listed}); {advice}",
         )
-    if not resolved.is_file():
-        raise ImageError(field, f"{subject}: not a regular file")
-    return resolved

@@ -6,7 +6,11 @@ answer. Letting qemu-img guess later is how a raw disk whose guest wrote a qcow2
 sector 0 becomes a qcow2 image that names a host file as its backing file.
 
 Paths are made absolute before they reach qemu-img, so a relative name such as ``nbd:x`` or
-``-f`` is never read as a protocol prefix or an option.
+``-f`` is never read as a protocol prefix or an option. A job's files are given as ``HeldFile``
+descriptors (``nomad_vm.storage.held``): qemu-img inherits each one and reads it as
+``/proc/self/fd/N``, so it reads the very file the plugin checked, whatever has happened to its
+path since. A chain of such files is given to ``check`` and ``convert`` as a ``json:`` filename
+with every backing file explicit (or none), so qemu-img never opens a name stored in a header.
 
 Failures become ``HypervisorError``; when qemu-img ran and said no, the subclass
 ``QemuImgError`` carries its stderr so a caller can turn "cannot open this file" into a
@@ -21,11 +25,14 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
 from nomad_vm.errors import HypervisorError
+from nomad_vm.storage.held import HeldFile
+from nomad_vm.storage.image_sources import Source, fds_of, json_filename, name_of, real_path, shown
 from nomad_vm.storage.limits import (
     LIMITED_ENV,
     MIB,
@@ -91,6 +98,9 @@ class ImageInfo:
     immediate backing file (which qemu-img then did not open). ``backing_format`` is the format
     the image records for its immediate backing file (None: not recorded, qemu would probe).
     ``data_file`` is a qcow2 external data file; ``extent_files`` are the files a vmdk reads.
+    ``backing_filename`` is the immediate backing file's name as the image records it (not
+    resolved: qemu-img resolves a relative one against the name it opened, which for a
+    descriptor is ``/proc/self/fd/``). ``held`` is the descriptor it was read through, if any.
     """
 
     path: Path
@@ -102,11 +112,13 @@ class ImageInfo:
     encrypted: bool = False
     data_file: str | None = None
     extent_files: tuple[str, ...] = ()
+    backing_filename: str | None = None
+    held: HeldFile | None = None
 
 
 def info(
     qemu_img: Path,
-    path: Path,
+    path: Source,
     *,
     fmt: str | None = None,
     follow_backing: bool = True,
@@ -126,8 +138,10 @@ def info(
         argv.append("--backing-chain")
     if fmt is not None:
         argv += ["-f", fmt]
-    argv.append(_abs(path))
-    return parse_info(_run(argv, timeout, f"qemu-img info {_abs(path)}", limits), path)
+    argv.append(name_of(path))
+    what = f"qemu-img info {shown(path)}"
+    found = parse_info(_run(argv, timeout, what, limits, fds_of([path])), real_path(path))
+    return replace(found, held=path) if isinstance(path, HeldFile) else found
 
 
 @dataclass(frozen=True)
@@ -154,7 +168,7 @@ class CheckResult:
 
 def check(
     qemu_img: Path,
-    path: Path,
+    path: Source,
     fmt: str,
     *,
     timeout: float = CHECK_TIMEOUT,
@@ -162,14 +176,20 @@ def check(
 ) -> CheckResult:
     """``qemu-img check --output=json --force-share -f FMT PATH``: never repairs (no ``-r``).
 
-    It opens the image's backing chain, so walk and check that first (``nomad_vm.storage.disk``
-    does). ``--force-share`` as for ``info``: running VMs may use the image as a backing file.
+    Given a path, it opens the image's backing chain, so walk and check that first
+    (``nomad_vm.storage.disk`` does); given a descriptor, only the file itself (its backing is
+    set to none: check looks at the file's own structure). ``--force-share`` as for ``info``:
+    running VMs may use the image as a backing file.
     """
-    argv = [str(qemu_img), "check", "--output=json", "--force-share", "-f", fmt, _abs(path)]
-    what = f"qemu-img check {_abs(path)}"
-    done = _execute(argv, timeout, what, limits)
+    argv = [str(qemu_img), "check", "--output=json", "--force-share"]
+    if isinstance(path, HeldFile):
+        argv.append(json_filename([(path, fmt)]))
+    else:
+        argv += ["-f", fmt, _abs(path)]
+    what = f"qemu-img check {shown(path)}"
+    done = _execute(argv, timeout, what, limits, fds_of([path]))
     if done.returncode in _CHECK_REPORTED and done.stdout.strip():
-        return parse_check(done.stdout, path, done.stderr)
+        return parse_check(done.stdout, real_path(path), done.stderr)
     raise _failed(what, done, limits)
 
 
@@ -198,31 +218,29 @@ def create_overlay(
     base: Path,
     base_format: str,
     overlay: Path,
-    size_bytes: int | None,
+    size_bytes: int,
     *,
     timeout: float = CREATE_TIMEOUT,
-    limits: Limits | None = USER_IMAGE_LIMITS,
+    limits: Limits | None = None,
 ) -> None:
-    """A qcow2 ``overlay`` backed by ``base`` (recorded as an absolute path and ``base_format``).
-
-    Without ``size_bytes`` the overlay has the base's virtual size. qemu-img opens the base
-    read-only (shared) to check it, which is why this runs under ``limits`` too; the base is
-    never written. Overwrites ``overlay``.
+    """A qcow2 ``overlay`` of ``size_bytes`` that records ``base`` (an absolute path) and
+    ``base_format`` as its backing file, without opening it (``-u``): the base was inspected
+    through its descriptor, and QEMU is given its backing files explicitly, so the recorded
+    name is for people and tools only. Overwrites ``overlay``.
     """
-    argv = [str(qemu_img), "create", "-q", "-f", "qcow2"]
-    argv += ["-b", _abs(base), "-F", base_format, _abs(overlay)]
-    if size_bytes is not None:
-        argv.append(_size_arg(size_bytes))
+    argv = [str(qemu_img), "create", "-q", "-f", "qcow2", "-u"]
+    argv += ["-b", _abs(base), "-F", base_format, _abs(overlay), _size_arg(size_bytes)]
     _run(argv, timeout, f"qemu-img create {_abs(overlay)}", limits)
 
 
 def convert(
     qemu_img: Path,
-    src: Path,
+    src: Source,
     src_format: str,
     dst: Path,
     dst_format: str,
     *,
+    backing: Sequence[tuple[Source, str]] = (),
     timeout: float | None = None,
     limits: Limits | None = USER_IMAGE_LIMITS,
 ) -> None:
@@ -233,11 +251,19 @@ def convert(
     No ``--force-share``: copying an image some other process is writing gives a torn copy, so
     qemu-img's lock refusal is the right answer. ``timeout`` is None by default because the time
     grows with the allocated data; give ``limits`` CPU time in proportion to it
-    (``Limits.for_conversion``). Overwrites ``dst``.
+    (``Limits.for_conversion``). Overwrites ``dst``. A descriptor ``src`` is read with
+    ``backing`` (its chain below it, nearest first, with their formats) as its explicit backing
+    files, and no other.
     """
-    argv = [str(qemu_img), "convert", "-q", "-f", src_format, "-O", dst_format, "-S", "4k"]
-    argv += [_abs(src), _abs(dst)]
-    _run(argv, timeout, f"qemu-img convert {_abs(src)} -> {_abs(dst)}", limits)
+    argv = [str(qemu_img), "convert", "-q"]
+    chain = [(src, src_format), *backing]
+    if isinstance(src, HeldFile):
+        argv.append(json_filename(chain))
+    else:
+        argv += ["-f", src_format, _abs(src)]
+    argv += ["-O", dst_format, "-S", "4k", _abs(dst)]
+    what = f"qemu-img convert {shown(src)} -> {_abs(dst)}"
+    _run(argv, timeout, what, limits, fds_of([source for source, _ in chain]))
 
 
 def resize(
@@ -257,7 +283,7 @@ def parse_info(text: str, path: Path) -> ImageInfo:
         decoded: Any = json.loads(text)
         levels = decoded if isinstance(decoded, list) else [decoded]
         top = levels[0]
-        chain = tuple(_backing_name(level) for level in levels if _backing_name(level))
+        chain = tuple(_backingname_of(level) for level in levels if _backingname_of(level))
         specific = top.get("format-specific", {}).get("data", {})
         return ImageInfo(
             path=path,
@@ -269,6 +295,7 @@ def parse_info(text: str, path: Path) -> ImageInfo:
             encrypted=bool(top.get("encrypted", False)),
             data_file=_optional_str(specific.get("data-file")),
             extent_files=tuple(str(e["filename"]) for e in specific.get("extents", ())),
+            backing_filename=_optional_str(top.get("backing-filename")),
         )
     except (ValueError, KeyError, TypeError, IndexError, AttributeError) as exc:
         raise HypervisorError(
@@ -276,7 +303,7 @@ def parse_info(text: str, path: Path) -> ImageInfo:
         ) from None
 
 
-def _backing_name(level: dict[str, Any]) -> str:
+def _backingname_of(level: dict[str, Any]) -> str:
     # full-backing-filename is the name resolved against the image's directory; qemu-img leaves
     # it out when it cannot build one (e.g. a json: pseudo-filename), so fall back to the raw one.
     return str(level.get("full-backing-filename") or level.get("backing-filename") or "")
@@ -303,18 +330,29 @@ def _size_arg(size_bytes: int) -> str:
     return str(size_bytes)
 
 
-def _run(argv: list[str], timeout: float | None, what: str, limits: Limits | None) -> str:
+def _run(
+    argv: list[str],
+    timeout: float | None,
+    what: str,
+    limits: Limits | None,
+    fds: Sequence[int] = (),
+) -> str:
     """Run qemu-img; its stdout, or a HypervisorError that quotes its stderr."""
-    done = _execute(argv, timeout, what, limits)
+    done = _execute(argv, timeout, what, limits, fds)
     if done.returncode != 0:
         raise _failed(what, done, limits)
     return done.stdout
 
 
 def _execute(
-    argv: list[str], timeout: float | None, what: str, limits: Limits | None = None
+    argv: list[str],
+    timeout: float | None,
+    what: str,
+    limits: Limits | None = None,
+    fds: Sequence[int] = (),
 ) -> subprocess.CompletedProcess[str]:
-    """Run qemu-img to its end, whatever its exit status; HypervisorError if it could not run."""
+    """Run qemu-img to its end, whatever its exit status; HypervisorError if it could not run.
+    ``fds`` are inherited under their own numbers (prlimit execs qemu-img, keeping them)."""
     env = None if limits is None else {**os.environ, **LIMITED_ENV}
     try:
         return subprocess.run(
@@ -326,6 +364,8 @@ def _execute(
             timeout=timeout,
             check=False,
             env=env,
+            close_fds=True,
+            pass_fds=tuple(fds),
         )
     except subprocess.TimeoutExpired:
         # run() has already killed and reaped the child.

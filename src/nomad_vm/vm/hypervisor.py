@@ -28,6 +28,7 @@ import psutil
 
 from nomad_vm.errors import HypervisorError, NomadVMError
 from nomad_vm.processes import ProcessIdentity
+from nomad_vm.storage.held import HeldFile
 from nomad_vm.vm.accel import AcceleratorChoice, KvmStatus
 from nomad_vm.vm.share_transport import ShareTransport
 from nomad_vm.vm.spec import DiskSpec, NicSpec, ShareSpec, VMExit
@@ -144,12 +145,16 @@ class VMPlan:
 
 @dataclass(frozen=True)
 class LaunchDevices:
-    """What the driver prepared for the VM: its disk, cloud-init seed, NICs and console."""
+    """What the driver prepared for the VM: its disk, cloud-init seed, NICs and console, and
+    the kernel and initramfs of a direct kernel boot. Files are descriptors the driver opened
+    and checked (``storage.held``); it closes them once ``launch`` has returned."""
 
     console_fd: int
     disk: DiskSpec | None = None
-    seed: Path | None = None
+    seed: HeldFile | None = None
     nics: tuple[NicSpec, ...] = ()
+    kernel: HeldFile | None = None
+    initramfs: HeldFile | None = None
 
 
 @dataclass(frozen=True)

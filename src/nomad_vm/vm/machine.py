@@ -16,7 +16,6 @@ The argv fragment leaves ``-accel`` to the caller (qemu/argv.py decides KVM or T
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 from nomad_vm.errors import VMRequestError
 from nomad_vm.vm.firmware import BIOS, FIRMWARE_KINDS, UEFI_SECURE, FirmwarePlan
@@ -29,6 +28,8 @@ MACHINE_TYPES = ("pc", "q35", "microvm")
 # Tells QEMU's pflash device that only SMM code may write the variable store; OVMF's SMM build
 # checks for this and refuses to run without it.
 SECURE_PFLASH = "driver=cfi.pflash01,property=secure,value=on"
+# The block nodes of the UEFI code and variable store (defined by qemu/files_argv.py).
+FLASH_NODES = ("fw-code", "fw-vars")
 
 
 @dataclass(frozen=True)
@@ -89,37 +90,32 @@ def _check_microvm(firmware: str, has_kernel: bool) -> None:
 def machine_argv(
     cfg: MachineConfig,
     plan: FirmwarePlan | None,
-    vars_path: Path | None,
     memory_backend: str | None = None,
 ) -> list[str]:
-    """``-machine`` plus, for UEFI, the firmware flash drives. A pure function.
+    """``-machine`` (for UEFI with its flash on the block nodes ``FLASH_NODES``, which the
+    caller defines: ``qemu.files_argv.firmware_argv``). A pure function.
 
-    ``plan`` and ``vars_path`` (the task's copy from firmware.prepare_vars) must be given exactly
-    when the firmware is UEFI; a mismatch is a programming error (ValueError). ``memory_backend``
-    names an ``-object memory-backend-*`` to use as the guest's RAM.
+    ``plan`` must be given exactly when the firmware is UEFI; a mismatch is a programming error
+    (ValueError). ``memory_backend`` names an ``-object memory-backend-*`` to use as the
+    guest's RAM.
     """
     machine = cfg.machine if cfg.smm is None else f"{cfg.machine},smm={'on' if cfg.smm else 'off'}"
     if memory_backend:
         machine += f",memory-backend={memory_backend}"
-    argv = ["-machine", machine]
     if cfg.firmware == BIOS:
-        if plan is not None or vars_path is not None:
-            raise ValueError("BIOS boot takes no firmware plan or variable store")
-        return argv
-    if plan is None or vars_path is None:
-        raise ValueError(f"{cfg.firmware} needs a firmware plan and the task's variable store")
+        if plan is not None:
+            raise ValueError("BIOS boot takes no firmware plan")
+        return ["-machine", machine]
+    if plan is None:
+        raise ValueError(f"{cfg.firmware} needs a firmware plan")
     if plan.kind != cfg.firmware:
         raise ValueError(f"firmware plan is for {plan.kind}, machine config for {cfg.firmware}")
+    code_node, vars_node = FLASH_NODES
+    argv = ["-machine", f"{machine},pflash0={code_node},pflash1={vars_node}"]
     if plan.requires_smm:
         if not cfg.smm:
             raise ValueError(f"{plan.code} requires SMM, but the machine config has it off")
         argv += ["-global", SECURE_PFLASH]
-    argv += [
-        "-drive",
-        f"if=pflash,format=raw,unit=0,readonly=on,file={option_value(plan.code)}",
-        "-drive",
-        f"if=pflash,format=raw,unit=1,file={option_value(vars_path)}",
-    ]
     return argv
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from nomad_vm.storage.held import HeldFile
 from nomad_vm.vm.firmware import FirmwarePlan
 from nomad_vm.vm.machine import MachineConfig
 
@@ -13,10 +14,17 @@ DEFAULT_MACHINE = MachineConfig(machine="pc", firmware="bios", smm=None)
 
 @dataclass(frozen=True)
 class DiskSpec:
-    """A disk the VM gets, already prepared (the task's own copy or overlay)."""
+    """A disk the VM gets, already prepared (the task's own copy or overlay), opened
+    read-write; ``backing`` is its backing chain (nearest first, with formats) as the
+    descriptors the plugin checked. The VMM opens no file by name (``storage.held``)."""
 
-    path: Path
+    file: HeldFile
     format: str
+    backing: tuple[tuple[HeldFile, str], ...] = ()
+
+    @property
+    def path(self) -> Path:
+        return self.file.path
 
 
 @dataclass(frozen=True)
@@ -52,8 +60,9 @@ class VMSpec:
     name: str
     vcpus: int
     memory_mb: int
-    kernel: Path | None
-    initramfs: Path | None
+    # Descriptors of the kernel and initramfs (storage.held), for direct kernel boot.
+    kernel: HeldFile | None
+    initramfs: HeldFile | None
     cmdline: str
     # "kvm" or "tcg", decided by nomad_vm.vm.accel before the spec is built.
     accelerator: str
@@ -62,11 +71,13 @@ class VMSpec:
     # The boot disk (first virtio disk), or None for a kernel-only VM.
     disk: DiskSpec | None = None
     machine: MachineConfig = field(default=DEFAULT_MACHINE)
-    # UEFI firmware and the task's own copy of its variable store (None for BIOS).
+    # UEFI firmware, its code (read-only) and the task's own copy of its variable store
+    # (writable), opened by the plugin (None for BIOS).
     firmware: FirmwarePlan | None = None
-    firmware_vars: Path | None = None
+    firmware_code: HeldFile | None = None
+    firmware_vars: HeldFile | None = None
     # A cloud-init NoCloud seed ISO, attached read-only.
-    seed: Path | None = None
+    seed: HeldFile | None = None
     # Host side of the guest agent's virtio-serial port (qemu-guest-agent), or None.
     agent_socket: Path | None = None
     shares: tuple[ShareSpec, ...] = ()

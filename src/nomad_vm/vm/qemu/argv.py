@@ -1,4 +1,7 @@
-"""VMSpec -> QEMU command line. A pure function, golden-tested (tests/unit/test_qemu_argv.py)."""
+"""VMSpec -> QEMU command line. A pure function, golden-tested (tests/unit/test_qemu_argv.py).
+
+The files QEMU uses (disk, seed, firmware, kernel) reach it as descriptors: ``files_argv``.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +9,15 @@ from nomad_vm.vm.handover import fd_path
 from nomad_vm.vm.machine import machine_argv
 from nomad_vm.vm.machine import option_value as opt
 from nomad_vm.vm.qemu.agent_channel import agent_argv
+from nomad_vm.vm.qemu.files_argv import (
+    DISK_NODE,
+    SEED_NODE,
+    FdSets,
+    boot_argv,
+    disk_argv,
+    firmware_argv,
+    seed_argv,
+)
 from nomad_vm.vm.spec import VMSpec
 
 # The guest's first serial port is QEMU's stdout, which the driver connects to Nomad's task stdout
@@ -22,11 +34,20 @@ SANDBOX = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=de
 
 
 def qemu_argv(binary: str, spec: VMSpec) -> list[str]:
+    # One numbering of -add-fd sets for the whole command line.
+    sets = FdSets()
     sandbox = ["-sandbox", SANDBOX] if spec.seccomp else []
-    return [binary, *_platform(spec), *sandbox, *_control(spec), *_devices(spec), *_boot(spec)]
+    return [
+        binary,
+        *_platform(spec, sets),
+        *sandbox,
+        *_control(spec),
+        *_devices(spec, sets),
+        *_boot(spec),
+    ]
 
 
-def _platform(spec: VMSpec) -> list[str]:
+def _platform(spec: VMSpec, sets: FdSets) -> list[str]:
     # virtiofsd maps the guest's RAM to serve file data: it must be shareable memory.
     shared_ram = spec.share_transport == "virtiofs" and bool(spec.shares)
     argv = [
@@ -34,9 +55,8 @@ def _platform(spec: VMSpec) -> list[str]:
         f"guest={opt(spec.name)},debug-threads=on",
         "-nodefaults",
         "-no-user-config",
-        *machine_argv(
-            spec.machine, spec.firmware, spec.firmware_vars, SHARED_RAM if shared_ram else None
-        ),
+        *machine_argv(spec.machine, spec.firmware, SHARED_RAM if shared_ram else None),
+        *firmware_argv(sets, spec.firmware, spec.firmware_code, spec.firmware_vars),
         "-accel",
         spec.accelerator,
     ]
@@ -74,7 +94,7 @@ def _control(spec: VMSpec) -> list[str]:
     ]
 
 
-def _devices(spec: VMSpec) -> list[str]:
+def _devices(spec: VMSpec, sets: FdSets) -> list[str]:
     # microvm has no PCI bus: its virtio devices sit on virtio-mmio ("-device" suffix).
     microvm = spec.machine.machine == "microvm"
     virtio = "device" if microvm else "pci"
@@ -85,16 +105,15 @@ def _devices(spec: VMSpec) -> list[str]:
     # Memory statistics from inside the guest (used/available), for TaskStats.
     argv += ["-device", f"virtio-balloon-{virtio},id=balloon0"]
     if spec.disk is not None:
-        drive = f"file={opt(spec.disk.path)},format={spec.disk.format},if=none,id=disk0"
+        # write-cache=on: what -drive's default cache=writeback gave the guest (a device on a
+        # -blockdev node would otherwise be write-through, flushing after every write).
         argv += [
-            "-drive",
-            f"{drive},discard=unmap",
+            *disk_argv(sets, spec.disk),
             "-device",
-            f"virtio-blk-{virtio},drive=disk0,bootindex=1",
+            f"virtio-blk-{virtio},drive={DISK_NODE},bootindex=1,write-cache=on",
         ]
     if spec.seed is not None:
-        seed = f"file={opt(spec.seed)},format=raw,if=none,id=seed0,readonly=on"
-        argv += ["-drive", seed, "-device", f"virtio-blk-{virtio},drive=seed0"]
+        argv += [*seed_argv(sets, spec.seed), "-device", f"virtio-blk-{virtio},drive={SEED_NODE}"]
     if spec.agent_socket is not None:
         argv += agent_argv(spec.agent_socket, microvm=microvm, fd=spec.agent_fd)
     for i, nic in enumerate(spec.nics):
@@ -136,11 +155,4 @@ def _devices(spec: VMSpec) -> list[str]:
 
 
 def _boot(spec: VMSpec) -> list[str]:
-    if spec.kernel is None:
-        return []
-    argv = ["-kernel", str(spec.kernel)]
-    if spec.initramfs is not None:
-        argv += ["-initrd", str(spec.initramfs)]
-    if spec.cmdline:
-        argv += ["-append", spec.cmdline]
-    return argv
+    return boot_argv(spec)

@@ -6,6 +6,9 @@ firmware is UEFI), one virtiofsd per share (virtio-fs), then QEMU; every process
 gated, reported to the recorder, and only then released, so the task's journal knows it
 before it runs. The daemons are released before QEMU is forked: QEMU's vhost-user handshake
 waits for them, and their head start keeps StartTask as fast as it was without the gate.
+QEMU opens no file by name: the driver's files (disk, backing chain, seed, kernel) and the
+firmware's (opened here) are inherited descriptors (``files_argv``), closed in the plugin once
+QEMU is forked; QEMU inherits exactly those of its own task (``spawn`` closes all others).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from pathlib import Path
 from nomad_vm.errors import HypervisorError, LaunchError, NomadVMError
 from nomad_vm.files import read_log_tail
 from nomad_vm.processes import is_same_process
+from nomad_vm.storage.held import FileHolder, HeldFile, open_own
 from nomad_vm.vm.accel import choose_accelerator, probe_kvm
 from nomad_vm.vm.firmware import FIRMWARE_KINDS, VARS_FILE, FirmwarePlan, plan_firmware
 from nomad_vm.vm.firmware import prepare_vars as prepare_firmware_vars
@@ -40,6 +44,7 @@ from nomad_vm.vm.machine import ARCHES, MACHINE_TYPES, MachineConfig, validate_m
 from nomad_vm.vm.process import SupervisedProcess, reattach, spawn
 from nomad_vm.vm.qemu.argv import qemu_argv
 from nomad_vm.vm.qemu.binary import find_qemu, qemu_version
+from nomad_vm.vm.qemu.files_argv import inherited_fds
 from nomad_vm.vm.qemu.monitor import QemuMonitor, connect_when_ready
 from nomad_vm.vm.qemu.running import AGENT_SOCKET, LOG_NAME, QMP_SOCKET, QemuVM
 from nomad_vm.vm.share_transport import choose_share_transport
@@ -155,19 +160,21 @@ class QemuHypervisor:
         answers; no process is left on failure."""
         details = _details(plan)
         runtime_dir = plan.runtime_dir
-        firmware_vars = None
-        if details.firmware is not None:
-            await recorder.creating("firmware-vars", runtime_dir / VARS_FILE)
-            firmware_vars = await asyncio.to_thread(
-                prepare_firmware_vars, details.firmware, runtime_dir
-            )
-        with handover() as handed:
-            spec = build_spec(plan, details, devices, firmware_vars, handed)
+        with FileHolder() as firmware_files, handover() as handed:
+            # The firmware's files, opened for QEMU; closed once it holds its own copies.
+            code = variables = None
+            if details.firmware is not None:
+                await recorder.creating("firmware-vars", runtime_dir / VARS_FILE)
+                vars_path = await asyncio.to_thread(
+                    prepare_firmware_vars, details.firmware, runtime_dir
+                )
+                code, variables = open_firmware(details.firmware, vars_path, firmware_files)
+            spec = build_spec(plan, details, devices, code, variables, handed)
             daemons = self._start_daemons(plan, spec)
             try:
                 spec = with_daemon_ends(spec, daemons)
                 await record_and_release(recorder, [d.process for d in daemons], HELPER_ROLE)
-                process = self._spawn_qemu(plan, spec, devices.console_fd, daemons, handed)
+                process = self._spawn_qemu(plan, spec, devices.console_fd, daemons)
             finally:
                 # QEMU (or its gate) holds its own copies now; the plugin keeps none.
                 for daemon in daemons:
@@ -197,7 +204,6 @@ class QemuHypervisor:
         spec: VMSpec,
         console_fd: int,
         daemons: list[ShareDaemon],
-        handed: Handover,
     ) -> SupervisedProcess:
         """QEMU, forked at its gate as the plan's user; its messages go to qemu.log."""
         argv = qemu_argv(_details(plan).binary, spec)
@@ -205,14 +211,12 @@ class QemuHypervisor:
         try:
             log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
             try:
-                fds = [nic.fd for nic in spec.nics if nic.fd is not None]
-                fds += [s.socket_fd for s in spec.shares if s.socket_fd is not None]
                 process = spawn(
                     argv,
                     stdout=console_fd,
                     stderr=log_fd,
                     cwd=plan.runtime_dir,
-                    pass_fds=[*fds, *handed.fds],
+                    pass_fds=inherited_fds(spec),
                     gated=True,
                     user=_details(plan).user,
                 )
@@ -290,11 +294,23 @@ def with_daemon_ends(spec: VMSpec, daemons: list[ShareDaemon]) -> VMSpec:
     return replace(spec, shares=shares)
 
 
+def open_firmware(
+    plan: FirmwarePlan, vars_path: Path, holder: FileHolder
+) -> tuple[HeldFile, HeldFile]:
+    """The UEFI code (read-only) and the task's variable store (read-write), for QEMU."""
+    try:
+        code = open_own(plan.code, holder, writable=False, follow_symlinks=True)
+        return code, open_own(vars_path, holder, writable=True)
+    except OSError as exc:
+        raise HypervisorError(f"cannot open the UEFI firmware for QEMU: {exc}") from exc
+
+
 def build_spec(
     plan: VMPlan,
     details: QemuPlan,
     devices: LaunchDevices,
-    firmware_vars: Path | None,
+    firmware_code: HeldFile | None = None,
+    firmware_vars: HeldFile | None = None,
     handed: Handover | None = None,
 ) -> VMSpec:
     """The VM's spec; with ``handed``, the QMP and agent sockets are bound now (by the
@@ -307,14 +323,15 @@ def build_spec(
         name=request.name,
         vcpus=request.vcpus,
         memory_mb=request.memory_mb,
-        kernel=request.kernel,
-        initramfs=request.initramfs,
+        kernel=devices.kernel,
+        initramfs=devices.initramfs,
         cmdline=request.cmdline,
         accelerator=plan.accelerator.name,
         control_socket=control_socket,
         disk=devices.disk,
         machine=details.machine,
         firmware=details.firmware,
+        firmware_code=firmware_code,
         firmware_vars=firmware_vars,
         seed=devices.seed,
         agent_socket=agent_socket,
