@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from nomad_vm.storage.held import HeldFile
 from nomad_vm.vm.accel import AcceleratorChoice
 from nomad_vm.vm.cloud_hypervisor.model import (
     ConsoleMode,
@@ -55,8 +56,8 @@ SHARES = (
     ShareSpec("alloc", Path("/a/alloc"), "/alloc", False, RUN / "vfs0.sock"),
     ShareSpec("local", Path("/a/t/local"), "/local", True, RUN / "vfs1.sock"),
 )
-OVERLAY = DiskSpec(RUN / "disk.qcow2", "qcow2")
-SEED = RUN / "cidata.iso"
+OVERLAY = DiskSpec(HeldFile(RUN / "disk.qcow2", 20, True), "qcow2")
+SEED = HeldFile(RUN / "cidata.iso", 21, False)
 
 CASES = {
     "kernel_only": (_plan(), LaunchDevices(console_fd=1), None),
@@ -67,7 +68,7 @@ CASES = {
     ),
     "firmware_raw_disk": (
         _plan(kernel=False),
-        LaunchDevices(1, DiskSpec(RUN / "disk.raw", "raw"), SEED),
+        LaunchDevices(1, DiskSpec(HeldFile(RUN / "disk.raw", 22, True), "raw"), SEED),
         FIRMWARE,
     ),
     "virtiofs": (_plan(shares=SHARES), LaunchDevices(1, OVERLAY, SEED), None),
@@ -118,7 +119,9 @@ def test_a_vm_without_kernel_needs_the_firmware() -> None:
     with pytest.raises(ValueError, match="firmware"):
         build_vm_config(_plan(kernel=False), None, LaunchDevices(1, OVERLAY))
     with pytest.raises(ValueError, match="vmdk"):
-        build_vm_config(_plan(), None, LaunchDevices(1, DiskSpec(RUN / "d.vmdk", "vmdk")))
+        build_vm_config(
+            _plan(), None, LaunchDevices(1, DiskSpec(HeldFile(RUN / "d.vmdk", 23, True), "vmdk"))
+        )
 
 
 def test_vmm_argv_defines_no_vm_and_keeps_the_vmm_after_power_off() -> None:

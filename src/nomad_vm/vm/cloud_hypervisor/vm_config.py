@@ -120,7 +120,9 @@ def _disks(devices: LaunchDevices) -> tuple[DiskConfig, ...]:
         )
     if devices.seed is not None:
         disks.append(
-            DiskConfig(path=str(devices.seed), readonly=True, image_type=ImageType.RAW, id="seed")
+            DiskConfig(
+                path=str(devices.seed.path), readonly=True, image_type=ImageType.RAW, id="seed"
+            )
         )
     return tuple(disks)
 
