@@ -73,8 +73,12 @@ def daemon_argv(
 
 def share_root(share: ShareSpec) -> str:
     """The shared directory as the daemon names it: the descriptor the driver opened, when
-    there is one (see nomad_vm.vm.handover), else its path."""
-    return fd_path(share.host_fd) if share.host_fd is not None else str(share.host_path)
+    there is one (see nomad_vm.vm.handover), else its path. The trailing "/." matters: the
+    daemon opens its root with O_NOFOLLOW, which on the bare /proc/self/fd/N would open the
+    magic link itself (a root on /proc, where every read fails with EIO)."""
+    if share.host_fd is None:
+        return str(share.host_path)
+    return f"{fd_path(share.host_fd)}/."
 
 
 def start_daemons(
