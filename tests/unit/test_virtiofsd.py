@@ -20,7 +20,7 @@ case "$1" in
 --version) echo "virtiofsd 1.14.0" ;;
 *) printf '%s\\n' 'Usage: virtiofsd [OPTIONS]' '      --shared-dir <SHARED_DIR>' \\
      '      --tag <TAG>' '      --readonly' '      --sandbox <SANDBOX>' '      --cache <CACHE>' \\
-     '      --fd <FD>' ;;
+     '      --fd <FD>' '      --inode-file-handles=<INODE_FILE_HANDLES>' ;;
 esac
 """
 LEGACY_C_DAEMON = """#!/bin/sh

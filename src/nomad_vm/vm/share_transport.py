@@ -32,7 +32,15 @@ VIRTIOFSD_HINT = (
 # Where distributions put it (not on PATH there). Debian 12's is the legacy C daemon.
 LIBEXEC_PATHS = ("/usr/libexec/virtiofsd", "/usr/lib/qemu/virtiofsd")
 # Every option nomad_vm.vm.virtiofsd.daemon_argv passes; a daemon must know all of them.
-REQUIRED_OPTIONS = ("--fd", "--shared-dir", "--tag", "--sandbox", "--cache", "--readonly")
+REQUIRED_OPTIONS = (
+    "--fd",
+    "--shared-dir",
+    "--tag",
+    "--sandbox",
+    "--cache",
+    "--readonly",
+    "--inode-file-handles",
+)
 PROBE_TIMEOUT = 10.0
 
 

@@ -65,6 +65,10 @@ def daemon_argv(
         # Root can confine the daemon to the shared directory in namespaces of its own.
         f"--sandbox={'namespace' if as_root else 'none'}",
         "--cache=auto",
+        # Inodes as O_PATH descriptors, never file handles: handles need each submount's mount
+        # point opened by path (Nomad's secrets/ is a tmpfs), which vm_user cannot reach in
+        # Nomad's 0700 data_dir, and CAP_DAC_READ_SEARCH, which it does not have.
+        "--inode-file-handles=never",
     ]
     if share.readonly:
         argv.append("--readonly")
