@@ -5,13 +5,20 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from ipaddress import IPv4Address
 from pathlib import Path
 
 from nomad_vm import schema
 from nomad_vm.driver.hostname import default_hostname, validate_hostname
+from nomad_vm.driver.seed_keys import (
+    SeedPluginKeys,
+    parse_seed_plugin_keys,
+    refuse_unsupported_task_keys,
+)
 from nomad_vm.driver.types import TaskConfig
 from nomad_vm.errors import ConfigError
 from nomad_vm.fields import Schema, validate
+from nomad_vm.identity import Identity, current
 from nomad_vm.network.settings import (
     BridgeNetwork,
     NicRequest,
@@ -55,6 +62,16 @@ class PluginConfig:
     # The hypervisor of tasks that name none; None: the registry's default (qemu).
     hypervisor: str | None = None
     cloud_hypervisor: CloudHypervisorConfig = field(default_factory=CloudHypervisorConfig)
+    # The name this plugin is installed under (nomad_vm.identity): its driver name, attribute
+    # prefix, nftables table and state directories.
+    identity: Identity = field(default_factory=current)
+    # The seed drivers' keys: plugin-level `dns`, ignored libvirt blocks, storage pools.
+    seed: SeedPluginKeys = field(default_factory=SeedPluginKeys)
+
+    @property
+    def dns(self) -> tuple[IPv4Address, ...]:
+        """Name servers for guests whose NIC sets none."""
+        return self.seed.dns
 
 
 @dataclass(frozen=True)
@@ -121,8 +138,13 @@ def refuse_cloud_init_options(values: Mapping[str, object]) -> None:
     )
 
 
-def parse_plugin_config(raw: Mapping[str, object] | None) -> PluginConfig:
-    values = validate(schema.PLUGIN_CONFIG, raw, "config")
+def parse_plugin_config(
+    raw: Mapping[str, object] | None, identity: Identity | None = None
+) -> PluginConfig:
+    """``identity``: the name the plugin is installed under (its defaults); None: this
+    process's (nomad_vm.identity.current)."""
+    identity = identity or current()
+    values = validate(schema.plugin_config_schema(identity), raw, "config")
     data_dir = str(values["data_dir"])
     if not Path(data_dir).is_absolute():
         raise ConfigError("config.data_dir", f"must be an absolute path, got {data_dir!r}")
@@ -144,6 +166,8 @@ def parse_plugin_config(raw: Mapping[str, object] | None) -> PluginConfig:
         network=parse_bridge_network(_block(values["network"]), Path(data_dir)),
         hypervisor=_optional_str(values["hypervisor"]),
         cloud_hypervisor=_cloud_hypervisor(values["cloud_hypervisor"]),
+        identity=identity,
+        seed=parse_seed_plugin_keys(values),
     )
 
 
@@ -241,6 +265,7 @@ def parse_task_config(task: TaskConfig, plugin: PluginConfig) -> VMTaskConfig:
             'a VM needs something to boot: set image = "/path/disk.qcow2" (disk boot), '
             'kernel = "/path/vmlinux" (direct kernel boot), or both',
         )
+    refuse_unsupported_task_keys(values)
     if values["initramfs"] and not values["kernel"]:
         raise ConfigError("config.initramfs", "needs kernel: an initramfs is loaded with a kernel")
     if not gets_cloud_init_seed(bool(values["image"]), bool(values["cloud_init"])):

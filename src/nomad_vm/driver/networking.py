@@ -57,7 +57,7 @@ from nomad_vm.network.dhcp import DhcpHost, DhcpServer
 from nomad_vm.network.ipam import AddressPool
 from nomad_vm.network.names import tap_mac
 from nomad_vm.network.netns import netns_exists
-from nomad_vm.network.nft import PortForwarder
+from nomad_vm.network.nft import DEFAULT_TABLE, PortForwarder
 from nomad_vm.network.settings import BridgeNetwork
 
 log = logging.getLogger(__name__)
@@ -71,9 +71,19 @@ class NetworkManager:
     """Sets up and tears down task networks on this host; leases and DHCP state live in
     ``state_dir`` (the plugin's data_dir/network)."""
 
-    def __init__(self, state_dir: Path) -> None:
+    def __init__(
+        self,
+        state_dir: Path,
+        nft_table: str = DEFAULT_TABLE,
+        default_dns: tuple[IPv4Address, ...] = (),
+    ) -> None:
         self.state_dir = state_dir
-        self.forwarder = PortForwarder()
+        # The installed name's own tables (nomad_vm.identity): two names never touch each
+        # other's rules.
+        self.nft_table = nft_table
+        self.forwarder = PortForwarder(table=nft_table)
+        # The plugin's `dns`: for guests whose NIC names no name servers.
+        self.default_dns = default_dns
 
     async def setup(self, plan: NetworkPlan, record: RecordNetwork) -> NetworkAttachment:
         return await asyncio.to_thread(self._setup, plan, record)
@@ -168,6 +178,7 @@ class NetworkManager:
     def _setup(self, plan: NetworkPlan, record_network: RecordNetwork) -> NetworkAttachment:
         net, nic, netns = plan.net, plan.nic, plan.netns or None
         record = record_of(plan)
+        dns = nic.dns or self.default_dns
         if netns is not None and not netns_exists(netns):
             raise NetworkError(f"the allocation's network namespace {netns} does not exist")
         record_network(record)
@@ -184,7 +195,7 @@ class NetworkManager:
             )
             if net.dnsmasq is not None:
                 host = DhcpHost(
-                    plan.guest_mac, address, plan.hostname, nic.gateway or net.gateway, nic.dns
+                    plan.guest_mac, address, plan.hostname, nic.gateway or net.gateway, dns
                 )
                 self._dhcp(record, net).add(plan.owner, host)
         except BaseException:
@@ -195,7 +206,7 @@ class NetworkManager:
             address=address,
             prefixlen=nic.prefixlen or net.subnet.prefixlen,
             gateway=nic.gateway or net.gateway,
-            dns=nic.dns,
+            dns=dns,
             port_map={label: f.guest_port for label, f in plan.forwards},
         )
 
@@ -209,7 +220,7 @@ class NetworkManager:
         return DhcpServer(self.state_dir, net.bridge, net.subnet, net.dnsmasq, record.netns or None)
 
     def _forwarder(self, netns: str | None) -> PortForwarder:
-        return self.forwarder if netns is None else PortForwarder(netns=netns)
+        return self.forwarder if netns is None else PortForwarder(self.nft_table, netns=netns)
 
     def _pool(self, record: NetworkRecord, net: BridgeNetwork) -> AddressPool:
         """The bridge's leases; in group mode one pool per allocation namespace."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from nomad_vm.fields import Field, Schema
+from nomad_vm.schema.seed_keys import OS_VARIANT, TASK_SEED_FIELDS
 
 FIRMWARES = ("bios", "uefi", "uefi-secure")
 # The task options that only reach the guest through its cloud-init seed: set on a VM that gets
@@ -25,7 +26,8 @@ HYPERVISORS = ("qemu", "cloud-hypervisor")
 
 TASK_CONFIG = Schema(
     title="Task configuration",
-    where='a task\'s `config { ... }` block with `driver = "vm"`',
+    where='a task\'s `config { ... }` block with `driver = "vm"` (or the seed driver name it is '
+    "installed under: `virt`, `nomad-driver-ch`)",
     fields=(
         Field(
             "hypervisor",
@@ -115,6 +117,7 @@ TASK_CONFIG = Schema(
                     "Unset: the hypervisor's own default (`pc` on QEMU).",
                     choices=MACHINES,
                 ),
+                OS_VARIANT,
             ),
         ),
         Field(
@@ -264,5 +267,6 @@ TASK_CONFIG = Schema(
             "QEMU process (`-name guest=...`), so it is accepted on VMs without cloud-init too.",
             example='"web-1"',
         ),
+        *TASK_SEED_FIELDS,
     ),
 )
