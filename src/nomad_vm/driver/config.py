@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from ipaddress import IPv4Address
 from pathlib import Path
 
@@ -300,8 +300,16 @@ def parse_task_config(task: TaskConfig, plugin: PluginConfig) -> VMTaskConfig:
         writable_alloc_dir=bool(values["writable_alloc_dir"]),
         signal_unit=_optional_str(values["signal_unit"]),
         signal_pidfile=_optional_str(values["signal_pidfile"]),
-        nic=parse_nic(_block(values["network_interface"])),
+        nic=_with_default_dns(parse_nic(_block(values["network_interface"])), plugin.dns),
     )
+
+
+def _with_default_dns(nic: NicRequest | None, dns: tuple[IPv4Address, ...]) -> NicRequest | None:
+    """The plugin's `dns` for a NIC that names no name servers: it then reaches the guest as
+    every NIC setting does (cloud-init network-config, or the DHCP mode's dnsmasq)."""
+    if nic is None or nic.dns or not dns:
+        return nic
+    return replace(nic, dns=dns)
 
 
 def _block_schema(name: str) -> Schema:

@@ -144,7 +144,6 @@ class VMDriver:
         return NetworkManager(
             self.config.data_dir / identity.network_dir,
             nft_table=identity.nft_table,
-            default_dns=self.config.dns,
         )
 
     def _runtime_dir(self, task: TaskConfig) -> Path:

@@ -71,19 +71,12 @@ class NetworkManager:
     """Sets up and tears down task networks on this host; leases and DHCP state live in
     ``state_dir`` (the plugin's data_dir/network)."""
 
-    def __init__(
-        self,
-        state_dir: Path,
-        nft_table: str = DEFAULT_TABLE,
-        default_dns: tuple[IPv4Address, ...] = (),
-    ) -> None:
+    def __init__(self, state_dir: Path, nft_table: str = DEFAULT_TABLE) -> None:
         self.state_dir = state_dir
         # The installed name's own tables (nomad_vm.identity): two names never touch each
         # other's rules.
         self.nft_table = nft_table
         self.forwarder = PortForwarder(table=nft_table)
-        # The plugin's `dns`: for guests whose NIC names no name servers.
-        self.default_dns = default_dns
 
     async def setup(self, plan: NetworkPlan, record: RecordNetwork) -> NetworkAttachment:
         return await asyncio.to_thread(self._setup, plan, record)
@@ -178,7 +171,6 @@ class NetworkManager:
     def _setup(self, plan: NetworkPlan, record_network: RecordNetwork) -> NetworkAttachment:
         net, nic, netns = plan.net, plan.nic, plan.netns or None
         record = record_of(plan)
-        dns = nic.dns or self.default_dns
         if netns is not None and not netns_exists(netns):
             raise NetworkError(f"the allocation's network namespace {netns} does not exist")
         record_network(record)
@@ -195,7 +187,7 @@ class NetworkManager:
             )
             if net.dnsmasq is not None:
                 host = DhcpHost(
-                    plan.guest_mac, address, plan.hostname, nic.gateway or net.gateway, dns
+                    plan.guest_mac, address, plan.hostname, nic.gateway or net.gateway, nic.dns
                 )
                 self._dhcp(record, net).add(plan.owner, host)
         except BaseException:
@@ -206,7 +198,7 @@ class NetworkManager:
             address=address,
             prefixlen=nic.prefixlen or net.subnet.prefixlen,
             gateway=nic.gateway or net.gateway,
-            dns=dns,
+            dns=nic.dns,
             port_map={label: f.guest_port for label, f in plan.forwards},
         )
 
