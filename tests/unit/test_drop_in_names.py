@@ -261,6 +261,12 @@ def images(tmp_path: Path) -> Path:
         ({"usb_devices": ["046d:c52b"]}, "config.usb_devices", "USB passthrough"),
         # Seed 000, "GPU passthrough" (commented out there, documented as coming).
         ({"vfio_devices": ["10de:2204"]}, "config.vfio_devices", "PCI (VFIO) passthrough"),
+        # Seed 002, "Example (macvtap)".
+        (
+            {"network_interface": {"macvtap": {"device": "eth0", "mode": "bridge"}}},
+            "config.network_interface.macvtap",
+            "macvtap",
+        ),
         # Seed 002, "Disk": a disk in a pool, and a disk at all.
         ({"disk": [{"size": "10GiB", "pool": "local"}]}, "config.disk[0].pool", "storage pools"),
         ({"disk": [{"size": "10GiB", "source": {"image": "x.img"}}]}, "config.disk", "disk"),

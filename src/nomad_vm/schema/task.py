@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from nomad_vm.fields import Field, Schema
-from nomad_vm.schema.seed_keys import OS_VARIANT, TASK_SEED_FIELDS
+from nomad_vm.schema.seed_keys import MACVTAP, OS_VARIANT, TASK_SEED_FIELDS
 
 FIRMWARES = ("bios", "uefi", "uefi-secure")
 # The task options that only reach the guest through its cloud-init seed: set on a VM that gets
@@ -181,6 +181,7 @@ TASK_CONFIG = Schema(
                     "Put the VM's TAP in this VLAN (1-4094) on a VLAN-filtering bridge.",
                     minimum=1,
                 ),
+                MACVTAP,
             ),
         ),
         Field(
