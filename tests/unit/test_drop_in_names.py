@@ -210,6 +210,18 @@ def test_seed_002_provider_and_storage_pools_are_accepted_and_reported(tmp_path:
     assert any("storage pools are not supported yet" in w for w in seed.warnings())
 
 
+def test_seed_000_vfio_block_is_accepted_and_reported_as_not_supported_yet() -> None:
+    # Seed 000, "Driver Configuration": the vfio block (commented out there, "not yet
+    # implemented"), uncommented.
+    raw = {"vfio": {"allowlist": ["10de:*", "8086:0d26"], "iommu_address_width": 48,
+                    "pci_segments": 1}}  # fmt: skip
+    seed = parse_plugin_config(raw, CH).seed
+    assert seed.attributes("driver.nomad-driver-ch.") == {
+        "driver.nomad-driver-ch.vfio": "not supported yet: configured, not used"
+    }
+    assert any("PCI passthrough is not supported yet" in w for w in seed.warnings())
+
+
 def test_a_single_pool_is_the_default(tmp_path: Path) -> None:
     raw = {"storage_pools": {"directory": {"local": {"path": str(tmp_path)}}}}
     assert parse_plugin_config(raw, VIRT).seed.default_pool == "local"

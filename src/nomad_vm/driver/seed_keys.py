@@ -29,6 +29,8 @@ class SeedPluginKeys:
     # The storage pools as configured ("directory local", "ceph remote"), and the default's name.
     storage_pools: tuple[str, ...] = ()
     default_pool: str = ""
+    # nomad-driver-ch's `vfio {}` block was given.
+    vfio: bool = False
 
     def warnings(self) -> list[str]:
         """One line per key that is accepted and not acted on, for the agent log."""
@@ -39,6 +41,11 @@ class SeedPluginKeys:
             out.append(
                 f"plugin config storage_pools ({', '.join(self.storage_pools)}): storage pools "
                 "are not supported yet; tasks whose disk names a pool are refused"
+            )
+        if self.vfio:
+            out.append(
+                "plugin config vfio: PCI passthrough is not supported yet; tasks that list "
+                "vfio_devices are refused"
             )
         return out
 
@@ -51,6 +58,8 @@ class SeedPluginKeys:
             attrs[f"{prefix}storage_pools"] = (
                 f"not supported yet: {', '.join(self.storage_pools)} configured, not used"
             )
+        if self.vfio:
+            attrs[f"{prefix}vfio"] = "not supported yet: configured, not used"
         return attrs
 
 
@@ -73,7 +82,7 @@ def parse_seed_plugin_keys(values: Mapping[str, object]) -> SeedPluginKeys:
     if values.get("emulator") is not None:
         libvirt.append("emulator")
     pools, default = _storage_pools(values.get("storage_pools"))
-    return SeedPluginKeys(dns, tuple(libvirt), pools, default)
+    return SeedPluginKeys(dns, tuple(libvirt), pools, default, values.get("vfio") is not None)
 
 
 def _storage_pools(raw: object) -> tuple[tuple[str, ...], str]:
