@@ -149,7 +149,7 @@ def test_a_virt_job_runs_on_the_virt_name_with_its_own_state(  # type: ignore[no
         # Seed 002, "Example (macvtap)".
         (
             "virt-macvtap",
-            "        network_interface {\n          macvtap {\n            device = \"eth0\"\n"
+            '        network_interface {\n          macvtap {\n            device = "eth0"\n'
             '            mode = "bridge"\n          }\n        }',
             "config.network_interface.macvtap",
         ),
