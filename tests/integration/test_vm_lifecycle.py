@@ -242,3 +242,65 @@ def test_exec_and_signals_without_a_guest_agent_fail_clearly(
         drv(plugin).SignalTask(driver_pb2.SignalTaskRequest(task_id=cfg.id, signal="SIGTERM"))
         assert (wait(plugin, cfg.id).result.exit_code) == 0
         destroy(plugin, cfg.id)
+
+
+def test_disk_blocks_each_reach_the_guest_with_size_serial_and_bus(
+    plugin: PluginProcess,
+    short_tmp: Path,
+    tiny_guest,  # type: ignore[no-untyped-def]
+) -> None:
+    """Several `disk` blocks: an overlay on an image (grown), an empty raw disk, a read-only
+    copy, and disks on the sata and scsi buses. The guest sees each virtio disk with its size
+    and serial, cannot write the read-only one, and has the AHCI and virtio-scsi
+    controllers (the tiny guest has no driver for their disks: QEMU accepting them is the
+    check); the image stays untouched."""
+    import hashlib
+
+    images = short_tmp / "images"
+    images.mkdir()
+    base = images / "base.raw"
+    base.write_bytes(b"NVMDISK!" + bytes(32 * 1024 * 1024 - 8))
+    digest = hashlib.sha256(base.read_bytes()).hexdigest()
+    disks = [
+        {"size": "20MB", "devname": "scratch", "format": "raw"},
+        {
+            "primary": True,
+            "size": "64MiB",
+            "chained": True,
+            "devname": "root",
+            "source": {"image": str(base), "format": "raw"},
+        },
+        {"read_only": True, "devname": "ro-data", "source": {"image": str(base)}},
+        {"size": "16MiB", "bus_type": "sata", "driver": "writethrough"},
+        {"size": "8388608", "bus_type": "scsi", "driver": "unsafe", "sparse": False},
+    ]
+    run = (
+        "for d in /sys/block/vd*; do echo disk $(basename $d) $(cat $d/size) $(cat $d/serial);"
+        " done; head -c 8 /dev/vda; echo; "
+        "echo x | dd of=/dev/vdc conv=fsync 2>/dev/null || echo ro-refused; "
+        "echo pci $(cat /sys/bus/pci/devices/*/device | tr '\\n' ' ')"
+    )
+    result, console = _run_to_completion(
+        plugin,
+        short_tmp,
+        tiny_guest,
+        "disks",
+        run,
+        overrides={"disk": disks, "cloud_init": False},
+        image_paths=[str(tiny_guest.vmlinux.parent), str(images)],
+    )
+    text = console.decode(errors="replace")
+    assert result.result.exit_code == 0, (result, text[-2000:])
+    # The primary first (64 MiB), then the blocks' order: 20 MB rounded up to 20 MiB, the
+    # read-only copy at the image's 32 MiB. Sizes in 512-byte sectors.
+    assert "disk vda 131072 root" in text, text[-2000:]
+    assert "disk vdb 40960 scratch" in text, text[-2000:]
+    assert "disk vdc 65536 ro-data" in text, text[-2000:]
+    assert "disk vdd" not in text  # sata and scsi disks are not virtio-blk
+    assert "NVMDISK!" in text and "ro-refused" in text
+    pci = next(line for line in text.splitlines() if line.startswith("pci "))
+    assert "0x2922" in pci  # ICH9 AHCI
+    assert "0x1004" in pci or "0x1048" in pci  # virtio-scsi (legacy or modern id)
+    assert hashlib.sha256(base.read_bytes()).hexdigest() == digest
+    # Every disk file the start made was removed with the task.
+    assert not [p for p in short_tmp.rglob("disk*.*") if p.is_file()]

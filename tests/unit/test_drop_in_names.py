@@ -279,9 +279,6 @@ def images(tmp_path: Path) -> Path:
             "config.network_interface.macvtap",
             "macvtap",
         ),
-        # Seed 002, "Disk": a disk in a pool, and a disk at all.
-        ({"disk": [{"size": "10GiB", "pool": "local"}]}, "config.disk[0].pool", "storage pools"),
-        ({"disk": [{"size": "10GiB", "source": {"image": "x.img"}}]}, "config.disk", "disk"),
     ],
 )
 def test_seed_task_keys_nomad_vm_cannot_honour_are_refused_by_name(

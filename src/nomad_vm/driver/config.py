@@ -25,6 +25,7 @@ from nomad_vm.network.settings import (
     parse_bridge_network,
     parse_nic,
 )
+from nomad_vm.storage.disk_request import DiskRequest, parse_disks, shorthand_disk
 from nomad_vm.storage.held import read_allowed_text
 from nomad_vm.storage.paths import Allowlist, private_dir, private_pattern, resolve_allowed_file
 
@@ -104,6 +105,9 @@ class VMTaskConfig:
     nic: NicRequest | None = None
     signal_unit: str | None = None
     signal_pidfile: str | None = None
+    # Every disk, the primary first (``storage.disk_request``): the `disk` blocks, or the
+    # shorthand's one disk from `image`; `image` and the two fields above are the primary's.
+    disks: tuple[DiskRequest, ...] = ()
 
     @property
     def gets_seed(self) -> bool:
@@ -259,7 +263,7 @@ def parse_task_config(task: TaskConfig, plugin: PluginConfig) -> VMTaskConfig:
             return None
         return resolve_allowed_file(f"config.{name}", str(value), allowed, task.task_dir)
 
-    if not values["kernel"] and not values["image"]:
+    if not values["kernel"] and not values["image"] and not values["disk"]:
         raise ConfigError(
             "config.image",
             'a VM needs something to boot: set image = "/path/disk.qcow2" (disk boot), '
@@ -274,10 +278,13 @@ def parse_task_config(task: TaskConfig, plugin: PluginConfig) -> VMTaskConfig:
     os_block = values["os"] or validate(_block_schema("os"), {}, "config.os")
     assert isinstance(os_block, dict)
     hostname = values["hostname"]
+    disks = _disks(task, values, allowed, str(os_block["machine"] or "pc"))
+    primary = disks[0] if disks else None
     return VMTaskConfig(
-        image=path_of("image"),
-        use_thin_copy=bool(values["use_thin_copy"]),
-        disk_size_mb=values["primary_disk_size"],  # type: ignore[arg-type]
+        disks=disks,
+        image=primary.image if primary is not None else None,
+        use_thin_copy=primary.chained if primary is not None else True,
+        disk_size_mb=primary.size_mb if primary is not None else None,
         kernel=path_of("kernel"),
         initramfs=path_of("initramfs"),
         cmdline=str(values["cmdline"] or ""),
@@ -301,6 +308,40 @@ def parse_task_config(task: TaskConfig, plugin: PluginConfig) -> VMTaskConfig:
         signal_unit=_optional_str(values["signal_unit"]),
         signal_pidfile=_optional_str(values["signal_pidfile"]),
         nic=_with_default_dns(parse_nic(_block(values["network_interface"])), plugin.dns),
+    )
+
+
+def _disks(
+    task: TaskConfig, values: Mapping[str, object], allowed: Allowlist, machine: str
+) -> tuple[DiskRequest, ...]:
+    """The `disk` blocks, or the shorthand's one disk; both in one task is an error naming
+    both, since either alone describes the boot disk."""
+    blocks = values["disk"]
+    if not blocks:
+        image = values["image"]
+        path = (
+            resolve_allowed_file("config.image", str(image), allowed, task.task_dir)
+            if image
+            else None
+        )
+        size = values["primary_disk_size"]
+        return shorthand_disk(path, bool(values["use_thin_copy"]), size)  # type: ignore[arg-type]
+    shorthand = [
+        f"config.{name}"
+        for name in ("image", "use_thin_copy", "primary_disk_size")
+        if (task.driver_config or {}).get(name) is not None
+    ]
+    if shorthand:
+        raise ConfigError(
+            "config.disk",
+            f"disk blocks and {_and(shorthand)} both describe the boot disk: use one form "
+            "(a primary disk with source { image = ... } replaces image)",
+        )
+    assert isinstance(blocks, list)
+    return parse_disks(
+        blocks,
+        lambda field, path: resolve_allowed_file(field, path, allowed, task.task_dir),
+        machine,
     )
 
 

@@ -150,20 +150,6 @@ def refuse_unsupported_task_keys(values: Mapping[str, object]) -> None:
                 f"{what} passthrough is not supported yet by nomad-vm; remove {key} (an empty "
                 "list is accepted)",
             )
-    disks = _list(values.get("disk"))
-    for i, disk in enumerate(disks):
-        if isinstance(disk, Mapping) and disk.get("pool"):
-            raise ConfigError(
-                f"config.disk[{i}].pool",
-                f"storage pools are not supported yet by nomad-vm (pool {disk['pool']!r}); "
-                "boot from `image` instead",
-            )
-    if disks:
-        raise ConfigError(
-            "config.disk",
-            "disk blocks are not supported yet by nomad-vm; describe the boot disk with "
-            "`image`, `use_thin_copy` and `primary_disk_size`",
-        )
 
 
 def _list(value: object) -> list[object]:

@@ -128,31 +128,108 @@ VFIO_DEVICES = Field(
 DISK = Field(
     "disk",
     "block",
-    "nomad-driver-virt's disks, accepted in its syntax (every key below). "
-    + NOT_YET
-    + "a task with a `disk` block is refused, naming it (and its `pool`, for storage pools); "
-    "use `image`, `use_thin_copy` and `primary_disk_size` for the boot disk.",
+    "The task's disks, in nomad-driver-virt's syntax (repeat the block for each disk). Each "
+    "is made in the task's runtime dir when it starts and removed with it: a copy of "
+    "`source.image` (or a qcow2 overlay on it with `chained`), or an empty disk of `size`. "
+    "The primary disk (the one marked, else the first) is the boot disk, `/dev/vda` on "
+    "virtio; the others follow in order. A task uses either `disk` blocks or the shorthand "
+    "`image`/`use_thin_copy`/`primary_disk_size` (one primary disk), not both. Every source "
+    "image follows the rules of `image` (inside `image_paths` or the allocation directory, "
+    "its backing chain checked, qcow2 checked). More than one disk, buses other than "
+    "virtio, cdroms and devname need the qemu hypervisor.",
     fields=(
-        Field("size", "string", "Size: bytes, or with a unit (`10GiB`, `20GB`).", default=""),
-        Field("primary", "bool", "The boot disk.", default=False),
-        Field("chained", "bool", "An overlay on the source.", default=False),
-        Field("sparse", "bool", "Sparsely allocated.", default=False),
-        Field("read_only", "bool", "Read-only for the guest.", default=False),
-        Field("bus_type", "string", "Bus (`virtio`, `sata`, `scsi`, `ide`).", default=""),
-        Field("devname", "string", "Device name in the guest.", default=""),
-        Field("format", "string", "Volume format.", default=""),
-        Field("kind", "string", "`disk` or `cdrom`.", default=""),
-        Field("driver", "string", "Disk driver (cache/io mode).", default=""),
-        Field("pool", "string", "Storage pool holding the volume.", default=""),
-        Field("volume", "string", "A Nomad volume backing the disk.", default=""),
+        Field(
+            "size",
+            "string",
+            "Size: bytes, or a number with a unit (`20GB` = 20*1000^3, `10GiB` = 10*1024^3; "
+            "`G` = GiB), rounded up to a whole MiB. Required without a source; with one it "
+            "grows the copy (a disk never shrinks).",
+            default="",
+        ),
+        Field("primary", "bool", "The boot disk (at most one; default: the first).", default=False),
+        Field(
+            "chained",
+            "bool",
+            "A qcow2 overlay on the source image (created in milliseconds; the image is "
+            "never written). `false`: a full copy.",
+            default=False,
+        ),
+        Field(
+            "sparse",
+            "bool",
+            "`false` reserves an empty disk's space up front (preallocation=falloc). Disks "
+            "made from a source are always sparse (`false` with a source is an error).",
+            default=True,
+        ),
+        Field(
+            "read_only",
+            "bool",
+            "The guest cannot write the disk (the VMM gets a read-only descriptor).",
+            default=False,
+        ),
+        Field(
+            "bus_type",
+            "string",
+            "`virtio` (virtio-blk, the default), `sata` (ide-hd on an AHCI controller, at "
+            "most 6), `scsi` (scsi-hd on virtio-scsi) or `ide` (the pc machine's IDE bus, "
+            "at most 4; q35 and microvm have none).",
+            default="",
+        ),
+        Field(
+            "devname",
+            "string",
+            "The disk's serial number (1 to 20 letters, digits, `.`, `_`, `-`): a stable name "
+            "in the guest, e.g. `/dev/disk/by-id/virtio-<devname>` on virtio and "
+            "`/sys/block/vdX/serial`. Kernel names (`vdb`) follow the order of the blocks.",
+            default="",
+        ),
+        Field("format", "string", "The disk's format: `qcow2` (default) or `raw`.", default=""),
+        Field(
+            "kind",
+            "string",
+            "`disk` (default) or `cdrom` (read-only, ide-cd or scsi-cd: needs bus_type sata, "
+            "scsi or ide, and a source image).",
+            default="",
+        ),
+        Field(
+            "driver",
+            "string",
+            "QEMU cache mode: `writeback` (default: the guest sees a write cache and flushes "
+            "it), `writethrough` (every write flushed) or `unsafe` (flushes ignored); also "
+            "written `cache=<mode>`. `none` and `directsync` need O_DIRECT, which QEMU cannot "
+            "set on the descriptor it is handed: refused.",
+            default="",
+        ),
+        Field(
+            "pool",
+            "string",
+            NOT_YET + "a storage pool for the volume; a disk that names one is refused.",
+            default="",
+        ),
+        Field(
+            "volume",
+            "string",
+            NOT_YET + "a Nomad volume backing the disk; a disk that names one is refused.",
+            default="",
+        ),
         Field(
             "source",
             "block",
             "Where the disk's content comes from.",
             fields=(
-                Field("image", "string", "An image file.", default=""),
-                Field("volume", "string", "A volume of the pool.", default=""),
-                Field("format", "string", "The source's format.", default=""),
+                Field("image", "string", "An image file (rules of `image`).", default=""),
+                Field(
+                    "volume",
+                    "string",
+                    NOT_YET + "a volume of the pool to clone; refused.",
+                    default="",
+                ),
+                Field(
+                    "format",
+                    "string",
+                    "The image's format; unset: detected. Set, the image must be of it.",
+                    default="",
+                ),
             ),
         ),
     ),

@@ -1,0 +1,222 @@
+"""`disk {}` blocks (nomad-driver-virt's syntax) as a task's config parses them: sizes, the
+primary, buses per machine type, devname, cache modes, and every bad value refused naming
+its field. The disks themselves are made by tests/integration (real qemu-img and QEMU)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from nomad_vm.driver.config import parse_plugin_config, parse_task_config
+from nomad_vm.errors import ConfigError, ImageError
+from nomad_vm.identity import ALIASES
+from nomad_vm.storage.disk_request import MIB, parse_size
+from tests.unit.tasks import unit_task
+
+
+@pytest.fixture
+def images(tmp_path: Path) -> Path:
+    (tmp_path / "images").mkdir()
+    (tmp_path / "images" / "base.img").write_bytes(b"\0" * 512)
+    (tmp_path / "alloc").mkdir()
+    return tmp_path / "images"
+
+
+VIRT = ALIASES["virt"]
+
+
+def parse(images: Path, config: dict[str, object]):  # type: ignore[no-untyped-def]
+    plugin = parse_plugin_config({"image_paths": [str(images)]}, VIRT)
+    return parse_task_config(unit_task(images.parent / "alloc", config), plugin)
+
+
+@pytest.mark.parametrize(
+    ("value", "size"),
+    [
+        ("10GiB", 10 * 1024**3),
+        ("20GB", 20 * 1000**3 + (-(20 * 1000**3) % MIB)),  # rounded up to a whole MiB
+        ("1073741824", 1024**3),
+        ("512M", 512 * MIB),
+        (" 2 TiB ", 2 * 1024**4),
+        ("1", MIB),
+    ],
+)
+def test_sizes_in_the_seeds_units(value: str, size: int) -> None:
+    assert parse_size(value, "f") == size
+
+
+@pytest.mark.parametrize("value", ["10 parsecs", "GiB", "-1GiB", "0", "1.5GiB", "65TiB"])
+def test_bad_sizes_name_the_field(value: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        parse_size(value, "config.disk[0].size")
+    assert err.value.field == "config.disk[0].size"
+
+
+def test_several_disks_primary_first_with_their_options(images: Path) -> None:
+    vm = parse(
+        images,
+        {
+            "disk": [
+                {"size": "1GiB", "devname": "scratch", "format": "raw", "sparse": False},
+                {
+                    "primary": True,
+                    "chained": True,
+                    "size": "2GiB",
+                    "source": {"image": str(images / "base.img"), "format": "raw"},
+                },
+                {"size": "1GiB", "bus_type": "scsi", "driver": "cache=unsafe", "read_only": True},
+            ]
+        },
+    )
+    primary, scratch, scsi = vm.disks
+    assert primary.primary and primary.image == images / "base.img" and primary.chained
+    assert (vm.image, vm.use_thin_copy, vm.disk_size_mb) == (images / "base.img", True, 2048)
+    assert (scratch.format, scratch.serial, scratch.sparse, scratch.image) == (
+        "raw",
+        "scratch",
+        False,
+        None,
+    )
+    assert (scsi.bus, scsi.cache, scsi.read_only) == ("scsi", "unsafe", True)
+    assert [d.file_name(i) for i, d in enumerate(vm.disks)] == [
+        "disk.qcow2",
+        "disk1.raw",
+        "disk2.qcow2",
+    ]
+
+
+def test_the_first_disk_is_primary_when_none_is_marked(images: Path) -> None:
+    vm = parse(
+        images,
+        {"disk": [{"source": {"image": str(images / "base.img")}}, {"size": "1GiB"}]},
+    )
+    assert vm.disks[0].primary and vm.disks[0].image is not None
+    assert not vm.disks[0].chained  # a disk block copies unless chained (the shorthand overlays)
+    assert vm.gets_seed
+
+
+def test_the_shorthand_is_one_primary_disk(images: Path) -> None:
+    vm = parse(images, {"image": str(images / "base.img"), "primary_disk_size": 100})
+    (disk,) = vm.disks
+    assert disk.primary and disk.chained and disk.size_bytes == 100 * MIB
+    assert disk.field == "config.image" and disk.image_field == "config.image"
+
+
+def test_a_cdrom_is_read_only(images: Path) -> None:
+    vm = parse(
+        images,
+        {
+            "kernel": str(images / "base.img"),
+            "disk": [
+                {"size": "1GiB"},
+                {
+                    "kind": "cdrom",
+                    "bus_type": "sata",
+                    "source": {"image": str(images / "base.img")},
+                },
+            ],
+        },
+    )
+    assert vm.disks[1].read_only and vm.disks[1].kind == "cdrom"
+
+
+@pytest.mark.parametrize(
+    ("config", "field", "says"),
+    [
+        ({"image": "IMG", "disk": [{"size": "1GiB"}]}, "config.disk", "config.image"),
+        ({"use_thin_copy": False, "disk": [{"size": "1GiB"}]}, "config.disk", "use_thin_copy"),
+        (
+            {"disk": [{"primary": True, "size": "1G"}, {"primary": True, "size": "1G"}]},
+            "config.disk[1].primary",
+            "only one",
+        ),
+        ({"disk": [{}]}, "config.disk[0].size", "needs a size"),
+        ({"disk": [{"size": "1G", "bus_type": "usb"}]}, "config.disk[0].bus_type", "one of"),
+        (
+            {"os": {"machine": "q35"}, "disk": [{"size": "1G", "bus_type": "ide"}]},
+            "config.disk[0].bus_type",
+            "no IDE bus",
+        ),
+        (
+            {
+                "os": {"machine": "microvm"},
+                "kernel": "IMG",
+                "disk": [{"size": "1G", "bus_type": "sata"}],
+            },
+            "config.disk[0].bus_type",
+            "microvm",
+        ),
+        ({"disk": [{"size": "1G", "bus_type": "ide"}] * 5}, "config.disk[4].bus_type", "at most 4"),
+        (
+            {"disk": [{"kind": "cdrom", "source": {"image": "IMG"}}]},
+            "config.disk[0].bus_type",
+            "no CD-ROM",
+        ),
+        (
+            {"disk": [{"kind": "cdrom", "size": "1G", "bus_type": "ide"}]},
+            "config.disk[0].source.image",
+            "ISO",
+        ),
+        ({"disk": [{"kind": "floppy", "size": "1G"}]}, "config.disk[0].kind", "disk or cdrom"),
+        ({"disk": [{"size": "1G", "format": "vmdk"}]}, "config.disk[0].format", "qcow2 or raw"),
+        ({"disk": [{"size": "1G", "chained": True}]}, "config.disk[0].chained", "source"),
+        (
+            {"disk": [{"chained": True, "format": "raw", "source": {"image": "IMG"}}]},
+            "config.disk[0].format",
+            "qcow2 overlay",
+        ),
+        (
+            {"disk": [{"sparse": False, "source": {"image": "IMG"}}]},
+            "config.disk[0].sparse",
+            "empty disks",
+        ),
+        ({"disk": [{"size": "1G", "devname": "/dev/vdb"}]}, "config.disk[0].devname", "serial"),
+        ({"disk": [{"size": "1G", "devname": "x" * 21}]}, "config.disk[0].devname", "20"),
+        ({"disk": [{"size": "1G", "driver": "none"}]}, "config.disk[0].driver", "O_DIRECT"),
+        ({"disk": [{"size": "1G", "driver": "io=native"}]}, "config.disk[0].driver", "O_DIRECT"),
+        ({"disk": [{"size": "1G", "driver": "fast"}]}, "config.disk[0].driver", "unknown cache"),
+        (
+            {"disk": [{"source": {"image": "/etc/passwd"}}]},
+            "config.disk[0].source.image",
+            "outside the allowed",
+        ),
+        (
+            {"disk": [{"source": {"image": "IMG", "format": "luks"}}]},
+            "config.disk[0].source.format",
+            "detected",
+        ),
+        # Seed 002's pools and Nomad volumes: later work, refused by name.
+        (
+            {"disk": [{"size": "10GiB", "pool": "local"}]},
+            "config.disk[0].pool",
+            "not supported yet",
+        ),
+        ({"disk": [{"size": "1G", "volume": "v"}]}, "config.disk[0].volume", "not supported yet"),
+        (
+            {"disk": [{"source": {"volume": "focal.img"}}]},
+            "config.disk[0].source.volume",
+            "not supported yet",
+        ),
+    ],
+)
+def test_bad_disk_blocks_name_the_field(
+    images: Path, config: dict[str, object], field: str, says: str
+) -> None:
+    image = str(images / "base.img")
+    config = _with_image(config, image)
+    with pytest.raises((ConfigError, ImageError)) as err:
+        parse(images, config)
+    assert err.value.field == field, err.value
+    assert says in str(err.value)
+
+
+def _with_image(value, image: str):  # type: ignore[no-untyped-def]
+    """``IMG`` replaced by the test's image path, anywhere in the config."""
+    if value == "IMG":
+        return image
+    if isinstance(value, dict):
+        return {k: _with_image(v, image) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_with_image(v, image) for v in value]
+    return value
