@@ -304,3 +304,97 @@ def test_disk_blocks_each_reach_the_guest_with_size_serial_and_bus(
     assert hashlib.sha256(base.read_bytes()).hexdigest() == digest
     # Every disk file the start made was removed with the task.
     assert not [p for p in short_tmp.rglob("disk*.*") if p.is_file()]
+
+
+def test_directory_pool_volumes_outlive_their_tasks(
+    plugin: PluginProcess,
+    short_tmp: Path,
+    tiny_guest,  # type: ignore[no-untyped-def]
+) -> None:
+    """A named volume in a directory pool keeps what one task's guest wrote for the next; a
+    chained clone of it leaves it untouched; a source image written into the pool is made
+    once and reused by the next task with the same source."""
+    pool = short_tmp / "pool"
+    images = short_tmp / "images"
+    images.mkdir()
+    base = images / "base.raw"
+    base.write_bytes(b"NVMBASE!" + bytes(16 * 1024 * 1024 - 8))
+    options = {"storage_pools": {"directory": {"local": {"path": str(pool)}}}}
+    paths = [str(tiny_guest.vmlinux.parent), str(images)]
+
+    def run(name: str, disks: list[dict[str, object]], command: str) -> str:
+        result, console = _run_to_completion(
+            plugin,
+            short_tmp,
+            tiny_guest,
+            name,
+            command,
+            overrides={"disk": disks},
+            image_paths=paths,
+            plugin_options=options,
+        )
+        text = console.decode(errors="replace")
+        assert result.result.exit_code == 0, (result, text[-2000:])
+        return text
+
+    data = [{"pool": "local", "name": "data", "size": "8MiB", "format": "raw"}]
+    write = "echo persisted-marker | dd of=/dev/vda conv=fsync 2>/dev/null && echo wrote"
+    assert "wrote" in run("pool1", data, write)
+    assert (pool / "data").read_bytes().startswith(b"persisted-marker")
+    assert "persisted-marker" in run("pool2", data, "head -c 16 /dev/vda; echo")
+
+    # A chained clone (the default pool): sees the volume, writes only to its overlay.
+    clone = [{"chained": True, "source": {"volume": "data"}}]
+    text = run(
+        "pool3",
+        clone,
+        "head -c 16 /dev/vda; echo; echo overwritten | dd of=/dev/vda conv=fsync 2>/dev/null",
+    )
+    assert "persisted-marker" in text
+    assert (pool / "data").read_bytes().startswith(b"persisted-marker")
+
+    from_image = [{"pool": "local", "chained": True, "source": {"image": str(base)}}]
+    inodes = set()
+    for name in ("pool4", "pool5"):
+        assert "NVMBASE!" in run(name, from_image, "head -c 8 /dev/vda; echo")
+        imported = [p for p in pool.iterdir() if p.name.startswith("base-")]
+        assert len(imported) == 1, sorted(pool.iterdir())
+        inodes.add(imported[0].stat().st_ino)
+    assert len(inodes) == 1  # the second task reused the first one's volume
+    # Only the volumes: no in-progress file, no task disk left in the pool.
+    assert sorted(p.name for p in pool.iterdir()) == sorted(["data", imported[0].name])
+    assert oct(pool.stat().st_mode & 0o777) == "0o700"
+    assert not [p for p in short_tmp.rglob("disk*.*") if p.is_file()]
+
+
+def test_a_disk_cannot_leave_its_pool(
+    plugin: PluginProcess,
+    short_tmp: Path,
+    tiny_guest,  # type: ignore[no-untyped-def]
+) -> None:
+    """A volume name is one component of the pool, and a symlink in the pool leads nowhere."""
+    pool = short_tmp / "pool"
+    pool.mkdir(mode=0o700)
+    outside = short_tmp / "secret.raw"
+    outside.write_bytes(b"SECRET!!" + bytes(1024 * 1024))
+    (pool / "link").symlink_to(outside)
+    options = {"storage_pools": {"directory": {"local": {"path": str(pool)}}}}
+    for name, disk, field in (
+        ("esc1", {"name": "../secret.raw", "size": "1MiB"}, "config.disk[0].name"),
+        ("esc2", {"source": {"volume": "link"}}, "config.disk[0].source.volume"),
+        ("esc3", {"name": "link"}, "config.disk[0].name"),
+    ):
+        with tiny_task(
+            plugin,
+            short_tmp,
+            tiny_guest,
+            alloc_name=name,
+            overrides={"disk": [disk]},
+            plugin_options=options,
+        ) as (cfg, _, _):
+            with pytest.raises(grpc.RpcError) as err:
+                drv(plugin).StartTask(driver_pb2.StartTaskRequest(task=cfg), timeout=60)
+            assert field in str(err.value.details()), err.value.details()
+            destroy(plugin, cfg.id)
+    assert sorted(p.name for p in pool.iterdir()) == ["link"]
+    assert outside.read_bytes().startswith(b"SECRET!!")

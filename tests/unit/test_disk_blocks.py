@@ -186,18 +186,11 @@ def test_a_cdrom_is_read_only(images: Path) -> None:
             "config.disk[0].source.format",
             "detected",
         ),
-        # Seed 002's pools and Nomad volumes: later work, refused by name.
-        (
-            {"disk": [{"size": "10GiB", "pool": "local"}]},
-            "config.disk[0].pool",
-            "not supported yet",
-        ),
+        # Pools: none configured in these tests; Nomad volumes are later work.
+        ({"disk": [{"size": "10GiB", "pool": "local"}]}, "config.disk[0].pool", "no storage pool"),
+        ({"disk": [{"size": "1G", "name": "data"}]}, "config.disk[0].pool", "needs a storage pool"),
+        ({"disk": [{"source": {"volume": "focal.img"}}]}, "config.disk[0].pool", "storage_pools"),
         ({"disk": [{"size": "1G", "volume": "v"}]}, "config.disk[0].volume", "not supported yet"),
-        (
-            {"disk": [{"source": {"volume": "focal.img"}}]},
-            "config.disk[0].source.volume",
-            "not supported yet",
-        ),
     ],
 )
 def test_bad_disk_blocks_name_the_field(
@@ -220,3 +213,67 @@ def _with_image(value, image: str):  # type: ignore[no-untyped-def]
     if isinstance(value, list):
         return [_with_image(v, image) for v in value]
     return value
+
+
+POOLS = {
+    "storage_pools": {
+        "default": "local",
+        "directory": {"local": {"path": "/srv/pool"}, "fast": {"path": "/srv/fast/"}},
+        "ceph": {"remote": {"pool": "p", "hosts": ["192.0.2.1:3300"]}},
+    }
+}
+
+
+def parse_pooled(images: Path, config: dict[str, object]):  # type: ignore[no-untyped-def]
+    raw = {"image_paths": [str(images)], **POOLS}
+    plugin = parse_plugin_config(raw, VIRT)
+    return parse_task_config(unit_task(images.parent / "alloc", config), plugin)
+
+
+def test_pool_disks_find_their_directory(images: Path) -> None:
+    vm = parse_pooled(
+        images,
+        {
+            "disk": [
+                {"name": "root", "source": {"volume": "focal.img"}, "chained": True},
+                {"pool": "fast", "size": "1G"},
+                {"size": "1G"},
+            ]
+        },
+    )
+    named, fast, own = vm.disks
+    assert (named.pool_dir, named.volume_name, named.source_volume) == (
+        Path("/srv/pool"),
+        "root",
+        "focal.img",
+    )
+    assert named.persistent and named.chained
+    assert fast.pool_dir == Path("/srv/fast") and not fast.persistent
+    assert own.pool_dir is None  # no pool, name or source.volume: the disk lives with the task
+
+
+@pytest.mark.parametrize(
+    ("disk", "field", "says"),
+    [
+        ({"pool": "remote", "size": "1G"}, "config.disk[0].pool", "Ceph pools are not supported"),
+        ({"pool": "nope", "size": "1G"}, "config.disk[0].pool", "local, fast"),
+        ({"name": "../etc", "size": "1G"}, "config.disk[0].name", "no '/'"),
+        ({"name": ".hidden", "size": "1G"}, "config.disk[0].name", "volume name"),
+        ({"source": {"volume": "a/b"}}, "config.disk[0].source.volume", "volume name"),
+        ({"source": {"volume": "v", "image": "IMG"}}, "config.disk[0].source", "not both"),
+        ({"source": {"volume": "v"}, "sparse": False}, "config.disk[0].sparse", "empty"),
+    ],
+)
+def test_bad_pool_disks_name_the_field(
+    images: Path, disk: dict[str, object], field: str, says: str
+) -> None:
+    with pytest.raises(ConfigError) as err:
+        parse_pooled(images, {"disk": [_with_image(disk, str(images / "base.img"))]})
+    assert err.value.field == field, err.value
+    assert says in str(err.value)
+
+
+def test_two_disks_cannot_be_the_same_volume(images: Path) -> None:
+    with pytest.raises(ConfigError) as err:
+        parse_pooled(images, {"disk": [{"name": "v", "size": "1G"}, {"name": "v", "size": "1G"}]})
+    assert err.value.field == "config.disk[1].name"

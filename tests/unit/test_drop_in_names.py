@@ -206,8 +206,11 @@ def test_seed_002_provider_and_storage_pools_are_accepted_and_reported(tmp_path:
     assert seed.storage_pools == ("directory local", "ceph remote-storage")
     assert seed.default_pool == "local"
     attrs = seed.attributes("driver.virt.")
-    assert attrs["driver.virt.storage_pools"].startswith("not supported yet")
-    assert any("storage pools are not supported yet" in w for w in seed.warnings())
+    assert attrs["driver.virt.storage_pools"] == (
+        "directory local (default local); not supported yet: ceph remote-storage"
+    )
+    assert seed.directory_pools == {"local": tmp_path / "storage"}
+    assert any("Ceph pools are not supported yet" in w for w in seed.warnings())
 
 
 def test_seed_000_vfio_block_is_accepted_and_reported_as_not_supported_yet() -> None:

@@ -25,7 +25,7 @@ from nomad_vm.network.settings import (
     parse_bridge_network,
     parse_nic,
 )
-from nomad_vm.storage.disk_request import DiskRequest, parse_disks, shorthand_disk
+from nomad_vm.storage.disk_request import DiskRequest, Pools, parse_disks, shorthand_disk
 from nomad_vm.storage.held import read_allowed_text
 from nomad_vm.storage.paths import Allowlist, private_dir, private_pattern, resolve_allowed_file
 
@@ -278,7 +278,7 @@ def parse_task_config(task: TaskConfig, plugin: PluginConfig) -> VMTaskConfig:
     os_block = values["os"] or validate(_block_schema("os"), {}, "config.os")
     assert isinstance(os_block, dict)
     hostname = values["hostname"]
-    disks = _disks(task, values, allowed, str(os_block["machine"] or "pc"))
+    disks = _disks(task, values, allowed, str(os_block["machine"] or "pc"), plugin)
     primary = disks[0] if disks else None
     return VMTaskConfig(
         disks=disks,
@@ -312,7 +312,11 @@ def parse_task_config(task: TaskConfig, plugin: PluginConfig) -> VMTaskConfig:
 
 
 def _disks(
-    task: TaskConfig, values: Mapping[str, object], allowed: Allowlist, machine: str
+    task: TaskConfig,
+    values: Mapping[str, object],
+    allowed: Allowlist,
+    machine: str,
+    plugin: PluginConfig,
 ) -> tuple[DiskRequest, ...]:
     """The `disk` blocks, or the shorthand's one disk; both in one task is an error naming
     both, since either alone describes the boot disk."""
@@ -338,10 +342,14 @@ def _disks(
             "(a primary disk with source { image = ... } replaces image)",
         )
     assert isinstance(blocks, list)
+    seed = plugin.seed
+    pools = Pools(seed.directory_pools, tuple(p.split(" ", 1)[1] for p in seed.ceph_pools),
+                  seed.default_pool)  # fmt: skip
     return parse_disks(
         blocks,
         lambda field, path: resolve_allowed_file(field, path, allowed, task.task_dir),
         machine,
+        pools,
     )
 
 

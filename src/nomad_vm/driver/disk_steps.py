@@ -8,15 +8,26 @@ boot disk); one without is an empty image of its size. The VMM gets each as a de
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from nomad_vm.driver.events import EventBus
 from nomad_vm.driver.recorder import TaskRecorder
 from nomad_vm.driver.startup import StartPlan
+from nomad_vm.errors import ImageError
+from nomad_vm.storage.chain import held_of, inspect_chain
 from nomad_vm.storage.disk import make_empty_disk, prepare_boot_disk
 from nomad_vm.storage.disk_request import MIB, DiskRequest
-from nomad_vm.storage.held import HeldFile, open_own
+from nomad_vm.storage.held import FileHolder, HeldFile, open_allowed, open_own
+from nomad_vm.storage.limits import USER_IMAGE_LIMITS
+from nomad_vm.storage.paths import AllowedDirs
+from nomad_vm.storage.pool import (
+    ensure_pool,
+    image_volume_name,
+    pool_allowlist,
+    publish,
+    temp_path,
+)
 from nomad_vm.storage.tools import find_qemu_img
 from nomad_vm.vm.spec import DiskSpec
 
@@ -29,7 +40,8 @@ class TaskDisks:
 
 def disk_files(plan: StartPlan) -> tuple[Path, ...]:
     """The files the disks will be, for the journal's first entry."""
-    return tuple(plan.runtime_dir / d.file_name(i) for i, d in enumerate(plan.vm.disks))
+    disks = enumerate(plan.vm.disks)
+    return tuple(plan.runtime_dir / d.file_name(i) for i, d in disks if not d.persistent)
 
 
 async def prepare_disks(plan: StartPlan, recorder: TaskRecorder, events: EventBus) -> TaskDisks:
@@ -51,12 +63,31 @@ async def _prepare(
     request: DiskRequest,
     image: HeldFile | None,
 ) -> DiskSpec:
-    name = request.file_name(index)
-    path = plan.runtime_dir / name
+    pool = request.pool_dir
+    allowed: AllowedDirs = plan.allowed_dirs
+    if pool is not None:
+        await asyncio.to_thread(ensure_pool, pool)
+        source = await _pool_source(plan, recorder, index, request, image, pool)
+        if source is not None:
+            image, allowed = source, pool_allowlist(pool)
+    if request.persistent and pool is not None:
+        return await _pool_volume(plan, recorder, events, index, request, image, pool, allowed)
+    path = plan.runtime_dir / request.file_name(index)
     await recorder.creating("disk", path)
+    chain, size, what = await _make(plan, request, image, path, allowed)
+    return _announce(plan, events, index, request, path, chain, size, what)
+
+
+async def _make(
+    plan: StartPlan,
+    request: DiskRequest,
+    image: HeldFile | None,
+    path: Path,
+    allowed: AllowedDirs,
+) -> tuple[tuple[tuple[HeldFile, str], ...], int, str]:
+    """``path`` made from ``image`` (overlay or copy) or empty: (its backing chain, its
+    virtual size, what it is for the event)."""
     qemu_img = find_qemu_img()
-    holder = plan.files.holder
-    chain: tuple[tuple[HeldFile, str], ...] = ()
     if image is None:
         if request.size_bytes is None:
             raise ValueError("a disk without a source has a size (checked when parsed)")
@@ -68,36 +99,133 @@ async def _prepare(
             request.size_bytes,
             sparse=request.sparse,
         )
-        what, size = "empty disk", request.size_bytes
-        details = {"disk": request.field}
-    else:
-        disk = await asyncio.to_thread(
-            prepare_boot_disk,
-            qemu_img,
-            image,
-            plan.runtime_dir,
-            thin=request.chained,
-            size_mb=request.size_mb,
-            allowed_dirs=plan.allowed_dirs,
-            field=request.image_field,
-            size_field=request.size_field,
-            holder=holder,
-            name=name,
-            fmt=request.format,
-            expected_format=request.source_format,
+        return (), request.size_bytes, "empty disk"
+    disk = await asyncio.to_thread(
+        prepare_boot_disk,
+        qemu_img,
+        image,
+        path.parent,
+        thin=request.chained,
+        size_mb=request.size_mb,
+        allowed_dirs=allowed,
+        field=request.image_field,
+        size_field=request.size_field,
+        holder=plan.files.holder,
+        name=path.name,
+        fmt=request.format,
+        expected_format=request.source_format,
+    )
+    how = "thin copy (qcow2 overlay)" if disk.thin else "full copy"
+    return disk.chain, disk.virtual_size, f"{how} of {image.path.name}"
+
+
+async def _pool_source(
+    plan: StartPlan,
+    recorder: TaskRecorder,
+    index: int,
+    request: DiskRequest,
+    image: HeldFile | None,
+    pool: Path,
+) -> HeldFile | None:
+    """The pool volume the disk is made from: `source.volume`, or the volume its source
+    image was written into (made now, unless a task with the same source already did)."""
+    holder = plan.files.holder
+    if request.source_volume:
+        return _open_volume(
+            f"{request.field}.source.volume", pool / request.source_volume, pool, holder
         )
-        chain, size = disk.chain, disk.virtual_size
-        how = "thin copy (qcow2 overlay)" if disk.thin else "full copy"
-        what = f"{how} of {image.path.name}"
-        details = {
-            "disk": request.field,
-            "image": str(image.path),
-            "source_format": disk.source_format,
-        }
+    if image is None:
+        return None
+    final = pool / image_volume_name(image)
+    if not final.exists():
+        temp = temp_path(pool, plan.task.id, index, "import")
+        await recorder.creating("disk", temp)
+        copy = DiskRequest(request.field, image=image.path, source_format=request.source_format)
+        await _make(plan, copy, image, temp, plan.allowed_dirs)
+        await asyncio.to_thread(publish, temp, final)
+    recorder.volume(final)
+    return _open_volume(request.image_field, final, pool, holder)
+
+
+async def _pool_volume(
+    plan: StartPlan,
+    recorder: TaskRecorder,
+    events: EventBus,
+    index: int,
+    request: DiskRequest,
+    source: HeldFile | None,
+    pool: Path,
+    allowed: AllowedDirs,
+) -> DiskSpec:
+    """The disk is the pool volume `name`: made (from ``source`` or empty) when missing,
+    else used as it is, with its backing chain inside the pool."""
+    final = pool / request.volume_name
+    field = f"{request.field}.name"
+    what = "existing pool volume"
+    if not final.exists():
+        temp = temp_path(pool, plan.task.id, index, "volume")
+        await recorder.creating("disk", temp)
+        _, _, what = await _make(plan, request, source, temp, allowed)
+        what = f"new pool volume, {what}"
+        if not await asyncio.to_thread(publish, temp, final):
+            what = "existing pool volume (made by another task meanwhile)"
+    recorder.volume(final)
+    chain = await asyncio.to_thread(
+        inspect_chain,
+        find_qemu_img(),
+        final,
+        pool_allowlist(pool),
+        field,
+        USER_IMAGE_LIMITS,
+        plan.files.holder,
+    )
+    top = chain[0]
+    if top.format not in ("qcow2", "raw"):
+        raise ImageError(field, f"{final} is {top.format}; a pool volume must be qcow2 or raw")
+    backing = tuple((held_of(level), level.format) for level in chain[1:])
+    spec_request = replace(request, format=top.format)
+    return _announce(
+        plan,
+        events,
+        index,
+        spec_request,
+        final,
+        backing,
+        top.virtual_size,
+        f"{what} {request.volume_name}",
+    )
+
+
+def _open_volume(field: str, path: Path, pool: Path, holder: FileHolder) -> HeldFile:
+    if not path.exists():
+        raise ImageError(field, f"the storage pool has no volume {path.name!r} ({pool})")
+    return open_allowed(
+        field,
+        path,
+        pool_allowlist(pool),
+        holder,
+        subject=str(path),
+        advice="a pool volume must lie in its pool's directory",
+    )
+
+
+def _announce(
+    plan: StartPlan,
+    events: EventBus,
+    index: int,
+    request: DiskRequest,
+    path: Path,
+    chain: tuple[tuple[HeldFile, str], ...],
+    size: int,
+    what: str,
+) -> DiskSpec:
     label = "Disk prepared" if index == 0 else f"Disk {index} prepared"
+    details = {"disk": request.field, "path": str(path)}
+    if request.image is not None:
+        details["image"] = str(request.image)
     events.emit(plan.task, f"{label}: {what}, {size // MIB} MB", details)
     return DiskSpec(
-        open_own(path, holder, writable=not request.read_only),
+        open_own(path, plan.files.holder, writable=not request.read_only),
         request.format,
         chain,
         bus=request.bus,

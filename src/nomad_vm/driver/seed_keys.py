@@ -4,8 +4,9 @@ naming the key. Nothing is dropped silently."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from ipaddress import IPv4Address
 from pathlib import Path
 
@@ -29,18 +30,24 @@ class SeedPluginKeys:
     # The storage pools as configured ("directory local", "ceph remote"), and the default's name.
     storage_pools: tuple[str, ...] = ()
     default_pool: str = ""
+    # The directory pools nomad-vm serves: name -> the host directory holding their volumes.
+    directory_pools: Mapping[str, Path] = field(default_factory=dict)
     # nomad-driver-ch's `vfio {}` block was given.
     vfio: bool = False
+
+    @property
+    def ceph_pools(self) -> tuple[str, ...]:
+        return tuple(p for p in self.storage_pools if p.startswith("ceph "))
 
     def warnings(self) -> list[str]:
         """One line per key that is accepted and not acted on, for the agent log."""
         out = []
         if self.libvirt_blocks:
             out.append(f"plugin config {' and '.join(self.libvirt_blocks)}: {LIBVIRT_IGNORED}")
-        if self.storage_pools:
+        if self.ceph_pools:
             out.append(
-                f"plugin config storage_pools ({', '.join(self.storage_pools)}): storage pools "
-                "are not supported yet; tasks whose disk names a pool are refused"
+                f"plugin config storage_pools ({', '.join(self.ceph_pools)}): Ceph pools "
+                "are not supported yet; tasks whose disk names one are refused"
             )
         if self.vfio:
             out.append(
@@ -55,9 +62,9 @@ class SeedPluginKeys:
         if self.libvirt_blocks:
             attrs[f"{prefix}libvirt"] = LIBVIRT_IGNORED
         if self.storage_pools:
-            attrs[f"{prefix}storage_pools"] = (
-                f"not supported yet: {', '.join(self.storage_pools)} configured, not used"
-            )
+            ceph = f"; not supported yet: {', '.join(self.ceph_pools)}" if self.ceph_pools else ""
+            dirs = ", ".join(f"directory {n}" for n in self.directory_pools) or "none"
+            attrs[f"{prefix}storage_pools"] = f"{dirs} (default {self.default_pool}){ceph}"
         if self.vfio:
             attrs[f"{prefix}vfio"] = "not supported yet: configured, not used"
         return attrs
@@ -81,17 +88,20 @@ def parse_seed_plugin_keys(values: Mapping[str, object]) -> SeedPluginKeys:
             libvirt.append('provider "libvirt"')
     if values.get("emulator") is not None:
         libvirt.append("emulator")
-    pools, default = _storage_pools(values.get("storage_pools"))
-    return SeedPluginKeys(dns, tuple(libvirt), pools, default, values.get("vfio") is not None)
+    pools, default, directories = _storage_pools(values.get("storage_pools"))
+    return SeedPluginKeys(
+        dns, tuple(libvirt), pools, default, directories, vfio=values.get("vfio") is not None
+    )
 
 
-def _storage_pools(raw: object) -> tuple[tuple[str, ...], str]:
+def _storage_pools(raw: object) -> tuple[tuple[str, ...], str, dict[str, Path]]:
     """The pools' descriptions and the default pool, checked as nomad-driver-virt checks them:
     a directory pool has an absolute path, a Ceph pool its pool name and monitors, and the
     default names a defined pool (a single pool is the default)."""
     if not isinstance(raw, Mapping):
-        return (), ""
+        return (), "", {}
     names: list[str] = []
+    directories: dict[str, Path] = {}
     described: list[str] = []
     for kind in ("directory", "ceph"):
         blocks = raw.get(kind)
@@ -102,6 +112,7 @@ def _storage_pools(raw: object) -> tuple[tuple[str, ...], str]:
                 path = str(body.get("path") or "")
                 if not Path(path).is_absolute():
                     raise ConfigError(f"{field}.path", f"must be an absolute path, got {path!r}")
+                directories[name] = Path(os.path.normpath(path))
             else:
                 if not body.get("pool"):
                     raise ConfigError(f"{field}.pool", "must name the Ceph pool")
@@ -123,7 +134,7 @@ def _storage_pools(raw: object) -> tuple[tuple[str, ...], str]:
         raise ConfigError(
             "config.storage_pools.default", "several pools are defined: name the default one"
         )
-    return tuple(described), default
+    return tuple(described), default, directories
 
 
 def refuse_unsupported_task_keys(values: Mapping[str, object]) -> None:

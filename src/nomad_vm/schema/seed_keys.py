@@ -203,7 +203,19 @@ DISK = Field(
         Field(
             "pool",
             "string",
-            NOT_YET + "a storage pool for the volume; a disk that names one is refused.",
+            "A directory storage pool of the plugin's `storage_pools`. With `source.image`, "
+            "the image is first written into the pool as a volume (`<image>-<hash>.qcow2`) "
+            "that later tasks with the same source reuse, and the disk is made from that "
+            "volume. Defaults to the default pool for disks with `name` or `source.volume`; "
+            "other disks live with the task. Ceph pools are not supported yet (refused).",
+            default="",
+        ),
+        Field(
+            "name",
+            "string",
+            "nomad-vm: the disk is the pool volume of this name (one path component), which "
+            "outlives the task: created from the source or empty of `size` when missing, used "
+            "as it is when it exists, so the next task naming it sees what the guest wrote.",
             default="",
         ),
         Field(
@@ -221,7 +233,8 @@ DISK = Field(
                 Field(
                     "volume",
                     "string",
-                    NOT_YET + "a volume of the pool to clone; refused.",
+                    "A volume of the pool to clone (a full copy; `chained`: a qcow2 overlay "
+                    "on it, which must then not change while overlays use it).",
                     default="",
                 ),
                 Field(

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from nomad_vm.errors import ConfigError
@@ -34,6 +34,7 @@ UNITS = {
     **{p.lower(): 1024**n for n, p in enumerate(("KiB", "MiB", "GiB", "TiB", "PiB"), start=1)},
     **{p.lower(): 1024**n for n, p in enumerate(("K", "M", "G", "T", "P"), start=1)},
 }
+VOLUME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 SIZE = re.compile(r"\s*(\d+)\s*([A-Za-z]*)\s*")
 MIB = 1024 * 1024
 # 64 TiB, as for primary_disk_size: a qcow2 of 1 PiB costs 16 MB of metadata up front.
@@ -59,6 +60,15 @@ class DiskRequest:
     serial: str = ""
     format: str = "qcow2"
     cache: str = "writeback"
+    # A directory pool's host directory (``storage.pool``), when the disk uses one: its
+    # `name` is a volume there that outlives the task; `source.volume` is one to clone.
+    pool_dir: Path | None = None
+    volume_name: str = ""
+    source_volume: str = ""
+
+    @property
+    def persistent(self) -> bool:
+        return bool(self.volume_name)
 
     @property
     def image_field(self) -> str:
@@ -90,17 +100,36 @@ def shorthand_disk(image: Path | None, thin: bool, size_mb: int | None) -> tuple
     )
 
 
+@dataclass(frozen=True)
+class Pools:
+    """The plugin's storage pools, as a disk block may name them."""
+
+    directories: Mapping[str, Path] = field(default_factory=dict)
+    ceph: tuple[str, ...] = ()
+    default: str = ""
+
+
 def parse_disks(
     blocks: Sequence[Mapping[str, object]],
     resolve: Callable[[str, str], Path],
     machine: str,
+    pools: Pools | None = None,
 ) -> tuple[DiskRequest, ...]:
     """The `disk` blocks, the primary first (the one marked, else the first block).
 
     ``resolve(field, path)`` resolves an image path against the allowlist (ConfigError naming
     the field otherwise); ``machine`` is the task's machine type, for the buses it has.
     """
-    disks = [_parse_one(f"config.disk[{i}]", b, resolve, machine) for i, b in enumerate(blocks)]
+    pools = pools or Pools()
+    disks = [
+        _parse_one(f"config.disk[{i}]", b, resolve, machine, pools) for i, b in enumerate(blocks)
+    ]
+    seen: dict[tuple[Path | None, str], str] = {}
+    for d in disks:
+        if d.volume_name and (d.pool_dir, d.volume_name) in seen:
+            other = seen[(d.pool_dir, d.volume_name)]
+            raise ConfigError(f"{d.field}.name", f"{other} is already the volume {d.volume_name!r}")
+        seen[(d.pool_dir, d.volume_name)] = d.field
     marked = [d for d in disks if d.primary]
     if len(marked) > 1:
         raise ConfigError(
@@ -108,8 +137,7 @@ def parse_disks(
             f"only one disk can be primary ({marked[0].field} already is)",
         )
     if disks and not marked:
-        first = disks[0]
-        disks[0] = DiskRequest(**{**first.__dict__, "primary": True})
+        disks[0] = replace(disks[0], primary=True)
     disks.sort(key=lambda d: not d.primary)
     for bus, most in (("sata", 6), ("ide", 4)):
         on_bus = [d for d in disks if d.bus == bus]
@@ -126,23 +154,23 @@ def _parse_one(
     block: Mapping[str, object],
     resolve: Callable[[str, str], Path],
     machine: str,
+    pools: Pools,
 ) -> DiskRequest:
-    for key in ("pool", "volume"):
-        if block.get(key):
-            raise ConfigError(
-                f"{field}.{key}",
-                "storage pools and Nomad volumes are not supported yet by nomad-vm; "
-                "give the disk a source image or a size",
-            )
+    if block.get("volume"):
+        raise ConfigError(
+            f"{field}.volume",
+            "Nomad volumes backing a disk are not supported yet by nomad-vm; give the disk "
+            "a source image, a pool volume or a size",
+        )
     source = block.get("source") if isinstance(block.get("source"), Mapping) else {}
     assert isinstance(source, Mapping)
-    if source.get("volume"):
-        raise ConfigError(
-            f"{field}.source.volume",
-            "pool volumes are not supported yet by nomad-vm; use source { image = ... }",
-        )
     image_value = str(source.get("image") or "")
     image = resolve(f"{field}.source.image", image_value) if image_value else None
+    name = _volume(f"{field}.name", str(block.get("name") or ""))
+    source_volume = _volume(f"{field}.source.volume", str(source.get("volume") or ""))
+    if image is not None and source_volume:
+        raise ConfigError(f"{field}.source", "give image or volume, not both")
+    pool_dir = _pool(field, str(block.get("pool") or ""), bool(name or source_volume), pools)
     source_format = str(source.get("format") or "")
     if source_format and source_format not in ("qcow2", "raw", "vmdk", "vdi", "vhdx", "vpc"):
         raise ConfigError(
@@ -151,23 +179,23 @@ def _parse_one(
             "the format is detected)",
         )
     size = parse_size(block.get("size"), f"{field}.size")
-    if image is None and size is None:
+    if image is None and size is None and not source_volume and not name:
         raise ConfigError(f"{field}.size", 'a disk without a source needs a size (e.g. "10GiB")')
     kind = str(block.get("kind") or "disk")
     if kind not in KINDS:
         raise ConfigError(f"{field}.kind", f"must be disk or cdrom; got {kind!r}")
-    if kind == "cdrom" and image is None:
+    if kind == "cdrom" and image is None and not source_volume:
         raise ConfigError(f"{field}.source.image", "a cdrom needs a source image (the ISO)")
     fmt = str(block.get("format") or "qcow2")
     if fmt not in FORMATS:
         raise ConfigError(f"{field}.format", f"must be qcow2 or raw; got {fmt!r}")
     chained = bool(block.get("chained"))
-    if chained and image is None:
+    if chained and image is None and not source_volume:
         raise ConfigError(f"{field}.chained", "an overlay needs a source: set source { image }")
     if chained and fmt != "qcow2":
         raise ConfigError(f"{field}.format", "a chained disk is a qcow2 overlay: use qcow2")
     sparse = block.get("sparse") is not False
-    if not sparse and image is not None:
+    if not sparse and (image is not None or source_volume):
         raise ConfigError(
             f"{field}.sparse",
             "a disk made from a source is a sparse copy or overlay; sparse = false "
@@ -197,7 +225,44 @@ def _parse_one(
         serial=serial,
         format=fmt,
         cache=_cache(f"{field}.driver", str(block.get("driver") or "")),
+        pool_dir=pool_dir,
+        volume_name=name,
+        source_volume=source_volume,
     )
+
+
+def _volume(field: str, value: str) -> str:
+    """A volume name: one path component of the pool, never hidden (the pool's own
+    in-progress files start with a dot)."""
+    if value and not VOLUME.fullmatch(value):
+        raise ConfigError(
+            field,
+            f"{value!r} is not a volume name: 1 to 128 letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit (no '/': a volume lives in its pool's directory)",
+        )
+    return value
+
+
+def _pool(field: str, pool: str, needs_one: bool, pools: Pools) -> Path | None:
+    """The directory of the disk's pool: the one it names, else the default when its `name`
+    or `source.volume` needs a pool; None: the disk lives with the task only."""
+    if not pool and not needs_one:
+        return None
+    pool = pool or pools.default
+    if not pool:
+        raise ConfigError(
+            f"{field}.pool",
+            "a named volume or source.volume needs a storage pool: configure "
+            'storage_pools { directory "name" { path = ... } } in the plugin config',
+        )
+    if pool in pools.ceph:
+        raise ConfigError(
+            f"{field}.pool", f"Ceph pools are not supported yet by nomad-vm ({pool!r})"
+        )
+    if pool not in pools.directories:
+        known = ", ".join(pools.directories) or "none"
+        raise ConfigError(f"{field}.pool", f"no storage pool {pool!r} (directory pools: {known})")
+    return pools.directories[pool]
 
 
 def check_bus(field: str, bus: str, kind: str, machine: str) -> None:
