@@ -67,16 +67,17 @@ def test_each_installed_name_is_healthy_under_the_name_its_seed_jobs_use(
     assert virt["driver.virt.version"] == ch["driver.nomad-driver-ch.version"] == version
     assert virt["driver.virt.stands_in_for"] == "nomad-driver-virt"
     assert ch["driver.nomad-driver-ch.stands_in_for"] == "nomad-driver-ch"
-    # Seed 002's provider "libvirt" and storage_pools: accepted, said to be ignored / not yet.
+    # Seed 002's provider "libvirt" and storage_pools: accepted; libvirt said to be ignored,
+    # the directory pool served, the Ceph one not yet.
     assert IGNORED in virt["driver.virt.libvirt"]
-    assert virt["driver.virt.storage_pools"].startswith("not supported yet")
-    assert "directory local" in virt["driver.virt.storage_pools"]
+    assert virt["driver.virt.storage_pools"].startswith("directory local (default local)")
+    assert "not supported yet: ceph remote-storage" in virt["driver.virt.storage_pools"]
     # Seed 000's network block: its bridge is reported under the ch name only.
     assert ch["driver.nomad-driver-ch.network.bridge"] == "br0"
     assert not any(k.startswith("driver.vm.") for k in virt)
     assert "driver.vm.libvirt" not in vm and "driver.vm.network.bridge" not in vm
     log = three_names.log_path.read_text(errors="replace")
-    assert IGNORED in log and "storage pools are not supported yet" in log
+    assert IGNORED in log and "Ceph pools are not supported yet" in log
 
 
 def _job(name: str, driver: str, config_lines: str, kernel: Path, initramfs: Path) -> str:
@@ -140,10 +141,10 @@ def test_a_virt_job_runs_on_the_virt_name_with_its_own_state(  # type: ignore[no
     [
         # Seed 000, "API Reference": usb_devices = ["046d:c52b"].
         ("virt-usb", '        usb_devices = ["046d:c52b"]', "config.usb_devices"),
-        # Seed 002, "Disk": a disk placed in the configured pool.
+        # Seed 002, "Disk": a disk placed in the configured Ceph pool (directory pools work).
         (
             "virt-pool",
-            '        disk {\n          size = "10GiB"\n          pool = "local"\n        }',
+            '        disk {\n          size = "20GB"\n          pool = "remote-storage"\n        }',
             "config.disk[0].pool",
         ),
         # Seed 002, "Example (macvtap)".

@@ -250,10 +250,10 @@ def test_disk_blocks_each_reach_the_guest_with_size_serial_and_bus(
     tiny_guest,  # type: ignore[no-untyped-def]
 ) -> None:
     """Several `disk` blocks: an overlay on an image (grown), an empty raw disk, a read-only
-    copy, and disks on the sata and scsi buses. The guest sees each virtio disk with its size
-    and serial, cannot write the read-only one, and has the AHCI and virtio-scsi
-    controllers (the tiny guest has no driver for their disks: QEMU accepting them is the
-    check); the image stays untouched."""
+    copy, and disks and cdroms on the sata, scsi and (pc) ide buses. The guest sees each
+    virtio disk with its size and serial, cannot write the read-only one, and has the AHCI
+    and virtio-scsi controllers (the tiny guest has no driver for their disks: QEMU
+    accepting them is the check); the image stays untouched."""
     import hashlib
 
     images = short_tmp / "images"
@@ -273,6 +273,9 @@ def test_disk_blocks_each_reach_the_guest_with_size_serial_and_bus(
         {"read_only": True, "devname": "ro-data", "source": {"image": str(base)}},
         {"size": "16MiB", "bus_type": "sata", "driver": "writethrough"},
         {"size": "8388608", "bus_type": "scsi", "driver": "unsafe", "sparse": False},
+        {"size": "4MiB", "bus_type": "ide"},
+        {"kind": "cdrom", "bus_type": "ide", "source": {"image": str(base)}},
+        {"kind": "cdrom", "bus_type": "scsi", "chained": True, "source": {"image": str(base)}},
     ]
     run = (
         "for d in /sys/block/vd*; do echo disk $(basename $d) $(cat $d/size) $(cat $d/serial);"

@@ -329,7 +329,8 @@ def _disks(
             else None
         )
         size = values["primary_disk_size"]
-        return shorthand_disk(path, bool(values["use_thin_copy"]), size)  # type: ignore[arg-type]
+        thin = values["use_thin_copy"] is not False  # unset: an overlay
+        return shorthand_disk(path, thin, size)  # type: ignore[arg-type]
     shorthand = [
         f"config.{name}"
         for name in ("image", "use_thin_copy", "primary_disk_size")

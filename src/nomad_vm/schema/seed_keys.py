@@ -46,10 +46,12 @@ EMULATOR = Field(
 STORAGE_POOLS = Field(
     "storage_pools",
     "block",
-    "nomad-driver-virt's storage pools, accepted as written. "
-    + NOT_YET
-    + "the pools are checked and reported (node attribute `driver.<name>.storage_pools`, a "
-    "warning in the agent log), and a task whose `disk` names a pool is refused.",
+    "nomad-driver-virt's storage pools, accepted as written and reported in the node "
+    "attribute `driver.<name>.storage_pools`. Directory pools hold named volumes that "
+    "outlive tasks (see `disk.pool`, `disk.name`, `disk.source.volume`); the plugin creates "
+    "a missing pool directory (0700) and refuses one that is not its own (a symlink, another "
+    "owner, writable by group or others). Ceph pools: " + NOT_YET + "logged as a warning, "
+    "and a task whose disk names one is refused.",
     fields=(
         Field("default", "string", "Name of the default pool.", default=""),
         Field(

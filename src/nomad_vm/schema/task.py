@@ -58,8 +58,9 @@ TASK_CONFIG = Schema(
             "use_thin_copy",
             "bool",
             "The task's disk is a qcow2 overlay backed by `image` (created in milliseconds, "
-            "whatever the image's size). With `false` the task gets its own full copy.",
-            default=True,
+            "whatever the image's size): unset means `true`. With `false` the task gets its "
+            "own full copy. (No schema default, so that setting it next to `disk {}` blocks "
+            "can be refused.)",
         ),
         Field(
             "primary_disk_size",
