@@ -179,3 +179,42 @@ def test_seed_001_emulator_block_loads_with_a_warning(  # type: ignore[no-untype
         assert isinstance(attrs, dict)
         assert IGNORED in attrs["driver.virt.libvirt"]
         assert "driver.virt.storage_pools" not in attrs
+
+
+def test_a_virt_job_with_disk_blocks_and_a_pool_volume(  # type: ignore[no-untyped-def]
+    three_names: DevAgent, tiny_guest, seed_root: Path, tmp_path: Path
+) -> None:
+    """Seed 002's disk syntax through Nomad's own HCL decoding: a named volume in its
+    directory pool `local` (the primary), and an empty disk whose size is a bare number. The
+    guest sees both with their serials, and what it writes stays in the pool's volume."""
+    from nomad_vm.guests.tiny import tiny_cmdline
+
+    run = (
+        "for d in /sys/block/vd*; do echo disk $(basename $d) $(cat $d/size) $(cat $d/serial);"
+        " done; echo e2e-pool-marker | dd of=/dev/vda conv=fsync 2>/dev/null"
+    )
+    cmdline = tiny_cmdline(tiny_guest.cmdline, run)
+    disks = """
+        disk {
+          pool    = "local"
+          name    = "e2e-data"
+          size    = "8MiB"
+          format  = "raw"
+          devname = "data"
+        }
+        disk {
+          size    = 4194304
+          devname = "scratch"
+        }"""
+    job = _job("virt-disks", "virt", disks, tiny_guest.vmlinux, tiny_guest.initramfs)
+    job = job.replace('cmdline   = "console=ttyS0 quiet no_timer_check"', f'cmdline = "{cmdline}"')
+    path = tmp_path / "disks.nomad.hcl"
+    path.write_text(job)
+    three_names.nomad("job", "run", "-detach", str(path))
+    alloc = wait_alloc(three_names, "virt-disks", {"complete", "failed"}, timeout=180)
+    logs = three_names.nomad("alloc", "logs", str(alloc["ID"]), "vm", check=False)
+    assert alloc["ClientStatus"] == "complete", (alloc["TaskStates"], logs[-2000:])
+    assert "disk vda 16384 data" in logs and "disk vdb 8192 scratch" in logs, logs[-2000:]
+    volume = seed_root / "virt" / "storage" / "e2e-data"
+    assert volume.read_bytes().startswith(b"e2e-pool-marker")
+    assert oct((seed_root / "virt" / "storage").stat().st_mode & 0o777) == "0o700"
