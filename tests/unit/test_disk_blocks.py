@@ -86,6 +86,11 @@ def test_several_disks_primary_first_with_their_options(images: Path) -> None:
     ]
 
 
+def test_a_raw_primary_is_named_for_its_format(images: Path) -> None:
+    vm = parse(images, {"disk": [{"size": "1GiB", "format": "raw"}]})
+    assert vm.disks[0].file_name(0) == "disk.raw"
+
+
 def test_the_first_disk_is_primary_when_none_is_marked(images: Path) -> None:
     vm = parse(
         images,

@@ -79,8 +79,8 @@ class DiskRequest:
         return None if self.size_bytes is None else self.size_bytes // MIB
 
     def file_name(self, index: int) -> str:
-        """Its file in the task's runtime dir: the primary keeps today's name."""
-        return "disk.qcow2" if index == 0 else f"disk{index}.{self.format}"
+        """Its file in the task's runtime dir: the primary keeps today's name (`disk.qcow2`)."""
+        return f"disk{index or ''}.{self.format}"
 
 
 def shorthand_disk(image: Path | None, thin: bool, size_mb: int | None) -> tuple[DiskRequest, ...]:
