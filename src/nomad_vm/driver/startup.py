@@ -130,7 +130,8 @@ async def plan_start(
 
 
 def refuse_disk_options(backend: str, vm: VMTaskConfig) -> None:
-    """Only QEMU takes several disks, other buses, cdroms, serials and cache modes."""
+    """Only QEMU takes several disks, other buses, cdroms, serials, read-only disks and cache
+    modes: the other backends would ignore them."""
     if backend == "qemu" or not vm.disks:
         return
     if len(vm.disks) > 1:
@@ -138,7 +139,18 @@ def refuse_disk_options(backend: str, vm: VMTaskConfig) -> None:
             f"{vm.disks[1].field}", f"the {backend} hypervisor takes one disk; use qemu for more"
         )
     only, default = vm.disks[0], DiskRequest("")
-    for key, attr in (("bus_type", "bus"), ("kind", "kind"), ("devname", "serial")):
+    options = (
+        ("bus_type", "bus"),
+        ("kind", "kind"),
+        ("devname", "serial"),
+        ("read_only", "read_only"),
+        ("driver", "cache"),
+    )
+    if only.pool_dir is not None:
+        raise ConfigError(
+            f"{only.field}.pool", f"storage pools are served to qemu only, not {backend}"
+        )
+    for key, attr in options:
         if getattr(only, attr) != getattr(default, attr):
             raise ConfigError(
                 f"{only.field}.{key}", f"not supported by the {backend} hypervisor; use qemu"

@@ -138,7 +138,7 @@ DISK = Field(
     "`image`/`use_thin_copy`/`primary_disk_size` (one primary disk), not both. Every source "
     "image follows the rules of `image` (inside `image_paths` or the allocation directory, "
     "its backing chain checked, qcow2 checked). More than one disk, buses other than "
-    "virtio, cdroms and devname need the qemu hypervisor.",
+    "virtio, cdroms, devname, read_only, driver and pools need the qemu hypervisor.",
     fields=(
         Field(
             "size",
