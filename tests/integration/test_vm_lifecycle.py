@@ -401,3 +401,33 @@ def test_a_disk_cannot_leave_its_pool(
             destroy(plugin, cfg.id)
     assert sorted(p.name for p in pool.iterdir()) == ["link"]
     assert outside.read_bytes().startswith(b"SECRET!!")
+
+
+def test_a_pool_volume_in_use_is_refused_to_a_second_task(
+    plugin: PluginProcess,
+    short_tmp: Path,
+    tiny_guest,  # type: ignore[no-untyped-def]
+) -> None:
+    """Two running VMs writing one volume would corrupt it: QEMU's image lock (on the
+    descriptor the plugin handed it) refuses the second, and the first runs on."""
+    pool = short_tmp / "pool"
+    options = {"storage_pools": {"directory": {"local": {"path": str(pool)}}}}
+    disks = [{"pool": "local", "name": "shared", "size": "4MiB"}]
+    with tiny_task(
+        plugin, short_tmp, tiny_guest, alloc_name="lock1", overrides={"disk": disks},
+        plugin_options=options,
+    ) as (first, fifo, _):  # fmt: skip
+        drv(plugin).StartTask(driver_pb2.StartTaskRequest(task=first), timeout=60)
+        assert fifo.wait_for(RUNNING, 120)
+        with tiny_task(
+            plugin, short_tmp, tiny_guest, alloc_name="lock2", overrides={"disk": disks},
+            plugin_options=options,
+        ) as (second, _, _):  # fmt: skip
+            with pytest.raises(grpc.RpcError) as err:
+                drv(plugin).StartTask(driver_pb2.StartTaskRequest(task=second), timeout=60)
+            assert "lock" in str(err.value.details()), err.value.details()
+            destroy(plugin, second.id)
+        stop(plugin, first.id, 5)
+        wait(plugin, first.id)
+        destroy(plugin, first.id)
+    assert sorted(p.name for p in pool.iterdir()) == ["shared"]
