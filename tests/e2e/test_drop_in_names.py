@@ -218,3 +218,36 @@ def test_a_virt_job_with_disk_blocks_and_a_pool_volume(  # type: ignore[no-untyp
     volume = seed_root / "virt" / "storage" / "e2e-data"
     assert volume.read_bytes().startswith(b"e2e-pool-marker")
     assert oct((seed_root / "virt" / "storage").stat().st_mode & 0o777) == "0o700"
+
+
+def test_the_image_shorthand_still_overlays_through_nomad(  # type: ignore[no-untyped-def]
+    three_names: DevAgent, tiny_guest, tmp_path: Path
+) -> None:
+    """`use_thin_copy` has no HCL default (so that it can be refused next to `disk {}`
+    blocks): unset, Nomad hands over null, and the shorthand's disk is still an overlay."""
+    from nomad_vm.guests.tiny import tiny_cmdline
+
+    cmdline = tiny_cmdline(tiny_guest.cmdline, "echo size=$(cat /sys/block/vda/size)")
+    image = """
+        image             = "local/tiny.raw"
+        primary_disk_size = 2
+        cloud_init        = false"""
+    job = _job("virt-shorthand", "virt", image, tiny_guest.vmlinux, tiny_guest.initramfs)
+    job = job.replace('cmdline   = "console=ttyS0 quiet no_timer_check"', f'cmdline = "{cmdline}"')
+    # A 1 KiB raw image the job writes into its own local/ (an allowed directory).
+    job = job.replace(
+        'kill_timeout = "10s"',
+        'kill_timeout = "10s"\n      template {\n        data = "'
+        + "x" * 1024
+        + '"\n        destination = "local/tiny.raw"\n      }',
+    )
+    path = tmp_path / "shorthand.nomad.hcl"
+    path.write_text(job)
+    three_names.nomad("job", "run", "-detach", str(path))
+    alloc = wait_alloc(three_names, "virt-shorthand", {"complete", "failed"}, timeout=180)
+    logs = three_names.nomad("alloc", "logs", str(alloc["ID"]), "vm", check=False)
+    events = alloc["TaskStates"]["vm"]["Events"]  # type: ignore[index]
+    texts = [str(e.get("DisplayMessage", "")) for e in events]
+    assert alloc["ClientStatus"] == "complete", (texts, logs[-2000:])
+    assert any(t.startswith("Disk prepared: thin copy") for t in texts), texts
+    assert "size=4096" in logs, logs[-2000:]  # 2 MiB in 512-byte sectors
