@@ -123,7 +123,7 @@ def test_directory_pool_volumes_outlive_their_tasks(
     assert "persisted-marker" in run("pool2", data, "head -c 16 /dev/vda; echo")
 
     # A chained clone (the default pool): sees the volume, writes only to its overlay.
-    clone = [{"chained": True, "source": {"volume": "data"}}]
+    clone = [{"chained": True, "source": {"volume": "data", "format": "raw"}}]
     text = run(
         "pool3",
         clone,
@@ -207,3 +207,41 @@ def test_a_pool_volume_in_use_is_refused_to_a_second_task(
         wait(plugin, first.id)
         destroy(plugin, first.id)
     assert sorted(p.name for p in pool.iterdir()) == ["shared"]
+
+
+def test_a_raw_pool_volume_is_never_probed(
+    plugin: PluginProcess,
+    short_tmp: Path,
+    tiny_guest,  # type: ignore[no-untyped-def]
+) -> None:
+    """A guest can write a qcow2 header naming another file into its raw volume; the next
+    task gets the volume as raw (the format its block says), header bytes and all."""
+    import subprocess
+
+    from nomad_vm.storage.tools import find_qemu_img
+
+    pool = short_tmp / "pool"
+    pool.mkdir(mode=0o700)
+    secret = short_tmp / "secret.raw"
+    secret.write_bytes(b"SECRET!!" + bytes(1024 * 1024))
+    header = short_tmp / "header.qcow2"
+    qemu_img = str(find_qemu_img())
+    subprocess.run(
+        [qemu_img, "create", "-q", "-f", "qcow2", "-u", "-b", str(secret), "-F", "raw",
+         str(header), "1M"],
+        check=True,
+    )  # fmt: skip
+    (pool / "evil").write_bytes(header.read_bytes().ljust(4 * 1024 * 1024, b"\0"))
+    options = {"storage_pools": {"directory": {"local": {"path": str(pool)}}}}
+    result, console = _run_to_completion(
+        plugin,
+        short_tmp,
+        tiny_guest,
+        "probe",
+        "head -c 3 /dev/vda; echo; echo size=$(cat /sys/block/vda/size)",
+        overrides={"disk": [{"pool": "local", "name": "evil", "format": "raw"}]},
+        plugin_options=options,
+    )
+    text = console.decode(errors="replace")
+    assert result.result.exit_code == 0, (result, text[-2000:])
+    assert "QFI" in text and "size=8192" in text and "SECRET" not in text, text[-2000:]

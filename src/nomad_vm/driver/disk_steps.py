@@ -69,7 +69,8 @@ async def _prepare(
         await asyncio.to_thread(ensure_pool, pool)
         source = await _pool_source(plan, recorder, index, request, image, pool)
         if source is not None:
-            image, allowed = source, pool_allowlist(pool)
+            image, allowed = source[0], pool_allowlist(pool)
+            request = replace(request, source_format=source[1])
     if request.persistent and pool is not None:
         return await _pool_volume(plan, recorder, events, index, request, image, pool, allowed)
     path = plan.runtime_dir / request.file_name(index)
@@ -126,14 +127,16 @@ async def _pool_source(
     request: DiskRequest,
     image: HeldFile | None,
     pool: Path,
-) -> HeldFile | None:
-    """The pool volume the disk is made from: `source.volume`, or the volume its source
-    image was written into (made now, unless a task with the same source already did)."""
+) -> tuple[HeldFile, str] | None:
+    """The pool volume the disk is made from and its format: `source.volume` (the format
+    its `source.format` says, else qcow2: a pool volume is never probed, see
+    ``chain.inspect_chain``), or the qcow2 volume its source image was written into (made
+    now, unless a task with the same source already did)."""
     holder = plan.files.holder
     if request.source_volume:
-        return _open_volume(
-            f"{request.field}.source.volume", pool / request.source_volume, pool, holder
-        )
+        path = pool / request.source_volume
+        held = _open_volume(f"{request.field}.source.volume", path, pool, holder)
+        return held, request.source_format or "qcow2"
     if image is None:
         return None
     final = pool / image_volume_name(image)
@@ -144,7 +147,7 @@ async def _pool_source(
         await _make(plan, copy, image, temp, plan.allowed_dirs)
         await asyncio.to_thread(publish, temp, final)
     recorder.volume(final)
-    return _open_volume(request.image_field, final, pool, holder)
+    return _open_volume(request.image_field, final, pool, holder), "qcow2"
 
 
 async def _pool_volume(
@@ -158,7 +161,8 @@ async def _pool_volume(
     allowed: AllowedDirs,
 ) -> DiskSpec:
     """The disk is the pool volume `name`: made (from ``source`` or empty) when missing,
-    else used as it is, with its backing chain inside the pool."""
+    else used as it is, in the `format` the disk block says, with its backing chain inside
+    the pool."""
     final = pool / request.volume_name
     field = f"{request.field}.name"
     what = "existing pool volume"
@@ -178,10 +182,9 @@ async def _pool_volume(
         field,
         USER_IMAGE_LIMITS,
         plan.files.holder,
+        request.format,  # never probed: the guest wrote it
     )
     top = chain[0]
-    if top.format not in ("qcow2", "raw"):
-        raise ImageError(field, f"{final} is {top.format}; a pool volume must be qcow2 or raw")
     backing = tuple((held_of(level), level.format) for level in chain[1:])
     spec_request = replace(request, format=top.format)
     return _announce(

@@ -217,7 +217,9 @@ DISK = Field(
             "string",
             "nomad-vm: the disk is the pool volume of this name (one path component), which "
             "outlives the task: created from the source or empty of `size` when missing, used "
-            "as it is when it exists, so the next task naming it sees what the guest wrote.",
+            "as it is when it exists (in the block's `format`, never detected), so the next "
+            "task naming it sees what the guest wrote. Volume names are shared by every job "
+            "on the node.",
             default="",
         ),
         Field(
@@ -242,7 +244,9 @@ DISK = Field(
                 Field(
                     "format",
                     "string",
-                    "The image's format; unset: detected. Set, the image must be of it.",
+                    "The source's format. An image's is detected when unset; a pool volume's "
+                    "is never detected (a guest may have written its first bytes): unset "
+                    "means qcow2, so give `raw` for a raw volume.",
                     default="",
                 ),
             ),

@@ -140,7 +140,10 @@ def prepare_boot_disk(
                 expected_format=expected_format,
             )
         return replace(made, chain=())
-    chain = inspect_chain(qemu_img_path, image, allowed_dirs, field, limits, holder)
+    # A format the task states is used, not probed (and so must be right).
+    chain = inspect_chain(
+        qemu_img_path, image, allowed_dirs, field, limits, holder, expected_format or None
+    )
     top = chain[0]
     if expected_format and top.format != expected_format:
         raise ImageError(
