@@ -27,6 +27,12 @@ class Field:
     minimum: int | None = None
     # For type "block": the attributes inside it, e.g. `os { machine = "q35" }`.
     fields: tuple[Field, ...] = ()
+    # For type "block": the block may appear several times (`disk { } disk { }`); the value is
+    # a list of objects.
+    repeated: bool = False
+    # For type "block": the block is named by a label (`directory "local" { }`), may appear
+    # once per label, and its value maps each label to its object.
+    labeled: bool = False
 
     def hcl_default(self) -> str | None:
         """The default as an HCL expression (hclspec Literal), or None without a default."""
@@ -71,6 +77,20 @@ def validate(schema: Schema, raw: Mapping[str, object] | None, prefix: str) -> d
     return out
 
 
+def _check_blocks(f: Field, value: object, path: str) -> object:
+    if f.repeated:
+        if not isinstance(value, Sequence) or isinstance(value, str):
+            raise ConfigError(path, f"must be {f.name} blocks, got {type(value).__name__}")
+        return [_check_block(f, item, f"{path}[{i}]") for i, item in enumerate(value)]
+    if f.labeled:
+        if isinstance(value, list) and len(value) == 1:
+            value = value[0]
+        if not isinstance(value, Mapping):
+            raise ConfigError(path, f'must be labelled blocks ({f.name} "name" {{ ... }})')
+        return {str(k): _check_block(f, v, f"{path}.{k}") for k, v in value.items()}
+    return _check_block(f, value, path)
+
+
 def _check_block(f: Field, value: object, path: str) -> dict[str, object]:
     # Nomad's jobspec turns a block into a list of objects; HCL hands us one object.
     if isinstance(value, list) and len(value) == 1:
@@ -82,7 +102,7 @@ def _check_block(f: Field, value: object, path: str) -> dict[str, object]:
 
 def _check_value(f: Field, value: object, path: str) -> object:
     if f.type == "block":
-        return _check_block(f, value, path)
+        return _check_blocks(f, value, path)
     if f.type == "string":
         if not isinstance(value, str):
             raise ConfigError(path, f"must be a string, got {type(value).__name__}")
@@ -120,7 +140,13 @@ def flatten(fields: tuple[Field, ...], prefix: str = "") -> list[Field]:
     out: list[Field] = []
     for f in fields:
         if f.type == "block":
-            out += flatten(f.fields, f"{prefix}{f.name}.")
+            # The block's own row carries its doc (what the block is for, what nomad-vm does
+            # with it), then its attributes.
+            form = " (one per name)" if f.labeled else " (repeatable)" if f.repeated else ""
+            shown = f'{prefix}{f.name} "<name>"' if f.labeled else f"{prefix}{f.name}"
+            out.append(Field(shown, "block", f.doc + form))
+            label = ".<name>" if f.labeled else ""
+            out += flatten(f.fields, f"{prefix}{f.name}{label}.")
         else:
             out.append(Field(f"{prefix}{f.name}", f.type, f.doc, f.default, f.choices, f.example))
     return out

@@ -34,13 +34,15 @@ def running_agent(
     consul_address: str | None = None,
     cni_path: Path | None = None,
     plugin_extra: Mapping[str, object] | None = None,
+    drop_ins: Mapping[str, str] | None = None,
 ) -> Iterator[DevAgent]:
     """A Nomad agent with our plugin, on loopback; everything it started is gone afterwards.
 
     With ``netns`` the agent runs in that network namespace (see ``private_netns``), and
     ``plugin_network`` becomes the plugin's ``network { ... }`` block. With ``consul_address``
     (see ``running_consul``) the agent registers services with that Consul agent. ``cni_path``
-    is the client's, for jobs with `network { mode = "bridge" }`.
+    is the client's, for jobs with `network { mode = "bridge" }`. ``drop_ins`` installs the
+    plugin again under seed drivers' names (alias -> its `config { ... }` body, as HCL).
     """
     workdir = Path(tempfile.mkdtemp(prefix="nve-", dir="/tmp"))
     agent = DevAgent(
@@ -55,6 +57,7 @@ def running_agent(
             consul_address=consul_address,
             cni_path=cni_path,
             plugin_extra=plugin_extra,
+            drop_ins=drop_ins or {},
         )
     )
     agent.start()

@@ -41,6 +41,7 @@ def full_journal() -> TaskJournal:
         processes=(RecordedProcess("virtiofsd", helper), RecordedProcess(VMM_ROLE, ME)),
         control_socket="/a/web/nomad-vm-1a2b/qmp.sock",
         signal_unit="app.service",
+        volumes=("/srv/pool/data",),
     )
 
 
@@ -53,6 +54,32 @@ def test_round_trip_and_what_it_says() -> None:
     # Before the VMM answered, the start is incomplete: there is nothing to reattach to.
     unfinished = TaskJournal("t", "qemu", 1.0, processes=journal.processes)
     assert unfinished.vm_ref() is None
+
+
+def test_a_record_from_before_storage_pools_has_no_volumes() -> None:
+    raw = msgpack.unpackb(full_journal().encode(), raw=False)
+    del raw["volumes"]
+    assert TaskJournal.decode(msgpack.packb(raw)).volumes == ()
+
+
+def test_the_replay_removes_files_and_keeps_pool_volumes(tmp_path: Path) -> None:
+    import asyncio
+
+    from nomad_vm.driver.replay import undo_host_changes
+
+    runtime, pool = tmp_path / "run", tmp_path / "pool"
+    runtime.mkdir()
+    pool.mkdir()
+    made = [runtime / "disk.qcow2", pool / ".nomad-vm-t-0-volume.part"]
+    volume = pool / "data"
+    for path in (*made, volume):
+        path.write_bytes(b"x")
+    journal = TaskJournal(
+        "t", "qemu", 1.0, runtime_dir=str(runtime), files=tuple(map(str, made)),
+        volumes=(str(volume),),
+    )  # fmt: skip
+    asyncio.run(undo_host_changes(journal, None, None))  # type: ignore[arg-type]
+    assert not runtime.exists() and list(pool.iterdir()) == [volume]
 
 
 def test_keys_are_strings_for_nomad_operator_client_state() -> None:

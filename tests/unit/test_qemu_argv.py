@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -166,6 +167,48 @@ SPECS = {
         share_transport="virtiofs",
         control_fd=9,
         seccomp=True,
+    ),
+    # `disk` blocks: a primary overlay with a serial, then every bus pc has, a raw read-only
+    # disk, an unsafe-cache one and a cdrom; each its own descriptor.
+    "several_disks_every_bus_pc": VMSpec(
+        name="disks-1",
+        vcpus=1,
+        memory_mb=512,
+        kernel=None,
+        initramfs=None,
+        cmdline="",
+        accelerator="tcg",
+        control_socket=Path("/run/d/qmp.sock"),
+        disk=replace(
+            disk("/run/d/disk.qcow2", 30, (held("/img/base.qcow2", 31), "qcow2")), serial="root"
+        ),
+        extra_disks=(
+            DiskSpec(held("/run/d/disk1.raw", 32), "raw", serial="data-ro"),
+            DiskSpec(held("/run/d/disk2.qcow2", 33, True), "qcow2", bus="sata", cache="unsafe"),
+            DiskSpec(
+                held("/run/d/disk3.qcow2", 34, True), "qcow2", bus="scsi", cache="writethrough"
+            ),
+            DiskSpec(held("/run/d/disk4.qcow2", 35, True), "qcow2", bus="ide"),
+            DiskSpec(held("/run/d/disk5.qcow2", 36), "qcow2", bus="ide", kind="cdrom"),
+            DiskSpec(held("/run/d/disk6.qcow2", 37), "qcow2", bus="sata", kind="cdrom"),
+        ),
+        seccomp=True,
+    ),
+    # microvm: virtio-blk and virtio-scsi on virtio-mmio.
+    "several_disks_microvm": VMSpec(
+        name="disks-2",
+        vcpus=1,
+        memory_mb=256,
+        kernel=held("/k/vmlinux", 20),
+        initramfs=None,
+        cmdline="console=ttyS0",
+        accelerator="tcg",
+        control_socket=Path("/run/m/qmp.sock"),
+        machine=MachineConfig(machine="microvm", firmware="bios", smm=None),
+        extra_disks=(
+            DiskSpec(held("/run/m/disk0.qcow2", 30, True), "qcow2", serial="scratch"),
+            DiskSpec(held("/run/m/disk1.qcow2", 31, True), "qcow2", bus="scsi"),
+        ),
     ),
 }
 

@@ -20,6 +20,7 @@ import httpx
 
 from nomad_vm.cli.hcl import PLUGIN_NAME, hcl_string, plugin_block
 from nomad_vm.cli.install import wrapper_script
+from nomad_vm.identity import ALIASES
 from nomad_vm.network.netns import netns_path, run_in
 
 PLUGIN_FILE = PLUGIN_NAME
@@ -87,6 +88,10 @@ class DevAgentConfig:
     # The agent's PATH, which the plugin and what it starts (QEMU, virtiofsd) inherit.
     # None: ours.
     path: str | None = None
+    # The same plugin installed again under seed drivers' names (nomad_vm.identity): alias
+    # ("virt", "ch") -> the body of its `config { ... }` block as HCL text, written as given
+    # (e.g. a seed's client config). Only with driver_executable.
+    drop_ins: Mapping[str, str] = field(default_factory=dict)
 
     @property
     def fingerprint_denylist(self) -> str:
@@ -159,7 +164,10 @@ client {{{client_role}{cni}
         if self.plugin_network is not None:
             config["network"] = self.plugin_network
         config.update(self.plugin_extra or {})
-        return plugin_block(config)
+        return plugin_block(config) + "".join(
+            f"\nplugin {hcl_string(ALIASES[alias].file_name)} {{\n  config {{\n{body}\n  }}\n}}\n"
+            for alias, body in self.drop_ins.items()
+        )
 
 
 class DevAgent:
@@ -202,6 +210,11 @@ class DevAgent:
         elif cfg.driver_executable is not None:
             launcher = write_plugin_launcher(cfg.workdir / "plugins", cfg.driver_executable)
             plugin_dir = launcher.parent
+            for alias in cfg.drop_ins:
+                identity = ALIASES[alias]
+                wrapper = plugin_dir / identity.file_name
+                wrapper.write_text(wrapper_script(cfg.driver_executable, identity))
+                wrapper.chmod(0o755)
         else:
             raise ValueError("DevAgentConfig needs driver_executable or installed")
         configs[0].write_text(cfg.render())
@@ -236,8 +249,8 @@ class DevAgent:
         # httpx connects from the calling thread: one that entered the agent's namespace.
         return get() if self.config.netns is None else run_in(self.config.netns, get)
 
-    def wait_driver(self, timeout: float = 120.0) -> dict[str, object]:
-        """Wait until the node reports driver `vm` detected and healthy; return its info."""
+    def wait_driver(self, timeout: float = 120.0, name: str = "vm") -> dict[str, object]:
+        """Wait until the node reports driver ``name`` detected and healthy; return its info."""
         deadline = time.monotonic() + timeout
         last: object = "agent not answering"
         while time.monotonic() < deadline:
@@ -248,12 +261,12 @@ class DevAgent:
                 if isinstance(nodes, list) and nodes:
                     node = self.api(f"/v1/node/{nodes[0]['ID']}")
                     assert isinstance(node, dict)
-                    info = (node.get("Drivers") or {}).get("vm")
+                    info = (node.get("Drivers") or {}).get(name)
                     last = info
                     if info and info.get("Detected") and info.get("Healthy"):
                         return {"node": node, "driver": info}
             time.sleep(0.5)
-        raise TimeoutError(f"driver vm not healthy after {timeout:.0f}s: {last}")
+        raise TimeoutError(f"driver {name} not healthy after {timeout:.0f}s: {last}")
 
     def nomad(self, *args: str, check: bool = True, timeout: float = 120.0) -> str:
         """Run the real `nomad` CLI against this agent; returns stdout (stderr on failure)."""

@@ -38,6 +38,7 @@ def hcl_block(name: str, attributes: Mapping[str, object], indent: str = "") -> 
     return "\n".join([*lines, f"{indent}}}"])
 
 
-def plugin_block(config: Mapping[str, object]) -> str:
-    """The agent's ``plugin "nomad-driver-vm" { config { ... } }`` block for ``config``."""
-    return hcl_block(f"plugin {hcl_string(PLUGIN_NAME)}", {"config": config}) + "\n"
+def plugin_block(config: Mapping[str, object], name: str = PLUGIN_NAME) -> str:
+    """The agent's ``plugin "<name>" { config { ... } }`` block for ``config`` (``name``: the
+    executable's file name in plugin_dir, which is what Nomad matches the block by)."""
+    return hcl_block(f"plugin {hcl_string(name)}", {"config": config}) + "\n"

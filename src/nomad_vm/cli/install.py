@@ -2,7 +2,10 @@
 
 Writes the `nomad-driver-vm` wrapper into the agent's plugin_dir and the plugin's
 `plugin "nomad-driver-vm"` block into the agent's configuration (or prints it), then runs
-doctor's checks. Running it again changes nothing; a different file in the way is only replaced
+doctor's checks. With ``--as virt`` or ``--as ch`` the wrapper is `nomad-driver-virt` or
+`nomad-driver-ch` (it tells the plugin its name through nomad_vm.identity.ENV_VAR) and the block
+is that name's, so the seed drivers' jobs and client configs find it.
+Running it again changes nothing; a different file in the way is only replaced
 with ``force``, and then nothing at all is written without it.
 """
 
@@ -21,19 +24,28 @@ from pathlib import Path
 from nomad_vm.cli.hcl import PLUGIN_NAME, plugin_block
 from nomad_vm.cli.vm_account import AccountError
 from nomad_vm.files import write_atomically
+from nomad_vm.identity import ALIASES, ENV_VAR, OWN, Identity
 
 # The file name in an agent's config directory (`nomad agent -config DIR` reads *.hcl there).
 CONFIG_FILE_NAME = f"{PLUGIN_NAME}.hcl"
-DEFAULT_DATA_DIR = Path("/var/lib/nomad-vm")
+DEFAULT_DATA_DIR = OWN.data_dir
+
+
+def config_file_name(identity: Identity = OWN) -> str:
+    """The file `--config-dir` writes: one per installed name, so two names coexist."""
+    return f"{identity.file_name}.hcl"
 
 
 class InstallError(Exception):
     """The installation cannot be made as asked; the message says what to do."""
 
 
-def wrapper_script(driver: Path) -> str:
-    """The file Nomad runs from plugin_dir: a shell script that execs the installed plugin."""
-    return f'#!/bin/sh\nexec {shlex.quote(str(driver))} "$@"\n'
+def wrapper_script(driver: Path, identity: Identity = OWN) -> str:
+    """The file Nomad runs from plugin_dir: a shell script that execs the installed plugin,
+    telling it the name it is installed under (exec keeps argv[0] the console script's)."""
+    if identity.is_own_name:
+        return f'#!/bin/sh\nexec {shlex.quote(str(driver))} "$@"\n'
+    return f'#!/bin/sh\n{ENV_VAR}={identity.alias} exec {shlex.quote(str(driver))} "$@"\n'
 
 
 def installed_driver() -> Path:
@@ -71,6 +83,17 @@ class InstallRequest:
     data_dir: Path = DEFAULT_DATA_DIR
     accelerator: str = "auto"
     force: bool = False
+    # The name to install under: "vm" (nomad-vm's own), "virt" or "ch" (nomad_vm.identity).
+    as_name: str = "vm"
+
+    @property
+    def identity(self) -> Identity:
+        try:
+            return ALIASES[self.as_name]
+        except KeyError:
+            raise InstallError(
+                f"--as {self.as_name}: no such name; use one of {', '.join(ALIASES)}"
+            ) from None
 
 
 @dataclass(frozen=True)
@@ -106,7 +129,7 @@ def plugin_config(request: InstallRequest) -> dict[str, object]:
         "data_dir": str(request.data_dir),
     }
     try:
-        parse_plugin_config(config)
+        parse_plugin_config(config, request.identity)
     except ConfigError as exc:
         raise InstallError(f"the plugin would refuse this configuration: {exc}") from exc
     return config
@@ -114,11 +137,12 @@ def plugin_config(request: InstallRequest) -> dict[str, object]:
 
 def plan_files(request: InstallRequest, driver: Path) -> tuple[list[PlannedFile], str]:
     """The files to write, and the plugin block's text."""
-    block = plugin_block(plugin_config(request))
+    identity = request.identity
+    block = plugin_block(plugin_config(request), identity.file_name)
     files = [
         PlannedFile(
-            request.plugin_dir / PLUGIN_NAME,
-            wrapper_script(driver),
+            request.plugin_dir / identity.file_name,
+            wrapper_script(driver, identity),
             0o755,
             f"the plugin wrapper: execs {driver}",
         )
@@ -175,9 +199,10 @@ def install(
         out("info  add this block to the agent's configuration (or rerun with --config-dir):")
         out(block)
     else:
-        for other in other_plugin_blocks(request.config_file):
+        name = request.identity.file_name
+        for other in other_plugin_blocks(request.config_file, name):
             out(
-                f"warn  {other} also has a plugin {PLUGIN_NAME!r} block: the agent merges its "
+                f"warn  {other} also has a plugin {name!r} block: the agent merges its "
                 "configuration files, so keep only one"
             )
     for path in request.image_paths:
@@ -196,9 +221,9 @@ def install(
     return status
 
 
-def other_plugin_blocks(config_file: Path) -> list[Path]:
-    """Other files in the config's directory that also configure this plugin."""
-    pattern = re.compile(rf'plugin\s*"{re.escape(PLUGIN_NAME)}"|"{re.escape(PLUGIN_NAME)}"\s*:')
+def other_plugin_blocks(config_file: Path, name: str = PLUGIN_NAME) -> list[Path]:
+    """Other files in the config's directory that also configure this plugin (as ``name``)."""
+    pattern = re.compile(rf'plugin\s*"{re.escape(name)}"|"{re.escape(name)}"\s*:')
     found = []
     for path in sorted(config_file.parent.glob("*")):
         if path == config_file or path.suffix not in (".hcl", ".json") or not path.is_file():
@@ -212,13 +237,15 @@ def other_plugin_blocks(config_file: Path) -> list[Path]:
 
 
 def next_steps(request: InstallRequest) -> str:
+    identity = request.identity
     return f"""==> what else the agent needs
   * plugin_dir: the agent must load plugins from {request.plugin_dir}:
     `plugin_dir = "{request.plugin_dir}"` in its configuration, or `-plugin-dir`.
   * stats: `nomad alloc status -stats` shows a VM's CPU and memory only with
     `telemetry {{ publish_allocation_metrics = true }}` in the agent's configuration.
   * the agent's PATH is the plugin's: it must find QEMU there (doctor above used yours).
-  * restart the agent; `nomad node status -verbose` then shows driver.vm.* attributes."""
+  * restart the agent; `nomad node status -verbose` then shows {identity.attribute_prefix}*
+    attributes, and jobs use driver = "{identity.driver_name}"."""
 
 
 def _diff(path: Path, current: str, wanted: str) -> str:

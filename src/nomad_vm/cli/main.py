@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from nomad_vm import __version__
-from nomad_vm.cli.install import CONFIG_FILE_NAME, DEFAULT_DATA_DIR
+from nomad_vm.cli.install import CONFIG_FILE_NAME
 
 
 def _cmd_doctor(args: argparse.Namespace) -> int:
@@ -21,19 +21,28 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
 
 def _cmd_install(args: argparse.Namespace) -> int:
     from nomad_vm.cli.doctor import run_doctor
-    from nomad_vm.cli.install import InstallError, InstallRequest, install, installed_driver
+    from nomad_vm.cli.install import (
+        InstallError,
+        InstallRequest,
+        config_file_name,
+        install,
+        installed_driver,
+    )
+    from nomad_vm.identity import ALIASES
 
+    identity = ALIASES[args.as_name]
     if args.config_dir:
-        config_file: Path | None = Path(args.config_dir).absolute() / CONFIG_FILE_NAME
+        config_file: Path | None = Path(args.config_dir).absolute() / config_file_name(identity)
     else:
         config_file = Path(args.config).absolute() if args.config else None
     request = InstallRequest(
         plugin_dir=Path(args.plugin_dir).absolute(),
         config_file=config_file,
         image_paths=tuple(Path(p).absolute() for p in args.image_path),
-        data_dir=Path(args.data_dir).absolute(),
+        data_dir=Path(args.data_dir or identity.data_dir).absolute(),
         accelerator=args.accelerator,
         force=args.force,
+        as_name=args.as_name,
     )
     try:
         driver = installed_driver()
@@ -133,7 +142,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="a directory VM kernels and images may come from (repeatable): image_paths",
     )
     inst.add_argument(
-        "--data-dir", default=str(DEFAULT_DATA_DIR), help="the plugin's data_dir (%(default)s)"
+        "--data-dir",
+        help="the plugin's data_dir (/var/lib/nomad-vm; installed --as virt or ch: "
+        "/var/lib/nomad-vm-virt or /var/lib/nomad-vm-ch)",
+    )
+    inst.add_argument(
+        "--as",
+        dest="as_name",
+        default="vm",
+        choices=("vm", "virt", "ch"),
+        help="the name to install under: vm (nomad-driver-vm, jobs use driver = \"vm\"), "
+        'virt (nomad-driver-virt, driver = "virt") or ch (nomad-driver-ch, '
+        'driver = "nomad-driver-ch"), so the seed drivers\' jobs run unchanged (%(default)s)',
     )
     inst.add_argument("--accelerator", default="auto", choices=("auto", "kvm", "tcg"))
     inst.add_argument("--force", action="store_true", help="replace files that differ")

@@ -4,20 +4,28 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from ipaddress import IPv4Address
 from pathlib import Path
 
 from nomad_vm import schema
 from nomad_vm.driver.hostname import default_hostname, validate_hostname
+from nomad_vm.driver.seed_keys import (
+    SeedPluginKeys,
+    parse_seed_plugin_keys,
+    refuse_unsupported_task_keys,
+)
 from nomad_vm.driver.types import TaskConfig
 from nomad_vm.errors import ConfigError
 from nomad_vm.fields import Schema, validate
+from nomad_vm.identity import Identity, current
 from nomad_vm.network.settings import (
     BridgeNetwork,
     NicRequest,
     parse_bridge_network,
     parse_nic,
 )
+from nomad_vm.storage.disk_request import DiskRequest, Pools, parse_disks, shorthand_disk
 from nomad_vm.storage.held import read_allowed_text
 from nomad_vm.storage.paths import Allowlist, private_dir, private_pattern, resolve_allowed_file
 
@@ -55,6 +63,16 @@ class PluginConfig:
     # The hypervisor of tasks that name none; None: the registry's default (qemu).
     hypervisor: str | None = None
     cloud_hypervisor: CloudHypervisorConfig = field(default_factory=CloudHypervisorConfig)
+    # The name this plugin is installed under (nomad_vm.identity): its driver name, attribute
+    # prefix, nftables table and state directories.
+    identity: Identity = field(default_factory=current)
+    # The seed drivers' keys: plugin-level `dns`, ignored libvirt blocks, storage pools.
+    seed: SeedPluginKeys = field(default_factory=SeedPluginKeys)
+
+    @property
+    def dns(self) -> tuple[IPv4Address, ...]:
+        """Name servers for guests whose NIC sets none."""
+        return self.seed.dns
 
 
 @dataclass(frozen=True)
@@ -87,6 +105,9 @@ class VMTaskConfig:
     nic: NicRequest | None = None
     signal_unit: str | None = None
     signal_pidfile: str | None = None
+    # Every disk, the primary first (``storage.disk_request``): the `disk` blocks, or the
+    # shorthand's one disk from `image`; `image` and the two fields above are the primary's.
+    disks: tuple[DiskRequest, ...] = ()
 
     @property
     def gets_seed(self) -> bool:
@@ -121,8 +142,13 @@ def refuse_cloud_init_options(values: Mapping[str, object]) -> None:
     )
 
 
-def parse_plugin_config(raw: Mapping[str, object] | None) -> PluginConfig:
-    values = validate(schema.PLUGIN_CONFIG, raw, "config")
+def parse_plugin_config(
+    raw: Mapping[str, object] | None, identity: Identity | None = None
+) -> PluginConfig:
+    """``identity``: the name the plugin is installed under (its defaults); None: this
+    process's (nomad_vm.identity.current)."""
+    identity = identity or current()
+    values = validate(schema.plugin_config_schema(identity), raw, "config")
     data_dir = str(values["data_dir"])
     if not Path(data_dir).is_absolute():
         raise ConfigError("config.data_dir", f"must be an absolute path, got {data_dir!r}")
@@ -144,6 +170,8 @@ def parse_plugin_config(raw: Mapping[str, object] | None) -> PluginConfig:
         network=parse_bridge_network(_block(values["network"]), Path(data_dir)),
         hypervisor=_optional_str(values["hypervisor"]),
         cloud_hypervisor=_cloud_hypervisor(values["cloud_hypervisor"]),
+        identity=identity,
+        seed=parse_seed_plugin_keys(values),
     )
 
 
@@ -235,12 +263,13 @@ def parse_task_config(task: TaskConfig, plugin: PluginConfig) -> VMTaskConfig:
             return None
         return resolve_allowed_file(f"config.{name}", str(value), allowed, task.task_dir)
 
-    if not values["kernel"] and not values["image"]:
+    if not values["kernel"] and not values["image"] and not values["disk"]:
         raise ConfigError(
             "config.image",
             'a VM needs something to boot: set image = "/path/disk.qcow2" (disk boot), '
             'kernel = "/path/vmlinux" (direct kernel boot), or both',
         )
+    refuse_unsupported_task_keys(values)
     if values["initramfs"] and not values["kernel"]:
         raise ConfigError("config.initramfs", "needs kernel: an initramfs is loaded with a kernel")
     if not gets_cloud_init_seed(bool(values["image"]), bool(values["cloud_init"])):
@@ -249,10 +278,13 @@ def parse_task_config(task: TaskConfig, plugin: PluginConfig) -> VMTaskConfig:
     os_block = values["os"] or validate(_block_schema("os"), {}, "config.os")
     assert isinstance(os_block, dict)
     hostname = values["hostname"]
+    disks = _disks(task, values, allowed, str(os_block["machine"] or "pc"), plugin)
+    primary = disks[0] if disks else None
     return VMTaskConfig(
-        image=path_of("image"),
-        use_thin_copy=bool(values["use_thin_copy"]),
-        disk_size_mb=values["primary_disk_size"],  # type: ignore[arg-type]
+        disks=disks,
+        image=primary.image if primary is not None else None,
+        use_thin_copy=primary.chained if primary is not None else True,
+        disk_size_mb=primary.size_mb if primary is not None else None,
         kernel=path_of("kernel"),
         initramfs=path_of("initramfs"),
         cmdline=str(values["cmdline"] or ""),
@@ -275,8 +307,59 @@ def parse_task_config(task: TaskConfig, plugin: PluginConfig) -> VMTaskConfig:
         writable_alloc_dir=bool(values["writable_alloc_dir"]),
         signal_unit=_optional_str(values["signal_unit"]),
         signal_pidfile=_optional_str(values["signal_pidfile"]),
-        nic=parse_nic(_block(values["network_interface"])),
+        nic=_with_default_dns(parse_nic(_block(values["network_interface"])), plugin.dns),
     )
+
+
+def _disks(
+    task: TaskConfig,
+    values: Mapping[str, object],
+    allowed: Allowlist,
+    machine: str,
+    plugin: PluginConfig,
+) -> tuple[DiskRequest, ...]:
+    """The `disk` blocks, or the shorthand's one disk; both in one task is an error naming
+    both, since either alone describes the boot disk."""
+    blocks = values["disk"]
+    if not blocks:
+        image = values["image"]
+        path = (
+            resolve_allowed_file("config.image", str(image), allowed, task.task_dir)
+            if image
+            else None
+        )
+        size = values["primary_disk_size"]
+        thin = values["use_thin_copy"] is not False  # unset: an overlay
+        return shorthand_disk(path, thin, size)  # type: ignore[arg-type]
+    shorthand = [
+        f"config.{name}"
+        for name in ("image", "use_thin_copy", "primary_disk_size")
+        if (task.driver_config or {}).get(name) is not None
+    ]
+    if shorthand:
+        raise ConfigError(
+            "config.disk",
+            f"disk blocks and {_and(shorthand)} both describe the boot disk: use one form "
+            "(a primary disk with source { image = ... } replaces image)",
+        )
+    assert isinstance(blocks, list)
+    seed = plugin.seed
+    pools = Pools(seed.directory_pools, tuple(p.split(" ", 1)[1] for p in seed.ceph_pools),
+                  seed.default_pool)  # fmt: skip
+    return parse_disks(
+        blocks,
+        lambda field, path: resolve_allowed_file(field, path, allowed, task.task_dir),
+        machine,
+        pools,
+    )
+
+
+def _with_default_dns(nic: NicRequest | None, dns: tuple[IPv4Address, ...]) -> NicRequest | None:
+    """The plugin's `dns` for a NIC that names no name servers: it then reaches the guest as
+    every NIC setting does (cloud-init network-config, or the DHCP mode's dnsmasq)."""
+    if nic is None or nic.dns or not dns:
+        return nic
+    return replace(nic, dns=dns)
 
 
 def _block_schema(name: str) -> Schema:

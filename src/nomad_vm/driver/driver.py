@@ -93,6 +93,8 @@ class VMDriver:
     def set_config(self, raw: Mapping[str, object] | None, agent: AgentInfo | None) -> None:
         """Validate and apply the plugin config (may be called several times)."""
         self.config = parse_plugin_config(raw)
+        for warning in self.config.seed.warnings():
+            log.warning("%s", warning)
         if agent is not None:
             self.agent = agent
         self._config_changed.set()
@@ -135,10 +137,14 @@ class VMDriver:
 
     @property
     def journals(self) -> JournalStore:
-        return JournalStore(self.config.data_dir)
+        return JournalStore(self.config.data_dir, self.config.identity.journal_dir)
 
     def _networks(self) -> NetworkManager:
-        return NetworkManager(self.config.data_dir / "network")
+        identity = self.config.identity
+        return NetworkManager(
+            self.config.data_dir / identity.network_dir,
+            nft_table=identity.nft_table,
+        )
 
     def _runtime_dir(self, task: TaskConfig) -> Path:
         """``<task dir>/nomad-vm-<start id>``: per start, so a restart never meets leftovers of an

@@ -1,4 +1,5 @@
-"""What the node reports about this driver: health and `driver.vm.*` attributes."""
+"""What the node reports about this driver: health and `driver.vm.*` attributes (under a seed
+driver's name, `driver.virt.*` or `driver.nomad-driver-ch.*`: nomad_vm.identity)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,24 @@ ATTRIBUTE_PREFIX = "driver.vm."
 
 
 def fingerprint(
+    config: PluginConfig, backend: Hypervisor, others: Sequence[Hypervisor] = ()
+) -> Fingerprint:
+    """The fingerprint with its attributes under the installed name's prefix (the attributes
+    below are written as `driver.vm.*`), and what the seed drivers' ignored keys amount to."""
+    found = _fingerprint(config, backend, others)
+    prefix = config.identity.attribute_prefix
+    attrs: dict[str, AttributeValue] = {
+        prefix + key.removeprefix(ATTRIBUTE_PREFIX): value
+        for key, value in found.attributes.items()
+    }
+    attrs.update(config.seed.attributes(prefix))
+    if not config.identity.is_own_name:
+        # Which seed driver this name stands in for, for constraints and for the operator.
+        attrs[prefix + "stands_in_for"] = config.identity.seed
+    return Fingerprint(found.health, found.description, attrs)
+
+
+def _fingerprint(
     config: PluginConfig, backend: Hypervisor, others: Sequence[Hypervisor] = ()
 ) -> Fingerprint:
     """Healthy only when ``backend`` (the plugin's default hypervisor) can run VMs here with the

@@ -5,7 +5,9 @@ One record per task, the only one: the file a plugin finds by task id alone
 encoding). It says, in the order StartTask makes them:
 
 * the runtime directory (sockets, logs, the task's disk, seed and UEFI variables live in it);
-* the files made in it (disk, seed, UEFI variable store), each before it is created;
+* the files made in it (disk, seed, UEFI variable store), each before it is created, and
+  the in-progress files of storage pool volumes;
+* the pool volumes the task made or used, which the replay leaves in place;
 * the network (bridge port, lease, TAP, forwards, DHCP host) as ``NetworkRecord``;
 * every process (helpers such as virtiofsd, then the VMM) by pid, start ticks and boot id,
   recorded between fork and exec (``nomad_vm.vm.process``: a process runs only once recorded),
@@ -59,6 +61,9 @@ class TaskJournal:
     # config back after an agent restart, so they are kept here).
     signal_unit: str | None = None
     signal_pidfile: str | None = None
+    # Storage pool volumes the task made or used: they outlive it, so the replay leaves them
+    # (recorded to say where the task's data is; their in-progress files are in ``files``).
+    volumes: tuple[str, ...] = ()
     version: int = field(default=JOURNAL_VERSION)
 
     # -- what the journal says -------------------------------------------------------------
@@ -83,6 +88,9 @@ class TaskJournal:
     def with_file(self, path: Path) -> TaskJournal:
         return replace(self, files=(*self.files, str(path)))
 
+    def with_volume(self, path: Path) -> TaskJournal:
+        return replace(self, volumes=(*self.volumes, str(path)))
+
     def with_processes(self, added: tuple[RecordedProcess, ...]) -> TaskJournal:
         return replace(self, processes=(*self.processes, *added))
 
@@ -101,6 +109,7 @@ class TaskJournal:
             "control_socket": self.control_socket,
             "signal_unit": self.signal_unit,
             "signal_pidfile": self.signal_pidfile,
+            "volumes": list(self.volumes),
         }
         packed: bytes = msgpack.packb(raw, use_bin_type=True)
         return packed
@@ -147,6 +156,8 @@ def _from_dict(raw: Mapping[str, Any]) -> TaskJournal:
         control_socket=str(raw["control_socket"]),
         signal_unit=_optional_str(raw["signal_unit"]),
         signal_pidfile=_optional_str(raw["signal_pidfile"]),
+        # Absent from records of plugins before storage pools.
+        volumes=tuple(str(v) for v in raw.get("volumes", ())),
     )
 
 

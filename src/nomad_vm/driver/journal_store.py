@@ -29,8 +29,10 @@ _DIGEST_CHARS = 32  # 128 bits of SHA-256: no two task ids meet
 
 
 class JournalStore:
-    def __init__(self, data_dir: Path) -> None:
-        self.directory = data_dir / JOURNAL_DIR
+    def __init__(self, data_dir: Path, directory: str = JOURNAL_DIR) -> None:
+        # ``directory``: the installed name's own (nomad_vm.identity), so two names sharing a
+        # data_dir never recover or clean up each other's tasks.
+        self.directory = data_dir / directory
 
     def path_for(self, task_id: str) -> Path:
         digest = hashlib.sha256(task_id.encode()).hexdigest()[:_DIGEST_CHARS]

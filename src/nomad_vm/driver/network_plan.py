@@ -120,7 +120,8 @@ def plan_network(
         raise ConfigError(
             NIC_FIELD,
             "this node's plugin has no bridge network: set network { subnet_cidr = ... } in the "
-            'plugin "nomad-driver-vm" config block',
+            "plugin's config block (plugin \"nomad-driver-vm\", or the seed driver name it is "
+            "installed under)",
         )
     if nic.bridge and nic.bridge != net.bridge:
         raise ConfigError(

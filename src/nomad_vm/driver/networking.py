@@ -57,7 +57,7 @@ from nomad_vm.network.dhcp import DhcpHost, DhcpServer
 from nomad_vm.network.ipam import AddressPool
 from nomad_vm.network.names import tap_mac
 from nomad_vm.network.netns import netns_exists
-from nomad_vm.network.nft import PortForwarder
+from nomad_vm.network.nft import DEFAULT_TABLE, PortForwarder
 from nomad_vm.network.settings import BridgeNetwork
 
 log = logging.getLogger(__name__)
@@ -71,9 +71,12 @@ class NetworkManager:
     """Sets up and tears down task networks on this host; leases and DHCP state live in
     ``state_dir`` (the plugin's data_dir/network)."""
 
-    def __init__(self, state_dir: Path) -> None:
+    def __init__(self, state_dir: Path, nft_table: str = DEFAULT_TABLE) -> None:
         self.state_dir = state_dir
-        self.forwarder = PortForwarder()
+        # The installed name's own tables (nomad_vm.identity): two names never touch each
+        # other's rules.
+        self.nft_table = nft_table
+        self.forwarder = PortForwarder(table=nft_table)
 
     async def setup(self, plan: NetworkPlan, record: RecordNetwork) -> NetworkAttachment:
         return await asyncio.to_thread(self._setup, plan, record)
@@ -209,7 +212,7 @@ class NetworkManager:
         return DhcpServer(self.state_dir, net.bridge, net.subnet, net.dnsmasq, record.netns or None)
 
     def _forwarder(self, netns: str | None) -> PortForwarder:
-        return self.forwarder if netns is None else PortForwarder(netns=netns)
+        return self.forwarder if netns is None else PortForwarder(self.nft_table, netns=netns)
 
     def _pool(self, record: NetworkRecord, net: BridgeNetwork) -> AddressPool:
         """The bridge's leases; in group mode one pool per allocation namespace."""

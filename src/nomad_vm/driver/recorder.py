@@ -45,6 +45,11 @@ class TaskRecorder:
             self._save(self.journal.with_file(path))
         await self._reached(what)
 
+    def volume(self, path: Path) -> None:
+        """A storage pool volume the task uses: on record, and kept by the replay."""
+        if str(path) not in self.journal.volumes:
+            self._save(self.journal.with_volume(path))
+
     async def network(self, record: NetworkRecord) -> None:
         self.record_network(record)
         await self._reached("network")

@@ -17,17 +17,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from nomad_vm.cloudinit import with_network_config, write_seed
+from nomad_vm.driver.disk_steps import disk_files, prepare_disks
 from nomad_vm.driver.events import EventBus
 from nomad_vm.driver.network_plan import NetworkAttachment, network_config, network_event
 from nomad_vm.driver.networking import NetworkManager, record_of
 from nomad_vm.driver.output import open_task_output
 from nomad_vm.driver.recorder import TaskRecorder
 from nomad_vm.driver.startup import StartPlan
-from nomad_vm.storage.disk import DISK_NAME, prepare_boot_disk
 from nomad_vm.storage.held import HeldFile, open_own, readable_copy
-from nomad_vm.storage.tools import find_qemu_img
 from nomad_vm.vm.hypervisor import Hypervisor, LaunchDevices, RunningVM
-from nomad_vm.vm.spec import DiskSpec, NicSpec
+from nomad_vm.vm.spec import NicSpec
 
 SEED_NAME = "cidata.iso"
 # SIGKILL ends a VMM at once; one still there after this is left to the journal replay.
@@ -48,12 +47,12 @@ async def run_start_steps(
     events: EventBus,
 ) -> Started:
     planned = (
-        *([plan.runtime_dir / DISK_NAME] if plan.vm.image is not None else []),
+        *disk_files(plan),
         *([plan.runtime_dir / SEED_NAME] if plan.seed is not None else []),
     )
     await recorder.runtime_dir(plan.runtime_dir, planned)
     plan.runtime_dir.mkdir(mode=0o700, parents=True, exist_ok=False)
-    disk = await prepare_disk(plan, recorder, events)
+    disks = await prepare_disks(plan, recorder, events)
     network = None
     if plan.network is not None:
         await recorder.network(record_of(plan.network))
@@ -74,7 +73,8 @@ async def run_start_steps(
         try:
             devices = LaunchDevices(
                 console_fd=console_fd,
-                disk=disk,
+                disk=disks.primary,
+                extra_disks=disks.others,
                 seed=seed_file,
                 nics=nics,
                 kernel=kernel,
@@ -100,38 +100,6 @@ async def run_start_steps(
         await vm.close()
         raise
     return Started(vm, network)
-
-
-async def prepare_disk(
-    plan: StartPlan, recorder: TaskRecorder, events: EventBus
-) -> DiskSpec | None:
-    """The task's own disk (overlay or copy) inside the runtime dir."""
-    if plan.vm.image is None:
-        return None
-    await recorder.creating("disk", plan.runtime_dir / DISK_NAME)
-    qemu_img = find_qemu_img()
-    image = plan.files.image
-    if image is None:
-        raise ValueError("a plan with an image has it open")
-    holder = plan.files.holder
-    disk = await asyncio.to_thread(
-        prepare_boot_disk,
-        qemu_img,
-        image,
-        plan.runtime_dir,
-        thin=plan.vm.use_thin_copy,
-        size_mb=plan.vm.disk_size_mb,
-        allowed_dirs=plan.allowed_dirs,
-        holder=holder,
-    )
-    how = "thin copy (qcow2 overlay)" if disk.thin else "full copy"
-    size_mb = disk.virtual_size // (1024 * 1024)
-    events.emit(
-        plan.task,
-        f"Disk prepared: {how} of {plan.vm.image.name}, {size_mb} MB",
-        {"image": str(plan.vm.image), "source_format": disk.source_format},
-    )
-    return DiskSpec(open_own(disk.path, holder, writable=True), disk.format, disk.chain)
 
 
 def boot_files(plan: StartPlan) -> tuple[HeldFile | None, HeldFile | None]:

@@ -28,6 +28,7 @@ from nomad_vm.driver.resources import memory_mb_for, vcpus_for
 from nomad_vm.driver.shares import task_shares
 from nomad_vm.driver.types import AgentInfo, TaskConfig
 from nomad_vm.errors import ConfigError, VMRequestError
+from nomad_vm.storage.disk_request import DiskRequest
 from nomad_vm.storage.held import FileHolder, HeldFile, open_allowed
 from nomad_vm.storage.paths import Allowlist
 from nomad_vm.vm.hypervisor import Hypervisor, VMPlan, VMRequest
@@ -43,6 +44,9 @@ class TaskFiles:
     image: HeldFile | None = None
     kernel: HeldFile | None = None
     initramfs: HeldFile | None = None
+    # The source image of each of ``VMTaskConfig.disks`` (None: an empty disk); the first is
+    # ``image``.
+    disk_images: tuple[HeldFile | None, ...] = ()
 
     def close(self) -> None:
         self.holder.close()
@@ -95,10 +99,11 @@ async def plan_start(
         kernel=kernel,
         initramfs=initramfs,
         cmdline=vm.cmdline,
-        has_disk=vm.image is not None,
+        has_disk=bool(vm.disks),
         shares=task_shares(task, vm),
     )
     check_request(backend.name, caps, request)
+    refuse_disk_options(backend.name, vm)
     if not caps.guest_agent:
         refuse_agent_options(backend.name, vm)
     try:
@@ -122,6 +127,34 @@ async def plan_start(
         network=network,
         files=open_task_files(vm, allowed),
     )
+
+
+def refuse_disk_options(backend: str, vm: VMTaskConfig) -> None:
+    """Only QEMU takes several disks, other buses, cdroms, serials, read-only disks and cache
+    modes: the other backends would ignore them."""
+    if backend == "qemu" or not vm.disks:
+        return
+    if len(vm.disks) > 1:
+        raise ConfigError(
+            f"{vm.disks[1].field}", f"the {backend} hypervisor takes one disk; use qemu for more"
+        )
+    only, default = vm.disks[0], DiskRequest("")
+    options = (
+        ("bus_type", "bus"),
+        ("kind", "kind"),
+        ("devname", "serial"),
+        ("read_only", "read_only"),
+        ("driver", "cache"),
+    )
+    if only.pool_dir is not None:
+        raise ConfigError(
+            f"{only.field}.pool", f"storage pools are served to qemu only, not {backend}"
+        )
+    for key, attr in options:
+        if getattr(only, attr) != getattr(default, attr):
+            raise ConfigError(
+                f"{only.field}.{key}", f"not supported by the {backend} hypervisor; use qemu"
+            )
 
 
 def refuse_agent_options(backend: str, vm: VMTaskConfig) -> None:
@@ -165,16 +198,29 @@ def open_task_files(vm: VMTaskConfig, allowed: Allowlist) -> TaskFiles:
                 advice="add its directory to the plugin's image_paths",
             )
             for name, path in (
-                ("image", vm.image),
                 ("kernel", vm.kernel),
                 ("initramfs", vm.initramfs),
             )
             if path is not None
         }
+        images = tuple(
+            None
+            if disk.image is None
+            else open_allowed(
+                disk.image_field,
+                disk.image,
+                allowed,
+                holder,
+                subject=str(disk.image),
+                advice="add its directory to the plugin's image_paths",
+            )
+            for disk in vm.disks
+        )
     except BaseException:
         holder.close()
         raise
-    return TaskFiles(holder, opened.get("image"), opened.get("kernel"), opened.get("initramfs"))
+    image = images[0] if images else None
+    return TaskFiles(holder, image, opened.get("kernel"), opened.get("initramfs"), images)
 
 
 def render_seed(

@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING
 
 import grpc
 
-from nomad_vm import __version__, schema
+from nomad_vm import __version__, identity, schema
 from nomad_vm.plugin.errors_guard import rpc_errors
 from nomad_vm.plugin.hclspec import schema_spec
 from nomad_vm.plugin.proto import base_pb2, base_pb2_grpc
@@ -14,8 +14,9 @@ from nomad_vm.plugin.proto import base_pb2, base_pb2_grpc
 if TYPE_CHECKING:
     from nomad_vm.driver.port import DriverPort
 
-# The name jobs use in `driver = "..."` (the executable and plugin block are "nomad-driver-vm").
-DRIVER_NAME = "vm"
+# The name jobs use in `driver = "..."` (the executable and plugin block are "nomad-driver-vm"),
+# unless the plugin is installed under a seed driver's name (nomad_vm.identity).
+DRIVER_NAME = identity.OWN.driver_name
 API_VERSIONS = ["v0.1.0"]
 
 
@@ -30,13 +31,14 @@ class BasePluginService(base_pb2_grpc.BasePluginServicer):
             type=base_pb2.DRIVER,
             plugin_api_versions=API_VERSIONS,
             plugin_version=__version__,
-            name=DRIVER_NAME,
+            name=identity.current().driver_name,
         )
 
     async def ConfigSchema(
         self, request: base_pb2.ConfigSchemaRequest, context: grpc.aio.ServicerContext
     ) -> base_pb2.ConfigSchemaResponse:
-        return base_pb2.ConfigSchemaResponse(spec=schema_spec(schema.PLUGIN_CONFIG))
+        spec = schema_spec(schema.plugin_config_schema(identity.current()))
+        return base_pb2.ConfigSchemaResponse(spec=spec)
 
     async def SetConfig(
         self, request: base_pb2.SetConfigRequest, context: grpc.aio.ServicerContext

@@ -11,6 +11,18 @@ def field_spec(f: Field) -> hclspec_pb2.Spec:
         nested = hclspec_pb2.Object()
         for inner in f.fields:
             nested.attributes[inner.name].CopyFrom(field_spec(inner))
+        if f.repeated:
+            return hclspec_pb2.Spec(
+                block_list=hclspec_pb2.BlockList(
+                    name=f.name, nested=hclspec_pb2.Spec(object=nested)
+                )
+            )
+        if f.labeled:
+            return hclspec_pb2.Spec(
+                block_map=hclspec_pb2.BlockMap(
+                    name=f.name, labels=["name"], nested=hclspec_pb2.Spec(object=nested)
+                )
+            )
         return hclspec_pb2.Spec(
             block_value=hclspec_pb2.Block(name=f.name, nested=hclspec_pb2.Spec(object=nested))
         )

@@ -8,6 +8,7 @@ import signal
 import sys
 from typing import TYPE_CHECKING
 
+from nomad_vm import identity
 from nomad_vm.plugin import handshake
 from nomad_vm.plugin.hclog import configure_plugin_logging
 from nomad_vm.plugin.lazy import LazyDriver
@@ -20,6 +21,13 @@ if TYPE_CHECKING:
 def main() -> None:
     if not handshake.launched_by_nomad():
         sys.stderr.write(handshake.NOT_A_PROGRAM)
+        sys.exit(1)
+    try:
+        # Which name to register under (`vm`, or a seed driver's): found before anything else
+        # answers Nomad, so a wrapper with a wrong name stops here, saying so.
+        identity.current()
+    except identity.UnknownName as exc:
+        sys.stderr.write(f"{exc}\n")
         sys.exit(1)
     if not handshake.supports_protocol():
         sys.stderr.write("nomad-driver-vm speaks go-plugin protocol 2, which Nomad did not offer\n")

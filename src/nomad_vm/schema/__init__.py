@@ -12,7 +12,13 @@ Nothing here knows about protobuf or gRPC. Semantic checks that need the host (d
 exist, is it inside ``image_paths``) live with the code that uses the value.
 """
 
-from nomad_vm.schema.plugin import ACCELERATORS, CH_SECCOMP, PLUGIN_CONFIG, SHARE_TRANSPORTS
+from nomad_vm.schema.plugin import (
+    ACCELERATORS,
+    CH_SECCOMP,
+    PLUGIN_CONFIG,
+    SHARE_TRANSPORTS,
+    plugin_config_schema,
+)
 from nomad_vm.schema.task import (
     CLOUD_INIT_OPTIONS,
     FIRMWARES,
@@ -33,4 +39,5 @@ __all__ = [
     "PLUGIN_CONFIG",
     "SHARE_TRANSPORTS",
     "TASK_CONFIG",
+    "plugin_config_schema",
 ]

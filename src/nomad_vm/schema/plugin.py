@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from nomad_vm.fields import Field, Schema
+from nomad_vm.identity import OWN, Identity
+from nomad_vm.schema.seed_keys import PLUGIN_SEED_FIELDS
 from nomad_vm.schema.task import HYPERVISORS
 
 ACCELERATORS = ("auto", "kvm", "tcg")
@@ -109,7 +113,9 @@ PLUGIN_CONFIG = Schema(
             "crash), and per-task runtime files (disks, cloud-init seeds, control sockets) "
             "whose path would be too long inside the task directory. Created if missing. No "
             "job may name a file in it, and no `image_paths` entry may contain it or lie "
-            "inside it.",
+            "inside it. Installed under a seed driver's name the default is "
+            "`/var/lib/nomad-vm-virt` or `/var/lib/nomad-vm-ch`, so two names on one node keep "
+            "apart.",
             default="/var/lib/nomad-vm",
         ),
         Field(
@@ -197,7 +203,8 @@ PLUGIN_CONFIG = Schema(
                 Field(
                     "bridge",
                     "string",
-                    "Name of the Linux bridge the VMs' TAP devices join.",
+                    "Name of the Linux bridge the VMs' TAP devices join. Installed under a "
+                    "seed driver's name: `nomadvm-virt0` or `nomadvm-ch0`.",
                     default="nomadvm0",
                 ),
                 Field(
@@ -233,7 +240,8 @@ PLUGIN_CONFIG = Schema(
                     "tap_prefix",
                     "string",
                     "Prefix of the TAP device names (`<prefix><hash of the task>`, 15 characters "
-                    "in all); 1 to 7 characters.",
+                    "in all); 1 to 7 characters. Installed under a seed driver's name: `nvirt` "
+                    "or `nch`.",
                     default="nvm",
                 ),
                 Field(
@@ -269,5 +277,32 @@ PLUGIN_CONFIG = Schema(
             ),
         ),
         CLOUD_HYPERVISOR_BLOCK,
+        *PLUGIN_SEED_FIELDS,
     ),
 )
+
+
+def plugin_config_schema(identity: Identity = OWN) -> Schema:
+    """PLUGIN_CONFIG with the defaults of the name this plugin is installed under (its
+    data_dir, bridge and TAP prefix), so Nomad fills in that name's, not `vm`'s."""
+    if identity == OWN:
+        return PLUGIN_CONFIG
+    network = PLUGIN_CONFIG.field("network")
+    network_fields = tuple(
+        replace(f, default=identity.bridge)
+        if f.name == "bridge"
+        else replace(f, default=identity.tap_prefix)
+        if f.name == "tap_prefix"
+        else f
+        for f in network.fields
+    )
+    fields = tuple(
+        replace(f, default=str(identity.data_dir))
+        if f.name == "data_dir"
+        else replace(f, fields=network_fields)
+        if f.name == "network"
+        else f
+        for f in PLUGIN_CONFIG.fields
+    )
+    where = f'the agent\'s `plugin "{identity.file_name}" {{ config {{ ... }} }}` block'
+    return replace(PLUGIN_CONFIG, where=where, fields=fields)

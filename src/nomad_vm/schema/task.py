@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from nomad_vm.fields import Field, Schema
+from nomad_vm.schema.seed_keys import MACVTAP, OS_VARIANT, TASK_SEED_FIELDS
 
 FIRMWARES = ("bios", "uefi", "uefi-secure")
 # The task options that only reach the guest through its cloud-init seed: set on a VM that gets
@@ -25,7 +26,8 @@ HYPERVISORS = ("qemu", "cloud-hypervisor")
 
 TASK_CONFIG = Schema(
     title="Task configuration",
-    where='a task\'s `config { ... }` block with `driver = "vm"`',
+    where='a task\'s `config { ... }` block with `driver = "vm"` (or the seed driver name it is '
+    "installed under: `virt`, `nomad-driver-ch`)",
     fields=(
         Field(
             "hypervisor",
@@ -56,8 +58,9 @@ TASK_CONFIG = Schema(
             "use_thin_copy",
             "bool",
             "The task's disk is a qcow2 overlay backed by `image` (created in milliseconds, "
-            "whatever the image's size). With `false` the task gets its own full copy.",
-            default=True,
+            "whatever the image's size): unset means `true`. With `false` the task gets its "
+            "own full copy. (No schema default, so that setting it next to `disk {}` blocks "
+            "can be refused.)",
         ),
         Field(
             "primary_disk_size",
@@ -115,6 +118,7 @@ TASK_CONFIG = Schema(
                     "Unset: the hypervisor's own default (`pc` on QEMU).",
                     choices=MACHINES,
                 ),
+                OS_VARIANT,
             ),
         ),
         Field(
@@ -178,6 +182,7 @@ TASK_CONFIG = Schema(
                     "Put the VM's TAP in this VLAN (1-4094) on a VLAN-filtering bridge.",
                     minimum=1,
                 ),
+                MACVTAP,
             ),
         ),
         Field(
@@ -264,5 +269,6 @@ TASK_CONFIG = Schema(
             "QEMU process (`-name guest=...`), so it is accepted on VMs without cloud-init too.",
             example='"web-1"',
         ),
+        *TASK_SEED_FIELDS,
     ),
 )

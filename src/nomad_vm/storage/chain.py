@@ -53,18 +53,21 @@ def inspect_chain(
     field: str,
     limits: Limits = USER_IMAGE_LIMITS,
     holder: FileHolder | None = None,
+    top_format: str | None = None,
 ) -> tuple[ImageInfo, ...]:
     """ImageInfo for ``top`` and each backing file below it, each checked before it is opened
     (into ``holder``: ``held`` of each level is its descriptor).
 
-    Only ``top`` has its format probed; every backing file is opened with the format its parent
-    records (``-f``), so nothing below the top is ever guessed. A path ``top`` is opened here
-    (relative: from the current directory). Without a ``holder`` the descriptors are closed
-    before this returns.
+    Only ``top`` has its format probed, unless ``top_format`` says it (a file a guest could
+    have written, such as a raw pool volume, must never be probed: its first bytes could
+    claim a qcow2 header naming another file); every backing file is opened with the format
+    its parent records (``-f``), so nothing below the top is ever guessed. A path ``top`` is
+    opened here (relative: from the current directory). Without a ``holder`` the descriptors
+    are closed before this returns.
     """
     if holder is None:
         with FileHolder() as own:
-            return inspect_chain(qemu_img_path, top, allowed_dirs, field, limits, own)
+            return inspect_chain(qemu_img_path, top, allowed_dirs, field, limits, own, top_format)
     if not isinstance(top, HeldFile):
         top = open_allowed(
             field,
@@ -76,7 +79,7 @@ def inspect_chain(
         )
     levels: list[ImageInfo] = []
     seen = {(top.fstat().st_dev, top.fstat().st_ino)}
-    held, fmt = top, None
+    held, fmt = top, top_format
     while True:
         level = _info_of_user_file(qemu_img_path, held, fmt, field, levels, limits)
         check_level(level, allowed_dirs, field)

@@ -103,8 +103,12 @@ def prepare_boot_disk(
     verdicts: IntactImages = PROCESS_VERDICTS,
     limits: Limits = USER_IMAGE_LIMITS,
     holder: FileHolder | None = None,
+    name: str = DISK_NAME,
+    fmt: str = DISK_FORMAT,
+    expected_format: str = "",
 ) -> PreparedDisk:
-    """Make ``dest_dir/disk.qcow2`` from ``image`` (see the module docstring for the rules).
+    """Make ``dest_dir/<name>`` (a ``fmt`` image) from ``image`` (see the module docstring for
+    the rules); ``expected_format``: the image must be of that format (the task said so).
 
     ``image`` is the descriptor the driver opened (``held.open_allowed``), or a path, opened
     here (a relative one is taken from the current directory). The files of the chain are
@@ -131,19 +135,29 @@ def prepare_boot_disk(
                 verdicts=verdicts,
                 limits=limits,
                 holder=own,
+                name=name,
+                fmt=fmt,
+                expected_format=expected_format,
             )
         return replace(made, chain=())
-    chain = inspect_chain(qemu_img_path, image, allowed_dirs, field, limits, holder)
+    # A format the task states is used, not probed (and so must be right).
+    chain = inspect_chain(
+        qemu_img_path, image, allowed_dirs, field, limits, holder, expected_format or None
+    )
     top = chain[0]
+    if expected_format and top.format != expected_format:
+        raise ImageError(
+            field, f"{top.path} is {top.format}, not {expected_format} as the task says"
+        )
     if top.virtual_size <= 0:
         raise ImageError(field, f"{top.path} is empty (virtual size 0); it cannot be a VM disk")
     size_bytes = target_size(size_mb, top.virtual_size, size_field)
     # Before anything is made: a damaged qcow2 would otherwise boot as if whole.
     check_chain(qemu_img_path, chain, field, verdicts, limits)
     files = tuple((held_of(level), level.format) for level in chain)
-    dest = dest_dir / DISK_NAME
+    dest = dest_dir / name
     created: list[Path] = []
-    shared = thin and can_share(chain)
+    shared = thin and can_share(chain) and fmt == DISK_FORMAT
     try:
         _reserve(dest)
         created.append(dest)
@@ -159,16 +173,14 @@ def prepare_boot_disk(
                 files[0][0],
                 top.format,
                 dest,
-                DISK_FORMAT,
+                fmt,
                 backing=files[1:],
                 limits=limits.for_conversion(data),
             )
             if size_bytes is not None:
-                qemu_img.resize(qemu_img_path, dest, DISK_FORMAT, size_bytes)
+                qemu_img.resize(qemu_img_path, dest, fmt, size_bytes)
             # Our own file, made from the image, flat: no backing file to open.
-            flat = qemu_img.info(
-                qemu_img_path, dest, fmt=DISK_FORMAT, follow_backing=False, limits=None
-            )
+            flat = qemu_img.info(qemu_img_path, dest, fmt=fmt, follow_backing=False, limits=None)
             virtual_size = flat.virtual_size
     except QemuImgLimitExceeded as exc:
         _remove(created)
@@ -178,8 +190,21 @@ def prepare_boot_disk(
         _remove(created)
         raise
     return PreparedDisk(
-        dest, DISK_FORMAT, virtual_size, tuple(created), shared, top.format, files if shared else ()
+        dest, fmt, virtual_size, tuple(created), shared, top.format, files if shared else ()
     )
+
+
+def make_empty_disk(
+    qemu_img_path: Path, dest: Path, fmt: str, size_bytes: int, *, sparse: bool
+) -> None:
+    """A new, empty ``fmt`` disk at ``dest`` (never an existing file); ``sparse=False``
+    reserves its space up front (``preallocation=falloc``). Nothing is left on failure."""
+    _reserve(dest)
+    try:
+        qemu_img.create(qemu_img_path, dest, fmt, size_bytes, falloc=not sparse)
+    except BaseException:
+        _remove([dest])
+        raise
 
 
 def check_requested_size(size_mb: int | None, size_field: str = SIZE_FIELD) -> None:

@@ -233,6 +233,13 @@ def create_overlay(
     _run(argv, timeout, f"qemu-img create {_abs(overlay)}", limits)
 
 
+def create(qemu_img: Path, path: Path, fmt: str, size_bytes: int, *, falloc: bool) -> None:
+    """An empty ``fmt`` image of ours (no limits); ``falloc``: its space reserved up front."""
+    prealloc = ["-o", "preallocation=falloc"] if falloc else []
+    argv = [str(qemu_img), "create", "-q", "-f", fmt, *prealloc, _abs(path), _size_arg(size_bytes)]
+    _run(argv, CREATE_TIMEOUT, f"qemu-img create {_abs(path)}", None)
+
+
 def convert(
     qemu_img: Path,
     src: Source,

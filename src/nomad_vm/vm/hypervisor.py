@@ -155,6 +155,8 @@ class LaunchDevices:
     nics: tuple[NicSpec, ...] = ()
     kernel: HeldFile | None = None
     initramfs: HeldFile | None = None
+    # The task's other disks (`disk` blocks after the primary); only QEMU takes them.
+    extra_disks: tuple[DiskSpec, ...] = ()
 
 
 @dataclass(frozen=True)

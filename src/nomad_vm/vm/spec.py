@@ -21,6 +21,13 @@ class DiskSpec:
     file: HeldFile
     format: str
     backing: tuple[tuple[HeldFile, str], ...] = ()
+    # How the guest sees it (``storage.disk_request``): bus (virtio, sata, scsi, ide), kind
+    # (disk, cdrom), serial ("" none: the guest's /dev/disk/by-id name), QEMU cache mode.
+    # Read-only when ``file`` is.
+    bus: str = "virtio"
+    kind: str = "disk"
+    serial: str = ""
+    cache: str = "writeback"
 
     @property
     def path(self) -> Path:
@@ -70,6 +77,8 @@ class VMSpec:
     control_socket: Path
     # The boot disk (first virtio disk), or None for a kernel-only VM.
     disk: DiskSpec | None = None
+    # The task's other disks, in the order of its `disk` blocks (QEMU only).
+    extra_disks: tuple[DiskSpec, ...] = ()
     machine: MachineConfig = field(default=DEFAULT_MACHINE)
     # UEFI firmware, its code (read-only) and the task's own copy of its variable store
     # (writable), opened by the plugin (None for BIOS).

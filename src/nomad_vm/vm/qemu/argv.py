@@ -9,12 +9,11 @@ from nomad_vm.vm.handover import fd_path
 from nomad_vm.vm.machine import machine_argv
 from nomad_vm.vm.machine import option_value as opt
 from nomad_vm.vm.qemu.agent_channel import agent_argv
+from nomad_vm.vm.qemu.disk_devices import disks_argv
 from nomad_vm.vm.qemu.files_argv import (
-    DISK_NODE,
     SEED_NODE,
     FdSets,
     boot_argv,
-    disk_argv,
     firmware_argv,
     seed_argv,
 )
@@ -104,14 +103,9 @@ def _devices(spec: VMSpec, sets: FdSets) -> list[str]:
         argv += ["-device", "pvpanic"]
     # Memory statistics from inside the guest (used/available), for TaskStats.
     argv += ["-device", f"virtio-balloon-{virtio},id=balloon0"]
-    if spec.disk is not None:
-        # write-cache=on: what -drive's default cache=writeback gave the guest (a device on a
-        # -blockdev node would otherwise be write-through, flushing after every write).
-        argv += [
-            *disk_argv(sets, spec.disk),
-            "-device",
-            f"virtio-blk-{virtio},drive={DISK_NODE},bootindex=1,write-cache=on",
-        ]
+    # write-cache=on by default: what -drive's default cache=writeback gave the guest (a
+    # device on a -blockdev node would otherwise be write-through, flushing after every write).
+    argv += disks_argv(sets, spec)
     if spec.seed is not None:
         argv += [*seed_argv(sets, spec.seed), "-device", f"virtio-blk-{virtio},drive={SEED_NODE}"]
     if spec.agent_socket is not None:

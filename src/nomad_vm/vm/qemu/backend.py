@@ -329,6 +329,7 @@ def build_spec(
         accelerator=plan.accelerator.name,
         control_socket=control_socket,
         disk=devices.disk,
+        extra_disks=devices.extra_disks,
         machine=details.machine,
         firmware=details.firmware,
         firmware_code=firmware_code,

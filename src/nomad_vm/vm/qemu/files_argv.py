@@ -72,16 +72,20 @@ def blockdev(
     return [*add, "-blockdev", json.dumps(node_options, separators=(",", ":"))]
 
 
-def disk_argv(sets: FdSets, disk: DiskSpec) -> list[str]:
-    """The task's disk as node ``disk0``, above its explicit backing chain (nearest first in
-    ``disk.backing``; nodes ``disk0-b1``, ``disk0-b2``, ... down to the base)."""
+def disk_argv(sets: FdSets, disk: DiskSpec, name: str = DISK_NODE, **options: Any) -> list[str]:
+    """A task's disk as node ``name`` (``disk0``: the primary), above its explicit backing
+    chain (nearest first in ``disk.backing``; nodes ``disk0-b1``, ``disk0-b2``, ... down to
+    the base); ``options`` go to its own nodes (the cache mode). A raw disk has no backing."""
     argv: list[str] = []
     below: str | None = None
     for depth, (held, fmt) in reversed(list(enumerate(disk.backing, start=1))):
-        node = f"{DISK_NODE}-b{depth}"
+        node = f"{name}-b{depth}"
         argv += blockdev(sets, node, fmt, held, backing=below if fmt != "raw" else False)
         below = node
-    argv += blockdev(sets, DISK_NODE, disk.format, disk.file, backing=below, discard="unmap")
+    backing: str | bool | None = below if disk.format != "raw" else False
+    if disk.file.writable:
+        options = {"discard": "unmap", **options}
+    argv += blockdev(sets, name, disk.format, disk.file, backing=backing, **options)
     return argv
 
 
@@ -129,9 +133,9 @@ def inherited_fds(spec: VMSpec) -> tuple[int, ...]:
 
 
 def _files(spec: VMSpec) -> Iterator[HeldFile]:
-    if spec.disk is not None:
-        yield spec.disk.file
-        yield from (held for held, _ in spec.disk.backing)
+    for disk in (*([spec.disk] if spec.disk is not None else []), *spec.extra_disks):
+        yield disk.file
+        yield from (held for held, _ in disk.backing)
     for held in (spec.seed, spec.firmware_code, spec.firmware_vars, spec.kernel, spec.initramfs):
         if held is not None:
             yield held

@@ -1,0 +1,321 @@
+"""A task's disks as asked for: the virt seed's `disk {}` blocks, or today's shorthand
+(`image`, `use_thin_copy`, `primary_disk_size`) as one primary disk. Validation only: what
+each disk becomes on the host is ``storage.disk`` (from a source) and ``storage.empty_disk``
+(no source); what the guest sees is ``vm.qemu.disk_devices``.
+
+Every error names the field as ``config.disk[i].<key>``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from nomad_vm.errors import ConfigError
+
+BUSES = ("virtio", "sata", "scsi", "ide")
+KINDS = ("disk", "cdrom")
+FORMATS = ("qcow2", "raw")
+# QEMU cache modes whose file node opens its descriptor without O_DIRECT. The disk reaches an
+# unprivileged QEMU as a descriptor the plugin opened (``-add-fd``), and QEMU cannot add
+# O_DIRECT to a descriptor it is handed, so `none` and `directsync` (and io=native, which
+# needs them) cannot be honoured and are refused rather than silently downgraded.
+CACHE_MODES = ("writeback", "writethrough", "unsafe")
+# virtio-blk's serial holds 20 bytes (VIRTIO_BLK_ID_BYTES); the same limit suits ATA and SCSI.
+SERIAL = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,19}")
+# The virt seed's sizes: bytes, or a number with a decimal (kB, MB, ...) or binary (KiB, MiB,
+# ...) unit; a bare letter (k, M, G, T) is binary, as in qemu-img.
+UNITS = {
+    "": 1,
+    "b": 1,
+    **{p.lower(): 1000**n for n, p in enumerate(("kB", "MB", "GB", "TB", "PB"), start=1)},
+    **{p.lower(): 1024**n for n, p in enumerate(("KiB", "MiB", "GiB", "TiB", "PiB"), start=1)},
+    **{p.lower(): 1024**n for n, p in enumerate(("K", "M", "G", "T", "P"), start=1)},
+}
+VOLUME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+SIZE = re.compile(r"\s*(\d+)\s*([A-Za-z]*)\s*")
+MIB = 1024 * 1024
+# 64 TiB, as for primary_disk_size: a qcow2 of 1 PiB costs 16 MB of metadata up front.
+MAX_SIZE = 64 * 1024**4
+
+
+@dataclass(frozen=True)
+class DiskRequest:
+    """One disk of the task, validated. ``image`` is resolved and allowed (not yet opened)."""
+
+    field: str  # `config.disk[i]`, or `config.image` for the shorthand
+    primary: bool = False
+    image: Path | None = None
+    source_format: str = ""
+    # The size asked for, in bytes (rounded up to a whole MiB); None: the source's.
+    size_bytes: int | None = None
+    size_field: str = ""
+    chained: bool = False
+    sparse: bool = True
+    read_only: bool = False
+    bus: str = "virtio"
+    kind: str = "disk"
+    serial: str = ""
+    format: str = "qcow2"
+    cache: str = "writeback"
+    # A directory pool's host directory (``storage.pool``), when the disk uses one: its
+    # `name` is a volume there that outlives the task; `source.volume` is one to clone.
+    pool_dir: Path | None = None
+    volume_name: str = ""
+    source_volume: str = ""
+
+    @property
+    def persistent(self) -> bool:
+        return bool(self.volume_name)
+
+    @property
+    def image_field(self) -> str:
+        return self.field if self.field == "config.image" else f"{self.field}.source.image"
+
+    @property
+    def size_mb(self) -> int | None:
+        return None if self.size_bytes is None else self.size_bytes // MIB
+
+    def file_name(self, index: int) -> str:
+        """Its file in the task's runtime dir: the primary keeps today's name (`disk.qcow2`)."""
+        return f"disk{index or ''}.{self.format}"
+
+
+def shorthand_disk(image: Path | None, thin: bool, size_mb: int | None) -> tuple[DiskRequest, ...]:
+    """`image`/`use_thin_copy`/`primary_disk_size` as the one primary disk (none: no image)."""
+    if image is None:
+        return ()
+    size = None if size_mb is None else size_mb * MIB
+    return (
+        DiskRequest(
+            "config.image",
+            primary=True,
+            image=image,
+            size_bytes=size,
+            size_field="config.primary_disk_size",
+            chained=thin,
+        ),
+    )
+
+
+@dataclass(frozen=True)
+class Pools:
+    """The plugin's storage pools, as a disk block may name them."""
+
+    directories: Mapping[str, Path] = field(default_factory=dict)
+    ceph: tuple[str, ...] = ()
+    default: str = ""
+
+
+def parse_disks(
+    blocks: Sequence[Mapping[str, object]],
+    resolve: Callable[[str, str], Path],
+    machine: str,
+    pools: Pools | None = None,
+) -> tuple[DiskRequest, ...]:
+    """The `disk` blocks, the primary first (the one marked, else the first block).
+
+    ``resolve(field, path)`` resolves an image path against the allowlist (ConfigError naming
+    the field otherwise); ``machine`` is the task's machine type, for the buses it has.
+    """
+    pools = pools or Pools()
+    disks = [
+        _parse_one(f"config.disk[{i}]", b, resolve, machine, pools) for i, b in enumerate(blocks)
+    ]
+    seen: dict[tuple[Path | None, str], str] = {}
+    for d in disks:
+        if d.volume_name and (d.pool_dir, d.volume_name) in seen:
+            other = seen[(d.pool_dir, d.volume_name)]
+            raise ConfigError(f"{d.field}.name", f"{other} is already the volume {d.volume_name!r}")
+        seen[(d.pool_dir, d.volume_name)] = d.field
+    marked = [d for d in disks if d.primary]
+    if len(marked) > 1:
+        raise ConfigError(
+            f"{marked[1].field}.primary",
+            f"only one disk can be primary ({marked[0].field} already is)",
+        )
+    if disks and not marked:
+        disks[0] = replace(disks[0], primary=True)
+    disks.sort(key=lambda d: not d.primary)
+    for bus, most in (("sata", 6), ("ide", 4)):
+        on_bus = [d for d in disks if d.bus == bus]
+        if len(on_bus) > most:
+            raise ConfigError(
+                f"{on_bus[most].field}.bus_type",
+                f"at most {most} disks fit on the {bus} bus; put the others on virtio or scsi",
+            )
+    return tuple(disks)
+
+
+def _parse_one(
+    field: str,
+    block: Mapping[str, object],
+    resolve: Callable[[str, str], Path],
+    machine: str,
+    pools: Pools,
+) -> DiskRequest:
+    if block.get("volume"):
+        raise ConfigError(
+            f"{field}.volume",
+            "Nomad volumes backing a disk are not supported yet by nomad-vm; give the disk "
+            "a source image, a pool volume or a size",
+        )
+    source = block.get("source") if isinstance(block.get("source"), Mapping) else {}
+    assert isinstance(source, Mapping)
+    image_value = str(source.get("image") or "")
+    image = resolve(f"{field}.source.image", image_value) if image_value else None
+    name = _volume(f"{field}.name", str(block.get("name") or ""))
+    source_volume = _volume(f"{field}.source.volume", str(source.get("volume") or ""))
+    if image is not None and source_volume:
+        raise ConfigError(f"{field}.source", "give image or volume, not both")
+    pool_dir = _pool(field, str(block.get("pool") or ""), bool(name or source_volume), pools)
+    source_format = str(source.get("format") or "")
+    if source_format and source_format not in ("qcow2", "raw", "vmdk", "vdi", "vhdx", "vpc"):
+        raise ConfigError(
+            f"{field}.source.format",
+            f"{source_format!r}: use qcow2, raw, vmdk, vdi, vhdx or vpc (or leave it out: "
+            "the format is detected)",
+        )
+    size = parse_size(block.get("size"), f"{field}.size")
+    if image is None and size is None and not source_volume and not name:
+        raise ConfigError(f"{field}.size", 'a disk without a source needs a size (e.g. "10GiB")')
+    kind = str(block.get("kind") or "disk")
+    if kind not in KINDS:
+        raise ConfigError(f"{field}.kind", f"must be disk or cdrom; got {kind!r}")
+    if kind == "cdrom" and image is None and not source_volume:
+        raise ConfigError(f"{field}.source.image", "a cdrom needs a source image (the ISO)")
+    fmt = str(block.get("format") or "qcow2")
+    if fmt not in FORMATS:
+        raise ConfigError(f"{field}.format", f"must be qcow2 or raw; got {fmt!r}")
+    chained = bool(block.get("chained"))
+    if chained and image is None and not source_volume:
+        raise ConfigError(f"{field}.chained", "an overlay needs a source: set source { image }")
+    if chained and fmt != "qcow2":
+        raise ConfigError(f"{field}.format", "a chained disk is a qcow2 overlay: use qcow2")
+    sparse = block.get("sparse") is not False
+    if not sparse and (image is not None or source_volume):
+        raise ConfigError(
+            f"{field}.sparse",
+            "a disk made from a source is a sparse copy or overlay; sparse = false "
+            "(space reserved up front) applies to empty disks only",
+        )
+    bus = str(block.get("bus_type") or "virtio")
+    check_bus(f"{field}.bus_type", bus, kind, machine)
+    serial = str(block.get("devname") or "")
+    if serial and not SERIAL.fullmatch(serial):
+        raise ConfigError(
+            f"{field}.devname",
+            f"{serial!r}: the guest sees devname as the disk's serial number, 1 to 20 letters, "
+            "digits, '.', '_' or '-' (starting with a letter or digit)",
+        )
+    return DiskRequest(
+        field,
+        primary=bool(block.get("primary")),
+        image=image,
+        source_format=source_format,
+        size_bytes=size,
+        size_field=f"{field}.size",
+        chained=chained,
+        sparse=sparse,
+        read_only=bool(block.get("read_only")) or kind == "cdrom",
+        bus=bus,
+        kind=kind,
+        serial=serial,
+        format=fmt,
+        cache=_cache(f"{field}.driver", str(block.get("driver") or "")),
+        pool_dir=pool_dir,
+        volume_name=name,
+        source_volume=source_volume,
+    )
+
+
+def _volume(field: str, value: str) -> str:
+    """A volume name: one path component of the pool, never hidden (the pool's own
+    in-progress files start with a dot)."""
+    if value and not VOLUME.fullmatch(value):
+        raise ConfigError(
+            field,
+            f"{value!r} is not a volume name: 1 to 128 letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit (no '/': a volume lives in its pool's directory)",
+        )
+    return value
+
+
+def _pool(field: str, pool: str, needs_one: bool, pools: Pools) -> Path | None:
+    """The directory of the disk's pool: the one it names, else the default when its `name`
+    or `source.volume` needs a pool; None: the disk lives with the task only."""
+    if not pool and not needs_one:
+        return None
+    pool = pool or pools.default
+    if not pool:
+        raise ConfigError(
+            f"{field}.pool",
+            "a named volume or source.volume needs a storage pool: configure "
+            'storage_pools { directory "name" { path = ... } } in the plugin config',
+        )
+    if pool in pools.ceph:
+        raise ConfigError(
+            f"{field}.pool", f"Ceph pools are not supported yet by nomad-vm ({pool!r})"
+        )
+    if pool not in pools.directories:
+        known = ", ".join(pools.directories) or "none"
+        raise ConfigError(f"{field}.pool", f"no storage pool {pool!r} (directory pools: {known})")
+    return pools.directories[pool]
+
+
+def check_bus(field: str, bus: str, kind: str, machine: str) -> None:
+    """The bus exists on the machine type and can carry this kind of disk."""
+    if bus not in BUSES:
+        raise ConfigError(field, f"must be one of {', '.join(BUSES)}; got {bus!r}")
+    if kind == "cdrom" and bus == "virtio":
+        raise ConfigError(field, "virtio has no CD-ROM device: use sata, scsi or ide for a cdrom")
+    if bus == "ide" and machine != "pc":
+        raise ConfigError(
+            field,
+            f"the {machine} machine has no IDE bus (only pc does): use sata, scsi or virtio, "
+            'or os { machine = "pc" }',
+        )
+    if bus == "sata" and machine == "microvm":
+        raise ConfigError(field, "microvm has no PCI bus for a SATA controller: use virtio")
+
+
+def _cache(field: str, value: str) -> str:
+    """`driver`: a cache mode (`writeback`, the default; `writethrough`; `unsafe`), also
+    written `cache=<mode>`."""
+    mode = value.removeprefix("cache=") if value else "writeback"
+    if mode in ("none", "directsync") or "io=" in mode:
+        raise ConfigError(
+            field,
+            f"{value!r} needs O_DIRECT, which QEMU cannot add to the descriptor nomad-vm hands "
+            f"it; use one of {', '.join(CACHE_MODES)}",
+        )
+    if mode not in CACHE_MODES:
+        raise ConfigError(
+            field, f"unknown cache mode {value!r}; use one of {', '.join(CACHE_MODES)}"
+        )
+    return mode
+
+
+def parse_size(value: object, field: str) -> int | None:
+    """Bytes (a number or a string with a unit), rounded up to a whole MiB; None if unset."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, bool):
+        raise ConfigError(field, f"must be a size, got {value!r}")
+    if isinstance(value, int | float) and float(value).is_integer():
+        number, unit = int(value), ""
+    else:
+        match = SIZE.fullmatch(str(value))
+        if match is None or match.group(2).lower() not in UNITS:
+            raise ConfigError(
+                field, f'{value!r} is not a size: use bytes or a unit, e.g. "10GiB" or "20GB"'
+            )
+        number, unit = int(match.group(1)), match.group(2).lower()
+    size: int = number * UNITS[unit]
+    if size <= 0:
+        raise ConfigError(field, f"{value!r}: must be larger than zero")
+    if size > MAX_SIZE:
+        raise ConfigError(field, f"{value!r} is larger than the maximum of 64TiB")
+    return -(-size // MIB) * MIB
