@@ -14,6 +14,7 @@ from nomad_vm.errors import ConfigError
 from nomad_vm.fields import Schema, validate
 from nomad_vm.network.settings import (
     BridgeNetwork,
+    MacvtapRequest,
     NicRequest,
     parse_bridge_network,
     parse_nic,
@@ -84,7 +85,7 @@ class VMTaskConfig:
     user_data: str | None = field(default=None, repr=False)
     share_task_dirs: bool = True
     writable_alloc_dir: bool = False
-    nic: NicRequest | None = None
+    nic: NicRequest | MacvtapRequest | None = None
     signal_unit: str | None = None
     signal_pidfile: str | None = None
 
