@@ -1,0 +1,341 @@
+"""macvtap NICs through the real plugin process, with real QEMU (TCG), a real veth and DHCP.
+
+Topology (two namespaces the test creates; the host's own namespace only sees the plugin's
+gRPC socket, a file)::
+
+    "host" namespace                                 "wire" namespace
+    plugin, QEMU ── macvtap nvm... ─┐
+                                    nvtmlow ═══veth═══ nvtmwire 10.97.0.1/24, dnsmasq (DHCP)
+
+The plugin runs inside "host" (``ip netns exec``), so the macvtap it makes lives there, in the
+namespace of its lower device ``nvtmlow``, which has no address (the guest's traffic never
+touches the host's IP stack: that is what a macvtap is). The other end of the wire is the
+"wire" namespace: it serves DHCP and is what reaches the guest, the way another machine on the
+network would. Running the plugin in a namespace of the test's, rather than in the host's with
+``nvtmlow`` there, keeps even an address-less test interface out of the host's own namespace,
+and is how every network test here runs the plugin.
+
+The tiny guest (no cloud-init) takes its address by DHCP (``nomadvm.dhcp=1``), prints the lease
+on its console and serves HTTP with busybox httpd; the wire side fetches it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from nomad_vm.driver.journal_store import JournalStore
+from nomad_vm.guests.tiny import tiny_cmdline
+from nomad_vm.network.names import mac_address, tap_name
+from nomad_vm.plugin.launcher import PluginProcess
+from nomad_vm.plugin.proto import driver_pb2
+from tests.conftest import qemu_processes_under
+from tests.integration.pluginkit import DRIVER, FifoReader, configure, drv, tiny_task
+from tests.integration.test_vm_lifecycle import stop, wait, wait_until
+from tests.netns import Namespaces, http_get, ip, isolated_namespaces
+
+pytestmark = pytest.mark.integration
+
+LOWER = "nvtmlow"
+WIRE = "nvtmwire"
+WIRE_IP = "10.97.0.1"
+PREFIX = "nvm"  # the plugin's default TAP prefix: the tests configure no bridge network
+GUEST_PORT = 8080
+BOOT_TIMEOUT = 180
+FIELD = "network_interface.macvtap"
+_LEASE = re.compile(rb"dhcp eth0 (10\.97\.0\.\d+)/24")
+
+
+def macvtap_nic(device: str = LOWER, mode: str = "bridge", **extra: object) -> dict[str, object]:
+    """``network_interface { macvtap { ... } }`` as Nomad sends it: every attribute present."""
+    block: dict[str, object] = {
+        "device": device,
+        "dns": None,
+        "gateway": None,
+        "mode": mode,
+        "netmask": None,
+        "ports": None,
+        "static_ip": None,
+        **extra,
+    }
+    return {"bridge": None, "macvtap": block, "vlan": None}
+
+
+@dataclass
+class Wire:
+    """The two namespaces, the plugin in "host", dnsmasq in "wire"."""
+
+    spaces: Namespaces
+    host: str
+    wire: str
+    root: Path
+    plugins: list[PluginProcess] = field(default_factory=list)
+    started: list[str] = field(default_factory=list)
+
+    @property
+    def plugin(self) -> PluginProcess:
+        return self.plugins[-1]
+
+    @property
+    def journal_dir(self) -> Path:
+        return self.root / "data" / "journal"
+
+    def start_plugin(self) -> PluginProcess:
+        plugin = PluginProcess(["ip", "netns", "exec", self.host, str(DRIVER)])
+        self.plugins.append(plugin)
+        plugin.start(self.root / f"plugin{len(self.plugins)}.stderr")
+        return plugin
+
+    def start(self, cfg: driver_pb2.TaskConfig) -> driver_pb2.StartTaskResponse:
+        self.started.append(cfg.id)
+        reply: driver_pb2.StartTaskResponse = drv(self.plugin).StartTask(
+            driver_pb2.StartTaskRequest(task=cfg), timeout=120
+        )
+        return reply
+
+    def destroy(self, task_id: str) -> None:
+        request = driver_pb2.DestroyTaskRequest(task_id=task_id, force=True)
+        drv(self.plugin).DestroyTask(request, timeout=60)
+
+    def macvtaps(self) -> dict[str, tuple[str, str, str]]:
+        """The macvtap links in "host": name -> (lower device, mode, MAC)."""
+        out = subprocess.run(
+            ["ip", "-n", self.host, "-d", "-j", "link", "show"],
+            capture_output=True, text=True, check=True, timeout=30,
+        )  # fmt: skip
+        links = json.loads(out.stdout)
+        found = {}
+        for link in links:
+            info = link.get("linkinfo", {})
+            if info.get("info_kind") == "macvtap":
+                mode = info.get("info_data", {}).get("mode", "")
+                found[link["ifname"]] = (link.get("link", ""), mode, link["address"])
+        return found
+
+    def journals(self) -> list[str]:
+        return sorted(p.name for p in self.journal_dir.glob("*")) if self.journal_dir.exists() else []
+
+    def assert_clean(self) -> None:
+        assert self.macvtaps() == {}
+        assert self.journals() == []
+        assert not qemu_processes_under(self.root)
+
+
+@pytest.fixture
+def wire(short_tmp: Path) -> Iterator[Wire]:
+    with isolated_namespaces((PREFIX, "nvtm")) as spaces:
+        host, other = spaces.new(), spaces.new()
+        ip("-n", host, "link", "add", LOWER, "type", "veth", "peer", "name", WIRE, "netns", other)
+        ip("-n", host, "link", "set", LOWER, "up")
+        ip("-n", other, "addr", "add", f"{WIRE_IP}/24", "dev", WIRE)
+        ip("-n", other, "link", "set", WIRE, "up")
+        dnsmasq = subprocess.Popen(
+            ["ip", "netns", "exec", other, "/usr/sbin/dnsmasq", "--keep-in-foreground",
+             "--conf-file=/dev/null", "--no-resolv", "--no-hosts", "--port=0", "--user=root",
+             f"--interface={WIRE}", "--bind-interfaces", "--pid-file=",
+             "--dhcp-range=10.97.0.50,10.97.0.99,255.255.255.0,1h", "--dhcp-authoritative",
+             f"--dhcp-leasefile={short_tmp / 'wire.leases'}",
+             f"--log-facility={short_tmp / 'dnsmasq.log'}", "--log-dhcp"],
+            text=True,
+        )  # fmt: skip
+        spaces.procs.append(dnsmasq)  # ended by the namespaces' cleanup, as expected
+        net = Wire(spaces, host, other, short_tmp)
+        try:
+            net.start_plugin()
+            yield net
+        finally:
+            plugin = net.plugins[-1] if net.plugins else None
+            if plugin is not None and plugin.process is not None and plugin.process.poll() is None:
+                for task_id in net.started:
+                    with contextlib.suppress(grpc.RpcError):
+                        net.destroy(task_id)
+            for plugin in net.plugins:
+                plugin.kill()
+
+
+@contextlib.contextmanager
+def served_vm(
+    net: Wire, guest: Any, name: str, nic: dict[str, object]
+) -> Iterator[tuple[driver_pb2.TaskConfig, FifoReader]]:
+    """A tiny guest on ``nic`` that takes a DHCP lease and serves ``name`` over HTTP."""
+    serve = f"mkdir /www && echo {name} >/www/index.html && httpd -f -p {GUEST_PORT} -h /www"
+    with tiny_task(
+        net.plugin,
+        net.root,
+        guest,
+        alloc_name=name,
+        overrides={
+            "network_interface": nic,
+            "share_task_dirs": False,
+            "cmdline": tiny_cmdline(f"{guest.cmdline} nomadvm.dhcp=1", serve),
+        },
+    ) as (cfg, fifo, _):
+        yield cfg, fifo
+
+
+def leased_address(fifo: FifoReader) -> str:
+    """The address the guest printed once DHCP from the wire side configured it."""
+    if not fifo.wait_for(b"dhcp eth0 10.97.0.", BOOT_TIMEOUT):
+        raise AssertionError(f"no lease; console:\n{fifo.data.decode(errors='replace')}")
+    assert wait_until(lambda: _LEASE.search(fifo.data), 10)
+    found = _LEASE.search(fifo.data)
+    assert found is not None
+    return found.group(1).decode()
+
+
+def reached_from_the_wire(net: Wire, address: str, body: str) -> bool:
+    url = f"http://{address}:{GUEST_PORT}/"
+    return wait_until(lambda: http_get(net.wire, url, timeout=3) == body, 60)
+
+
+@pytest.mark.parametrize("mode", ["bridge", "vepa", "private", "passthrough"])
+def test_guest_takes_its_address_from_the_wire_and_is_reached_from_there(
+    wire: Wire, tiny_guest: Any, mode: str
+) -> None:
+    """Each mode: the macvtap exists on the lower device in that mode (journalled as one),
+    the guest gets its lease from the other end's DHCP server and answers HTTP there; stop
+    and destroy leave no link and no journal."""
+    name = f"mv{mode[:4]}"
+    with served_vm(wire, tiny_guest, name, macvtap_nic(mode=mode)) as (cfg, fifo):
+        reply = wire.start(cfg)
+        link = tap_name(PREFIX, cfg.id)
+        lower_mac = _mac(wire.host, LOWER)
+        guest_mac = lower_mac if mode == "passthrough" else mac_address(cfg.id)
+        kernel_mode = "passthru" if mode == "passthrough" else mode
+        assert wire.macvtaps() == {link: (LOWER, kernel_mode, guest_mac)}
+        assert not reply.HasField("network_override")  # a DHCP address Nomad cannot know
+        journal = JournalStore(wire.root / "data").load(cfg.id)
+        assert journal is not None and journal.network is not None
+        assert (journal.network.kind, journal.network.tap, journal.network.lower) == (
+            "macvtap", link, LOWER,
+        )  # fmt: skip
+        assert journal.network.guest_mac == guest_mac
+
+        address = leased_address(fifo)
+        assert guest_mac in (Path(wire.root) / "wire.leases").read_text()
+        assert reached_from_the_wire(wire, address, name)
+
+        stop(wire.plugin, cfg.id, 10)
+        assert wait(wire.plugin, cfg.id).result.exit_code == 0
+        wire.destroy(cfg.id)
+    wire.assert_clean()
+    assert _mac(wire.host, LOWER) == lower_mac  # passthrough left the device as it was
+
+
+def test_a_restarted_plugin_recovers_the_macvtap_and_destroy_replays_its_journal(
+    wire: Wire, tiny_guest: Any
+) -> None:
+    with served_vm(wire, tiny_guest, "mvrecover", macvtap_nic()) as (cfg, fifo):
+        reply = wire.start(cfg)
+        address = leased_address(fifo)
+        assert reached_from_the_wire(wire, address, "mvrecover")
+
+        first = wire.plugin
+        assert first.process is not None
+        first.process.kill()
+        assert first.wait_exit(10) is not None
+        link = tap_name(PREFIX, cfg.id)
+        assert link in wire.macvtaps()  # the VM and its link outlive the plugin
+
+        second = wire.start_plugin()
+        configure(second, wire.root / "data", [str(tiny_guest.vmlinux.parent)])
+        stored = driver_pb2.TaskHandle()
+        stored.CopyFrom(reply.handle)
+        stored.config.CopyFrom(cfg)
+        stored.config.msgpack_driver_config = b""  # Nomad does not keep it across restarts
+        drv(second).RecoverTask(driver_pb2.RecoverTaskRequest(handle=stored), timeout=30)
+        assert reached_from_the_wire(wire, address, "mvrecover")
+
+        wire.destroy(cfg.id)
+    wire.assert_clean()
+
+
+def test_a_fresh_plugin_destroys_what_a_dead_one_left(wire: Wire, tiny_guest: Any) -> None:
+    """DestroyTask reaching a plugin that never saw the task: only the journal knows the link."""
+    with served_vm(wire, tiny_guest, "mvorphan", macvtap_nic(mode="vepa")) as (cfg, _):
+        wire.start(cfg)
+        assert tap_name(PREFIX, cfg.id) in wire.macvtaps()
+        first = wire.plugin
+        assert first.process is not None
+        first.process.kill()
+        assert first.wait_exit(10) is not None
+        second = wire.start_plugin()
+        configure(second, wire.root / "data", [str(tiny_guest.vmlinux.parent)])
+        wire.destroy(cfg.id)
+    wire.assert_clean()
+
+
+@pytest.mark.parametrize(
+    ("nic", "field_name", "words"),
+    [
+        (macvtap_nic(device="nvtmnone"), f"{FIELD}.device", "no network interface"),
+        (macvtap_nic(device="lo"), f"{FIELD}.device", "loopback"),
+        (macvtap_nic(mode="switch"), f"{FIELD}.mode", "must be one of"),
+        (macvtap_nic(ports=["http"]), f"{FIELD}.ports", "no port forwarding"),
+        (macvtap_nic(static_ip="10.97.0.9"), f"{FIELD}.netmask", "required with static_ip"),
+        (macvtap_nic(device=""), f"{FIELD}.device", "required"),
+        ({"bridge": {"name": "x"}, "macvtap": macvtap_nic()["macvtap"], "vlan": None},
+         FIELD, "both set"),
+        ({**macvtap_nic(), "vlan": 5}, "network_interface.vlan", "lower device"),
+    ],
+)  # fmt: skip
+def test_bad_macvtap_config_names_the_field_and_leaves_nothing(
+    wire: Wire, tiny_guest: Any, nic: dict[str, object], field_name: str, words: str
+) -> None:
+    with served_vm(wire, tiny_guest, "mvbad", nic) as (cfg, _):
+        with pytest.raises(grpc.RpcError) as err:
+            wire.start(cfg)
+    _invalid(err.value, field_name, words)
+    wire.assert_clean()
+
+
+def test_passthrough_of_a_device_in_use_is_refused_and_leaves_nothing(
+    wire: Wire, tiny_guest: Any
+) -> None:
+    """A device that already carries a macvtap (here: another task's, in bridge mode) cannot
+    be passed through; and a device held in passthrough takes no other macvtap."""
+    with contextlib.ExitStack() as stack:
+        first, _ = stack.enter_context(served_vm(wire, tiny_guest, "mvfirst", macvtap_nic()))
+        wire.start(first)
+        before = wire.macvtaps()
+        second, _ = stack.enter_context(
+            served_vm(wire, tiny_guest, "mvsecond", macvtap_nic(mode="passthrough"))
+        )
+        with pytest.raises(grpc.RpcError) as err:
+            wire.start(second)
+        _invalid(err.value, f"{FIELD}.mode", "in use by")
+        assert wire.macvtaps() == before
+        assert len(wire.journals()) == 1
+        wire.destroy(first.id)
+
+        wire.start(second)  # now free: passthrough takes it
+        third, _ = stack.enter_context(served_vm(wire, tiny_guest, "mvthird", macvtap_nic()))
+        with pytest.raises(grpc.RpcError) as err:
+            wire.start(third)
+        _invalid(err.value, f"{FIELD}.device", "passthrough mode")
+        assert len(wire.macvtaps()) == 1 and len(wire.journals()) == 1
+        wire.destroy(second.id)
+    wire.assert_clean()
+
+
+def _invalid(err: grpc.RpcError, field_name: str, words: str) -> None:
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT, (err.code(), err.details())
+    details = err.details() or ""
+    assert field_name in details and words in details, details
+
+
+def _mac(ns: str, name: str) -> str:
+    out = subprocess.run(
+        ["ip", "-n", ns, "-j", "link", "show", name],
+        capture_output=True, text=True, check=True, timeout=30,
+    )  # fmt: skip
+    return str(json.loads(out.stdout)[0]["address"])
