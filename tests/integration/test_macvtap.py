@@ -122,7 +122,9 @@ class Wire:
         return found
 
     def journals(self) -> list[str]:
-        return sorted(p.name for p in self.journal_dir.glob("*")) if self.journal_dir.exists() else []
+        return (
+            sorted(p.name for p in self.journal_dir.glob("*")) if self.journal_dir.exists() else []
+        )
 
     def assert_clean(self) -> None:
         assert self.macvtaps() == {}
@@ -143,6 +145,7 @@ def wire(short_tmp: Path) -> Iterator[Wire]:
              "--conf-file=/dev/null", "--no-resolv", "--no-hosts", "--port=0", "--user=root",
              f"--interface={WIRE}", "--bind-interfaces", "--pid-file=",
              "--dhcp-range=10.97.0.50,10.97.0.99,255.255.255.0,1h", "--dhcp-authoritative",
+             "--dhcp-sequential-ip",
              f"--dhcp-leasefile={short_tmp / 'wire.leases'}",
              f"--log-facility={short_tmp / 'dnsmasq.log'}", "--log-dhcp"],
             text=True,
@@ -164,10 +167,12 @@ def wire(short_tmp: Path) -> Iterator[Wire]:
 
 @contextlib.contextmanager
 def served_vm(
-    net: Wire, guest: Any, name: str, nic: dict[str, object]
+    net: Wire, guest: Any, name: str, nic: dict[str, object], run: str = ""
 ) -> Iterator[tuple[driver_pb2.TaskConfig, FifoReader]]:
-    """A tiny guest on ``nic`` that takes a DHCP lease and serves ``name`` over HTTP."""
-    serve = f"mkdir /www && echo {name} >/www/index.html && httpd -f -p {GUEST_PORT} -h /www"
+    """A tiny guest on ``nic`` that takes a DHCP lease and serves ``name`` over HTTP (in the
+    background when it also ``run``s a command)."""
+    serve = f"mkdir /www && echo {name} >/www/index.html && httpd -p {GUEST_PORT} -h /www"
+    serve = f"{serve} && {run}" if run else serve.replace("httpd ", "httpd -f ")
     with tiny_task(
         net.plugin,
         net.root,
@@ -231,6 +236,52 @@ def test_guest_takes_its_address_from_the_wire_and_is_reached_from_there(
     assert _mac(wire.host, LOWER) == lower_mac  # passthrough left the device as it was
 
 
+PROBE_TRIES = 3
+
+
+def probing_vm(
+    net: Wire, guest: Any, name: str, mode: str, target: str
+) -> contextlib.AbstractContextManager[tuple[driver_pb2.TaskConfig, FifoReader]]:
+    """A tiny guest that pings ``target`` (another guest) PROBE_TRIES times, printing "probe N
+    reached" or "probe N failed" for each try (busybox ping: its wget crashes in this guest)."""
+    probe = (
+        f"for n in $(seq {PROBE_TRIES}); do "
+        f'if ping -c 1 -W 3 {target} >/dev/null; then echo "probe $n reached"; '
+        'else echo "probe $n failed"; fi; done; sleep 600'
+    )
+    return served_vm(net, guest, name, macvtap_nic(mode=mode), run=probe)
+
+
+@pytest.mark.parametrize(("mode", "reaches"), [("bridge", True), ("private", False),
+                                               ("vepa", False)])  # fmt: skip
+def test_the_mode_decides_whether_guests_on_one_device_reach_each_other(
+    wire: Wire, tiny_guest: Any, mode: str, reaches: bool
+) -> None:
+    """bridge: guests on the same device talk directly; private: never; vepa: only through
+    the switch, and the wire side here (a plain veth end) sends nothing back out of the port
+    it came from. The wire side reaches both guests in every mode."""
+    with contextlib.ExitStack() as stack:
+        server, server_fifo = stack.enter_context(
+            served_vm(wire, tiny_guest, "mvserver", macvtap_nic(mode=mode))
+        )
+        wire.start(server)
+        address = leased_address(server_fifo)
+        assert reached_from_the_wire(wire, address, "mvserver")
+        client, client_fifo = stack.enter_context(
+            probing_vm(wire, tiny_guest, "mvclient", mode, address)
+        )
+        wire.start(client)
+        assert reached_from_the_wire(wire, leased_address(client_fifo), "mvclient") is True
+        last = f"probe {PROBE_TRIES} ".encode()
+        assert client_fifo.wait_for(last, BOOT_TIMEOUT), client_fifo.data.decode(errors="replace")
+        console = client_fifo.data.decode(errors="replace")
+        assert "reached" in console if reaches else "reached" not in console, console
+        assert ("failed" in console) is not reaches, console
+        for cfg in (client, server):
+            wire.destroy(cfg.id)
+    wire.assert_clean()
+
+
 def test_a_restarted_plugin_recovers_the_macvtap_and_destroy_replays_its_journal(
     wire: Wire, tiny_guest: Any
 ) -> None:
@@ -291,9 +342,8 @@ def test_a_fresh_plugin_destroys_what_a_dead_one_left(wire: Wire, tiny_guest: An
 def test_bad_macvtap_config_names_the_field_and_leaves_nothing(
     wire: Wire, tiny_guest: Any, nic: dict[str, object], field_name: str, words: str
 ) -> None:
-    with served_vm(wire, tiny_guest, "mvbad", nic) as (cfg, _):
-        with pytest.raises(grpc.RpcError) as err:
-            wire.start(cfg)
+    with served_vm(wire, tiny_guest, "mvbad", nic) as (cfg, _), pytest.raises(grpc.RpcError) as err:
+        wire.start(cfg)
     _invalid(err.value, field_name, words)
     wire.assert_clean()
 
