@@ -32,6 +32,10 @@ namespace, gets the TAP as a file descriptor opened inside the allocation's one
 (``taps.open_tap``). The record carries the namespace's path; teardown removes the TAP and the
 rules only while the namespace still exists (Nomad deletes it, and everything in it, with the
 allocation).
+
+macvtap (``network_interface { macvtap { ... } }``, ``macvtap_plan``): one step, the link on
+the host interface, recorded before it is created; teardown deletes it. No lease, rules or
+DHCP host exist for it, so recovery only reports a link that has gone.
 """
 
 from __future__ import annotations
