@@ -25,6 +25,7 @@ import contextlib
 import json
 import re
 import subprocess
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +34,7 @@ from typing import Any
 import grpc
 import pytest
 
+from nomad_vm.driver.checkpoints import PAUSE_AT, PAUSE_MARKER
 from nomad_vm.driver.journal_store import JournalStore
 from nomad_vm.guests.tiny import tiny_cmdline
 from nomad_vm.network.names import mac_address, tap_name
@@ -89,8 +91,8 @@ class Wire:
     def journal_dir(self) -> Path:
         return self.root / "data" / "journal"
 
-    def start_plugin(self) -> PluginProcess:
-        plugin = PluginProcess(["ip", "netns", "exec", self.host, str(DRIVER)])
+    def start_plugin(self, env: dict[str, str] | None = None) -> PluginProcess:
+        plugin = PluginProcess(["ip", "netns", "exec", self.host, str(DRIVER)], env)
         self.plugins.append(plugin)
         plugin.start(self.root / f"plugin{len(self.plugins)}.stderr")
         return plugin
@@ -319,6 +321,43 @@ def test_a_fresh_plugin_destroys_what_a_dead_one_left(wire: Wire, tiny_guest: An
         assert first.process is not None
         first.process.kill()
         assert first.wait_exit(10) is not None
+        second = wire.start_plugin()
+        configure(second, wire.root / "data", [str(tiny_guest.vmlinux.parent)])
+        wire.destroy(cfg.id)
+    wire.assert_clean()
+
+
+@pytest.mark.parametrize("step", ["network", "vmm-spawned", "vmm-recorded"])
+def test_a_plugin_killed_mid_start_leaves_nothing_after_a_fresh_plugins_destroy(
+    wire: Wire, tiny_guest: Any, step: str
+) -> None:
+    """SIGKILLed at a StartTask step (before the link, with the link, with QEMU holding its
+    descriptor): Nomad got no answer, so a fresh plugin gets only DestroyTask by id, and the
+    journal is all that knows the link."""
+    marker = wire.root / "paused"
+    wire.plugin.kill()
+    first = wire.start_plugin({PAUSE_AT: step, PAUSE_MARKER: str(marker)})
+    with served_vm(wire, tiny_guest, "mvkilled", macvtap_nic()) as (cfg, _):
+        outcome: list[object] = []
+
+        def start() -> None:
+            try:
+                outcome.append(wire.start(cfg))
+            except grpc.RpcError as exc:
+                outcome.append(exc)
+
+        starter = threading.Thread(target=start, daemon=True)
+        starter.start()
+        assert wait_until(marker.exists, 60), outcome
+        # Recorded first, created after the "network" step.
+        assert (tap_name(PREFIX, cfg.id) in wire.macvtaps()) is (step != "network")
+        assert first.process is not None
+        first.process.kill()
+        assert first.wait_exit(10) is not None
+        starter.join(30)
+        assert isinstance(outcome[0], grpc.RpcError), outcome
+        assert wire.journals(), "the dead plugin's journal is gone"
+
         second = wire.start_plugin()
         configure(second, wire.root / "data", [str(tiny_guest.vmlinux.parent)])
         wire.destroy(cfg.id)
