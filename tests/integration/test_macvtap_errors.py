@@ -9,7 +9,8 @@ from typing import Any
 import grpc
 import pytest
 
-from tests.integration.test_macvtap import FIELD, Wire, macvtap_nic, served_vm, wire
+from tests.integration.test_macvtap import FIELD, LOWER, Wire, macvtap_nic, served_vm, wire
+from tests.netns import ip
 
 pytestmark = pytest.mark.integration
 __all__ = ["wire"]  # the fixture, used by name
@@ -71,3 +72,17 @@ def _invalid(err: grpc.RpcError, field_name: str, words: str) -> None:
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT, (err.code(), err.details())
     details = err.details() or ""
     assert field_name in details and words in details, details
+
+
+def test_passthrough_of_a_device_the_host_uses_is_refused(wire: Wire, tiny_guest: Any) -> None:
+    """A device with an address of the host's: passing it through would cut the host off that
+    network (every frame goes to the VM). An address in the test's namespace, not the host's."""
+    ip("-n", wire.host, "addr", "add", "10.97.0.2/24", "dev", LOWER)
+    nic = macvtap_nic(mode="passthrough")
+    with (
+        served_vm(wire, tiny_guest, "mvused", nic) as (cfg, _),
+        pytest.raises(grpc.RpcError) as err,
+    ):
+        wire.start(cfg)
+    _invalid(err.value, f"{FIELD}.mode", "10.97.0.2")
+    wire.assert_clean()

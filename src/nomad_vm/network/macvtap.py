@@ -136,6 +136,16 @@ def _lower_device(ipr: Any, device: str, mode: str, fields: MacvtapFields) -> in
             f"passthrough takes {device} for this VM alone, but it is in use by {names}: "
             "choose a free device, or mode bridge, vepa or private to share it",
         )
+    if mode == "passthrough":
+        addresses = [str(a.get_attr("IFA_ADDRESS")) for a in ipr.get_addr(index=index)]
+        addresses = [a for a in addresses if not a.startswith("fe80:")]
+        if addresses:
+            raise ConfigError(
+                fields.mode,
+                f"passthrough would take {device} from this host, which uses it "
+                f"({', '.join(addresses)}): every frame it receives would go to the VM; pass "
+                "through a device the host does not use, or use mode bridge",
+            )
     passthrough = [name for name, m in stacked if m == "passthru"]
     if passthrough:
         raise ConfigError(
