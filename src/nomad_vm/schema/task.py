@@ -199,8 +199,8 @@ TASK_CONFIG = Schema(
                             "`vepa`: all traffic goes out to the switch (which must hairpin it "
                             "back for guest-to-guest traffic); `private`: guests on the same "
                             "device never reach each other; `passthrough`: the VM takes the "
-                            "device alone (refused while anything else is stacked on it, or while the host has "
-                            "an address on it).",
+                            "device alone (refused while anything else is stacked on it, or while "
+                            "the host has an address on it).",
                             default="bridge",
                             choices=("bridge", "private", "vepa", "passthrough"),
                         ),
