@@ -3,10 +3,14 @@
 
 from __future__ import annotations
 
+import asyncio
+from dataclasses import replace
 from ipaddress import IPv4Address
+from pathlib import Path
 
 import pytest
 
+from nomad_vm.driver.config import parse_plugin_config
 from nomad_vm.driver.macvtap_plan import (
     MacvtapAttachment,
     macvtap_network_config,
@@ -14,9 +18,14 @@ from nomad_vm.driver.macvtap_plan import (
     plan_macvtap,
 )
 from nomad_vm.driver.network_plan import NetworkRecord
+from nomad_vm.driver.startup import plan_start
+from nomad_vm.driver.types import AgentInfo
 from nomad_vm.errors import ConfigError
 from nomad_vm.network.names import mac_address, tap_name
 from nomad_vm.network.settings import MacvtapRequest, parse_nic
+from nomad_vm.vm.registry import HypervisorRegistry
+from tests.fakes.hypervisor import CAPABILITIES, FakeHost, FakeHypervisor
+from tests.unit.tasks import unit_task
 
 FIELD = "config.network_interface.macvtap"
 
@@ -95,3 +104,40 @@ def test_network_config_is_dhcp_or_static() -> None:
     assert eth["addresses"] == ["10.0.0.9/24"] and eth["gateway4"] == "10.0.0.1"
     assert eth["nameservers"] == {"addresses": ["10.0.0.53"]} and "dhcp4" not in eth
     assert static.override is not None and static.override.address == "10.0.0.9"
+
+
+class MacvtapQemu(FakeHypervisor):
+    """The fake, declaring macvtap like the QEMU backend."""
+
+    name = "qemu"
+    capabilities = replace(CAPABILITIES, macvtap=True)
+
+
+def test_a_device_outside_the_plugins_macvtap_devices_is_refused(tmp_path: Path) -> None:
+    """Refused while planning, before the device is even looked up on the host."""
+    (tmp_path / "images").mkdir()
+    (tmp_path / "images" / "vmlinux").write_bytes(b"x")
+    config = parse_plugin_config(
+        {
+            "data_dir": str(tmp_path / "data"),
+            "image_paths": [str(tmp_path / "images")],
+            "macvtap_devices": ["eth1", "eth0.100"],
+        }
+    )
+    options = {
+        "kernel": str(tmp_path / "images" / "vmlinux"),
+        "share_task_dirs": False,
+        "network_interface": {"macvtap": {"device": "eth9"}},
+    }
+    task = unit_task(tmp_path / "alloc", options)
+    backends = HypervisorRegistry({"qemu": lambda: MacvtapQemu(FakeHost())}, default="qemu")
+    with pytest.raises(ConfigError) as err:
+        asyncio.run(plan_start(task, config, AgentInfo(), tmp_path / "run", backends))
+    assert err.value.field == f"{FIELD}.device"
+    assert "eth1, eth0.100" in err.value.reason
+
+
+def test_macvtap_devices_must_be_interface_names(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as err:
+        parse_plugin_config({"data_dir": str(tmp_path), "macvtap_devices": ["eth0", "a/b"]})
+    assert err.value.field == "config.macvtap_devices[1]"

@@ -12,6 +12,7 @@ from nomad_vm.driver.hostname import default_hostname, validate_hostname
 from nomad_vm.driver.types import TaskConfig
 from nomad_vm.errors import ConfigError
 from nomad_vm.fields import Schema, validate
+from nomad_vm.network.macvtap import check_device_name
 from nomad_vm.network.settings import (
     BridgeNetwork,
     MacvtapRequest,
@@ -56,6 +57,8 @@ class PluginConfig:
     # The hypervisor of tasks that name none; None: the registry's default (qemu).
     hypervisor: str | None = None
     cloud_hypervisor: CloudHypervisorConfig = field(default_factory=CloudHypervisorConfig)
+    # The host interfaces macvtap NICs may stack on; empty: any.
+    macvtap_devices: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -145,7 +148,15 @@ def parse_plugin_config(raw: Mapping[str, object] | None) -> PluginConfig:
         network=parse_bridge_network(_block(values["network"]), Path(data_dir)),
         hypervisor=_optional_str(values["hypervisor"]),
         cloud_hypervisor=_cloud_hypervisor(values["cloud_hypervisor"]),
+        macvtap_devices=_interface_names(values["macvtap_devices"], "config.macvtap_devices"),
     )
+
+
+def _interface_names(raw: object, field_name: str) -> tuple[str, ...]:
+    names = tuple(str(n) for n in raw) if isinstance(raw, list) else ()
+    for i, name in enumerate(names):
+        check_device_name(name, f"{field_name}[{i}]")
+    return names
 
 
 def _cloud_hypervisor(raw: object) -> CloudHypervisorConfig:

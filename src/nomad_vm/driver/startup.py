@@ -141,6 +141,13 @@ async def plan_nic(
             MACVTAP_FIELD,
             f"the {backend.name} hypervisor cannot take a macvtap; use network_interface.bridge",
         )
+    allowed = plugin.macvtap_devices
+    if allowed and vm.nic.device not in allowed:
+        raise ConfigError(
+            f"{MACVTAP_FIELD}.device",
+            f"{vm.nic.device!r} is not one of the interfaces this node lets jobs stack a macvtap "
+            f"on (the plugin's macvtap_devices: {', '.join(allowed)})",
+        )
     prefix = plugin.network.tap_prefix if plugin.network is not None else DEFAULT_TAP_PREFIX
     planned = plan_macvtap(task.id, vm.nic, task.ports, task.netns_path, vm.hostname, prefix)
     await asyncio.to_thread(check_lower_device, vm.nic.device, vm.nic.mode, FIELDS)

@@ -14,6 +14,7 @@ import contextlib
 import errno
 import fcntl
 import os
+import re
 import struct
 from dataclasses import dataclass
 from typing import Any
@@ -22,6 +23,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 from nomad_vm.errors import ConfigError, NetworkError
 from nomad_vm.network.links import check_ifname, get_link, link_index, netlink_call
+from nomad_vm.network.names import IFNAME_MAX
 from nomad_vm.network.netns import run_in
 
 # The virt seed's names; the kernel calls passthrough "passthru".
@@ -30,6 +32,21 @@ _KERNEL_MODE = {"bridge": "bridge", "private": "private", "vepa": "vepa", "passt
 _STACKED = ("macvlan", "macvtap")
 IFF_LOOPBACK = 0x8
 TUNGETIFF = 0x800454D2
+_BAD_IFNAME = re.compile(r"[/:\s]")
+
+
+def check_device_name(name: str, field: str) -> None:
+    """A name the kernel could give an existing interface (its ``dev_valid_name``): 1 to 15
+    bytes, not ``.`` or ``..``, no ``/``, ``:`` or whitespace. Wider than our own links' names
+    (``links.check_ifname``): an operator's VLAN interface is ``eth0.100``."""
+    size = len(name.encode())
+    if 0 < size <= IFNAME_MAX and name not in (".", "..") and not _BAD_IFNAME.search(name):
+        return
+    raise ConfigError(
+        field,
+        f"{name!r} is not a network interface name: 1 to {IFNAME_MAX} bytes, without '/', ':' "
+        "or whitespace",
+    )
 
 
 @dataclass(frozen=True)
@@ -57,7 +74,7 @@ def create_macvtap(
     ``fields``; nothing is left behind when a step fails.
     """
     check_ifname(name)
-    check_ifname(device, fields.device)
+    check_device_name(device, fields.device)
     if mode not in MODES:
         raise ConfigError(fields.mode, f"{mode!r} is not a macvtap mode: use one of {MODES}")
 
@@ -105,7 +122,7 @@ def check_lower_device(
     device: str, mode: str, fields: MacvtapFields, *, netns: str | None = None
 ) -> None:
     """What ``create_macvtap`` checks of the device first, without creating anything."""
-    check_ifname(device, fields.device)
+    check_device_name(device, fields.device)
     netlink_call(
         netns,
         f"cannot look up {device}",
