@@ -12,7 +12,7 @@ from nomad_vm.driver.hostname import default_hostname, validate_hostname
 from nomad_vm.driver.types import TaskConfig
 from nomad_vm.errors import ConfigError
 from nomad_vm.fields import Schema, validate
-from nomad_vm.network.macvtap import check_device_name
+from nomad_vm.network.names import check_device_name
 from nomad_vm.network.settings import (
     BridgeNetwork,
     MacvtapRequest,

@@ -14,7 +14,6 @@ import contextlib
 import errno
 import fcntl
 import os
-import re
 import struct
 from dataclasses import dataclass
 from typing import Any
@@ -23,7 +22,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 from nomad_vm.errors import ConfigError, NetworkError
 from nomad_vm.network.links import check_ifname, get_link, link_index, netlink_call
-from nomad_vm.network.names import IFNAME_MAX
+from nomad_vm.network.names import check_device_name
 from nomad_vm.network.netns import run_in
 
 # The virt seed's names; the kernel calls passthrough "passthru".
@@ -32,21 +31,6 @@ _KERNEL_MODE = {"bridge": "bridge", "private": "private", "vepa": "vepa", "passt
 _STACKED = ("macvlan", "macvtap")
 IFF_LOOPBACK = 0x8
 TUNGETIFF = 0x800454D2
-_BAD_IFNAME = re.compile(r"[/:\s]")
-
-
-def check_device_name(name: str, field: str) -> None:
-    """A name the kernel could give an existing interface (its ``dev_valid_name``): 1 to 15
-    bytes, not ``.`` or ``..``, no ``/``, ``:`` or whitespace. Wider than our own links' names
-    (``links.check_ifname``): an operator's VLAN interface is ``eth0.100``."""
-    size = len(name.encode())
-    if 0 < size <= IFNAME_MAX and name not in (".", "..") and not _BAD_IFNAME.search(name):
-        return
-    raise ConfigError(
-        field,
-        f"{name!r} is not a network interface name: 1 to {IFNAME_MAX} bytes, without '/', ':' "
-        "or whitespace",
-    )
 
 
 @dataclass(frozen=True)
