@@ -129,15 +129,22 @@ def _lower_device(ipr: Any, device: str, mode: str, fields: MacvtapFields) -> in
     kind = link.get_nested("IFLA_LINKINFO", "IFLA_INFO_KIND")
     if kind == "macvtap":
         raise ConfigError(fields.device, f"{device} is itself a macvtap: name the device below it")
+    _refuse_busy(ipr, index, device, mode, fields)
+    return index
+
+
+def _refuse_busy(ipr: Any, index: int, device: str, mode: str, fields: MacvtapFields) -> None:
+    """Passthrough needs the device to itself (nothing stacked on it, no address of the
+    host's on it); a device held in passthrough takes nothing else."""
     stacked = [(str(lnk.get_attr("IFLA_IFNAME")), _mode(lnk)) for lnk in _uppers(ipr, index)]
-    if mode == "passthrough" and stacked:
-        names = ", ".join(name for name, _ in stacked)
-        raise ConfigError(
-            fields.mode,
-            f"passthrough takes {device} for this VM alone, but it is in use by {names}: "
-            "choose a free device, or mode bridge, vepa or private to share it",
-        )
     if mode == "passthrough":
+        if stacked:
+            names = ", ".join(name for name, _ in stacked)
+            raise ConfigError(
+                fields.mode,
+                f"passthrough takes {device} for this VM alone, but it is in use by {names}: "
+                "choose a free device, or mode bridge, vepa or private to share it",
+            )
         addresses = [str(a.get_attr("IFA_ADDRESS")) for a in ipr.get_addr(index=index)]
         addresses = [a for a in addresses if not a.startswith("fe80:")]
         if addresses:
@@ -154,7 +161,6 @@ def _lower_device(ipr: Any, device: str, mode: str, fields: MacvtapFields) -> in
             f"{device} is in use: {passthrough[0]} holds it in passthrough mode, which leaves "
             "room for no other macvtap",
         )
-    return index
 
 
 def _uppers(ipr: Any, index: int) -> list[Any]:
