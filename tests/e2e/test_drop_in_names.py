@@ -147,13 +147,6 @@ def test_a_virt_job_runs_on_the_virt_name_with_its_own_state(  # type: ignore[no
             '        disk {\n          size = "20GB"\n          pool = "remote-storage"\n        }',
             "config.disk[0].pool",
         ),
-        # Seed 002, "Example (macvtap)".
-        (
-            "virt-macvtap",
-            '        network_interface {\n          macvtap {\n            device = "eth0"\n'
-            '            mode = "bridge"\n          }\n        }',
-            "config.network_interface.macvtap",
-        ),
     ],
 )
 def test_a_job_relying_on_an_unsupported_seed_key_fails_naming_it(  # type: ignore[no-untyped-def]

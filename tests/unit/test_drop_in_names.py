@@ -276,12 +276,6 @@ def images(tmp_path: Path) -> Path:
         ({"usb_devices": ["046d:c52b"]}, "config.usb_devices", "USB passthrough"),
         # Seed 000, "GPU passthrough" (commented out there, documented as coming).
         ({"vfio_devices": ["10de:2204"]}, "config.vfio_devices", "PCI (VFIO) passthrough"),
-        # Seed 002, "Example (macvtap)".
-        (
-            {"network_interface": {"macvtap": {"device": "eth0", "mode": "bridge"}}},
-            "config.network_interface.macvtap",
-            "macvtap",
-        ),
     ],
 )
 def test_seed_task_keys_nomad_vm_cannot_honour_are_refused_by_name(

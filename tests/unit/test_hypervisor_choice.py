@@ -129,6 +129,13 @@ def test_the_task_hypervisor_wins_over_the_plugin_default(tmp_path: Path) -> Non
         ),
         # Signals to a guest unit go through the guest agent, which CH guests do not get.
         ({"kernel": KERNEL, "signal_unit": "app.service"}, {}, "config.signal_unit", "agent"),
+        # CH opens TAPs by name through /dev/net/tun; a macvtap is a /dev/tapN descriptor.
+        (
+            {"kernel": KERNEL, "network_interface": {"macvtap": {"device": "eth0"}}},
+            {},
+            "config.network_interface.macvtap",
+            "cannot take a macvtap",
+        ),
     ],
 )
 def test_what_the_backend_cannot_do_names_the_option(

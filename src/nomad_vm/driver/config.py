@@ -19,8 +19,10 @@ from nomad_vm.driver.types import TaskConfig
 from nomad_vm.errors import ConfigError
 from nomad_vm.fields import Schema, validate
 from nomad_vm.identity import Identity, current
+from nomad_vm.network.names import check_device_name
 from nomad_vm.network.settings import (
     BridgeNetwork,
+    MacvtapRequest,
     NicRequest,
     parse_bridge_network,
     parse_nic,
@@ -73,6 +75,8 @@ class PluginConfig:
     def dns(self) -> tuple[IPv4Address, ...]:
         """Name servers for guests whose NIC sets none."""
         return self.seed.dns
+    # The host interfaces macvtap NICs may stack on; empty: any.
+    macvtap_devices: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -102,7 +106,7 @@ class VMTaskConfig:
     user_data: str | None = field(default=None, repr=False)
     share_task_dirs: bool = True
     writable_alloc_dir: bool = False
-    nic: NicRequest | None = None
+    nic: NicRequest | MacvtapRequest | None = None
     signal_unit: str | None = None
     signal_pidfile: str | None = None
     # Every disk, the primary first (``storage.disk_request``): the `disk` blocks, or the
@@ -172,7 +176,15 @@ def parse_plugin_config(
         cloud_hypervisor=_cloud_hypervisor(values["cloud_hypervisor"]),
         identity=identity,
         seed=parse_seed_plugin_keys(values),
+        macvtap_devices=_interface_names(values["macvtap_devices"], "config.macvtap_devices"),
     )
+
+
+def _interface_names(raw: object, field_name: str) -> tuple[str, ...]:
+    names = tuple(str(n) for n in raw) if isinstance(raw, list) else ()
+    for i, name in enumerate(names):
+        check_device_name(name, f"{field_name}[{i}]")
+    return names
 
 
 def _cloud_hypervisor(raw: object) -> CloudHypervisorConfig:
@@ -354,7 +366,9 @@ def _disks(
     )
 
 
-def _with_default_dns(nic: NicRequest | None, dns: tuple[IPv4Address, ...]) -> NicRequest | None:
+def _with_default_dns(
+    nic: NicRequest | MacvtapRequest | None, dns: tuple[IPv4Address, ...]
+) -> NicRequest | MacvtapRequest | None:
     """The plugin's `dns` for a NIC that names no name servers: it then reaches the guest as
     every NIC setting does (cloud-init network-config, or the DHCP mode's dnsmasq)."""
     if nic is None or nic.dns or not dns:

@@ -52,15 +52,25 @@ class NetworkRecord:
     address: str = ""
     # Group mode: the allocation's network namespace (path) that bridge and TAP live in.
     netns: str = ""
+    # "bridge" (a TAP on ``bridge``), or "macvtap": ``tap`` is then a macvtap link on the host
+    # interface ``lower`` in ``mode``, and ``bridge`` is empty (journals before macvtap have
+    # neither key: they are bridge records).
+    kind: str = "bridge"
+    lower: str = ""
+    mode: str = ""
 
     def to_dict(self) -> dict[str, str]:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any]) -> NetworkRecord:
-        return cls(**{k: str(raw[k]) for k in ("owner", "bridge", "tap", "guest_mac")},
-                   address=str(raw.get("address", "")),
-                   netns=str(raw.get("netns", "")))  # fmt: skip
+        optional = {k: str(raw[k]) for k in ("address", "netns", "kind", "lower", "mode")
+                    if k in raw}  # fmt: skip
+        return cls(**{k: str(raw[k]) for k in ("owner", "bridge", "tap", "guest_mac")}, **optional)
+
+    @property
+    def is_macvtap(self) -> bool:
+        return self.kind == "macvtap"
 
 
 @dataclass(frozen=True)

@@ -32,6 +32,10 @@ namespace, gets the TAP as a file descriptor opened inside the allocation's one
 (``taps.open_tap``). The record carries the namespace's path; teardown removes the TAP and the
 rules only while the namespace still exists (Nomad deletes it, and everything in it, with the
 allocation).
+
+macvtap (``network_interface { macvtap { ... } }``, ``macvtap_plan``): one step, the link on
+the host interface, recorded before it is created; teardown deletes it. No lease, rules or
+DHCP host exist for it, so recovery only reports a link that has gone.
 """
 
 from __future__ import annotations
@@ -45,6 +49,12 @@ from ipaddress import IPv4Address
 from pathlib import Path
 from typing import Any
 
+from nomad_vm.driver.macvtap_plan import (
+    FIELDS,
+    MacvtapAttachment,
+    MacvtapPlan,
+    macvtap_record,
+)
 from nomad_vm.driver.network_plan import (
     NetworkAttachment,
     NetworkPlan,
@@ -52,7 +62,7 @@ from nomad_vm.driver.network_plan import (
     group_network,
 )
 from nomad_vm.errors import NetworkError
-from nomad_vm.network import links, sysctl, taps
+from nomad_vm.network import links, macvtap, sysctl, taps
 from nomad_vm.network.dhcp import DhcpHost, DhcpServer
 from nomad_vm.network.ipam import AddressPool
 from nomad_vm.network.names import tap_mac
@@ -78,7 +88,11 @@ class NetworkManager:
         self.nft_table = nft_table
         self.forwarder = PortForwarder(table=nft_table)
 
-    async def setup(self, plan: NetworkPlan, record: RecordNetwork) -> NetworkAttachment:
+    async def setup(
+        self, plan: NetworkPlan | MacvtapPlan, record: RecordNetwork
+    ) -> NetworkAttachment | MacvtapAttachment:
+        if isinstance(plan, MacvtapPlan):
+            return await asyncio.to_thread(self._setup_macvtap, plan, record)
         return await asyncio.to_thread(self._setup, plan, record)
 
     async def teardown(self, record: NetworkRecord, net: BridgeNetwork | None) -> None:
@@ -89,6 +103,8 @@ class NetworkManager:
         QEMU runs unprivileged and could not attach to a TAP by name, nor find one that lives
         in an allocation's namespace (group mode). The caller closes it once QEMU has its
         copy."""
+        if record.is_macvtap:
+            return await asyncio.to_thread(macvtap.open_macvtap, record.tap)
         return await asyncio.to_thread(taps.open_tap, record.tap, netns=record.netns or None)
 
     async def reconcile(
@@ -103,6 +119,8 @@ class NetworkManager:
     def _reconcile(
         self, record: NetworkRecord, net: BridgeNetwork | None, recorded_owners: Set[str]
     ) -> list[str]:
+        if record.is_macvtap:
+            return self._reconcile_macvtap(record)
         repaired = []
         if self._dhcp(record, net).ensure_running():
             repaired.append("DHCP server restarted")
@@ -114,6 +132,17 @@ class NetworkManager:
             stale = pool.reconcile({*recorded_owners, record.owner})
             repaired += [f"stale lease of {owner} released" for owner in stale]
         return repaired + self._reassert_guards(record, net)
+
+    def _reconcile_macvtap(self, record: NetworkRecord) -> list[str]:
+        """A macvtap has no lease, rules or DHCP host of ours to put back; only the link
+        itself, which nobody can recreate under a running QEMU (its descriptor is the old
+        link's), so a missing one is reported, not repaired."""
+        lower = macvtap.macvtap_lower(record.tap)
+        if lower is None:
+            return [f"macvtap {record.tap} is gone: the guest has lost its network"]
+        if lower != record.lower:
+            return [f"macvtap {record.tap} is on {lower}, not {record.lower}"]
+        return []
 
     def _reassert_guards(self, record: NetworkRecord, net: BridgeNetwork | None) -> list[str]:
         """The record's bridge keeps its loopback guard (or loses route_localnet), and the
@@ -202,6 +231,22 @@ class NetworkManager:
             port_map={label: f.guest_port for label, f in plan.forwards},
         )
 
+    def _setup_macvtap(self, plan: MacvtapPlan, record_network: RecordNetwork) -> MacvtapAttachment:
+        """Record, then create (the device was checked when the start was planned, and
+        ``create_macvtap`` checks it again)."""
+        nic = plan.nic
+        record = macvtap_record(plan)
+        record_network(record)
+        try:
+            mac = macvtap.create_macvtap(plan.name, nic.device, nic.mode, plan.guest_mac, FIELDS)
+            if mac != record.guest_mac:  # passthrough: the device's own MAC
+                record = replace(record, guest_mac=mac)
+                record_network(record)
+        except BaseException:
+            self._teardown(record, None)
+            raise
+        return MacvtapAttachment(record, nic)
+
     def _dhcp(self, record: NetworkRecord, net: BridgeNetwork | None) -> DhcpServer:
         """The DHCP server of the record's bridge. Its binary comes from the plugin config,
         which may have turned DHCP off since: such a server can still be wound down."""
@@ -241,6 +286,16 @@ class NetworkManager:
             forwarder.disable_nat(net.bridge)
 
     def _teardown(self, record: NetworkRecord, net: BridgeNetwork | None) -> None:
+        if record.is_macvtap:
+            # Deleting the link is all: the device it sat on is as it was (passthrough set
+            # no MAC on it, and its promiscuity goes with the link).
+            try:
+                links.delete_link(record.tap)
+            except NetworkError as exc:
+                raise NetworkError(
+                    f"network teardown incomplete (macvtap {record.tap}: {exc})"
+                ) from exc
+            return
         failures = []
         netns = record.netns or None
         steps: list[tuple[str, Any]] = [
@@ -276,7 +331,9 @@ class NetworkManager:
         net.pool(self.state_dir).release(record.owner)
 
 
-def record_of(plan: NetworkPlan) -> NetworkRecord:
+def record_of(plan: NetworkPlan | MacvtapPlan) -> NetworkRecord:
     """What the journal records before any network step: everything but the address, all
-    derived from the task id and the plugin's bridge."""
+    derived from the task id and the plugin's bridge (or the macvtap's device)."""
+    if isinstance(plan, MacvtapPlan):
+        return macvtap_record(plan)
     return NetworkRecord(plan.owner, plan.net.bridge, plan.tap, plan.guest_mac, netns=plan.netns)

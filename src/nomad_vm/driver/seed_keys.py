@@ -147,13 +147,6 @@ def refuse_unsupported_task_keys(values: Mapping[str, object]) -> None:
             "is not supported yet: nomad-vm gives every guest the same virtio devices and has "
             "no per-OS tuning; remove it",
         )
-    nic = values.get("network_interface")
-    if isinstance(nic, Mapping) and nic.get("macvtap") is not None:
-        raise ConfigError(
-            "config.network_interface.macvtap",
-            "macvtap interfaces are not supported yet by nomad-vm; attach to the plugin's "
-            "bridge with network_interface { bridge { ... } }",
-        )
     for key, what in (("usb_devices", "USB"), ("vfio_devices", "PCI (VFIO)")):
         if _list(values.get(key)):
             raise ConfigError(

@@ -19,7 +19,18 @@ from pathlib import Path
 from nomad_vm.cloudinit import with_network_config, write_seed
 from nomad_vm.driver.disk_steps import disk_files, prepare_disks
 from nomad_vm.driver.events import EventBus
-from nomad_vm.driver.network_plan import NetworkAttachment, network_config, network_event
+from nomad_vm.driver.macvtap_plan import (
+    MacvtapAttachment,
+    MacvtapPlan,
+    macvtap_event,
+    macvtap_network_config,
+)
+from nomad_vm.driver.network_plan import (
+    NetworkAttachment,
+    NetworkPlan,
+    network_config,
+    network_event,
+)
 from nomad_vm.driver.networking import NetworkManager, record_of
 from nomad_vm.driver.output import open_task_output
 from nomad_vm.driver.recorder import TaskRecorder
@@ -36,7 +47,7 @@ REAP_TIMEOUT = 10.0
 @dataclass(frozen=True)
 class Started:
     vm: RunningVM
-    network: NetworkAttachment | None
+    network: NetworkAttachment | MacvtapAttachment | None
 
 
 async def run_start_steps(
@@ -57,7 +68,7 @@ async def run_start_steps(
     if plan.network is not None:
         await recorder.network(record_of(plan.network))
         network = await networks.setup(plan.network, recorder.record_network)
-        events.emit(plan.task, network_event(network, plan.network, plan.seed is not None))
+        events.emit(plan.task, attachment_event(network, plan.network, plan.seed is not None))
     seed = await write_seed_iso(plan, recorder, events, network)
     holder = plan.files.holder
     seed_file = open_own(seed, holder, writable=False) if seed is not None else None
@@ -102,6 +113,19 @@ async def run_start_steps(
     return Started(vm, network)
 
 
+def attachment_event(
+    network: NetworkAttachment | MacvtapAttachment,
+    plan: NetworkPlan | MacvtapPlan,
+    has_seed: bool,
+) -> str:
+    """The "Network: ..." task event of either kind of NIC."""
+    if isinstance(network, MacvtapAttachment):
+        return macvtap_event(network)
+    if not isinstance(plan, NetworkPlan):
+        raise TypeError("a bridge attachment comes from a bridge plan")
+    return network_event(network, plan, has_seed)
+
+
 def boot_files(plan: StartPlan) -> tuple[HeldFile | None, HeldFile | None]:
     """The kernel and initramfs for the VMM: the descriptors checked at planning, or sealed
     copies of those the VMM could not reopen itself (``held.readable_copy``)."""
@@ -115,14 +139,19 @@ async def write_seed_iso(
     plan: StartPlan,
     recorder: TaskRecorder,
     events: EventBus,
-    network: NetworkAttachment | None = None,
+    network: NetworkAttachment | MacvtapAttachment | None = None,
 ) -> Path | None:
     """The seed as planned, with the guest's address once the network has one."""
     seed = plan.seed
     if seed is None:
         return None
     if network is not None:
-        seed = with_network_config(seed, network_config(network))
+        config = (
+            macvtap_network_config(network)
+            if isinstance(network, MacvtapAttachment)
+            else network_config(network)
+        )
+        seed = with_network_config(seed, config)
     await recorder.creating("seed", plan.runtime_dir / SEED_NAME)
     path = write_seed(seed, plan.runtime_dir / SEED_NAME)
     for warning in seed.warnings:

@@ -7,6 +7,7 @@ own copies, and whoever made the plan closes them (``TaskFiles.close``)."""
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,11 +24,15 @@ from nomad_vm.driver.config import (
     parse_task_config,
     task_allowlist,
 )
+from nomad_vm.driver.macvtap_plan import FIELDS, MACVTAP_FIELD, MacvtapPlan, plan_macvtap
 from nomad_vm.driver.network_plan import NetworkPlan, plan_network
 from nomad_vm.driver.resources import memory_mb_for, vcpus_for
 from nomad_vm.driver.shares import task_shares
 from nomad_vm.driver.types import AgentInfo, TaskConfig
 from nomad_vm.errors import ConfigError, VMRequestError
+from nomad_vm.network.macvtap import check_lower_device
+from nomad_vm.network.names import DEFAULT_TAP_PREFIX
+from nomad_vm.network.settings import MacvtapRequest
 from nomad_vm.storage.disk_request import DiskRequest
 from nomad_vm.storage.held import FileHolder, HeldFile, open_allowed
 from nomad_vm.storage.paths import Allowlist
@@ -63,7 +68,7 @@ class StartPlan:
     seed: SeedDocuments | None
     # The hypervisor the task asked for (or the plugin's default).
     backend: Hypervisor
-    network: NetworkPlan | None = None
+    network: NetworkPlan | MacvtapPlan | None = None
     files: TaskFiles = field(default_factory=lambda: TaskFiles(FileHolder()))
 
     @property
@@ -113,9 +118,7 @@ async def plan_start(
         raise config_error(exc, settings) from None
     allowed = task_allowlist(task, plugin)
     seed = render_seed(task, vm, vm_plan.shares, vm_plan.share_transport.name)
-    network = plan_network(
-        task.id, vm.nic, plugin.network, task.ports, task.netns_path, vm.hostname
-    )
+    network = await plan_nic(task, vm, plugin, backend)
     # Last: from here on the plan holds descriptors its caller must close.
     return StartPlan(
         task=task,
@@ -155,6 +158,32 @@ def refuse_disk_options(backend: str, vm: VMTaskConfig) -> None:
             raise ConfigError(
                 f"{only.field}.{key}", f"not supported by the {backend} hypervisor; use qemu"
             )
+
+async def plan_nic(
+    task: TaskConfig, vm: VMTaskConfig, plugin: PluginConfig, backend: Hypervisor
+) -> NetworkPlan | MacvtapPlan | None:
+    """The task's NIC; a macvtap's device is looked at here (nothing changes on the host), so
+    a missing or busy one fails the start before anything exists."""
+    if not isinstance(vm.nic, MacvtapRequest):
+        return plan_network(
+            task.id, vm.nic, plugin.network, task.ports, task.netns_path, vm.hostname
+        )
+    if not backend.capabilities.macvtap:
+        raise ConfigError(
+            MACVTAP_FIELD,
+            f"the {backend.name} hypervisor cannot take a macvtap; use network_interface.bridge",
+        )
+    allowed = plugin.macvtap_devices
+    if allowed and vm.nic.device not in allowed:
+        raise ConfigError(
+            f"{MACVTAP_FIELD}.device",
+            f"{vm.nic.device!r} is not one of the interfaces this node lets jobs stack a macvtap "
+            f"on (the plugin's macvtap_devices: {', '.join(allowed)})",
+        )
+    prefix = plugin.network.tap_prefix if plugin.network is not None else DEFAULT_TAP_PREFIX
+    planned = plan_macvtap(task.id, vm.nic, task.ports, task.netns_path, vm.hostname, prefix)
+    await asyncio.to_thread(check_lower_device, vm.nic.device, vm.nic.mode, FIELDS)
+    return planned
 
 
 def refuse_agent_options(backend: str, vm: VMTaskConfig) -> None:

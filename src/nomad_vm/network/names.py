@@ -39,6 +39,7 @@ GUEST_MAC_OCTET = 0x52
 TAP_MAC_OCTET = 0xFE
 BRIDGE_MAC_OCTET = 0x02
 _MAC = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
+_BAD_IFNAME = re.compile(r"[/:\s]")
 
 
 def _digest(value: str) -> bytes:
@@ -109,3 +110,17 @@ def is_owner_tag(comment: str) -> bool:
     """Whether ``comment`` is a ``rule_tag`` (as opposed to a per-bridge rule's tag)."""
     rest = comment.removeprefix(RULE_TAG_PREFIX)
     return rest != comment and re.fullmatch(r"[a-z2-7]{16}", rest) is not None
+
+
+def check_device_name(name: str, field: str) -> None:
+    """A name the kernel could give an existing interface (its ``dev_valid_name``): 1 to 15
+    bytes, not ``.`` or ``..``, no ``/``, ``:`` or whitespace. Wider than our own links' names
+    (``links.check_ifname``): an operator's VLAN interface is ``eth0.100``."""
+    size = len(name.encode())
+    if 0 < size <= IFNAME_MAX and name not in (".", "..") and not _BAD_IFNAME.search(name):
+        return
+    raise ConfigError(
+        field,
+        f"{name!r} is not a network interface name: 1 to {IFNAME_MAX} bytes, without '/', ':' "
+        "or whitespace",
+    )

@@ -145,12 +145,35 @@ class NicRequest:
     vlan: int | None = None
 
 
-def parse_nic(block: Mapping[str, object] | None) -> NicRequest | None:
+@dataclass(frozen=True)
+class MacvtapRequest:
+    """A task's `network_interface { macvtap { ... } }`: a macvtap on a host interface. No
+    bridge or pool of ours: the address is ``static_ip`` or what the device's network serves by
+    DHCP."""
+
+    device: str
+    mode: str = "bridge"
+    static_ip: IPv4Address | None = None
+    gateway: IPv4Address | None = None
+    prefixlen: int | None = None
+    dns: tuple[IPv4Address, ...] = ()
+
+
+def parse_nic(block: Mapping[str, object] | None) -> NicRequest | MacvtapRequest | None:
     if not block:
         return None
     bridge = block.get("bridge")
+    macvtap = block.get("macvtap")
+    if isinstance(bridge, Mapping) and isinstance(macvtap, Mapping):
+        raise ConfigError(
+            f"{NIC_FIELD}.macvtap",
+            f"{NIC_FIELD}.bridge and {NIC_FIELD}.macvtap are both set: one interface is one "
+            "kind, keep one of them",
+        )
+    if isinstance(macvtap, Mapping):
+        return _parse_macvtap(block, macvtap)
     if not isinstance(bridge, Mapping):
-        raise ConfigError(NIC_FIELD, "needs a bridge { ... } block (the only kind of interface)")
+        raise ConfigError(NIC_FIELD, "needs a bridge { ... } or a macvtap { ... } block")
     field = f"{NIC_FIELD}.bridge"
     static = bridge.get("static_ip")
     gateway = bridge.get("gateway")
@@ -177,3 +200,50 @@ def _prefixlen(value: object, field: str) -> int | None:
         return IPv4Network(f"0.0.0.0/{text}").prefixlen
     except ValueError:
         raise ConfigError(field, f"{value!r} is not a netmask (255.255.255.0 or 24)") from None
+
+
+def _parse_macvtap(block: Mapping[str, object], macvtap: Mapping[str, object]) -> MacvtapRequest:
+    field = f"{NIC_FIELD}.macvtap"
+    if block.get("vlan") is not None:
+        raise ConfigError(
+            f"{NIC_FIELD}.vlan",
+            "cannot be set with macvtap: the VLAN is the lower device's (name a VLAN interface "
+            "such as eth0.100 as the device)",
+        )
+    if macvtap.get("ports"):
+        raise ConfigError(
+            f"{field}.ports",
+            "a macvtap has no port forwarding: the guest has its own address on the device's "
+            "network, so reach its ports there (remove ports, or use network_interface.bridge)",
+        )
+    device = str(macvtap.get("device") or "")
+    if not device:
+        raise ConfigError(f"{field}.device", "is required: the host interface to stack on")
+    static = macvtap.get("static_ip")
+    gateway = macvtap.get("gateway")
+    prefixlen = _prefixlen(macvtap.get("netmask"), f"{field}.netmask")
+    if static and prefixlen is None:
+        raise ConfigError(
+            f"{field}.netmask",
+            "is required with static_ip: macvtap has no subnet of the plugin's to take it from",
+        )
+    if gateway and not static:
+        raise ConfigError(
+            f"{field}.gateway",
+            "only goes with static_ip: without it the guest takes its route from DHCP",
+        )
+    return MacvtapRequest(
+        device=device,
+        mode=str(macvtap.get("mode") or "bridge"),
+        static_ip=parse_ipv4(str(static), f"{field}.static_ip") if static else None,
+        gateway=parse_ipv4(str(gateway), f"{field}.gateway") if gateway else None,
+        prefixlen=prefixlen,
+        dns=tuple(
+            parse_ipv4(str(d), f"{field}.dns[{i}]") for i, d in enumerate(_items(macvtap, "dns"))
+        ),
+    )
+
+
+def _items(block: Mapping[str, object], key: str) -> list[object]:
+    value = block.get(key)
+    return list(value) if isinstance(value, list | tuple) else []

@@ -130,6 +130,16 @@ PLUGIN_CONFIG = Schema(
             example='["/srv/vm-images"]',
         ),
         Field(
+            "macvtap_devices",
+            "list(string)",
+            "Host interfaces a task's `network_interface { macvtap { device } }` may name. A "
+            "macvtap guest sits on that interface's network with no guard of the plugin's (it "
+            "can send with any address there), so list the interfaces whose networks jobs may "
+            "join. Empty (the default, as with the virt driver): any interface of the host.",
+            default=[],
+            example='["eth1", "eth0.100"]',
+        ),
+        Field(
             "accelerator",
             "string",
             "`auto` uses KVM when a test guest really runs on it and TCG (software emulation) "

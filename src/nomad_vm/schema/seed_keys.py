@@ -255,22 +255,4 @@ DISK = Field(
     repeated=True,
 )
 
-MACVTAP = Field(
-    "macvtap",
-    "block",
-    "nomad-driver-virt's macvtap interface (`device`, `mode`). "
-    + NOT_YET
-    + "a task with a `macvtap` block is refused, naming it; use `bridge`.",
-    fields=(
-        Field("device", "string", "The host device the macvtap sits on.", default=""),
-        Field(
-            "mode",
-            "string",
-            "`bridge`, `private`, `vepa` or `passthrough`.",
-            default="bridge",
-            choices=("bridge", "private", "vepa", "passthrough"),
-        ),
-    ),
-)
-
 TASK_SEED_FIELDS = (USB_DEVICES, VFIO_DEVICES, DISK)

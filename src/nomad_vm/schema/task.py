@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from nomad_vm.fields import Field, Schema
-from nomad_vm.schema.seed_keys import MACVTAP, OS_VARIANT, TASK_SEED_FIELDS
+from nomad_vm.schema.seed_keys import OS_VARIANT, TASK_SEED_FIELDS
 
 FIRMWARES = ("bios", "uefi", "uefi-secure")
 # The task options that only reach the guest through its cloud-init seed: set on a VM that gets
@@ -124,10 +124,11 @@ TASK_CONFIG = Schema(
         Field(
             "network_interface",
             "block",
-            "A network card on the plugin's bridge (`network` in the plugin config). The guest's "
-            "address comes from `static_ip` or the plugin's pool and reaches the guest through "
-            "cloud-init `network-config`, or by DHCP when the plugin's `network.dhcp` is on; "
-            "Nomad learns it for services and checks.",
+            "A network card: on the plugin's bridge (`bridge`, with `network` in the plugin "
+            "config), or a macvtap on a host interface (`macvtap`); one of the two. On the "
+            "bridge the guest's address comes from `static_ip` or the plugin's pool and reaches "
+            "the guest through cloud-init `network-config`, or by DHCP when the plugin's "
+            "`network.dhcp` is on; Nomad learns it for services and checks.",
             fields=(
                 Field(
                     "bridge",
@@ -177,12 +178,78 @@ TASK_CONFIG = Schema(
                     ),
                 ),
                 Field(
+                    "macvtap",
+                    "block",
+                    "Put the guest directly on a host interface's network through a macvtap "
+                    "link (QEMU only). The guest's MAC derives from the task id (passthrough: "
+                    "the device's own). No bridge, pool, NAT or port forwarding of the plugin's: "
+                    "the guest gets its address by DHCP from that network (cloud-init "
+                    "`network-config` says so), or `static_ip`. `ports` cannot be used, and the "
+                    "host itself cannot reach the guest through the device (a macvtap property; "
+                    "other machines on the network can). Not in the group network mode.",
+                    fields=(
+                        Field(
+                            "device",
+                            "string",
+                            "The host interface the macvtap goes on (its lower device), e.g. "
+                            "`eth0` or a VLAN interface `eth0.100`. Required.",
+                            default="",
+                            example='"eth0"',
+                        ),
+                        Field(
+                            "mode",
+                            "string",
+                            "`bridge`: guests on the same device reach each other directly; "
+                            "`vepa`: all traffic goes out to the switch (which must hairpin it "
+                            "back for guest-to-guest traffic); `private`: guests on the same "
+                            "device never reach each other; `passthrough`: the VM takes the "
+                            "device alone (refused while anything else is stacked on it, or while "
+                            "the host has an address on it).",
+                            default="bridge",
+                            choices=("bridge", "private", "vepa", "passthrough"),
+                        ),
+                        Field(
+                            "ports",
+                            "list(string)",
+                            "Accepted only empty, so that a job written for the bridge form "
+                            "fails clearly: a macvtap has no port forwarding (the guest has its "
+                            "own address on the device's network; reach its ports there).",
+                            default=[],
+                        ),
+                        Field(
+                            "static_ip",
+                            "string",
+                            "A fixed guest address on the device's network (needs `netmask`). "
+                            "Unset: DHCP from that network. Nomad learns a static address "
+                            "for services; a DHCP one it does not know.",
+                            default="",
+                        ),
+                        Field(
+                            "gateway",
+                            "string",
+                            "The guest's default route, with `static_ip`. Unset: none.",
+                            default="",
+                        ),
+                        Field(
+                            "netmask",
+                            "string",
+                            "The guest's netmask (`255.255.255.0` or `24`), with `static_ip`.",
+                            default="",
+                        ),
+                        Field(
+                            "dns",
+                            "list(string)",
+                            "Name servers for the guest (with DHCP: besides the ones it serves).",
+                            default=[],
+                        ),
+                    ),
+                ),
+                Field(
                     "vlan",
                     "number",
                     "Put the VM's TAP in this VLAN (1-4094) on a VLAN-filtering bridge.",
                     minimum=1,
                 ),
-                MACVTAP,
             ),
         ),
         Field(

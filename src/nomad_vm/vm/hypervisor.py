@@ -61,6 +61,9 @@ class HypervisorCapabilities:
     # A guest power-off or panic that happens while no plugin runs is still known afterwards
     # (QEMU keeps it in its paused run state); otherwise such an end reads as "VM gone".
     verdict_survives_plugin_absence: bool
+    # A NIC can be a macvtap, handed over as the descriptor of its /dev/tapN (QEMU's
+    # -netdev tap,fd=N); Cloud Hypervisor opens TAPs by name through /dev/net/tun.
+    macvtap: bool = False
 
 
 @dataclass(frozen=True)

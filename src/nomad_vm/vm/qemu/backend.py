@@ -80,6 +80,7 @@ CAPABILITIES = HypervisorCapabilities(
     snapshot=False,
     # -action shutdown=pause,panic=pause keeps the guest's verdict in QEMU's run state.
     verdict_survives_plugin_absence=True,
+    macvtap=True,
 )
 
 
