@@ -36,7 +36,7 @@ from nomad_vm.network.settings import MacvtapRequest
 from nomad_vm.storage.disk_request import DiskRequest
 from nomad_vm.storage.held import FileHolder, HeldFile, open_allowed
 from nomad_vm.storage.paths import Allowlist
-from nomad_vm.vm.hypervisor import Hypervisor, VMPlan, VMRequest
+from nomad_vm.vm.hypervisor import Hypervisor, HypervisorCapabilities, VMPlan, VMRequest
 from nomad_vm.vm.registry import HypervisorRegistry
 from nomad_vm.vm.spec import ShareSpec
 
@@ -108,7 +108,7 @@ async def plan_start(
         shares=task_shares(task, vm),
     )
     check_request(backend.name, caps, request)
-    refuse_disk_options(backend.name, vm)
+    refuse_disk_options(backend.name, backend.capabilities, vm)
     if not caps.guest_agent:
         refuse_agent_options(backend.name, vm)
     try:
@@ -132,10 +132,10 @@ async def plan_start(
     )
 
 
-def refuse_disk_options(backend: str, vm: VMTaskConfig) -> None:
-    """Only QEMU takes several disks, other buses, cdroms, serials, read-only disks and cache
-    modes: the other backends would ignore them."""
-    if backend == "qemu" or not vm.disks:
+def refuse_disk_options(backend: str, caps: HypervisorCapabilities, vm: VMTaskConfig) -> None:
+    """A backend without ``disk_blocks`` takes one plain disk: several disks, other buses,
+    cdroms, serials, read-only disks and cache modes would be ignored there."""
+    if caps.disk_blocks or not vm.disks:
         return
     if len(vm.disks) > 1:
         raise ConfigError(

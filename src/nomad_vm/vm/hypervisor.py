@@ -64,6 +64,9 @@ class HypervisorCapabilities:
     # A NIC can be a macvtap, handed over as the descriptor of its /dev/tapN (QEMU's
     # -netdev tap,fd=N); Cloud Hypervisor opens TAPs by name through /dev/net/tun.
     macvtap: bool = False
+    # `disk {}` blocks beyond one plain virtio disk: several disks, other buses, cdroms,
+    # serials, read-only disks, cache modes and storage-pool volumes.
+    disk_blocks: bool = False
 
 
 @dataclass(frozen=True)

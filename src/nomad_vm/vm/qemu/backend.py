@@ -81,6 +81,7 @@ CAPABILITIES = HypervisorCapabilities(
     # -action shutdown=pause,panic=pause keeps the guest's verdict in QEMU's run state.
     verdict_survives_plugin_absence=True,
     macvtap=True,
+    disk_blocks=True,
 )
 
 
