@@ -286,24 +286,26 @@ def test_two_disks_cannot_be_the_same_volume(images: Path) -> None:
 
 def test_only_qemu_takes_several_disks_and_their_device_options(images: Path) -> None:
     from nomad_vm.driver.startup import refuse_disk_options
+    from nomad_vm.vm.cloud_hypervisor.backend import CAPABILITIES as CH
+    from nomad_vm.vm.qemu.backend import CAPABILITIES as QEMU
 
     several = parse(images, {"disk": [{"size": "1G"}, {"size": "1G"}]})
-    refuse_disk_options("qemu", several)
+    refuse_disk_options("qemu", QEMU, several)
     with pytest.raises(ConfigError) as err:
-        refuse_disk_options("cloud-hypervisor", several)
+        refuse_disk_options("cloud-hypervisor", CH, several)
     assert err.value.field == "config.disk[1]" and "one disk" in str(err.value)
     serial = parse(images, {"disk": [{"size": "1G", "devname": "root"}]})
     with pytest.raises(ConfigError) as err:
-        refuse_disk_options("cloud-hypervisor", serial)
+        refuse_disk_options("cloud-hypervisor", CH, serial)
     assert err.value.field == "config.disk[0].devname"
     for key, value in (("read_only", True), ("driver", "unsafe")):
         with pytest.raises(ConfigError) as err:
             refuse_disk_options(
-                "cloud-hypervisor", parse(images, {"disk": [{"size": "1G", key: value}]})
+                "cloud-hypervisor", CH, parse(images, {"disk": [{"size": "1G", key: value}]})
             )
         assert err.value.field == f"config.disk[0].{key}"
     pooled = parse_pooled(images, {"disk": [{"size": "1G", "pool": "local"}]})
     with pytest.raises(ConfigError) as err:
-        refuse_disk_options("cloud-hypervisor", pooled)
+        refuse_disk_options("cloud-hypervisor", CH, pooled)
     assert err.value.field == "config.disk[0].pool"
-    refuse_disk_options("cloud-hypervisor", parse(images, {"disk": [{"size": "1G"}]}))
+    refuse_disk_options("cloud-hypervisor", CH, parse(images, {"disk": [{"size": "1G"}]}))
