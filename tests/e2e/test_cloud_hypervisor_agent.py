@@ -14,6 +14,7 @@ import pytest
 from nomad_vm.cli.devagent import DevAgent
 from tests.conftest import processes_under
 from tests.e2e.conftest import running_agent, wait_alloc, wait_until_empty
+from tests.e2e.jobs import one_shot_job
 from tests.fakes.cloud_hypervisor import wrapper
 
 pytestmark = pytest.mark.e2e
@@ -33,33 +34,12 @@ BOOTED = "fake cloud-hypervisor guest: booted"
 
 
 def _job(name: str, kernel: Path) -> str:
-    return f"""
-job "{name}" {{
-  type = "service"
-  group "g" {{
-    restart {{
-      attempts = 0
-      mode     = "fail"
-    }}
-    reschedule {{
-      attempts  = 0
-      unlimited = false
-    }}
-    task "vm" {{
-      driver = "vm"
-      config {{
-        hypervisor = "cloud-hypervisor"
-        kernel     = "{kernel}"
-        cmdline    = "console=ttyS0"
-      }}
-      resources {{
-        memory = 128
-      }}
-      kill_timeout = "10s"
-    }}
-  }}
-}}
-"""
+    lines = (
+        '        hypervisor = "cloud-hypervisor"\n'
+        f'        kernel     = "{kernel}"\n'
+        '        cmdline    = "console=ttyS0"'
+    )
+    return one_shot_job(name, lines, job_type="service", kill_timeout="10s")
 
 
 def _events(alloc: dict[str, Any]) -> list[str]:

@@ -20,6 +20,7 @@ from nomad_vm.cli.devagent import DevAgent
 from nomad_vm.identity import ALIASES
 from tests.conftest import qemu_processes_under, wait_until
 from tests.e2e.conftest import running_agent, wait_alloc, wait_until_empty
+from tests.e2e.jobs import one_shot_job
 from tests.seed_blocks import SEED_000_CH, SEED_001_VIRT, SEED_002_VIRT, seed_block
 
 pytestmark = pytest.mark.e2e
@@ -81,34 +82,13 @@ def test_each_installed_name_is_healthy_under_the_name_its_seed_jobs_use(
 
 
 def _job(name: str, driver: str, config_lines: str, kernel: Path, initramfs: Path) -> str:
-    return f"""
-job "{name}" {{
-  type = "batch"
-  group "g" {{
-    restart {{
-      attempts = 0
-      mode     = "fail"
-    }}
-    reschedule {{
-      attempts  = 0
-      unlimited = false
-    }}
-    task "vm" {{
-      driver = "{driver}"
-      config {{
-        kernel    = "{kernel}"
-        initramfs = "{initramfs}"
-        cmdline   = "console=ttyS0 quiet no_timer_check"
-{config_lines}
-      }}
-      resources {{
-        memory = 256
-      }}
-      kill_timeout = "10s"
-    }}
-  }}
-}}
-"""
+    lines = (
+        f'        kernel    = "{kernel}"\n'
+        f'        initramfs = "{initramfs}"\n'
+        '        cmdline   = "console=ttyS0 quiet no_timer_check"\n'
+        f"{config_lines}"
+    )
+    return one_shot_job(name, lines, driver=driver, memory_mb=256, kill_timeout="10s")
 
 
 def test_a_virt_job_runs_on_the_virt_name_with_its_own_state(  # type: ignore[no-untyped-def]

@@ -10,6 +10,7 @@ import pytest
 from nomad_vm.cli.devagent import DevAgent
 from tests.conftest import REPO, qemu_processes_under
 from tests.e2e.conftest import run_tiny_job, wait_alloc, wait_until_empty
+from tests.e2e.jobs import one_shot_job
 
 pytestmark = pytest.mark.e2e
 MARKER = "nomad-vm tiny guest: booted"
@@ -57,30 +58,7 @@ def test_vm_job_console_in_alloc_logs_and_stop_cleans_up(agent: DevAgent, tiny_g
 
 
 def _bad_job(name: str, config_lines: str) -> str:
-    return f"""
-job "{name}" {{
-  type = "batch"
-  group "g" {{
-    restart {{
-      attempts = 0
-      mode     = "fail"
-    }}
-    reschedule {{
-      attempts  = 0
-      unlimited = false
-    }}
-    task "vm" {{
-      driver = "vm"
-      config {{
-{config_lines}
-      }}
-      resources {{
-        memory = 128
-      }}
-    }}
-  }}
-}}
-"""
+    return one_shot_job(name, config_lines)
 
 
 @pytest.mark.parametrize(
