@@ -5,14 +5,13 @@ fake `cloud-hypervisor` executable as the VMM (a test of our plugin, not of CH).
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from nomad_vm.cli.devagent import DevAgent
-from tests.conftest import processes_under
+from tests.conftest import processes_under, wait_until
 from tests.e2e.conftest import running_agent, wait_alloc, wait_until_empty
 from tests.e2e.jobs import one_shot_job
 from tests.fakes.cloud_hypervisor import wrapper
@@ -92,21 +91,17 @@ def test_a_ch_job_runs_logs_stops_and_leaves_nothing(tiny_guest: Any, tmp_path: 
         job.write_text(_job("ch-job", tiny_guest.vmlinux))
         agent.nomad("job", "run", "-detach", str(job))
         alloc = wait_alloc(agent, "ch-job", {"running"}, timeout=120)
-        deadline = time.monotonic() + 60
-        logs = ""
-        while BOOTED not in logs and time.monotonic() < deadline:
-            logs = agent.nomad("alloc", "logs", str(alloc["ID"]), "vm", check=False)
-            time.sleep(0.5)
-        assert BOOTED in logs, logs
+
+        def logs() -> str:
+            return agent.nomad("alloc", "logs", str(alloc["ID"]), "vm", check=False)
+
+        assert wait_until(lambda: BOOTED in logs(), 60, every=0.5), logs()
         assert len(_ch_processes(agent)) == 1
         agent.nomad("job", "stop", "-detach", "ch-job")
         stopped = wait_alloc(agent, "ch-job", {"complete", "failed"}, timeout=60)
         texts = _events(stopped)
         assert any("ACPI shutdown requested" in t for t in texts), texts
         assert any("Guest powered off" in t for t in texts), texts
-        deadline = time.monotonic() + 20
-        while _ch_processes(agent) and time.monotonic() < deadline:
-            time.sleep(0.5)
-        assert not _ch_processes(agent)
+        assert wait_until(lambda: not _ch_processes(agent), 20, every=0.5), _ch_processes(agent)
         data_dir = agent.config.workdir / "plugin-data"
         assert wait_until_empty(data_dir, 20), sorted(data_dir.rglob("*"))

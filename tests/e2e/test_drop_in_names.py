@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import shutil
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -104,12 +103,11 @@ def test_a_virt_job_runs_on_the_virt_name_with_its_own_state(  # type: ignore[no
     # The start was journalled in the virt name's data_dir and journal directory.
     assert wait_until(lambda: any((virt_data / ALIASES["virt"].journal_dir).glob("*")), 30)
     assert not (own_data / "journal").exists() or not any((own_data / "journal").iterdir())
-    deadline = time.monotonic() + 180
-    logs = ""
-    while MARKER not in logs and time.monotonic() < deadline:
-        logs = three_names.nomad("alloc", "logs", str(alloc["ID"]), "vm", check=False)
-        time.sleep(1)
-    assert MARKER in logs, logs
+
+    def logs() -> str:
+        return three_names.nomad("alloc", "logs", str(alloc["ID"]), "vm", check=False)
+
+    assert wait_until(lambda: MARKER in logs(), 180, every=1), logs()
     three_names.nomad("job", "stop", "-detach", "virt-tiny")
     wait_alloc(three_names, "virt-tiny", {"complete", "failed"}, timeout=60)
     assert wait_until(lambda: not qemu_processes_under(three_names.config.workdir), 20)
