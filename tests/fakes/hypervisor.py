@@ -200,20 +200,10 @@ class FakeVM(OneProcessVMM):
         finally:
             exited.cancel()
 
-    async def wait(self) -> VMExit:
-        if self._ended is None:
-            self._ended = asyncio.ensure_future(self._wait_once())
-        return await asyncio.shield(self._ended)
+    helper_grace = 1.0
 
-    async def _wait_once(self) -> VMExit:
-        ended = await self.process.wait()
-        for helper in self.helpers:
-            await helper.terminate(1.0)
-        if self.guest.verdict == "poweroff":
-            return VMExit(0, None, "the guest powered off", guest_poweroff=True)
-        if self.guest.verdict == "panic":
-            return VMExit(None, None, "the guest kernel panicked", panicked=True)
-        return ended
+    def guest_verdict(self) -> str | None:
+        return self.guest.verdict
 
     async def power_down(self) -> bool:
         if not self.guest.ignores_acpi:

@@ -17,6 +17,7 @@ covers the case where nobody is left to undo them (the plugin was killed).
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import signal
 from collections.abc import AsyncIterator, Sequence
@@ -223,10 +224,42 @@ class VMUsage:
 
 
 class OneProcessVMM:
-    """``terminate``, ``kill`` and ``usage`` of a RunningVM whose VMM is one process
-    (``self.process``): the same for every backend that runs one."""
+    """``wait``, ``terminate``, ``kill`` and ``usage`` of a RunningVM whose VMM is one process
+    (``self.process``) with helpers (``self.helpers``, e.g. virtiofsd): the same for every
+    backend that runs one. A backend says what the guest did (``guest_verdict``) and what a
+    VMM exit without such a verdict means (``vmm_exit``)."""
 
     process: SupervisedProcess
+    helpers: tuple[SupervisedProcess, ...]
+    # A helper (virtiofsd) exits as soon as the VMM closes its socket; one that has not
+    # after this long is killed.
+    helper_grace: float = 5.0
+    _ended: asyncio.Future[VMExit] | None = None
+
+    async def wait(self) -> VMExit:
+        """How the VM ended, once it has; concurrent callers share the one wait."""
+        if self._ended is None:
+            self._ended = asyncio.ensure_future(self._wait_once())
+        return await asyncio.shield(self._ended)
+
+    async def _wait_once(self) -> VMExit:
+        ended = await self.process.wait()
+        for helper in self.helpers:
+            await helper.terminate(self.helper_grace)
+        verdict = self.guest_verdict()
+        if verdict == "poweroff":
+            return VMExit(0, None, "the guest powered off", guest_poweroff=True)
+        if verdict == "panic":
+            return VMExit(None, None, "the guest kernel panicked", panicked=True)
+        return self.vmm_exit(ended)
+
+    def guest_verdict(self) -> str | None:
+        """"poweroff" or "panic" when the guest itself ended the VM, else None."""
+        return None
+
+    def vmm_exit(self, ended: VMExit) -> VMExit:
+        """The VM's exit when the VMM ended (as ``ended``) without a guest verdict."""
+        return ended
 
     async def terminate(self, grace: float) -> None:
         """End the VMM now: SIGTERM, SIGKILL after ``grace`` seconds."""

@@ -46,8 +46,6 @@ log = logging.getLogger(__name__)
 # How often the event file is read while the VMM runs (a few events per boot; reading a small
 # file is cheap, and CH offers no other channel that outlives the plugin).
 EVENT_POLL = 0.1
-# A virtiofsd exits as soon as CH closes its socket; one that has not after this is killed.
-HELPER_GRACE = 5.0
 # The VM's states once the guest has powered it off (the VMM keeps its config).
 POWERED_OFF_STATES = (VmState.CREATED, VmState.SHUTDOWN)
 
@@ -175,19 +173,10 @@ class CloudHypervisorVM(OneProcessVMM):
         self._terminated = True
         await self.process.terminate(grace)
 
-    async def wait(self) -> VMExit:
-        if self._ended is None:
-            self._ended = asyncio.ensure_future(self._wait_once())
-        return await asyncio.shield(self._ended)
+    def guest_verdict(self) -> str | None:
+        return self.guest_end
 
-    async def _wait_once(self) -> VMExit:
-        ended = await self.process.wait()
-        for helper in self.helpers:
-            await helper.terminate(HELPER_GRACE)
-        if self.guest_end == "poweroff":
-            return VMExit(0, None, "the guest powered off", guest_poweroff=True)
-        if self.guest_end == "panic":
-            return VMExit(None, None, "the guest kernel panicked", panicked=True)
+    def vmm_exit(self, ended: VMExit) -> VMExit:
         if self._terminated and not ended.signal:
             # CH exits 0 on SIGTERM: the signal we sent is how it ended.
             return VMExit(None, signal.SIGTERM, "Cloud Hypervisor was terminated by SIGTERM")

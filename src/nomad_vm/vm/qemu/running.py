@@ -47,8 +47,6 @@ AGENT_SOCKET = "agent.sock"
 SIGNAL_LINE = re.compile(rb"terminating on signal (\d+)")
 GUEST_DONE_STATES = {"shutdown": "poweroff", "guest-panicked": "panic"}
 BALLOON = "/machine/peripheral/balloon0"
-# A virtiofsd exits as soon as QEMU closes its socket; one that has not after this is killed.
-HELPER_GRACE = 5.0
 
 
 class QemuVM(OneProcessVMM):
@@ -152,19 +150,10 @@ class QemuVM(OneProcessVMM):
             return False
         return True
 
-    async def wait(self) -> VMExit:
-        if self._ended is None:
-            self._ended = asyncio.ensure_future(self._wait_once())
-        return await asyncio.shield(self._ended)
+    def guest_verdict(self) -> str | None:
+        return self.guest_end
 
-    async def _wait_once(self) -> VMExit:
-        ended = await self.process.wait()
-        for helper in self.helpers:
-            await helper.terminate(HELPER_GRACE)
-        if self.guest_end == "poweroff":
-            return VMExit(0, None, "the guest powered off", guest_poweroff=True)
-        if self.guest_end == "panic":
-            return VMExit(None, None, "the guest kernel panicked", panicked=True)
+    def vmm_exit(self, ended: VMExit) -> VMExit:
         signalled = ended.signal or _signal_from_log(self.log_path)
         if signalled and not ended.signal:
             name = signal.Signals(signalled).name
