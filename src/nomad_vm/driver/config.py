@@ -9,6 +9,7 @@ from ipaddress import IPv4Address
 from pathlib import Path
 
 from nomad_vm import schema
+from nomad_vm.driver.ch_config import CloudHypervisorConfig, parse_cloud_hypervisor
 from nomad_vm.driver.hostname import default_hostname, validate_hostname
 from nomad_vm.driver.seed_keys import (
     SeedPluginKeys,
@@ -36,21 +37,6 @@ RUNTIME_PREFIX = "nomad-vm"
 
 
 @dataclass(frozen=True)
-class CloudHypervisorConfig:
-    """The plugin's `cloud_hypervisor { ... }` block (names as in nomad-driver-ch)."""
-
-    bin: str = "cloud-hypervisor"
-    remote_bin: str = ""
-    virtiofsd_bin: str = ""
-    default_kernel: Path | None = None
-    default_initramfs: Path | None = None
-    firmware: Path | None = None
-    seccomp: str = "true"
-    log_file: Path | None = None
-    trust_kvm: bool = False
-
-
-@dataclass(frozen=True)
 class PluginConfig:
     data_dir: Path
     image_paths: tuple[str, ...]
@@ -75,6 +61,7 @@ class PluginConfig:
     def dns(self) -> tuple[IPv4Address, ...]:
         """Name servers for guests whose NIC sets none."""
         return self.seed.dns
+
     # The host interfaces macvtap NICs may stack on; empty: any.
     macvtap_devices: tuple[str, ...] = ()
 
@@ -173,7 +160,7 @@ def parse_plugin_config(
         seccomp=bool(values["seccomp"]),
         network=parse_bridge_network(_block(values["network"]), Path(data_dir)),
         hypervisor=_optional_str(values["hypervisor"]),
-        cloud_hypervisor=_cloud_hypervisor(values["cloud_hypervisor"]),
+        cloud_hypervisor=parse_cloud_hypervisor(values["cloud_hypervisor"]),
         identity=identity,
         seed=parse_seed_plugin_keys(values),
         macvtap_devices=_interface_names(values["macvtap_devices"], "config.macvtap_devices"),
@@ -185,46 +172,6 @@ def _interface_names(raw: object, field_name: str) -> tuple[str, ...]:
     for i, name in enumerate(names):
         check_device_name(name, f"{field_name}[{i}]")
     return names
-
-
-def _cloud_hypervisor(raw: object) -> CloudHypervisorConfig:
-    """The block, absent or not, with its defaults; its file paths must be absolute (they are
-    the operator's, used as given, so a relative one would depend on the agent's cwd)."""
-    schema_of = _plugin_block_schema("cloud_hypervisor")
-    values = raw if isinstance(raw, dict) else validate(schema_of, {}, schema_of.where)
-
-    def path(name: str) -> Path | None:
-        value = str(values[name] or "")
-        if not value:
-            return None
-        if not Path(value).is_absolute():
-            raise ConfigError(
-                f"config.cloud_hypervisor.{name}", f"must be an absolute path, got {value!r}"
-            )
-        return Path(value)
-
-    kernel, initramfs = path("default_kernel"), path("default_initramfs")
-    if initramfs is not None and kernel is None:
-        raise ConfigError(
-            "config.cloud_hypervisor.default_initramfs",
-            "needs default_kernel: it is loaded with the default kernel only",
-        )
-    return CloudHypervisorConfig(
-        bin=str(values["bin"]),
-        remote_bin=str(values["remote_bin"] or ""),
-        virtiofsd_bin=str(values["virtiofsd_bin"] or ""),
-        default_kernel=kernel,
-        default_initramfs=initramfs,
-        firmware=path("firmware"),
-        seccomp=str(values["seccomp"]),
-        log_file=path("log_file"),
-        trust_kvm=bool(values["trust_kvm"]),
-    )
-
-
-def _plugin_block_schema(name: str) -> Schema:
-    block = schema.PLUGIN_CONFIG.field(name)
-    return Schema(block.name, f"config.{name}", block.fields)
 
 
 def _refuse_overlap(field: str, image_dir: Path, data_dir: Path) -> None:
