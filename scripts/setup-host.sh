@@ -14,6 +14,12 @@ PACKAGES=(
     debootstrap extlinux e2fsprogs mount  # building the Debian cloud test guest
     genisoimage       # isoinfo: tests read the cloud-init seed ISO back with a second tool
     python3-venv
+    ceph-mon ceph-mgr ceph-osd ceph-common  # the single-node Ceph cluster the RBD pool tests start
+    qemu-block-extra  # QEMU's rbd block driver (Ceph pools)
+    python3-rados python3-rbd  # the Ceph bindings the plugin creates, clones and removes volumes with
+    swtpm swtpm-tools # a TPM 2.0 per task (os { variant = "windows..." } / tpm = true)
+    novnc websockify  # `nomad-vm console serve`: the noVNC page (served from the package)
+    chromium fonts-dejavu-core  # the browser test of the console page (headless)
 )
 SUDO=""; [[ $(id -u) == 0 ]] || SUDO=sudo
 # The tiny guest is built from Debian packages (`apt-get download`), which needs package lists
