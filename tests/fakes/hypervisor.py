@@ -216,6 +216,9 @@ class FakeVM(OneProcessVMM):
     def guest_agent(self) -> GuestAgent | None:
         return None
 
+    def console_socket(self) -> Path | None:
+        return None  # the simulated guest has no console to type into
+
     async def open_terminal(self) -> TerminalPort:
         raise Unsupported("the fake hypervisor has no terminal ports")
 

@@ -148,6 +148,9 @@ SPECS = {
         nics=(NicSpec("nvmabcdefghijkl", "52:54:12:34:56:78", 13),),
         control_fd=9,
         agent_fd=10,
+        serial_socket=Path("/run/s/serial.sock"),
+        serial_fd=16,
+        console_log_fd=17,
         seccomp=True,
     ),
     "handed_virtiofs": VMSpec(
@@ -166,6 +169,9 @@ SPECS = {
         ),
         share_transport="virtiofs",
         control_fd=9,
+        serial_socket=Path("/run/t/serial.sock"),
+        serial_fd=16,
+        console_log_fd=17,
         seccomp=True,
     ),
     # `disk` blocks: a primary overlay with a serial, then every bus pc has, a raw read-only
@@ -234,6 +240,26 @@ def test_qemu_inherits_exactly_the_descriptors_its_command_line_names() -> None:
     ]
     chain = SPECS["microvm_disk"]
     assert sorted(inherited_fds(chain)) == [20, 30, 32, 33]
+
+
+def test_serial_console_is_a_handed_socket_logged_to_the_task_stdout() -> None:
+    """The console is read-write on the socket the plugin bound; QEMU copies the guest's
+    output to the task's stdout (an fdset of the FIFO's descriptor) whether or not anyone is
+    attached. Both descriptors are inherited, and no path is named."""
+    spec = SPECS["handed_virtiofs"]
+    argv = qemu_argv("qemu-system-x86_64", spec)
+    chardev = argv[argv.index("-add-fd", 0) :]
+    assert chardev[:4] == ["-add-fd", "fd=17,set=1", "-chardev", chardev[3]]
+    assert chardev[3] == (
+        "socket,id=serial0,fd=16,server=on,wait=off,logfile=/dev/fdset/1,logappend=on"
+    )
+    assert {16, 17} <= set(inherited_fds(spec))
+    assert not any("serial.sock" in arg for arg in argv)
+    # Without a handed socket (no descriptors): stdio, output only, as before.
+    plain = qemu_argv("qemu-system-x86_64", SPECS["kernel_tcg"])
+    assert plain[plain.index("-chardev") + 1] == "stdio,id=serial0,signal=off"
+    with pytest.raises(ValueError, match="console log"):
+        qemu_argv("qemu-system-x86_64", replace(spec, console_log_fd=None))
 
 
 def test_qemu_is_given_no_file_by_name() -> None:

@@ -68,6 +68,9 @@ class HypervisorCapabilities:
     # `disk {}` blocks beyond one plain virtio disk: several disks, other buses, cdroms,
     # serials, read-only disks, cache modes and storage-pool volumes.
     disk_blocks: bool = False
+    # The guest's serial console can be attached to read-write (``RunningVM.console_socket``)
+    # while its output keeps going to the task's stdout.
+    serial_console: bool = False
 
 
 @dataclass(frozen=True)
@@ -333,6 +336,12 @@ class RunningVM(Protocol):
 
     def guest_agent(self) -> GuestAgent | None:
         """A new client for the guest agent's channel; None when the VM has none."""
+        ...
+
+    def console_socket(self) -> Path | None:
+        """Where the serial console is served (one client at a time: bytes in are the guest's
+        input, bytes out its output); None when this VM has none (``serial_console`` backends
+        only, and VMs started by a plugin without it)."""
         ...
 
     async def open_terminal(self) -> TerminalPort:

@@ -98,6 +98,13 @@ class VMSpec:
     # path itself.
     control_fd: int | None = None
     agent_fd: int | None = None
+    # The serial console as a socket the plugin bound at ``serial_socket`` and QEMU serves
+    # (``serial_fd``, listening), with every byte the guest writes also going to
+    # ``console_log_fd`` (the task's stdout FIFO) whether or not anyone is attached. None:
+    # the console is QEMU's stdout, output only.
+    serial_socket: Path | None = None
+    serial_fd: int | None = None
+    console_log_fd: int | None = None
     # The VMM filters its own system calls (QEMU's -sandbox).
     seccomp: bool = False
 

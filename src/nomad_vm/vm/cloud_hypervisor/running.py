@@ -204,6 +204,12 @@ class CloudHypervisorVM(OneProcessVMM):
         has not been shown to work with it here (no CH guest runs on these hosts)."""
         return None
 
+    def console_socket(self) -> Path | None:
+        """None: the serial console is the VMM's stdout (the task's stdout), output only. CH's
+        ``--serial socket=`` would serve it read-write, but then its output reaches the logs
+        only while a client relays it, and no CH guest could be run here to verify it."""
+        return None
+
     async def open_terminal(self) -> TerminalPort:
         raise Unsupported("Cloud Hypervisor VMs have no guest agent for an interactive session")
 

@@ -19,9 +19,9 @@ from nomad_vm.vm.qemu.files_argv import (
 )
 from nomad_vm.vm.spec import VMSpec
 
-# The guest's first serial port is QEMU's stdout, which the driver connects to Nomad's task stdout
-# FIFO: that is how the guest console reaches `nomad alloc logs`. signal=off keeps a Ctrl-C byte
-# in the console from killing QEMU.
+# Without a handed serial socket (specs built without descriptors), the guest's first serial
+# port is QEMU's stdout, the task's stdout FIFO: output only. signal=off keeps a Ctrl-C byte in
+# the console from killing QEMU.
 SERIAL_CHARDEV = "stdio,id=serial0,signal=off"
 # The guest RAM's memory backend when virtio-fs needs it shared.
 SHARED_RAM = "ram0"
@@ -40,7 +40,7 @@ def qemu_argv(binary: str, spec: VMSpec) -> list[str]:
         binary,
         *_platform(spec, sets),
         *sandbox,
-        *_control(spec),
+        *_control(spec, sets),
         *_devices(spec, sets),
         *_boot(spec),
     ]
@@ -66,7 +66,27 @@ def _platform(spec: VMSpec, sets: FdSets) -> list[str]:
     return [*argv, "-smp", str(spec.vcpus), "-m", f"{spec.memory_mb}M"]
 
 
-def _control(spec: VMSpec) -> list[str]:
+def serial_argv(spec: VMSpec, sets: FdSets) -> list[str]:
+    """The guest's first serial port (its console: ttyS0, COM1).
+
+    With a handed socket, the console is read-write: QEMU serves the socket the plugin bound
+    (one client at a time; the plugin connects while `nomad alloc exec` sessions are attached,
+    driver/console_session.py), and ``logfile`` copies every byte the guest writes to the
+    task's stdout FIFO, handed over as an fdset. QEMU writes that copy itself, attached or not
+    and with or without a plugin running, so `nomad alloc logs` sees the console as before.
+    """
+    if spec.serial_fd is None:
+        return ["-chardev", SERIAL_CHARDEV, "-serial", "chardev:serial0"]
+    if spec.console_log_fd is None:
+        raise ValueError("a serial socket needs the console log descriptor")
+    add, log_name = sets.add_fd(spec.console_log_fd)
+    chardev = (
+        f"socket,id=serial0,fd={spec.serial_fd},server=on,wait=off,logfile={log_name},logappend=on"
+    )
+    return [*add, "-chardev", chardev, "-serial", "chardev:serial0"]
+
+
+def _control(spec: VMSpec, sets: FdSets) -> list[str]:
     if spec.control_fd is not None:
         qmp = [
             "-chardev",
@@ -81,10 +101,7 @@ def _control(spec: VMSpec) -> list[str]:
         "none",
         "-vga",
         "none",
-        "-chardev",
-        SERIAL_CHARDEV,
-        "-serial",
-        "chardev:serial0",
+        *serial_argv(spec, sets),
         *qmp,
         # A guest power-off or panic pauses QEMU instead of ending it, so the verdict survives
         # in QEMU's run state until the driver (possibly restarted meanwhile) has read it.

@@ -46,7 +46,7 @@ from nomad_vm.vm.qemu.argv import qemu_argv
 from nomad_vm.vm.qemu.binary import find_qemu, qemu_version
 from nomad_vm.vm.qemu.files_argv import inherited_fds
 from nomad_vm.vm.qemu.monitor import QemuMonitor, connect_when_ready
-from nomad_vm.vm.qemu.running import AGENT_SOCKET, LOG_NAME, QMP_SOCKET, QemuVM
+from nomad_vm.vm.qemu.running import AGENT_SOCKET, LOG_NAME, QMP_SOCKET, SERIAL_SOCKET, QemuVM
 from nomad_vm.vm.share_transport import choose_share_transport
 from nomad_vm.vm.spec import VMSpec
 from nomad_vm.vm.virtiofsd import (
@@ -75,6 +75,7 @@ CAPABILITIES = HypervisorCapabilities(
     share_transports=("virtiofs", "9p"),
     guest_agent=True,
     terminal_hotplug=True,
+    serial_console=True,
     # QEMU could (QMP stop/cont, migrate-to-file), but this backend does not offer them yet.
     pause=False,
     snapshot=False,
@@ -315,12 +316,14 @@ def build_spec(
     firmware_vars: HeldFile | None = None,
     handed: Handover | None = None,
 ) -> VMSpec:
-    """The VM's spec; with ``handed``, the QMP and agent sockets are bound now (by the
-    plugin, at their usual paths) and each shared directory opened: QEMU and its daemons get
-    descriptors (``nomad_vm.vm.handover``)."""
+    """The VM's spec; with ``handed``, the QMP, agent and serial console sockets are bound
+    now (by the plugin, at their usual paths) and each shared directory opened: QEMU and its
+    daemons get descriptors (``nomad_vm.vm.handover``). The console's output also goes to
+    ``devices.console_fd`` (the task's stdout), through QEMU's own copy of it."""
     request = plan.request
     control_socket = plan.runtime_dir / QMP_SOCKET
     agent_socket = plan.runtime_dir / AGENT_SOCKET
+    serial_socket = plan.runtime_dir / SERIAL_SOCKET
     return VMSpec(
         name=request.name,
         vcpus=request.vcpus,
@@ -345,5 +348,8 @@ def build_spec(
         nics=devices.nics,
         control_fd=handed.listen(control_socket) if handed else None,
         agent_fd=handed.listen(agent_socket) if handed else None,
+        serial_socket=serial_socket if handed else None,
+        serial_fd=handed.listen(serial_socket) if handed else None,
+        console_log_fd=devices.console_fd if handed else None,
         seccomp=details.seccomp,
     )

@@ -44,9 +44,13 @@ class FdSets:
 
     def add(self, held: HeldFile) -> tuple[list[str], str]:
         """The ``-add-fd`` argv for ``held`` and the name QEMU opens it by."""
+        return self.add_fd(held.fd)
+
+    def add_fd(self, fd: int) -> tuple[list[str], str]:
+        """The same for a descriptor that is not a file of ours (the task's stdout FIFO)."""
         fdset = self._next
         self._next += 1
-        return ["-add-fd", f"fd={held.fd},set={fdset}"], f"/dev/fdset/{fdset}"
+        return ["-add-fd", f"fd={fd},set={fdset}"], f"/dev/fdset/{fdset}"
 
 
 def blockdev(
@@ -125,7 +129,7 @@ def boot_argv(spec: VMSpec) -> list[str]:
 
 def inherited_fds(spec: VMSpec) -> tuple[int, ...]:
     """Every descriptor the command line names: QEMU must inherit these, and only these."""
-    sockets = (spec.control_fd, spec.agent_fd)
+    sockets = (spec.control_fd, spec.agent_fd, spec.serial_fd, spec.console_log_fd)
     shares = [fd for s in spec.shares for fd in (s.socket_fd, s.host_fd)]
     nics = [nic.fd for nic in spec.nics]
     others = [fd for fd in (*sockets, *shares, *nics) if fd is not None]

@@ -44,6 +44,8 @@ log = logging.getLogger(__name__)
 LOG_NAME = "qemu.log"
 QMP_SOCKET = "qmp.sock"
 AGENT_SOCKET = "agent.sock"
+# The serial console's socket (argv.serial_argv); VMs started before it existed have none.
+SERIAL_SOCKET = "serial.sock"
 SIGNAL_LINE = re.compile(rb"terminating on signal (\d+)")
 GUEST_DONE_STATES = {"shutdown": "poweroff", "guest-panicked": "panic"}
 BALLOON = "/machine/peripheral/balloon0"
@@ -166,6 +168,10 @@ class QemuVM(OneProcessVMM):
     def guest_agent(self) -> GuestAgent | None:
         socket = self.runtime_dir / AGENT_SOCKET
         return GuestAgent(socket) if socket.exists() else None
+
+    def console_socket(self) -> Path | None:
+        socket = self.runtime_dir / SERIAL_SOCKET
+        return socket if socket.exists() else None
 
     async def open_terminal(self) -> TerminalPort:
         if self.monitor is None:
