@@ -18,6 +18,7 @@ from pathlib import Path
 from nomad_vm import schema
 from nomad_vm.driver.checkpoints import Checkpoints, checkpoints_from_environment
 from nomad_vm.driver.config import RUNTIME_PREFIX, PluginConfig, parse_plugin_config
+from nomad_vm.driver.console_session import CONSOLE_COMMAND, is_console_command, run_console
 from nomad_vm.driver.events import EventBus
 from nomad_vm.driver.fingerprint import fingerprint_async
 from nomad_vm.driver.guest_exec import (
@@ -56,6 +57,7 @@ from nomad_vm.errors import (
     NetworkError,
     TaskExists,
     TaskNotFound,
+    Unsupported,
 )
 from nomad_vm.fields import Schema
 from nomad_vm.vm.hypervisor import Hypervisor
@@ -343,7 +345,14 @@ class VMDriver:
     async def exec_task(
         self, task_id: str, command: list[str], timeout: float, stdin: StdinReader | None = None
     ) -> ExecOutcome:
-        return await exec_in_guest(self._task(task_id), command, timeout, stdin)
+        entry = self._task(task_id)
+        if is_console_command(command):
+            # Script checks and other one-shot execs: the console is only for a session.
+            raise Unsupported(
+                f"{CONSOLE_COMMAND} attaches a `nomad alloc exec` session to the serial "
+                "console; it is not a command to run"
+            )
+        return await exec_in_guest(entry, command, timeout, stdin)
 
     async def exec_terminal(
         self,
@@ -352,6 +361,9 @@ class VMDriver:
         inputs: AsyncIterator[TerminalInput],
         on_output: OutputSink,
     ) -> ExecOutcome:
+        """An interactive session: a pty in the guest, or the reserved console command."""
+        if is_console_command(command):
+            return await run_console(self._task(task_id), command, inputs, on_output)
         return await run_terminal(self._task(task_id), command, inputs, on_output)
 
     async def shutdown(self) -> None:

@@ -18,6 +18,7 @@ from nomad_vm.vm.hypervisor import (
     HypervisorCapabilities,
     RunningVM,
 )
+from nomad_vm.vm.serial_console import SerialConsole
 from nomad_vm.vm.spec import VMExit
 
 log = logging.getLogger(__name__)
@@ -72,6 +73,8 @@ class VMTask:
         self._tasks: list[asyncio.Task[None]] = []
         # The guest agent client once it has answered (exec and signals go through it).
         self.agent: GuestAgent | None = None
+        # The serial console's connection while sessions are attached (console_session).
+        self.console: SerialConsole | None = None
 
     def start_watching(self) -> None:
         assert self.vm is not None
@@ -162,6 +165,9 @@ class VMTask:
                 except Exception:  # already reported where it happened; closing regardless
                     log.exception("watcher of task %s failed", self.config.id)
         self._tasks.clear()
+        if self.console is not None:
+            await self.console.close()
+            self.console = None
         if self.agent is not None:
             await self.agent.close()
             self.agent = None

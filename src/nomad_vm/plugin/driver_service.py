@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Protocol, TypeAlias
 
 import grpc
 
+from nomad_vm.driver.console_session import is_console_command
 from nomad_vm.driver.guest_terminal import TerminalInput
 from nomad_vm.driver.types import ExitResult
 from nomad_vm.errors import NomadVMError, Unsupported
@@ -174,7 +175,9 @@ class DriverService(driver_pb2_grpc.DriverServicer):
     ) -> AsyncIterator[pb.ExecTaskStreamingResponse]:
         """`nomad alloc exec`. Without a tty, stdin is collected until Nomad closes it, then the
         command runs and its output is sent back (the guest agent returns output only at the
-        end). With a tty, a pty session in the guest streams both ways (guest_terminal).
+        end). With a tty, a pty session in the guest streams both ways (guest_terminal). The
+        reserved command ``nomad-vm:console`` streams the VM's serial console both ways, with
+        or without a tty (console_session).
 
         A session that cannot run (no guest agent, VM stopped, command not found, ...) ends like
         a shell's, with the reason as output and exit code 126 or 127: Nomad would not show a
@@ -185,8 +188,8 @@ class DriverService(driver_pb2_grpc.DriverServicer):
         try:
             first = await anext(requests)
             tty = first.setup.tty
-            if tty:
-                session = self._terminal_session(first, requests)
+            if tty or is_console_command(first.setup.command):
+                session = self._terminal_session(first, requests, tty=tty)
             else:
                 session = self._collected_exec(first.setup, requests)
             async for frame in session:
@@ -222,6 +225,8 @@ class DriverService(driver_pb2_grpc.DriverServicer):
         self,
         first: pb.ExecTaskStreamingRequest,
         requests: AsyncIterator[pb.ExecTaskStreamingRequest],
+        *,
+        tty: bool = True,
     ) -> AsyncIterator[pb.ExecTaskStreamingResponse]:
         frames: asyncio.Queue[pb.ExecTaskStreamingResponse | None] = asyncio.Queue()
 
@@ -248,7 +253,7 @@ class DriverService(driver_pb2_grpc.DriverServicer):
             outcome = await session
         finally:
             session.cancel()
-        for frame in output_frames(b"", b"", tty=True):
+        for frame in output_frames(b"", b"", tty=tty):
             yield frame
         yield exited_frame(outcome.exit_code, outcome.signal)
 
