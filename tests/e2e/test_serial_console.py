@@ -193,4 +193,3 @@ def test_console_of_a_guest_without_agent(
         term.close()
     agent.nomad("job", "stop", "-detach", "console-tiny")
     wait_alloc(agent, "console-tiny", {"complete"}, timeout=60)
-
