@@ -21,6 +21,7 @@ import pytest
 from nomad_vm.cli.devagent import DevAgent
 from nomad_vm.driver.console_session import CONSOLE_COMMAND
 from nomad_vm.guests.tiny import tiny_cmdline
+from tests.conftest import wait_until
 from tests.e2e.conftest import DEBIAN_VARIABLES, run_debian_job, running_agent, wait_alloc
 from tests.e2e.terminal import InteractiveTerminal
 
@@ -86,6 +87,16 @@ def wait_in_logs(agent: DevAgent, alloc: str, text: str, timeout: float) -> None
     while text not in (logs := alloc_logs(agent, alloc)):
         assert time.monotonic() < deadline, f"{text!r} not in the logs: {logs[-3000:]}"
         time.sleep(2)
+
+
+def console_clients(agent: DevAgent) -> int:
+    """Connections QEMU has accepted on the task's console socket (the plugin holds one while
+    sessions are attached), from the kernel's table of unix sockets."""
+    (socket,) = agent.config.workdir.rglob("serial.sock")
+    table = subprocess.run(
+        ["ss", "-xH", "state", "established"], capture_output=True, text=True, check=True
+    ).stdout
+    return sum(1 for line in table.splitlines() if str(socket) in line.split())
 
 
 def console(agent: DevAgent, alloc: str) -> InteractiveTerminal:
@@ -174,11 +185,14 @@ def test_console_of_a_guest_without_agent(
         term.expect(b"attached to the serial console", 60)
         term.send(b"echo no-agent-$((7*6))\r")
         term.expect(b"no-agent-42", 60)
+        assert console_clients(agent) == 1
         # The Nomad CLI's escape: ~. at the start of a line ends the session.
         term.send(b"\r~.")
         term.wait(30)
     finally:
         term.close()
+    # ... and the plugin's session with it: the last one out lets go of the console.
+    assert wait_until(lambda: console_clients(agent) == 0, 30)
     wait_in_logs(agent, alloc, "no-agent-42", 30)
     wait_alloc(agent, "console-tiny", {"running"}, timeout=5)
     # Still attachable after the CLI went away without a goodbye.
