@@ -81,12 +81,18 @@ class StreamEnd:
         return exits[0] if exits else None
 
 
-def run_session(driver: FakeDriver, *, tty: bool, stdin: list[bytes] | None = None) -> StreamEnd:
+def run_session(
+    driver: FakeDriver,
+    *,
+    tty: bool,
+    stdin: list[bytes] | None = None,
+    command: tuple[str, ...] = ("ls",),
+) -> StreamEnd:
     """One ExecTaskStreaming call as Nomad makes it: setup, then stdin (closed when ``stdin`` is
     given; with None the client never closes its input, like a user who has not typed ^D)."""
 
     async def requests() -> AsyncIterator[pb.ExecTaskStreamingRequest]:
-        setup = pb.ExecTaskStreamingRequest.Setup(task_id="t1", command=["ls"], tty=tty)
+        setup = pb.ExecTaskStreamingRequest.Setup(task_id="t1", command=command, tty=tty)
         yield pb.ExecTaskStreamingRequest(setup=setup)
         if stdin is None:
             await asyncio.Event().wait()
@@ -183,6 +189,32 @@ def test_tty_session_status_passes_through() -> None:
     end = run_session(FakeDriver(terminal_impl=impl), tty=True, stdin=[])
     assert end.stream("stdout") == b"x" * 3000 and end.closes("stdout") == 1
     assert end.exit_code == 137 and end.frames[-1].result.signal == 9
+
+
+def test_a_long_session_output_arrives_whole_and_in_order_through_the_bounded_queue() -> None:
+    # Far more than the frames the servicer keeps waiting for the client (FRAME_BACKLOG).
+    chunks = [f"{i:06d}".encode() * 500 for i in range(300)]
+
+    async def impl(on_output: OutputSink) -> ExecOutcome:
+        for chunk in chunks:
+            await on_output(chunk)
+        return ExecOutcome(b"", b"", 0)
+
+    end = run_session(FakeDriver(terminal_impl=impl), tty=True, stdin=None)
+    assert end.stream("stdout") == b"".join(chunks)
+    assert end.exit_code == 0
+
+
+def test_the_console_command_streams_without_a_tty_too() -> None:
+    async def impl(on_output: OutputSink) -> ExecOutcome:
+        await on_output(b"login: ")
+        return ExecOutcome(b"", b"", 0)
+
+    end = run_session(
+        FakeDriver(terminal_impl=impl), tty=False, stdin=None, command=("nomad-vm:console",)
+    )
+    assert end.stream("stdout") == b"login: " and end.exit_code == 0
+    assert end.closes("stdout") == 1 and end.closes("stderr") == 1
 
 
 @pytest.mark.parametrize("tty", [False, True])

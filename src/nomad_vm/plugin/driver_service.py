@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from asyncio import FIRST_COMPLETED
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Protocol, TypeAlias
 
@@ -37,6 +38,8 @@ log = logging.getLogger(__name__)
 # "context deadline exceeded" out of the agent's log; the close goes on after it either way.
 SHUTDOWN_TIMEOUT = 2.0
 SHUTDOWN_MARGIN = 0.3
+# Output frames (1 KiB each) an interactive session may have waiting for the client.
+FRAME_BACKLOG = 64
 
 
 class Lifecycle(Protocol):
@@ -228,7 +231,9 @@ class DriverService(driver_pb2_grpc.DriverServicer):
         *,
         tty: bool = True,
     ) -> AsyncIterator[pb.ExecTaskStreamingResponse]:
-        frames: asyncio.Queue[pb.ExecTaskStreamingResponse | None] = asyncio.Queue()
+        # Bounded: a client that reads slowly holds the session's output back (the guest's
+        # relay, or the console's per-session limit) instead of growing this queue.
+        frames: asyncio.Queue[pb.ExecTaskStreamingResponse] = asyncio.Queue(FRAME_BACKLOG)
 
         async def on_output(data: bytes) -> None:
             for i in range(0, len(data), EXEC_CHUNK):
@@ -246,13 +251,23 @@ class DriverService(driver_pb2_grpc.DriverServicer):
         session = asyncio.create_task(
             self.driver.exec_terminal(setup.task_id, list(setup.command), inputs(), on_output)
         )
-        session.add_done_callback(lambda _: frames.put_nowait(None))
+        getter: asyncio.Future[pb.ExecTaskStreamingResponse] | None = None
         try:
-            while (frame := await frames.get()) is not None:
-                yield frame
+            while True:
+                getter = asyncio.ensure_future(frames.get())
+                done, _ = await asyncio.wait({getter, session}, return_when=FIRST_COMPLETED)
+                if getter not in done:
+                    # Cancelling a get that was woken but has not run leaves its frame queued.
+                    getter.cancel()
+                    break
+                yield getter.result()
+            while not frames.empty():
+                yield frames.get_nowait()
             outcome = await session
         finally:
             session.cancel()
+            if getter is not None:
+                getter.cancel()
         for frame in output_frames(b"", b"", tty=tty):
             yield frame
         yield exited_frame(outcome.exit_code, outcome.signal)
