@@ -90,8 +90,8 @@ async def run_console(
     try:
         done, _ = await asyncio.wait({sending, receiving}, return_when=asyncio.FIRST_COMPLETED)
         if sending in done and sending.exception() is None:
-            # The user detached (or the client went away): what is already buffered for
-            # this session was written before; the goodbye follows it.
+            # The user detached (or the client went away): output not yet forwarded to this
+            # session is dropped (it is in the logs); the goodbye is the last thing shown.
             await on_output(DETACHED.encode())
             return ExecOutcome(b"", b"", EXIT_DETACHED)
         if sending in done:
