@@ -1,0 +1,326 @@
+"""Images given by URL through the driver (VMDriver with the fake backend: its VMM is a real
+process, the journal and its replay are real), real qemu-img, and a real HTTP server on
+loopback: one download for ten concurrent tasks, a checksum mismatch or a 404 leaving
+nothing behind, leases held while a task runs (also across a plugin restart), and removal of
+unused images only."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import nomad_vm.driver.image_fetch as image_fetch
+from nomad_vm.driver.driver import VMDriver
+from nomad_vm.driver.types import TaskConfig, TaskResources
+from nomad_vm.errors import ConfigError, ImageError
+from nomad_vm.storage.image_store import ImageStore
+from nomad_vm.storage.tools import find_qemu_img
+from tests.fakes import hypervisor as fake
+from tests.image_server import ImageServer, image_server
+
+ALLOC = "c0ffee00-0000-0000-0000-000000000001"
+
+
+def qcow2_bytes(tmp: Path, size: str = "64M") -> bytes:
+    path = tmp / f"made-{size}.qcow2"
+    subprocess.run(
+        [str(find_qemu_img()), "create", "-q", "-f", "qcow2", str(path), size], check=True
+    )
+    return path.read_bytes()
+
+
+class Node:
+    def __init__(self, root: Path, guest: Any, **cache: object) -> None:
+        self.root = root
+        self.guest = guest
+        self.host = fake.FakeHost()
+        self.cache = {"max_unused_age": "1h", "read_timeout": 3, "connect_timeout": 3, **cache}
+        self.store = ImageStore(root / "data")
+
+    def driver(self) -> VMDriver:
+        driver = VMDriver(backends=fake.registry(self.host))
+        config = {
+            "data_dir": str(self.root / "data"),
+            "image_paths": [str(self.guest.vmlinux.parent)],
+            "image_cache": self.cache,
+        }
+        driver.set_config(config, None)
+        return driver
+
+    def task(self, name: str, **options: object) -> TaskConfig:
+        alloc = self.root / name
+        for sub in ("alloc/logs", "tiny/local", "tiny/secrets"):
+            (alloc / sub).mkdir(parents=True, exist_ok=True)
+        console = alloc / "alloc" / "logs" / "tiny.stdout"
+        console.touch()
+        config: dict[str, object] = {
+            "kernel": str(self.guest.vmlinux),
+            "initramfs": str(self.guest.initramfs),
+            "cmdline": self.guest.cmdline,
+            "cloud_init": False,
+            **options,
+        }
+        return TaskConfig(
+            id=f"{ALLOC}/tiny/{name}",
+            name="tiny",
+            alloc_id=ALLOC,
+            alloc_dir=str(alloc),
+            stdout_path=str(console),
+            stderr_path="",
+            resources=TaskResources(cpu_mhz=500, memory_mb=160),
+            driver_config=config,
+        )
+
+    def leftovers(self, task: TaskConfig) -> list[Path]:
+        """Whatever the task's start left: runtime dirs, its journal, leases, partial files."""
+        found = list((Path(task.alloc_dir) / "tiny").glob("nomad-vm-*"))
+        found += list((self.root / "data").glob("journal/*"))
+        found += list(self.store.root.glob("leases/*/*"))
+        found += list(self.store.root.glob("partial/*"))
+        return found
+
+
+def run(coroutine: Any) -> Any:
+    return asyncio.run(asyncio.wait_for(coroutine, 300))
+
+
+@pytest.fixture
+def server() -> Any:
+    with image_server() as s:
+        yield s
+
+
+def url_of(server: ImageServer, path: str, sha: str) -> dict[str, object]:
+    return {"image": server.url(path), "image_checksum": f"sha256:{sha}"}
+
+
+def test_ten_concurrent_tasks_share_one_download(
+    tmp_path: Path, tiny_guest: Any, server: ImageServer
+) -> None:
+    sha = server.add("/base.qcow2", qcow2_bytes(tmp_path))
+    node = Node(tmp_path, tiny_guest)
+
+    async def scenario() -> None:
+        driver = node.driver()
+        tasks = [node.task(f"t{i}", **url_of(server, "/base.qcow2", sha)) for i in range(10)]
+        await asyncio.gather(*(driver.start_task(t) for t in tasks))
+        assert driver.images.downloads == 1
+        [entry] = node.store.entries()
+        assert entry.sha256 == sha and entry.complete
+        assert sorted(entry.users) == sorted(t.id for t in tasks)
+        for t in tasks:
+            disk = next((Path(t.alloc_dir) / "tiny").glob("nomad-vm-*/disk.qcow2"))
+            info = subprocess.run(
+                [str(find_qemu_img()), "info", "-U", "--output=json", str(disk)],
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout
+            assert '"backing-filename"' in info  # a thin overlay on the cached image
+        for t in tasks:
+            await driver.destroy_task(t.id, force=True)
+        [entry] = node.store.entries()
+        assert entry.users == ()
+        for t in tasks:
+            assert node.leftovers(t) == []
+        await driver.shutdown()
+
+    run(scenario())
+    # Counted on the server: one request for the whole file.
+    assert len(server.gets("/base.qcow2")) == 1
+
+
+def test_a_checksum_mismatch_names_the_option_and_leaves_nothing(
+    tmp_path: Path, tiny_guest: Any, server: ImageServer
+) -> None:
+    server.add("/base.qcow2", qcow2_bytes(tmp_path))
+    node = Node(tmp_path, tiny_guest)
+
+    async def scenario() -> None:
+        driver = node.driver()
+        task = node.task("bad", **url_of(server, "/base.qcow2", "ab" * 32))
+        with pytest.raises(ImageError, match=r"^config\.image_checksum: .*sha256 is"):
+            await driver.start_task(task)
+        assert node.leftovers(task) == []
+        assert node.store.entries() == []
+        assert node.host.launches == 0
+        await driver.shutdown()
+
+    run(scenario())
+
+
+def test_a_404_names_the_image_option_and_a_disk_source_its_own(
+    tmp_path: Path, tiny_guest: Any, server: ImageServer
+) -> None:
+    node = Node(tmp_path, tiny_guest)
+
+    async def scenario() -> None:
+        driver = node.driver()
+        task = node.task("gone", **url_of(server, "/gone.qcow2", "ab" * 32))
+        with pytest.raises(ImageError, match=r"^config\.image: .*404"):
+            await driver.start_task(task)
+        assert node.leftovers(task) == []
+        disk = {
+            "size": "80MiB",
+            "source": {"image": server.url("/gone.raw"), "checksum": "sha256:" + "cd" * 32},
+        }
+        task = node.task("gone2", disk=[disk])
+        with pytest.raises(ImageError, match=r"^config\.disk\[0\]\.source\.image: .*404"):
+            await driver.start_task(task)
+        assert node.leftovers(task) == []
+        await driver.shutdown()
+
+    run(scenario())
+
+
+def test_bad_urls_and_schemes_name_the_option(tmp_path: Path, tiny_guest: Any) -> None:
+    node = Node(tmp_path, tiny_guest, allowed_schemes=["https"])
+    sha = "sha256:" + "ab" * 32
+    cases = [
+        ({"image": "http://127.0.0.1/x.img", "image_checksum": sha}, r"config\.image: http://"),
+        ({"image": "ftp://127.0.0.1/x.img", "image_checksum": sha}, r"config\.image: ftp://"),
+        ({"image": "https:///x.img", "image_checksum": sha}, r"config\.image: .*no host"),
+        ({"image": "https://127.0.0.1/x.img"}, r"config\.image_checksum: .*needs its checksum"),
+        (
+            {"image": "https://127.0.0.1/x.img", "image_checksum": "md5:" + "a" * 32},
+            r"config\.image_checksum: 'md5'",
+        ),
+        (
+            {"image": "https://127.0.0.1/x.img?checksum=sha256:" + "1" * 64, "image_checksum": sha},
+            r"config\.image_checksum: differs",
+        ),
+        ({"image": "local/x.img", "image_checksum": sha}, r"config\.image_checksum: is only"),
+        (
+            {"disk": [{"source": {"image": "htps://127.0.0.1/x", "checksum": sha}}]},
+            r"config\.disk\[0\]\.source\.image: htps://",
+        ),
+    ]
+
+    async def scenario() -> None:
+        driver = node.driver()
+        for i, (options, pattern) in enumerate(cases):
+            task = node.task(f"u{i}", **options)
+            with pytest.raises(ConfigError, match=pattern):
+                await driver.start_task(task)
+            assert node.leftovers(task) == []
+        await driver.shutdown()
+
+    run(scenario())
+
+
+def test_progress_events_while_downloading(
+    tmp_path: Path, tiny_guest: Any, server: ImageServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every chunk is worth an event here (the period is a test knob); the text is the
+    operator's: "Downloading image: 45% of 64 MiB"."""
+    monkeypatch.setattr(image_fetch, "PROGRESS_PERIOD", 0.0)
+    sha = server.add("/raw.img", b"\1" * (4 * 1024 * 1024))
+    node = Node(tmp_path, tiny_guest)
+
+    async def scenario() -> list[str]:
+        driver = node.driver()
+        seen: list[str] = []
+
+        async def collect() -> None:
+            async for event in driver.task_events():
+                seen.append(event.message)
+
+        collector = asyncio.ensure_future(collect())
+        task = node.task("p", **url_of(server, "/raw.img", sha))
+        await driver.start_task(task)
+        await driver.destroy_task(task.id, force=True)
+        collector.cancel()
+        await driver.shutdown()
+        return seen
+
+    seen = run(scenario())
+    progress = [m for m in seen if m.startswith("Downloading image: ")]
+    assert progress and progress[-1] == "Downloading image: 100% of 4 MiB", seen
+    assert any(m.startswith("Image downloaded: http://127.0.0.1:") for m in seen), seen
+
+
+def test_gc_removes_only_images_no_task_uses(
+    tmp_path: Path, tiny_guest: Any, server: ImageServer
+) -> None:
+    data = qcow2_bytes(tmp_path)
+    used = server.add("/used.qcow2", data)
+    unused = server.add("/unused.raw", b"\2" * (2 * 1024 * 1024))
+    node = Node(tmp_path, tiny_guest, max_unused_age="0s", max_size="1MiB")
+
+    async def scenario() -> None:
+        driver = node.driver()
+        runs = node.task("runs", **url_of(server, "/used.qcow2", used))
+        done = node.task("done", **url_of(server, "/unused.raw", unused))
+        await driver.start_task(runs)
+        await driver.start_task(done)
+        await driver.destroy_task(done.id, force=True)
+        # Age 0s and a cache far over 1 MiB: everything unused goes, the image in use stays.
+        await driver.images.gc()
+        assert [e.sha256 for e in node.store.entries()] == [used]
+        # A plugin restart: the recovered task holds its image again.
+        handle = driver._tasks[runs.id].journal.encode()
+        await driver.shutdown()
+        again = node.driver()
+        from nomad_vm.driver.types import TaskHandle, TaskState
+
+        await again.recover_task(runs, TaskHandle(1, TaskState.RUNNING, handle))
+        await again.images.gc()
+        assert [e.users for e in node.store.entries()] == [(runs.id,)]
+        await again.destroy_task(runs.id, force=True)
+        await again.images.gc()
+        assert node.store.entries() == []
+        assert node.leftovers(runs) == []
+        await again.shutdown()
+
+    run(scenario())
+
+
+def test_the_cached_image_is_the_plugin_own_state(
+    tmp_path: Path, tiny_guest: Any, server: ImageServer
+) -> None:
+    """A task cannot name a cached image by its path: the cache lies in data_dir."""
+    sha = server.add("/raw.img", b"\3" * (1024 * 1024))
+    node = Node(tmp_path, tiny_guest)
+
+    async def scenario() -> None:
+        driver = node.driver()
+        first = node.task("owner", **url_of(server, "/raw.img", sha))
+        await driver.start_task(first)
+        blob = node.store.blob(sha)
+        assert blob.exists()
+        thief = node.task("thief", image=str(blob))
+        with pytest.raises(ImageError, match=r"config\.image: .*(outside|own state)"):
+            await driver.start_task(thief)
+        await driver.destroy_task(first.id, force=True)
+        await driver.shutdown()
+
+    run(scenario())
+
+
+def test_a_stalled_server_fails_the_start_in_bounded_time(
+    tmp_path: Path, tiny_guest: Any, server: ImageServer
+) -> None:
+    sha = server.add("/raw.img", b"\4" * (1024 * 1024))
+    server.behaviour.stall = True
+    node = Node(tmp_path, tiny_guest, read_timeout=2)
+
+    async def scenario() -> None:
+        driver = node.driver()
+        task = node.task("stall", **url_of(server, "/raw.img", sha))
+        started = time.monotonic()
+        with pytest.raises(ImageError, match=r"config\.image: .*read_timeout"):
+            await driver.start_task(task)
+        assert time.monotonic() - started < 10
+        assert server.stalled.is_set()
+        # The lease is released; the (empty) partial download stays for a resume, and the
+        # removal policy takes it once it is old.
+        assert list(node.store.root.glob("leases/*/*")) == []
+        assert list((Path(task.alloc_dir) / "tiny").glob("nomad-vm-*")) == []
+        await driver.shutdown()
+
+    run(scenario())
