@@ -81,7 +81,8 @@ class ImageFetcher:
         partial = self.store.partial(key)
         log.info("downloading image %s into %s", image.shown, partial)
         digest = await download(image.url, partial, image.sha256, limits, self._told(key))
-        blob = await asyncio.to_thread(self.store.complete, key, image.url, digest)
+        # Recorded for `nomad-vm image ls` without any user:password the URL had.
+        blob = await asyncio.to_thread(self.store.complete, key, image.shown, digest)
         self.schedule_gc()
         return blob
 

@@ -48,7 +48,7 @@ async def undo_host_changes(
     for lease in journal.image_leases:
         try:
             await asyncio.to_thread(ImageStore.of_lease(Path(lease)).release, Path(lease))
-        except OSError as exc:
+        except (OSError, ValueError) as exc:  # ValueError: not a lease path of a cache
             failures.append(f"cannot release the image lease {lease}: {exc}")
     if failures:
         raise HypervisorError(
