@@ -324,3 +324,38 @@ def test_a_stalled_server_fails_the_start_in_bounded_time(
         await driver.shutdown()
 
     run(scenario())
+
+
+def test_an_interrupted_download_is_resumed_by_the_next_start(
+    tmp_path: Path, tiny_guest: Any, server: ImageServer
+) -> None:
+    """The first start fails with the download broken off again and again (its partial file
+    stays in the cache, its lease does not); the next start asks only for the rest (Range) and
+    the image it gets verifies."""
+    data = qcow2_bytes(tmp_path, "256M") + b"\0" * (3 * 1024 * 1024)
+    sha = server.add("/big.img", data)
+    server.behaviour.break_after = 256 * 1024
+    server.behaviour.breaks_left = 1000
+    node = Node(tmp_path, tiny_guest)
+
+    async def scenario() -> None:
+        driver = node.driver()
+        first = node.task("first", **url_of(server, "/big.img", sha))
+        with pytest.raises(ImageError, match=r"config\.image: .*broke off"):
+            await driver.start_task(first)
+        # Only the cache's partial download (and its validator for If-Range) remain.
+        partial = node.store.partial(sha)
+        assert sorted(node.leftovers(first)) == [partial, Path(f"{partial}.json")]
+        kept = node.store.partial(sha).stat().st_size
+        assert 0 < kept < len(data)
+        server.behaviour.breaks_left = 0
+        second = node.task("second", **url_of(server, "/big.img", sha))
+        await driver.start_task(second)
+        assert server.gets("/big.img")[-1].range == f"bytes={kept}-"
+        [entry] = node.store.entries()
+        assert entry.complete and entry.size == len(data)
+        await driver.destroy_task(second.id, force=True)
+        assert node.leftovers(second) == []
+        await driver.shutdown()
+
+    run(scenario())

@@ -61,13 +61,20 @@ class ImageFetcher:
                 return blob
             flight = _Flight(asyncio.ensure_future(self._fetch(image, key)))
             self._flights[key] = flight
-            flight.task.add_done_callback(lambda _t: self._flights.pop(key, None))
+            flight.task.add_done_callback(lambda t: self._landed(key, t))
         flight.listeners.append(listener)
         try:
             return await asyncio.shield(flight.task)
         finally:
             with contextlib.suppress(ValueError):
                 flight.listeners.remove(listener)
+
+    def _landed(self, key: str, task: asyncio.Task[Path]) -> None:
+        self._flights.pop(key, None)
+        if not task.cancelled():
+            # Retrieved here too: every start that waited may have been cancelled meanwhile,
+            # and asyncio would log an exception nobody retrieved.
+            task.exception()
 
     async def _fetch(self, image: ImageURL, key: str) -> Path:
         self.downloads += 1
