@@ -359,3 +359,51 @@ def test_an_interrupted_download_is_resumed_by_the_next_start(
         await driver.shutdown()
 
     run(scenario())
+
+
+def waiting_on(lock: Path) -> bool:
+    """Is some process blocked on ``lock``'s flock? (/proc/locks lists waiters with "->".)"""
+    try:
+        inode = lock.stat().st_ino
+    except FileNotFoundError:
+        return False
+    with open("/proc/locks") as f:
+        return any("-> FLOCK" in line and f":{inode} " in line for line in f)
+
+
+def test_two_plugins_sharing_a_data_dir_download_once(
+    tmp_path: Path, tiny_guest: Any, server: ImageServer
+) -> None:
+    """Two drivers (as two plugin processes configured with one data_dir) start tasks with the
+    same image while the first download is held by the server: the second waits on the
+    image's download lock instead of fetching it again, then uses what the first fetched."""
+    import threading
+
+    sha = server.add("/shared.img", b"\5" * (2 * 1024 * 1024))
+    pace = threading.Event()
+    server.behaviour.pace = pace
+    node = Node(tmp_path, tiny_guest)
+
+    async def scenario() -> None:
+        first, second = node.driver(), node.driver()
+        a = node.task("a", **url_of(server, "/shared.img", sha))
+        b = node.task("b", **url_of(server, "/shared.img", sha))
+        started_a = asyncio.ensure_future(first.start_task(a))
+        assert await asyncio.to_thread(server.arrived.wait, 30)
+        started_b = asyncio.ensure_future(second.start_task(b))
+        lock = node.store.download_lock(sha)
+        deadline = time.monotonic() + 30
+        while not waiting_on(lock):
+            assert time.monotonic() < deadline, "the second download never waited on the lock"
+            await asyncio.sleep(0.05)  # polling an observable state, not a timed guess
+        pace.set()
+        await asyncio.gather(started_a, started_b)
+        assert sorted(node.store.entries()[0].users) == sorted([a.id, b.id])
+        await first.destroy_task(a.id, force=True)
+        await second.destroy_task(b.id, force=True)
+        assert not lock.exists()
+        await first.shutdown()
+        await second.shutdown()
+
+    run(scenario())
+    assert len(server.gets("/shared.img")) == 1

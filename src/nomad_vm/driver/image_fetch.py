@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import logging
+import os
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -86,10 +88,14 @@ class ImageFetcher:
             policy.allowed_schemes,
         )
         partial = self.store.partial(key)
-        log.info("downloading image %s into %s", image.shown, partial)
-        digest = await download(image.url, partial, image.sha256, limits, self._told(key))
-        # Recorded for `nomad-vm image ls` without any user:password the URL had.
-        blob = await asyncio.to_thread(self.store.complete, key, image.shown, digest)
+        async with _flocked(self.store.download_lock(key)):
+            blob = self.store.blob(key)
+            if blob.exists():  # another process sharing the data_dir fetched it meanwhile
+                return blob
+            log.info("downloading image %s into %s", image.shown, partial)
+            digest = await download(image.url, partial, image.sha256, limits, self._told(key))
+            # Recorded for `nomad-vm image ls` without any user:password the URL had.
+            blob = await asyncio.to_thread(self.store.complete, key, image.shown, digest)
         self.schedule_gc()
         return blob
 
@@ -139,6 +145,32 @@ async def gc_periodically(current: Callable[[], ImageFetcher]) -> None:
         fetcher = current()
         await fetcher.gc()
         await asyncio.sleep(fetcher.policy.gc_interval)
+
+
+@contextlib.asynccontextmanager
+async def _flocked(path: Path) -> AsyncIterator[None]:
+    """An exclusive flock on ``path`` for the block: within this plugin the flights already
+    make one download per image, this keeps it so across processes (a second plugin name
+    configured with the same data_dir, a plugin restarted while the old one still ran).
+    The holder removes the file when it is done, so a waiter that then holds a lock on the
+    removed file starts over (as ``files.exclusive_lock`` does)."""
+    while True:
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        await asyncio.to_thread(fcntl.flock, fd, fcntl.LOCK_EX)
+        try:
+            current = os.stat(path).st_ino
+        except FileNotFoundError:
+            current = None
+        if current == os.fstat(fd).st_ino:
+            break
+        os.close(fd)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            path.unlink()
+        os.close(fd)  # releases the lock
 
 
 def progress_message(done: int, total: int | None) -> str:

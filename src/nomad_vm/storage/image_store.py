@@ -7,6 +7,8 @@
     images/blobs/<key>.json         its URL, size, sha256, when it came and was last used
     images/partial/<key>            a download in progress or interrupted (resumed with Range)
     images/partial/<key>.json       its URL and the server's validator (ETag/Last-Modified)
+    images/partial/.<key>.lock      flock while <key> downloads (one download per image, also
+                                    across processes sharing the data_dir); gone after it
     images/leases/<key>/<task>      one file per task using the image (its task id inside)
 
 ``key`` is the image's sha256 (content-addressed) when the task gave a checksum, else
@@ -79,6 +81,9 @@ class ImageStore:
 
     def partial(self, key: str) -> Path:
         return self.root / "partial" / _checked(key)
+
+    def download_lock(self, key: str) -> Path:
+        return self.root / "partial" / f".{_checked(key)}.lock"
 
     def lease_path(self, key: str, task_id: str) -> Path:
         return self.root / "leases" / _checked(key) / lease_name(task_id)
