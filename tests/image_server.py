@@ -24,8 +24,10 @@ class Behaviour:
     # Break the connection off after this many body bytes, for the first N full requests.
     break_after: int | None = None
     breaks_left: int = 0
-    # Send this many bytes at a time, waiting for ``pace`` between them (a slow download).
+    # Wait for ``pace`` before each 64 KiB of the body (a download held by the server) ...
     pace: threading.Event | None = None
+    # ... after sending this many bytes of it freely (then ``ImageServer.held`` is set).
+    free_bytes: int = 0
 
 
 @dataclass
@@ -42,6 +44,7 @@ class ImageServer:
         self.requests: list[Seen] = []
         self.arrived = threading.Event()
         self.stalled = threading.Event()
+        self.held = threading.Event()
         self.release = threading.Event()
         self._lock = threading.Lock()
         server = self
@@ -114,7 +117,8 @@ class ImageServer:
             return
         step = 64 * 1024
         for offset in range(0, len(body), step):
-            if b.pace is not None:
+            if b.pace is not None and offset >= b.free_bytes:
+                self.held.set()
                 b.pace.wait(30)
             try:
                 h.wfile.write(body[offset : offset + step])

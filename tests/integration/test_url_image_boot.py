@@ -97,3 +97,83 @@ def test_a_bad_checksum_fails_the_start_naming_the_option(
     assert store.entries() == []
     assert list(store.root.glob("leases/*/*")) == []
     assert list((short_tmp / "data").glob("journal/*")) == []
+
+
+def test_a_plugin_killed_mid_download_leaves_a_lease_the_next_destroy_releases(
+    plugin: PluginProcess,
+    short_tmp: Path,
+    tiny_guest,  # type: ignore[no-untyped-def]
+) -> None:
+    """SIGKILL while the image downloads: the task's journal names its lease, so a fresh
+    plugin's DestroyTask (which knows the task only by id) releases it; the partial download
+    stays, and the next start continues it (Range) and boots."""
+    import threading
+
+    from tests.conftest import wait_until
+    from tests.integration.pluginkit import DRIVER, configure, tiny_task
+
+    data = bytes(range(256)) * 4096 * 4  # 4 MiB, raw
+    data = MARKER + data[len(MARKER) :]
+    with image_server() as server:
+        sha = server.add("/slow.raw", data)
+        pace = threading.Event()
+        server.behaviour.pace = pace
+        # The first MiB goes out, then the server holds the rest until told.
+        server.behaviour.free_bytes = 1024 * 1024
+        options = {
+            "image": server.url("/slow.raw"),
+            "image_checksum": f"sha256:{sha}",
+            "cloud_init": False,
+        }
+        outcome: list[object] = []
+        with tiny_task(plugin, short_tmp, tiny_guest, alloc_name="killed", overrides=options) as (
+            cfg,
+            _,
+            alloc,
+        ):
+
+            def start() -> None:
+                try:
+                    outcome.append(drv(plugin).StartTask(driver_pb2.StartTaskRequest(task=cfg)))
+                except grpc.RpcError as exc:
+                    outcome.append(exc)
+
+            starter = threading.Thread(target=start, daemon=True)
+            starter.start()
+            assert server.held.wait(30)
+            store = ImageStore(short_tmp / "data")
+            # What the server sent is in the partial file (the plugin writes as it receives).
+            partial = store.partial(sha)
+            assert wait_until(
+                lambda: partial.exists() and partial.stat().st_size >= 1024 * 1024, 30
+            )
+            leases = list(store.root.glob("leases/*/*"))
+            assert len(leases) == 1 and leases[0].read_text() == cfg.id
+            assert plugin.process is not None
+            plugin.process.kill()
+            assert plugin.wait_exit(10) is not None
+            starter.join(30)
+            assert isinstance(outcome[0], grpc.RpcError), outcome
+
+            second = PluginProcess([str(DRIVER)])
+            second.start(short_tmp / "plugin2.stderr")
+            try:
+                configure(second, short_tmp / "data", [str(tiny_guest.vmlinux.parent)])
+                drv(second).DestroyTask(driver_pb2.DestroyTaskRequest(task_id=cfg.id, force=True))
+                assert list(store.root.glob("leases/*/*")) == []
+                assert list((alloc / "tiny").glob("nomad-vm-*")) == []
+                assert list((short_tmp / "data").glob("journal/*")) == []
+                kept = store.partial(sha).stat().st_size
+                pace.set()
+                result, console = _run_to_completion(
+                    second,
+                    short_tmp,
+                    tiny_guest,
+                    "after",
+                    "head -c 8 /dev/vda; echo",
+                    overrides=options,
+                )
+            finally:
+                second.kill()
+        assert server.gets("/slow.raw")[-1].range == f"bytes={kept}-"
+    assert result.result.exit_code == 0 and MARKER in console, console[-2000:]
