@@ -24,6 +24,8 @@ class Behaviour:
     # Break the connection off after this many body bytes, for the first N full requests.
     break_after: int | None = None
     breaks_left: int = 0
+    # Answer every request with the whole file (a server without Range support).
+    ignore_range: bool = False
     # Wait for ``pace`` before each 64 KiB of the body (a download held by the server) ...
     pace: threading.Event | None = None
     # ... after sending this many bytes of it freely (then ``ImageServer.held`` is set).
@@ -93,7 +95,12 @@ class ImageServer:
         etag = f'"{hashlib.sha256(data).hexdigest()[:16]}"'
         start = 0
         wanted = h.headers.get("Range")
-        if wanted and wanted.startswith("bytes=") and h.headers.get("If-Range") in (None, etag):
+        if (
+            wanted
+            and wanted.startswith("bytes=")
+            and h.headers.get("If-Range") in (None, etag)
+            and not b.ignore_range
+        ):
             start = int(wanted[len("bytes=") :].split("-", 1)[0])
         body = data[start:]
         if start:

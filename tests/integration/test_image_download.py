@@ -106,3 +106,26 @@ def test_an_image_over_the_size_limit_is_refused_before_its_body(tmp_path: Path)
         server.add("/disk.img", DATA)
         with pytest.raises(DownloadError, match="max_image_size"):
             fetch(server.url("/disk.img"), tmp_path / "part", None, limits)
+
+
+@pytest.mark.parametrize("why", ["the server ignores Range", "the file changed on the server"])
+def test_a_partial_file_that_cannot_be_continued_starts_over(tmp_path: Path, why: str) -> None:
+    with image_server() as server:
+        server.add("/disk.img", DATA)
+        server.behaviour.break_after = 256 * 1024  # four attempts bring 1 of 3 MiB
+        server.behaviour.breaks_left = 10
+        partial = tmp_path / "part"
+        with pytest.raises(DownloadError, match="broke off"):
+            fetch(server.url("/disk.img"), partial, None)
+        assert partial.stat().st_size > 0
+        server.behaviour.breaks_left = 0
+        new = DATA[::-1]
+        if why == "the server ignores Range":
+            server.behaviour.ignore_range = True
+            sha = server.add("/disk.img", DATA)
+        else:
+            sha = server.add("/disk.img", new)  # another ETag: If-Range gets the whole file
+        assert fetch(server.url("/disk.img"), partial, sha) == sha
+        last = server.gets("/disk.img")[-1]
+        assert last.range is not None and last.if_range is not None  # it asked to continue
+        assert hashlib.sha256(partial.read_bytes()).hexdigest() == sha
