@@ -106,6 +106,7 @@ def test_an_image_over_the_size_limit_is_refused_before_its_body(tmp_path: Path)
         server.add("/disk.img", DATA)
         with pytest.raises(DownloadError, match="max_image_size"):
             fetch(server.url("/disk.img"), tmp_path / "part", None, limits)
+        assert list(tmp_path.iterdir()) == []  # it can never become the image
 
 
 @pytest.mark.parametrize("why", ["the server ignores Range", "the file changed on the server"])

@@ -41,6 +41,10 @@ class ChecksumMismatch(DownloadError):
     pass
 
 
+class _TooLarge(DownloadError):
+    """Over max_image_size: the partial file can never become the image."""
+
+
 @dataclass(frozen=True)
 class Limits:
     max_size: int
@@ -88,6 +92,9 @@ async def download(
             try:
                 await _attempt_once(client, url, partial, limits, progress)
                 break
+            except _TooLarge:
+                await asyncio.to_thread(_discard, partial)
+                raise
             except (httpx.RequestError, _Incomplete) as exc:
                 if _size(partial) <= before:
                     raise DownloadError(_transport_reason(exc, limits)) from None
@@ -122,16 +129,17 @@ async def _attempt_once(
         elif response.status_code == 200:
             offset = 0
         elif response.status_code == 416 and have:
-            # The partial file may be whole already (a crash after the last byte): the digest
-            # decides; a wrong one is removed.
-            return
+            # The partial file is no prefix of the server's file (it is as long or longer):
+            # start over rather than trust it.
+            _discard(partial)
+            return await _attempt_once(client, url, partial, limits, progress)
         else:
             raise DownloadError(
                 f"the server answered {response.status_code} {response.reason_phrase}"
             )
         total = _total(response, offset)
         if total is not None and total > limits.max_size:
-            raise DownloadError(
+            raise _TooLarge(
                 f"the image is {total} bytes, more than image_cache.max_image_size "
                 f"({limits.max_size} bytes)"
             )
@@ -147,8 +155,7 @@ async def _attempt_once(
             async for chunk in response.aiter_raw():
                 received += len(chunk)
                 if received > limits.max_size:
-                    out.truncate(0)
-                    raise DownloadError(
+                    raise _TooLarge(
                         f"the image grew beyond image_cache.max_image_size ({limits.max_size} "
                         "bytes) while it downloaded"
                     )
