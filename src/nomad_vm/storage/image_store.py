@@ -150,8 +150,10 @@ class ImageStore:
             os.chmod(partial, 0o444)
             now = time.time()
             meta = {"url": url, "sha256": sha256, "size": partial.stat().st_size}
-            write_atomically(Path(f"{blob}.json"), _json({**meta, "added": now, "last_used": now}))
+            # The image first: a crash before its record leaves an image without one (shown
+            # with its file's times), never a record without an image.
             os.replace(partial, blob)
+            write_atomically(Path(f"{blob}.json"), _json({**meta, "added": now, "last_used": now}))
             Path(f"{partial}.json").unlink(missing_ok=True)
         return blob
 
