@@ -16,8 +16,8 @@ from nomad_vm.cli.devagent import DevAgent
 from nomad_vm.guests.tiny import tiny_cmdline
 from nomad_vm.storage.image_store import ImageStore
 from nomad_vm.storage.tools import find_qemu_img
-from tests.conftest import qemu_processes_under
-from tests.e2e.conftest import wait_alloc
+from tests.conftest import qemu_processes_under, wait_until
+from tests.e2e.conftest import running_agent, wait_alloc
 from tests.image_server import ImageServer, image_server
 
 pytestmark = pytest.mark.e2e
@@ -112,14 +112,22 @@ def test_nomad_artifact_into_local_and_image_pointing_at_it(
 
 
 def test_image_by_url_through_the_agent(
-    agent: DevAgent, tmp_path: Path, tiny_guest: Any, served: tuple[ImageServer, str]
+    tmp_path: Path, tiny_guest: Any, served: tuple[ImageServer, str]
 ) -> None:
+    """The plugin's `image_cache` block as the agent parses it (hclspec), an image by URL,
+    and its removal once the task is destroyed (max_unused_age 0s)."""
     server, sha = served
+    cache = {"max_unused_age": "0s", "allowed_schemes": ["http"], "read_timeout": 30}
     lines = (
         f'        image          = "{server.url("/disk.qcow2")}"\n'
         f'        image_checksum = "sha256:{sha}"'
     )
-    events = run_to_end(agent, tmp_path, "url-image", job("url-image", tiny_guest, lines))
-    assert "Image downloaded: http://127.0.0.1:" in events, events
-    [entry] = ImageStore(agent.config.workdir / "plugin-data").entries()
-    assert entry.sha256 == sha
+    with running_agent([tiny_guest.vmlinux.parent], plugin_extra={"image_cache": cache}) as agent:
+        store = ImageStore(agent.config.workdir / "plugin-data")
+        events = run_to_end(agent, tmp_path, "url-image", job("url-image", tiny_guest, lines))
+        assert "Image downloaded: http://127.0.0.1:" in events, events
+        assert "Downloading image http://127.0.0.1:" in events, events
+        policy = store.load_policy()
+        assert policy is not None and policy.allowed_schemes == ("http",)
+        # Nomad destroys the finished task; its lease goes and, unused for 0s, the image too.
+        assert wait_until(lambda: store.entries() == [], 60), store.entries()
