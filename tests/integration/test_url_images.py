@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -20,10 +21,17 @@ from nomad_vm.driver.types import TaskConfig, TaskResources
 from nomad_vm.errors import ConfigError, ImageError
 from nomad_vm.storage.image_store import ImageStore
 from nomad_vm.storage.tools import find_qemu_img
+from nomad_vm.vm.registry import HypervisorRegistry
 from tests.fakes import hypervisor as fake
 from tests.image_server import ImageServer, image_server
 
 ALLOC = "c0ffee00-0000-0000-0000-000000000001"
+
+
+class DiskBlocks(fake.FakeHypervisor):
+    """The fake, declaring `disk {}` blocks as QEMU does (pool disks need them)."""
+
+    capabilities = replace(fake.CAPABILITIES, disk_blocks=True)
 
 
 def qcow2_bytes(tmp: Path, size: str = "64M") -> bytes:
@@ -35,19 +43,25 @@ def qcow2_bytes(tmp: Path, size: str = "64M") -> bytes:
 
 
 class Node:
-    def __init__(self, root: Path, guest: Any, **cache: object) -> None:
+    def __init__(
+        self, root: Path, guest: Any, extra: dict[str, object] | None = None, **cache: object
+    ) -> None:
         self.root = root
         self.guest = guest
+        self.extra = extra or {}
         self.host = fake.FakeHost()
         self.cache = {"max_unused_age": "1h", "read_timeout": 3, "connect_timeout": 3, **cache}
         self.store = ImageStore(root / "data")
 
     def driver(self) -> VMDriver:
-        driver = VMDriver(backends=fake.registry(self.host))
+        host = self.host
+        registry = HypervisorRegistry({fake.NAME: lambda: DiskBlocks(host)}, default=fake.NAME)
+        driver = VMDriver(backends=registry)
         config = {
             "data_dir": str(self.root / "data"),
             "image_paths": [str(self.guest.vmlinux.parent)],
             "image_cache": self.cache,
+            **self.extra,
         }
         driver.set_config(config, None)
         return driver
@@ -407,3 +421,34 @@ def test_two_plugins_sharing_a_data_dir_download_once(
 
     run(scenario())
     assert len(server.gets("/shared.img")) == 1
+
+
+def test_a_pool_disk_from_a_url_imports_the_cached_image_once(
+    tmp_path: Path, tiny_guest: Any, server: ImageServer
+) -> None:
+    sha = server.add("/pooled.qcow2", qcow2_bytes(tmp_path))
+    pool = tmp_path / "pool"
+    pools = {"storage_pools": {"directory": {"local": {"path": str(pool)}}}}
+    node = Node(tmp_path, tiny_guest, extra=pools)
+    disk = {
+        "pool": "local",
+        "chained": True,
+        "size": "80MiB",
+        "source": {"image": server.url("/pooled.qcow2"), "checksum": f"sha256:{sha}"},
+    }
+
+    async def scenario() -> None:
+        driver = node.driver()
+        tasks = [node.task(f"p{i}", disk=[disk]) for i in range(2)]
+        for t in tasks:
+            await driver.start_task(t)
+        # The image is imported into the pool once (a volume both overlays sit on).
+        assert len([p for p in pool.iterdir() if not p.name.startswith(".")]) == 1
+        for t in tasks:
+            await driver.destroy_task(t.id, force=True)
+        for t in tasks:
+            assert node.leftovers(t) == []
+        await driver.shutdown()
+
+    run(scenario())
+    assert len(server.gets("/pooled.qcow2")) == 1
