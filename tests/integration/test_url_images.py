@@ -452,3 +452,24 @@ def test_a_pool_disk_from_a_url_imports_the_cached_image_once(
 
     run(scenario())
     assert len(server.gets("/pooled.qcow2")) == 1
+
+
+def test_without_checksums_when_allowed_the_first_download_of_a_url_is_reused(
+    tmp_path: Path, tiny_guest: Any, server: ImageServer
+) -> None:
+    sha = server.add("/trusted.raw", b"\6" * (1024 * 1024))
+    node = Node(tmp_path, tiny_guest, checksum_required=False)
+
+    async def scenario() -> None:
+        driver = node.driver()
+        tasks = [node.task(f"n{i}", image=server.url("/trusted.raw")) for i in range(2)]
+        for t in tasks:
+            await driver.start_task(t)
+        [entry] = node.store.entries()
+        assert entry.key.startswith("url-") and entry.sha256 == sha
+        for t in tasks:
+            await driver.destroy_task(t.id, force=True)
+        await driver.shutdown()
+
+    run(scenario())
+    assert len(server.gets("/trusted.raw")) == 1
