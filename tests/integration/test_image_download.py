@@ -130,3 +130,19 @@ def test_a_partial_file_that_cannot_be_continued_starts_over(tmp_path: Path, why
         last = server.gets("/disk.img")[-1]
         assert last.range is not None and last.if_range is not None  # it asked to continue
         assert hashlib.sha256(partial.read_bytes()).hexdigest() == sha
+
+
+def test_a_partial_file_from_another_url_is_not_continued(tmp_path: Path) -> None:
+    """One image (one digest) may come from two URLs; bytes of two servers are never
+    spliced: a partial file from one URL is started over from the other."""
+    with image_server() as server:
+        sha = server.add("/a.img", DATA)
+        server.add("/b.img", DATA)
+        server.behaviour.break_after = 256 * 1024
+        server.behaviour.breaks_left = 10
+        partial = tmp_path / "part"
+        with pytest.raises(DownloadError, match="broke off"):
+            fetch(server.url("/a.img"), partial, sha)
+        server.behaviour.breaks_left = 0
+        assert fetch(server.url("/b.img"), partial, sha) == sha
+        assert [r.range for r in server.gets("/b.img")] == [None]

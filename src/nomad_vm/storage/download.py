@@ -26,6 +26,7 @@ from pathlib import Path
 import httpx
 
 from nomad_vm.files import write_atomically
+from nomad_vm.storage.image_url import without_credentials
 
 CHUNK = 1 << 20
 # Attempts in one call when a connection breaks after bytes arrived.
@@ -118,7 +119,7 @@ async def _attempt_once(
     client: httpx.AsyncClient, url: str, partial: Path, limits: Limits, progress: Progress
 ) -> None:
     have = _size(partial)
-    validator = _validator(partial)
+    validator = _validator(partial, url)
     headers = {"Accept-Encoding": "identity"}
     if have and validator:
         headers["Range"] = f"bytes={have}-"
@@ -144,7 +145,7 @@ async def _attempt_once(
                 f"({limits.max_size} bytes)"
             )
         if offset == 0:
-            _save_validator(partial, response)
+            _save_validator(partial, url, response)
         received = offset
         # A 200 (no partial, or the server's file changed) starts over.
         with open(partial, "r+b" if offset else "wb") as out:
@@ -184,21 +185,30 @@ def _total(response: httpx.Response, offset: int) -> int | None:
         return None
 
 
-def _validator(partial: Path) -> str:
+def _validator(partial: Path, url: str) -> str:
+    """The validator of the partial file, if it came from ``url`` (tasks may give one image,
+    by its digest, from different URLs: bytes of two servers are never spliced)."""
     try:
         raw = json.loads(Path(f"{partial}.json").read_text())
     except (OSError, ValueError):
         return ""
-    return str(raw.get("validator", "")) if isinstance(raw, dict) else ""
+    if not isinstance(raw, dict) or raw.get("source") != _source_id(url):
+        return ""
+    return str(raw.get("validator", ""))
 
 
-def _save_validator(partial: Path, response: httpx.Response) -> None:
+def _save_validator(partial: Path, url: str, response: httpx.Response) -> None:
     """Kept with the partial file for If-Range (a weak ETag cannot validate a range)."""
     etag = response.headers.get("etag", "")
     validator = etag if etag and not etag.startswith("W/") else ""
     validator = validator or response.headers.get("last-modified", "")
-    raw = {"url": str(response.request.url), "validator": validator}
+    # The URL for `nomad-vm image ls` without user:password; only its hash to compare.
+    raw = {"url": without_credentials(url), "source": _source_id(url), "validator": validator}
     write_atomically(Path(f"{partial}.json"), json.dumps(raw).encode(), durable=False)
+
+
+def _source_id(url: str) -> str:
+    return hashlib.sha256(url.encode()).hexdigest()
 
 
 def _size(path: Path) -> int:

@@ -40,10 +40,14 @@ class ImageURL:
     @property
     def shown(self) -> str:
         """For events and messages: the URL without user:password."""
-        parts = urlsplit(self.url)
-        host = parts.hostname or ""
-        netloc = f"{host}:{parts.port}" if parts.port else host
-        return urlunsplit((parts.scheme, netloc, parts.path, parts.query, ""))
+        return without_credentials(self.url)
+
+
+def without_credentials(url: str) -> str:
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    netloc = f"{host}:{parts.port}" if parts.port else host
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, ""))
 
 
 @dataclass(frozen=True)
