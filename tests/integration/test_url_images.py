@@ -473,3 +473,47 @@ def test_without_checksums_when_allowed_the_first_download_of_a_url_is_reused(
 
     run(scenario())
     assert len(server.gets("/trusted.raw")) == 1
+
+
+def test_a_wrong_url_for_a_digest_fails_only_its_own_task(
+    tmp_path: Path, tiny_guest: Any, server: ImageServer
+) -> None:
+    """Two tasks name one image (one sha256) by different URLs; the first URL serves other
+    bytes. The task that gave it fails naming its checksum; the other, which was waiting for
+    that download, fetches from its own URL and starts."""
+    import threading
+
+    sha = server.add("/good.raw", b"\7" * (1024 * 1024))
+    server.add("/evil.raw", b"\x08" * (1024 * 1024))
+    pace = threading.Event()
+    server.behaviour.pace = pace
+    node = Node(tmp_path, tiny_guest)
+
+    async def scenario() -> None:
+        driver = node.driver()
+        evil = node.task("evil", **url_of(server, "/evil.raw", sha))
+        good = node.task("good", **url_of(server, "/good.raw", sha))
+        joined = asyncio.Event()
+
+        async def watch() -> None:
+            async for event in driver.task_events():
+                if event.task_id == good.id and event.message.startswith("Downloading image"):
+                    joined.set()  # emitted right before it joins the download under way
+
+        watcher = asyncio.ensure_future(watch())
+        started_evil = asyncio.ensure_future(driver.start_task(evil))
+        assert await asyncio.to_thread(server.arrived.wait, 30)
+        started_good = asyncio.ensure_future(driver.start_task(good))
+        await asyncio.wait_for(joined.wait(), 60)
+        pace.set()
+        with pytest.raises(ImageError, match=r"^config\.image_checksum: "):
+            await started_evil
+        await started_good
+        [entry] = node.store.entries()
+        assert entry.users == (good.id,)
+        await driver.destroy_task(good.id, force=True)
+        watcher.cancel()
+        await driver.shutdown()
+
+    run(scenario())
+    assert len(server.gets("/evil.raw")) == 1 and len(server.gets("/good.raw")) == 1

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from nomad_vm.storage.cache_policy import CachePolicy
-from nomad_vm.storage.download import Limits, download
+from nomad_vm.storage.download import DownloadError, Limits, download
 from nomad_vm.storage.image_store import ImageStore
 from nomad_vm.storage.image_url import ImageURL
 
@@ -38,6 +38,7 @@ Listener = Callable[[int, int | None], None]
 @dataclass
 class _Flight:
     task: asyncio.Task[Path]
+    url: str
     listeners: list[Listener] = field(default_factory=list)
     last_told: float = 0.0
 
@@ -54,22 +55,28 @@ class ImageFetcher:
     async def ensure(self, image: ImageURL, key: str, listener: Listener) -> Path:
         """The cached image ``key`` (downloaded now, or by a download already running).
         The caller holds a lease on it. DownloadError (ChecksumMismatch) if it cannot be had."""
-        # No await between the look at the flights and at the cache: a flight leaves the
-        # table only after its image is in place, so a start never misses both.
-        flight = self._flights.get(key)
-        if flight is None:
-            blob = self.store.blob(key)
-            if blob.exists():
-                return blob
-            flight = _Flight(asyncio.ensure_future(self._fetch(image, key)))
-            self._flights[key] = flight
-            flight.task.add_done_callback(lambda t: self._landed(key, t))
-        flight.listeners.append(listener)
-        try:
-            return await asyncio.shield(flight.task)
-        finally:
-            with contextlib.suppress(ValueError):
-                flight.listeners.remove(listener)
+        while True:
+            # No await between the look at the flights and at the cache: a flight leaves the
+            # table only after its image is in place, so a start never misses both.
+            flight = self._flights.get(key)
+            if flight is None:
+                blob = self.store.blob(key)
+                if blob.exists():
+                    return blob
+                flight = _Flight(asyncio.ensure_future(self._fetch(image, key)), image.url)
+                self._flights[key] = flight
+                flight.task.add_done_callback(lambda t: self._landed(key, t))
+            flight.listeners.append(listener)
+            try:
+                return await asyncio.shield(flight.task)
+            except DownloadError:
+                if flight.url == image.url:
+                    raise
+                # Another task's URL for this digest failed (a wrong or unreachable one):
+                # that is no reason for this task to fail, which tries its own URL.
+            finally:
+                with contextlib.suppress(ValueError):
+                    flight.listeners.remove(listener)
 
     def _landed(self, key: str, task: asyncio.Task[Path]) -> None:
         self._flights.pop(key, None)
