@@ -181,7 +181,7 @@ async def _flocked(path: Path) -> AsyncIterator[None]:
 
 
 def progress_message(done: int, total: int | None) -> str:
-    """"Downloading image: 45% of 2.1 GiB" (or "312 MiB so far" without a length)."""
+    """The event text: "Downloading image: 45% of 2.1 GiB" (or "312 MiB so far")."""
     if total:
         return f"Downloading image: {done * 100 // total}% of {_size(total)}"
     return f"Downloading image: {_size(done)} so far"

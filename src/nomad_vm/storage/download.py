@@ -242,4 +242,3 @@ def _transport_reason(exc: Exception, limits: Limits) -> str:
     if isinstance(exc, httpx.TooManyRedirects):
         return f"more than {MAX_REDIRECTS} redirects"
     return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-
