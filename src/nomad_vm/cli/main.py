@@ -178,13 +178,18 @@ def build_parser() -> argparse.ArgumentParser:
     doctor.add_argument("--vm-user", default="nomad-vm", help="the plugin's vm_user (%(default)s)")
     doctor.set_defaults(func=_cmd_doctor)
 
-    image = sub.add_parser("image", help="test guest images")
+    image = sub.add_parser(
+        "image", help="test guest images (build); the node's image cache (ls, rm, gc)"
+    )
     image_sub = image.add_subparsers(dest="image_command", required=True)
     build = image_sub.add_parser("build", help="build (or reuse the cached) test guest")
     build.add_argument("name", help="which guest: tiny (kernel + busybox) or debian (cloud image)")
     build.add_argument("--cache", help="cache directory (default: $NOMAD_VM_CACHE or ~/.cache)")
     build.add_argument("--force", action="store_true", help="rebuild even when cached")
     build.set_defaults(func=_cmd_image_build)
+    from nomad_vm.cli.images import add_parsers
+
+    add_parsers(image_sub)
 
     demo = sub.add_parser("demo", help="run a VM job on a local Nomad dev agent")
     demo.add_argument("--stop", action="store_true", help="stop the demo agent and its VM")

@@ -28,8 +28,10 @@ from nomad_vm.network.settings import (
     parse_bridge_network,
     parse_nic,
 )
+from nomad_vm.storage.cache_policy import CachePolicy, parse_cache_policy
 from nomad_vm.storage.disk_request import DiskRequest, Pools, parse_disks, shorthand_disk
 from nomad_vm.storage.held import read_allowed_text
+from nomad_vm.storage.image_url import UrlRules, image_source
 from nomad_vm.storage.paths import Allowlist, private_dir, private_pattern, resolve_allowed_file
 
 # A task's runtime directory is ``<task dir>/<RUNTIME_PREFIX>-<start id>`` (see VMDriver).
@@ -64,6 +66,12 @@ class PluginConfig:
 
     # The host interfaces macvtap NICs may stack on; empty: any.
     macvtap_devices: tuple[str, ...] = ()
+    # Images given by URL: the node's cache (``storage.image_store``) and its policy.
+    image_cache: CachePolicy = field(default_factory=CachePolicy)
+
+    @property
+    def url_rules(self) -> UrlRules:
+        return UrlRules(self.image_cache.allowed_schemes, self.image_cache.checksum_required)
 
 
 @dataclass(frozen=True)
@@ -103,7 +111,8 @@ class VMTaskConfig:
     @property
     def gets_seed(self) -> bool:
         """Does this VM get a cloud-init seed (the only way the cloud-init options reach it)?"""
-        return gets_cloud_init_seed(self.image is not None, self.cloud_init)
+        boots_url = bool(self.disks) and self.disks[0].url is not None
+        return gets_cloud_init_seed(self.image is not None or boots_url, self.cloud_init)
 
 
 def gets_cloud_init_seed(has_image: bool, cloud_init: bool) -> bool:
@@ -164,6 +173,7 @@ def parse_plugin_config(
         identity=identity,
         seed=parse_seed_plugin_keys(values),
         macvtap_devices=_interface_names(values["macvtap_devices"], "config.macvtap_devices"),
+        image_cache=parse_cache_policy(_block(values["image_cache"])),
     )
 
 
@@ -281,18 +291,21 @@ def _disks(
     both, since either alone describes the boot disk."""
     blocks = values["disk"]
     if not blocks:
-        image = values["image"]
+        image = str(values["image"] or "")
+        checksum = str(values["image_checksum"] or "")
+        url = image_source("config.image", image, checksum, "config.image_checksum",
+                           plugin.url_rules)  # fmt: skip
         path = (
-            resolve_allowed_file("config.image", str(image), allowed, task.task_dir)
-            if image
+            resolve_allowed_file("config.image", image, allowed, task.task_dir)
+            if image and url is None
             else None
         )
         size = values["primary_disk_size"]
         thin = values["use_thin_copy"] is not False  # unset: an overlay
-        return shorthand_disk(path, thin, size)  # type: ignore[arg-type]
+        return shorthand_disk(path, thin, size, url)  # type: ignore[arg-type]
     shorthand = [
         f"config.{name}"
-        for name in ("image", "use_thin_copy", "primary_disk_size")
+        for name in ("image", "image_checksum", "use_thin_copy", "primary_disk_size")
         if (task.driver_config or {}).get(name) is not None
     ]
     if shorthand:
@@ -310,6 +323,7 @@ def _disks(
         lambda field, path: resolve_allowed_file(field, path, allowed, task.task_dir),
         machine,
         pools,
+        plugin.url_rules,
     )
 
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from nomad_vm.driver.events import EventBus
+from nomad_vm.driver.image_steps import NO_BACKING_FILES
 from nomad_vm.driver.recorder import TaskRecorder
 from nomad_vm.driver.startup import StartPlan
 from nomad_vm.errors import ImageError
@@ -64,7 +65,8 @@ async def _prepare(
     image: HeldFile | None,
 ) -> DiskSpec:
     pool = request.pool_dir
-    allowed: AllowedDirs = plan.allowed_dirs
+    # A downloaded image stands alone (image_steps); a local one may have a backing chain.
+    allowed: AllowedDirs = NO_BACKING_FILES if request.url is not None else plan.allowed_dirs
     if pool is not None:
         await asyncio.to_thread(ensure_pool, pool)
         source = await _pool_source(plan, recorder, index, request, image, pool)
@@ -117,7 +119,8 @@ async def _make(
         expected_format=request.source_format,
     )
     how = "thin copy (qcow2 overlay)" if disk.thin else "full copy"
-    return disk.chain, disk.virtual_size, f"{how} of {image.path.name}"
+    name = request.url.shown if request.url is not None else image.path.name
+    return disk.chain, disk.virtual_size, f"{how} of {name}"
 
 
 async def _pool_source(
@@ -226,6 +229,8 @@ def _announce(
     details = {"disk": request.field, "path": str(path)}
     if request.image is not None:
         details["image"] = str(request.image)
+    elif request.url is not None:
+        details["image"] = request.url.shown
     events.emit(plan.task, f"{label}: {what}, {size // MIB} MB", details)
     return DiskSpec(
         open_own(path, plan.files.holder, writable=not request.read_only),

@@ -29,6 +29,8 @@ from nomad_vm.driver.guest_exec import (
     signal_guest,
 )
 from nomad_vm.driver.guest_terminal import OutputSink, TerminalInput, run_terminal
+from nomad_vm.driver.image_fetch import ImageFetcher, gc_periodically
+from nomad_vm.driver.image_steps import hold_leases
 from nomad_vm.driver.journal import TaskJournal
 from nomad_vm.driver.journal_store import JournalStore
 from nomad_vm.driver.networking import NetworkManager
@@ -60,6 +62,7 @@ from nomad_vm.errors import (
     Unsupported,
 )
 from nomad_vm.fields import Schema
+from nomad_vm.storage.image_store import ImageStore
 from nomad_vm.vm.hypervisor import Hypervisor
 from nomad_vm.vm.registry import HypervisorRegistry
 
@@ -89,6 +92,8 @@ class VMDriver:
         self.checkpoints = checkpoints or checkpoints_from_environment()
         self._tasks: dict[str, VMTask] = {}
         self._config_changed = asyncio.Event()
+        self._images: ImageFetcher | None = None
+        self._images_gc: asyncio.Task[None] | None = None
 
     # --- plugin configuration -------------------------------------------------------------
 
@@ -99,7 +104,20 @@ class VMDriver:
             log.warning("%s", warning)
         if agent is not None:
             self.agent = agent
+        if self._images is not None:
+            # Downloads under way keep their store; new ones use the new config.
+            if self._images.store.root == ImageStore(self.config.data_dir).root:
+                self._images.policy = self.config.image_cache
+            else:
+                self._images = None
         self._config_changed.set()
+
+    @property
+    def images(self) -> ImageFetcher:
+        """The node's image cache (images given by URL), its downloads and removal policy."""
+        if self._images is None:
+            self._images = ImageFetcher(ImageStore(self.config.data_dir), self.config.image_cache)
+        return self._images
 
     def task_config_schema(self) -> Schema:
         return schema.TASK_CONFIG
@@ -113,7 +131,11 @@ class VMDriver:
         )
 
     async def fingerprints(self) -> AsyncIterator[Fingerprint]:
-        """First fingerprint at once, then every 30 s or when the config changes."""
+        """First fingerprint at once, then every 30 s or when the config changes. (Nomad keeps
+        this stream open as long as it uses the plugin: the image cache's periodic removal
+        runs alongside it.)"""
+        if self._images_gc is None or self._images_gc.done():
+            self._images_gc = asyncio.ensure_future(gc_periodically(lambda: self.images))
         while True:
             self._config_changed.clear()
             default = self._default_backend()
@@ -188,7 +210,9 @@ class VMDriver:
         )
         recorder = TaskRecorder(self.journals, journal, self.checkpoints)
         try:
-            started = await run_start_steps(plan, backend, recorder, self._networks(), self.events)
+            started = await run_start_steps(
+                plan, backend, recorder, self._networks(), self.events, self.images
+            )
         except BaseException:
             await self._undo_failed_start(recorder.journal)
             raise
@@ -219,6 +243,8 @@ class VMDriver:
         """Replay the journal; it is removed only once everything it names is gone."""
         await undo_host_changes(journal, self._networks(), self.config.network)
         self.journals.remove(journal.task_id)
+        if journal.image_leases:
+            self.images.schedule_gc()  # an image may have become unused
         # The parent of long-path runtime dirs goes with the last of them (a start that makes
         # one meanwhile recreates it: mkdir(parents=True)).
         with contextlib.suppress(OSError):
@@ -253,6 +279,7 @@ class VMDriver:
             return
         entry = VMTask(task, vm, journal, self.events, backend.capabilities)
         self._tasks[task.id] = entry
+        await hold_leases(journal)
         if journal.network is not None:
             owners = {j.task_id for j in self.journals.all() if j.network is not None}
             try:
@@ -370,4 +397,8 @@ class VMDriver:
         """The plugin is going away: VMs keep running (Nomad will recover them)."""
         for entry in self._tasks.values():
             await entry.close()
+        if self._images_gc is not None:
+            self._images_gc.cancel()
+        if self._images is not None:
+            await self._images.close()
 

@@ -8,6 +8,8 @@ encoding). It says, in the order StartTask makes them:
 * the files made in it (disk, seed, UEFI variable store), each before it is created, and
   the in-progress files of storage pool volumes;
 * the pool volumes the task made or used, which the replay leaves in place;
+* its leases on images in the node's image cache (``storage.image_store``), each recorded
+  before it is taken, which the replay releases;
 * the network (bridge port, lease, TAP, forwards, DHCP host) as ``NetworkRecord``;
 * every process (helpers such as virtiofsd, then the VMM) by pid, start ticks and boot id,
   recorded between fork and exec (``nomad_vm.vm.process``: a process runs only once recorded),
@@ -64,6 +66,8 @@ class TaskJournal:
     # Storage pool volumes the task made or used: they outlive it, so the replay leaves them
     # (recorded to say where the task's data is; their in-progress files are in ``files``).
     volumes: tuple[str, ...] = ()
+    # Lease files on cached images (images given by URL): released by the replay.
+    image_leases: tuple[str, ...] = ()
     version: int = field(default=JOURNAL_VERSION)
 
     # -- what the journal says -------------------------------------------------------------
@@ -91,6 +95,9 @@ class TaskJournal:
     def with_volume(self, path: Path) -> TaskJournal:
         return replace(self, volumes=(*self.volumes, str(path)))
 
+    def with_image_lease(self, path: Path) -> TaskJournal:
+        return replace(self, image_leases=(*self.image_leases, str(path)))
+
     def with_processes(self, added: tuple[RecordedProcess, ...]) -> TaskJournal:
         return replace(self, processes=(*self.processes, *added))
 
@@ -110,6 +117,7 @@ class TaskJournal:
             "signal_unit": self.signal_unit,
             "signal_pidfile": self.signal_pidfile,
             "volumes": list(self.volumes),
+            "image_leases": list(self.image_leases),
         }
         packed: bytes = msgpack.packb(raw, use_bin_type=True)
         return packed
@@ -158,6 +166,8 @@ def _from_dict(raw: Mapping[str, Any]) -> TaskJournal:
         signal_pidfile=_optional_str(raw["signal_pidfile"]),
         # Absent from records of plugins before storage pools.
         volumes=tuple(str(v) for v in raw.get("volumes", ())),
+        # Absent from records of plugins before the image cache.
+        image_leases=tuple(str(v) for v in raw.get("image_leases", ())),
     )
 
 

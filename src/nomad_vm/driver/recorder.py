@@ -50,6 +50,13 @@ class TaskRecorder:
         if str(path) not in self.journal.volumes:
             self._save(self.journal.with_volume(path))
 
+    async def image_lease(self, path: Path) -> None:
+        """A lease on a cached image, on record before it is taken (the replay releases it);
+        part of the disk step (its checkpoint is the disk's)."""
+        if str(path) not in self.journal.image_leases:
+            self._save(self.journal.with_image_lease(path))
+        await self._reached("disk")
+
     async def network(self, record: NetworkRecord) -> None:
         self.record_network(record)
         await self._reached("network")

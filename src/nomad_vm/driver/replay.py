@@ -5,7 +5,8 @@ DestroyTask of a task a plugin killed mid-StartTask left behind (nobody answered
 the journal knows). Every step is idempotent: the journal records changes before they are made,
 so some of what it names may never have existed. Order: processes first (the VMM, then its
 helpers; waited for, so the TAP and files are free), then the network, then files and the
-runtime directory. A failure (the network could not be torn down) is raised after the rest is
+runtime directory, and the task's leases on cached images (its VMM, which read them, is gone
+by then). A failure (the network could not be torn down) is raised after the rest is
 done; the caller then keeps the journal so that a later DestroyTask can try again.
 """
 
@@ -20,6 +21,7 @@ from nomad_vm.driver.journal import TaskJournal
 from nomad_vm.driver.networking import NetworkManager
 from nomad_vm.errors import HypervisorError
 from nomad_vm.network.settings import BridgeNetwork
+from nomad_vm.storage.image_store import ImageStore
 from nomad_vm.vm.process import end_processes
 
 log = logging.getLogger(__name__)
@@ -43,6 +45,11 @@ async def undo_host_changes(
         except HypervisorError as exc:
             failures.append(str(exc))
     await asyncio.to_thread(_remove_files, journal)
+    for lease in journal.image_leases:
+        try:
+            await asyncio.to_thread(ImageStore.of_lease(Path(lease)).release, Path(lease))
+        except (OSError, ValueError) as exc:  # ValueError: not a lease path of a cache
+            failures.append(f"cannot release the image lease {lease}: {exc}")
     if failures:
         raise HypervisorError(
             f"clean-up of task {journal.task_id} is incomplete: {'; '.join(failures)}"

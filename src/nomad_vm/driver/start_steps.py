@@ -1,5 +1,6 @@
 """StartTask's host changes, in order, each recorded in the task's journal before it is made:
-runtime directory, disk, network, seed, then the backend's launch (its own files, helper
+runtime directory, images given by URL (a lease on each, then the node's cache), disk,
+network, seed, then the backend's launch (its own files, helper
 processes and the VMM). Nothing here undoes anything: on any failure the caller replays the
 journal (``replay``), the same path DestroyTask takes, so there is one clean-up to get right.
 
@@ -13,12 +14,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from nomad_vm.cloudinit import with_network_config, write_seed
 from nomad_vm.driver.disk_steps import disk_files, prepare_disks
 from nomad_vm.driver.events import EventBus
+from nomad_vm.driver.image_fetch import ImageFetcher
+from nomad_vm.driver.image_steps import fetch_url_images
 from nomad_vm.driver.macvtap_plan import (
     MacvtapAttachment,
     MacvtapPlan,
@@ -56,6 +59,7 @@ async def run_start_steps(
     recorder: TaskRecorder,
     networks: NetworkManager,
     events: EventBus,
+    images: ImageFetcher,
 ) -> Started:
     planned = (
         *disk_files(plan),
@@ -63,6 +67,8 @@ async def run_start_steps(
     )
     await recorder.runtime_dir(plan.runtime_dir, planned)
     plan.runtime_dir.mkdir(mode=0o700, parents=True, exist_ok=False)
+    if any(d.url is not None for d in plan.vm.disks):
+        plan = replace(plan, files=await fetch_url_images(plan, recorder, events, images))
     disks = await prepare_disks(plan, recorder, events)
     network = None
     if plan.network is not None:

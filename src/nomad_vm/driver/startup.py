@@ -89,7 +89,8 @@ async def plan_start(
     settings = host_settings(plugin, backend.name)
     caps = backend.capabilities
     kernel, initramfs = vm.kernel, vm.initramfs
-    firmware_boots_disk = vm.image is not None and vm.firmware in caps.disk_boot_firmware
+    boots_image = bool(vm.disks) and vm.disks[0].has_image
+    firmware_boots_disk = boots_image and vm.firmware in caps.disk_boot_firmware
     if kernel is None and settings.default_kernel is not None and not firmware_boots_disk:
         # The operator's kernel for tasks that name none (their initramfs needs their kernel),
         # unless the task's firmware boots its disk (CH: firmware = "uefi").

@@ -233,7 +233,18 @@ DISK = Field(
             "block",
             "Where the disk's content comes from.",
             fields=(
-                Field("image", "string", "An image file (rules of `image`).", default=""),
+                Field(
+                    "image",
+                    "string",
+                    "An image file or URL (rules of `image`).",
+                    default="",
+                ),
+                Field(
+                    "checksum",
+                    "string",
+                    "The sha256 of an `image` given by URL (rules of `image_checksum`).",
+                    default="",
+                ),
                 Field(
                     "volume",
                     "string",

@@ -51,8 +51,19 @@ TASK_CONFIG = Schema(
             "image, and each qcow2 file of its chain, must pass `qemu-img check`: a truncated or "
             "corrupted one is refused (leaked clusters, wasted space only, are not). The check "
             "reads the metadata, not the data (milliseconds for a few GiB); an unchanged file "
-            "is checked once per plugin process.",
+            "is checked once per plugin process. May also be an `https://` or `http://` URL: "
+            "the plugin downloads it once per node into its image cache (the plugin's "
+            "`image_cache`), verifies `image_checksum`, and uses the cached image as the "
+            "read-only base of the task's disk; its format is probed, never taken from the URL.",
             example='"local/debian.qcow2"',
+        ),
+        Field(
+            "image_checksum",
+            "string",
+            "The sha256 of an `image` given by URL, `sha256:<64 hex digits>` (or give it in the "
+            "URL, go-getter style: `?checksum=sha256:...`). Required for a URL image unless "
+            "the plugin's `image_cache.checksum_required` is off.",
+            example='"sha256:9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"',
         ),
         Field(
             "use_thin_copy",

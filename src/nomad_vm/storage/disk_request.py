@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from nomad_vm.errors import ConfigError
+from nomad_vm.storage.image_url import ImageURL, UrlRules, image_source
 
 BUSES = ("virtio", "sata", "scsi", "ide")
 KINDS = ("disk", "cdrom")
@@ -65,6 +66,12 @@ class DiskRequest:
     pool_dir: Path | None = None
     volume_name: str = ""
     source_volume: str = ""
+    # The source image given by URL (``image`` is then None until it is in the node's cache).
+    url: ImageURL | None = None
+
+    @property
+    def has_image(self) -> bool:
+        return self.image is not None or self.url is not None
 
     @property
     def persistent(self) -> bool:
@@ -83,9 +90,11 @@ class DiskRequest:
         return f"disk{index or ''}.{self.format}"
 
 
-def shorthand_disk(image: Path | None, thin: bool, size_mb: int | None) -> tuple[DiskRequest, ...]:
+def shorthand_disk(
+    image: Path | None, thin: bool, size_mb: int | None, url: ImageURL | None = None
+) -> tuple[DiskRequest, ...]:
     """`image`/`use_thin_copy`/`primary_disk_size` as the one primary disk (none: no image)."""
-    if image is None:
+    if image is None and url is None:
         return ()
     size = None if size_mb is None else size_mb * MIB
     return (
@@ -96,6 +105,7 @@ def shorthand_disk(image: Path | None, thin: bool, size_mb: int | None) -> tuple
             size_bytes=size,
             size_field="config.primary_disk_size",
             chained=thin,
+            url=url,
         ),
     )
 
@@ -114,15 +124,19 @@ def parse_disks(
     resolve: Callable[[str, str], Path],
     machine: str,
     pools: Pools | None = None,
+    url_rules: UrlRules | None = None,
 ) -> tuple[DiskRequest, ...]:
     """The `disk` blocks, the primary first (the one marked, else the first block).
 
     ``resolve(field, path)`` resolves an image path against the allowlist (ConfigError naming
-    the field otherwise); ``machine`` is the task's machine type, for the buses it has.
+    the field otherwise); ``machine`` is the task's machine type, for the buses it has;
+    ``url_rules`` what the operator accepts of images given by URL.
     """
     pools = pools or Pools()
+    rules = url_rules or UrlRules()
     disks = [
-        _parse_one(f"config.disk[{i}]", b, resolve, machine, pools) for i, b in enumerate(blocks)
+        _parse_one(f"config.disk[{i}]", b, resolve, machine, pools, rules)
+        for i, b in enumerate(blocks)
     ]
     seen: dict[tuple[Path | None, str], str] = {}
     for d in disks:
@@ -155,6 +169,7 @@ def _parse_one(
     resolve: Callable[[str, str], Path],
     machine: str,
     pools: Pools,
+    rules: UrlRules,
 ) -> DiskRequest:
     if block.get("volume"):
         raise ConfigError(
@@ -165,10 +180,15 @@ def _parse_one(
     source = block.get("source") if isinstance(block.get("source"), Mapping) else {}
     assert isinstance(source, Mapping)
     image_value = str(source.get("image") or "")
-    image = resolve(f"{field}.source.image", image_value) if image_value else None
+    checksum = str(source.get("checksum") or "")
+    url = image_source(
+        f"{field}.source.image", image_value, checksum, f"{field}.source.checksum", rules
+    )
+    image = resolve(f"{field}.source.image", image_value) if image_value and not url else None
+    has_image = image is not None or url is not None
     name = _volume(f"{field}.name", str(block.get("name") or ""))
     source_volume = _volume(f"{field}.source.volume", str(source.get("volume") or ""))
-    if image is not None and source_volume:
+    if has_image and source_volume:
         raise ConfigError(f"{field}.source", "give image or volume, not both")
     pool_dir = _pool(field, str(block.get("pool") or ""), bool(name or source_volume), pools)
     source_format = str(source.get("format") or "")
@@ -179,23 +199,23 @@ def _parse_one(
             "the format is detected)",
         )
     size = parse_size(block.get("size"), f"{field}.size")
-    if image is None and size is None and not source_volume and not name:
+    if not has_image and size is None and not source_volume and not name:
         raise ConfigError(f"{field}.size", 'a disk without a source needs a size (e.g. "10GiB")')
     kind = str(block.get("kind") or "disk")
     if kind not in KINDS:
         raise ConfigError(f"{field}.kind", f"must be disk or cdrom; got {kind!r}")
-    if kind == "cdrom" and image is None and not source_volume:
+    if kind == "cdrom" and not has_image and not source_volume:
         raise ConfigError(f"{field}.source.image", "a cdrom needs a source image (the ISO)")
     fmt = str(block.get("format") or "qcow2")
     if fmt not in FORMATS:
         raise ConfigError(f"{field}.format", f"must be qcow2 or raw; got {fmt!r}")
     chained = bool(block.get("chained"))
-    if chained and image is None and not source_volume:
+    if chained and not has_image and not source_volume:
         raise ConfigError(f"{field}.chained", "an overlay needs a source: set source { image }")
     if chained and fmt != "qcow2":
         raise ConfigError(f"{field}.format", "a chained disk is a qcow2 overlay: use qcow2")
     sparse = block.get("sparse") is not False
-    if not sparse and (image is not None or source_volume):
+    if not sparse and (has_image or source_volume):
         raise ConfigError(
             f"{field}.sparse",
             "a disk made from a source is a sparse copy or overlay; sparse = false "
@@ -228,6 +248,7 @@ def _parse_one(
         pool_dir=pool_dir,
         volume_name=name,
         source_volume=source_volume,
+        url=url,
     )
 
 
