@@ -99,6 +99,8 @@ class VMTaskConfig:
     # Every disk, the primary first (``storage.disk_request``): the `disk` blocks, or the
     # shorthand's one disk from `image`; `image` and the two fields above are the primary's.
     disks: tuple[DiskRequest, ...] = ()
+    # A graphical console's adapter, or "none" (schema: `display`).
+    display: str = "none"
 
     @property
     def gets_seed(self) -> bool:
@@ -248,6 +250,7 @@ def parse_task_config(task: TaskConfig, plugin: PluginConfig) -> VMTaskConfig:
         initramfs=path_of("initramfs"),
         cmdline=str(values["cmdline"] or ""),
         firmware=str(values["firmware"]),
+        display=str(values["display"]),
         arch=str(os_block["arch"]),
         machine=str(os_block["machine"] or ""),
         hypervisor=_optional_str(values["hypervisor"]),

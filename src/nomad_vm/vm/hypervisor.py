@@ -68,6 +68,9 @@ class HypervisorCapabilities:
     # `disk {}` blocks beyond one plain virtio disk: several disks, other buses, cdroms,
     # serials, read-only disks, cache modes and storage-pool volumes.
     disk_blocks: bool = False
+    # The task's `display` values it offers: "none" only, or graphical consoles whose VNC
+    # server listens on a unix socket in the runtime directory (VMPlan.display_socket).
+    displays: tuple[str, ...] = ("none",)
 
 
 @dataclass(frozen=True)
@@ -129,6 +132,8 @@ class VMRequest:
     # The VM boots (or has its root filesystem on) a disk the driver prepares.
     has_disk: bool
     shares: tuple[ShareSpec, ...] = ()
+    # A graphical console's adapter, or "none" (schema: task `display`).
+    display: str = "none"
 
 
 @dataclass(frozen=True)
@@ -148,6 +153,9 @@ class VMPlan:
     share_transport: ShareTransport
     shares: tuple[ShareSpec, ...]
     details: BackendPlan
+    # Where the VM's VNC server will listen (a unix socket in runtime_dir), when it has a
+    # display: the driver tells the console registry (``driver.console_registry``).
+    display_socket: Path | None = None
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ from nomad_vm.vm.machine import machine_argv
 from nomad_vm.vm.machine import option_value as opt
 from nomad_vm.vm.qemu.agent_channel import agent_argv
 from nomad_vm.vm.qemu.disk_devices import disks_argv
+from nomad_vm.vm.qemu.display import display_argv
 from nomad_vm.vm.qemu.files_argv import (
     SEED_NODE,
     FdSets,
@@ -81,6 +82,9 @@ def _control(spec: VMSpec) -> list[str]:
         "none",
         "-vga",
         "none",
+        # A graphical console only when the task asks: its adapter and a VNC server that
+        # the plugin points at a socket it binds (``display.serve_vnc``); never a window.
+        *display_argv(spec.display),
         "-chardev",
         SERIAL_CHARDEV,
         "-serial",
