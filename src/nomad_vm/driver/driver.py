@@ -186,7 +186,9 @@ class VMDriver:
         )
         recorder = TaskRecorder(self.journals, journal, self.checkpoints)
         try:
-            started = await run_start_steps(plan, backend, recorder, self._networks(), self.events)
+            started = await run_start_steps(
+                plan, backend, recorder, self._networks(), self.events, self.config.data_dir
+            )
         except BaseException:
             await self._undo_failed_start(recorder.journal)
             raise
