@@ -52,6 +52,8 @@ def run_console_serve(args: argparse.Namespace) -> int:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    # httpx logs every request it makes at INFO: one line per check is noise.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     try:
         host, port = parse_listen(args.listen)
     except ConfigurationError as exc:
