@@ -36,6 +36,7 @@ def running_agent(
     plugin_extra: Mapping[str, object] | None = None,
     drop_ins: Mapping[str, str] | None = None,
     acl: bool = False,
+    raw_exec: bool = False,
 ) -> Iterator[DevAgent]:
     """A Nomad agent with our plugin, on loopback; everything it started is gone afterwards.
 
@@ -45,6 +46,7 @@ def running_agent(
     is the client's, for jobs with `network { mode = "bridge" }`. ``drop_ins`` installs the
     plugin again under seed drivers' names (alias -> its `config { ... }` body, as HCL).
     With ``acl`` Nomad's ACLs are on and bootstrapped: ``agent.token`` is the management token.
+    ``raw_exec`` enables Nomad's raw_exec driver.
     """
     workdir = Path(tempfile.mkdtemp(prefix="nve-", dir="/tmp"))
     agent = DevAgent(
@@ -61,6 +63,7 @@ def running_agent(
             plugin_extra=plugin_extra,
             drop_ins=drop_ins or {},
             acl=acl,
+            raw_exec=raw_exec,
         )
     )
     agent.start()

@@ -218,3 +218,38 @@ def test_browser_console_with_acls(tiny_guest, tmp_path: Path) -> None:  # type:
         assert red > 500, red
         # Text, not a red block: bright white glyph pixels in the red lines.
         assert white > 100, white
+
+
+def test_example_job_serves_the_console_under_raw_exec(tiny_guest, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """examples/console.nomad.hcl as shipped, on an agent with ACLs and raw_exec: the server
+    comes up as a Nomad job and asks for a token."""
+    port = free_port()
+    with running_agent([tiny_guest.vmlinux.parent], acl=True, raw_exec=True) as agent:
+        agent.nomad(
+            "job",
+            "run",
+            "-detach",
+            "-var",
+            f"nomad_vm={REPO / '.venv' / 'bin' / 'nomad-vm'}",
+            "-var",
+            f"listen=127.0.0.1:{port}",
+            "-var",
+            f"nomad_addr={agent.address}",
+            "-var",
+            f"data_dir={agent.config.workdir / 'plugin-data'}",
+            str(REPO / "examples" / "console.nomad.hcl"),
+        )
+        base = f"http://127.0.0.1:{port}"
+
+        def answers() -> bool:
+            with contextlib.suppress(httpx.HTTPError):
+                return httpx.get(base + "/api/consoles").status_code == 401
+            return False
+
+        assert wait_until(answers, 120), agent.nomad("job", "status", "nomad-vm-console")
+        page = httpx.get(base + "/")
+        assert page.status_code == 200 and 'name="token"' in page.text
+        listed = httpx.get(base + "/api/consoles", headers={"X-Nomad-Token": agent.token or ""})
+        assert listed.json() == {"acls": True, "consoles": []}
+        agent.nomad("job", "stop", "-detach", "nomad-vm-console")
+        assert wait_until(lambda: not answers(), 60)

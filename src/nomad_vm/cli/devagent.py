@@ -94,6 +94,8 @@ class DevAgentConfig:
     drop_ins: Mapping[str, str] = field(default_factory=dict)
     # Nomad's ACL system on: nothing answers without a token until DevAgent.bootstrap_acl().
     acl: bool = False
+    # Nomad's raw_exec driver on (for the tools jobs run on a node, e.g. the console server).
+    raw_exec: bool = False
 
     @property
     def fingerprint_denylist(self) -> str:
@@ -154,7 +156,12 @@ client {{{client_role}{cni}
     "fingerprint.denylist" = "{self.fingerprint_denylist}"
   }}
 }}
-{self.plugin_block()}"""
+{self.plugin_block()}{self.raw_exec_block()}"""
+
+    def raw_exec_block(self) -> str:
+        if not self.raw_exec:
+            return ""
+        return '\nplugin "raw_exec" {\n  config {\n    enabled = true\n  }\n}\n'
 
     def plugin_block(self) -> str:
         if self.installed is not None:
