@@ -121,3 +121,24 @@ def test_display_on_microvm_is_refused_naming_the_option(
     assert not (short_tmp / "data" / "consoles").exists() or not list(
         (short_tmp / "data" / "consoles").iterdir()
     )
+
+
+def test_a_failed_start_leaves_no_console_entry(
+    plugin: PluginProcess,
+    short_tmp: Path,
+    tiny_guest,  # type: ignore[no-untyped-def]
+) -> None:
+    # The initramfs as the kernel: accepted by validation (an allowed regular file), refused
+    # by QEMU at launch, after the registry entry was written: the replay must remove it.
+    overrides: dict[str, object] = {"display": "vga", "kernel": str(tiny_guest.initramfs)}
+    with tiny_task(plugin, short_tmp, tiny_guest, alloc_name="bad", overrides=overrides) as (
+        cfg,
+        _,
+        _,
+    ):
+        with pytest.raises(Exception) as failed:
+            drv(plugin).StartTask(driver_pb2.StartTaskRequest(task=cfg), timeout=60)
+        assert "QEMU failed to start" in str(failed.value)
+    consoles = short_tmp / "data" / "consoles"
+    assert consoles.is_dir() and not list(consoles.iterdir())
+    assert not qemu_processes_under(short_tmp)
