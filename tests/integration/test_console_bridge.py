@@ -54,12 +54,14 @@ async def rfb_greeting_through_bridge(socket: str) -> tuple[bytes, bytes]:
         await runner.cleanup()
 
 
+@pytest.mark.parametrize("display", ["vga", "virtio"])
 def test_vnc_reached_over_the_websocket_bridge(
     plugin: PluginProcess,
     short_tmp: Path,
     tiny_guest,  # type: ignore[no-untyped-def]
+    display: str,
 ) -> None:
-    overrides: dict[str, object] = {"display": "vga"}
+    overrides: dict[str, object] = {"display": display}
     with tiny_task(plugin, short_tmp, tiny_guest, alloc_name="vnc", overrides=overrides) as (
         cfg,
         fifo,
@@ -77,7 +79,7 @@ def test_vnc_reached_over_the_websocket_bridge(
                 "tiny",
                 "team-a",
                 "console-job",
-                "vga",
+                display,
             )
             socket = Path(entry.socket)
             assert socket.name == "vnc.sock" and stat.S_ISSOCK(socket.stat().st_mode)
@@ -87,6 +89,7 @@ def test_vnc_reached_over_the_websocket_bridge(
             (qemu,) = qemu_processes_under(short_tmp)
             argv = qemu.cmdline()
             assert argv[argv.index("-vnc") + 1] == "none"
+            assert {"vga": "VGA,id=video0", "virtio": "virtio-vga,id=video0"}[display] in argv
             # QEMU listens on no TCP port: its only listener is the handed unix socket.
             assert not [c for c in qemu.net_connections("inet") if c.status == "LISTEN"]
             greeting, security = asyncio.run(rfb_greeting_through_bridge(str(socket)))

@@ -84,3 +84,9 @@ def test_cloud_hypervisor_refuses_a_display(tmp_path: Path) -> None:
     assert caught.value.field == "config.display"
     assert "no graphical console" in caught.value.reason
     assert not (tmp_path / "run").exists()
+
+
+def test_unset_display_is_none(tmp_path: Path) -> None:
+    planned = plan(tmp_path, {})
+    assert planned.vm.display == "none"  # type: ignore[attr-defined]
+    assert planned.vm_plan.request.display == "none"  # type: ignore[attr-defined]

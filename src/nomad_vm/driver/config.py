@@ -250,7 +250,9 @@ def parse_task_config(task: TaskConfig, plugin: PluginConfig) -> VMTaskConfig:
         initramfs=path_of("initramfs"),
         cmdline=str(values["cmdline"] or ""),
         firmware=str(values["firmware"]),
-        display=str(values["display"]),
+        # Unset and "none" alike: no display (kept apart in the schema so that a switch such
+        # as a guest OS family can choose a display for tasks that did not say).
+        display=str(values["display"] or "none"),
         arch=str(os_block["arch"]),
         machine=str(os_block["machine"] or ""),
         hypervisor=_optional_str(values["hypervisor"]),

@@ -107,15 +107,15 @@ TASK_CONFIG = Schema(
         Field(
             "display",
             "string",
-            "A graphical console: `none` (the default: the serial console in `nomad alloc logs` "
-            "is all a Linux cloud guest needs), `vga` (QEMU's standard VGA: text mode for the "
-            "BIOS and kernel console, a framebuffer with drivers in every OS) or `virtio` "
+            "A graphical console: `none` (unset means none: the serial console in `nomad "
+            "alloc logs` is all a Linux cloud guest needs), `vga` (QEMU's standard VGA: text "
+            "mode for the BIOS and kernel console, a framebuffer with drivers in every OS) or "
+            "`virtio` "
             "(virtio-vga: virtio-gpu with a VGA front for firmware and early boot). QEMU's VNC "
             "server then listens on a unix socket in the task's runtime directory, never on "
             "TCP; `nomad-vm console serve` shows it in a browser to callers whose Nomad token "
             "may `alloc exec` into the allocation. Not with `microvm` (no PCI bus); Cloud "
             "Hypervisor has no display and refuses anything but `none`.",
-            default="none",
             choices=DISPLAYS,
         ),
         Field(
