@@ -100,6 +100,20 @@ def client_token(agent: DevAgent, name: str, rules: str) -> str:
     return str(token["SecretID"])
 
 
+def serve_argv(agent: DevAgent, listen: str) -> list[str]:
+    return [
+        str(REPO / ".venv" / "bin" / "nomad-vm"),
+        "console",
+        "serve",
+        "--listen",
+        listen,
+        "--nomad-addr",
+        agent.address,
+        "--data-dir",
+        str(agent.config.workdir / "plugin-data"),
+    ]
+
+
 @contextlib.contextmanager
 def console_server(agent: DevAgent, log: Path) -> Iterator[str]:
     port = free_port()
@@ -253,3 +267,19 @@ def test_example_job_serves_the_console_under_raw_exec(tiny_guest, tmp_path: Pat
         assert listed.json() == {"acls": True, "consoles": []}
         agent.nomad("job", "stop", "-detach", "nomad-vm-console")
         assert wait_until(lambda: not answers(), 60)
+
+
+def test_acls_off_loopback_only_and_said_loudly(tiny_guest, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    with running_agent([tiny_guest.vmlinux.parent]) as agent:
+        refused = subprocess.run(
+            serve_argv(agent, f"0.0.0.0:{free_port()}"), capture_output=True, text=True, timeout=60
+        )
+        assert refused.returncode == 2
+        assert "--listen" in refused.stderr and "ACLs are disabled" in refused.stderr
+        log = tmp_path / "console.log"
+        with console_server(agent, log) as base:
+            page = httpx.get(base + "/")
+            assert page.status_code == 200 and 'id="banner"' in page.text
+            assert "ACLs are disabled" in page.text
+            assert httpx.get(base + "/api/consoles").json() == {"acls": False, "consoles": []}
+        assert "NOMAD ACLS ARE DISABLED" in log.read_text()

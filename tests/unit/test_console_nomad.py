@@ -44,11 +44,17 @@ async def exec_endpoint(request: web.Request) -> web.WebSocketResponse:
     return ws
 
 
-async def token_self(request: web.Request) -> web.Response:
-    mode = request.app[ACL_MODE]
-    token = request.headers.get("X-Nomad-Token")
-    if mode == "off":
+async def policies(request: web.Request) -> web.Response:
+    if request.app[ACL_MODE] == "off":
         return web.Response(status=400, text="ACL support disabled")
+    return web.Response(status=403, text="Permission denied")
+
+
+async def token_self(request: web.Request) -> web.Response:
+    token = request.headers.get("X-Nomad-Token")
+    if request.app[ACL_MODE] == "off":
+        # Nomad 1.11's WhoAmI: no identity with ACLs off.
+        return web.Response(status=404, text="ACL token not found")
     if token == "may":
         return web.json_response({"AccessorID": "acc-1", "Name": "ops", "Type": "client"})
     return web.Response(status=403, text="Permission denied")
@@ -63,6 +69,7 @@ def with_agent(
         app[ACL_MODE] = acl_mode
         app.router.add_get("/v1/client/allocation/{alloc}/exec", exec_endpoint)
         app.router.add_get("/v1/acl/token/self", token_self)
+        app.router.add_get("/v1/acl/policies", policies)
         runner = web.AppRunner(app)
         await runner.setup()
         site = web.TCPSite(runner, "127.0.0.1", 0)

@@ -95,13 +95,19 @@ class NomadAgent:
             raise NomadUnavailable(f"Nomad agent at {self.address}: {exc}") from exc
 
     async def acls_enabled(self) -> bool:
-        resp = await self._token_self(None)
+        """Asked of the policy list, which says "ACL support disabled" when they are off
+        (token/self does not: with ACLs off it answers 404, as for an unknown token). With
+        ACLs on and no token it answers with the anonymous policy's view (200) or 403."""
+        try:
+            resp = await self._http.get("/v1/acl/policies")
+        except httpx.HTTPError as exc:
+            raise NomadUnavailable(f"Nomad agent at {self.address}: {exc}") from exc
         if resp.status_code == 400 and "ACL support disabled" in resp.text:
             return False
-        if resp.status_code in (200, 403, 404):
+        if resp.status_code in (200, 403):
             return True
         raise NomadUnavailable(
-            f"Nomad agent at {self.address}: /v1/acl/token/self answered {resp.status_code}"
+            f"Nomad agent at {self.address}: /v1/acl/policies answered {resp.status_code}"
         )
 
     async def token_info(self, token: str) -> TokenInfo | None:
