@@ -145,3 +145,40 @@ def test_a_failed_start_leaves_no_console_entry(
     consoles = short_tmp / "data" / "consoles"
     assert consoles.is_dir() and not list(consoles.iterdir())
     assert not qemu_processes_under(short_tmp)
+
+
+def test_console_survives_a_plugin_restart_and_goes_with_the_task(
+    short_tmp: Path,
+    tiny_guest,  # type: ignore[no-untyped-def]
+) -> None:
+    """QEMU keeps serving the handed socket without the plugin; the new plugin's DestroyTask
+    removes the entry the first one wrote."""
+    from tests.integration.pluginkit import DRIVER, configure
+    from tests.integration.test_recovery import recover
+
+    first = PluginProcess([str(DRIVER)])
+    first.start(short_tmp / "plugin1.stderr")
+    second = PluginProcess([str(DRIVER)])
+    overrides: dict[str, object] = {"display": "vga"}
+    try:
+        with tiny_task(first, short_tmp, tiny_guest, alloc_name="rec", overrides=overrides) as (
+            cfg,
+            fifo,
+            _,
+        ):
+            handle = drv(first).StartTask(driver_pb2.StartTaskRequest(task=cfg), timeout=60).handle
+            assert fifo.wait_for(RUNNING, 120)
+            first.kill()
+            (entry,) = read_entries(short_tmp / "data")
+            greeting, _ = asyncio.run(rfb_greeting_through_bridge(entry.socket))
+            assert greeting == b"RFB 003.008\n"
+            second.start(short_tmp / "plugin2.stderr")
+            configure(second, short_tmp / "data", [str(tiny_guest.vmlinux.parent)])
+            recover(second, handle)
+            drv(second).StopTask(driver_pb2.StopTaskRequest(task_id=cfg.id))
+            drv(second).DestroyTask(driver_pb2.DestroyTaskRequest(task_id=cfg.id, force=True))
+    finally:
+        first.kill()
+        second.kill()
+    assert read_entries(short_tmp / "data") == []
+    assert not qemu_processes_under(short_tmp)
