@@ -154,7 +154,7 @@ class VMPlan:
     shares: tuple[ShareSpec, ...]
     details: BackendPlan
     # Where the VM's VNC server will listen (a unix socket in runtime_dir), when it has a
-    # display: the driver tells the console registry (``driver.console_registry``).
+    # display: the driver writes it into the console registry (``driver.console_entry``).
     display_socket: Path | None = None
 
 
