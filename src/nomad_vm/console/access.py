@@ -5,6 +5,7 @@ exec, and so every entry is open (the server then binds loopback only unless tol
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -30,9 +31,9 @@ class Consoles:
     async def find(self, token: str | None, alloc_id: str, task: str) -> ConsoleEntry | None:
         """The entry for ``alloc_id``/``task`` if the caller may open it, else None (the same
         answer for "no such VM" and "not yours": a caller learns nothing of others' VMs)."""
-        for entry in self.entries():
-            if entry.alloc_id == alloc_id and entry.task == task:
-                if await self.agent.may_exec(token, alloc_id, task):
-                    return entry
-                return None
-        return None
+        matching = [e for e in self.entries() if e.alloc_id == alloc_id and e.task == task]
+        if not matching or not await self.agent.may_exec(token, alloc_id, task):
+            return None
+        # A restarted task has a new entry; the old one may linger until Nomad has destroyed
+        # the earlier start: prefer the entry whose socket is there.
+        return next((e for e in matching if os.path.exists(e.socket)), matching[-1])
