@@ -35,6 +35,8 @@ def running_agent(
     cni_path: Path | None = None,
     plugin_extra: Mapping[str, object] | None = None,
     drop_ins: Mapping[str, str] | None = None,
+    acl: bool = False,
+    raw_exec: bool = False,
 ) -> Iterator[DevAgent]:
     """A Nomad agent with our plugin, on loopback; everything it started is gone afterwards.
 
@@ -43,6 +45,8 @@ def running_agent(
     (see ``running_consul``) the agent registers services with that Consul agent. ``cni_path``
     is the client's, for jobs with `network { mode = "bridge" }`. ``drop_ins`` installs the
     plugin again under seed drivers' names (alias -> its `config { ... }` body, as HCL).
+    With ``acl`` Nomad's ACLs are on and bootstrapped: ``agent.token`` is the management token.
+    ``raw_exec`` enables Nomad's raw_exec driver.
     """
     workdir = Path(tempfile.mkdtemp(prefix="nve-", dir="/tmp"))
     agent = DevAgent(
@@ -58,10 +62,14 @@ def running_agent(
             cni_path=cni_path,
             plugin_extra=plugin_extra,
             drop_ins=drop_ins or {},
+            acl=acl,
+            raw_exec=raw_exec,
         )
     )
     agent.start()
     try:
+        if acl:
+            agent.bootstrap_acl()
         agent.wait_driver()
         yield agent
     finally:

@@ -24,6 +24,16 @@ FORBIDDEN = {
         "nomad_vm.cli",
         "grpc",
     ),
+    # The console server talks to Nomad's HTTP API and to VNC sockets; it knows no driver,
+    # plugin protocol or hypervisor (the registry it reads is its own leaf module).
+    "console": (
+        "nomad_vm.driver",
+        "nomad_vm.plugin",
+        "nomad_vm.vm",
+        "nomad_vm.storage",
+        "nomad_vm.cli",
+        "grpc",
+    ),
     "cloudinit": (
         "nomad_vm.driver",
         "nomad_vm.plugin",

@@ -92,6 +92,10 @@ class DevAgentConfig:
     # ("virt", "ch") -> the body of its `config { ... }` block as HCL text, written as given
     # (e.g. a seed's client config). Only with driver_executable.
     drop_ins: Mapping[str, str] = field(default_factory=dict)
+    # Nomad's ACL system on: nothing answers without a token until DevAgent.bootstrap_acl().
+    acl: bool = False
+    # Nomad's raw_exec driver on (for the tools jobs run on a node, e.g. the console server).
+    raw_exec: bool = False
 
     @property
     def fingerprint_denylist(self) -> str:
@@ -130,6 +134,7 @@ consul {{
 }}"""
         )
         cni = "" if self.cni_path is None else f"\n  cni_path = {hcl_string(str(self.cni_path))}"
+        acl = "\nacl {\n  enabled = true\n}" if self.acl else ""
         return f"""
 bind_addr = "127.0.0.1"
 log_level = "{self.log_level}"
@@ -137,7 +142,7 @@ ports {{
   http = {self.http_port}
   rpc  = {self.rpc_port}
   serf = {self.serf_port}
-}}{server}{consul}
+}}{server}{consul}{acl}
 # Nothing may leave this machine: no update check against HashiCorp's servers, and no
 # fingerprinters that probe cloud metadata addresses or resolve Consul/Vault names.
 disable_update_check = true
@@ -151,7 +156,12 @@ client {{{client_role}{cni}
     "fingerprint.denylist" = "{self.fingerprint_denylist}"
   }}
 }}
-{self.plugin_block()}"""
+{self.plugin_block()}{self.raw_exec_block()}"""
+
+    def raw_exec_block(self) -> str:
+        if not self.raw_exec:
+            return ""
+        return '\nplugin "raw_exec" {\n  config {\n    enabled = true\n  }\n}\n'
 
     def plugin_block(self) -> str:
         if self.installed is not None:
@@ -175,6 +185,9 @@ class DevAgent:
         self.config = config
         self.process: subprocess.Popen[bytes] | None = None
         self.log_path = config.workdir / "nomad.log"
+        # The management token once bootstrap_acl() made it (memory only: never in argv, logs or
+        # files; the CLI gets it as NOMAD_TOKEN in its environment).
+        self.token: str | None = None
 
     @property
     def address(self) -> str:
@@ -182,7 +195,10 @@ class DevAgent:
 
     @property
     def env(self) -> dict[str, str]:
-        return {**os.environ, "NOMAD_ADDR": self.address}
+        env = {**os.environ, "NOMAD_ADDR": self.address}
+        if self.token is not None:
+            env["NOMAD_TOKEN"] = self.token
+        return env
 
     @property
     def netns_prefix(self) -> list[str]:
@@ -240,14 +256,38 @@ class DevAgent:
                 env=None if cfg.path is None else {**os.environ, "PATH": cfg.path},
             )
 
-    def api(self, path: str) -> object:
-        def get() -> object:
-            resp = httpx.get(self.address + path, timeout=5.0)
+    def api(self, path: str, method: str = "GET", body: object = None) -> object:
+        def call() -> object:
+            headers = {"X-Nomad-Token": self.token} if self.token is not None else {}
+            resp = httpx.request(
+                method, self.address + path, json=body, headers=headers, timeout=5.0
+            )
             resp.raise_for_status()
-            return resp.json()
+            return resp.json() if resp.content else None
 
         # httpx connects from the calling thread: one that entered the agent's namespace.
-        return get() if self.config.netns is None else run_in(self.config.netns, get)
+        return call() if self.config.netns is None else run_in(self.config.netns, call)
+
+    def bootstrap_acl(self, timeout: float = 60.0) -> str:
+        """Bootstrap the ACL system (once the agent has a leader); keep and return the
+        management token's secret."""
+        deadline = time.monotonic() + timeout
+        last: object = "agent not answering"
+        while time.monotonic() < deadline:
+            if self.process is not None and self.process.poll() is not None:
+                raise RuntimeError(f"nomad agent exited; see {self.log_path}")
+            try:
+                answer = self.api("/v1/acl/bootstrap", "POST")
+            except httpx.HTTPStatusError as exc:
+                last = f"{exc.response.status_code} {exc.response.text.strip()}"
+            except httpx.HTTPError as exc:
+                last = exc
+            else:
+                assert isinstance(answer, dict)
+                self.token = str(answer["SecretID"])
+                return self.token
+            time.sleep(0.5)
+        raise TimeoutError(f"ACL bootstrap did not succeed in {timeout:.0f}s: {last}")
 
     def wait_driver(self, timeout: float = 120.0, name: str = "vm") -> dict[str, object]:
         """Wait until the node reports driver ``name`` detected and healthy; return its info."""

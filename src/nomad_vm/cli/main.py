@@ -1,4 +1,4 @@
-"""`nomad-vm`: the operator's command (install, doctor, image, demo, docs)."""
+"""`nomad-vm`: the operator's command (install, doctor, image, demo, docs, console)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from nomad_vm import __version__
+from nomad_vm.cli.console import add_console_parser
 from nomad_vm.cli.install import CONFIG_FILE_NAME
 
 
@@ -199,6 +200,8 @@ def build_parser() -> argparse.ArgumentParser:
     docs.add_argument("--output", default="docs/configuration.md")
     docs.add_argument("--check", action="store_true", help="fail if the file is stale")
     docs.set_defaults(func=_cmd_docs)
+
+    add_console_parser(sub)
     return parser
 
 

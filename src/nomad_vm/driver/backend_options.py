@@ -22,6 +22,7 @@ FIELD_OF_OPTION = {
     "arch": "config.os.arch",
     "machine": "config.os.machine",
     "firmware": "config.firmware",
+    "display": "config.display",
     "kernel": "config.kernel",
     "accelerator": "accelerator",
     "share_transport": "config.share_transport",
@@ -108,6 +109,14 @@ def check_request(backend: str, caps: HypervisorCapabilities, request: VMRequest
     for option, value, supported in wanted:
         if value not in supported:
             raise ConfigError(FIELD_OF_OPTION[option], _unsupported(backend, value, supported))
+    if request.display not in caps.displays:
+        reason = (
+            f"{request.display!r}: the {backend} hypervisor has no graphical console (no VNC "
+            "server); leave display unset or \"none\""
+            if caps.displays == ("none",)
+            else _unsupported(backend, request.display, caps.displays)
+        )
+        raise ConfigError(FIELD_OF_OPTION["display"], reason)
     if request.kernel is None and request.firmware not in caps.disk_boot_firmware:
         offered = ", ".join(caps.disk_boot_firmware) or "none"
         raise ConfigError(

@@ -107,6 +107,8 @@ class VMTaskConfig:
     # Every disk, the primary first (``storage.disk_request``): the `disk` blocks, or the
     # shorthand's one disk from `image`; `image` and the two fields above are the primary's.
     disks: tuple[DiskRequest, ...] = ()
+    # A graphical console's adapter, or "none" (schema: `display`).
+    display: str = "none"
 
     @property
     def gets_seed(self) -> bool:
@@ -258,6 +260,9 @@ def parse_task_config(task: TaskConfig, plugin: PluginConfig) -> VMTaskConfig:
         initramfs=path_of("initramfs"),
         cmdline=str(values["cmdline"] or ""),
         firmware=str(values["firmware"]),
+        # Unset and "none" alike: no display (kept apart in the schema so that a switch such
+        # as a guest OS family can choose a display for tasks that did not say).
+        display=str(values["display"] or "none"),
         arch=str(os_block["arch"]),
         machine=str(os_block["machine"] or ""),
         hypervisor=_optional_str(values["hypervisor"]),

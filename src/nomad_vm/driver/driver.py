@@ -211,7 +211,13 @@ class VMDriver:
         recorder = TaskRecorder(self.journals, journal, self.checkpoints)
         try:
             started = await run_start_steps(
-                plan, backend, recorder, self._networks(), self.events, self.images
+                plan,
+                backend,
+                recorder,
+                self._networks(),
+                self.events,
+                self.images,
+                self.config.data_dir,
             )
         except BaseException:
             await self._undo_failed_start(recorder.journal)

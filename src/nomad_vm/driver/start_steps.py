@@ -18,6 +18,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from nomad_vm.cloudinit import with_network_config, write_seed
+from nomad_vm.driver.console_entry import register_console
 from nomad_vm.driver.disk_steps import disk_files, prepare_disks
 from nomad_vm.driver.events import EventBus
 from nomad_vm.driver.image_fetch import ImageFetcher
@@ -60,6 +61,7 @@ async def run_start_steps(
     networks: NetworkManager,
     events: EventBus,
     images: ImageFetcher,
+    data_dir: Path | None = None,
 ) -> Started:
     planned = (
         *disk_files(plan),
@@ -76,6 +78,8 @@ async def run_start_steps(
         network = await networks.setup(plan.network, recorder.record_network)
         events.emit(plan.task, attachment_event(network, plan.network, plan.seed is not None))
     seed = await write_seed_iso(plan, recorder, events, network)
+    if data_dir is not None and plan.vm_plan.display_socket is not None:
+        await register_console(plan, recorder, data_dir)
     holder = plan.files.holder
     seed_file = open_own(seed, holder, writable=False) if seed is not None else None
     kernel, initramfs = await asyncio.to_thread(boot_files, plan)

@@ -107,6 +107,7 @@ async def plan_start(
         cmdline=vm.cmdline,
         has_disk=bool(vm.disks),
         shares=task_shares(task, vm),
+        display=vm.display,
     )
     check_request(backend.name, caps, request)
     refuse_disk_options(backend.name, backend.capabilities, vm)

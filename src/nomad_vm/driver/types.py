@@ -102,6 +102,9 @@ class TaskConfig:
     mounts: tuple[TaskMount, ...] = ()
     job_name: str = ""
     task_group_name: str = ""
+    # The allocation's Nomad namespace (shown by the console server; Nomad itself decides
+    # who may open a console, from its own record of the allocation).
+    namespace: str = ""
     ports: tuple[PortMapping, ...] = ()
     # The allocation's network namespace (a path such as /var/run/netns/<alloc id>) when the
     # group's network mode isolates it (GROUP isolation, e.g. network { mode = "bridge" });

@@ -84,6 +84,7 @@ def task_config(pb: driver_pb2.TaskConfig) -> TaskConfig:
         mounts=tuple(TaskMount(m.task_path, m.host_path, m.readonly) for m in pb.mounts),
         job_name=pb.job_name,
         task_group_name=pb.task_group_name,
+        namespace=pb.namespace,
         ports=tuple(PortMapping(p.label, p.value, p.to, p.host_ip) for p in res.ports),
         netns_path=group_netns_path(pb.network_isolation_spec),
     )

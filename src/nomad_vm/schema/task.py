@@ -6,6 +6,8 @@ from nomad_vm.fields import Field, Schema
 from nomad_vm.schema.seed_keys import OS_VARIANT, TASK_SEED_FIELDS
 
 FIRMWARES = ("bios", "uefi", "uefi-secure")
+# A graphical console's display adapter (QEMU: vm/qemu/display.py), or none.
+DISPLAYS = ("none", "vga", "virtio")
 # The task options that only reach the guest through its cloud-init seed: set on a VM that gets
 # none (no `image`, or `cloud_init = false`), they are refused rather than dropped unseen.
 # `hostname` is not one: it also names the QEMU process and the VM's DHCP host entry.
@@ -112,6 +114,20 @@ TASK_CONFIG = Schema(
             "plugin's `cloud_hypervisor.firmware`), and `uefi-secure` is refused.",
             default="bios",
             choices=FIRMWARES,
+        ),
+        Field(
+            "display",
+            "string",
+            "A graphical console: `none` (unset means none: the serial console in `nomad "
+            "alloc logs` is all a Linux cloud guest needs), `vga` (QEMU's standard VGA: text "
+            "mode for the BIOS and kernel console, a framebuffer with drivers in every OS) or "
+            "`virtio` "
+            "(virtio-vga: virtio-gpu with a VGA front for firmware and early boot). QEMU's VNC "
+            "server then listens on a unix socket in the task's runtime directory, never on "
+            "TCP; `nomad-vm console serve` shows it in a browser to callers whose Nomad token "
+            "may `alloc exec` into the allocation. Not with `microvm` (no PCI bus); Cloud "
+            "Hypervisor has no display and refuses anything but `none`.",
+            choices=DISPLAYS,
         ),
         Field(
             "os",

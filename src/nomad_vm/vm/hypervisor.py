@@ -71,6 +71,9 @@ class HypervisorCapabilities:
     # The guest's serial console can be attached to read-write (``RunningVM.console_socket``)
     # while its output keeps going to the task's stdout.
     serial_console: bool = False
+    # The task's `display` values it offers: "none" only, or graphical consoles whose VNC
+    # server listens on a unix socket in the runtime directory (VMPlan.display_socket).
+    displays: tuple[str, ...] = ("none",)
 
 
 @dataclass(frozen=True)
@@ -132,6 +135,8 @@ class VMRequest:
     # The VM boots (or has its root filesystem on) a disk the driver prepares.
     has_disk: bool
     shares: tuple[ShareSpec, ...] = ()
+    # A graphical console's adapter, or "none" (schema: task `display`).
+    display: str = "none"
 
 
 @dataclass(frozen=True)
@@ -151,6 +156,9 @@ class VMPlan:
     share_transport: ShareTransport
     shares: tuple[ShareSpec, ...]
     details: BackendPlan
+    # Where the VM's VNC server will listen (a unix socket in runtime_dir), when it has a
+    # display: the driver writes it into the console registry (``driver.console_entry``).
+    display_socket: Path | None = None
 
 
 @dataclass(frozen=True)

@@ -107,6 +107,10 @@ class VMSpec:
     console_log_fd: int | None = None
     # The VMM filters its own system calls (QEMU's -sandbox).
     seccomp: bool = False
+    # The task's `display`: "none", or the adapter of a graphical console ("vga", "virtio"),
+    # whose VNC server is served at ``display_socket`` (QEMU: ``qemu.display``).
+    display: str = "none"
+    display_socket: Path | None = None
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ from nomad_vm.vm.machine import machine_argv
 from nomad_vm.vm.machine import option_value as opt
 from nomad_vm.vm.qemu.agent_channel import agent_argv
 from nomad_vm.vm.qemu.disk_devices import disks_argv
+from nomad_vm.vm.qemu.display import display_argv
 from nomad_vm.vm.qemu.files_argv import (
     SEED_NODE,
     FdSets,
@@ -101,6 +102,9 @@ def _control(spec: VMSpec, sets: FdSets) -> list[str]:
         "none",
         "-vga",
         "none",
+        # A graphical console only when the task asks: its adapter and a VNC server that
+        # the plugin points at a socket it binds (``display.serve_vnc``); never a window.
+        *display_argv(spec.display),
         *serial_argv(spec, sets),
         *qmp,
         # A guest power-off or panic pauses QEMU instead of ending it, so the verdict survives

@@ -44,6 +44,7 @@ from nomad_vm.vm.machine import ARCHES, MACHINE_TYPES, MachineConfig, validate_m
 from nomad_vm.vm.process import SupervisedProcess, reattach, spawn
 from nomad_vm.vm.qemu.argv import qemu_argv
 from nomad_vm.vm.qemu.binary import find_qemu, qemu_version
+from nomad_vm.vm.qemu.display import DISPLAYS, VNC_SOCKET, check_display, serve_vnc
 from nomad_vm.vm.qemu.files_argv import inherited_fds
 from nomad_vm.vm.qemu.monitor import QemuMonitor, connect_when_ready
 from nomad_vm.vm.qemu.running import AGENT_SOCKET, LOG_NAME, QMP_SOCKET, SERIAL_SOCKET, QemuVM
@@ -83,6 +84,7 @@ CAPABILITIES = HypervisorCapabilities(
     verdict_survives_plugin_absence=True,
     macvtap=True,
     disk_blocks=True,
+    displays=DISPLAYS,
 )
 
 
@@ -137,6 +139,7 @@ class QemuHypervisor:
             has_kernel=request.kernel is not None,
             has_disk=request.has_disk,
         )
+        check_display(request.display, machine.machine)
         transport = choose_share_transport(settings.share_transport, settings.virtiofsd_binary)
         shares = request.shares
         if transport.name == "virtiofs":
@@ -154,7 +157,10 @@ class QemuHypervisor:
             user=user,
             seccomp=settings.seccomp,
         )
-        return VMPlan(NAME, request, runtime_dir, accelerator, transport, shares, details)
+        display_socket = runtime_dir / VNC_SOCKET if request.display != "none" else None
+        return VMPlan(
+            NAME, request, runtime_dir, accelerator, transport, shares, details, display_socket
+        )
 
     async def launch(
         self, plan: VMPlan, devices: LaunchDevices, recorder: LaunchRecorder
@@ -258,6 +264,8 @@ class QemuHypervisor:
         vm = QemuVM(process, monitor, runtime_dir, tuple(d.process for d in daemons))
         try:
             await vm.enable_guest_stats()
+            if spec.display_socket is not None:
+                await serve_vnc(monitor, spec.display_socket)
         except BaseException:
             await monitor.close()
             raise
@@ -352,4 +360,6 @@ def build_spec(
         serial_fd=handed.listen(serial_socket) if handed else None,
         console_log_fd=devices.console_fd if handed else None,
         seccomp=details.seccomp,
+        display=request.display,
+        display_socket=plan.display_socket,
     )
