@@ -78,8 +78,11 @@ def test_a_node_without_ch_says_why_and_fails_ch_jobs_at_once(
         ), texts
 
 
-def test_a_ch_job_runs_logs_stops_and_leaves_nothing(tiny_guest: Any, tmp_path: Path) -> None:
-    fake = wrapper(tmp_path / "cloud-hypervisor")
+def test_a_ch_job_runs_logs_stops_and_leaves_nothing(
+    tiny_guest: Any, tmp_path: Path, short_tmp: Path
+) -> None:
+    # Where vm_user, which the fake CH runs as, can reach it (tmp_path is root's alone).
+    fake = wrapper(short_tmp / "cloud-hypervisor")
     block = {"bin": str(fake), "trust_kvm": True}
     with running_agent(
         [tiny_guest.vmlinux.parent], plugin_extra={"cloud_hypervisor": block}

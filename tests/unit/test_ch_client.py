@@ -24,7 +24,7 @@ from tests.conftest import wait_until
 from tests.fakes.ch_api import FakeVmm, serve_in_thread
 
 CONFIG = VmConfig(
-    payload=PayloadConfig(kernel="/k", cmdline="console=ttyS0"),
+    payload=PayloadConfig(kernel="/dev/null", cmdline="console=ttyS0"),
     cpus=CpusConfig(1, 1),
     memory=MemoryConfig(256 * 2**20),
 )
@@ -70,7 +70,7 @@ def test_define_boot_inspect_and_press_the_power_button(vmm: FakeVmm, short_tmp:
         "PUT",
         "vm.create",
         {
-            "payload": {"kernel": "/k", "cmdline": "console=ttyS0"},
+            "payload": {"kernel": "/dev/null", "cmdline": "console=ttyS0"},
             "cpus": {"boot_vcpus": 1, "max_vcpus": 1},
             "memory": {"size": 256 * 2**20, "shared": False},
             "pvpanic": False,

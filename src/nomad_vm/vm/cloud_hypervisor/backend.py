@@ -1,15 +1,19 @@
 """The Cloud Hypervisor backend: check the host, plan a VM, launch it, find it again.
 
 Launch order, as with QEMU: one virtiofsd per share (forked gated, recorded, released), then
-``cloud-hypervisor`` with an API socket and an event monitor in the task's runtime dir (gated,
-recorded with its API socket, released), and once its API answers, the VM is defined
-(``vm.create``, the definition built by ``vm_config``) and booted (``vm.boot``). CH never sees
-a command line VM: nothing boots until the plugin has recorded the VMM.
+``cloud-hypervisor`` with the API socket and the event monitor the plugin made in the task's
+runtime dir (gated, recorded with its API socket, released), and once its API answers, the VM
+is defined (``vm.create``, the definition built by ``vm_config``) and booted (``vm.boot``). CH
+never sees a command line VM: nothing boots until the plugin has recorded the VMM.
+
+CH and its virtiofsd run as ``vm_user`` with no_new_privs, as QEMU does; what CH is handed
+and how it names it is ``vmm_files``. CH's own seccomp filter stays on unless
+``cloud_hypervisor.seccomp`` says otherwise.
 
 CH's ``vm.create`` takes no TAP descriptors (its HTTP handler drops them), so a TAP that lives
 in another network namespace (Nomad's group network mode) is reached by name, with CH started
-inside that namespace (``nsenter``, the namespace taken from the TAP's descriptor with
-``TUNGETDEVNETNS``). Only its network namespace changes; the API socket is a path.
+inside that namespace (``nsenter`` as root, then ``setpriv`` to ``vm_user``; the namespace
+taken from the TAP's descriptor with ``TUNGETDEVNETNS``).
 """
 
 from __future__ import annotations
@@ -27,12 +31,21 @@ from typing import NoReturn
 
 from nomad_vm.errors import HypervisorError, LaunchError, NomadVMError, VMRequestError
 from nomad_vm.processes import is_same_process
+from nomad_vm.storage.held import FileHolder
 from nomad_vm.vm.accel import AcceleratorChoice, KvmStatus, probe_kvm
 from nomad_vm.vm.cloud_hypervisor.binary import cloud_hypervisor_version, find_cloud_hypervisor
 from nomad_vm.vm.cloud_hypervisor.client import ChClient, connect_when_ready
-from nomad_vm.vm.cloud_hypervisor.files import API_SOCKET, LOG_NAME
+from nomad_vm.vm.cloud_hypervisor.files import API_SOCKET, LOG_NAME, VMM_DIR
 from nomad_vm.vm.cloud_hypervisor.running import CloudHypervisorVM, LogSpot
 from nomad_vm.vm.cloud_hypervisor.vm_config import CloudHypervisorPlan, build_vm_config, vmm_argv
+from nomad_vm.vm.cloud_hypervisor.vmm_files import (
+    VmmFiles,
+    give_sockets,
+    hand_over,
+    let_go_of_taps,
+    make_vmm_dir,
+)
+from nomad_vm.vm.handover import Handover, handover
 from nomad_vm.vm.hypervisor import (
     VMM_ROLE,
     HostFacts,
@@ -54,6 +67,7 @@ from nomad_vm.vm.virtiofsd import (
     start_daemons,
     with_sockets,
 )
+from nomad_vm.vm.vmm_user import VMMUser, check_kvm_access, resolve_vmm_user, runs_as
 
 log = logging.getLogger(__name__)
 
@@ -98,15 +112,19 @@ class CloudHypervisor:
         try:
             binary = find_cloud_hypervisor(settings.binary)
             version = cloud_hypervisor_version(binary)
-        except HypervisorError as exc:
+            user = resolve_vmm_user(settings.vm_user)
+        except NomadVMError as exc:
             return replace(facts, problem=exc)
         attributes = (
             ("cloud_hypervisor.version", version),
             ("cloud_hypervisor.binary", str(binary)),
+            ("cloud_hypervisor.vm_user", runs_as(user)),
         )
         facts = replace(facts, attributes=attributes)
         try:
-            return replace(facts, accelerator=kvm_accelerator(kvm))
+            accelerator = kvm_accelerator(kvm)
+            check_vm_user_kvm(user, settings)
+            return replace(facts, accelerator=accelerator)
         except NomadVMError as exc:
             return replace(facts, problem=exc)
 
@@ -116,6 +134,8 @@ class CloudHypervisor:
         # The KVM probe runs a child process (once per plugin process): keep it off the loop.
         kvm = await asyncio.to_thread(kvm_status, settings)
         accelerator = kvm_accelerator(kvm)
+        user = resolve_vmm_user(settings.vm_user)
+        check_vm_user_kvm(user, settings)
         firmware = None
         if request.kernel is None:
             if settings.firmware_file is None:
@@ -143,12 +163,14 @@ class CloudHypervisor:
                     f"Cloud Hypervisor shares directories only over virtio-fs: {exc.reason} "
                     "(or set share_task_dirs = false and mount no volumes)",
                 ) from None
-            shares = with_sockets(shares, runtime_dir)
+            # In CH's working directory: it connects to them by name (vmm_files).
+            shares = with_sockets(shares, runtime_dir / VMM_DIR)
         details = CloudHypervisorPlan(
             binary=str(binary),
             firmware=firmware,
             seccomp=settings.seccomp_mode,
             log_file=settings.log_file,
+            user=user,
         )
         return VMPlan(NAME, request, runtime_dir, accelerator, transport, shares, details)
 
@@ -156,11 +178,20 @@ class CloudHypervisor:
         self, plan: VMPlan, devices: LaunchDevices, recorder: LaunchRecorder
     ) -> CloudHypervisorVM:
         details = _details(plan)
-        config = build_vm_config(plan, details.firmware, devices)
-        daemons = self._start_daemons(plan)
-        helpers = [d.process for d in daemons]
-        await record_and_release(recorder, helpers, HELPER_ROLE)
-        process, log_spot = self._spawn(plan, details, devices, daemons)
+        make_vmm_dir(plan.runtime_dir, details.user)
+        with FileHolder() as holder, handover() as handed:
+            files = hand_over(
+                plan.runtime_dir, devices, details.firmware, details.user, handed, holder
+            )
+            config = build_vm_config(plan, files.firmware, devices)
+            daemons = self._start_daemons(plan, handed)
+            try:
+                helpers = [d.process for d in daemons]
+                await record_and_release(recorder, helpers, HELPER_ROLE)
+                process, log_spot = self._spawn(plan, details, devices, files, daemons)
+            finally:
+                for daemon in daemons:
+                    daemon.close()
         socket = plan.runtime_dir / API_SOCKET
         await record_and_release(recorder, [process], VMM_ROLE, helpers, socket)
         client = await self._connect(socket, process, daemons, log_spot)
@@ -174,24 +205,38 @@ class CloudHypervisor:
             await self._failed(process, daemons, client, log_spot, str(exc))
         return vm
 
-    def _start_daemons(self, plan: VMPlan) -> list[ShareDaemon]:
+    def _start_daemons(self, plan: VMPlan, handed: Handover) -> list[ShareDaemon]:
+        """One virtiofsd per share, as vm_user, each on a socket the plugin bound in CH's
+        working directory and a descriptor of its shared directory (``vm.handover``)."""
         if not plan.shares:
             return []
         binary = plan.share_transport.virtiofsd
         if binary is None:
             raise ValueError("virtio-fs shares need the virtiofsd binary")
-        return start_daemons(binary, plan.shares, plan.runtime_dir, gated=True)
+        user = _details(plan).user
+        shares = tuple(replace(s, host_fd=handed.directory(s.host_path)) for s in plan.shares)
+        daemons = start_daemons(binary, shares, plan.runtime_dir, gated=True, user=user)
+        try:
+            give_sockets([s.socket for s in shares if s.socket is not None], user)
+        except BaseException:
+            kill_daemons(daemons)
+            raise
+        return daemons
 
     def _spawn(
         self,
         plan: VMPlan,
         details: CloudHypervisorPlan,
         devices: LaunchDevices,
+        files: VmmFiles,
         daemons: list[ShareDaemon],
     ) -> tuple[SupervisedProcess, LogSpot]:
-        """CH, forked at its gate: serial on stdout (the task's), its messages to the log."""
+        """CH, forked at its gate as vm_user: serial on stdout (the task's), its messages to
+        the log, its working directory the one it owns (``vmm_files``)."""
         runtime = plan.runtime_dir
-        argv = vmm_argv(details, runtime)
+        argv = vmm_argv(details, files.api_fd, files.events_fd)
+        if details.user is not None:
+            argv = details.user.switch_argv(argv)
         netns_fd = None
         try:
             log_path = details.log_file or runtime / LOG_NAME
@@ -201,14 +246,17 @@ class CloudHypervisor:
             try:
                 spot = LogSpot(log_path, os.fstat(log_fd).st_size if details.log_file else 0)
                 netns_fd = _tap_namespace([nic.fd for nic in devices.nics if nic.fd is not None])
+                let_go_of_taps(devices.nics)
                 if netns_fd is not None:
+                    # nsenter needs root: it enters the namespace, then setpriv drops to vm_user.
                     argv = [*_nsenter(netns_fd), *argv]
+                inherited = [*files.fds, *([netns_fd] if netns_fd is not None else [])]
                 process = spawn(
                     argv,
                     stdout=devices.console_fd,
                     stderr=log_fd,
-                    cwd=runtime,
-                    pass_fds=[netns_fd] if netns_fd is not None else [],
+                    cwd=runtime / VMM_DIR,
+                    pass_fds=inherited,
                     gated=True,
                 )
             finally:
@@ -282,6 +330,13 @@ def kvm_status(settings: HostSettings) -> KvmStatus:
     if KVM_DEVICE.exists():
         return KvmStatus(True, "trusted without the probe (cloud_hypervisor.trust_kvm = true)")
     return KvmStatus(False, f"{KVM_DEVICE} does not exist (cloud_hypervisor.trust_kvm is on)")
+
+
+def check_vm_user_kvm(user: VMMUser | None, settings: HostSettings) -> None:
+    """Can vm_user open /dev/kvm? Not asked with trust_kvm: the operator vouches for KVM, and
+    CH's own error (in the launch failure) says it if it cannot."""
+    if not settings.trust_kvm:
+        check_kvm_access(user)
 
 
 def kvm_accelerator(kvm: KvmStatus) -> AcceleratorChoice:
