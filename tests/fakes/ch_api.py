@@ -223,10 +223,26 @@ def _info(vmm: FakeVmm, body: Any) -> tuple[int, Any]:
     return 200, to_json(VmInfo(vmm.config, state, size))
 
 
+BLOCK_COUNTERS = ("read_bytes", "write_bytes", "read_ops", "write_ops")
+BLOCK_LATENCIES = tuple(
+    f"{op}_latency_{kind}" for op in ("read", "write") for kind in ("min", "max", "avg")
+)
+NET_COUNTERS = ("rx_bytes", "rx_frames", "tx_bytes", "tx_frames")
+
+
 def _counters(vmm: FakeVmm, body: Any) -> tuple[int, Any]:
-    if not vmm.running:
+    """CH's VmCounters: device id -> counter -> value, for each block and net device. The
+    simulated guest read each disk's first 4 KiB once, in one request, and sent nothing."""
+    if not vmm.running or vmm.config is None:
         return 500, "VmNotRunning"
-    return 200, {"_disk0": {"read_bytes": 4096, "write_bytes": 0}}
+    counters: dict[str, dict[str, int]] = {}
+    for i, disk in enumerate(vmm.config.disks or ()):
+        block = dict.fromkeys(BLOCK_COUNTERS + BLOCK_LATENCIES, 0)
+        block.update(read_bytes=4096, read_ops=1)
+        counters[disk.id or f"_disk{i}"] = block
+    for i, net in enumerate(vmm.config.net or ()):
+        counters[net.id or f"_net{i}"] = dict.fromkeys(NET_COUNTERS, 0)
+    return 200, counters
 
 
 def _power_button(vmm: FakeVmm, body: Any) -> tuple[int, Any]:

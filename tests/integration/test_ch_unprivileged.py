@@ -146,6 +146,15 @@ def test_ch_and_virtiofsd_run_unprivileged_and_reach_their_files_by_descriptor(
         assert (runtime / "ch-api.sock").exists()
         assert (runtime / "ch-events.json").read_text().count('"booted"') == 1
 
+        # Stats: the VMM's CPU and RSS; each device's I/O from vm.counters, which Nomad's
+        # TaskStats has no field for, in InspectTask's attributes.
+        stats = driver.task_stats(task.id, 0.1)
+        sample = await anext(stats)
+        await stats.aclose()
+        assert sample.memory.rss > 0 and sample.memory.measured == ("RSS",)
+        attributes = (await driver.inspect_task(task.id)).attributes
+        assert attributes["io.disk0.read_bytes"] == "4096"
+        assert attributes["io.seed.read_ops"] == "1"
         pids.append(ch.pid)
         await driver.stop_task(task.id, 10, "SIGTERM")
         result = await driver.wait_task(task.id)

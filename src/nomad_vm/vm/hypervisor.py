@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import signal
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
@@ -271,6 +271,10 @@ class OneProcessVMM:
     def usage(self) -> VMUsage:
         return VMUsage.of(self.process.pid)
 
+    async def device_io(self) -> Mapping[str, Mapping[str, int]]:
+        """Per-device I/O counters, by device id; empty where the backend has none."""
+        return {}
+
 
 @dataclass(frozen=True)
 class TerminalPort:
@@ -329,6 +333,10 @@ class RunningVM(Protocol):
 
     async def guest_memory_used(self) -> int | None:
         """Bytes the guest uses by its own account (balloon statistics); None when unknown."""
+        ...
+
+    async def device_io(self) -> Mapping[str, Mapping[str, int]]:
+        """Per-device I/O counters (device id -> counter -> value); empty when unknown."""
         ...
 
     def guest_agent(self) -> GuestAgent | None:

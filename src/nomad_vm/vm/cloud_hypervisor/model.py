@@ -161,6 +161,33 @@ class VmmPingResponse:
     features: tuple[str, ...] = ()
 
 
+# VmCounters: device id -> counter name -> value (int64 in the OpenAPI document). Block devices
+# count read_bytes, write_bytes, read_ops, write_ops and latencies; net devices rx_bytes,
+# rx_frames, tx_bytes, tx_frames. Device ids are the ``id`` we give each device (disk0, net0).
+DeviceCounters = dict[str, dict[str, int]]
+INT64_MAX = 2**63 - 1
+
+
+def parse_counters(data: object) -> DeviceCounters:
+    """A ``vm.counters`` reply; ModelError naming the device and counter that is not one."""
+    if not isinstance(data, dict):
+        raise ModelError("", f"must be an object (VmCounters), got {_kind(data)}")
+    counters: DeviceCounters = {}
+    for device, values in data.items():
+        if not isinstance(values, dict):
+            raise ModelError(str(device), f"must be an object of counters, got {_kind(values)}")
+        parsed = {}
+        for name, value in values.items():
+            where = _join(str(device), str(name))
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ModelError(where, f"must be an integer, got {_kind(value)}")
+            if not 0 <= value <= INT64_MAX:
+                raise ModelError(where, f"must be a counter (0 to 2^63-1), got {value}")
+            parsed[str(name)] = value
+        counters[str(device)] = parsed
+    return counters
+
+
 # Minimums the OpenAPI document states (CpusConfig.boot_vcpus/max_vcpus).
 MINIMUMS = {("CpusConfig", "boot_vcpus"): 1, ("CpusConfig", "max_vcpus"): 1}
 
