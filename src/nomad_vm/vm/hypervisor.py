@@ -68,6 +68,9 @@ class HypervisorCapabilities:
     # `disk {}` blocks beyond one plain virtio disk: several disks, other buses, cdroms,
     # serials, read-only disks, cache modes and storage-pool volumes.
     disk_blocks: bool = False
+    # (guest CID, port): the guest's agent is reached over vsock, not a virtio-serial port,
+    # so the guest must be told to run it there (the cloud-init seed does); None: serial.
+    guest_agent_vsock: tuple[int, int] | None = None
 
 
 @dataclass(frozen=True)

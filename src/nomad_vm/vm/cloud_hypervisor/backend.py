@@ -37,7 +37,13 @@ from nomad_vm.vm.cloud_hypervisor.binary import cloud_hypervisor_version, find_c
 from nomad_vm.vm.cloud_hypervisor.client import ChClient, connect_when_ready
 from nomad_vm.vm.cloud_hypervisor.files import API_SOCKET, LOG_NAME, VMM_DIR
 from nomad_vm.vm.cloud_hypervisor.running import CloudHypervisorVM, LogSpot
-from nomad_vm.vm.cloud_hypervisor.vm_config import CloudHypervisorPlan, build_vm_config, vmm_argv
+from nomad_vm.vm.cloud_hypervisor.vm_config import (
+    AGENT_PORT,
+    GUEST_CID,
+    CloudHypervisorPlan,
+    build_vm_config,
+    vmm_argv,
+)
 from nomad_vm.vm.cloud_hypervisor.vmm_files import (
     VmmFiles,
     give_sockets,
@@ -87,14 +93,16 @@ CAPABILITIES = HypervisorCapabilities(
     machine_types=("cloud-hypervisor",),
     arches=("x86_64",),
     share_transports=("virtiofs",),
-    # No virtio-serial port for qemu-ga; the agent over vsock is not shown to work yet.
-    guest_agent=False,
+    # qemu-ga over vsock (CH has no virtio-serial), set up in the guest by the cloud-init
+    # seed: exec and signals; no terminal sessions (they hot-plug virtio-serial ports).
+    guest_agent=True,
     terminal_hotplug=False,
     # CH can (vm.pause/resume, vm.snapshot/restore); this backend does not offer them yet.
     pause=False,
     snapshot=False,
     # --no-shutdown keeps the VMM after a guest power-off; the event file keeps the panic.
     verdict_survives_plugin_absence=True,
+    guest_agent_vsock=(GUEST_CID, AGENT_PORT),
 )
 
 

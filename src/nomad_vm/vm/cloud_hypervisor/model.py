@@ -2,7 +2,8 @@
 
 Written from CH's OpenAPI document (``vmm/src/api/openapi/cloud-hypervisor.yaml``: the schemas
 ``VmConfig``, ``PayloadConfig``, ``CpusConfig``, ``MemoryConfig``, ``DiskConfig``, ``NetConfig``,
-``FsConfig``, ``ConsoleConfig``/``SerialConfig``, ``BalloonConfig``, ``RngConfig``, ``VmInfo``,
+``FsConfig``, ``ConsoleConfig``/``SerialConfig``, ``BalloonConfig``, ``RngConfig``,
+``VsockConfig``, ``VmCounters``, ``VmInfo``,
 ``VmState`` and ``VmmPingResponse``), keeping only the properties we set or read. Field names
 are the API's own, so ``to_json`` is a plain walk.
 
@@ -132,6 +133,17 @@ class RngConfig:
 
 
 @dataclass(frozen=True)
+class VsockConfig:
+    """A virtio-vsock device whose host side is a unix socket CH listens on (hybrid vsock)."""
+
+    # The guest's context id (3 or more); the device is CH's own, not the host kernel's, so
+    # every VM may have the same one.
+    cid: int
+    socket: str
+    id: str | None = None
+
+
+@dataclass(frozen=True)
 class VmConfig:
     payload: PayloadConfig
     cpus: CpusConfig | None = None
@@ -143,6 +155,7 @@ class VmConfig:
     console: ConsoleConfig | None = None
     rng: RngConfig | None = None
     balloon: BalloonConfig | None = None
+    vsock: VsockConfig | None = None
     pvpanic: bool = False
 
 
@@ -189,7 +202,11 @@ def parse_counters(data: object) -> DeviceCounters:
 
 
 # Minimums the OpenAPI document states (CpusConfig.boot_vcpus/max_vcpus).
-MINIMUMS = {("CpusConfig", "boot_vcpus"): 1, ("CpusConfig", "max_vcpus"): 1}
+MINIMUMS = {
+    ("CpusConfig", "boot_vcpus"): 1,
+    ("CpusConfig", "max_vcpus"): 1,
+    ("VsockConfig", "cid"): 3,
+}
 
 
 def to_json(value: Any) -> Any:

@@ -28,8 +28,15 @@ from nomad_vm.errors import HypervisorError, Unsupported
 from nomad_vm.files import read_log_tail
 from nomad_vm.vm.cloud_hypervisor.client import ChClient
 from nomad_vm.vm.cloud_hypervisor.events import EventFile, EventFormatError, MonitorEvent
-from nomad_vm.vm.cloud_hypervisor.files import API_SOCKET, EVENTS_FILE, LOG_NAME
+from nomad_vm.vm.cloud_hypervisor.files import (
+    API_SOCKET,
+    EVENTS_FILE,
+    LOG_NAME,
+    VMM_DIR,
+    VSOCK_SOCKET,
+)
 from nomad_vm.vm.cloud_hypervisor.model import VmState
+from nomad_vm.vm.cloud_hypervisor.vm_config import AGENT_PORT
 from nomad_vm.vm.guest_agent import GuestAgent
 from nomad_vm.vm.hypervisor import (
     GuestEvent,
@@ -215,12 +222,16 @@ class CloudHypervisorVM(OneProcessVMM):
             return {}
 
     def guest_agent(self) -> GuestAgent | None:
-        """None: CH has no virtio-serial port for qemu-guest-agent, and the agent over vsock
-        has not been shown to work with it here (no CH guest runs on these hosts)."""
-        return None
+        """qemu-ga on vsock port AGENT_PORT in the guest (the seed starts it there), through
+        the hybrid-vsock socket CH binds at vm.boot; None before that socket exists."""
+        socket = self.runtime_dir / VMM_DIR / VSOCK_SOCKET
+        return GuestAgent(socket, vsock_port=AGENT_PORT) if socket.exists() else None
 
     async def open_terminal(self) -> TerminalPort:
-        raise Unsupported("Cloud Hypervisor VMs have no guest agent for an interactive session")
+        raise Unsupported(
+            "Cloud Hypervisor VMs have no virtio-serial ports to add for an interactive session "
+            "(exec without a terminal works through the guest agent)"
+        )
 
     async def close_terminal(self, port: TerminalPort) -> None:
         return None

@@ -9,8 +9,10 @@ task disk (a qcow2 overlay names its backing file, which CH only follows when to
 cloud-init seed, read-only; TAP devices by name; one virtio-fs device per share, each on its
 own virtiofsd's socket; the serial port on the VMM's stdout, which is the task's stdout; a
 balloon (free page reporting gives memory the guest freed back to the host), pvpanic (so a
-panic is an event) and an RNG. No virtio-console: the guest's console is the serial port, as
-on QEMU (`console=ttyS0`).
+panic is an event), an RNG, and a vsock device for qemu-guest-agent (CH has no virtio-serial:
+the guest's agent listens on vsock port AGENT_PORT, set up by the cloud-init seed, and the
+plugin reaches it through CH's hybrid-vsock socket). No virtio-console: the guest's console is
+the serial port, as on QEMU (`console=ttyS0`).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from nomad_vm.vm.cloud_hypervisor.files import VSOCK_SOCKET
 from nomad_vm.vm.cloud_hypervisor.model import (
     BalloonConfig,
     ConsoleConfig,
@@ -31,11 +34,16 @@ from nomad_vm.vm.cloud_hypervisor.model import (
     PayloadConfig,
     RngConfig,
     VmConfig,
+    VsockConfig,
 )
 from nomad_vm.vm.hypervisor import BackendPlan, LaunchDevices, VMPlan
 from nomad_vm.vm.vmm_user import VMMUser
 
 MIB = 1024 * 1024
+# The guest's vsock context id, and the port its qemu-guest-agent listens on (the seed starts
+# it so: cloudinit's AgentVsock). The CID is local to CH's own vsock device.
+GUEST_CID = 3
+AGENT_PORT = 7070
 RNG_SOURCE = "/dev/urandom"
 IMAGE_TYPES = {"qcow2": ImageType.QCOW2, "raw": ImageType.RAW}
 
@@ -92,6 +100,8 @@ def build_vm_config(plan: VMPlan, firmware: str | None, devices: LaunchDevices) 
         console=ConsoleConfig(mode=ConsoleMode.OFF),
         rng=RngConfig(src=RNG_SOURCE),
         balloon=BalloonConfig(size=0, deflate_on_oom=True, free_page_reporting=True),
+        # Bound by CH in its working directory (vmm_files), which is vm_user's.
+        vsock=VsockConfig(cid=GUEST_CID, socket=VSOCK_SOCKET, id="vsock0"),
         pvpanic=True,
     )
 
