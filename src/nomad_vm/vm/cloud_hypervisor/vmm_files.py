@@ -132,12 +132,14 @@ def give_sockets(paths: list[Path], user: VMMUser | None) -> None:
 
 
 def _give(held: HeldFile, runtime_dir: Path, user: VMMUser | None, *, write: bool) -> None:
-    """A file of the task's runtime dir (made for this VM alone) becomes ``user``'s."""
+    """A file of the task's runtime dir (made for this VM alone) becomes ``user``'s, and
+    only ``user``'s (0600: a seed may hold a password hash and the task's environment)."""
     if user is None:
         return
     if held.path.parent == runtime_dir:
         try:
             os.fchown(held.fd, user.uid, user.gid)
+            os.fchmod(held.fd, 0o600)
         except OSError as exc:
             raise LaunchError(f"cannot hand {held.path} to {user.name}: {exc.strerror}") from exc
     _check(held, user, write=write)
