@@ -14,7 +14,7 @@ from nomad_vm.cli.devagent import DevAgent
 from tests.conftest import processes_under, wait_until
 from tests.e2e.conftest import running_agent, wait_alloc, wait_until_empty
 from tests.e2e.jobs import one_shot_job
-from tests.fakes.cloud_hypervisor import wrapper
+from tests.fakes.cloud_hypervisor import FAKE_CH, wrapper
 
 pytestmark = pytest.mark.e2e
 
@@ -49,7 +49,7 @@ def _events(alloc: dict[str, Any]) -> list[str]:
 
 
 def _ch_processes(agent: DevAgent) -> list[object]:
-    return list(processes_under(agent.config.workdir, "ch-api.sock"))
+    return list(processes_under(agent.config.workdir, FAKE_CH))
 
 
 def test_a_node_without_ch_says_why_and_fails_ch_jobs_at_once(

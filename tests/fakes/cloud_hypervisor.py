@@ -27,6 +27,9 @@ from pathlib import Path
 from tests.fakes.ch_api import VERSION, FakeVmm, serve_in_thread
 
 REPO = Path(__file__).resolve().parents[2]
+# On the fake's command line (it names no path of the task: CH gets descriptors), so tests find
+# it with ``processes_under(root, FAKE_CH)``, which also matches its working directory.
+FAKE_CH = "tests.fakes.cloud_hypervisor"
 # Debian 12's python3: any user may run it (the venv's interpreter may be under /root).
 SYSTEM_PYTHON = "/usr/bin/python3"
 

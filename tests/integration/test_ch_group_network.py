@@ -29,7 +29,7 @@ from nomad_vm.vm.cloud_hypervisor import vmm_files
 from nomad_vm.vm.registry import BUILT_IN, HypervisorRegistry
 from nomad_vm.vm.vmm_user import resolve_vmm_user
 from tests.conftest import processes_under
-from tests.fakes.cloud_hypervisor import wrapper
+from tests.fakes.cloud_hypervisor import FAKE_CH, wrapper
 from tests.netns import ip, isolated_namespaces
 
 pytestmark = pytest.mark.integration
@@ -94,7 +94,7 @@ def test_the_vmm_runs_in_the_allocations_namespace_and_finds_its_tap(
         assert (result.exit_code, result.err) == (0, ""), result
 
     asyncio.run(scenario())
-    assert not processes_under(short_tmp, "ch-api.sock")
+    assert not processes_under(short_tmp, FAKE_CH)
     assert JournalStore(short_tmp / "data").load(task.id) is None
 
 

@@ -222,7 +222,12 @@ class CloudHypervisor:
         if binary is None:
             raise ValueError("virtio-fs shares need the virtiofsd binary")
         user = _details(plan).user
-        shares = tuple(replace(s, host_fd=handed.directory(s.host_path)) for s in plan.shares)
+        shares = plan.shares
+        if user is not None:
+            # vm_user cannot reach the shared directory by path (Nomad's data_dir is 0700). As
+            # root, virtiofsd sandboxes itself in namespaces, where it cannot enter the new
+            # root through /proc/self/fd/N, so it gets the path.
+            shares = tuple(replace(s, host_fd=handed.directory(s.host_path)) for s in shares)
         daemons = start_daemons(binary, shares, plan.runtime_dir, gated=True, user=user)
         try:
             give_sockets([s.socket for s in shares if s.socket is not None], user)
