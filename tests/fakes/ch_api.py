@@ -37,6 +37,7 @@ from nomad_vm.vm.cloud_hypervisor.model import (
     from_json,
     to_json,
 )
+from tests.fakes.ch_vsock import HybridVsock, serve_vsock
 
 VERSION = "53.0"
 
@@ -64,6 +65,8 @@ class FakeVmm:
     # What the VM's devices hold open while it runs (CH opens them at vm.boot): disks,
     # payload files, TAPs. Opened as CH opens them, under the VMM's own user.
     opened: list[int] = field(default_factory=list)
+    # The vsock device's hybrid-vsock socket, bound at vm.boot when the VM has one.
+    vsock: HybridVsock | None = None
 
     def __post_init__(self) -> None:
         if self.events_path is not None:
@@ -163,6 +166,11 @@ def _boot(vmm: FakeVmm, body: Any) -> tuple[int, Any]:
     failure = _open_devices(vmm)
     if failure:
         return 500, failure
+    if vmm.config.vsock is not None and vmm.vsock is None:
+        try:
+            vmm.vsock = serve_vsock(vmm.config.vsock.socket)
+        except OSError as exc:
+            return 500, f"Error creating virtio-vsock device: {exc}"
     for fs in vmm.config.fs or ():
         conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:

@@ -90,6 +90,10 @@ class Guest:
         cmdline = (vmm.config.payload.cmdline or "") if vmm.config else ""
         words = dict(w.split("=", 1) for w in cmdline.split() if "=" in w)
         self.then = words.get("fake.then", "")
+        # fake.agent_vsock=<port>: the guest's qemu-ga listens on that vsock port, as the seed's
+        # unit makes a real guest's do.
+        if vmm.vsock is not None and "fake.agent_vsock" in words:
+            vmm.vsock.agent_port = int(words["fake.agent_vsock"])
         os.write(1, f"fake cloud-hypervisor guest: booted ({cmdline})\n".encode())
         after = float(words.get("fake.after", "0"))
         if self.then and after < 3600:

@@ -5,7 +5,8 @@ descriptors, the task's disk and seed are reopened through ``/proc/self/fd/N`` (
 vm_user's), the overlay's base through the descriptor its header now names, the shares'
 sockets in its own working directory. The VMM is the fake executable, run by the backend
 exactly as CH would be (tests/fakes/cloud_hypervisor.py: it opens the disks and payload files
-by the names it is given, as vm_user): a test of our launch, not proof of CH. That CH then
+by the names it is given, as vm_user, and serves a hybrid vsock with a simulated qemu-ga
+behind it): a test of our launch, not proof of CH. That CH then
 installs its own seccomp filter is CH's doing (``--seccomp true`` on its command line is ours).
 """
 
@@ -27,6 +28,7 @@ from nomad_vm.driver.journal_store import JournalStore
 from nomad_vm.driver.types import TaskConfig, TaskResources
 from nomad_vm.storage import qemu_img
 from nomad_vm.storage.tools import find_qemu_img
+from nomad_vm.vm.cloud_hypervisor.vm_config import AGENT_PORT
 from nomad_vm.vm.registry import BUILT_IN, HypervisorRegistry
 from tests.conftest import processes_under, wait_until
 from tests.fakes.cloud_hypervisor import wrapper
@@ -70,7 +72,8 @@ def _task(root: Path, images: Path) -> TaskConfig:
         driver_config={
             "image": str(images / "base.qcow2"),
             "kernel": str(images / "vmlinux"),
-            "cmdline": "console=ttyS0 nomadvm.ignore_acpi=0",
+            # The simulated guest's qemu-ga listens on the agent's vsock port (the seed's unit).
+            "cmdline": f"console=ttyS0 fake.agent_vsock={AGENT_PORT}",
         },
     )
 
@@ -155,6 +158,12 @@ def test_ch_and_virtiofsd_run_unprivileged_and_reach_their_files_by_descriptor(
         attributes = (await driver.inspect_task(task.id)).attributes
         assert attributes["io.disk0.read_bytes"] == "4096"
         assert attributes["io.seed.read_ops"] == "1"
+        # The guest agent over vsock: CH (as vm_user) bound its hybrid-vsock socket in its
+        # own directory; the plugin's exec goes through the CONNECT handshake to the agent.
+        vsock = vmm_dir / "vsock.sock"
+        assert vsock.stat().st_uid == account.pw_uid
+        outcome = await driver.exec_task(task.id, ["hostname", "-f"], 10)
+        assert (outcome.exit_code, outcome.stdout) == (0, b"fake guest ran: hostname -f\n")
         pids.append(ch.pid)
         await driver.stop_task(task.id, 10, "SIGTERM")
         result = await driver.wait_task(task.id)
