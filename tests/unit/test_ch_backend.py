@@ -88,6 +88,8 @@ def test_fingerprint_reports_the_version_and_whether_ch_can_run(short_tmp: Path)
     assert attrs["driver.vm.cloud_hypervisor.version"] == "53.0"
     assert attrs["driver.vm.cloud_hypervisor.usable"] is True
     assert attrs["driver.vm.accelerator"] == "kvm"
+    # Who CH runs as (the tests run as root: the default unprivileged user).
+    assert attrs["driver.vm.cloud_hypervisor.vm_user"] == "nomad-vm"
     # QEMU is reported too, usable or not, with its reason.
     assert "driver.vm.qemu.usable" in attrs and "driver.vm.qemu.reason" in attrs
 
