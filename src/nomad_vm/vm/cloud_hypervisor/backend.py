@@ -20,11 +20,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import logging
 import os
-import shutil
-from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import NoReturn
@@ -36,6 +33,7 @@ from nomad_vm.vm.accel import AcceleratorChoice, KvmStatus, probe_kvm
 from nomad_vm.vm.cloud_hypervisor.binary import cloud_hypervisor_version, find_cloud_hypervisor
 from nomad_vm.vm.cloud_hypervisor.client import ChClient, connect_when_ready
 from nomad_vm.vm.cloud_hypervisor.files import API_SOCKET, LOG_NAME, VMM_DIR
+from nomad_vm.vm.cloud_hypervisor.netns import nsenter_argv, tap_namespace
 from nomad_vm.vm.cloud_hypervisor.running import CloudHypervisorVM, LogSpot
 from nomad_vm.vm.cloud_hypervisor.vm_config import (
     AGENT_PORT,
@@ -81,8 +79,6 @@ NAME = "cloud-hypervisor"
 HELPER_ROLE = "virtiofsd"
 API_READY_TIMEOUT = 30.0
 KVM_DEVICE = Path("/dev/kvm")
-# ioctl(tun_fd, TUNGETDEVNETNS): a descriptor of the TAP's network namespace (Linux >= 5.2).
-TUNGETDEVNETNS = 0x54E3
 
 CAPABILITIES = HypervisorCapabilities(
     # CH has no software emulation.
@@ -258,11 +254,11 @@ class CloudHypervisor:
             log_fd = os.open(log_path, flags, 0o640 if details.log_file else 0o600)
             try:
                 spot = LogSpot(log_path, os.fstat(log_fd).st_size if details.log_file else 0)
-                netns_fd = _tap_namespace([nic.fd for nic in devices.nics if nic.fd is not None])
+                netns_fd = tap_namespace([nic.fd for nic in devices.nics if nic.fd is not None])
                 let_go_of_taps(devices.nics)
                 if netns_fd is not None:
                     # nsenter needs root: it enters the namespace, then setpriv drops to vm_user.
-                    argv = [*_nsenter(netns_fd), *argv]
+                    argv = [*nsenter_argv(netns_fd), *argv]
                 inherited = [*files.fds, *([netns_fd] if netns_fd is not None else [])]
                 process = spawn(
                     argv,
@@ -364,39 +360,6 @@ def kvm_accelerator(kvm: KvmStatus) -> AcceleratorChoice:
 
 def _virtio_fs(settings: HostSettings) -> ShareTransport:
     return choose_share_transport("virtiofs", settings.virtiofsd_binary)
-
-
-def _tap_namespace(fds: Sequence[int]) -> int | None:
-    """A descriptor of the network namespace the TAPs (given as descriptors) live in; None
-    when every TAP is in ours (named, no descriptor)."""
-    if not fds:
-        return None
-    namespaces = []
-    for fd in fds:
-        try:
-            namespaces.append(fcntl.ioctl(fd, TUNGETDEVNETNS))
-        except OSError as exc:
-            for ns in namespaces:
-                os.close(ns)
-            raise LaunchError(f"cannot find the network namespace of a TAP: {exc}") from exc
-    first, *others = namespaces
-    first_id = os.fstat(first).st_ino
-    different = any(os.fstat(ns).st_ino != first_id for ns in others)
-    for ns in others:
-        os.close(ns)
-    if different:
-        os.close(first)
-        raise LaunchError("Cloud Hypervisor runs in one network namespace; the TAPs are in several")
-    return first
-
-
-def _nsenter(netns_fd: int) -> list[str]:
-    nsenter = shutil.which("nsenter")
-    if nsenter is None:
-        raise LaunchError(
-            "nsenter (util-linux) is needed to start Cloud Hypervisor in the TAP's namespace"
-        )
-    return [nsenter, f"--net=/proc/self/fd/{netns_fd}", "--"]
 
 
 def _details(plan: VMPlan) -> CloudHypervisorPlan:
