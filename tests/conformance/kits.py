@@ -39,7 +39,7 @@ from nomad_vm.vm.hypervisor import HypervisorCapabilities
 from nomad_vm.vm.registry import BUILT_IN, HypervisorRegistry
 from tests.conftest import processes_under, vm_processes_under
 from tests.fakes import hypervisor as fake
-from tests.fakes.cloud_hypervisor import wrapper
+from tests.fakes.cloud_hypervisor import FAKE_CH, wrapper
 
 CH = "cloud-hypervisor"
 CH_FAKE_VMM = "cloud-hypervisor+fake-vmm"
@@ -263,7 +263,10 @@ class Kit:
     def live_processes(self) -> list[psutil.Process]:
         """Processes of this backend still running for the test's tasks."""
         if self.is_ch:
+            # At its gate the VMM is a shell naming the wrapper (.../cloud-hypervisor); once
+            # released, the fake's Python names its module.
             found = {p.pid: p for p in processes_under(self.root, CH)}
+            found.update((p.pid, p) for p in processes_under(self.root, FAKE_CH))
             found.update((p.pid, p) for p in processes_under(self.root, "virtiofsd"))
             return list(found.values())
         if self.name != fake.NAME:

@@ -14,7 +14,7 @@ from nomad_vm.cli.devagent import DevAgent
 from tests.conftest import processes_under, wait_until
 from tests.e2e.conftest import running_agent, wait_alloc, wait_until_empty
 from tests.e2e.jobs import one_shot_job
-from tests.fakes.cloud_hypervisor import wrapper
+from tests.fakes.cloud_hypervisor import FAKE_CH, wrapper
 
 pytestmark = pytest.mark.e2e
 
@@ -49,7 +49,7 @@ def _events(alloc: dict[str, Any]) -> list[str]:
 
 
 def _ch_processes(agent: DevAgent) -> list[object]:
-    return list(processes_under(agent.config.workdir, "ch-api.sock"))
+    return list(processes_under(agent.config.workdir, FAKE_CH))
 
 
 def test_a_node_without_ch_says_why_and_fails_ch_jobs_at_once(
@@ -78,8 +78,11 @@ def test_a_node_without_ch_says_why_and_fails_ch_jobs_at_once(
         ), texts
 
 
-def test_a_ch_job_runs_logs_stops_and_leaves_nothing(tiny_guest: Any, tmp_path: Path) -> None:
-    fake = wrapper(tmp_path / "cloud-hypervisor")
+def test_a_ch_job_runs_logs_stops_and_leaves_nothing(
+    tiny_guest: Any, tmp_path: Path, short_tmp: Path
+) -> None:
+    # Where vm_user, which the fake CH runs as, can reach it (tmp_path is root's alone).
+    fake = wrapper(short_tmp / "cloud-hypervisor")
     block = {"bin": str(fake), "trust_kvm": True}
     with running_agent(
         [tiny_guest.vmlinux.parent], plugin_extra={"cloud_hypervisor": block}

@@ -14,11 +14,13 @@ Guest behaviour, as the tiny guest's and the in-process fake's: from the kernel 
 
 from __future__ import annotations
 
+import fcntl
 import http.server
 import json
 import os
 import socket
 import socketserver
+import struct
 import threading
 import time
 from collections.abc import Callable
@@ -35,6 +37,7 @@ from nomad_vm.vm.cloud_hypervisor.model import (
     from_json,
     to_json,
 )
+from tests.fakes.ch_vsock import HybridVsock, serve_vsock
 
 VERSION = "53.0"
 
@@ -46,6 +49,8 @@ class FakeVmm:
 
     events_path: Path | None = None
     no_shutdown: bool = True
+    # The event monitor as a descriptor (``--event-monitor fd=N``), written as CH writes it.
+    events_fd: int | None = None
     exit: Callable[[], None] = lambda: None
     on_boot: Callable[[FakeVmm], None] = lambda vmm: None
     config: VmConfig | None = None
@@ -57,6 +62,11 @@ class FakeVmm:
     vhost_user: list[socket.socket] = field(default_factory=list)
     started: float = field(default_factory=time.monotonic)
     lock: threading.RLock = field(default_factory=threading.RLock)
+    # What the VM's devices hold open while it runs (CH opens them at vm.boot): disks,
+    # payload files, TAPs. Opened as CH opens them, under the VMM's own user.
+    opened: list[int] = field(default_factory=list)
+    # The vsock device's hybrid-vsock socket, bound at vm.boot when the VM has one.
+    vsock: HybridVsock | None = None
 
     def __post_init__(self) -> None:
         if self.events_path is not None:
@@ -67,7 +77,7 @@ class FakeVmm:
 
     def event(self, source: str, event: str, properties: dict[str, str] | None = None) -> None:
         """As CH's event_monitor writes it: pretty JSON, then a blank line."""
-        if self.events_path is None:
+        if self.events_path is None and self.events_fd is None:
             return
         elapsed = time.monotonic() - self.started
         document = {
@@ -76,8 +86,13 @@ class FakeVmm:
             "event": event,
             "properties": properties,
         }
-        with open(self.events_path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(document, indent=2) + "\n\n")
+        text = (json.dumps(document, indent=2) + "\n\n").encode()
+        if self.events_fd is not None:
+            os.write(self.events_fd, text)
+            return
+        assert self.events_path is not None
+        with open(self.events_path, "ab") as f:
+            f.write(text)
 
     # -- what the guest does -------------------------------------------------------------------
 
@@ -86,6 +101,7 @@ class FakeVmm:
             if not self.running:
                 return
             self.running = False
+            self._close_devices()
             self.event("vm", "shutdown")
             if not self.no_shutdown:
                 self.vmm_shutdown()
@@ -103,12 +119,19 @@ class FakeVmm:
         with self.lock:
             if self.running:
                 self.running = False
+                self._close_devices()
                 self.event("vm", "shutdown")
             if self.config is not None:
                 self.config = None
                 self.event("vm", "deleted")
             self.event("vmm", "shutdown")
         self.exit()
+
+    def _close_devices(self) -> None:
+        """The VM is torn down: its devices let go of their files (CH drops the Vm)."""
+        for fd in self.opened:
+            os.close(fd)
+        self.opened.clear()
 
     # -- the API -------------------------------------------------------------------------------
 
@@ -140,12 +163,14 @@ def _boot(vmm: FakeVmm, body: Any) -> tuple[int, Any]:
         return 500, "VmNotCreated"
     if vmm.running:
         return 500, "VmAlreadyBooted"
-    for net in vmm.config.net or ():
-        # CH opens a TAP by name in its own network namespace (TUNSETIFF on /dev/net/tun).
+    failure = _open_devices(vmm)
+    if failure:
+        return 500, failure
+    if vmm.config.vsock is not None and vmm.vsock is None:
         try:
-            socket.if_nametoindex(net.tap or "")
-        except OSError:
-            return 500, f"Error creating virtio-net device: no TAP {net.tap!r} in this namespace"
+            vmm.vsock = serve_vsock(vmm.config.vsock.socket)
+        except OSError as exc:
+            return 500, f"Error creating virtio-vsock device: {exc}"
     for fs in vmm.config.fs or ():
         conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
@@ -161,6 +186,43 @@ def _boot(vmm: FakeVmm, body: Any) -> tuple[int, Any]:
     return 204, None
 
 
+def _open_devices(vmm: FakeVmm) -> str:
+    """Open what CH opens at vm.boot, as CH does: the payload's files and the disks by the
+    names they are given (read-write unless read-only), each TAP by name (TUNSETIFF on
+    /dev/net/tun, in the VMM's namespace, with the VMM's privileges). A refusal is the reason,
+    as CH would report it."""
+    assert vmm.config is not None
+    payload = vmm.config.payload
+    files = [(p, False) for p in (payload.kernel, payload.initramfs, payload.firmware) if p]
+    files += [(d.path, not d.readonly) for d in vmm.config.disks or ()]
+    for path, write in files:
+        try:
+            vmm.opened.append(os.open(path, (os.O_RDWR if write else os.O_RDONLY) | os.O_CLOEXEC))
+        except OSError as exc:
+            return f"Cannot open {path}: {exc}"
+    for net in vmm.config.net or ():
+        try:
+            vmm.opened.append(_attach_tap(net.tap or ""))
+        except OSError as exc:
+            return f"Error creating virtio-net device: cannot open TAP {net.tap!r}: {exc}"
+    return ""
+
+
+TUNSETIFF = 0x400454CA
+IFF_TAP, IFF_NO_PI, IFF_VNET_HDR = 0x0002, 0x1000, 0x4000
+
+
+def _attach_tap(name: str) -> int:
+    fd = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC)
+    try:
+        request = struct.pack("16sH", name.encode(), IFF_TAP | IFF_NO_PI | IFF_VNET_HDR)
+        fcntl.ioctl(fd, TUNSETIFF, request)
+    except OSError:
+        os.close(fd)
+        raise
+    return fd
+
+
 def _info(vmm: FakeVmm, body: Any) -> tuple[int, Any]:
     if vmm.config is None:
         return 404, "VmNotCreated"
@@ -169,10 +231,26 @@ def _info(vmm: FakeVmm, body: Any) -> tuple[int, Any]:
     return 200, to_json(VmInfo(vmm.config, state, size))
 
 
+BLOCK_COUNTERS = ("read_bytes", "write_bytes", "read_ops", "write_ops")
+BLOCK_LATENCIES = tuple(
+    f"{op}_latency_{kind}" for op in ("read", "write") for kind in ("min", "max", "avg")
+)
+NET_COUNTERS = ("rx_bytes", "rx_frames", "tx_bytes", "tx_frames")
+
+
 def _counters(vmm: FakeVmm, body: Any) -> tuple[int, Any]:
-    if not vmm.running:
+    """CH's VmCounters: device id -> counter -> value, for each block and net device. The
+    simulated guest read each disk's first 4 KiB once, in one request, and sent nothing."""
+    if not vmm.running or vmm.config is None:
         return 500, "VmNotRunning"
-    return 200, {"_disk0": {"read_bytes": 4096, "write_bytes": 0}}
+    counters: dict[str, dict[str, int]] = {}
+    for i, disk in enumerate(vmm.config.disks or ()):
+        block = dict.fromkeys(BLOCK_COUNTERS + BLOCK_LATENCIES, 0)
+        block.update(read_bytes=4096, read_ops=1)
+        counters[disk.id or f"_disk{i}"] = block
+    for i, net in enumerate(vmm.config.net or ()):
+        counters[net.id or f"_net{i}"] = dict.fromkeys(NET_COUNTERS, 0)
+    return 200, counters
 
 
 def _power_button(vmm: FakeVmm, body: Any) -> tuple[int, Any]:
@@ -247,14 +325,20 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 class UnixHTTPServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
     daemon_threads = True
 
-    def __init__(self, socket_path: Path, vmm: FakeVmm) -> None:
+    def __init__(self, address: Path | int, vmm: FakeVmm) -> None:
         self.vmm = vmm
-        super().__init__(str(socket_path), _Handler)
+        if isinstance(address, Path):
+            super().__init__(str(address), _Handler)
+            return
+        # A listening socket handed over (``--api-socket fd=N``), as CH takes it.
+        super().__init__("", _Handler, bind_and_activate=False)
+        self.socket.close()
+        self.socket = socket.socket(fileno=address)
 
 
-def serve_in_thread(socket_path: Path, vmm: FakeVmm) -> UnixHTTPServer:
-    """The fake API on ``socket_path`` in this process; ``shutdown()`` and ``server_close()``
-    it when done."""
-    server = UnixHTTPServer(socket_path, vmm)
+def serve_in_thread(address: Path | int, vmm: FakeVmm) -> UnixHTTPServer:
+    """The fake API on ``address`` (a path to bind, or a listening descriptor) in this
+    process; ``shutdown()`` and ``server_close()`` it when done."""
+    server = UnixHTTPServer(address, vmm)
     threading.Thread(target=server.serve_forever, name="fake CH API", daemon=True).start()
     return server

@@ -1,12 +1,16 @@
 """A fake ``cloud-hypervisor`` executable: the fake API (``tests/fakes/ch_api.py``) served on
-``--api-socket path=...``, CH's events written to ``--event-monitor path=...``, and the serial
-port (mode Tty) on stdout, which the backend makes the task's stdout.
+the listening socket of ``--api-socket fd=N``, CH's events written to ``--event-monitor fd=N``,
+and the serial port (mode Tty) on stdout, which the backend makes the task's stdout. At
+``vm.boot`` it opens the disks, payload files and TAPs by the names it is given, as CH does, so
+a file or TAP its user may not open fails the boot as it would fail CH's.
 
 It takes the command line the backend gives CH (and refuses anything else, so a change there
 is noticed), exits 0 on SIGTERM and on ``vmm.shutdown`` as CH does, and simulates the guest
 from its kernel command line (see ``ch_api``). SIGUSR1 makes the guest do its ``fake.then`` act
 now (a test's "while the plugin was away"). Run through ``wrapper(path)``, a shell script that
-execs this module with the test's Python, so the backend can be pointed at it as its ``bin``.
+execs this module with the system's Python (the backend runs it as the unprivileged vm_user,
+who cannot reach the test's venv; the fake needs only the standard library and our model), so
+the backend can be pointed at it as its ``bin``.
 
 A test of our client and backend, not proof of CH.
 """
@@ -23,23 +27,32 @@ from pathlib import Path
 from tests.fakes.ch_api import VERSION, FakeVmm, serve_in_thread
 
 REPO = Path(__file__).resolve().parents[2]
+# On the fake's command line (it names no path of the task: CH gets descriptors), so tests find
+# it with ``processes_under(root, FAKE_CH)``, which also matches its working directory.
+FAKE_CH = "tests.fakes.cloud_hypervisor"
+# Debian 12's python3: any user may run it (the venv's interpreter may be under /root).
+SYSTEM_PYTHON = "/usr/bin/python3"
 
 
 def wrapper(path: Path) -> Path:
-    """An executable at ``path`` that runs this fake (exec: the pid stays the gate's)."""
+    """An executable at ``path`` that runs this fake (exec: the pid stays the gate's). Its
+    directory must be searchable by vm_user (``short_tmp``, not pytest's ``tmp_path``)."""
     path.write_text(
         "#!/bin/sh\n"
-        f"PYTHONPATH='{REPO}' exec '{sys.executable}' -P -m tests.fakes.cloud_hypervisor \"$@\"\n"
+        f"PYTHONPATH='{REPO}:{REPO / 'src'}' exec {SYSTEM_PYTHON} -P -m "
+        'tests.fakes.cloud_hypervisor "$@"\n'
     )
     path.chmod(0o755)
     return path
 
 
-def _option(value: str) -> Path:
-    key, _, path = value.partition("=")
-    if key != "path" or not path:
-        raise argparse.ArgumentTypeError(f"expected path=<file>, got {value!r}")
-    return Path(path)
+def _fd_option(value: str) -> int:
+    """``fd=N``: the backend hands CH its sockets and files, it names no path."""
+    key, _, fd = value.partition("=")
+    if key != "fd" or not fd.isdigit():
+        raise argparse.ArgumentTypeError(f"expected fd=<descriptor>, got {value!r}")
+    os.fstat(int(fd))  # inherited, or this is not how the backend started us
+    return int(fd)
 
 
 def main(argv: list[str]) -> int:
@@ -47,14 +60,14 @@ def main(argv: list[str]) -> int:
         print(f"cloud-hypervisor v{VERSION}")
         return 0
     parser = argparse.ArgumentParser(prog="cloud-hypervisor")
-    parser.add_argument("--api-socket", type=_option, required=True)
-    parser.add_argument("--event-monitor", type=_option, required=True)
+    parser.add_argument("--api-socket", type=_fd_option, required=True)
+    parser.add_argument("--event-monitor", type=_fd_option, required=True)
     parser.add_argument("--seccomp", choices=("true", "false", "log"), required=True)
     parser.add_argument("--no-shutdown", action="store_true")
     args = parser.parse_args(argv)
     done = threading.Event()
     guest = Guest()
-    vmm = FakeVmm(args.event_monitor, args.no_shutdown, exit=done.set, on_boot=guest.booted)
+    vmm = FakeVmm(None, args.no_shutdown, args.event_monitor, exit=done.set, on_boot=guest.booted)
     server = serve_in_thread(args.api_socket, vmm)
     signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=vmm.vmm_shutdown).start())
     signal.signal(signal.SIGUSR1, lambda *_: guest.act())
@@ -77,6 +90,10 @@ class Guest:
         cmdline = (vmm.config.payload.cmdline or "") if vmm.config else ""
         words = dict(w.split("=", 1) for w in cmdline.split() if "=" in w)
         self.then = words.get("fake.then", "")
+        # fake.agent_vsock=<port>: the guest's qemu-ga listens on that vsock port, as the seed's
+        # unit makes a real guest's do.
+        if vmm.vsock is not None and "fake.agent_vsock" in words:
+            vmm.vsock.agent_port = int(words["fake.agent_vsock"])
         os.write(1, f"fake cloud-hypervisor guest: booted ({cmdline})\n".encode())
         after = float(words.get("fake.after", "0"))
         if self.then and after < 3600:

@@ -17,7 +17,7 @@ from nomad_vm.errors import LaunchError
 from nomad_vm.network import taps
 from nomad_vm.network.netns import NETNS_DIR
 from nomad_vm.processes import identity_of
-from nomad_vm.vm.cloud_hypervisor import backend
+from nomad_vm.vm.cloud_hypervisor import netns
 from nomad_vm.vm.process import spawn
 from tests.conftest import wait_until
 from tests.netns import ip, isolated_namespaces
@@ -31,11 +31,11 @@ def test_ch_is_started_in_the_namespace_of_the_tap_it_is_given(short_tmp: Path) 
         ip("-n", ns, "link", "add", "nvtcbr0", "type", "bridge")
         taps.create_tap("nvtctap0", "nvtcbr0", netns=ns)
         tap_fd = taps.open_tap("nvtctap0", netns=ns)
-        netns_fd = backend._tap_namespace([tap_fd])
+        netns_fd = netns.tap_namespace([tap_fd])
         assert netns_fd is not None
         try:
             assert os.fstat(netns_fd).st_ino == (NETNS_DIR / ns).stat().st_ino
-            argv = [*backend._nsenter(netns_fd), "/bin/sleep", "30"]
+            argv = [*netns.nsenter_argv(netns_fd), "/bin/sleep", "30"]
             process = spawn(
                 argv, stdout=2, stderr=2, cwd=short_tmp, pass_fds=[netns_fd], gated=True
             )
@@ -71,7 +71,7 @@ def test_taps_in_two_namespaces_are_refused() -> None:
                 taps.create_tap(f"nvtctap{i}", f"nvtcbr{i}", netns=ns)
                 fds.append(taps.open_tap(f"nvtctap{i}", netns=ns))
             with pytest.raises(LaunchError, match="several"):
-                backend._tap_namespace(fds)
+                netns.tap_namespace(fds)
         finally:
             for fd in fds:
                 os.close(fd)

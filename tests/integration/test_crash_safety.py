@@ -26,7 +26,7 @@ from nomad_vm.driver.checkpoints import PAUSE_AT, PAUSE_MARKER, START_STEPS
 from nomad_vm.network.names import tap_name
 from nomad_vm.plugin.proto import driver_pb2
 from tests.conftest import processes_under, vm_processes_under
-from tests.fakes.cloud_hypervisor import wrapper
+from tests.fakes.cloud_hypervisor import FAKE_CH, wrapper
 from tests.integration.pluginkit import configure, tiny_task
 from tests.integration.test_recovery import recover
 from tests.integration.test_vm_lifecycle import stop, wait, wait_until
@@ -80,6 +80,10 @@ def ch_options(root: Path) -> dict[str, object]:
     return {
         "hypervisor": "cloud-hypervisor",
         "cloud_hypervisor": {"bin": str(fake), "trust_kvm": True},
+        # The task has a NIC, and this host's /dev/net/tun is root's alone (mode 600): an
+        # unprivileged CH could not attach to its TAP (test_ch_group_network.py checks that
+        # refusal; test_ch_unprivileged.py the rest of vm_user).
+        "vm_user": "root",
     }
 
 
@@ -142,7 +146,7 @@ def test_plugin_killed_at_each_start_step_leaves_nothing(
             p.cmdline() for p in vm_processes_under(host.root)
         ]
         assert not processes_under(host.root, "/bin/sh")
-        assert wait_until(lambda: not processes_under(host.root, "ch-api.sock"), 15)
+        assert wait_until(lambda: not processes_under(host.root, FAKE_CH), 15)
         host.assert_clean()
         assert tap_name(TAP_PREFIX, cfg.id) not in host.taps()
         assert not runtime_dirs(alloc), runtime_dirs(alloc)

@@ -16,7 +16,7 @@ import pytest
 from nomad_vm.driver.driver import VMDriver
 from nomad_vm.driver.journal_store import JournalStore
 from nomad_vm.driver.types import Health, TaskConfig, TaskResources
-from nomad_vm.errors import ConfigError, HypervisorError, LaunchError
+from nomad_vm.errors import ConfigError, HypervisorError, LaunchError, VMRequestError
 from nomad_vm.vm.accel import KvmStatus
 from nomad_vm.vm.cloud_hypervisor import backend
 from nomad_vm.vm.cloud_hypervisor.binary import parse_version
@@ -88,6 +88,8 @@ def test_fingerprint_reports_the_version_and_whether_ch_can_run(short_tmp: Path)
     assert attrs["driver.vm.cloud_hypervisor.version"] == "53.0"
     assert attrs["driver.vm.cloud_hypervisor.usable"] is True
     assert attrs["driver.vm.accelerator"] == "kvm"
+    # Who CH runs as (the tests run as root: the default unprivileged user).
+    assert attrs["driver.vm.cloud_hypervisor.vm_user"] == "nomad-vm"
     # QEMU is reported too, usable or not, with its reason.
     assert "driver.vm.qemu.usable" in attrs and "driver.vm.qemu.reason" in attrs
 
@@ -199,8 +201,15 @@ def test_doctor_says_whether_ch_can_run_and_why_not(
     doctor._check_cloud_hypervisor(str(short_tmp / "missing"))
     doctor._check_cloud_hypervisor(str(wrapper(short_tmp / CH)))
     monkeypatch.setattr(backend, "probe_kvm", lambda: KvmStatus(True, "runs guests"))
+    # CH runs as vm_user, which must be able to open /dev/kvm (whether this host's lets it is
+    # the host's business: both answers are made here).
+    no_access = VMRequestError("vm_user", "nomad-vm cannot open /dev/kvm")
+    monkeypatch.setattr(backend, "check_kvm_access", _raiser(no_access))
+    doctor._check_cloud_hypervisor(str(short_tmp / CH))
+    monkeypatch.setattr(backend, "check_kvm_access", lambda user: None)
     doctor._check_cloud_hypervisor(str(short_tmp / CH))
     lines = capsys.readouterr().out.splitlines()
+    assert lines.pop(3) == "info  Cloud Hypervisor 53.0: vm_user: nomad-vm cannot open /dev/kvm"
     assert lines[0].startswith("info  Cloud Hypervisor: cloud_hypervisor.bin")
     assert lines[1] == (
         "info  Cloud Hypervisor would also need a KVM that runs guests: "
@@ -208,3 +217,10 @@ def test_doctor_says_whether_ch_can_run_and_why_not(
     )
     assert lines[2].startswith("info  Cloud Hypervisor 53.0: Cloud Hypervisor cannot run here")
     assert lines[3].startswith("ok    Cloud Hypervisor 53.0 can run VMs here")
+
+
+def _raiser(exc: Exception):  # type: ignore[no-untyped-def]
+    def raise_it(*_: object) -> None:
+        raise exc
+
+    return raise_it

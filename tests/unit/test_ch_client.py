@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -15,16 +16,21 @@ from nomad_vm.errors import HypervisorError
 from nomad_vm.vm.cloud_hypervisor.client import ChApiError, ChClient, connect_when_ready
 from nomad_vm.vm.cloud_hypervisor.model import (
     CpusConfig,
+    DeviceCounters,
+    DiskConfig,
+    ImageType,
     MemoryConfig,
+    ModelError,
     PayloadConfig,
     VmConfig,
     VmState,
+    parse_counters,
 )
 from tests.conftest import wait_until
 from tests.fakes.ch_api import FakeVmm, serve_in_thread
 
 CONFIG = VmConfig(
-    payload=PayloadConfig(kernel="/k", cmdline="console=ttyS0"),
+    payload=PayloadConfig(kernel="/dev/null", cmdline="console=ttyS0"),
     cpus=CpusConfig(1, 1),
     memory=MemoryConfig(256 * 2**20),
 )
@@ -55,7 +61,7 @@ def test_define_boot_inspect_and_press_the_power_button(vmm: FakeVmm, short_tmp:
             await client.boot()
             info = await client.info()
             assert info.state is VmState.RUNNING and info.config == CONFIG
-            assert (await client.counters())["_disk0"]["read_bytes"] == 4096
+            assert await client.counters() == {}  # no block or net device
             await client.power_button()
             assert wait_until(lambda: not vmm.running, 5.0), "the guest did not power off"
             assert (await client.info()).state is VmState.CREATED
@@ -70,7 +76,7 @@ def test_define_boot_inspect_and_press_the_power_button(vmm: FakeVmm, short_tmp:
         "PUT",
         "vm.create",
         {
-            "payload": {"kernel": "/k", "cmdline": "console=ttyS0"},
+            "payload": {"kernel": "/dev/null", "cmdline": "console=ttyS0"},
             "cpus": {"boot_vcpus": 1, "max_vcpus": 1},
             "memory": {"size": 256 * 2**20, "shared": False},
             "pvpanic": False,
@@ -124,3 +130,41 @@ def test_no_vmm_is_a_hypervisor_error(short_tmp: Path) -> None:
             await connect_when_ready(short_tmp / "nobody.sock", gone, 5.0)
 
     asyncio.run(run())
+
+
+def test_device_counters_come_in_chs_shape(vmm: FakeVmm, short_tmp: Path) -> None:
+    disk = DiskConfig(path="/dev/null", readonly=True, image_type=ImageType.RAW, id="disk0")
+
+    async def run() -> DeviceCounters:
+        client = ChClient(short_tmp / "api.sock")
+        try:
+            await client.create(replace(CONFIG, disks=(disk,)))
+            await client.boot()
+            return await client.counters()
+        finally:
+            await client.close()
+
+    counters = asyncio.run(run())
+    assert set(counters) == {"disk0"}  # the id we gave the device
+    assert counters["disk0"]["read_bytes"] == 4096 and counters["disk0"]["write_ops"] == 0
+    assert "read_latency_avg" in counters["disk0"]
+
+
+def test_the_documented_counters_parse_and_anything_else_is_named() -> None:
+    reply = {
+        "disk0": {"read_bytes": 1048576, "write_bytes": 0, "read_ops": 3, "write_latency_max": 0},
+        "net0": {"rx_bytes": 1500, "rx_frames": 1, "tx_bytes": 0, "tx_frames": 0},
+    }
+    assert parse_counters(reply) == reply
+    assert parse_counters({}) == {}
+    for bad, where, says in [
+        ([], "", "object"),
+        ({"disk0": 5}, "disk0", "object of counters"),
+        ({"disk0": {"read_bytes": "5"}}, "disk0.read_bytes", "integer"),
+        ({"disk0": {"read_bytes": True}}, "disk0.read_bytes", "integer"),
+        ({"net0": {"rx_bytes": -1}}, "net0.rx_bytes", "counter"),
+        ({"net0": {"rx_bytes": 2**63}}, "net0.rx_bytes", "counter"),
+    ]:
+        with pytest.raises(ModelError) as caught:
+            parse_counters(bad)
+        assert caught.value.path == where and says in str(caught.value), bad

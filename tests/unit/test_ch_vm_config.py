@@ -29,7 +29,6 @@ from nomad_vm.vm.spec import DiskSpec, NicSpec, ShareSpec
 
 GOLDEN = Path(__file__).parent / "golden"
 RUN = Path("/run/t")
-FIRMWARE = Path("/usr/share/cloud-hypervisor/CLOUDHV.fd")
 
 
 def _plan(kernel: bool = True, shares: tuple[ShareSpec, ...] = (), memory_mb: int = 512) -> VMPlan:
@@ -58,20 +57,30 @@ SHARES = (
 )
 OVERLAY = DiskSpec(HeldFile(RUN / "disk.qcow2", 20, True), "qcow2")
 SEED = HeldFile(RUN / "cidata.iso", 21, False)
+# CH reopens what it inherited by these names (vmm_files): it runs as vm_user.
+KERNEL = HeldFile(Path("/img/vmlinux"), 30)
+INITRAMFS = HeldFile(Path("/img/initramfs.img"), 31)
+FIRMWARE_FD = "/proc/self/fd/24"
+
+
+def _booting(*devices: object) -> LaunchDevices:
+    """The devices of a VM that boots the kernel (the plan's), as the driver hands them."""
+    return LaunchDevices(*devices, kernel=KERNEL, initramfs=INITRAMFS)  # type: ignore[arg-type]
+
 
 CASES = {
-    "kernel_only": (_plan(), LaunchDevices(console_fd=1), None),
+    "kernel_only": (_plan(), _booting(1), None),
     "disk_kernel_seed_tap": (
         _plan(),
-        LaunchDevices(1, OVERLAY, SEED, (NicSpec("nvm0123abcd", "52:54:00:12:34:56"),)),
+        _booting(1, OVERLAY, SEED, (NicSpec("nvm0123abcd", "52:54:00:12:34:56"),)),
         None,
     ),
     "firmware_raw_disk": (
         _plan(kernel=False),
         LaunchDevices(1, DiskSpec(HeldFile(RUN / "disk.raw", 22, True), "raw"), SEED),
-        FIRMWARE,
+        FIRMWARE_FD,
     ),
-    "virtiofs": (_plan(shares=SHARES), LaunchDevices(1, OVERLAY, SEED), None),
+    "virtiofs": (_plan(shares=SHARES), _booting(1, OVERLAY, SEED), None),
 }
 
 
@@ -89,19 +98,20 @@ def test_vm_config_matches_golden(name: str) -> None:
 
 
 def test_shares_make_guest_memory_shared_and_each_gets_its_socket() -> None:
-    config = build_vm_config(_plan(shares=SHARES), None, LaunchDevices(1))
+    config = build_vm_config(_plan(shares=SHARES), None, _booting(1))
     assert config.memory is not None and config.memory.shared
     assert config.fs is not None
+    # Named in CH's working directory, where the plugin bound them (CH cannot reach RUN).
     assert [(f.tag, f.socket) for f in config.fs] == [
-        ("alloc", str(RUN / "vfs0.sock")),
-        ("local", str(RUN / "vfs1.sock")),
+        ("alloc", "vfs0.sock"),
+        ("local", "vfs1.sock"),
     ]
-    plain = build_vm_config(_plan(), None, LaunchDevices(1))
+    plain = build_vm_config(_plan(), None, _booting(1))
     assert plain.memory is not None and not plain.memory.shared and plain.fs is None
 
 
 def test_memory_vcpus_console_and_devices() -> None:
-    config = build_vm_config(_plan(memory_mb=160), None, LaunchDevices(1, OVERLAY, SEED))
+    config = build_vm_config(_plan(memory_mb=160), None, _booting(1, OVERLAY, SEED))
     assert config.memory is not None and config.memory.size == 160 * 1024 * 1024
     assert config.cpus is not None and (config.cpus.boot_vcpus, config.cpus.max_vcpus) == (2, 2)
     # The serial port is the VMM's stdout (the task's); no virtio-console.
@@ -113,6 +123,10 @@ def test_memory_vcpus_console_and_devices() -> None:
     # A qcow2 overlay names its backing file: CH follows it only when told.
     assert (disk.image_type, disk.backing_files, disk.readonly) == (ImageType.QCOW2, True, False)
     assert (seed.image_type, seed.backing_files, seed.readonly) == (ImageType.RAW, False, True)
+    # Every file by the descriptor CH inherits, never the path it had.
+    assert (disk.path, seed.path) == ("/proc/self/fd/20", "/proc/self/fd/21")
+    assert config.payload.kernel == "/proc/self/fd/30"
+    assert config.payload.initramfs == "/proc/self/fd/31"
 
 
 def test_a_vm_without_kernel_needs_the_firmware() -> None:
@@ -120,18 +134,19 @@ def test_a_vm_without_kernel_needs_the_firmware() -> None:
         build_vm_config(_plan(kernel=False), None, LaunchDevices(1, OVERLAY))
     with pytest.raises(ValueError, match="vmdk"):
         build_vm_config(
-            _plan(), None, LaunchDevices(1, DiskSpec(HeldFile(RUN / "d.vmdk", 23, True), "vmdk"))
+            _plan(), None, _booting(1, DiskSpec(HeldFile(RUN / "d.vmdk", 23, True), "vmdk"))
         )
 
 
 def test_vmm_argv_defines_no_vm_and_keeps_the_vmm_after_power_off() -> None:
     details = CloudHypervisorPlan("/usr/bin/cloud-hypervisor", None, "log", None)
-    assert vmm_argv(details, RUN) == [
+    # Both are descriptors the plugin made: CH, as vm_user, could not reach the runtime dir.
+    assert vmm_argv(details, 5, 6) == [
         "/usr/bin/cloud-hypervisor",
         "--api-socket",
-        "path=/run/t/ch-api.sock",
+        "fd=5",
         "--event-monitor",
-        "path=/run/t/ch-events.json",
+        "fd=6",
         "--seccomp",
         "log",
         "--no-shutdown",

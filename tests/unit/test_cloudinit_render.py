@@ -20,6 +20,7 @@ import yaml
 
 from nomad_vm.cloudinit import (
     USER_PART_MERGE_TYPE,
+    AgentVsock,
     CloudInitRequest,
     SeedDocuments,
     render,
@@ -27,6 +28,7 @@ from nomad_vm.cloudinit import (
 )
 from nomad_vm.cloudinit.envfiles import ENV_FILE_PATH, PROFILE_PATH, environment_files
 from nomad_vm.cloudinit.passwd import sha512_crypt
+from nomad_vm.cloudinit.render import AGENT_VSOCK_UNIT
 from nomad_vm.errors import ConfigError
 
 with warnings.catch_warnings():
@@ -114,6 +116,21 @@ def test_cmds_stay_list_entries_in_order() -> None:
     cmds = ("echo one", "mkdir -p '/srv/a b'", "echo $((1 + 2)) | tee /x", "echo 'four'")
     config = cloud_config(render(request(cmds=cmds)).user_data)
     assert config["runcmd"] == list(cmds)
+
+
+def test_a_vsock_agent_gets_its_own_unit_started_before_the_jobs_commands() -> None:
+    """Cloud Hypervisor's guests reach qemu-ga over vsock: Debian's own unit is bound to the
+    virtio-serial port, so the seed adds one that runs qemu-ga's vsock-listen method."""
+    docs = render(request(cmds=("echo a",), agent_vsock=AgentVsock(cid=3, port=7070)))
+    config = cloud_config(docs.user_data)
+    unit = next(f for f in config["write_files"] if f["path"].endswith(AGENT_VSOCK_UNIT))
+    assert unit["path"] == f"/etc/systemd/system/{AGENT_VSOCK_UNIT}"
+    assert "ExecStart=/usr/sbin/qemu-ga --method=vsock-listen --path=3:7070\n" in unit["content"]
+    assert "WantedBy=multi-user.target" in unit["content"]
+    assert config["runcmd"] == [["systemctl", "enable", "--now", AGENT_VSOCK_UNIT], "echo a"]
+    # Not for a serial agent (QEMU): nothing of it.
+    plain = cloud_config(render(request()).user_data)
+    assert "runcmd" not in plain and AGENT_VSOCK_UNIT not in str(plain)
 
 
 def test_an_empty_command_is_refused_by_index() -> None:

@@ -127,8 +127,9 @@ def test_the_task_hypervisor_wins_over_the_plugin_default(tmp_path: Path) -> Non
             "config.share_transport",
             "'9p' is not available",
         ),
-        # Signals to a guest unit go through the guest agent, which CH guests do not get.
-        ({"kernel": KERNEL, "signal_unit": "app.service"}, {}, "config.signal_unit", "agent"),
+        # Signals to a guest unit go through the guest agent, which a CH guest gets only from
+        # the cloud-init seed (it listens on vsock); a kernel-booted VM has none.
+        ({"kernel": KERNEL, "signal_unit": "app.service"}, {}, "config.signal_unit", "no seed"),
         # CH opens TAPs by name through /dev/net/tun; a macvtap is a /dev/tapN descriptor.
         (
             {"kernel": KERNEL, "network_interface": {"macvtap": {"device": "eth0"}}},

@@ -7,12 +7,13 @@ the task's options and attaches the ISO it gets back.
 
 from __future__ import annotations
 
-from nomad_vm.cloudinit.model import CloudInitRequest, GuestMount, SeedDocuments
+from nomad_vm.cloudinit.model import AgentVsock, CloudInitRequest, GuestMount, SeedDocuments
 from nomad_vm.cloudinit.render import USER_PART_MERGE_TYPE, render, with_network_config
 from nomad_vm.cloudinit.seed import write_seed
 
 __all__ = [
     "USER_PART_MERGE_TYPE",
+    "AgentVsock",
     "CloudInitRequest",
     "GuestMount",
     "SeedDocuments",

@@ -33,6 +33,15 @@ class GuestMount:
 
 
 @dataclass(frozen=True)
+class AgentVsock:
+    """qemu-guest-agent must listen on vsock (Cloud Hypervisor has no virtio-serial port):
+    ``cid`` is the guest's own context id, ``port`` the port the plugin connects to."""
+
+    cid: int
+    port: int
+
+
+@dataclass(frozen=True)
 class CloudInitRequest:
     """Everything the seed of one task start holds.
 
@@ -54,6 +63,7 @@ class CloudInitRequest:
     network_config: Mapping[str, Any] | None = None
     default_user: str = DEFAULT_USER
     mounts: tuple[GuestMount, ...] = ()
+    agent_vsock: AgentVsock | None = None
 
     def __post_init__(self) -> None:
         # Frozen copies: the caller's dicts may change after the request was made.

@@ -47,7 +47,7 @@ from typing import Any
 import yaml
 
 from nomad_vm.cloudinit.envfiles import ENV_FILE_PATH, PROFILE_PATH, EnvFiles, environment_files
-from nomad_vm.cloudinit.model import CloudInitRequest, GuestMount, SeedDocuments
+from nomad_vm.cloudinit.model import AgentVsock, CloudInitRequest, GuestMount, SeedDocuments
 from nomad_vm.cloudinit.passwd import sha512_crypt
 from nomad_vm.cloudinit.timezone import check_timezone
 from nomad_vm.cloudinit.userdoc import CLOUD_CONFIG, UserDocument, parse_user_data
@@ -160,18 +160,52 @@ def _generated_config(req: CloudInitRequest, env: EnvFiles) -> dict[str, Any]:
     config["hostname"] = req.hostname
     if req.timezone is not None:
         config["timezone"] = req.timezone
-    if req.cmds:
-        # One entry per command: cloud-init runs them in order, each with sh, once per instance.
-        config["runcmd"] = list(req.cmds)
-    config["write_files"] = [
+    runcmd: list[Any] = []
+    write_files = [
         _env_file(PROFILE_PATH, env.profile, req.default_user),
         _env_file(ENV_FILE_PATH, env.env_file, req.default_user),
     ]
+    if req.agent_vsock is not None:
+        write_files.append(agent_vsock_unit(req.agent_vsock))
+        # First, so exec works while the job's own commands run; enable reloads systemd.
+        runcmd.append(["systemctl", "enable", "--now", AGENT_VSOCK_UNIT])
+    # One entry per command: cloud-init runs them in order, each with sh, once per instance.
+    runcmd += req.cmds
+    if runcmd:
+        config["runcmd"] = runcmd
+    config["write_files"] = write_files
     if req.mounts:
         # cloud-init's mounts module writes fstab entries and mounts them (creating the
         # directories); nofail keeps a missing share from blocking the boot.
         config["mounts"] = [_mount_entry(m) for m in req.mounts]
     return config
+
+
+# Debian's qemu-guest-agent unit is bound to the virtio-serial port's device (BindsTo=, which
+# a drop-in cannot remove), so the vsock agent is a unit of its own.
+AGENT_VSOCK_UNIT = "nomad-vm-guest-agent-vsock.service"
+QEMU_GA = "/usr/sbin/qemu-ga"
+
+
+def agent_vsock_unit(vsock: AgentVsock) -> dict[str, Any]:
+    """qemu-ga listening on vsock ``cid:port`` (its ``vsock-listen`` method), restarted if it
+    ends (before the vsock transport is loaded, it cannot listen yet)."""
+    unit = (
+        "[Unit]\n"
+        "Description=QEMU guest agent on vsock (nomad-vm, Cloud Hypervisor)\n"
+        "[Service]\n"
+        f"ExecStart={QEMU_GA} --method=vsock-listen --path={vsock.cid}:{vsock.port}\n"
+        "Restart=always\n"
+        "RestartSec=1\n"
+        "[Install]\n"
+        "WantedBy=multi-user.target\n"
+    )
+    return {
+        "path": f"/etc/systemd/system/{AGENT_VSOCK_UNIT}",
+        "content": unit,
+        "owner": "root:root",
+        "permissions": "0644",
+    }
 
 
 def _mount_entry(mount: GuestMount) -> list[str]:

@@ -363,6 +363,7 @@ class VMDriver:
                 if not entry.running:
                     return
                 raise
+            entry.device_io = await entry.vm.device_io()
             yield rate.sample(task_id, usage, await entry.vm.guest_memory_used())
             await asyncio.sleep(max(interval, 0.1))
 

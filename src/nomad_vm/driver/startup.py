@@ -11,7 +11,7 @@ import asyncio
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from nomad_vm.cloudinit import CloudInitRequest, GuestMount, SeedDocuments, render
+from nomad_vm.cloudinit import AgentVsock, CloudInitRequest, GuestMount, SeedDocuments, render
 from nomad_vm.driver.backend_options import (
     check_request,
     check_settings,
@@ -112,14 +112,22 @@ async def plan_start(
     check_request(backend.name, caps, request)
     refuse_disk_options(backend.name, backend.capabilities, vm)
     if not caps.guest_agent:
-        refuse_agent_options(backend.name, vm)
+        refuse_agent_options(vm, f"the {backend.name} hypervisor gives its guests none")
+    elif caps.guest_agent_vsock is not None and not vm.gets_seed:
+        refuse_agent_options(
+            vm,
+            f"a {backend.name} guest's agent listens on vsock only as the cloud-init seed "
+            "sets it up, and this VM gets no seed (it boots a kernel, or cloud-init is off)",
+        )
     try:
         check_settings(backend.name, caps, settings)
         vm_plan = await backend.plan(request, settings, runtime_dir)
     except VMRequestError as exc:
         raise config_error(exc, settings) from None
     allowed = task_allowlist(task, plugin)
-    seed = render_seed(task, vm, vm_plan.shares, vm_plan.share_transport.name)
+    seed = render_seed(
+        task, vm, vm_plan.shares, vm_plan.share_transport.name, caps.guest_agent_vsock
+    )
     network = await plan_nic(task, vm, plugin, backend)
     # Last: from here on the plan holds descriptors its caller must close.
     return StartPlan(
@@ -188,15 +196,15 @@ async def plan_nic(
     return planned
 
 
-def refuse_agent_options(backend: str, vm: VMTaskConfig) -> None:
+def refuse_agent_options(vm: VMTaskConfig, why_no_agent: str) -> None:
     """Signals other than SIGTERM/SIGINT reach the guest through its agent: a task that names
-    where they go on a backend without one would find out only when it is signalled."""
+    where they go on a VM without one would find out only when it is signalled."""
     for option, value in (("signal_unit", vm.signal_unit), ("signal_pidfile", vm.signal_pidfile)):
         if value:
             raise ConfigError(
                 f"config.{option}",
-                f"signals reach the guest through its agent, and the {backend} hypervisor gives "
-                "its guests none; remove it (SIGTERM and SIGINT still shut the VM down)",
+                f"signals reach the guest through its agent, and {why_no_agent}; remove it "
+                "(SIGTERM and SIGINT still shut the VM down)",
             )
 
 
@@ -255,9 +263,15 @@ def open_task_files(vm: VMTaskConfig, allowed: Allowlist) -> TaskFiles:
 
 
 def render_seed(
-    task: TaskConfig, vm: VMTaskConfig, shares: tuple[ShareSpec, ...] = (), transport: str = "9p"
+    task: TaskConfig,
+    vm: VMTaskConfig,
+    shares: tuple[ShareSpec, ...] = (),
+    transport: str = "9p",
+    agent_vsock: tuple[int, int] | None = None,
 ) -> SeedDocuments | None:
-    """The NoCloud documents for a disk-booting VM, unless the task turned cloud-init off."""
+    """The NoCloud documents for a disk-booting VM, unless the task turned cloud-init off.
+    ``agent_vsock`` (guest CID, port): the backend reaches the guest agent over vsock, so the
+    guest is told to run it there."""
     if not vm.gets_seed:
         return None
     request = CloudInitRequest(
@@ -271,5 +285,6 @@ def render_seed(
         env=task.env,
         user_data_text=vm.user_data,
         mounts=tuple(GuestMount(s.tag, s.guest_path, s.readonly, transport) for s in shares),
+        agent_vsock=AgentVsock(*agent_vsock) if agent_vsock is not None else None,
     )
     return render(request)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Mapping
 from datetime import UTC, datetime
 
 from nomad_vm.driver.agent_watch import watch_agent
@@ -75,6 +76,9 @@ class VMTask:
         self.agent: GuestAgent | None = None
         # The serial console's connection while sessions are attached (console_session).
         self.console: SerialConsole | None = None
+        # The VM's per-device I/O counters as last read with its stats (Nomad's TaskStats
+        # has no field for them: InspectTask shows them as io.<device>.<counter>).
+        self.device_io: Mapping[str, Mapping[str, int]] = {}
 
     def start_watching(self) -> None:
         assert self.vm is not None
@@ -186,5 +190,10 @@ class VMTask:
             attributes={
                 "pid": str(vmm.pid) if vmm is not None else "",
                 "control_socket": self.journal.control_socket,
+                **{
+                    f"io.{device}.{name}": str(value)
+                    for device, counters in sorted(self.device_io.items())
+                    for name, value in sorted(counters.items())
+                },
             },
         )

@@ -186,13 +186,15 @@ PLUGIN_CONFIG = Schema(
         Field(
             "vm_user",
             "string",
-            "The user QEMU and virtiofsd run as. The plugin (root) prepares everything they "
-            "need (disks, seed, sockets, the TAP) and hands it over as open descriptors, so "
-            "they need no privilege and no access to the plugin's files; they keep only that "
-            "user's own groups (add it to `kvm` where VMs use KVM). `make setup` and "
+            "The user the VMMs (QEMU, Cloud Hypervisor) and virtiofsd run as. The plugin (root) "
+            "prepares everything they need (disks, seed, sockets, the TAP) and hands it over as "
+            "open descriptors, so they need no privilege and no access to the plugin's files; "
+            "they keep only that user's own groups (add it to `kvm` where VMs use KVM). Cloud "
+            "Hypervisor also needs `/dev/net/tun` open to it for a VM with a NIC (Debian's mode "
+            "666): it attaches to the TAP by name. `make setup` and "
             "`nomad-vm install` create the default system user. A writable share is written "
             "as this user: the host directory (e.g. a host volume) must be writable by it. "
-            '`"root"` runs them as root: unsafe (a guest that escapes QEMU owns the host), '
+            '`"root"` runs them as root: unsafe (a guest that escapes its VMM owns the host), '
             "for hosts where the operator accepts that.",
             default="nomad-vm",
         ),

@@ -233,6 +233,15 @@ def create_overlay(
     _run(argv, timeout, f"qemu-img create {_abs(overlay)}", limits)
 
 
+def set_backing_name(qemu_img: Path, overlay: Path, name: str, base_format: str) -> None:
+    """Rewrite the backing file name recorded in our own qcow2 ``overlay`` to ``name``
+    (``rebase -u``: only the header changes, no backing file is opened). For a VMM that
+    follows the recorded name itself: given ``/proc/self/fd/N`` it reopens the base the
+    plugin checked and handed over, not whatever is at the image's path by then."""
+    argv = [str(qemu_img), "rebase", "-q", "-u", "-b", name, "-F", base_format, _abs(overlay)]
+    _run(argv, CREATE_TIMEOUT, f"qemu-img rebase -u {_abs(overlay)}", None)
+
+
 def create(qemu_img: Path, path: Path, fmt: str, size_bytes: int, *, falloc: bool) -> None:
     """An empty ``fmt`` image of ours (no limits); ``falloc``: its space reserved up front."""
     prealloc = ["-o", "preallocation=falloc"] if falloc else []

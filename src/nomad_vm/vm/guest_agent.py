@@ -1,7 +1,9 @@
 """An asyncio client for qemu-guest-agent (qemu-ga): the only module that speaks its protocol.
 
 Any backend can give its guests the agent: QEMU on a virtio-serial port whose host side is a
-unix socket (``nomad_vm.vm.qemu.agent_channel``); the client only needs that socket. One JSON
+unix socket (``nomad_vm.vm.qemu.agent_channel``); Cloud Hypervisor on a vsock port, reached
+through the VMM's hybrid-vsock unix socket and its ``CONNECT`` handshake
+(``nomad_vm.vm.hybrid_vsock``). After the connection is open, the protocol is the same. One JSON
 command per line, one reply per command, in order; but the channel has no session: replies meant
 for a previous client (or our own timed-out requests) may still be in the pipe, and nothing
 answers while no agent runs in the guest. So every session, and every call after a timeout,
@@ -48,6 +50,7 @@ from nomad_vm.vm.guest_agent_protocol import (
     reply_int,
     unwrap_reply,
 )
+from nomad_vm.vm.hybrid_vsock import HybridVsockRefused, open_hybrid_vsock
 
 log = logging.getLogger(__name__)
 
@@ -78,9 +81,13 @@ class GuestAgent:
     its own, so that no call waits forever on a guest without an agent.
     """
 
-    def __init__(self, socket: Path, *, rpc_timeout: float = 30.0) -> None:
+    def __init__(
+        self, socket: Path, *, rpc_timeout: float = 30.0, vsock_port: int | None = None
+    ) -> None:
+        """``vsock_port``: ``socket`` is a hybrid vsock and the agent listens on that port."""
         self.socket = socket
         self.rpc_timeout = rpc_timeout
+        self.vsock_port = vsock_port
         self._lock = asyncio.Lock()
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
@@ -293,10 +300,15 @@ class GuestAgent:
         if self._writer is not None:
             return
         try:
-            self._reader, self._writer = await asyncio.open_unix_connection(
-                str(self.socket), limit=_READ_SIZE
-            )
-        except OSError as exc:
+            if self.vsock_port is None:
+                self._reader, self._writer = await asyncio.open_unix_connection(
+                    str(self.socket), limit=_READ_SIZE
+                )
+            else:
+                self._reader, self._writer = await open_hybrid_vsock(
+                    self.socket, self.vsock_port, limit=_READ_SIZE
+                )
+        except (OSError, HybridVsockRefused) as exc:
             message = f"cannot connect to the guest agent at {self.socket}: {exc}"
             raise AgentUnavailable(message) from exc
         self._buffer.clear()

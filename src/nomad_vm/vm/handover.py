@@ -74,6 +74,17 @@ class Handover:
         self._fds.append(fd)
         return fd
 
+    def output_file(self, path: Path) -> int:
+        """``path`` created (or emptied) by the plugin, mode 0600, opened for the VMM to write
+        (Cloud Hypervisor's event monitor): the plugin reads it by name, the VMM never opens it."""
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
+        try:
+            fd = os.open(path, flags, 0o600)
+        except OSError as exc:
+            raise HypervisorError(f"cannot create {path}: {exc.strerror}") from exc
+        self._fds.append(fd)
+        return fd
+
     @property
     def fds(self) -> list[int]:
         return [s.fileno() for s in self._sockets] + self._fds

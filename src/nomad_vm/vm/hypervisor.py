@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import signal
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
@@ -74,6 +74,9 @@ class HypervisorCapabilities:
     # The task's `display` values it offers: "none" only, or graphical consoles whose VNC
     # server listens on a unix socket in the runtime directory (VMPlan.display_socket).
     displays: tuple[str, ...] = ("none",)
+    # (guest CID, port): the guest's agent is reached over vsock, not a virtio-serial port,
+    # so the guest must be told to run it there (the cloud-init seed does); None: serial.
+    guest_agent_vsock: tuple[int, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -282,6 +285,10 @@ class OneProcessVMM:
     def usage(self) -> VMUsage:
         return VMUsage.of(self.process.pid)
 
+    async def device_io(self) -> Mapping[str, Mapping[str, int]]:
+        """Per-device I/O counters, by device id; empty where the backend has none."""
+        return {}
+
 
 @dataclass(frozen=True)
 class TerminalPort:
@@ -340,6 +347,10 @@ class RunningVM(Protocol):
 
     async def guest_memory_used(self) -> int | None:
         """Bytes the guest uses by its own account (balloon statistics); None when unknown."""
+        ...
+
+    async def device_io(self) -> Mapping[str, Mapping[str, int]]:
+        """Per-device I/O counters (device id -> counter -> value); empty when unknown."""
         ...
 
     def guest_agent(self) -> GuestAgent | None:

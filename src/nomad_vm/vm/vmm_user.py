@@ -102,20 +102,27 @@ def check_kvm_access(user: VMMUser | None, device: str = KVM_DEVICE) -> None:
         st = os.stat(device)
     except OSError as exc:
         raise VMRequestError(OPTION, f"cannot check {device} for {user.name}: {exc}") from exc
-    if st.st_uid == user.uid:
-        allowed = st.st_mode & 0o600 == 0o600
-    elif st.st_gid in (user.gid, *user.groups):
-        allowed = st.st_mode & 0o060 == 0o060
-    else:
-        allowed = st.st_mode & 0o006 == 0o006
-    if not allowed:
+    if not may_open(user, st, write=True):
         group = _group_name(st.st_gid)
         raise VMRequestError(
             OPTION,
             f"{user.name} cannot open {device} (owner uid {st.st_uid}, group {group}, mode "
-            f"{st.st_mode & 0o777:o}), so QEMU could not use KVM; add it to that group "
+            f"{st.st_mode & 0o777:o}), so the VMM could not use KVM; add it to that group "
             f"(`usermod -aG {group} {user.name}`) or use the TCG accelerator",
         )
+
+
+def may_open(user: VMMUser, st: os.stat_result, *, write: bool) -> bool:
+    """Would ``user`` be allowed to open a file with this status for reading (and writing)?
+    The owner's, its groups' or everyone's bits, as the kernel checks them (no ACLs here)."""
+    wanted = 0o6 if write else 0o4
+    if st.st_uid == user.uid:
+        shift = 6
+    elif st.st_gid in (user.gid, *user.groups):
+        shift = 3
+    else:
+        shift = 0
+    return (st.st_mode >> shift) & wanted == wanted
 
 
 def _group_name(gid: int) -> str:

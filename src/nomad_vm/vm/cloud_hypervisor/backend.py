@@ -1,38 +1,55 @@
 """The Cloud Hypervisor backend: check the host, plan a VM, launch it, find it again.
 
 Launch order, as with QEMU: one virtiofsd per share (forked gated, recorded, released), then
-``cloud-hypervisor`` with an API socket and an event monitor in the task's runtime dir (gated,
-recorded with its API socket, released), and once its API answers, the VM is defined
-(``vm.create``, the definition built by ``vm_config``) and booted (``vm.boot``). CH never sees
-a command line VM: nothing boots until the plugin has recorded the VMM.
+``cloud-hypervisor`` with the API socket and the event monitor the plugin made in the task's
+runtime dir (gated, recorded with its API socket, released), and once its API answers, the VM
+is defined (``vm.create``, the definition built by ``vm_config``) and booted (``vm.boot``). CH
+never sees a command line VM: nothing boots until the plugin has recorded the VMM.
+
+CH and its virtiofsd run as ``vm_user`` with no_new_privs, as QEMU does; what CH is handed
+and how it names it is ``vmm_files``. CH's own seccomp filter stays on unless
+``cloud_hypervisor.seccomp`` says otherwise.
 
 CH's ``vm.create`` takes no TAP descriptors (its HTTP handler drops them), so a TAP that lives
 in another network namespace (Nomad's group network mode) is reached by name, with CH started
-inside that namespace (``nsenter``, the namespace taken from the TAP's descriptor with
-``TUNGETDEVNETNS``). Only its network namespace changes; the API socket is a path.
+inside that namespace (``nsenter`` as root, then ``setpriv`` to ``vm_user``; the namespace
+taken from the TAP's descriptor with ``TUNGETDEVNETNS``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import logging
 import os
-import shutil
-from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import NoReturn
 
 from nomad_vm.errors import HypervisorError, LaunchError, NomadVMError, VMRequestError
 from nomad_vm.processes import is_same_process
+from nomad_vm.storage.held import FileHolder
 from nomad_vm.vm.accel import AcceleratorChoice, KvmStatus, probe_kvm
 from nomad_vm.vm.cloud_hypervisor.binary import cloud_hypervisor_version, find_cloud_hypervisor
 from nomad_vm.vm.cloud_hypervisor.client import ChClient, connect_when_ready
-from nomad_vm.vm.cloud_hypervisor.files import API_SOCKET, LOG_NAME
+from nomad_vm.vm.cloud_hypervisor.files import API_SOCKET, LOG_NAME, VMM_DIR
+from nomad_vm.vm.cloud_hypervisor.netns import nsenter_argv, tap_namespace
 from nomad_vm.vm.cloud_hypervisor.running import CloudHypervisorVM, LogSpot
-from nomad_vm.vm.cloud_hypervisor.vm_config import CloudHypervisorPlan, build_vm_config, vmm_argv
+from nomad_vm.vm.cloud_hypervisor.vm_config import (
+    AGENT_PORT,
+    GUEST_CID,
+    CloudHypervisorPlan,
+    build_vm_config,
+    vmm_argv,
+)
+from nomad_vm.vm.cloud_hypervisor.vmm_files import (
+    VmmFiles,
+    give_sockets,
+    hand_over,
+    let_go_of_taps,
+    make_vmm_dir,
+)
+from nomad_vm.vm.handover import Handover, handover
 from nomad_vm.vm.hypervisor import (
     VMM_ROLE,
     HostFacts,
@@ -54,6 +71,7 @@ from nomad_vm.vm.virtiofsd import (
     start_daemons,
     with_sockets,
 )
+from nomad_vm.vm.vmm_user import VMMUser, check_kvm_access, resolve_vmm_user, runs_as
 
 log = logging.getLogger(__name__)
 
@@ -61,8 +79,6 @@ NAME = "cloud-hypervisor"
 HELPER_ROLE = "virtiofsd"
 API_READY_TIMEOUT = 30.0
 KVM_DEVICE = Path("/dev/kvm")
-# ioctl(tun_fd, TUNGETDEVNETNS): a descriptor of the TAP's network namespace (Linux >= 5.2).
-TUNGETDEVNETNS = 0x54E3
 
 CAPABILITIES = HypervisorCapabilities(
     # CH has no software emulation.
@@ -73,8 +89,9 @@ CAPABILITIES = HypervisorCapabilities(
     machine_types=("cloud-hypervisor",),
     arches=("x86_64",),
     share_transports=("virtiofs",),
-    # No virtio-serial port for qemu-ga; the agent over vsock is not shown to work yet.
-    guest_agent=False,
+    # qemu-ga over vsock (CH has no virtio-serial), set up in the guest by the cloud-init
+    # seed: exec and signals; no terminal sessions (they hot-plug virtio-serial ports).
+    guest_agent=True,
     terminal_hotplug=False,
     # CH can (vm.pause/resume, vm.snapshot/restore); this backend does not offer them yet.
     pause=False,
@@ -84,6 +101,7 @@ CAPABILITIES = HypervisorCapabilities(
     # CH has no VNC server (its only graphics are a virtio-gpu over vhost-user, shown by
     # nothing here): a task that asks for a display is refused naming `display`.
     displays=("none",),
+    guest_agent_vsock=(GUEST_CID, AGENT_PORT),
 )
 
 
@@ -101,15 +119,19 @@ class CloudHypervisor:
         try:
             binary = find_cloud_hypervisor(settings.binary)
             version = cloud_hypervisor_version(binary)
-        except HypervisorError as exc:
+            user = resolve_vmm_user(settings.vm_user)
+        except NomadVMError as exc:
             return replace(facts, problem=exc)
         attributes = (
             ("cloud_hypervisor.version", version),
             ("cloud_hypervisor.binary", str(binary)),
+            ("cloud_hypervisor.vm_user", runs_as(user)),
         )
         facts = replace(facts, attributes=attributes)
         try:
-            return replace(facts, accelerator=kvm_accelerator(kvm))
+            accelerator = kvm_accelerator(kvm)
+            check_vm_user_kvm(user, settings)
+            return replace(facts, accelerator=accelerator)
         except NomadVMError as exc:
             return replace(facts, problem=exc)
 
@@ -119,6 +141,8 @@ class CloudHypervisor:
         # The KVM probe runs a child process (once per plugin process): keep it off the loop.
         kvm = await asyncio.to_thread(kvm_status, settings)
         accelerator = kvm_accelerator(kvm)
+        user = resolve_vmm_user(settings.vm_user)
+        check_vm_user_kvm(user, settings)
         firmware = None
         if request.kernel is None:
             if settings.firmware_file is None:
@@ -146,12 +170,14 @@ class CloudHypervisor:
                     f"Cloud Hypervisor shares directories only over virtio-fs: {exc.reason} "
                     "(or set share_task_dirs = false and mount no volumes)",
                 ) from None
-            shares = with_sockets(shares, runtime_dir)
+            # In CH's working directory: it connects to them by name (vmm_files).
+            shares = with_sockets(shares, runtime_dir / VMM_DIR)
         details = CloudHypervisorPlan(
             binary=str(binary),
             firmware=firmware,
             seccomp=settings.seccomp_mode,
             log_file=settings.log_file,
+            user=user,
         )
         return VMPlan(NAME, request, runtime_dir, accelerator, transport, shares, details)
 
@@ -159,11 +185,20 @@ class CloudHypervisor:
         self, plan: VMPlan, devices: LaunchDevices, recorder: LaunchRecorder
     ) -> CloudHypervisorVM:
         details = _details(plan)
-        config = build_vm_config(plan, details.firmware, devices)
-        daemons = self._start_daemons(plan)
-        helpers = [d.process for d in daemons]
-        await record_and_release(recorder, helpers, HELPER_ROLE)
-        process, log_spot = self._spawn(plan, details, devices, daemons)
+        make_vmm_dir(plan.runtime_dir, details.user)
+        with FileHolder() as holder, handover() as handed:
+            files = hand_over(
+                plan.runtime_dir, devices, details.firmware, details.user, handed, holder
+            )
+            config = build_vm_config(plan, files.firmware, devices)
+            daemons = self._start_daemons(plan, handed)
+            try:
+                helpers = [d.process for d in daemons]
+                await record_and_release(recorder, helpers, HELPER_ROLE)
+                process, log_spot = self._spawn(plan, details, devices, files, daemons)
+            finally:
+                for daemon in daemons:
+                    daemon.close()
         socket = plan.runtime_dir / API_SOCKET
         await record_and_release(recorder, [process], VMM_ROLE, helpers, socket)
         client = await self._connect(socket, process, daemons, log_spot)
@@ -177,24 +212,43 @@ class CloudHypervisor:
             await self._failed(process, daemons, client, log_spot, str(exc))
         return vm
 
-    def _start_daemons(self, plan: VMPlan) -> list[ShareDaemon]:
+    def _start_daemons(self, plan: VMPlan, handed: Handover) -> list[ShareDaemon]:
+        """One virtiofsd per share, as vm_user, each on a socket the plugin bound in CH's
+        working directory and a descriptor of its shared directory (``vm.handover``)."""
         if not plan.shares:
             return []
         binary = plan.share_transport.virtiofsd
         if binary is None:
             raise ValueError("virtio-fs shares need the virtiofsd binary")
-        return start_daemons(binary, plan.shares, plan.runtime_dir, gated=True)
+        user = _details(plan).user
+        shares = plan.shares
+        if user is not None:
+            # vm_user cannot reach the shared directory by path (Nomad's data_dir is 0700). As
+            # root, virtiofsd sandboxes itself in namespaces, where it cannot enter the new
+            # root through /proc/self/fd/N, so it gets the path.
+            shares = tuple(replace(s, host_fd=handed.directory(s.host_path)) for s in shares)
+        daemons = start_daemons(binary, shares, plan.runtime_dir, gated=True, user=user)
+        try:
+            give_sockets([s.socket for s in shares if s.socket is not None], user)
+        except BaseException:
+            kill_daemons(daemons)
+            raise
+        return daemons
 
     def _spawn(
         self,
         plan: VMPlan,
         details: CloudHypervisorPlan,
         devices: LaunchDevices,
+        files: VmmFiles,
         daemons: list[ShareDaemon],
     ) -> tuple[SupervisedProcess, LogSpot]:
-        """CH, forked at its gate: serial on stdout (the task's), its messages to the log."""
+        """CH, forked at its gate as vm_user: serial on stdout (the task's), its messages to
+        the log, its working directory the one it owns (``vmm_files``)."""
         runtime = plan.runtime_dir
-        argv = vmm_argv(details, runtime)
+        argv = vmm_argv(details, files.api_fd, files.events_fd)
+        if details.user is not None:
+            argv = details.user.switch_argv(argv)
         netns_fd = None
         try:
             log_path = details.log_file or runtime / LOG_NAME
@@ -203,15 +257,18 @@ class CloudHypervisor:
             log_fd = os.open(log_path, flags, 0o640 if details.log_file else 0o600)
             try:
                 spot = LogSpot(log_path, os.fstat(log_fd).st_size if details.log_file else 0)
-                netns_fd = _tap_namespace([nic.fd for nic in devices.nics if nic.fd is not None])
+                netns_fd = tap_namespace([nic.fd for nic in devices.nics if nic.fd is not None])
+                let_go_of_taps(devices.nics)
                 if netns_fd is not None:
-                    argv = [*_nsenter(netns_fd), *argv]
+                    # nsenter needs root: it enters the namespace, then setpriv drops to vm_user.
+                    argv = [*nsenter_argv(netns_fd), *argv]
+                inherited = [*files.fds, *([netns_fd] if netns_fd is not None else [])]
                 process = spawn(
                     argv,
                     stdout=devices.console_fd,
                     stderr=log_fd,
-                    cwd=runtime,
-                    pass_fds=[netns_fd] if netns_fd is not None else [],
+                    cwd=runtime / VMM_DIR,
+                    pass_fds=inherited,
                     gated=True,
                 )
             finally:
@@ -287,6 +344,13 @@ def kvm_status(settings: HostSettings) -> KvmStatus:
     return KvmStatus(False, f"{KVM_DEVICE} does not exist (cloud_hypervisor.trust_kvm is on)")
 
 
+def check_vm_user_kvm(user: VMMUser | None, settings: HostSettings) -> None:
+    """Can vm_user open /dev/kvm? Not asked with trust_kvm: the operator vouches for KVM, and
+    CH's own error (in the launch failure) says it if it cannot."""
+    if not settings.trust_kvm:
+        check_kvm_access(user)
+
+
 def kvm_accelerator(kvm: KvmStatus) -> AcceleratorChoice:
     if kvm.usable:
         return AcceleratorChoice("kvm", kvm.reason)
@@ -299,39 +363,6 @@ def kvm_accelerator(kvm: KvmStatus) -> AcceleratorChoice:
 
 def _virtio_fs(settings: HostSettings) -> ShareTransport:
     return choose_share_transport("virtiofs", settings.virtiofsd_binary)
-
-
-def _tap_namespace(fds: Sequence[int]) -> int | None:
-    """A descriptor of the network namespace the TAPs (given as descriptors) live in; None
-    when every TAP is in ours (named, no descriptor)."""
-    if not fds:
-        return None
-    namespaces = []
-    for fd in fds:
-        try:
-            namespaces.append(fcntl.ioctl(fd, TUNGETDEVNETNS))
-        except OSError as exc:
-            for ns in namespaces:
-                os.close(ns)
-            raise LaunchError(f"cannot find the network namespace of a TAP: {exc}") from exc
-    first, *others = namespaces
-    first_id = os.fstat(first).st_ino
-    different = any(os.fstat(ns).st_ino != first_id for ns in others)
-    for ns in others:
-        os.close(ns)
-    if different:
-        os.close(first)
-        raise LaunchError("Cloud Hypervisor runs in one network namespace; the TAPs are in several")
-    return first
-
-
-def _nsenter(netns_fd: int) -> list[str]:
-    nsenter = shutil.which("nsenter")
-    if nsenter is None:
-        raise LaunchError(
-            "nsenter (util-linux) is needed to start Cloud Hypervisor in the TAP's namespace"
-        )
-    return [nsenter, f"--net=/proc/self/fd/{netns_fd}", "--"]
 
 
 def _details(plan: VMPlan) -> CloudHypervisorPlan:

@@ -17,11 +17,13 @@ import httpx
 
 from nomad_vm.errors import HypervisorError
 from nomad_vm.vm.cloud_hypervisor.model import (
+    DeviceCounters,
     ModelError,
     VmConfig,
     VmInfo,
     VmmPingResponse,
     from_json,
+    parse_counters,
     to_json,
 )
 
@@ -65,11 +67,13 @@ class ChClient:
     async def info(self) -> VmInfo:
         return _parse(VmInfo, await self._call("GET", "vm.info"), "vm.info")
 
-    async def counters(self) -> dict[str, dict[str, int]]:
+    async def counters(self) -> DeviceCounters:
+        """Each device's I/O counters (by the ids we gave the devices)."""
         reply = await self._call("GET", "vm.counters")
-        if not isinstance(reply, dict):
-            raise HypervisorError("Cloud Hypervisor's vm.counters reply is not an object")
-        return {str(k): dict(v) for k, v in reply.items() if isinstance(v, dict)}
+        try:
+            return parse_counters(reply)
+        except ModelError as exc:
+            raise HypervisorError(f"Cloud Hypervisor's vm.counters reply: {exc}") from exc
 
     async def power_button(self) -> None:
         await self._call("PUT", "vm.power-button")

@@ -6,3 +6,7 @@ API_SOCKET = "ch-api.sock"
 EVENTS_FILE = "ch-events.json"
 # CH's own messages (its stderr), unless the operator's cloud_hypervisor.log_file takes them.
 LOG_NAME = "cloud-hypervisor.log"
+# CH's working directory, vm_user's own (vmm_files): the sockets it reaches or binds by name.
+VMM_DIR = "vmm"
+# The hybrid-vsock socket CH binds in VMM_DIR; the plugin connects to it (guest agent).
+VSOCK_SOCKET = "vsock.sock"

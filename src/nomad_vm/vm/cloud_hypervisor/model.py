@@ -2,7 +2,8 @@
 
 Written from CH's OpenAPI document (``vmm/src/api/openapi/cloud-hypervisor.yaml``: the schemas
 ``VmConfig``, ``PayloadConfig``, ``CpusConfig``, ``MemoryConfig``, ``DiskConfig``, ``NetConfig``,
-``FsConfig``, ``ConsoleConfig``/``SerialConfig``, ``BalloonConfig``, ``RngConfig``, ``VmInfo``,
+``FsConfig``, ``ConsoleConfig``/``SerialConfig``, ``BalloonConfig``, ``RngConfig``,
+``VsockConfig``, ``VmCounters``, ``VmInfo``,
 ``VmState`` and ``VmmPingResponse``), keeping only the properties we set or read. Field names
 are the API's own, so ``to_json`` is a plain walk.
 
@@ -132,6 +133,17 @@ class RngConfig:
 
 
 @dataclass(frozen=True)
+class VsockConfig:
+    """A virtio-vsock device whose host side is a unix socket CH listens on (hybrid vsock)."""
+
+    # The guest's context id (3 or more); the device is CH's own, not the host kernel's, so
+    # every VM may have the same one.
+    cid: int
+    socket: str
+    id: str | None = None
+
+
+@dataclass(frozen=True)
 class VmConfig:
     payload: PayloadConfig
     cpus: CpusConfig | None = None
@@ -143,6 +155,7 @@ class VmConfig:
     console: ConsoleConfig | None = None
     rng: RngConfig | None = None
     balloon: BalloonConfig | None = None
+    vsock: VsockConfig | None = None
     pvpanic: bool = False
 
 
@@ -161,8 +174,39 @@ class VmmPingResponse:
     features: tuple[str, ...] = ()
 
 
+# VmCounters: device id -> counter name -> value (int64 in the OpenAPI document). Block devices
+# count read_bytes, write_bytes, read_ops, write_ops and latencies; net devices rx_bytes,
+# rx_frames, tx_bytes, tx_frames. Device ids are the ``id`` we give each device (disk0, net0).
+DeviceCounters = dict[str, dict[str, int]]
+INT64_MAX = 2**63 - 1
+
+
+def parse_counters(data: object) -> DeviceCounters:
+    """A ``vm.counters`` reply; ModelError naming the device and counter that is not one."""
+    if not isinstance(data, dict):
+        raise ModelError("", f"must be an object (VmCounters), got {_kind(data)}")
+    counters: DeviceCounters = {}
+    for device, values in data.items():
+        if not isinstance(values, dict):
+            raise ModelError(str(device), f"must be an object of counters, got {_kind(values)}")
+        parsed = {}
+        for name, value in values.items():
+            where = _join(str(device), str(name))
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ModelError(where, f"must be an integer, got {_kind(value)}")
+            if not 0 <= value <= INT64_MAX:
+                raise ModelError(where, f"must be a counter (0 to 2^63-1), got {value}")
+            parsed[str(name)] = value
+        counters[str(device)] = parsed
+    return counters
+
+
 # Minimums the OpenAPI document states (CpusConfig.boot_vcpus/max_vcpus).
-MINIMUMS = {("CpusConfig", "boot_vcpus"): 1, ("CpusConfig", "max_vcpus"): 1}
+MINIMUMS = {
+    ("CpusConfig", "boot_vcpus"): 1,
+    ("CpusConfig", "max_vcpus"): 1,
+    ("VsockConfig", "cid"): 3,
+}
 
 
 def to_json(value: Any) -> Any:

@@ -20,7 +20,7 @@ import asyncio
 import contextlib
 import logging
 import signal
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,8 +28,15 @@ from nomad_vm.errors import HypervisorError, Unsupported
 from nomad_vm.files import read_log_tail
 from nomad_vm.vm.cloud_hypervisor.client import ChClient
 from nomad_vm.vm.cloud_hypervisor.events import EventFile, EventFormatError, MonitorEvent
-from nomad_vm.vm.cloud_hypervisor.files import API_SOCKET, EVENTS_FILE, LOG_NAME
+from nomad_vm.vm.cloud_hypervisor.files import (
+    API_SOCKET,
+    EVENTS_FILE,
+    LOG_NAME,
+    VMM_DIR,
+    VSOCK_SOCKET,
+)
 from nomad_vm.vm.cloud_hypervisor.model import VmState
+from nomad_vm.vm.cloud_hypervisor.vm_config import AGENT_PORT
 from nomad_vm.vm.guest_agent import GuestAgent
 from nomad_vm.vm.hypervisor import (
     GuestEvent,
@@ -195,14 +202,30 @@ class CloudHypervisorVM(OneProcessVMM):
         return ended
 
     async def guest_memory_used(self) -> int | None:
-        """None: CH's balloon has no statistics queue, so the guest's own count is unknown
-        (``vm.info``'s memory size is the configured one, not what the guest uses)."""
+        """None: CH's balloon has no statistics queue, so the guest's own count is unknown.
+        What CH's API says of the balloon is ``vm.info``'s ``memory_actual_size``, the guest's
+        memory less what the balloon holds: with our balloon of size 0, the configured size,
+        not a usage. The balloon's use here is ``free_page_reporting``: pages the guest frees
+        go back to the host, so the VMM's RSS (measured) follows what the guest really holds,
+        and ``deflate_on_oom`` lets the guest take back anything ballooned when it runs out."""
         return None
 
+    async def device_io(self) -> Mapping[str, Mapping[str, int]]:
+        """``vm.counters``: each device's I/O counters by the ids we gave (disk0, seed,
+        net0, ...); empty when the API does not answer (the VM is not running)."""
+        if self.client is None:
+            return {}
+        try:
+            return await self.client.counters()
+        except HypervisorError as exc:
+            log.debug("no device counters from Cloud Hypervisor: %s", exc)
+            return {}
+
     def guest_agent(self) -> GuestAgent | None:
-        """None: CH has no virtio-serial port for qemu-guest-agent, and the agent over vsock
-        has not been shown to work with it here (no CH guest runs on these hosts)."""
-        return None
+        """qemu-ga on vsock port AGENT_PORT in the guest (the seed starts it there), through
+        the hybrid-vsock socket CH binds at vm.boot; None before that socket exists."""
+        socket = self.runtime_dir / VMM_DIR / VSOCK_SOCKET
+        return GuestAgent(socket, vsock_port=AGENT_PORT) if socket.exists() else None
 
     def console_socket(self) -> Path | None:
         """None: the serial console is the VMM's stdout (the task's stdout), output only. CH's
@@ -211,7 +234,10 @@ class CloudHypervisorVM(OneProcessVMM):
         return None
 
     async def open_terminal(self) -> TerminalPort:
-        raise Unsupported("Cloud Hypervisor VMs have no guest agent for an interactive session")
+        raise Unsupported(
+            "Cloud Hypervisor VMs have no virtio-serial ports to add for an interactive session "
+            "(exec without a terminal works through the guest agent)"
+        )
 
     async def close_terminal(self, port: TerminalPort) -> None:
         return None

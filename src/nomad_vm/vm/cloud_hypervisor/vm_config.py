@@ -9,8 +9,10 @@ task disk (a qcow2 overlay names its backing file, which CH only follows when to
 cloud-init seed, read-only; TAP devices by name; one virtio-fs device per share, each on its
 own virtiofsd's socket; the serial port on the VMM's stdout, which is the task's stdout; a
 balloon (free page reporting gives memory the guest freed back to the host), pvpanic (so a
-panic is an event) and an RNG. No virtio-console: the guest's console is the serial port, as
-on QEMU (`console=ttyS0`).
+panic is an event), an RNG, and a vsock device for qemu-guest-agent (CH has no virtio-serial:
+the guest's agent listens on vsock port AGENT_PORT, set up by the cloud-init seed, and the
+plugin reaches it through CH's hybrid-vsock socket). No virtio-console: the guest's console is
+the serial port, as on QEMU (`console=ttyS0`).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from nomad_vm.vm.cloud_hypervisor.files import API_SOCKET, EVENTS_FILE
+from nomad_vm.vm.cloud_hypervisor.files import VSOCK_SOCKET
 from nomad_vm.vm.cloud_hypervisor.model import (
     BalloonConfig,
     ConsoleConfig,
@@ -32,10 +34,16 @@ from nomad_vm.vm.cloud_hypervisor.model import (
     PayloadConfig,
     RngConfig,
     VmConfig,
+    VsockConfig,
 )
 from nomad_vm.vm.hypervisor import BackendPlan, LaunchDevices, VMPlan
+from nomad_vm.vm.vmm_user import VMMUser
 
 MIB = 1024 * 1024
+# The guest's vsock context id, and the port its qemu-guest-agent listens on (the seed starts
+# it so: cloudinit's AgentVsock). The CID is local to CH's own vsock device.
+GUEST_CID = 3
+AGENT_PORT = 7070
 RNG_SOURCE = "/dev/urandom"
 IMAGE_TYPES = {"qcow2": ImageType.QCOW2, "raw": ImageType.RAW}
 
@@ -48,29 +56,34 @@ class CloudHypervisorPlan(BackendPlan):
     seccomp: str
     # The operator's log_file (appended to by every VM), or None: one in the runtime dir.
     log_file: Path | None
+    # Who CH and its virtiofsd run as (None: as the plugin).
+    user: VMMUser | None = None
 
 
-def vmm_argv(details: CloudHypervisorPlan, runtime_dir: Path) -> list[str]:
-    """The VMM only: the VM itself comes over the API. ``--no-shutdown`` keeps CH (and so the
+def vmm_argv(details: CloudHypervisorPlan, api_fd: int, events_fd: int) -> list[str]:
+    """The VMM only: the VM itself comes over the API. Its API socket and event file are
+    descriptors the plugin made (``vmm_files``). ``--no-shutdown`` keeps CH (and so the
     verdict) after the guest powers off, until the plugin has read it."""
     return [
         details.binary,
         "--api-socket",
-        f"path={runtime_dir / API_SOCKET}",
+        f"fd={api_fd}",
         "--event-monitor",
-        f"path={runtime_dir / EVENTS_FILE}",
+        f"fd={events_fd}",
         "--seccomp",
         details.seccomp,
         "--no-shutdown",
     ]
 
 
-def build_vm_config(plan: VMPlan, firmware: Path | None, devices: LaunchDevices) -> VmConfig:
-    """``firmware``: the file that boots the disk when the request has no kernel."""
+def build_vm_config(plan: VMPlan, firmware: str | None, devices: LaunchDevices) -> VmConfig:
+    """``firmware``: how CH names the file that boots the disk when the request has no
+    kernel. Files are named ``/proc/self/fd/N`` of the descriptors CH inherits, sockets
+    relative to its working directory (see ``vmm_files``)."""
     request = plan.request
     shares = plan.shares
     return VmConfig(
-        payload=_payload(plan, firmware),
+        payload=_payload(plan, firmware, devices),
         cpus=CpusConfig(boot_vcpus=request.vcpus, max_vcpus=request.vcpus),
         memory=MemoryConfig(size=request.memory_mb * MIB, shared=bool(shares)),
         disks=_disks(devices) or None,
@@ -79,7 +92,7 @@ def build_vm_config(plan: VMPlan, firmware: Path | None, devices: LaunchDevices)
         )
         or None,
         fs=tuple(
-            FsConfig(tag=share.tag, socket=str(_socket(share.socket, share.tag)), id=f"fs{i}")
+            FsConfig(tag=share.tag, socket=_socket(share.socket, share.tag), id=f"fs{i}")
             for i, share in enumerate(shares)
         )
         or None,
@@ -87,21 +100,26 @@ def build_vm_config(plan: VMPlan, firmware: Path | None, devices: LaunchDevices)
         console=ConsoleConfig(mode=ConsoleMode.OFF),
         rng=RngConfig(src=RNG_SOURCE),
         balloon=BalloonConfig(size=0, deflate_on_oom=True, free_page_reporting=True),
+        # Bound by CH in its working directory (vmm_files), which is vm_user's.
+        vsock=VsockConfig(cid=GUEST_CID, socket=VSOCK_SOCKET, id="vsock0"),
         pvpanic=True,
     )
 
 
-def _payload(plan: VMPlan, firmware: Path | None) -> PayloadConfig:
+def _payload(plan: VMPlan, firmware: str | None, devices: LaunchDevices) -> PayloadConfig:
     request = plan.request
     if request.kernel is not None:
+        if devices.kernel is None:
+            raise ValueError("a VM that boots a kernel needs the kernel's descriptor")
+        initramfs = devices.initramfs.proc_path if devices.initramfs is not None else None
         return PayloadConfig(
-            kernel=str(request.kernel),
-            initramfs=str(request.initramfs) if request.initramfs is not None else None,
+            kernel=devices.kernel.proc_path,
+            initramfs=initramfs,
             cmdline=request.cmdline or None,
         )
     if firmware is None:
         raise ValueError("a VM without a kernel needs the firmware that boots its disk")
-    return PayloadConfig(firmware=str(firmware))
+    return PayloadConfig(firmware=firmware)
 
 
 def _disks(devices: LaunchDevices) -> tuple[DiskConfig, ...]:
@@ -112,7 +130,7 @@ def _disks(devices: LaunchDevices) -> tuple[DiskConfig, ...]:
             raise ValueError(f"Cloud Hypervisor cannot boot a {devices.disk.format} disk")
         disks.append(
             DiskConfig(
-                path=str(devices.disk.path),
+                path=devices.disk.file.proc_path,
                 image_type=kind,
                 backing_files=kind is ImageType.QCOW2,
                 id="disk0",
@@ -121,13 +139,14 @@ def _disks(devices: LaunchDevices) -> tuple[DiskConfig, ...]:
     if devices.seed is not None:
         disks.append(
             DiskConfig(
-                path=str(devices.seed.path), readonly=True, image_type=ImageType.RAW, id="seed"
+                path=devices.seed.proc_path, readonly=True, image_type=ImageType.RAW, id="seed"
             )
         )
     return tuple(disks)
 
 
-def _socket(socket: Path | None, tag: str) -> Path:
+def _socket(socket: Path | None, tag: str) -> str:
+    """The socket's name in CH's working directory, where the plugin bound it."""
     if socket is None:
         raise ValueError(f"share {tag} has no virtiofsd socket")
-    return socket
+    return socket.name
