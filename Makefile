@@ -5,9 +5,9 @@ PY := $(VENV)/bin/python
 export PATH := $(CURDIR)/.tools/bin:$(CURDIR)/$(VENV)/bin:$(PATH)
 export NOMAD_VM_CACHE ?= $(CURDIR)/.cache/guests
 
-.PHONY: setup host-packages vm-user venv bytecode nomad consul virtiofsd guests demo demo-stop test test-unit lint docs proto bench clean
+.PHONY: setup host-packages vm-user venv bytecode nomad consul virtiofsd vhost-device-vsock guests demo demo-stop test test-unit lint docs proto bench clean
 
-setup: host-packages venv vm-user bytecode nomad consul virtiofsd guests
+setup: host-packages venv vm-user bytecode nomad consul virtiofsd vhost-device-vsock guests
 
 host-packages:
 	@scripts/setup-host.sh
@@ -36,7 +36,11 @@ consul:
 	@scripts/install-go-tool.sh consul
 
 virtiofsd: host-packages
-	@scripts/install-virtiofsd.sh
+	@scripts/install-rust-tool.sh virtiofsd
+
+# Only tests/integration/test_vsock_agent_guest.py needs it (the guest agent over hybrid vsock).
+vhost-device-vsock:
+	@scripts/install-rust-tool.sh vhost-device-vsock
 
 guests: venv
 	$(VENV)/bin/nomad-vm image build tiny
