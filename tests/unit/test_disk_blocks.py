@@ -164,6 +164,17 @@ def test_a_cdrom_is_read_only(images: Path) -> None:
             "ISO",
         ),
         ({"disk": [{"kind": "floppy", "size": "1G"}]}, "config.disk[0].kind", "disk or cdrom"),
+        # QEMU's IDE disk (sata and ide) refuses a read-only drive: said before QEMU runs.
+        (
+            {"disk": [{"size": "1G"}, {"size": "1G", "bus_type": "sata", "read_only": True}]},
+            "config.disk[1].read_only",
+            "scsi",
+        ),
+        (
+            {"disk": [{"size": "1G", "bus_type": "ide", "read_only": True}]},
+            "config.disk[0].read_only",
+            "write protection",
+        ),
         ({"disk": [{"size": "1G", "format": "vmdk"}]}, "config.disk[0].format", "qcow2 or raw"),
         ({"disk": [{"size": "1G", "chained": True}]}, "config.disk[0].chained", "source"),
         (

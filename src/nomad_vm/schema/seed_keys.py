@@ -166,7 +166,9 @@ DISK = Field(
         Field(
             "read_only",
             "bool",
-            "The guest cannot write the disk (the VMM gets a read-only descriptor).",
+            "The guest cannot write the disk (the VMM gets a read-only descriptor). On virtio "
+            "and scsi only: QEMU's IDE disk (sata, ide) has no write protection, so a "
+            "read-only one is refused (a cdrom is read-only on any bus).",
             default=False,
         ),
         Field(
