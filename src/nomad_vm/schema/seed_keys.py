@@ -184,7 +184,8 @@ DISK = Field(
             "string",
             "The disk's serial number (1 to 20 letters, digits, `.`, `_`, `-`): a stable name "
             "in the guest, e.g. `/dev/disk/by-id/virtio-<devname>` on virtio and "
-            "`/sys/block/vdX/serial`. Kernel names (`vdb`) follow the order of the blocks.",
+            "`/sys/block/vdX/serial` (an `ata-...<devname>` link on sata and ide, "
+            "`scsi-...<devname>` on scsi). Kernel names (`vdb`) follow the order of the blocks.",
             default="",
         ),
         Field("format", "string", "The disk's format: `qcow2` (default) or `raw`.", default=""),
