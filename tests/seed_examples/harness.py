@@ -32,8 +32,9 @@ from tests.e2e.conftest import private_netns, running_agent, wait_alloc
 from tests.seed_examples.catalogue import Example
 
 _T = TypeVar("_T")
-# Debian boots in 60-90 s under TCG on an idle machine; this one has 2 cores, shared.
-BOOT_TIMEOUT = 480.0
+# Debian boots in 60-90 s under TCG on an idle machine; this one has 2 cores shared by several
+# test runs (at a load of 15, cloud-init's final stage came after 8 minutes).
+BOOT_TIMEOUT = 900.0
 
 
 @dataclass
@@ -130,6 +131,35 @@ class SeedNode:
             "-c",
             command,
         )
+
+    def console(self, alloc: Mapping[str, Any], task: str) -> str:
+        """The tail of the guest's console (`nomad alloc logs`), for failure messages."""
+        out = self.nomad(
+            "alloc", "logs", "-namespace", str(alloc["Namespace"]), str(alloc["ID"]), task,
+            check=False,
+        )  # fmt: skip
+        return out[-3000:]
+
+    def http_on_port(self, alloc: Mapping[str, Any], task: str, label: str, to: int) -> str:
+        """The reply (``<status> <body>``) of the first successful GET of the host port Nomad
+        mapped for ``label``, from inside the node's namespace; the test fails with the
+        guest's console and the task's events when none comes within BOOT_TIMEOUT."""
+        ports = alloc["AllocatedResources"]["Shared"]["Ports"]
+        (port,) = [p for p in ports if p["Label"] == label]
+        assert port["To"] == to, port
+        url = f"http://127.0.0.1:{port['Value']}/"
+        try:
+            return poll(
+                f"HTTP on {url}",
+                lambda: (r := http_get(self.netns, url)).startswith("200 ") and r,
+                BOOT_TIMEOUT,
+                every=3,
+            )
+        except TimeoutError as exc:
+            raise AssertionError(
+                f"{exc}; last: {http_get(self.netns, url)}; events: {self.events(alloc, task)}"
+                f"; console: {self.console(alloc, task)}"
+            ) from None
 
     def events(self, alloc: Mapping[str, Any], task: str) -> list[str]:
         full = self.agent.api(f"/v1/allocation/{alloc['ID']}?namespace={alloc['Namespace']}")

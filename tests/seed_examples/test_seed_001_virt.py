@@ -16,7 +16,7 @@ import pytest
 
 from tests.conftest import vm_processes_under
 from tests.seed_examples.catalogue import Example, example
-from tests.seed_examples.harness import BOOT_TIMEOUT, SeedNode, artifact_server, http_get, poll
+from tests.seed_examples.harness import SeedNode, artifact_server, poll
 from tests.seed_examples.harness import seed_node as _seed_node
 
 pytestmark = pytest.mark.e2e
@@ -76,15 +76,8 @@ def test_the_group_fragment_is_taken_by_the_plugin_and_refused_for_lacking_a_boo
 def test_the_python_server_answers_http_on_its_mapped_port(node: SeedNode) -> None:
     node.run(PYTHON)
     alloc = node.wait("python-server", {"running"})
-    (port,) = [p for p in alloc["AllocatedResources"]["Shared"]["Ports"] if p["Label"] == "http"]
-    assert port["To"] == 8000, port
-    url = f"http://127.0.0.1:{port['Value']}/"
-    reply = poll(
-        "python3 -m http.server answering on the mapped port",
-        lambda: (r := http_get(node.netns, url)).startswith("200 ") and r,
-        BOOT_TIMEOUT,
-        every=3,
-    )
+    # `python3 -m http.server 8000` lists the guest's / (cloud-init runs it from there).
+    reply = node.http_on_port(alloc, "virt-task", "http", 8000)
     assert "Directory listing for /" in reply, reply
     # primary_disk_size = 10000 (MB): the thin copy grown to it.
     size = node.exec(alloc, "virt-task", "blockdev --getsize64 /dev/vda").strip()

@@ -23,10 +23,8 @@ from tests.conftest import vm_processes_under
 from tests.e2e.conftest import wait_until_empty
 from tests.seed_examples.catalogue import Example, example
 from tests.seed_examples.harness import (
-    BOOT_TIMEOUT,
     SeedNode,
     artifact_server,
-    http_get,
     poll,
     seed_node,
 )
@@ -122,16 +120,8 @@ def test_the_python_server_answers_http_on_its_mapped_port(
     node: SeedNode, started: dict[str, str]
 ) -> None:
     alloc = node.wait("python-server", {"running"}, started[PYTHON.name])
-    (port,) = [p for p in alloc["AllocatedResources"]["Shared"]["Ports"] if p["Label"] == "http"]
-    assert port["To"] == 8000, port
-    url = f"http://127.0.0.1:{port['Value']}/"
     # `python3 -m http.server 8000` lists the guest's / (cloud-init runs it from there).
-    reply = poll(
-        "python3 -m http.server answering on the mapped port",
-        lambda: (r := http_get(node.netns, url)).startswith("200 ") and r,
-        BOOT_TIMEOUT,
-        every=3,
-    )
+    reply = node.http_on_port(alloc, "virt-task", "http", 8000)
     assert "Directory listing for /" in reply, reply
     # The disk block's 10GiB disk, a copy of the artifact in the task's own directory.
     size = node.exec(alloc, "virt-task", "blockdev --getsize64 /dev/vda").strip()
