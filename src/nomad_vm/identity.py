@@ -90,9 +90,27 @@ ALIASES: Mapping[str, Identity] = {
     "virt": _seed_identity("virt", "nomad-driver-virt", "virt"),
     # nomad-driver-ch registers under its file name: `driver = "nomad-driver-ch"`.
     "ch": _seed_identity("ch", "nomad-driver-ch", "nomad-driver-ch"),
+    # nomad-driver-virt's earlier README (seed 001): the same `plugin "nomad-driver-virt"`
+    # file, but its jobs say `driver = "nomad-driver-virt"`. One file name cannot answer both,
+    # so this one is chosen only by the wrapper's variable (`install --as virt-legacy`); its
+    # defaults are its own so that it never shares state with a `virt` elsewhere.
+    "virt-legacy": Identity(
+        alias="virt-legacy",
+        file_name="nomad-driver-virt",
+        driver_name="nomad-driver-virt",
+        data_dir=Path("/var/lib/nomad-vm-virt-legacy"),
+        bridge="nomadvm-vleg0",
+        tap_prefix="nvleg",
+        nft_table="nomad_vm_virt_legacy",
+        journal_dir="journal-virt-legacy",
+        network_dir="network-virt-legacy",
+    ),
 }
 
-_BY_FILE = {identity.file_name: identity for identity in ALIASES.values()}
+# A bare executable name picks the current seed's name: `nomad-driver-virt` is `virt`.
+_BY_FILE = {
+    identity.file_name: identity for identity in ALIASES.values() if identity.alias != "virt-legacy"
+}
 
 
 class UnknownName(ValueError):

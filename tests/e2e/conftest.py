@@ -10,7 +10,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,7 +34,9 @@ def running_agent(
     consul_address: str | None = None,
     cni_path: Path | None = None,
     plugin_extra: Mapping[str, object] | None = None,
-    drop_ins: Mapping[str, str] | None = None,
+    drop_ins: Mapping[str, str | None] | None = None,
+    extra_configs: Sequence[Path] = (),
+    host_volumes: Mapping[str, Path] | None = None,
     acl: bool = False,
     raw_exec: bool = False,
 ) -> Iterator[DevAgent]:
@@ -44,7 +46,9 @@ def running_agent(
     ``plugin_network`` becomes the plugin's ``network { ... }`` block. With ``consul_address``
     (see ``running_consul``) the agent registers services with that Consul agent. ``cni_path``
     is the client's, for jobs with `network { mode = "bridge" }`. ``drop_ins`` installs the
-    plugin again under seed drivers' names (alias -> its `config { ... }` body, as HCL).
+    plugin again under seed drivers' names (alias -> its `config { ... }` body, as HCL, or
+    None when one of ``extra_configs``, further agent config files, has its `plugin` block).
+    ``host_volumes`` (name -> host directory) become the client's `host_volume` blocks.
     With ``acl`` Nomad's ACLs are on and bootstrapped: ``agent.token`` is the management token.
     ``raw_exec`` enables Nomad's raw_exec driver.
     """
@@ -64,6 +68,8 @@ def running_agent(
             drop_ins=drop_ins or {},
             acl=acl,
             raw_exec=raw_exec,
+            extra_configs=extra_configs,
+            host_volumes=host_volumes or {},
         )
     )
     agent.start()

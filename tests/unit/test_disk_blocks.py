@@ -101,6 +101,21 @@ def test_the_first_disk_is_primary_when_none_is_marked(images: Path) -> None:
     assert vm.gets_seed
 
 
+def test_disk_blocks_get_the_cloud_init_seed_whatever_the_primary_is_made_of(
+    images: Path,
+) -> None:
+    """Seed 002's python-server: cmds and a password next to `disk {}` blocks (no `image`)
+    reach the guest through the seed, also for an empty or pool-volume primary; only
+    cloud_init = false turns it off, and the options are then refused naming the first."""
+    cloud = {"default_user_password": "password", "cmds": ["python3 -m http.server 8000"]}
+    vm = parse(images, {**cloud, "disk": [{"size": "10GiB"}]})
+    assert vm.gets_seed and vm.image is None
+    with pytest.raises(ConfigError) as err:
+        parse(images, {**cloud, "cloud_init": False, "disk": [{"size": "10GiB"}]})
+    assert err.value.field == "config.default_user_password"
+    assert "cloud_init = false" in str(err.value)
+
+
 def test_the_shorthand_is_one_primary_disk(images: Path) -> None:
     vm = parse(images, {"image": str(images / "base.img"), "primary_disk_size": 100})
     (disk,) = vm.disks
@@ -164,6 +179,17 @@ def test_a_cdrom_is_read_only(images: Path) -> None:
             "ISO",
         ),
         ({"disk": [{"kind": "floppy", "size": "1G"}]}, "config.disk[0].kind", "disk or cdrom"),
+        # QEMU's IDE disk (sata and ide) refuses a read-only drive: said before QEMU runs.
+        (
+            {"disk": [{"size": "1G"}, {"size": "1G", "bus_type": "sata", "read_only": True}]},
+            "config.disk[1].read_only",
+            "scsi",
+        ),
+        (
+            {"disk": [{"size": "1G", "bus_type": "ide", "read_only": True}]},
+            "config.disk[0].read_only",
+            "write protection",
+        ),
         ({"disk": [{"size": "1G", "format": "vmdk"}]}, "config.disk[0].format", "qcow2 or raw"),
         ({"disk": [{"size": "1G", "chained": True}]}, "config.disk[0].chained", "source"),
         (

@@ -90,8 +90,14 @@ class DevAgentConfig:
     path: str | None = None
     # The same plugin installed again under seed drivers' names (nomad_vm.identity): alias
     # ("virt", "ch") -> the body of its `config { ... }` block as HCL text, written as given
-    # (e.g. a seed's client config). Only with driver_executable.
-    drop_ins: Mapping[str, str] = field(default_factory=dict)
+    # (e.g. a seed's client config), or None: only the wrapper, its `plugin` block being in
+    # one of extra_configs. Only with driver_executable.
+    drop_ins: Mapping[str, str | None] = field(default_factory=dict)
+    # More agent config files, passed as further -config options (e.g. a seed's client config
+    # file as written).
+    extra_configs: Sequence[Path] = ()
+    # The client's host volumes: name -> host path (`host_volume "<name>" { path = ... }`).
+    host_volumes: Mapping[str, Path] = field(default_factory=dict)
     # Nomad's ACL system on: nothing answers without a token until DevAgent.bootstrap_acl().
     acl: bool = False
     # Nomad's raw_exec driver on (for the tools jobs run on a node, e.g. the console server).
@@ -135,6 +141,10 @@ consul {{
         )
         cni = "" if self.cni_path is None else f"\n  cni_path = {hcl_string(str(self.cni_path))}"
         acl = "\nacl {\n  enabled = true\n}" if self.acl else ""
+        cni += "".join(  # the client block's host volumes
+            f"\n  host_volume {hcl_string(name)} {{\n    path = {hcl_string(str(path))}\n  }}"
+            for name, path in self.host_volumes.items()
+        )
         return f"""
 bind_addr = "127.0.0.1"
 log_level = "{self.log_level}"
@@ -177,6 +187,7 @@ client {{{client_role}{cni}
         return plugin_block(config) + "".join(
             f"\nplugin {hcl_string(ALIASES[alias].file_name)} {{\n  config {{\n{body}\n  }}\n}}\n"
             for alias, body in self.drop_ins.items()
+            if body is not None
         )
 
 
@@ -219,7 +230,7 @@ class DevAgent:
     def start(self) -> None:
         cfg = self.config
         cfg.workdir.mkdir(parents=True, exist_ok=True)
-        configs = [cfg.workdir / "agent.hcl"]
+        configs = [cfg.workdir / "agent.hcl", *cfg.extra_configs]
         if cfg.installed is not None:
             plugin_dir = cfg.installed.plugin_dir
             configs.append(cfg.installed.config_file)

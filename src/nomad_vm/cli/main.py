@@ -151,10 +151,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--as",
         dest="as_name",
         default="vm",
-        choices=("vm", "virt", "ch"),
+        choices=("vm", "virt", "ch", "virt-legacy"),
         help="the name to install under: vm (nomad-driver-vm, jobs use driver = \"vm\"), "
-        'virt (nomad-driver-virt, driver = "virt") or ch (nomad-driver-ch, '
-        'driver = "nomad-driver-ch"), so the seed drivers\' jobs run unchanged (%(default)s)',
+        'virt (nomad-driver-virt, driver = "virt"), ch (nomad-driver-ch, '
+        'driver = "nomad-driver-ch") or virt-legacy (nomad-driver-virt, driver = '
+        '"nomad-driver-virt", as its earlier README), so the seed drivers\' jobs run '
+        "unchanged (%(default)s)",
     )
     inst.add_argument("--accelerator", default="auto", choices=("auto", "kvm", "tcg"))
     inst.add_argument("--force", action="store_true", help="replace files that differ")

@@ -113,14 +113,14 @@ class VMTaskConfig:
     @property
     def gets_seed(self) -> bool:
         """Does this VM get a cloud-init seed (the only way the cloud-init options reach it)?"""
-        boots_url = bool(self.disks) and self.disks[0].url is not None
-        return gets_cloud_init_seed(self.image is not None or boots_url, self.cloud_init)
+        return gets_cloud_init_seed(bool(self.disks), self.cloud_init)
 
 
-def gets_cloud_init_seed(has_image: bool, cloud_init: bool) -> bool:
-    """A seed is attached to VMs that boot a disk image, unless the task turned it off: a VM
-    that boots only a kernel has no cloud-init to read it (its userland is the initramfs)."""
-    return has_image and cloud_init
+def gets_cloud_init_seed(has_disk: bool, cloud_init: bool) -> bool:
+    """A seed is attached to VMs that have a disk (`image`, or `disk {}` blocks: their primary
+    is the boot disk, whatever it is made from), unless the task turned it off: a VM that
+    boots only a kernel has no cloud-init to read it (its userland is the initramfs)."""
+    return has_disk and cloud_init
 
 
 def refuse_cloud_init_options(values: Mapping[str, object]) -> None:
@@ -130,11 +130,11 @@ def refuse_cloud_init_options(values: Mapping[str, object]) -> None:
     if not given:
         return
     first, *others = given
-    if values.get("image"):
+    if values.get("image") or values.get("disk"):
         why = "cloud_init = false"
         fix = f"remove {first}, or set cloud_init = true if the image has cloud-init"
     else:
-        why = "it boots a kernel without a disk image (the seed comes with `image`)"
+        why = "it boots a kernel without a disk image (the seed comes with `image` or `disk`)"
         fix = f"remove {first}, or boot from an `image` that has cloud-init"
     also = f" (as do {_and(others)})" if others else ""
     raise ConfigError(
@@ -243,7 +243,8 @@ def parse_task_config(task: TaskConfig, plugin: PluginConfig) -> VMTaskConfig:
     refuse_unsupported_task_keys(values)
     if values["initramfs"] and not values["kernel"]:
         raise ConfigError("config.initramfs", "needs kernel: an initramfs is loaded with a kernel")
-    if not gets_cloud_init_seed(bool(values["image"]), bool(values["cloud_init"])):
+    has_disk = bool(values["image"]) or bool(values["disk"])
+    if not gets_cloud_init_seed(has_disk, bool(values["cloud_init"])):
         refuse_cloud_init_options(values)
     # An absent block decodes to None: its fields then take their defaults from the schema.
     os_block = values["os"] or validate(_block_schema("os"), {}, "config.os")

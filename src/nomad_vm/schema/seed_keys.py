@@ -166,7 +166,9 @@ DISK = Field(
         Field(
             "read_only",
             "bool",
-            "The guest cannot write the disk (the VMM gets a read-only descriptor).",
+            "The guest cannot write the disk (the VMM gets a read-only descriptor). On virtio "
+            "and scsi only: QEMU's IDE disk (sata, ide) has no write protection, so a "
+            "read-only one is refused (a cdrom is read-only on any bus).",
             default=False,
         ),
         Field(
@@ -182,7 +184,8 @@ DISK = Field(
             "string",
             "The disk's serial number (1 to 20 letters, digits, `.`, `_`, `-`): a stable name "
             "in the guest, e.g. `/dev/disk/by-id/virtio-<devname>` on virtio and "
-            "`/sys/block/vdX/serial`. Kernel names (`vdb`) follow the order of the blocks.",
+            "`/sys/block/vdX/serial` (an `ata-...<devname>` link on sata and ide, "
+            "`scsi-...<devname>` on scsi). Kernel names (`vdb`) follow the order of the blocks.",
             default="",
         ),
         Field("format", "string", "The disk's format: `qcow2` (default) or `raw`.", default=""),

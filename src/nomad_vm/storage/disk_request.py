@@ -223,6 +223,14 @@ def _parse_one(
         )
     bus = str(block.get("bus_type") or "virtio")
     check_bus(f"{field}.bus_type", bus, kind, machine)
+    if block.get("read_only") and kind == "disk" and bus in ("sata", "ide"):
+        # QEMU's IDE disk (ide-hd, also on AHCI) has no write protection and refuses a
+        # read-only drive at start ("Block node is read-only"): say so before anything runs.
+        raise ConfigError(
+            f"{field}.read_only",
+            f"a {bus} hard disk cannot be read-only in QEMU (its IDE disk has no write "
+            'protection): use bus_type = "scsi" or "virtio", or kind = "cdrom"',
+        )
     serial = str(block.get("devname") or "")
     if serial and not SERIAL.fullmatch(serial):
         raise ConfigError(
