@@ -215,7 +215,9 @@ class VMDriver:
 
     async def _undo(self, journal: TaskJournal) -> None:
         """Replay the journal; it is removed only once everything it names is gone."""
-        await undo_host_changes(journal, self._networks(), self.config.network)
+        await undo_host_changes(
+            journal, self._networks(), self.config.network, self.config.seed.ceph
+        )
         self.journals.remove(journal.task_id)
         # The parent of long-path runtime dirs goes with the last of them (a start that makes
         # one meanwhile recreates it: mkdir(parents=True)).

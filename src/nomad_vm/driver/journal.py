@@ -8,6 +8,9 @@ encoding). It says, in the order StartTask makes them:
 * the files made in it (disk, seed, UEFI variable store), each before it is created, and
   the in-progress files of storage pool volumes;
 * the pool volumes the task made or used, which the replay leaves in place;
+* the RBD images and snapshots it made in Ceph pools and does not keep (``rbd``), each before
+  it is made: its own disks, the in-progress names of volumes and imports, the snapshots its
+  clones hang from;
 * the network (bridge port, lease, TAP, forwards, DHCP host) as ``NetworkRecord``;
 * every process (helpers such as virtiofsd, then the VMM) by pid, start ticks and boot id,
   recorded between fork and exec (``nomad_vm.vm.process``: a process runs only once recorded),
@@ -46,6 +49,19 @@ class RecordedProcess:
 
 
 @dataclass(frozen=True)
+class RbdRecord:
+    """An RBD image (or, with ``snapshot``, one of its snapshots) in the Ceph pool
+    configured as ``pool`` (its `storage_pools` name: the credentials stay in the config)."""
+
+    pool: str
+    image: str
+    snapshot: str = ""
+
+    def __str__(self) -> str:
+        return f"{self.pool}:{self.image}" + (f"@{self.snapshot}" if self.snapshot else "")
+
+
+@dataclass(frozen=True)
 class TaskJournal:
     task_id: str
     backend: str
@@ -64,6 +80,9 @@ class TaskJournal:
     # Storage pool volumes the task made or used: they outlive it, so the replay leaves them
     # (recorded to say where the task's data is; their in-progress files are in ``files``).
     volumes: tuple[str, ...] = ()
+    # RBD images and snapshots the task made and does not keep: the replay removes them,
+    # newest first (a clone before the snapshot it hangs from).
+    rbd: tuple[RbdRecord, ...] = ()
     version: int = field(default=JOURNAL_VERSION)
 
     # -- what the journal says -------------------------------------------------------------
@@ -91,6 +110,9 @@ class TaskJournal:
     def with_volume(self, path: Path) -> TaskJournal:
         return replace(self, volumes=(*self.volumes, str(path)))
 
+    def with_rbd(self, record: RbdRecord) -> TaskJournal:
+        return replace(self, rbd=(*self.rbd, record))
+
     def with_processes(self, added: tuple[RecordedProcess, ...]) -> TaskJournal:
         return replace(self, processes=(*self.processes, *added))
 
@@ -110,6 +132,7 @@ class TaskJournal:
             "signal_unit": self.signal_unit,
             "signal_pidfile": self.signal_pidfile,
             "volumes": list(self.volumes),
+            "rbd": [[r.pool, r.image, r.snapshot] for r in self.rbd],
         }
         packed: bytes = msgpack.packb(raw, use_bin_type=True)
         return packed
@@ -158,6 +181,8 @@ def _from_dict(raw: Mapping[str, Any]) -> TaskJournal:
         signal_pidfile=_optional_str(raw["signal_pidfile"]),
         # Absent from records of plugins before storage pools.
         volumes=tuple(str(v) for v in raw.get("volumes", ())),
+        # Absent from records of plugins before Ceph pools.
+        rbd=tuple(RbdRecord(str(p), str(i), str(s)) for p, i, s in raw.get("rbd", ())),
     )
 
 

@@ -1,0 +1,193 @@
+"""Ceph storage pools with a real single-node Ceph cluster (``tests.ceph_cluster``), real
+QEMU (its own librbd) and the real plugin process: what the guest sees of RBD disks, what
+stays in the pool, what goes with the task, and where the cephx key never appears."""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+import time
+from pathlib import Path
+
+import grpc
+import psutil
+import pytest
+
+from nomad_vm.plugin.launcher import PluginProcess
+from nomad_vm.plugin.proto import driver_pb2
+from tests.ceph_cluster import CephCluster, ceph_cluster  # noqa: F401 - the fixture
+from tests.conftest import qemu_processes_under
+from tests.integration.pluginkit import drv, tiny_task
+from tests.integration.test_vm_lifecycle import RUNNING, _run_to_completion, destroy, stop, wait
+
+POOL = "rbd-pool"
+# A well-formed cephx key that is not the user's (the virt seed's example key).
+WRONG_KEY = "AQCzNMxpb6aWIxAA7YrNMSg8z5TxEvB0jsuibQ=="
+
+
+def ceph_options(
+    c: CephCluster, secret: str | None = None, hosts: list[str] | None = None
+) -> dict[str, object]:
+    return {
+        "storage_pools": {
+            "ceph": {
+                POOL: {
+                    "pool": c.pool,
+                    "hosts": hosts or c.monitors,
+                    "authentication": {"username": c.username, "secret": secret or c.secret},
+                }
+            }
+        }
+    }
+
+
+def export_head(c: CephCluster, image: str, size: int = 32) -> bytes:
+    """The first bytes of an RBD image, read by the admin (not through the plugin)."""
+    out = subprocess.run(
+        ["rbd", "-c", str(c.conf), "export", "--no-progress", f"{c.pool}/{image}", "-"],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
+    return out.stdout[:size]
+
+
+def files_containing(root: Path, needle: bytes) -> list[Path]:
+    """Files under ``root`` that contain ``needle`` (the key must be in none: not in a log,
+    a journal, a runtime dir, whatever its mode)."""
+    found = []
+    for path in root.rglob("*"):
+        try:
+            if path.is_file() and not path.is_symlink() and needle in path.read_bytes():
+                found.append(path)
+        except OSError:
+            continue
+    return found
+
+
+def test_rbd_volume_persists_clone_leaves_parent_and_task_images_go(
+    plugin: PluginProcess,
+    short_tmp: Path,
+    tiny_guest,  # type: ignore[no-untyped-def]
+    ceph_cluster: CephCluster,  # noqa: F811
+) -> None:
+    """A named RBD volume keeps what one task's guest wrote for the next; a chained clone
+    sees it and writes only to itself; a task's own RBD disk is removed with the task; the
+    key is never in QEMU's command line, the plugin's log or a file."""
+    c = ceph_cluster
+    admin = c.admin
+    before = admin.images()
+    options = ceph_options(c)
+
+    def run(name: str, disks: list[dict[str, object]], command: str) -> str:
+        result, console = _run_to_completion(
+            plugin, short_tmp, tiny_guest, name, command, overrides={"disk": disks},
+            plugin_options=options,
+        )  # fmt: skip
+        text = console.decode(errors="replace")
+        assert result.result.exit_code == 0, (result, text[-2000:])
+        return text
+
+    data = [
+        {"pool": POOL, "name": "data", "size": "8MiB", "devname": "data"},
+        {"pool": POOL, "size": "4MiB", "devname": "scratch"},
+    ]
+    write = (
+        "for d in /sys/block/vd*; do echo disk $(basename $d) $(cat $d/size) $(cat $d/serial);"
+        " done; echo ceph-marker | dd of=/dev/vda conv=fsync 2>/dev/null && echo wrote"
+    )
+    text = run("ceph1", data, write)
+    assert "wrote" in text and "disk vda 16384 data" in text, text[-2000:]
+    assert "disk vdb 8192 scratch" in text, text[-2000:]
+    assert export_head(c, "data").startswith(b"ceph-marker")
+    # The task's own image (the scratch disk) went with it; the named volume stays.
+    assert admin.images() == sorted({*before, "data"})
+
+    assert "ceph-marker" in run("ceph2", data[:1], "head -c 11 /dev/vda; echo")
+
+    clone = [{"pool": POOL, "chained": True, "source": {"volume": "data"}}]
+    text = run(
+        "ceph3",
+        clone,
+        "head -c 11 /dev/vda; echo; echo overwritten | dd of=/dev/vda conv=fsync 2>/dev/null",
+    )
+    assert "ceph-marker" in text, text[-2000:]
+    assert export_head(c, "data").startswith(b"ceph-marker")
+    # The clone and the snapshot it hung from are gone with the task.
+    assert admin.images() == sorted({*before, "data"})
+    assert admin.snapshots("data") == []
+    assert not qemu_processes_under(short_tmp)
+
+
+def test_the_key_is_in_no_argv_log_or_readable_file(
+    plugin: PluginProcess,
+    short_tmp: Path,
+    tiny_guest,  # type: ignore[no-untyped-def]
+    ceph_cluster: CephCluster,  # noqa: F811
+) -> None:
+    """While a VM runs on an RBD disk: QEMU's command line names a descriptor, not the key;
+    the descriptor QEMU reads it from is a memfd owned by QEMU's user, mode 0400; the plugin's
+    log, the task's journal and every file under the test's directories hold no key."""
+    c = ceph_cluster
+    disks = [{"pool": POOL, "size": "4MiB"}]
+    with tiny_task(
+        plugin, short_tmp, tiny_guest, alloc_name="key", overrides={"disk": disks},
+        plugin_options=ceph_options(c),
+    ) as (cfg, fifo, _):  # fmt: skip
+        drv(plugin).StartTask(driver_pb2.StartTaskRequest(task=cfg), timeout=120)
+        assert fifo.wait_for(RUNNING, 180)
+        (qemu,) = qemu_processes_under(short_tmp)
+        cmdline = Path(f"/proc/{qemu.pid}/cmdline").read_bytes()
+        assert c.secret.encode() not in cmdline
+        assert b"secret,id=disk0-key,file=/proc/self/fd/" in cmdline
+        fd = cmdline.split(b"file=/proc/self/fd/")[1].split(b",")[0].decode()
+        link = f"/proc/{qemu.pid}/fd/{fd}"
+        assert os.readlink(link).startswith("/memfd:cephx-key")
+        st = os.stat(link)
+        assert stat.S_IMODE(st.st_mode) == 0o400
+        assert st.st_uid == psutil.Process(qemu.pid).uids().real != 0
+        assert c.secret not in (os.environ.get("CEPH_ARGS") or "")
+        stop(plugin, cfg.id, 5)
+        wait(plugin, cfg.id)
+        destroy(plugin, cfg.id)
+    assert not files_containing(short_tmp, c.secret.encode())
+    assert c.secret not in (short_tmp / "plugin.stderr").read_text(errors="replace")
+
+
+@pytest.mark.parametrize("fault", ["wrong-secret", "unreachable-monitor"])
+def test_a_wrong_secret_or_unreachable_monitor_is_a_clear_error_leaving_nothing(
+    plugin: PluginProcess,
+    short_tmp: Path,
+    tiny_guest,  # type: ignore[no-untyped-def]
+    ceph_cluster: CephCluster,  # noqa: F811
+    fault: str,
+) -> None:
+    c = ceph_cluster
+    before = c.admin.images()
+    if fault == "wrong-secret":
+        options, field = ceph_options(c, secret=WRONG_KEY), "authentication"
+    else:
+        with __import__("socket").socket() as s:  # a loopback port nobody listens on
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        options, field = ceph_options(c, hosts=[f"127.0.0.1:{port}"]), "hosts"
+    disks = [{"pool": POOL, "size": "4MiB"}, {"pool": POOL, "name": "never", "size": "4MiB"}]
+    with tiny_task(
+        plugin, short_tmp, tiny_guest, alloc_name=fault, overrides={"disk": disks},
+        plugin_options=options,
+    ) as (cfg, _, alloc):  # fmt: skip
+        started = time.monotonic()
+        with pytest.raises(grpc.RpcError) as err:
+            drv(plugin).StartTask(driver_pb2.StartTaskRequest(task=cfg), timeout=120)
+        took = time.monotonic() - started
+        details = str(err.value.details())
+        assert f"Ceph pool {POOL!r}" in details and f"storage_pools.ceph.{POOL}.{field}" in details
+        assert took < 30, f"the error took {took:.0f}s"
+        # Nothing left: no image, no QEMU, no journal, no runtime dir.
+        assert c.admin.images() == before
+        assert not qemu_processes_under(short_tmp)
+        assert not list((short_tmp / "data").rglob("*.msgpack"))
+        assert not [p for p in alloc.rglob("nomad-vm-*") if p.is_dir()]
+        destroy(plugin, cfg.id)
+    assert c.secret not in (short_tmp / "plugin.stderr").read_text(errors="replace")
