@@ -191,3 +191,75 @@ def test_a_wrong_secret_or_unreachable_monitor_is_a_clear_error_leaving_nothing(
         assert not [p for p in alloc.rglob("nomad-vm-*") if p.is_dir()]
         destroy(plugin, cfg.id)
     assert c.secret not in (short_tmp / "plugin.stderr").read_text(errors="replace")
+
+
+@pytest.mark.parametrize("step", ["disk", "vmm-spawned"])
+def test_a_plugin_killed_mid_start_leaves_no_rbd_image_after_destroy(
+    short_tmp: Path,
+    tiny_guest,  # type: ignore[no-untyped-def]
+    ceph_cluster: CephCluster,  # noqa: F811
+    step: str,
+) -> None:
+    """SIGKILL the plugin at a StartTask step (``disk``: the first RBD image is in the journal,
+    not yet made; ``vmm-spawned``: every image made, QEMU forked at its gate). Nomad never got
+    an answer, so it only calls DestroyTask on a fresh plugin: the task's images and the
+    snapshot its clone hangs from are gone; the named volume it made stays."""
+    import threading
+
+    from tests.integration.pluginkit import DRIVER, configure
+
+    c = ceph_cluster
+    before = c.admin.images()
+    if "crash-src" not in before:
+        c.admin.run("rbd", "create", "--size", "4", f"{c.pool}/crash-src")
+        before = c.admin.images()
+    marker = short_tmp / "paused"
+    first = PluginProcess([str(DRIVER)], {"NOMAD_VM_TEST_PAUSE_AT": step,
+                                          "NOMAD_VM_TEST_PAUSE_MARKER": str(marker)})  # fmt: skip
+    first.start(short_tmp / "plugin1.stderr")
+    options = ceph_options(c)
+    disks = [
+        {"pool": POOL, "size": "4MiB"},
+        {"pool": POOL, "chained": True, "source": {"volume": "crash-src"}},
+        {"pool": POOL, "name": f"kept-{step}", "size": "4MiB"},
+    ]
+    try:
+        with tiny_task(
+            first, short_tmp, tiny_guest, alloc_name=f"crash-{step}", overrides={"disk": disks},
+            plugin_options=options,
+        ) as (cfg, _, _):  # fmt: skip
+            outcome: list[object] = []
+
+            def start() -> None:
+                try:
+                    drv(first).StartTask(driver_pb2.StartTaskRequest(task=cfg), timeout=300)
+                except grpc.RpcError as exc:
+                    outcome.append(exc)
+
+            starter = threading.Thread(target=start)
+            starter.start()
+            deadline = time.monotonic() + 180
+            while not marker.exists() and time.monotonic() < deadline and starter.is_alive():
+                starter.join(0.1)
+            assert marker.exists(), outcome
+            if step == "vmm-spawned":
+                assert len(c.admin.images()) == len(before) + 3  # own disk, clone, named volume
+            assert first.process is not None
+            first.process.kill()
+            assert first.wait_exit(10) is not None
+            starter.join(30)
+            second = PluginProcess([str(DRIVER)])
+            second.start(short_tmp / "plugin2.stderr")
+            try:
+                configure(second, short_tmp / "data", [str(tiny_guest.vmlinux.parent)], **options)
+                request = driver_pb2.DestroyTaskRequest(task_id=cfg.id, force=True)
+                drv(second).DestroyTask(request, timeout=120)
+            finally:
+                second.kill()
+    finally:
+        first.kill()
+    kept = {f"kept-{step}"} if step == "vmm-spawned" else set()
+    assert c.admin.images() == sorted({*before, *kept})
+    assert c.admin.snapshots("crash-src") == []
+    assert not qemu_processes_under(short_tmp)
+    assert not list((short_tmp / "data").rglob("*.msgpack"))
