@@ -97,3 +97,37 @@ def test_monitors_are_host_port(hosts: list[str], field: str | None) -> None:
     with pytest.raises(ConfigError) as err:
         parse_ceph_pool("c", body)
     assert err.value.field == f"config.storage_pools.ceph.c.{field}"
+
+
+def fake_qemu(tmp_path: Path, says: str) -> Path:
+    """An executable answering the rbd probe as a QEMU with or without the driver would."""
+    path = tmp_path / "qemu-system-x86_64"
+    path.write_text(f'#!/bin/sh\necho "qemu-system-x86_64: -blockdev ...: {says}" >&2\nexit 1\n')
+    path.chmod(0o755)
+    return path
+
+
+def test_a_qemu_without_rbd_is_reported_and_its_ceph_disks_refused(tmp_path: Path) -> None:
+    from nomad_vm.driver.config import parse_plugin_config, parse_task_config
+    from nomad_vm.driver.startup import refuse_unusable_ceph
+    from nomad_vm.identity import ALIASES
+    from nomad_vm.storage.ceph_support import ceph_problem
+    from tests.unit.tasks import unit_task
+
+    without = fake_qemu(tmp_path, "Parameter 'driver' does not accept value 'rbd'")
+    problem = ceph_problem(str(without))
+    assert problem is not None and "qemu-block-extra" in problem
+    (tmp_path / "ok").mkdir()
+    with_rbd = fake_qemu(tmp_path / "ok", "Parameter 'pool' is missing")
+    assert ceph_problem(str(with_rbd)) is None
+    body = {"pool": "p", "hosts": ["127.0.0.1:3300"],
+            "authentication": {"username": "u", "secret": KEY}}  # fmt: skip
+    raw = {"image_paths": [str(tmp_path)], "qemu_binary": str(without),
+           "storage_pools": {"ceph": {"remote": body}}}  # fmt: skip
+    plugin = parse_plugin_config(raw, ALIASES["virt"])
+    vm = parse_task_config(
+        unit_task(tmp_path / "alloc", {"disk": [{"pool": "remote", "size": "1G"}]}), plugin
+    )
+    with pytest.raises(ConfigError) as err:
+        refuse_unusable_ceph(vm, str(without))
+    assert err.value.field == "config.disk[0].pool" and "qemu-block-extra" in err.value.reason
