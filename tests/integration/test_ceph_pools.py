@@ -263,3 +263,43 @@ def test_a_plugin_killed_mid_start_leaves_no_rbd_image_after_destroy(
     assert c.admin.snapshots("crash-src") == []
     assert not qemu_processes_under(short_tmp)
     assert not list((short_tmp / "data").rglob("*.msgpack"))
+
+
+def test_an_rbd_volume_in_use_is_refused_to_a_second_task(
+    plugin: PluginProcess,
+    short_tmp: Path,
+    tiny_guest,  # type: ignore[no-untyped-def]
+    ceph_cluster: CephCluster,  # noqa: F811
+) -> None:
+    """Two VMs writing one RBD image would corrupt it: while one runs on the named volume, a
+    second task naming it (or cloning it) is refused naming the field; the first runs on."""
+    c = ceph_cluster
+    before = c.admin.images()
+    options = ceph_options(c)
+    disks = [{"pool": POOL, "name": "shared", "size": "4MiB"}]
+    with tiny_task(
+        plugin, short_tmp, tiny_guest, alloc_name="use1", overrides={"disk": disks},
+        plugin_options=options,
+    ) as (first, fifo, _):  # fmt: skip
+        drv(plugin).StartTask(driver_pb2.StartTaskRequest(task=first), timeout=120)
+        assert fifo.wait_for(RUNNING, 180)
+        for name, disk, field in (
+            ("use2", disks[0], "config.disk[0].name"),
+            ("use3", {"pool": POOL, "chained": True, "source": {"volume": "shared"}},
+             "config.disk[0].source.volume"),
+        ):  # fmt: skip
+            with tiny_task(
+                plugin, short_tmp, tiny_guest, alloc_name=name, overrides={"disk": [disk]},
+                plugin_options=options,
+            ) as (second, _, _):  # fmt: skip
+                with pytest.raises(grpc.RpcError) as err:
+                    drv(plugin).StartTask(driver_pb2.StartTaskRequest(task=second), timeout=120)
+                details = str(err.value.details())
+                assert field in details and "in use" in details, details
+                destroy(plugin, second.id)
+        assert c.admin.snapshots("shared") == []
+        assert [p.pid for p in qemu_processes_under(short_tmp)]  # the first VM runs on
+        stop(plugin, first.id, 5)
+        wait(plugin, first.id)
+        destroy(plugin, first.id)
+    assert c.admin.images() == sorted({*before, "shared"})

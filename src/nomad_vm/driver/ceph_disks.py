@@ -109,6 +109,7 @@ async def _prepare(
         if not await s.run(rbd_ops.exists, request.source_volume):
             raise ImageError(field, f"the Ceph pool {pool.label!r} has no volume "
                              f"{request.source_volume!r} (pool {pool.pool})")  # fmt: skip
+        await _refuse_in_use(s, field, request.source_volume)
         if request.chained:
             snap = f"{own}-snap"
             await recorder.creating_rbd(RbdRecord(pool.label, request.source_volume, snap))
@@ -139,7 +140,9 @@ async def _prepare(
     if request.persistent:
         name = request.volume_name
         what = "existing Ceph volume"
-        if not await s.run(rbd_ops.exists, name):
+        if await s.run(rbd_ops.exists, name):
+            await _refuse_in_use(s, f"{request.field}.name", name)
+        else:
             temp = f"{own}-volume"
             await recorder.creating_rbd(RbdRecord(pool.label, temp))
             what = f"new Ceph volume, {await make(temp)}"
@@ -163,6 +166,17 @@ async def _prepare(
         rbd=RbdSpec(pool, name, read_only=request.read_only),
     )
     return spec, f"{what} in Ceph pool {pool.label} ({pool.pool}/{name})", size
+
+
+async def _refuse_in_use(s: _Session, field: str, name: str) -> None:
+    """Two VMs writing one image corrupt it, and a copy or snapshot of an image a VM is
+    writing is torn: refused, as QEMU's image lock refuses it in a directory pool."""
+    if await s.run(rbd_ops.in_use, name):
+        raise ImageError(
+            field,
+            f"the Ceph volume {name!r} is in use (open by another VM; one killed without "
+            "closing it holds it until Ceph's watch timeout, 30 s by default)",
+        )
 
 
 async def _resize(s: _Session, request: DiskRequest, name: str) -> None:

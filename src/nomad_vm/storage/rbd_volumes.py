@@ -43,6 +43,16 @@ def exists(rbd: Any, ioctx: Any, name: str) -> bool:
     return True
 
 
+def in_use(rbd: Any, ioctx: Any, name: str) -> bool:
+    """Does a client hold ``name`` open for writing (a running VM's librbd watches the image
+    header; read-only opens, like this one, do not)?"""
+    image = rbd.Image(ioctx, name, read_only=True)
+    try:
+        return bool(list(image.watchers_list()))
+    finally:
+        image.close()
+
+
 def size_of(rbd: Any, ioctx: Any, name: str) -> int:
     image = rbd.Image(ioctx, name, read_only=True)
     try:
@@ -174,7 +184,7 @@ def import_image(
             str(qemu_img), "convert", "-q", "-n", "-S", "4k",
             "--object", f"secret,id=key0,file={key.proc_path},format=base64",
             json_filename(list(chain)),
-            "--target-image-opts", "json:" + json.dumps(target, separators=(",", ":")),
+            "-O", "raw", "json:" + json.dumps(target, separators=(",", ":")),
         ]  # fmt: skip
         what = f"qemu-img convert {chain[0][0].path} -> rbd {pool.pool}/{dest}"
         _run(argv, None, what, limits, (*fds_of([h for h, _ in chain]), key.fd))
