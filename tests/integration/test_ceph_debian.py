@@ -11,7 +11,7 @@ from pathlib import Path
 
 from nomad_vm.plugin.launcher import PluginProcess
 from nomad_vm.plugin.proto import driver_pb2
-from tests.ceph_cluster import CephCluster, ceph_cluster  # noqa: F401 - the fixture
+from tests.ceph_cluster import CephCluster
 from tests.conftest import vm_processes_under
 from tests.integration.pluginkit import FifoReader, configure, drv, task_config
 from tests.integration.test_ceph_pools import POOL, ceph_options
@@ -64,7 +64,7 @@ def test_debian_boots_from_rbd_keeps_a_named_volume_and_a_clone_leaves_its_paren
     plugin: PluginProcess,
     short_tmp: Path,
     debian_guest,  # type: ignore[no-untyped-def]
-    ceph_cluster: CephCluster,  # noqa: F811
+    ceph_cluster: CephCluster,
 ) -> None:
     c = ceph_cluster
     admin = c.admin

@@ -16,7 +16,7 @@ import pytest
 
 from nomad_vm.plugin.launcher import PluginProcess
 from nomad_vm.plugin.proto import driver_pb2
-from tests.ceph_cluster import CephCluster, ceph_cluster  # noqa: F401 - the fixture
+from tests.ceph_cluster import CephCluster
 from tests.conftest import qemu_processes_under
 from tests.integration.pluginkit import drv, tiny_task
 from tests.integration.test_vm_lifecycle import RUNNING, _run_to_completion, destroy, stop, wait
@@ -70,7 +70,7 @@ def test_rbd_volume_persists_clone_leaves_parent_and_task_images_go(
     plugin: PluginProcess,
     short_tmp: Path,
     tiny_guest,  # type: ignore[no-untyped-def]
-    ceph_cluster: CephCluster,  # noqa: F811
+    ceph_cluster: CephCluster,
 ) -> None:
     """A named RBD volume keeps what one task's guest wrote for the next; a chained clone
     sees it and writes only to itself; a task's own RBD disk is removed with the task; the
@@ -124,7 +124,7 @@ def test_the_key_is_in_no_argv_log_or_readable_file(
     plugin: PluginProcess,
     short_tmp: Path,
     tiny_guest,  # type: ignore[no-untyped-def]
-    ceph_cluster: CephCluster,  # noqa: F811
+    ceph_cluster: CephCluster,
 ) -> None:
     """While a VM runs on an RBD disk: QEMU's command line names a descriptor, not the key;
     the descriptor QEMU reads it from is a memfd owned by QEMU's user, mode 0400; the plugin's
@@ -160,7 +160,7 @@ def test_a_wrong_secret_or_unreachable_monitor_is_a_clear_error_leaving_nothing(
     plugin: PluginProcess,
     short_tmp: Path,
     tiny_guest,  # type: ignore[no-untyped-def]
-    ceph_cluster: CephCluster,  # noqa: F811
+    ceph_cluster: CephCluster,
     fault: str,
 ) -> None:
     c = ceph_cluster
@@ -197,7 +197,7 @@ def test_a_wrong_secret_or_unreachable_monitor_is_a_clear_error_leaving_nothing(
 def test_a_plugin_killed_mid_start_leaves_no_rbd_image_after_destroy(
     short_tmp: Path,
     tiny_guest,  # type: ignore[no-untyped-def]
-    ceph_cluster: CephCluster,  # noqa: F811
+    ceph_cluster: CephCluster,
     step: str,
 ) -> None:
     """SIGKILL the plugin at a StartTask step (``disk``: the first RBD image is in the journal,
@@ -269,7 +269,7 @@ def test_an_rbd_volume_in_use_is_refused_to_a_second_task(
     plugin: PluginProcess,
     short_tmp: Path,
     tiny_guest,  # type: ignore[no-untyped-def]
-    ceph_cluster: CephCluster,  # noqa: F811
+    ceph_cluster: CephCluster,
 ) -> None:
     """Two VMs writing one RBD image would corrupt it: while one runs on the named volume, a
     second task naming it (or cloning it) is refused naming the field; the first runs on."""

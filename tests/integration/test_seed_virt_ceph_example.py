@@ -23,7 +23,7 @@ from nomad_vm import schema
 from nomad_vm.fields import Field
 from nomad_vm.plugin.launcher import PluginProcess
 from nomad_vm.plugin.proto import driver_pb2
-from tests.ceph_cluster import CephCluster, ceph_cluster  # noqa: F401 - the fixture
+from tests.ceph_cluster import CephCluster
 from tests.conftest import REPO, vm_processes_under
 from tests.integration.pluginkit import FifoReader, configure, drv, task_config
 from tests.integration.test_debian_task import run
@@ -94,7 +94,7 @@ def test_seed_002_primary_in_a_directory_pool_and_an_empty_disk_in_ceph(
     plugin: PluginProcess,
     short_tmp: Path,
     debian_guest,  # type: ignore[no-untyped-def]
-    ceph_cluster: CephCluster,  # noqa: F811
+    ceph_cluster: CephCluster,
 ) -> None:
     c = ceph_cluster
     before = c.admin.images()
