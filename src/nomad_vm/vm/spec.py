@@ -37,7 +37,7 @@ class DiskSpec:
     backing: tuple[tuple[HeldFile, str], ...] = ()
     # How the guest sees it (``storage.disk_request``): bus (virtio, sata, scsi, ide), kind
     # (disk, cdrom), serial ("" none: the guest's /dev/disk/by-id name), QEMU cache mode.
-    # Read-only when ``file`` is.
+    # Read-only when ``file`` (or ``rbd``) is.
     bus: str = "virtio"
     kind: str = "disk"
     serial: str = ""
@@ -49,12 +49,6 @@ class DiskSpec:
         if self.file is None:
             raise ValueError("an RBD disk has no host path")
         return self.file.path
-
-    @property
-    def read_only(self) -> bool:
-        if self.rbd is not None:
-            return self.rbd.read_only
-        return self.file is None or not self.file.writable
 
 
 @dataclass(frozen=True)
