@@ -235,7 +235,8 @@ DISK = Field(
             "outlives the task: created from the source or empty of `size` when missing, used "
             "as it is when it exists (in the block's `format`, never detected), so the next "
             "task naming it sees what the guest wrote. Volume names are shared by every job "
-            "on the node.",
+            "on the node (in a Ceph pool: by every node using that pool). In a Ceph pool it "
+            "is the RBD image of that name; one a running VM holds open is refused.",
             default="",
         ),
         Field(
@@ -254,7 +255,8 @@ DISK = Field(
                     "volume",
                     "string",
                     "A volume of the pool to clone (a full copy; `chained`: a qcow2 overlay "
-                    "on it, which must then not change while overlays use it).",
+                    "on it, which must then not change while overlays use it; in a Ceph pool "
+                    "a clone of a protected snapshot of it taken for the task).",
                     default="",
                 ),
                 Field(
