@@ -106,13 +106,15 @@ def test_rbd_volume_persists_clone_leaves_parent_and_task_images_go(
 
     assert "ceph-marker" in run("ceph2", data[:1], "head -c 11 /dev/vda; echo")
 
-    clone = [{"pool": POOL, "chained": True, "source": {"volume": "data"}}]
+    # A chained clone, grown: 16 MiB of the 8 MiB volume.
+    clone = [{"pool": POOL, "chained": True, "size": "16MiB", "source": {"volume": "data"}}]
     text = run(
         "ceph3",
         clone,
-        "head -c 11 /dev/vda; echo; echo overwritten | dd of=/dev/vda conv=fsync 2>/dev/null",
+        "echo size $(cat /sys/block/vda/size); head -c 11 /dev/vda; echo; "
+        "echo overwritten | dd of=/dev/vda conv=fsync 2>/dev/null",
     )
-    assert "ceph-marker" in text, text[-2000:]
+    assert "ceph-marker" in text and "size 32768" in text, text[-2000:]
     assert export_head(c, "data").startswith(b"ceph-marker")
     # The clone and the snapshot it hung from are gone with the task.
     assert admin.images() == sorted({*before, "data"})
@@ -303,3 +305,29 @@ def test_an_rbd_volume_in_use_is_refused_to_a_second_task(
         wait(plugin, first.id)
         destroy(plugin, first.id)
     assert c.admin.images() == sorted({*before, "shared"})
+
+
+def test_a_size_below_the_source_is_refused_leaving_nothing(
+    plugin: PluginProcess,
+    short_tmp: Path,
+    tiny_guest,  # type: ignore[no-untyped-def]
+    ceph_cluster: CephCluster,
+) -> None:
+    """A disk is never shrunk: a clone asked to be smaller than its source fails naming
+    `size`, and the clone and the snapshot it hung from are removed."""
+    c = ceph_cluster
+    if "shrink-src" not in c.admin.images():
+        c.admin.run("rbd", "create", "--size", "8", f"{c.pool}/shrink-src")
+    before = c.admin.images()
+    disks = [{"pool": POOL, "chained": True, "size": "4MiB", "source": {"volume": "shrink-src"}}]
+    with tiny_task(
+        plugin, short_tmp, tiny_guest, alloc_name="shrink", overrides={"disk": disks},
+        plugin_options=ceph_options(c),
+    ) as (cfg, _, _):  # fmt: skip
+        with pytest.raises(grpc.RpcError) as err:
+            drv(plugin).StartTask(driver_pb2.StartTaskRequest(task=cfg), timeout=120)
+        details = str(err.value.details())
+        assert "config.disk[0].size" in details and "never shrunk" in details, details
+        assert c.admin.images() == before
+        assert c.admin.snapshots("shrink-src") == []
+        destroy(plugin, cfg.id)
