@@ -17,7 +17,7 @@ import pytest
 from nomad_vm.plugin.launcher import PluginProcess
 from nomad_vm.plugin.proto import driver_pb2
 from tests.ceph_cluster import CephCluster
-from tests.conftest import qemu_processes_under
+from tests.conftest import qemu_processes_under, wait_until
 from tests.integration.pluginkit import drv, tiny_task
 from tests.integration.test_vm_lifecycle import RUNNING, _run_to_completion, destroy, stop, wait
 
@@ -331,3 +331,49 @@ def test_a_size_below_the_source_is_refused_leaving_nothing(
         assert c.admin.images() == before
         assert c.admin.snapshots("shrink-src") == []
         destroy(plugin, cfg.id)
+
+
+def test_a_vm_on_rbd_survives_a_plugin_restart_and_its_images_go_with_it(
+    short_tmp: Path,
+    tiny_guest,  # type: ignore[no-untyped-def]
+    ceph_cluster: CephCluster,
+) -> None:
+    """The plugin dies while the VM runs (QEMU holds its RBD disks itself); a fresh plugin
+    recovers the task from its handle, the guest still reads and writes its disk, and the
+    task's own image goes with DestroyTask, using the pool from the new plugin's config."""
+    from tests.integration.pluginkit import DRIVER, configure
+    from tests.integration.test_recovery import recover
+
+    c = ceph_cluster
+    before = c.admin.images()
+    options = ceph_options(c)
+    first = PluginProcess([str(DRIVER)])
+    first.start(short_tmp / "plugin1.stderr")
+    run = "while :; do echo alive-$(head -c 4 /dev/vda); sleep 1; done"
+    try:
+        with tiny_task(
+            first, short_tmp, tiny_guest, alloc_name="recover", run=run,
+            overrides={"disk": [{"pool": POOL, "size": "4MiB"}]}, plugin_options=options,
+        ) as (cfg, fifo, _):  # fmt: skip
+            reply = drv(first).StartTask(driver_pb2.StartTaskRequest(task=cfg), timeout=120)
+            assert fifo.wait_for(b"alive-", 180)
+            assert len(c.admin.images()) == len(before) + 1
+            first.kill()
+            second = PluginProcess([str(DRIVER)])
+            second.start(short_tmp / "plugin2.stderr")
+            try:
+                configure(second, short_tmp / "data", [str(tiny_guest.vmlinux.parent)], **options)
+                reply.handle.config.CopyFrom(cfg)
+                recover(second, reply.handle)
+                # The guest goes on reading its RBD disk.
+                seen = bytes(fifo.data).count(b"alive-")
+                assert wait_until(lambda: bytes(fifo.data).count(b"alive-") > seen + 2, 60)
+                stop(second, cfg.id, 2)
+                wait(second, cfg.id)
+                destroy(second, cfg.id)
+            finally:
+                second.kill()
+    finally:
+        first.kill()
+    assert c.admin.images() == before
+    assert not qemu_processes_under(short_tmp)
