@@ -65,7 +65,9 @@ SEED_001_VIRT = """\
 # Seed 002 (nomad-driver-virt README, later version), "Examples": the full libvirt example
 # (provider, two image paths, a directory and a Ceph pool). Substituted: image_paths
 # (/var/lib/virt/images, /opt/custom-images) -> {images}, {images2}; the directory pool's path
-# (/var/lib/virt/storage) -> {storage}. Added: the data_dir line (the seed has none; its
+# (/var/lib/virt/storage) -> {storage}; the Ceph monitors' hosts 10.0.0.2, 10.0.0.12, 10.0.0.99
+# -> 127.0.0.2, 127.0.0.12, 127.0.0.99 (loopback: a task that uses the pool tries to reach
+# them, and tests send nothing off the host). Added: the data_dir line (the seed has none; its
 # default, /var/lib/nomad-vm-virt, is outside the test's directory).
 SEED_002_VIRT = """\
 provider "libvirt" {{
@@ -85,9 +87,9 @@ path = "{storage}"
 ceph "remote-storage" {{
 pool = "nomad-pool"
 hosts = [
-"10.0.0.2:3300",
-"10.0.0.12:3300",
-"10.0.0.99:3300",
+"127.0.0.2:3300",
+"127.0.0.12:3300",
+"127.0.0.99:3300",
 ]
 authentication {{
 username = "nomad"

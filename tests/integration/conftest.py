@@ -8,6 +8,9 @@ from pathlib import Path
 import pytest
 
 from nomad_vm.plugin.launcher import PluginProcess
+
+# The real Ceph cluster, one per test session (started only by tests that ask for it).
+from tests.ceph_cluster import ceph_cluster  # noqa: F401
 from tests.integration.pluginkit import DRIVER
 
 

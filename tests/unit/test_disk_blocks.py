@@ -250,7 +250,16 @@ POOLS = {
     "storage_pools": {
         "default": "local",
         "directory": {"local": {"path": "/srv/pool"}, "fast": {"path": "/srv/fast/"}},
-        "ceph": {"remote": {"pool": "p", "hosts": ["192.0.2.1:3300"]}},
+        "ceph": {
+            "remote": {
+                "pool": "p",
+                "hosts": ["192.0.2.1:3300"],
+                "authentication": {
+                    "username": "nomad",
+                    "secret": "AQCzNMxpb6aWIxAA7YrNMSg8z5TxEvB0jsuibQ==",
+                },
+            }
+        },
     }
 }
 
@@ -283,10 +292,32 @@ def test_pool_disks_find_their_directory(images: Path) -> None:
     assert own.pool_dir is None  # no pool, name or source.volume: the disk lives with the task
 
 
+def test_ceph_disks_are_raw_rbd_images_of_their_pool(images: Path) -> None:
+    vm = parse_pooled(
+        images,
+        {
+            "disk": [
+                {"pool": "remote", "name": "data", "size": "1G"},
+                {"pool": "remote", "chained": True, "source": {"volume": "data"}},
+            ]
+        },
+    )
+    named, clone = vm.disks
+    assert named.ceph is not None and named.ceph.label == "remote" and named.pool_dir is None
+    assert (named.format, named.persistent, named.in_file) == ("raw", True, False)
+    assert clone.chained and clone.source_volume == "data" and not clone.persistent
+
+
 @pytest.mark.parametrize(
     ("disk", "field", "says"),
     [
-        ({"pool": "remote", "size": "1G"}, "config.disk[0].pool", "Ceph pools are not supported"),
+        ({"pool": "remote", "size": "1G", "format": "qcow2"}, "config.disk[0].format", "RBD"),
+        ({"pool": "remote", "size": "1G", "sparse": False}, "config.disk[0].sparse", "thin"),
+        (
+            {"pool": "remote", "source": {"volume": "v", "format": "qcow2"}},
+            "config.disk[0].source.format",
+            "raw",
+        ),
         ({"pool": "nope", "size": "1G"}, "config.disk[0].pool", "local, fast"),
         ({"name": "../etc", "size": "1G"}, "config.disk[0].name", "no '/'"),
         ({"name": ".hidden", "size": "1G"}, "config.disk[0].name", "volume name"),

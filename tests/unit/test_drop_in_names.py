@@ -180,7 +180,10 @@ def seed_002_virt(root: Path) -> dict[str, object]:
                 "remote-storage": {
                     "pool": "nomad-pool",
                     "hosts": ["10.0.0.2:3300", "10.0.0.12:3300", "10.0.0.99:3300"],
-                    "authentication": {"username": "nomad", "secret": "AQCz"},
+                    "authentication": {
+                        "username": "nomad",
+                        "secret": "AQCzNMxpb6aWIxAA7YrNMSg8z5TxEvB0jsuibQ==",
+                    },
                 }
             },
         },
@@ -212,10 +215,17 @@ def test_seed_002_provider_and_storage_pools_are_accepted_and_reported(tmp_path:
     assert seed.default_pool == "local"
     attrs = seed.attributes("driver.virt.")
     assert attrs["driver.virt.storage_pools"] == (
-        "directory local (default local); not supported yet: ceph remote-storage"
+        "directory local, ceph remote-storage (default local)"
     )
     assert seed.directory_pools == {"local": tmp_path / "storage"}
-    assert any("Ceph pools are not supported yet" in w for w in seed.warnings())
+    remote = seed.ceph["remote-storage"]
+    assert (remote.pool, remote.username, [str(m) for m in remote.monitors]) == (
+        "nomad-pool",
+        "nomad",
+        ["10.0.0.2:3300", "10.0.0.12:3300", "10.0.0.99:3300"],
+    )
+    # The key is kept for the connections, never shown.
+    assert remote.secret not in repr(seed) and not any("Ceph" in w for w in seed.warnings())
 
 
 def test_seed_000_vfio_block_is_accepted_and_reported_as_not_supported_yet() -> None:
@@ -254,6 +264,28 @@ def test_a_single_pool_is_the_default(tmp_path: Path) -> None:
             "config.storage_pools.default",
         ),
         ({"storage_pools": {"ceph": {"c": {"pool": "p"}}}}, "config.storage_pools.ceph.c.hosts"),
+        (
+            {"storage_pools": {"ceph": {"c": {"pool": "p", "hosts": ["mon1"]}}}},
+            "config.storage_pools.ceph.c.hosts[0]",
+        ),
+        (
+            {"storage_pools": {"ceph": {"c": {"pool": "p", "hosts": ["m:3300"]}}}},
+            "config.storage_pools.ceph.c.authentication.username",
+        ),
+        (
+            {
+                "storage_pools": {
+                    "ceph": {
+                        "c": {
+                            "pool": "p",
+                            "hosts": ["m:3300"],
+                            "authentication": {"username": "u", "secret": "not-a-key"},
+                        }
+                    }
+                }
+            },
+            "config.storage_pools.ceph.c.authentication.secret",
+        ),
     ],
 )
 def test_bad_seed_plugin_keys_name_the_field(raw: dict[str, object], field: str) -> None:

@@ -7,6 +7,7 @@ import shutil
 from nomad_vm.errors import ConfigError, HypervisorError, NetworkError, VMRequestError
 from nomad_vm.network import links
 from nomad_vm.network.settings import find_dnsmasq
+from nomad_vm.storage.ceph_support import ceph_problem
 from nomad_vm.storage.limits import find_prlimit
 from nomad_vm.vm.accel import choose_accelerator, probe_kvm
 from nomad_vm.vm.hypervisor import HostSettings
@@ -60,6 +61,11 @@ def run_doctor(
     level = "warn" if shares.fallback else "ok  "
     print(f"{level}  shares: {shares.reason}")
     _check_cloud_hypervisor(ch_binary, vm_user)
+    ceph = ceph_problem(qemu_binary)
+    if ceph:
+        print(f"warn  Ceph pools cannot be used: {ceph}")
+    else:
+        print("ok    Ceph pools can be used (QEMU's rbd driver and the Ceph bindings load)")
     if bridge:
         failures += _check_bridge(bridge)
     print("host is ready" if not failures else f"{failures} problem(s) found")
@@ -74,7 +80,7 @@ def _check_cloud_hypervisor(binary: str, vm_user: str = "nomad-vm") -> None:
     version = dict(facts.attributes).get("cloud_hypervisor.version")
     found = f"Cloud Hypervisor {version}" if version else "Cloud Hypervisor"
     if facts.problem is None:
-        print(f"ok    {found} can run VMs here (hypervisor = \"cloud-hypervisor\")")
+        print(f'ok    {found} can run VMs here (hypervisor = "cloud-hypervisor")')
         return
     print(f"info  {found}: {facts.problem}")
     if facts.accelerator is None and not facts.kvm.usable and "KVM" not in str(facts.problem):

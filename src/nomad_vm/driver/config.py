@@ -322,8 +322,7 @@ def _disks(
         )
     assert isinstance(blocks, list)
     seed = plugin.seed
-    pools = Pools(seed.directory_pools, tuple(p.split(" ", 1)[1] for p in seed.ceph_pools),
-                  seed.default_pool)  # fmt: skip
+    pools = Pools(seed.directory_pools, seed.ceph, seed.default_pool)
     return parse_disks(
         blocks,
         lambda field, path: resolve_allowed_file(field, path, allowed, task.task_dir),

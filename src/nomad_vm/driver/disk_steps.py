@@ -11,6 +11,7 @@ import asyncio
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from nomad_vm.driver.ceph_disks import prepare_ceph_disk
 from nomad_vm.driver.events import EventBus
 from nomad_vm.driver.image_steps import NO_BACKING_FILES
 from nomad_vm.driver.recorder import TaskRecorder
@@ -42,7 +43,7 @@ class TaskDisks:
 def disk_files(plan: StartPlan) -> tuple[Path, ...]:
     """The files the disks will be, for the journal's first entry."""
     disks = enumerate(plan.vm.disks)
-    return tuple(plan.runtime_dir / d.file_name(i) for i, d in disks if not d.persistent)
+    return tuple(plan.runtime_dir / d.file_name(i) for i, d in disks if d.in_file)
 
 
 async def prepare_disks(plan: StartPlan, recorder: TaskRecorder, events: EventBus) -> TaskDisks:
@@ -64,6 +65,10 @@ async def _prepare(
     request: DiskRequest,
     image: HeldFile | None,
 ) -> DiskSpec:
+    if request.ceph is not None:
+        spec, what, size = await prepare_ceph_disk(plan, recorder, index, request, image)
+        _event(plan, events, index, request, spec.rbd.image if spec.rbd else "", what, size)
+        return spec
     pool = request.pool_dir
     # A downloaded image stands alone (image_steps); a local one may have a backing chain.
     allowed: AllowedDirs = NO_BACKING_FILES if request.url is not None else plan.allowed_dirs
@@ -215,6 +220,24 @@ def _open_volume(field: str, path: Path, pool: Path, holder: FileHolder) -> Held
     )
 
 
+def _event(
+    plan: StartPlan,
+    events: EventBus,
+    index: int,
+    request: DiskRequest,
+    where: str,
+    what: str,
+    size: int,
+) -> None:
+    label = "Disk prepared" if index == 0 else f"Disk {index} prepared"
+    details = {"disk": request.field, "path": where}
+    if request.image is not None:
+        details["image"] = str(request.image)
+    elif request.url is not None:
+        details["image"] = request.url.shown
+    events.emit(plan.task, f"{label}: {what}, {size // MIB} MB", details)
+
+
 def _announce(
     plan: StartPlan,
     events: EventBus,
@@ -225,13 +248,7 @@ def _announce(
     size: int,
     what: str,
 ) -> DiskSpec:
-    label = "Disk prepared" if index == 0 else f"Disk {index} prepared"
-    details = {"disk": request.field, "path": str(path)}
-    if request.image is not None:
-        details["image"] = str(request.image)
-    elif request.url is not None:
-        details["image"] = request.url.shown
-    events.emit(plan.task, f"{label}: {what}, {size // MIB} MB", details)
+    _event(plan, events, index, request, str(path), what, size)
     return DiskSpec(
         open_own(path, plan.files.holder, writable=not request.read_only),
         request.format,

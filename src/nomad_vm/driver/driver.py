@@ -247,7 +247,9 @@ class VMDriver:
 
     async def _undo(self, journal: TaskJournal) -> None:
         """Replay the journal; it is removed only once everything it names is gone."""
-        await undo_host_changes(journal, self._networks(), self.config.network)
+        await undo_host_changes(
+            journal, self._networks(), self.config.network, self.config.seed.ceph
+        )
         self.journals.remove(journal.task_id)
         if journal.image_leases:
             self.images.schedule_gc()  # an image may have become unused

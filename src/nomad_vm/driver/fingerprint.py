@@ -13,6 +13,7 @@ from nomad_vm.driver.types import AttributeValue, Fingerprint, Health
 from nomad_vm.errors import NetworkError, NomadVMError, VMRequestError
 from nomad_vm.network import links
 from nomad_vm.network.settings import BridgeNetwork
+from nomad_vm.storage.ceph_support import ceph_problem
 from nomad_vm.vm.hypervisor import HostFacts, HostSettings, Hypervisor
 
 ATTRIBUTE_PREFIX = "driver.vm."
@@ -30,10 +31,18 @@ def fingerprint(
         for key, value in found.attributes.items()
     }
     attrs.update(config.seed.attributes(prefix))
+    description = found.description
+    if config.seed.ceph:
+        # Ceph pools need QEMU's rbd driver and the bindings: say which is missing, on the
+        # node (tasks that use such a pool are refused with the same reason).
+        problem = ceph_problem(config.qemu_binary)
+        attrs[prefix + "storage_pools.ceph"] = problem or "usable"
+        if problem is not None:
+            description += f"; Ceph pools {', '.join(config.seed.ceph)} unusable: {problem}"
     if not config.identity.is_own_name:
         # Which seed driver this name stands in for, for constraints and for the operator.
         attrs[prefix + "stands_in_for"] = config.identity.seed
-    return Fingerprint(found.health, found.description, attrs)
+    return Fingerprint(found.health, description, attrs)
 
 
 def _fingerprint(

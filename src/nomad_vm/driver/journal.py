@@ -10,6 +10,9 @@ encoding). It says, in the order StartTask makes them:
 * the pool volumes the task made or used, which the replay leaves in place;
 * its leases on images in the node's image cache (``storage.image_store``), each recorded
   before it is taken, which the replay releases;
+* the RBD images and snapshots it made in Ceph pools and does not keep (``rbd``), each before
+  it is made: its own disks, the in-progress names of volumes and imports, the snapshots its
+  clones hang from;
 * the network (bridge port, lease, TAP, forwards, DHCP host) as ``NetworkRecord``;
 * every process (helpers such as virtiofsd, then the VMM) by pid, start ticks and boot id,
   recorded between fork and exec (``nomad_vm.vm.process``: a process runs only once recorded),
@@ -48,6 +51,19 @@ class RecordedProcess:
 
 
 @dataclass(frozen=True)
+class RbdRecord:
+    """An RBD image (or, with ``snapshot``, one of its snapshots) in the Ceph pool
+    configured as ``pool`` (its `storage_pools` name: the credentials stay in the config)."""
+
+    pool: str
+    image: str
+    snapshot: str = ""
+
+    def __str__(self) -> str:
+        return f"{self.pool}:{self.image}" + (f"@{self.snapshot}" if self.snapshot else "")
+
+
+@dataclass(frozen=True)
 class TaskJournal:
     task_id: str
     backend: str
@@ -68,6 +84,9 @@ class TaskJournal:
     volumes: tuple[str, ...] = ()
     # Lease files on cached images (images given by URL): released by the replay.
     image_leases: tuple[str, ...] = ()
+    # RBD images and snapshots the task made and does not keep: the replay removes them,
+    # newest first (a clone before the snapshot it hangs from).
+    rbd: tuple[RbdRecord, ...] = ()
     version: int = field(default=JOURNAL_VERSION)
 
     # -- what the journal says -------------------------------------------------------------
@@ -97,6 +116,8 @@ class TaskJournal:
 
     def with_image_lease(self, path: Path) -> TaskJournal:
         return replace(self, image_leases=(*self.image_leases, str(path)))
+    def with_rbd(self, record: RbdRecord) -> TaskJournal:
+        return replace(self, rbd=(*self.rbd, record))
 
     def with_processes(self, added: tuple[RecordedProcess, ...]) -> TaskJournal:
         return replace(self, processes=(*self.processes, *added))
@@ -118,6 +139,7 @@ class TaskJournal:
             "signal_pidfile": self.signal_pidfile,
             "volumes": list(self.volumes),
             "image_leases": list(self.image_leases),
+            "rbd": [[r.pool, r.image, r.snapshot] for r in self.rbd],
         }
         packed: bytes = msgpack.packb(raw, use_bin_type=True)
         return packed
@@ -168,6 +190,8 @@ def _from_dict(raw: Mapping[str, Any]) -> TaskJournal:
         volumes=tuple(str(v) for v in raw.get("volumes", ())),
         # Absent from records of plugins before the image cache.
         image_leases=tuple(str(v) for v in raw.get("image_leases", ())),
+        # Absent from records of plugins before Ceph pools.
+        rbd=tuple(RbdRecord(str(p), str(i), str(s)) for p, i, s in raw.get("rbd", ())),
     )
 
 

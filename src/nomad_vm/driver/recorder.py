@@ -9,7 +9,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from nomad_vm.driver.checkpoints import Checkpoints
-from nomad_vm.driver.journal import RecordedProcess, TaskJournal
+from nomad_vm.driver.journal import RbdRecord, RecordedProcess, TaskJournal
 from nomad_vm.driver.journal_store import JournalStore
 from nomad_vm.driver.network_plan import NetworkRecord
 from nomad_vm.vm.hypervisor import VMM_ROLE, SpawnedProcess
@@ -56,6 +56,17 @@ class TaskRecorder:
         if str(path) not in self.journal.image_leases:
             self._save(self.journal.with_image_lease(path))
         await self._reached("disk")
+
+    async def creating_rbd(self, record: RbdRecord) -> None:
+        """An RBD image or snapshot the task is about to make (removed by the replay)."""
+        if record not in self.journal.rbd:
+            self._save(self.journal.with_rbd(record))
+        await self._reached("disk")
+
+    def volume_name(self, name: str) -> None:
+        """A kept volume that is not a path (an RBD image, `ceph:<pool>/<image>`)."""
+        if name not in self.journal.volumes:
+            self._save(replace(self.journal, volumes=(*self.journal.volumes, name)))
 
     async def network(self, record: NetworkRecord) -> None:
         self.record_network(record)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from nomad_vm.errors import ConfigError
 from nomad_vm.network.settings import parse_ipv4
+from nomad_vm.storage.ceph_pool import CephPool, parse_ceph_pool
 
 LIBVIRT_IGNORED = (
     "ignored: nomad-vm runs QEMU directly, without libvirt, so the libvirt connection "
@@ -32,23 +33,16 @@ class SeedPluginKeys:
     default_pool: str = ""
     # The directory pools nomad-vm serves: name -> the host directory holding their volumes.
     directory_pools: Mapping[str, Path] = field(default_factory=dict)
+    # The Ceph pools nomad-vm serves (RBD images QEMU opens itself): name -> the pool.
+    ceph: Mapping[str, CephPool] = field(default_factory=dict)
     # nomad-driver-ch's `vfio {}` block was given.
     vfio: bool = False
-
-    @property
-    def ceph_pools(self) -> tuple[str, ...]:
-        return tuple(p for p in self.storage_pools if p.startswith("ceph "))
 
     def warnings(self) -> list[str]:
         """One line per key that is accepted and not acted on, for the agent log."""
         out = []
         if self.libvirt_blocks:
             out.append(f"plugin config {' and '.join(self.libvirt_blocks)}: {LIBVIRT_IGNORED}")
-        if self.ceph_pools:
-            out.append(
-                f"plugin config storage_pools ({', '.join(self.ceph_pools)}): Ceph pools "
-                "are not supported yet; tasks whose disk names one are refused"
-            )
         if self.vfio:
             out.append(
                 "plugin config vfio: PCI passthrough is not supported yet; tasks that list "
@@ -62,9 +56,8 @@ class SeedPluginKeys:
         if self.libvirt_blocks:
             attrs[f"{prefix}libvirt"] = LIBVIRT_IGNORED
         if self.storage_pools:
-            ceph = f"; not supported yet: {', '.join(self.ceph_pools)}" if self.ceph_pools else ""
-            dirs = ", ".join(f"directory {n}" for n in self.directory_pools) or "none"
-            attrs[f"{prefix}storage_pools"] = f"{dirs} (default {self.default_pool}){ceph}"
+            pools = ", ".join(self.storage_pools)
+            attrs[f"{prefix}storage_pools"] = f"{pools} (default {self.default_pool})"
         if self.vfio:
             attrs[f"{prefix}vfio"] = "not supported yet: configured, not used"
         return attrs
@@ -88,20 +81,30 @@ def parse_seed_plugin_keys(values: Mapping[str, object]) -> SeedPluginKeys:
             libvirt.append('provider "libvirt"')
     if values.get("emulator") is not None:
         libvirt.append("emulator")
-    pools, default, directories = _storage_pools(values.get("storage_pools"))
+    pools, default, directories, ceph = _storage_pools(values.get("storage_pools"))
     return SeedPluginKeys(
-        dns, tuple(libvirt), pools, default, directories, vfio=values.get("vfio") is not None
+        dns,
+        tuple(libvirt),
+        pools,
+        default,
+        directories,
+        ceph,
+        vfio=values.get("vfio") is not None,
     )
 
 
-def _storage_pools(raw: object) -> tuple[tuple[str, ...], str, dict[str, Path]]:
+def _storage_pools(
+    raw: object,
+) -> tuple[tuple[str, ...], str, dict[str, Path], dict[str, CephPool]]:
     """The pools' descriptions and the default pool, checked as nomad-driver-virt checks them:
-    a directory pool has an absolute path, a Ceph pool its pool name and monitors, and the
-    default names a defined pool (a single pool is the default)."""
+    a directory pool has an absolute path, a Ceph pool its pool name, monitors and a cephx
+    key (``ceph_pool.parse_ceph_pool``), and the default names a defined pool (a single pool
+    is the default)."""
     if not isinstance(raw, Mapping):
-        return (), "", {}
+        return (), "", {}, {}
     names: list[str] = []
     directories: dict[str, Path] = {}
+    ceph: dict[str, CephPool] = {}
     described: list[str] = []
     for kind in ("directory", "ceph"):
         blocks = raw.get(kind)
@@ -114,10 +117,7 @@ def _storage_pools(raw: object) -> tuple[tuple[str, ...], str, dict[str, Path]]:
                     raise ConfigError(f"{field}.path", f"must be an absolute path, got {path!r}")
                 directories[name] = Path(os.path.normpath(path))
             else:
-                if not body.get("pool"):
-                    raise ConfigError(f"{field}.pool", "must name the Ceph pool")
-                if not _list(body.get("hosts")):
-                    raise ConfigError(f"{field}.hosts", "must list the Ceph monitors")
+                ceph[name] = parse_ceph_pool(name, body)
             if name in names:
                 raise ConfigError(field, f"a pool named {name!r} is already defined")
             names.append(name)
@@ -134,7 +134,7 @@ def _storage_pools(raw: object) -> tuple[tuple[str, ...], str, dict[str, Path]]:
         raise ConfigError(
             "config.storage_pools.default", "several pools are defined: name the default one"
         )
-    return tuple(described), default, directories
+    return tuple(described), default, directories, ceph
 
 
 def refuse_unsupported_task_keys(values: Mapping[str, object]) -> None:

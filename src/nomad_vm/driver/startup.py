@@ -33,6 +33,7 @@ from nomad_vm.errors import ConfigError, VMRequestError
 from nomad_vm.network.macvtap import check_lower_device
 from nomad_vm.network.names import DEFAULT_TAP_PREFIX
 from nomad_vm.network.settings import MacvtapRequest
+from nomad_vm.storage.ceph_support import ceph_problem
 from nomad_vm.storage.disk_request import DiskRequest
 from nomad_vm.storage.held import FileHolder, HeldFile, open_allowed
 from nomad_vm.storage.paths import Allowlist
@@ -111,6 +112,7 @@ async def plan_start(
     )
     check_request(backend.name, caps, request)
     refuse_disk_options(backend.name, backend.capabilities, vm)
+    await asyncio.to_thread(refuse_unusable_ceph, vm, plugin.qemu_binary)
     if not caps.guest_agent:
         refuse_agent_options(vm, f"the {backend.name} hypervisor gives its guests none")
     elif caps.guest_agent_vsock is not None and not vm.gets_seed:
@@ -142,6 +144,19 @@ async def plan_start(
     )
 
 
+def refuse_unusable_ceph(vm: VMTaskConfig, qemu_binary: str) -> None:
+    """A disk in a Ceph pool on a node that cannot serve one is refused before anything is
+    made, naming the disk's pool and the reason (the fingerprint says the same)."""
+    ceph = next((d for d in vm.disks if d.ceph is not None), None)
+    if ceph is None or ceph.ceph is None:
+        return
+    problem = ceph_problem(qemu_binary)
+    if problem is not None:
+        raise ConfigError(
+            f"{ceph.field}.pool", f"Ceph pool {ceph.ceph.label!r} cannot be used here: {problem}"
+        )
+
+
 def refuse_disk_options(backend: str, caps: HypervisorCapabilities, vm: VMTaskConfig) -> None:
     """A backend without ``disk_blocks`` takes one plain disk: several disks, other buses,
     cdroms, serials, read-only disks and cache modes would be ignored there."""
@@ -159,7 +174,7 @@ def refuse_disk_options(backend: str, caps: HypervisorCapabilities, vm: VMTaskCo
         ("read_only", "read_only"),
         ("driver", "cache"),
     )
-    if only.pool_dir is not None:
+    if only.pool_dir is not None or only.ceph is not None:
         raise ConfigError(
             f"{only.field}.pool", f"storage pools are served to qemu only, not {backend}"
         )
@@ -168,6 +183,7 @@ def refuse_disk_options(backend: str, caps: HypervisorCapabilities, vm: VMTaskCo
             raise ConfigError(
                 f"{only.field}.{key}", f"not supported by the {backend} hypervisor; use qemu"
             )
+
 
 async def plan_nic(
     task: TaskConfig, vm: VMTaskConfig, plugin: PluginConfig, backend: Hypervisor

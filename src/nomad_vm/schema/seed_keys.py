@@ -50,8 +50,10 @@ STORAGE_POOLS = Field(
     "attribute `driver.<name>.storage_pools`. Directory pools hold named volumes that "
     "outlive tasks (see `disk.pool`, `disk.name`, `disk.source.volume`); the plugin creates "
     "a missing pool directory (0700) and refuses one that is not its own (a symlink, another "
-    "owner, writable by group or others). Ceph pools: " + NOT_YET + "logged as a warning, "
-    "and a task whose disk names one is refused.",
+    "owner, writable by group or others). Ceph pools hold RBD images, managed through the "
+    "Ceph bindings and opened by QEMU's rbd driver (Debian's `qemu-block-extra`); no "
+    "ceph.conf is read. The node attribute `driver.<name>.storage_pools.ceph` says whether "
+    "this node can use them.",
     fields=(
         Field("default", "string", "Name of the default pool.", default=""),
         Field(
@@ -67,14 +69,25 @@ STORAGE_POOLS = Field(
             "A Ceph RBD pool.",
             fields=(
                 Field("pool", "string", "The Ceph pool."),
-                Field("hosts", "list(string)", "Ceph monitors (`host:port`).", default=[]),
+                Field(
+                    "hosts",
+                    "list(string)",
+                    "Ceph monitors, each `host:port` (3300: msgr2, 6789: v1).",
+                    default=[],
+                ),
                 Field(
                     "authentication",
                     "block",
                     "Ceph client credentials.",
                     fields=(
                         Field("username", "string", "Ceph client name."),
-                        Field("secret", "string", "Ceph client key (base64)."),
+                        Field(
+                            "secret",
+                            "string",
+                            "Ceph client key (base64, as `ceph auth get-key` prints it). "
+                            "Never logged nor put on a command line: QEMU reads it from a "
+                            "sealed memfd it inherits.",
+                        ),
                     ),
                 ),
             ),
@@ -208,11 +221,14 @@ DISK = Field(
         Field(
             "pool",
             "string",
-            "A directory storage pool of the plugin's `storage_pools`. With `source.image`, "
-            "the image is first written into the pool as a volume (`<image>-<hash>.qcow2`) "
-            "that later tasks with the same source reuse, and the disk is made from that "
-            "volume. Defaults to the default pool for disks with `name` or `source.volume`; "
-            "other disks live with the task. Ceph pools are not supported yet (refused).",
+            "A storage pool of the plugin's `storage_pools`. With `source.image`, the image "
+            "is first written into the pool as a volume (`<image>-<hash>.qcow2` in a "
+            "directory pool, RBD image `<image>-<hash>` in a Ceph pool) that later tasks with "
+            "the same source reuse, and the disk is made from that volume. Defaults to the "
+            "default pool for disks with `name` or `source.volume`; other disks live with the "
+            "task. In a Ceph pool the disk is an RBD image (raw) that QEMU opens itself: the "
+            "task's own image is removed with the task, a `name`d one is kept; `chained` "
+            "disks are clones of a protected snapshot.",
             default="",
         ),
         Field(
@@ -222,7 +238,8 @@ DISK = Field(
             "outlives the task: created from the source or empty of `size` when missing, used "
             "as it is when it exists (in the block's `format`, never detected), so the next "
             "task naming it sees what the guest wrote. Volume names are shared by every job "
-            "on the node.",
+            "on the node (in a Ceph pool: by every node using that pool). In a Ceph pool it "
+            "is the RBD image of that name; one a running VM holds open is refused.",
             default="",
         ),
         Field(
@@ -252,7 +269,8 @@ DISK = Field(
                     "volume",
                     "string",
                     "A volume of the pool to clone (a full copy; `chained`: a qcow2 overlay "
-                    "on it, which must then not change while overlays use it).",
+                    "on it, which must then not change while overlays use it; in a Ceph pool "
+                    "a clone of a protected snapshot of it taken for the task).",
                     default="",
                 ),
                 Field(

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from nomad_vm.errors import ConfigError
+from nomad_vm.storage.ceph_pool import CephPool
 from nomad_vm.storage.image_url import ImageURL, UrlRules, image_source
 
 BUSES = ("virtio", "sata", "scsi", "ide")
@@ -72,10 +73,17 @@ class DiskRequest:
     @property
     def has_image(self) -> bool:
         return self.image is not None or self.url is not None
+    # A Ceph pool instead (``storage.ceph_pool``): the disk is an RBD image there, raw.
+    ceph: CephPool | None = None
 
     @property
     def persistent(self) -> bool:
         return bool(self.volume_name)
+
+    @property
+    def in_file(self) -> bool:
+        """Is it a file in the task's runtime dir (not a pool volume, not an RBD image)?"""
+        return not self.persistent and self.ceph is None
 
     @property
     def image_field(self) -> str:
@@ -115,7 +123,7 @@ class Pools:
     """The plugin's storage pools, as a disk block may name them."""
 
     directories: Mapping[str, Path] = field(default_factory=dict)
-    ceph: tuple[str, ...] = ()
+    ceph: Mapping[str, CephPool] = field(default_factory=dict)
     default: str = ""
 
 
@@ -138,12 +146,13 @@ def parse_disks(
         _parse_one(f"config.disk[{i}]", b, resolve, machine, pools, rules)
         for i, b in enumerate(blocks)
     ]
-    seen: dict[tuple[Path | None, str], str] = {}
+    seen: dict[tuple[object, str], str] = {}
     for d in disks:
-        if d.volume_name and (d.pool_dir, d.volume_name) in seen:
-            other = seen[(d.pool_dir, d.volume_name)]
+        where = d.pool_dir or (d.ceph.label if d.ceph else None)
+        if d.volume_name and (where, d.volume_name) in seen:
+            other = seen[(where, d.volume_name)]
             raise ConfigError(f"{d.field}.name", f"{other} is already the volume {d.volume_name!r}")
-        seen[(d.pool_dir, d.volume_name)] = d.field
+        seen[(where, d.volume_name)] = d.field
     marked = [d for d in disks if d.primary]
     if len(marked) > 1:
         raise ConfigError(
@@ -190,7 +199,9 @@ def _parse_one(
     source_volume = _volume(f"{field}.source.volume", str(source.get("volume") or ""))
     if has_image and source_volume:
         raise ConfigError(f"{field}.source", "give image or volume, not both")
-    pool_dir = _pool(field, str(block.get("pool") or ""), bool(name or source_volume), pools)
+    placed = _pool(field, str(block.get("pool") or ""), bool(name or source_volume), pools)
+    ceph = placed if isinstance(placed, CephPool) else None
+    pool_dir = placed if isinstance(placed, Path) else None
     source_format = str(source.get("format") or "")
     if source_format and source_format not in ("qcow2", "raw", "vmdk", "vdi", "vhdx", "vpc"):
         raise ConfigError(
@@ -206,15 +217,17 @@ def _parse_one(
         raise ConfigError(f"{field}.kind", f"must be disk or cdrom; got {kind!r}")
     if kind == "cdrom" and not has_image and not source_volume:
         raise ConfigError(f"{field}.source.image", "a cdrom needs a source image (the ISO)")
-    fmt = str(block.get("format") or "qcow2")
+    fmt = str(block.get("format") or ("raw" if ceph else "qcow2"))
     if fmt not in FORMATS:
         raise ConfigError(f"{field}.format", f"must be qcow2 or raw; got {fmt!r}")
     chained = bool(block.get("chained"))
     if chained and not has_image and not source_volume:
         raise ConfigError(f"{field}.chained", "an overlay needs a source: set source { image }")
-    if chained and fmt != "qcow2":
-        raise ConfigError(f"{field}.format", "a chained disk is a qcow2 overlay: use qcow2")
     sparse = block.get("sparse") is not False
+    if ceph is not None:
+        _check_rbd(field, fmt, sparse, str(source.get("format") or ""), bool(source_volume))
+    elif chained and fmt != "qcow2":
+        raise ConfigError(f"{field}.format", "a chained disk is a qcow2 overlay: use qcow2")
     if not sparse and (has_image or source_volume):
         raise ConfigError(
             f"{field}.sparse",
@@ -257,7 +270,27 @@ def _parse_one(
         volume_name=name,
         source_volume=source_volume,
         url=url,
+        ceph=ceph,
     )
+
+
+def _check_rbd(field: str, fmt: str, sparse: bool, source_format: str, volume: bool) -> None:
+    """An RBD image is raw block storage: thin by nature, chained by cloning a snapshot."""
+    if fmt != "raw":
+        raise ConfigError(
+            f"{field}.format",
+            f"a disk in a Ceph pool is an RBD image, which is raw; got {fmt!r} (leave it out)",
+        )
+    if not sparse:
+        raise ConfigError(
+            f"{field}.sparse",
+            "RBD images are always thin-provisioned: sparse = false cannot be honoured in a "
+            "Ceph pool",
+        )
+    if volume and source_format not in ("", "raw"):
+        raise ConfigError(
+            f"{field}.source.format", f"a volume of a Ceph pool is raw; got {source_format!r}"
+        )
 
 
 def _volume(field: str, value: str) -> str:
@@ -272,9 +305,10 @@ def _volume(field: str, value: str) -> str:
     return value
 
 
-def _pool(field: str, pool: str, needs_one: bool, pools: Pools) -> Path | None:
-    """The directory of the disk's pool: the one it names, else the default when its `name`
-    or `source.volume` needs a pool; None: the disk lives with the task only."""
+def _pool(field: str, pool: str, needs_one: bool, pools: Pools) -> Path | CephPool | None:
+    """The directory (or the Ceph pool) of the disk's pool: the one it names, else the
+    default when its `name` or `source.volume` needs a pool; None: the disk lives with the
+    task only."""
     if not pool and not needs_one:
         return None
     pool = pool or pools.default
@@ -285,12 +319,10 @@ def _pool(field: str, pool: str, needs_one: bool, pools: Pools) -> Path | None:
             'storage_pools { directory "name" { path = ... } } in the plugin config',
         )
     if pool in pools.ceph:
-        raise ConfigError(
-            f"{field}.pool", f"Ceph pools are not supported yet by nomad-vm ({pool!r})"
-        )
+        return pools.ceph[pool]
     if pool not in pools.directories:
-        known = ", ".join(pools.directories) or "none"
-        raise ConfigError(f"{field}.pool", f"no storage pool {pool!r} (directory pools: {known})")
+        known = ", ".join([*pools.directories, *pools.ceph]) or "none"
+        raise ConfigError(f"{field}.pool", f"no storage pool {pool!r} (pools: {known})")
     return pools.directories[pool]
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from nomad_vm.storage.ceph_pool import CephPool
 from nomad_vm.storage.held import HeldFile
 from nomad_vm.vm.firmware import FirmwarePlan
 from nomad_vm.vm.machine import MachineConfig
@@ -13,25 +14,47 @@ DEFAULT_MACHINE = MachineConfig(machine="pc", firmware="bios", smm=None)
 
 
 @dataclass(frozen=True)
+class RbdSpec:
+    """An RBD image the VMM opens itself (its own librbd session to the pool's monitors).
+    ``key`` is the cephx key as the descriptor the VMM reads it from: made by the backend at
+    launch, for the user the VMM runs as (``storage.rbd_keys``)."""
+
+    pool: CephPool
+    image: str
+    read_only: bool = False
+    key: HeldFile | None = None
+
+
+@dataclass(frozen=True)
 class DiskSpec:
     """A disk the VM gets, already prepared (the task's own copy or overlay), opened
     read-write; ``backing`` is its backing chain (nearest first, with formats) as the
-    descriptors the plugin checked. The VMM opens no file by name (``storage.held``)."""
+    descriptors the plugin checked. The VMM opens no file by name (``storage.held``).
+    An RBD disk (``rbd``) has no file: the VMM reaches it over the network."""
 
-    file: HeldFile
+    file: HeldFile | None
     format: str
     backing: tuple[tuple[HeldFile, str], ...] = ()
     # How the guest sees it (``storage.disk_request``): bus (virtio, sata, scsi, ide), kind
     # (disk, cdrom), serial ("" none: the guest's /dev/disk/by-id name), QEMU cache mode.
-    # Read-only when ``file`` is.
+    # Read-only when ``file`` (or ``rbd``) is.
     bus: str = "virtio"
     kind: str = "disk"
     serial: str = ""
     cache: str = "writeback"
+    rbd: RbdSpec | None = None
+
+    @property
+    def held(self) -> HeldFile:
+        """The disk's file, for code that takes only file disks (Cloud Hypervisor: the driver
+        refuses pool disks there before anything is planned)."""
+        if self.file is None:
+            raise ValueError("an RBD disk has no host file")
+        return self.file
 
     @property
     def path(self) -> Path:
-        return self.file.path
+        return self.held.path
 
 
 @dataclass(frozen=True)

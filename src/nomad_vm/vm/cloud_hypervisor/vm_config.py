@@ -130,7 +130,7 @@ def _disks(devices: LaunchDevices) -> tuple[DiskConfig, ...]:
             raise ValueError(f"Cloud Hypervisor cannot boot a {devices.disk.format} disk")
         disks.append(
             DiskConfig(
-                path=devices.disk.file.proc_path,
+                path=devices.disk.held.proc_path,
                 image_type=kind,
                 backing_files=kind is ImageType.QCOW2,
                 id="disk0",

@@ -94,8 +94,9 @@ def hand_over(
     events_fd = handed.output_file(runtime_dir / EVENTS_FILE)
     inherited: list[int] = [api_fd, events_fd]
     if devices.disk is not None:
-        _give(devices.disk.file, runtime_dir, user, write=devices.disk.file.writable)
-        inherited.append(devices.disk.file.fd)
+        disk_file = devices.disk.held
+        _give(disk_file, runtime_dir, user, write=disk_file.writable)
+        inherited.append(disk_file.fd)
         if devices.disk.backing:
             inherited.append(_point_overlay_at_its_base(devices, user))
     if devices.seed is not None:

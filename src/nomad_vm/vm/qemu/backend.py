@@ -23,6 +23,7 @@ from nomad_vm.errors import HypervisorError, LaunchError, NomadVMError
 from nomad_vm.files import read_log_tail
 from nomad_vm.processes import is_same_process
 from nomad_vm.storage.held import FileHolder, HeldFile, open_own
+from nomad_vm.storage.rbd_keys import key_memfd
 from nomad_vm.vm.accel import choose_accelerator, probe_kvm
 from nomad_vm.vm.firmware import FIRMWARE_KINDS, VARS_FILE, FirmwarePlan, plan_firmware
 from nomad_vm.vm.firmware import prepare_vars as prepare_firmware_vars
@@ -49,7 +50,7 @@ from nomad_vm.vm.qemu.files_argv import inherited_fds
 from nomad_vm.vm.qemu.monitor import QemuMonitor, connect_when_ready
 from nomad_vm.vm.qemu.running import AGENT_SOCKET, LOG_NAME, QMP_SOCKET, SERIAL_SOCKET, QemuVM
 from nomad_vm.vm.share_transport import choose_share_transport
-from nomad_vm.vm.spec import VMSpec
+from nomad_vm.vm.spec import DiskSpec, VMSpec
 from nomad_vm.vm.virtiofsd import (
     ShareDaemon,
     early_exit_report,
@@ -179,6 +180,7 @@ class QemuHypervisor:
                 )
                 code, variables = open_firmware(details.firmware, vars_path, firmware_files)
             spec = build_spec(plan, details, devices, code, variables, handed)
+            spec = with_rbd_keys(spec, details.user, firmware_files)
             daemons = self._start_daemons(plan, spec)
             try:
                 spec = with_daemon_ends(spec, daemons)
@@ -303,6 +305,19 @@ def with_daemon_ends(spec: VMSpec, daemons: list[ShareDaemon]) -> VMSpec:
     ends = {d.share.tag: d.qemu_end.fileno() for d in daemons if d.qemu_end is not None}
     shares = tuple(replace(s, socket_fd=ends.get(s.tag)) for s in spec.shares)
     return replace(spec, shares=shares)
+
+
+def with_rbd_keys(spec: VMSpec, user: VMMUser | None, holder: FileHolder) -> VMSpec:
+    """Each RBD disk with its cephx key as a memfd QEMU's user can read (``rbd_keys``)."""
+
+    def keyed(disk: DiskSpec) -> DiskSpec:
+        if disk.rbd is None:
+            return disk
+        key = key_memfd(disk.rbd.pool.secret, holder, user.uid if user is not None else None)
+        return replace(disk, rbd=replace(disk.rbd, key=key))
+
+    primary = keyed(spec.disk) if spec.disk is not None else None
+    return replace(spec, disk=primary, extra_disks=tuple(keyed(d) for d in spec.extra_disks))
 
 
 def open_firmware(

@@ -28,9 +28,10 @@ from collections.abc import Iterator
 from typing import Any
 
 from nomad_vm.storage.held import HeldFile
+from nomad_vm.storage.rbd_volumes import rbd_target
 from nomad_vm.vm.firmware import FirmwarePlan
 from nomad_vm.vm.machine import FLASH_NODES
-from nomad_vm.vm.spec import DiskSpec, VMSpec
+from nomad_vm.vm.spec import DiskSpec, RbdSpec, VMSpec
 
 DISK_NODE = "disk0"
 SEED_NODE = "seed0"
@@ -80,6 +81,10 @@ def disk_argv(sets: FdSets, disk: DiskSpec, name: str = DISK_NODE, **options: An
     """A task's disk as node ``name`` (``disk0``: the primary), above its explicit backing
     chain (nearest first in ``disk.backing``; nodes ``disk0-b1``, ``disk0-b2``, ... down to
     the base); ``options`` go to its own nodes (the cache mode). A raw disk has no backing."""
+    if disk.rbd is not None:
+        return rbd_argv(disk.rbd, name, **options)
+    if disk.file is None:
+        raise ValueError("a disk is a file or an RBD image")
     argv: list[str] = []
     below: str | None = None
     for depth, (held, fmt) in reversed(list(enumerate(disk.backing, start=1))):
@@ -91,6 +96,24 @@ def disk_argv(sets: FdSets, disk: DiskSpec, name: str = DISK_NODE, **options: An
         options = {"discard": "unmap", **options}
     argv += blockdev(sets, name, disk.format, disk.file, backing=backing, **options)
     return argv
+
+
+def rbd_argv(rbd: RbdSpec, name: str, **options: Any) -> list[str]:
+    """An RBD image as raw node ``name`` on an rbd node QEMU's librbd opens: the key is the
+    secret object ``<name>-key``, read from the inherited memfd ``rbd.key``
+    (``storage.rbd_keys``), so neither the command line nor a file holds it."""
+    if rbd.key is None:
+        raise ValueError("an RBD disk needs its key descriptor (made at launch)")
+    secret = f"{name}-key"
+    file = {**rbd_target(rbd.pool, rbd.image, secret), "read-only": rbd.read_only, **options}
+    if not rbd.read_only:
+        file["discard"] = "unmap"  # the guest's discards free space in the pool
+    node = {"driver": "raw", "node-name": name, "read-only": rbd.read_only, **options}
+    node["file"] = file
+    return [
+        "-object", f"secret,id={secret},file={rbd.key.proc_path},format=base64",
+        "-blockdev", json.dumps(node, separators=(",", ":")),
+    ]  # fmt: skip
 
 
 def seed_argv(sets: FdSets, seed: HeldFile) -> list[str]:
@@ -138,7 +161,10 @@ def inherited_fds(spec: VMSpec) -> tuple[int, ...]:
 
 def _files(spec: VMSpec) -> Iterator[HeldFile]:
     for disk in (*([spec.disk] if spec.disk is not None else []), *spec.extra_disks):
-        yield disk.file
+        if disk.file is not None:
+            yield disk.file
+        if disk.rbd is not None and disk.rbd.key is not None:
+            yield disk.rbd.key
         yield from (held for held, _ in disk.backing)
     for held in (spec.seed, spec.firmware_code, spec.firmware_vars, spec.kernel, spec.initramfs):
         if held is not None:
