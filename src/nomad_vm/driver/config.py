@@ -17,6 +17,7 @@ from nomad_vm.driver.seed_keys import (
     refuse_unsupported_task_keys,
 )
 from nomad_vm.driver.types import TaskConfig
+from nomad_vm.driver.volume_disks import attach_volume_mounts
 from nomad_vm.errors import ConfigError
 from nomad_vm.fields import Schema, validate
 from nomad_vm.identity import Identity, current
@@ -324,13 +325,14 @@ def _disks(
     seed = plugin.seed
     pools = Pools(seed.directory_pools, tuple(p.split(" ", 1)[1] for p in seed.ceph_pools),
                   seed.default_pool)  # fmt: skip
-    return parse_disks(
+    disks = parse_disks(
         blocks,
         lambda field, path: resolve_allowed_file(field, path, allowed, task.task_dir),
         machine,
         pools,
         plugin.url_rules,
     )
+    return attach_volume_mounts(disks, task.mounts)
 
 
 def _with_default_dns(
