@@ -141,6 +141,8 @@ def test_a_block_device_volume_is_the_disk(
     ("case", "disks", "field", "says"),
     [
         ("symlink", [{"volume": "data", "size": "4MiB"}], "config.disk[0].volume", "symlink"),
+        ("hardlink", [{"volume": "data", "size": "4MiB"}], "config.disk[0].volume",
+         "2 hard links"),
         ("nosize", [{"volume": "data"}], "config.disk[0].size", "give the size"),
         ("nomount", [{"volume": "other", "size": "4MiB"}], "config.disk[0].volume",
          'destination = "/volumes/other"'),
@@ -157,8 +159,8 @@ def test_bad_volume_disks_are_refused_leaving_nothing(
     field: str,
     says: str,
 ) -> None:
-    """A symlink planted under the disk file's name in a directory volume is refused, not
-    followed (the secret it points to is untouched); a missing size, a volume no mount
+    """A symlink or a hard link planted under the disk file's name in a directory volume is
+    refused, not followed (the secret it leads to is untouched); a missing size, a volume no mount
     matches and a read-only disk that does not exist yet are refused naming the field. No
     file is left in the volume, the task dir or the plugin's state."""
     volume = short_tmp / "vol"
@@ -167,6 +169,8 @@ def test_bad_volume_disks_are_refused_leaving_nothing(
     secret.write_bytes(b"SECRET!!" + bytes(1024 * 1024))
     if case == "symlink":
         (volume / "nomad-vm-disk.qcow2").symlink_to(secret)
+    if case == "hardlink":
+        (volume / "nomad-vm-disk.qcow2").hardlink_to(secret)
     before = tree(volume)
     with tiny_task(
         plugin, short_tmp, tiny_guest, alloc_name=case, overrides={"disk": disks}

@@ -7,7 +7,8 @@
 The host path comes from Nomad (the operator's host volume), but what is inside a directory
 volume may have been put there by anyone who mounts the volume (another task, a raw_exec
 job), so the disk file is opened below the directory through no symlink (``beneath``): a
-symlink planted under the disk's name is refused, never followed. A new disk file is made
+symlink planted under the disk's name is refused, never followed, and so is a file with a
+second hard link. A new disk file is made
 under a hidden name by descriptor (``O_CREAT|O_EXCL``, written by qemu-img through
 ``/proc/self/fd``) and published with ``linkat``, which never replaces a disk another task
 made meanwhile; the caller journals the hidden name first (a failed start's replay removes
@@ -88,7 +89,18 @@ def find_disk_file(field: str, root: VolumeRoot, name: str, holder: FileHolder) 
                 "volume (remove it, and the disk is made there on first use)",
             ) from None
         raise ImageError(field, f"cannot open {root.held.path / name}: {exc.strerror}") from None
-    return holder.add(HeldFile(root.held.path / name, fd))
+    held = holder.add(HeldFile(root.held.path / name, fd))
+    links = held.fstat().st_nlink
+    if links != 1:
+        # The file nomad-vm makes has one name. A second one is a hard link someone made to
+        # another file (as root: fs.protected_hardlinks stops others), which would hand the
+        # guest that file.
+        raise ImageError(
+            field,
+            f"{held.path} has {links} hard links; a volume's disk file must have one (a link "
+            "to another file would give the guest that file)",
+        )
+    return held
 
 
 def reopen(field: str, probe: HeldFile, holder: FileHolder, *, writable: bool) -> HeldFile:
