@@ -17,10 +17,10 @@ import pytest
 from nomad_vm.plugin.launcher import PluginProcess
 from nomad_vm.plugin.proto import driver_pb2
 from nomad_vm.storage.tools import find_qemu_img
-from tests.conftest import vm_processes_under
+from tests.conftest import qemu_processes_under, vm_processes_under
 from tests.integration.pluginkit import drv, tiny_task
 from tests.integration.test_refused_config import refused, tree
-from tests.integration.test_vm_lifecycle import destroy, wait
+from tests.integration.test_vm_lifecycle import RUNNING, destroy, stop, wait
 
 pytestmark = pytest.mark.integration
 
@@ -88,6 +88,34 @@ def test_a_directory_volume_keeps_the_disk_for_the_next_task(
     # The volume's data outlived all three tasks, and nothing else was left in it.
     assert sorted(p.name for p in volume.iterdir()) == ["nomad-vm-disk.raw"]
     assert (volume / "nomad-vm-disk.raw").read_bytes().startswith(b"volume-marker")
+
+
+def test_the_disk_s_mount_is_not_also_a_shared_directory(
+    plugin: PluginProcess,
+    short_tmp: Path,
+    tiny_guest,  # type: ignore[no-untyped-def]
+) -> None:
+    """Of two volume_mounts, the one backing the disk (the first) becomes no share; the other
+    is shared as before (its tag on QEMU's command line)."""
+    volume, www = short_tmp / "vol", short_tmp / "www"
+    volume.mkdir()
+    www.mkdir()
+    disks = [{"volume": "data", "size": "4MiB"}]
+    with tiny_task(
+        plugin, short_tmp, tiny_guest, alloc_name="share", overrides={"disk": disks}
+    ) as (cfg, fifo, _):
+        cfg.mounts.extend([mount(volume, "/volumes/data"), mount(www, "/srv/www")])
+        drv(plugin).StartTask(driver_pb2.StartTaskRequest(task=cfg), timeout=60)
+        try:
+            assert fifo.wait_for(RUNNING, 120)
+            (qemu,) = qemu_processes_under(short_tmp)
+            argv = " ".join(qemu.cmdline())
+        finally:
+            stop(plugin, cfg.id, 5)
+            wait(plugin, cfg.id)
+            destroy(plugin, cfg.id)
+    assert "nomad-vol1" in argv and "nomad-vol0" not in argv, argv
+    assert (volume / "nomad-vm-disk.qcow2").is_file()
 
 
 def test_a_qcow2_file_volume_is_the_disk(
