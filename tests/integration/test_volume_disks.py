@@ -20,7 +20,7 @@ from nomad_vm.storage.tools import find_qemu_img
 from tests.conftest import qemu_processes_under, vm_processes_under
 from tests.integration.pluginkit import drv, tiny_task
 from tests.integration.test_refused_config import refused, tree
-from tests.integration.test_vm_lifecycle import RUNNING, destroy, stop, wait
+from tests.integration.test_vm_lifecycle import RUNNING, collect_events, destroy, stop, wait
 
 pytestmark = pytest.mark.integration
 
@@ -68,6 +68,7 @@ def test_a_directory_volume_keeps_the_disk_for_the_next_task(
     mount gives a read-only disk that still reads it."""
     volume = short_tmp / "vol"
     volume.mkdir()
+    stream, events = collect_events(plugin)
     disks = [{"volume": "data", "size": "8MiB", "format": "raw"}]
     text = run_vm(
         plugin, short_tmp, tiny_guest, "vol1", WRITE, disks, [mount(volume, "/volumes/data")]
@@ -85,6 +86,14 @@ def test_a_directory_volume_keeps_the_disk_for_the_next_task(
     attempt = READ + "; echo x | dd of=/dev/vda conv=fsync 2>/dev/null || echo ro-refused"
     text = run_vm(plugin, short_tmp, tiny_guest, "vol3", attempt, disks, ro)
     assert "volume-marker" in text and "ro-refused" in text, text[-2000:]
+    stream.cancel()
+    prepared = [e for e in events if "Nomad volume data" in e]
+    assert prepared == [
+        "Disk prepared: Nomad volume data, new disk file nomad-vm-disk.raw, raw, 8 MB",
+        "Disk prepared: Nomad volume data, existing disk file nomad-vm-disk.raw, raw, 8 MB",
+        "Disk prepared: Nomad volume data, existing disk file nomad-vm-disk.raw, raw, 8 MB, "
+        "read-only (its volume_mount is read-only)",
+    ], events
     # The volume's data outlived all three tasks, and nothing else was left in it.
     assert sorted(p.name for p in volume.iterdir()) == ["nomad-vm-disk.raw"]
     assert (volume / "nomad-vm-disk.raw").read_bytes().startswith(b"volume-marker")

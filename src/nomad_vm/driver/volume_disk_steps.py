@@ -66,13 +66,16 @@ async def prepare_volume_disk(
     mount = plan.task.mounts[request.volume_mount]
     label = "Disk prepared" if index == 0 else f"Disk {index} prepared"
     detected = "" if fmt else " (detected; give format to pin it)"
-    ro = ""
+    notes = ""
+    if request.size_bytes is not None and request.size_bytes != top.virtual_size:
+        # Never resized behind the guest's back: `size` is for the disk nomad-vm makes.
+        notes = f" (size {request.size_bytes // MIB} MB applies to a new disk only)"
     if request.read_only:
-        ro = ", read-only" + (" (its volume_mount is read-only)" if mount.readonly else "")
+        notes += ", read-only" + (" (its volume_mount is read-only)" if mount.readonly else "")
     events.emit(
         plan.task,
         f"{label}: Nomad volume {request.nomad_volume}, {what} {disk.path.name}, "
-        f"{top.format}{detected}, {top.virtual_size // MIB} MB{ro}",
+        f"{top.format}{detected}, {top.virtual_size // MIB} MB{notes}",
         {"disk": request.field, "path": str(disk.path), "volume": request.nomad_volume},
     )
     return DiskSpec(
