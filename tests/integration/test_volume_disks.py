@@ -17,7 +17,7 @@ import pytest
 from nomad_vm.plugin.launcher import PluginProcess
 from nomad_vm.plugin.proto import driver_pb2
 from nomad_vm.storage.tools import find_qemu_img
-from tests.conftest import qemu_processes_under, vm_processes_under
+from tests.conftest import qemu_processes_under, vm_processes_under, wait_until
 from tests.integration.pluginkit import drv, tiny_task
 from tests.integration.test_refused_config import refused, tree
 from tests.integration.test_vm_lifecycle import RUNNING, collect_events, destroy, stop, wait
@@ -222,4 +222,65 @@ def test_bad_volume_disks_are_refused_leaving_nothing(
     assert not vm_processes_under(short_tmp)
     assert tree(alloc / "tiny") == []
     assert tree(short_tmp / "data" / "run") == []
+    assert [p for p in (short_tmp / "data").rglob("*.msgpack")] == []
+
+
+def test_a_plugin_killed_while_making_the_disk_file_leaves_the_volume_empty(
+    short_tmp: Path,
+    tiny_guest,  # type: ignore[no-untyped-def]
+) -> None:
+    """Fault injection: qemu-img (a wrapper around the real one) has written the new disk
+    under its hidden name and then hangs; the plugin is SIGKILLed there. The fresh plugin's
+    DestroyTask (all Nomad sends for a start it got no answer to) removes the hidden file:
+    the volume holds no half-made disk, and the next start would make it afresh."""
+    import os
+    import signal
+
+    from tests.integration.pluginkit import DRIVER, configure
+
+    volume = short_tmp / "vol"
+    volume.mkdir()
+    tools = short_tmp / "bin"
+    tools.mkdir()
+    hung = short_tmp / "qemu-img-hung"
+    wrapper = tools / "qemu-img"
+    wrapper.write_text(
+        "#!/bin/sh\n"
+        f'if [ "$1" = create ]; then "{find_qemu_img()}" "$@" || exit 1\n'
+        f"  echo $$ > {hung}.tmp && mv {hung}.tmp {hung}; exec sleep 600\nfi\n"
+        f'exec "{find_qemu_img()}" "$@"\n'
+    )
+    wrapper.chmod(0o755)
+    first = PluginProcess([str(DRIVER)], env={"PATH": f"{tools}:{os.environ['PATH']}"})
+    first.start(short_tmp / "plugin1.stderr")
+    disks = [{"volume": "data", "size": "4MiB"}]
+    try:
+        with tiny_task(
+            first, short_tmp, tiny_guest, alloc_name="kill", overrides={"disk": disks}
+        ) as (cfg, _, alloc):
+            cfg.mounts.append(mount(volume, "/volumes/data"))
+            call = drv(first).StartTask.future(
+                driver_pb2.StartTaskRequest(task=cfg), timeout=120
+            )
+            assert wait_until(hung.exists, 120), call
+            (made,) = volume.iterdir()
+            assert made.name.startswith(".nomad-vm-") and made.name.endswith(".part")
+            assert first.process is not None
+            first.process.kill()  # SIGKILL: no clean-up of any kind
+            assert first.wait_exit(10) is not None
+            with pytest.raises(grpc.RpcError):
+                call.result()
+            second = PluginProcess([str(DRIVER)])
+            second.start(short_tmp / "plugin2.stderr")
+            try:
+                configure(second, short_tmp / "data", [str(tiny_guest.vmlinux.parent)])
+                destroy(second, cfg.id)
+            finally:
+                second.kill()
+    finally:
+        first.kill()
+        if hung.exists():
+            os.kill(int(hung.read_text()), signal.SIGKILL)  # the hung wrapper, ours
+    assert tree(volume) == []
+    assert tree(alloc / "tiny") == []
     assert [p for p in (short_tmp / "data").rglob("*.msgpack")] == []
