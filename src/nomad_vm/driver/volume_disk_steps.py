@@ -34,6 +34,8 @@ from nomad_vm.vm.spec import DiskSpec
 async def prepare_volume_disk(
     plan: StartPlan, recorder: TaskRecorder, events: EventBus, index: int, request: DiskRequest
 ) -> DiskSpec:
+    """Disk ``index`` of the task, backed by its Nomad volume: opened (or made) read-write,
+    or read-only for a read-only disk or mount, with its backing chain checked."""
     if request.volume_host is None or request.volume_mount is None:
         raise ValueError("a volume disk's mount is matched when the config is parsed")
     field = f"{request.field}.volume"
