@@ -174,6 +174,31 @@ def test_a_block_device_volume_is_the_disk(
     assert "volume-marker" in text and "size=8192" in text, text[-2000:]
 
 
+def test_a_block_device_s_format_is_detected_at_each_start(
+    plugin: PluginProcess,
+    short_tmp: Path,
+    tiny_guest,  # type: ignore[no-untyped-def]
+    loop_device: Path,
+) -> None:
+    """Without `format`, qemu-img looks at the device at every start: a device written other
+    than through its node (here: the loop device's backing file) shows no change in its
+    stat, so what qemu-img said last time must not be reused."""
+    disks = [{"volume": "blk"}]
+    mounts = [mount(loop_device, "/volumes/blk")]
+    before = loop_device.stat()
+    assert "size=8192" in run_vm(plugin, short_tmp, tiny_guest, "probe1", READ, disks, mounts)
+    header = short_tmp / "header.qcow2"
+    subprocess.run([str(find_qemu_img()), "create", "-q", "-f", "qcow2", str(header), "2M"],
+                   check=True)  # fmt: skip
+    with open(short_tmp / "loop.raw", "r+b") as backing:
+        backing.write(header.read_bytes())
+    subprocess.run(["blockdev", "--flushbufs", str(loop_device)], check=True)
+    after = loop_device.stat()
+    assert (after.st_mtime_ns, after.st_ctime_ns) == (before.st_mtime_ns, before.st_ctime_ns)
+    text = run_vm(plugin, short_tmp, tiny_guest, "probe2", READ, disks, mounts)
+    assert "size=4096" in text, text[-2000:]
+
+
 @pytest.mark.parametrize(
     ("case", "disks", "field", "says"),
     [
