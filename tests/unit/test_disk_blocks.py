@@ -217,11 +217,11 @@ def test_a_cdrom_is_read_only(images: Path) -> None:
             "config.disk[0].source.format",
             "detected",
         ),
-        # Pools: none configured in these tests; Nomad volumes are later work.
+        # Pools: none configured in these tests; Nomad volume disks: test_volume_disks.py.
         ({"disk": [{"size": "10GiB", "pool": "local"}]}, "config.disk[0].pool", "no storage pool"),
         ({"disk": [{"size": "1G", "name": "data"}]}, "config.disk[0].pool", "needs a storage pool"),
         ({"disk": [{"source": {"volume": "focal.img"}}]}, "config.disk[0].pool", "storage_pools"),
-        ({"disk": [{"size": "1G", "volume": "v"}]}, "config.disk[0].volume", "not supported yet"),
+        ({"disk": [{"size": "1G", "volume": "v"}]}, "config.disk[0].volume", "no volume_mount"),
     ],
 )
 def test_bad_disk_blocks_name_the_field(

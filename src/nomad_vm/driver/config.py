@@ -17,6 +17,7 @@ from nomad_vm.driver.seed_keys import (
     refuse_unsupported_task_keys,
 )
 from nomad_vm.driver.types import TaskConfig
+from nomad_vm.driver.volume_disks import attach_volume_mounts
 from nomad_vm.errors import ConfigError
 from nomad_vm.fields import Schema, validate
 from nomad_vm.identity import Identity, current
@@ -323,13 +324,14 @@ def _disks(
     assert isinstance(blocks, list)
     seed = plugin.seed
     pools = Pools(seed.directory_pools, seed.ceph, seed.default_pool)
-    return parse_disks(
+    disks = parse_disks(
         blocks,
         lambda field, path: resolve_allowed_file(field, path, allowed, task.task_dir),
         machine,
         pools,
         plugin.url_rules,
     )
+    return attach_volume_mounts(disks, task.mounts)
 
 
 def _with_default_dns(

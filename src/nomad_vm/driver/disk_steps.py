@@ -2,7 +2,8 @@
 made in the runtime dir, recorded in the journal before it exists, so the replay removes it
 with the rest of the runtime dir. A disk with a source image is an overlay on it or a copy
 (``storage.disk.prepare_boot_disk``: allowlist, chain checks, limits, descriptors, as for the
-boot disk); one without is an empty image of its size. The VMM gets each as a descriptor
+boot disk); one without is an empty image of its size; one backed by a Nomad volume is the
+volume's data (``volume_disk_steps``). The VMM gets each as a descriptor
 (read-only for `read_only` disks and cdroms)."""
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from nomad_vm.driver.events import EventBus
 from nomad_vm.driver.image_steps import NO_BACKING_FILES
 from nomad_vm.driver.recorder import TaskRecorder
 from nomad_vm.driver.startup import StartPlan
+from nomad_vm.driver.volume_disk_steps import prepare_volume_disk
 from nomad_vm.errors import ImageError
 from nomad_vm.storage.chain import held_of, inspect_chain
 from nomad_vm.storage.disk import make_empty_disk, prepare_boot_disk
@@ -65,6 +67,8 @@ async def _prepare(
     request: DiskRequest,
     image: HeldFile | None,
 ) -> DiskSpec:
+    if request.nomad_volume:
+        return await prepare_volume_disk(plan, recorder, events, index, request)
     if request.ceph is not None:
         spec, what, size = await prepare_ceph_disk(plan, recorder, index, request, image)
         _event(plan, events, index, request, spec.rbd.image if spec.rbd else "", what, size)

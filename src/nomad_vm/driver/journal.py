@@ -79,8 +79,9 @@ class TaskJournal:
     # config back after an agent restart, so they are kept here).
     signal_unit: str | None = None
     signal_pidfile: str | None = None
-    # Storage pool volumes the task made or used: they outlive it, so the replay leaves them
-    # (recorded to say where the task's data is; their in-progress files are in ``files``).
+    # Storage pool volumes (and Nomad volumes' disks) the task made or used: they outlive it,
+    # so the replay leaves them (recorded to say where the task's data is; their in-progress
+    # files are in ``files``).
     volumes: tuple[str, ...] = ()
     # Lease files on cached images (images given by URL): released by the replay.
     image_leases: tuple[str, ...] = ()

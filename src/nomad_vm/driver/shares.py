@@ -1,7 +1,8 @@
 """Which host directories a VM task shares with its guest, and where the guest mounts them.
 
 Nomad gives every task `alloc/` (shared by the allocation's tasks), `local/` and `secrets/`;
-jobs add host volumes with `volume_mount`. They reach the guest over virtio-fs (a virtiofsd per
+jobs add host volumes with `volume_mount` (except one backing a `disk { volume }`, which is
+that disk's). They reach the guest over virtio-fs (a virtiofsd per
 share, started with `--readonly` for read-only ones) or 9p (QEMU's `-fsdev local ... readonly`):
 either way the host side refuses writes to a read-only share, whatever the guest mounts.
 cloud-init mounts them (nomad_vm.cloudinit, `mounts:`).
@@ -32,7 +33,11 @@ def task_shares(task: TaskConfig, vm: VMTaskConfig) -> tuple[ShareSpec, ...]:
             if host.is_dir():
                 readonly = not (name == "alloc" and vm.writable_alloc_dir)
                 shares.append(ShareSpec(tag, host, guest_path, readonly))
+    # A mount backing a disk (`disk { volume }`) is the disk's, not a directory to share.
+    disk_mounts = {d.volume_mount for d in vm.disks if d.volume_mount is not None}
     for i, mount in enumerate(task.mounts):
+        if i in disk_mounts:
+            continue
         if not mount.task_path.startswith("/"):
             raise ConfigError(
                 f"volume_mount[{i}].destination",

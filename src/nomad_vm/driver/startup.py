@@ -174,6 +174,11 @@ def refuse_disk_options(backend: str, caps: HypervisorCapabilities, vm: VMTaskCo
         ("read_only", "read_only"),
         ("driver", "cache"),
     )
+    if only.nomad_volume:
+        raise ConfigError(
+            f"{only.field}.volume",
+            f"disks backed by Nomad volumes are served to qemu only, not {backend}",
+        )
     if only.pool_dir is not None or only.ceph is not None:
         raise ConfigError(
             f"{only.field}.pool", f"storage pools are served to qemu only, not {backend}"

@@ -72,6 +72,8 @@ class TaskMount:
     task_path: str
     host_path: str
     readonly: bool
+    # The group `volume` it mounts (its name), sent by Nomad 2.0.1 and later; "" before.
+    request_name: str = ""
 
 
 @dataclass(frozen=True)

@@ -81,7 +81,9 @@ def task_config(pb: driver_pb2.TaskConfig) -> TaskConfig:
         # Empty after an agent restart (Nomad does not persist it); recovery does not need it.
         driver_config=decode_config(pb.msgpack_driver_config) if pb.msgpack_driver_config else None,
         env=dict(pb.env),
-        mounts=tuple(TaskMount(m.task_path, m.host_path, m.readonly) for m in pb.mounts),
+        mounts=tuple(
+            TaskMount(m.task_path, m.host_path, m.readonly, m.request_name) for m in pb.mounts
+        ),
         job_name=pb.job_name,
         task_group_name=pb.task_group_name,
         namespace=pb.namespace,

@@ -245,7 +245,17 @@ DISK = Field(
         Field(
             "volume",
             "string",
-            NOT_YET + "a Nomad volume backing the disk; a disk that names one is refused.",
+            "A group `volume` backing the disk (qemu only). The task mounts it with a "
+            "`volume_mount`, which becomes the disk instead of a shared directory: Nomad "
+            "2.0.1+ names the mount's volume; on Nomad before 2.0.1 give the volume_mount a "
+            'destination ending in the volume\'s name (e.g. `destination = "/volumes/<name>"`). '
+            "A file or block device at the volume's host path is the disk (format: `format` or "
+            "`source.format`, else detected; a backing file must lie in the allowed places); "
+            "a directory holds it as `nomad-vm-disk.qcow2` (`.raw` with `format = \"raw\"`), "
+            "made of `size` on first use (no symlink there is followed) and reused afterwards. "
+            "The disk is the volume's data: never removed by nomad-vm. A read-only "
+            "volume_mount gives a read-only disk. Not with `pool`, `name`, `chained` or a "
+            "`source` image or volume.",
             default="",
         ),
         Field(

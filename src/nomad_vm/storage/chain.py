@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -199,7 +200,10 @@ def _info_of_user_file(
     qemu-img said is remembered per file version (its refusals are not)."""
     path = held.path
     version = FileVersion.of_held(held)
-    known = PROCESS_INFOS.get((version, fmt))
+    # Writing a block device (a Nomad volume's) changes nothing its stat shows: never
+    # remembered, or a guest's new first bytes would go unseen.
+    remember = not stat.S_ISBLK(held.fstat().st_mode)
+    known = PROCESS_INFOS.get((version, fmt)) if remember else None
     if known is not None:
         return replace(known, path=path, held=held)
     try:
@@ -215,6 +219,6 @@ def _info_of_user_file(
             field, f"qemu-img cannot open {where} as a disk image: {exc.stderr}; {_FORMAT_HINT}"
         ) from None
     # Remembered only if the file did not change while qemu-img read it.
-    if FileVersion.of_held(held) == version:
+    if remember and FileVersion.of_held(held) == version:
         PROCESS_INFOS.put((version, fmt), info)
     return info

@@ -69,6 +69,12 @@ class DiskRequest:
     source_volume: str = ""
     # The source image given by URL (``image`` is then None until it is in the node's cache).
     url: ImageURL | None = None
+    # `volume`: the group volume backing the disk (``storage.volume_disk``). The driver fills
+    # in the matching volume_mount (``driver.volume_disks``): its index among the task's
+    # mounts, its host path, and whether it is read-only.
+    nomad_volume: str = ""
+    volume_mount: int | None = None
+    volume_host: Path | None = None
 
     @property
     def has_image(self) -> bool:
@@ -78,7 +84,8 @@ class DiskRequest:
 
     @property
     def persistent(self) -> bool:
-        return bool(self.volume_name)
+        """Outlives the task: a pool volume, or the data of a Nomad volume."""
+        return bool(self.volume_name or self.nomad_volume)
 
     @property
     def in_file(self) -> bool:
@@ -180,14 +187,13 @@ def _parse_one(
     pools: Pools,
     rules: UrlRules,
 ) -> DiskRequest:
-    if block.get("volume"):
-        raise ConfigError(
-            f"{field}.volume",
-            "Nomad volumes backing a disk are not supported yet by nomad-vm; give the disk "
-            "a source image, a pool volume or a size",
-        )
     source = block.get("source") if isinstance(block.get("source"), Mapping) else {}
     assert isinstance(source, Mapping)
+    if block.get("volume"):
+        # Its own module, which builds on this one's DiskRequest (hence imported here).
+        from nomad_vm.storage.volume_request import volume_disk_request
+
+        return volume_disk_request(field, block, source, machine)
     image_value = str(source.get("image") or "")
     checksum = str(source.get("checksum") or "")
     url = image_source(
@@ -236,21 +242,9 @@ def _parse_one(
         )
     bus = str(block.get("bus_type") or "virtio")
     check_bus(f"{field}.bus_type", bus, kind, machine)
-    if block.get("read_only") and kind == "disk" and bus in ("sata", "ide"):
-        # QEMU's IDE disk (ide-hd, also on AHCI) has no write protection and refuses a
-        # read-only drive at start ("Block node is read-only"): say so before anything runs.
-        raise ConfigError(
-            f"{field}.read_only",
-            f"a {bus} hard disk cannot be read-only in QEMU (its IDE disk has no write "
-            'protection): use bus_type = "scsi" or "virtio", or kind = "cdrom"',
-        )
-    serial = str(block.get("devname") or "")
-    if serial and not SERIAL.fullmatch(serial):
-        raise ConfigError(
-            f"{field}.devname",
-            f"{serial!r}: the guest sees devname as the disk's serial number, 1 to 20 letters, "
-            "digits, '.', '_' or '-' (starting with a letter or digit)",
-        )
+    if block.get("read_only"):
+        check_read_only(f"{field}.read_only", bus, kind)
+    serial = serial_of(f"{field}.devname", str(block.get("devname") or ""))
     return DiskRequest(
         field,
         primary=bool(block.get("primary")),
@@ -265,7 +259,7 @@ def _parse_one(
         kind=kind,
         serial=serial,
         format=fmt,
-        cache=_cache(f"{field}.driver", str(block.get("driver") or "")),
+        cache=cache_mode(f"{field}.driver", str(block.get("driver") or "")),
         pool_dir=pool_dir,
         volume_name=name,
         source_volume=source_volume,
@@ -291,6 +285,16 @@ def _check_rbd(field: str, fmt: str, sparse: bool, source_format: str, volume: b
         raise ConfigError(
             f"{field}.source.format", f"a volume of a Ceph pool is raw; got {source_format!r}"
         )
+
+
+def serial_of(field: str, serial: str) -> str:
+    if serial and not SERIAL.fullmatch(serial):
+        raise ConfigError(
+            field,
+            f"{serial!r}: the guest sees devname as the disk's serial number, 1 to 20 letters, "
+            "digits, '.', '_' or '-' (starting with a letter or digit)",
+        )
+    return serial
 
 
 def _volume(field: str, value: str) -> str:
@@ -342,7 +346,18 @@ def check_bus(field: str, bus: str, kind: str, machine: str) -> None:
         raise ConfigError(field, "microvm has no PCI bus for a SATA controller: use virtio")
 
 
-def _cache(field: str, value: str) -> str:
+def check_read_only(field: str, bus: str, kind: str, why: str = "") -> None:
+    """QEMU's IDE disk (ide-hd, also on AHCI) has no write protection and refuses a read-only
+    drive at start ("Block node is read-only"): say so before anything runs."""
+    if kind == "disk" and bus in ("sata", "ide"):
+        raise ConfigError(
+            field,
+            f"{why}a {bus} hard disk cannot be read-only in QEMU (its IDE disk has no write "
+            'protection): use bus_type = "scsi" or "virtio", or kind = "cdrom"',
+        )
+
+
+def cache_mode(field: str, value: str) -> str:
     """`driver`: a cache mode (`writeback`, the default; `writethrough`; `unsafe`), also
     written `cache=<mode>`."""
     mode = value.removeprefix("cache=") if value else "writeback"
@@ -380,3 +395,4 @@ def parse_size(value: object, field: str) -> int | None:
     if size > MAX_SIZE:
         raise ConfigError(field, f"{value!r} is larger than the maximum of 64TiB")
     return -(-size // MIB) * MIB
+

@@ -4,7 +4,9 @@ Every start of a task from the same image would otherwise run qemu-img on it aga
 each on the start path, more for large qcow2 files). What qemu-img said about a file holds as
 long as the file is the same version: any write changes its mtime and ctime (ctime cannot be set
 by a user), a replacement its inode. The checks made on what qemu-img said (allowed paths,
-formats) are made again at every start; only qemu-img's answers are remembered.
+formats) are made again at every start; only qemu-img's answers are remembered. A block
+device (a Nomad volume's disk) is never remembered: written other than through its node, its
+stat shows no change (``chain``).
 """
 
 from __future__ import annotations

@@ -242,11 +242,14 @@ def set_backing_name(qemu_img: Path, overlay: Path, name: str, base_format: str)
     _run(argv, CREATE_TIMEOUT, f"qemu-img rebase -u {_abs(overlay)}", None)
 
 
-def create(qemu_img: Path, path: Path, fmt: str, size_bytes: int, *, falloc: bool) -> None:
-    """An empty ``fmt`` image of ours (no limits); ``falloc``: its space reserved up front."""
+def create(qemu_img: Path, path: Source, fmt: str, size_bytes: int, *, falloc: bool) -> None:
+    """An empty ``fmt`` image of ours (no limits); ``falloc``: its space reserved up front. A
+    held file (one the plugin created where a job could plant symlinks) is written through
+    its descriptor."""
     prealloc = ["-o", "preallocation=falloc"] if falloc else []
-    argv = [str(qemu_img), "create", "-q", "-f", fmt, *prealloc, _abs(path), _size_arg(size_bytes)]
-    _run(argv, CREATE_TIMEOUT, f"qemu-img create {_abs(path)}", None)
+    name = name_of(path)
+    argv = [str(qemu_img), "create", "-q", "-f", fmt, *prealloc, name, _size_arg(size_bytes)]
+    _run(argv, CREATE_TIMEOUT, f"qemu-img create {shown(path)}", None, fds_of([path]))
 
 
 def convert(

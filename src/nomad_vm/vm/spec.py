@@ -42,6 +42,9 @@ class DiskSpec:
     kind: str = "disk"
     serial: str = ""
     cache: str = "writeback"
+    # ``file`` is a host block device (a Nomad volume's), which QEMU reads through its
+    # host_device driver (its file driver takes regular files only).
+    block_device: bool = False
     rbd: RbdSpec | None = None
 
     @property

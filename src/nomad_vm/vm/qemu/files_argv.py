@@ -61,14 +61,16 @@ def blockdev(
     held: HeldFile,
     *,
     backing: str | bool | None = False,
+    protocol: str = "file",
     **options: Any,
 ) -> list[str]:
     """``-add-fd`` and ``-blockdev`` for one image file: format node ``node`` on a file node
     reading ``held``; read-only unless ``held`` is writable. ``backing``: the node name of its
-    backing image, None for none (``null``), False to leave it out (formats without one)."""
+    backing image, None for none (``null``), False to leave it out (formats without one).
+    ``protocol``: ``host_device`` for a block device."""
     add, name = sets.add(held)
     read_only = not held.writable
-    file = {"driver": "file", "filename": name, "read-only": read_only}
+    file = {"driver": protocol, "filename": name, "read-only": read_only}
     node_options: dict[str, Any] = {"driver": fmt, "node-name": node, "read-only": read_only}
     if backing is not False:
         node_options["backing"] = backing
@@ -94,7 +96,10 @@ def disk_argv(sets: FdSets, disk: DiskSpec, name: str = DISK_NODE, **options: An
     backing: str | bool | None = below if disk.format != "raw" else False
     if disk.file.writable:
         options = {"discard": "unmap", **options}
-    argv += blockdev(sets, name, disk.format, disk.file, backing=backing, **options)
+    protocol = "host_device" if disk.block_device else "file"
+    argv += blockdev(
+        sets, name, disk.format, disk.file, backing=backing, protocol=protocol, **options
+    )
     return argv
 
 
