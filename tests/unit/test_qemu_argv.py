@@ -217,6 +217,10 @@ SPECS = {
         ),
     ),
 }
+# KSM (the plugin's `ksm { enabled }`): private RAM marked mergeable; with virtio-fs the shared
+# memfd backend says merge=on too, though the kernel never merges a shared mapping.
+SPECS["kernel_tcg_ksm"] = replace(SPECS["kernel_tcg"], mem_merge=True)
+SPECS["handed_virtiofs_ksm"] = replace(SPECS["handed_virtiofs"], mem_merge=True)
 
 
 @pytest.mark.parametrize("name", sorted(SPECS))

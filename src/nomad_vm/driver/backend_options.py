@@ -48,6 +48,7 @@ def host_settings(config: PluginConfig, backend: str = "qemu") -> HostSettings:
         virtiofsd_binary=config.virtiofsd_binary,
         vm_user=config.vm_user,
         seccomp=config.seccomp,
+        mem_merge=config.ksm.enabled,
         fields=(("binary", "qemu_binary"),),
     )
     block = BACKEND_BLOCKS.get(backend)

@@ -11,6 +11,7 @@ from pathlib import Path
 from nomad_vm import schema
 from nomad_vm.driver.ch_config import CloudHypervisorConfig, parse_cloud_hypervisor
 from nomad_vm.driver.hostname import default_hostname, validate_hostname
+from nomad_vm.driver.ksm import KsmPolicy, parse_ksm
 from nomad_vm.driver.seed_keys import (
     SeedPluginKeys,
     parse_seed_plugin_keys,
@@ -68,6 +69,8 @@ class PluginConfig:
     macvtap_devices: tuple[str, ...] = ()
     # Images given by URL: the node's cache (``storage.image_store``) and its policy.
     image_cache: CachePolicy = field(default_factory=CachePolicy)
+    # Kernel Same-page Merging of guest RAM (driver/ksm.py).
+    ksm: KsmPolicy = field(default_factory=KsmPolicy)
 
     @property
     def url_rules(self) -> UrlRules:
@@ -176,6 +179,7 @@ def parse_plugin_config(
         seed=parse_seed_plugin_keys(values),
         macvtap_devices=_interface_names(values["macvtap_devices"], "config.macvtap_devices"),
         image_cache=parse_cache_policy(_block(values["image_cache"])),
+        ksm=parse_ksm(_block(values["ksm"])),
     )
 
 

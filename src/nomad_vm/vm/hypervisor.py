@@ -99,6 +99,9 @@ class HostSettings:
     log_file: Path | None = None
     # Use KVM without probing it first (the operator vouches for it).
     trust_kvm: bool = False
+    # Guest RAM marked mergeable for KSM (the plugin's `ksm { enabled }`); False: the VMM's
+    # default.
+    mem_merge: bool = False
     # Setting -> the config field it came from, for errors that name what the user wrote.
     fields: tuple[tuple[str, str], ...] = ()
 

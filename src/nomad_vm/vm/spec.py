@@ -107,6 +107,9 @@ class VMSpec:
     console_log_fd: int | None = None
     # The VMM filters its own system calls (QEMU's -sandbox).
     seccomp: bool = False
+    # Guest RAM marked mergeable for KSM; False: the VMM's default (QEMU's is mergeable too,
+    # but only a request says so on the command line, where the operator can see it).
+    mem_merge: bool = False
     # The task's `display`: "none", or the adapter of a graphical console ("vga", "virtio"),
     # whose VNC server is served at ``display_socket`` (QEMU: ``qemu.display``).
     display: str = "none"

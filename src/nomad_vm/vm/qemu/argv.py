@@ -55,13 +55,19 @@ def _platform(spec: VMSpec, sets: FdSets) -> list[str]:
         f"guest={opt(spec.name)},debug-threads=on",
         "-nodefaults",
         "-no-user-config",
-        *machine_argv(spec.machine, spec.firmware, SHARED_RAM if shared_ram else None),
+        *machine_argv(
+            spec.machine, spec.firmware, SHARED_RAM if shared_ram else None, spec.mem_merge
+        ),
         *firmware_argv(sets, spec.firmware, spec.firmware_code, spec.firmware_vars),
         "-accel",
         spec.accelerator,
     ]
     if shared_ram:
-        argv += ["-object", f"memory-backend-memfd,id={SHARED_RAM},size={spec.memory_mb}M,share=on"]
+        # merge=on is said for the record only: the kernel never merges a shared mapping
+        # (driver/ksm.py), so a virtio-fs guest's RAM stays unmerged under KSM.
+        merge = ",merge=on" if spec.mem_merge else ""
+        backend = f"memory-backend-memfd,id={SHARED_RAM},size={spec.memory_mb}M,share=on{merge}"
+        argv += ["-object", backend]
     if spec.accelerator == "kvm":
         argv += ["-cpu", "host"]
     return [*argv, "-smp", str(spec.vcpus), "-m", f"{spec.memory_mb}M"]

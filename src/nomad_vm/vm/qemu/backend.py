@@ -96,6 +96,8 @@ class QemuPlan(BackendPlan):
     # Who QEMU and its virtiofsd run as (None: as the plugin) and whether QEMU runs sandboxed.
     user: VMMUser | None
     seccomp: bool
+    # Guest RAM mergeable by KSM (-machine mem-merge=on); False: QEMU's default.
+    mem_merge: bool = False
 
 
 class QemuHypervisor:
@@ -156,6 +158,7 @@ class QemuHypervisor:
             firmware=plan_firmware(request.firmware),
             user=user,
             seccomp=settings.seccomp,
+            mem_merge=settings.mem_merge,
         )
         display_socket = runtime_dir / VNC_SOCKET if request.display != "none" else None
         return VMPlan(
@@ -360,6 +363,7 @@ def build_spec(
         serial_fd=handed.listen(serial_socket) if handed else None,
         console_log_fd=devices.console_fd if handed else None,
         seccomp=details.seccomp,
+        mem_merge=details.mem_merge,
         display=request.display,
         display_socket=plan.display_socket,
     )
