@@ -72,6 +72,7 @@ bench: setup
 	$(PY) bench/thin_copy.py
 	$(PY) bench/many_vms.py
 	$(PY) bench/network_start.py
+	$(PY) bench/ksm.py
 
 clean:
 	rm -rf $(VENV) .tools .cache build *.egg-info
