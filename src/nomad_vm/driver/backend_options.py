@@ -118,6 +118,12 @@ def check_request(backend: str, caps: HypervisorCapabilities, request: VMRequest
             else _unsupported(backend, request.display, caps.displays)
         )
         raise ConfigError(FIELD_OF_OPTION["display"], reason)
+    if request.free_page_reporting and not caps.free_page_reporting:
+        raise ConfigError(
+            "config.free_page_reporting",
+            f"not available with the {backend} hypervisor (QEMU only); remove it or use "
+            'hypervisor = "qemu"',
+        )
     if request.kernel is None and request.firmware not in caps.disk_boot_firmware:
         offered = ", ".join(caps.disk_boot_firmware) or "none"
         raise ConfigError(

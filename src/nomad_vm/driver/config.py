@@ -112,6 +112,8 @@ class VMTaskConfig:
     disks: tuple[DiskRequest, ...] = ()
     # A graphical console's adapter, or "none" (schema: `display`).
     display: str = "none"
+    # virtio-balloon free page reporting (schema: `free_page_reporting`).
+    free_page_reporting: bool = False
 
     @property
     def gets_seed(self) -> bool:
@@ -267,6 +269,7 @@ def parse_task_config(task: TaskConfig, plugin: PluginConfig) -> VMTaskConfig:
         # Unset and "none" alike: no display (kept apart in the schema so that a switch such
         # as a guest OS family can choose a display for tasks that did not say).
         display=str(values["display"] or "none"),
+        free_page_reporting=bool(values["free_page_reporting"]),
         arch=str(os_block["arch"]),
         machine=str(os_block["machine"] or ""),
         hypervisor=_optional_str(values["hypervisor"]),

@@ -108,6 +108,7 @@ async def plan_start(
         has_disk=bool(vm.disks),
         shares=task_shares(task, vm),
         display=vm.display,
+        free_page_reporting=vm.free_page_reporting,
     )
     check_request(backend.name, caps, request)
     refuse_disk_options(backend.name, backend.capabilities, vm)

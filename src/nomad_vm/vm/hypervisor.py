@@ -74,6 +74,8 @@ class HypervisorCapabilities:
     # The task's `display` values it offers: "none" only, or graphical consoles whose VNC
     # server listens on a unix socket in the runtime directory (VMPlan.display_socket).
     displays: tuple[str, ...] = ("none",)
+    # Free page reporting on the balloon (the task's `free_page_reporting`).
+    free_page_reporting: bool = False
 
 
 @dataclass(frozen=True)
@@ -140,6 +142,9 @@ class VMRequest:
     shares: tuple[ShareSpec, ...] = ()
     # A graphical console's adapter, or "none" (schema: task `display`).
     display: str = "none"
+    # The guest reports the memory it freed, which the host takes back (task
+    # `free_page_reporting`).
+    free_page_reporting: bool = False
 
 
 @dataclass(frozen=True)

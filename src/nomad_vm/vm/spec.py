@@ -110,6 +110,8 @@ class VMSpec:
     # Guest RAM marked mergeable for KSM; False: the VMM's default (QEMU's is mergeable too,
     # but only a request says so on the command line, where the operator can see it).
     mem_merge: bool = False
+    # The balloon's free page reporting: the guest's freed memory goes back to the host.
+    free_page_reporting: bool = False
     # The task's `display`: "none", or the adapter of a graphical console ("vga", "virtio"),
     # whose VNC server is served at ``display_socket`` (QEMU: ``qemu.display``).
     display: str = "none"

@@ -128,8 +128,10 @@ def _devices(spec: VMSpec, sets: FdSets) -> list[str]:
     if not microvm:
         # Lets the guest kernel tell QEMU it panicked (Linux's pvpanic driver).
         argv += ["-device", "pvpanic"]
-    # Memory statistics from inside the guest (used/available), for TaskStats.
-    argv += ["-device", f"virtio-balloon-{virtio},id=balloon0"]
+    # Memory statistics from inside the guest (used/available), for TaskStats; with free page
+    # reporting, the guest also hands back what it freed (QEMU discards those pages).
+    reporting = ",free-page-reporting=on" if spec.free_page_reporting else ""
+    argv += ["-device", f"virtio-balloon-{virtio},id=balloon0{reporting}"]
     # write-cache=on by default: what -drive's default cache=writeback gave the guest (a
     # device on a -blockdev node would otherwise be write-through, flushing after every write).
     argv += disks_argv(sets, spec)

@@ -85,6 +85,7 @@ CAPABILITIES = HypervisorCapabilities(
     macvtap=True,
     disk_blocks=True,
     displays=DISPLAYS,
+    free_page_reporting=True,
 )
 
 
@@ -364,6 +365,7 @@ def build_spec(
         console_log_fd=devices.console_fd if handed else None,
         seccomp=details.seccomp,
         mem_merge=details.mem_merge,
+        free_page_reporting=request.free_page_reporting,
         display=request.display,
         display_socket=plan.display_socket,
     )
