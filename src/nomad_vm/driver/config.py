@@ -114,6 +114,8 @@ class VMTaskConfig:
     display: str = "none"
     # virtio-balloon free page reporting (schema: `free_page_reporting`).
     free_page_reporting: bool = False
+    # Guest RAM on the host's huge pages (schema: `hugepages`).
+    hugepages: bool = False
 
     @property
     def gets_seed(self) -> bool:
@@ -270,6 +272,7 @@ def parse_task_config(task: TaskConfig, plugin: PluginConfig) -> VMTaskConfig:
         # as a guest OS family can choose a display for tasks that did not say).
         display=str(values["display"] or "none"),
         free_page_reporting=bool(values["free_page_reporting"]),
+        hugepages=bool(values["hugepages"]),
         arch=str(os_block["arch"]),
         machine=str(os_block["machine"] or ""),
         hypervisor=_optional_str(values["hypervisor"]),

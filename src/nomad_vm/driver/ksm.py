@@ -140,6 +140,8 @@ def ksm_start_event(policy: KsmPolicy, outcome: KsmOutcome, plan: VMPlan) -> str
         return f"KSM: not merging this VM's RAM: {outcome.problem}"
     if plan.backend != "qemu":
         return f"KSM: not applied to {plan.backend} VMs (QEMU only)"
+    if plan.request.hugepages:
+        return "KSM: not merging this VM's RAM: it is on huge pages, which the kernel never merges"
     if plan.shares and plan.share_transport.name == "virtiofs":
         return f"KSM: not merging this VM's RAM: {SHARED_RAM_NOT_MERGED}"
     return "KSM: guest RAM is mergeable"

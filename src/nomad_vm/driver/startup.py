@@ -109,6 +109,7 @@ async def plan_start(
         shares=task_shares(task, vm),
         display=vm.display,
         free_page_reporting=vm.free_page_reporting,
+        hugepages=vm.hugepages,
     )
     check_request(backend.name, caps, request)
     refuse_disk_options(backend.name, backend.capabilities, vm)
@@ -161,6 +162,7 @@ def refuse_disk_options(backend: str, caps: HypervisorCapabilities, vm: VMTaskCo
             raise ConfigError(
                 f"{only.field}.{key}", f"not supported by the {backend} hypervisor; use qemu"
             )
+
 
 async def plan_nic(
     task: TaskConfig, vm: VMTaskConfig, plugin: PluginConfig, backend: Hypervisor

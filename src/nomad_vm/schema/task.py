@@ -141,6 +141,16 @@ TASK_CONFIG = Schema(
             default=False,
         ),
         Field(
+            "hugepages",
+            "bool",
+            "Back the guest's RAM with the host's huge pages (hugetlbfs pages of the default "
+            "size, `memory-backend-memfd,hugetlb=on`, allocated when QEMU starts): fewer TLB "
+            "misses for the guest, and memory the host can neither swap nor merge (KSM). The "
+            "host must have enough free: reserve them with `vm.nr_hugepages`; a task that "
+            "does not fit is refused before anything is created. QEMU only.",
+            default=False,
+        ),
+        Field(
             "os",
             "block",
             "Guest platform.",

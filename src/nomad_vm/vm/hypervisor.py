@@ -76,6 +76,8 @@ class HypervisorCapabilities:
     displays: tuple[str, ...] = ("none",)
     # Free page reporting on the balloon (the task's `free_page_reporting`).
     free_page_reporting: bool = False
+    # Guest RAM on the host's huge pages (the task's `hugepages`).
+    hugepages: bool = False
 
 
 @dataclass(frozen=True)
@@ -145,6 +147,8 @@ class VMRequest:
     # The guest reports the memory it freed, which the host takes back (task
     # `free_page_reporting`).
     free_page_reporting: bool = False
+    # Guest RAM on the host's huge pages (task `hugepages`).
+    hugepages: bool = False
 
 
 @dataclass(frozen=True)
@@ -273,7 +277,7 @@ class OneProcessVMM:
         return self.vmm_exit(ended)
 
     def guest_verdict(self) -> str | None:
-        """"poweroff" or "panic" when the guest itself ended the VM, else None."""
+        """ "poweroff" or "panic" when the guest itself ended the VM, else None."""
         return None
 
     def vmm_exit(self, ended: VMExit) -> VMExit:

@@ -112,6 +112,8 @@ class VMSpec:
     mem_merge: bool = False
     # The balloon's free page reporting: the guest's freed memory goes back to the host.
     free_page_reporting: bool = False
+    # Guest RAM on the host's huge pages (a hugetlb memfd, allocated at start).
+    hugepages: bool = False
     # The task's `display`: "none", or the adapter of a graphical console ("vga", "virtio"),
     # whose VNC server is served at ``display_socket`` (QEMU: ``qemu.display``).
     display: str = "none"

@@ -27,6 +27,7 @@ from nomad_vm.vm.accel import choose_accelerator, probe_kvm
 from nomad_vm.vm.firmware import FIRMWARE_KINDS, VARS_FILE, FirmwarePlan, plan_firmware
 from nomad_vm.vm.firmware import prepare_vars as prepare_firmware_vars
 from nomad_vm.vm.handover import Handover, handover
+from nomad_vm.vm.hugepages import check_hugepages
 from nomad_vm.vm.hypervisor import (
     VMM_ROLE,
     BackendPlan,
@@ -86,6 +87,7 @@ CAPABILITIES = HypervisorCapabilities(
     disk_blocks=True,
     displays=DISPLAYS,
     free_page_reporting=True,
+    hugepages=True,
 )
 
 
@@ -143,6 +145,8 @@ class QemuHypervisor:
             has_disk=request.has_disk,
         )
         check_display(request.display, machine.machine)
+        if request.hugepages:
+            check_hugepages(request.memory_mb)
         transport = choose_share_transport(settings.share_transport, settings.virtiofsd_binary)
         shares = request.shares
         if transport.name == "virtiofs":
@@ -366,6 +370,7 @@ def build_spec(
         seccomp=details.seccomp,
         mem_merge=details.mem_merge,
         free_page_reporting=request.free_page_reporting,
+        hugepages=request.hugepages,
         display=request.display,
         display_socket=plan.display_socket,
     )
