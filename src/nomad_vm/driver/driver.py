@@ -240,6 +240,9 @@ class VMDriver:
             f"VM started: {request.vcpus} vCPU, {request.memory_mb} MB, accelerator {accel.name}",
             {"pid": str(vmm.pid if vmm else ""), "accelerator_reason": accel.reason},
         )
+        if started.vm.vcpu_pinning:
+            pins = ", ".join(f"vCPU {v} on CPU {c}" for v, c in started.vm.vcpu_pinning)
+            self.events.emit(task, f"vCPUs pinned to the reserved cores: {pins}")
         handle = TaskHandle(HANDLE_VERSION, TaskState.RUNNING, recorder.journal.encode())
         network = started.network
         return handle, network.override if network is not None else None

@@ -149,6 +149,9 @@ class VMRequest:
     free_page_reporting: bool = False
     # Guest RAM on the host's huge pages (task `hugepages`).
     hugepages: bool = False
+    # The task's reserved cores (Nomad's cpuset), one per vCPU: vCPU i is pinned to
+    # ``pin_cpus[i]``. Empty: no pinning.
+    pin_cpus: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -258,6 +261,8 @@ class OneProcessVMM:
     # after this long is killed.
     helper_grace: float = 5.0
     _ended: asyncio.Future[VMExit] | None = None
+    # (vCPU index, host CPU) of each vCPU the launch pinned (VMRequest.pin_cpus); empty: none.
+    vcpu_pinning: tuple[tuple[int, int], ...] = ()
 
     async def wait(self) -> VMExit:
         """How the VM ended, once it has; concurrent callers share the one wait."""
@@ -322,6 +327,9 @@ class LaunchRecorder(Protocol):
 
 class RunningVM(Protocol):
     """One VM that a launch started or a reattach found."""
+
+    # (vCPU index, host CPU) of each vCPU the launch pinned; empty when none was.
+    vcpu_pinning: tuple[tuple[int, int], ...]
 
     @property
     def ref(self) -> VMRef: ...

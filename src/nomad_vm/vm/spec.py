@@ -114,6 +114,8 @@ class VMSpec:
     free_page_reporting: bool = False
     # Guest RAM on the host's huge pages (a hugetlb memfd, allocated at start).
     hugepages: bool = False
+    # Host CPUs the vCPUs are pinned to once QEMU runs (vCPU i on pin_cpus[i]); empty: none.
+    pin_cpus: tuple[int, ...] = ()
     # The task's `display`: "none", or the adapter of a graphical console ("vga", "virtio"),
     # whose VNC server is served at ``display_socket`` (QEMU: ``qemu.display``).
     display: str = "none"

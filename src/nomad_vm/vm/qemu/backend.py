@@ -48,6 +48,7 @@ from nomad_vm.vm.qemu.binary import find_qemu, qemu_version
 from nomad_vm.vm.qemu.display import DISPLAYS, VNC_SOCKET, check_display, serve_vnc
 from nomad_vm.vm.qemu.files_argv import inherited_fds
 from nomad_vm.vm.qemu.monitor import QemuMonitor, connect_when_ready
+from nomad_vm.vm.qemu.pinning import pin_vcpus
 from nomad_vm.vm.qemu.running import AGENT_SOCKET, LOG_NAME, QMP_SOCKET, SERIAL_SOCKET, QemuVM
 from nomad_vm.vm.share_transport import choose_share_transport
 from nomad_vm.vm.spec import VMSpec
@@ -272,6 +273,8 @@ class QemuHypervisor:
         vm = QemuVM(process, monitor, runtime_dir, tuple(d.process for d in daemons))
         try:
             await vm.enable_guest_stats()
+            if spec.pin_cpus:
+                vm.vcpu_pinning = await pin_vcpus(monitor, spec.pin_cpus)
             if spec.display_socket is not None:
                 await serve_vnc(monitor, spec.display_socket)
         except BaseException:
@@ -371,6 +374,7 @@ def build_spec(
         mem_merge=details.mem_merge,
         free_page_reporting=request.free_page_reporting,
         hugepages=request.hugepages,
+        pin_cpus=request.pin_cpus,
         display=request.display,
         display_socket=plan.display_socket,
     )
