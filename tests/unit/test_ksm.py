@@ -8,8 +8,18 @@ from pathlib import Path
 import pytest
 
 from nomad_vm.driver.config import parse_plugin_config
-from nomad_vm.driver.ksm import KsmOutcome, KsmPolicy, apply_ksm, ksm_attributes
+from nomad_vm.driver.ksm import (
+    KsmOutcome,
+    KsmPolicy,
+    apply_ksm,
+    ksm_attributes,
+    ksm_start_event,
+)
 from nomad_vm.errors import ConfigError
+from nomad_vm.vm.accel import AcceleratorChoice
+from nomad_vm.vm.hypervisor import BackendPlan, VMPlan, VMRequest
+from nomad_vm.vm.share_transport import ShareTransport
+from nomad_vm.vm.spec import ShareSpec
 
 
 def fake_sysfs(root: Path, **values: int) -> Path:
@@ -95,3 +105,38 @@ def test_a_sysfs_the_plugin_may_not_write_is_reported(tmp_path: Path) -> None:
     (root / "run").mkdir()  # writing it fails (EISDIR), as a read-only sysfs would
     outcome = apply_ksm(KsmPolicy(enabled=True), root)
     assert outcome.problem is not None and "run" in outcome.problem
+
+
+def plan(
+    backend: str = "qemu", transport: str = "9p", shares: int = 1, hugepages: bool = False
+) -> VMPlan:
+    request = VMRequest("v", 1, 128, "x86_64", "pc", "bios", None, None, "", False,
+                        hugepages=hugepages)  # fmt: skip
+    share = ShareSpec("nomad-local", Path("/alloc/local"), "/local", False)
+    return VMPlan(
+        backend,
+        request,
+        Path("/run/v"),
+        AcceleratorChoice("tcg", "test"),
+        ShareTransport(transport, None, "test"),
+        (share,) * shares,
+        BackendPlan(),
+    )
+
+
+@pytest.mark.parametrize(
+    ("vm", "says"),
+    [
+        (plan(), "KSM: guest RAM is mergeable"),
+        (plan(transport="virtiofs", shares=0), "KSM: guest RAM is mergeable"),
+        (plan(transport="virtiofs"), "not merging this VM's RAM: guest RAM shared with virtiofsd"),
+        (plan(hugepages=True), "not merging this VM's RAM: it is on huge pages"),
+        (plan(backend="cloud-hypervisor"), "not applied to cloud-hypervisor VMs"),
+    ],
+)
+def test_the_task_event_says_whether_the_vms_ram_is_merged(vm: VMPlan, says: str) -> None:
+    event = ksm_start_event(KsmPolicy(enabled=True), KsmOutcome(), vm)
+    assert event is not None and says in event
+    assert ksm_start_event(KsmPolicy(enabled=False), KsmOutcome(), vm) is None
+    no_ksm = ksm_start_event(KsmPolicy(enabled=True), KsmOutcome("this kernel has no KSM"), vm)
+    assert no_ksm == "KSM: not merging this VM's RAM: this kernel has no KSM"
