@@ -76,6 +76,8 @@ bench: setup
 	$(PY) bench/thin_copy.py
 	$(PY) bench/many_vms.py
 	$(PY) bench/network_start.py
+	$(PY) bench/ksm.py
+	$(PY) bench/free_page_reporting.py
 
 clean:
 	rm -rf $(VENV) .tools .cache build *.egg-info

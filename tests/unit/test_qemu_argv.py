@@ -217,6 +217,18 @@ SPECS = {
         ),
     ),
 }
+# KSM (the plugin's `ksm { enabled }`): private RAM marked mergeable; with virtio-fs the shared
+# memfd backend says merge=on too, though the kernel never merges a shared mapping.
+SPECS["kernel_tcg_ksm"] = replace(SPECS["kernel_tcg"], mem_merge=True)
+SPECS["handed_virtiofs_ksm"] = replace(SPECS["handed_virtiofs"], mem_merge=True)
+# The task's `free_page_reporting`: on the balloon, on PCI and on microvm's virtio-mmio.
+SPECS["kernel_tcg_free_page_reporting"] = replace(SPECS["kernel_tcg"], free_page_reporting=True)
+# The task's `hugepages`: a hugetlb memfd as the guest's RAM (shared too with virtio-fs).
+SPECS["kernel_tcg_hugepages"] = replace(SPECS["kernel_tcg"], hugepages=True)
+SPECS["handed_virtiofs_hugepages_ksm"] = replace(
+    SPECS["handed_virtiofs"], hugepages=True, mem_merge=True
+)
+SPECS["microvm_free_page_reporting"] = replace(SPECS["microvm_disk"], free_page_reporting=True)
 
 
 @pytest.mark.parametrize("name", sorted(SPECS))

@@ -23,6 +23,7 @@ FIELD_OF_OPTION = {
     "machine": "config.os.machine",
     "firmware": "config.firmware",
     "display": "config.display",
+    "hugepages": "config.hugepages",
     "kernel": "config.kernel",
     "accelerator": "accelerator",
     "share_transport": "config.share_transport",
@@ -48,6 +49,7 @@ def host_settings(config: PluginConfig, backend: str = "qemu") -> HostSettings:
         virtiofsd_binary=config.virtiofsd_binary,
         vm_user=config.vm_user,
         seccomp=config.seccomp,
+        mem_merge=config.ksm.enabled,
         fields=(("binary", "qemu_binary"),),
     )
     block = BACKEND_BLOCKS.get(backend)
@@ -112,11 +114,23 @@ def check_request(backend: str, caps: HypervisorCapabilities, request: VMRequest
     if request.display not in caps.displays:
         reason = (
             f"{request.display!r}: the {backend} hypervisor has no graphical console (no VNC "
-            "server); leave display unset or \"none\""
+            'server); leave display unset or "none"'
             if caps.displays == ("none",)
             else _unsupported(backend, request.display, caps.displays)
         )
         raise ConfigError(FIELD_OF_OPTION["display"], reason)
+    if request.free_page_reporting and not caps.free_page_reporting:
+        raise ConfigError(
+            "config.free_page_reporting",
+            f"not available with the {backend} hypervisor (QEMU only); remove it or use "
+            'hypervisor = "qemu"',
+        )
+    if request.hugepages and not caps.hugepages:
+        raise ConfigError(
+            "config.hugepages",
+            f"not available with the {backend} hypervisor (QEMU only); remove it or use "
+            'hypervisor = "qemu"',
+        )
     if request.kernel is None and request.firmware not in caps.disk_boot_firmware:
         offered = ", ".join(caps.disk_boot_firmware) or "none"
         raise ConfigError(

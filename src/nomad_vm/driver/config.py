@@ -11,6 +11,7 @@ from pathlib import Path
 from nomad_vm import schema
 from nomad_vm.driver.ch_config import CloudHypervisorConfig, parse_cloud_hypervisor
 from nomad_vm.driver.hostname import default_hostname, validate_hostname
+from nomad_vm.driver.ksm import KsmPolicy, parse_ksm
 from nomad_vm.driver.seed_keys import (
     SeedPluginKeys,
     parse_seed_plugin_keys,
@@ -69,6 +70,8 @@ class PluginConfig:
     macvtap_devices: tuple[str, ...] = ()
     # Images given by URL: the node's cache (``storage.image_store``) and its policy.
     image_cache: CachePolicy = field(default_factory=CachePolicy)
+    # Kernel Same-page Merging of guest RAM (driver/ksm.py).
+    ksm: KsmPolicy = field(default_factory=KsmPolicy)
 
     @property
     def url_rules(self) -> UrlRules:
@@ -110,6 +113,10 @@ class VMTaskConfig:
     disks: tuple[DiskRequest, ...] = ()
     # A graphical console's adapter, or "none" (schema: `display`).
     display: str = "none"
+    # virtio-balloon free page reporting (schema: `free_page_reporting`).
+    free_page_reporting: bool = False
+    # Guest RAM on the host's huge pages (schema: `hugepages`).
+    hugepages: bool = False
 
     @property
     def gets_seed(self) -> bool:
@@ -177,6 +184,7 @@ def parse_plugin_config(
         seed=parse_seed_plugin_keys(values),
         macvtap_devices=_interface_names(values["macvtap_devices"], "config.macvtap_devices"),
         image_cache=parse_cache_policy(_block(values["image_cache"])),
+        ksm=parse_ksm(_block(values["ksm"])),
     )
 
 
@@ -265,6 +273,8 @@ def parse_task_config(task: TaskConfig, plugin: PluginConfig) -> VMTaskConfig:
         # Unset and "none" alike: no display (kept apart in the schema so that a switch such
         # as a guest OS family can choose a display for tasks that did not say).
         display=str(values["display"] or "none"),
+        free_page_reporting=bool(values["free_page_reporting"]),
+        hugepages=bool(values["hugepages"]),
         arch=str(os_block["arch"]),
         machine=str(os_block["machine"] or ""),
         hypervisor=_optional_str(values["hypervisor"]),

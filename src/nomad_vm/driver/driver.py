@@ -33,6 +33,7 @@ from nomad_vm.driver.image_fetch import ImageFetcher, gc_periodically
 from nomad_vm.driver.image_steps import hold_leases
 from nomad_vm.driver.journal import TaskJournal
 from nomad_vm.driver.journal_store import JournalStore
+from nomad_vm.driver.ksm import KsmOutcome, apply_ksm, ksm_start_event
 from nomad_vm.driver.networking import NetworkManager
 from nomad_vm.driver.recorder import TaskRecorder
 from nomad_vm.driver.replay import undo_host_changes
@@ -94,6 +95,7 @@ class VMDriver:
         self._config_changed = asyncio.Event()
         self._images: ImageFetcher | None = None
         self._images_gc: asyncio.Task[None] | None = None
+        self._ksm = KsmOutcome()
 
     # --- plugin configuration -------------------------------------------------------------
 
@@ -104,6 +106,8 @@ class VMDriver:
             log.warning("%s", warning)
         if agent is not None:
             self.agent = agent
+        # ksmd's pace and start (a host without KSM is reported by the fingerprint).
+        self._ksm = apply_ksm(self.config.ksm)
         if self._images is not None:
             # Downloads under way keep their store; new ones use the new config.
             if self._images.store.root == ImageStore(self.config.data_dir).root:
@@ -140,7 +144,7 @@ class VMDriver:
             self._config_changed.clear()
             default = self._default_backend()
             others = [self.backends.get(n) for n in self.backends.names if n != default.name]
-            yield await fingerprint_async(self.config, default, others)
+            yield await fingerprint_async(self.config, default, others, self._ksm)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._config_changed.wait(), FINGERPRINT_PERIOD)
 
@@ -199,6 +203,9 @@ class VMDriver:
     ) -> tuple[TaskHandle, NetworkOverride | None]:
         if plan.vm_plan.shares and plan.vm_plan.share_transport.fallback:
             self.events.emit(task, f"Shares use {plan.vm_plan.share_transport.reason}")
+        ksm_event = ksm_start_event(self.config.ksm, self._ksm, plan.vm_plan)
+        if ksm_event is not None:
+            self.events.emit(task, ksm_event)
         # A start of this very id that a dead plugin left half done: undo it first.
         await self._undo_leftover(task.id)
         journal = TaskJournal(
@@ -233,6 +240,9 @@ class VMDriver:
             f"VM started: {request.vcpus} vCPU, {request.memory_mb} MB, accelerator {accel.name}",
             {"pid": str(vmm.pid if vmm else ""), "accelerator_reason": accel.reason},
         )
+        if started.vm.vcpu_pinning:
+            pins = ", ".join(f"vCPU {v} on CPU {c}" for v, c in started.vm.vcpu_pinning)
+            self.events.emit(task, f"vCPUs pinned to the reserved cores: {pins}")
         handle = TaskHandle(HANDLE_VERSION, TaskState.RUNNING, recorder.journal.encode())
         network = started.network
         return handle, network.override if network is not None else None
@@ -300,9 +310,7 @@ class VMDriver:
                 log.warning("reconciling the network of %s failed: %s", task.id, exc)
         entry.start_watching()
         vmm = journal.vmm
-        self.events.emit(
-            task, "Reattached to the running VM", {"pid": str(vmm.pid if vmm else "")}
-        )
+        self.events.emit(task, "Reattached to the running VM", {"pid": str(vmm.pid if vmm else "")})
 
     def _recovered_journal(self, task_id: str, handle: TaskHandle) -> TaskJournal:
         """The journal on disk (the latest); else the copy in Nomad's handle, saved again so
@@ -410,4 +418,3 @@ class VMDriver:
             self._images_gc.cancel()
         if self._images is not None:
             await self._images.close()
-

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from nomad_vm import __version__
 from nomad_vm.driver.backend_options import check_settings, config_error, host_settings
 from nomad_vm.driver.config import PluginConfig
+from nomad_vm.driver.ksm import KsmOutcome, ksm_attributes
 from nomad_vm.driver.types import AttributeValue, Fingerprint, Health
 from nomad_vm.errors import NetworkError, NomadVMError, VMRequestError
 from nomad_vm.network import links
@@ -20,15 +21,21 @@ ATTRIBUTE_PREFIX = "driver.vm."
 
 
 def fingerprint(
-    config: PluginConfig, backend: Hypervisor, others: Sequence[Hypervisor] = ()
+    config: PluginConfig,
+    backend: Hypervisor,
+    others: Sequence[Hypervisor] = (),
+    ksm: KsmOutcome | None = None,
 ) -> Fingerprint:
     """The fingerprint with its attributes under the installed name's prefix (the attributes
-    below are written as `driver.vm.*`), and what the seed drivers' ignored keys amount to."""
+    below are written as `driver.vm.*`), and what the seed drivers' ignored keys amount to.
+    ``ksm``: what applying the plugin's `ksm` block did (driver/ksm.py)."""
     found = _fingerprint(config, backend, others)
+    transport = found.attributes.get(ATTRIBUTE_PREFIX + "fs_transport")
+    merging = ksm_attributes(config.ksm, ksm or KsmOutcome(), virtiofs=transport == "virtiofs")
     prefix = config.identity.attribute_prefix
     attrs: dict[str, AttributeValue] = {
         prefix + key.removeprefix(ATTRIBUTE_PREFIX): value
-        for key, value in found.attributes.items()
+        for key, value in {**found.attributes, **merging}.items()
     }
     attrs.update(config.seed.attributes(prefix))
     description = found.description
@@ -124,10 +131,13 @@ def _describe(problem: NomadVMError, settings: HostSettings) -> str:
 
 
 async def fingerprint_async(
-    config: PluginConfig, backend: Hypervisor, others: Sequence[Hypervisor] = ()
+    config: PluginConfig,
+    backend: Hypervisor,
+    others: Sequence[Hypervisor] = (),
+    ksm: KsmOutcome | None = None,
 ) -> Fingerprint:
     # The KVM probe and `qemu --version` run child processes: keep them off the event loop.
-    return await asyncio.to_thread(fingerprint, config, backend, others)
+    return await asyncio.to_thread(fingerprint, config, backend, others, ksm)
 
 
 def network_attributes(net: BridgeNetwork) -> dict[str, AttributeValue]:

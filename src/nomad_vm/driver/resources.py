@@ -21,6 +21,15 @@ def count_cpuset(cpuset: str) -> int:
     return total
 
 
+def expand_cpuset(cpuset: str) -> tuple[int, ...]:
+    """The CPUs of a cpuset list such as ``"0-2,5"``, in order: (0, 1, 2, 5)."""
+    cpus: list[int] = []
+    for part in filter(None, (p.strip() for p in cpuset.split(","))):
+        first, _, last = part.partition("-")
+        cpus.extend(range(int(first), int(last or first) + 1))
+    return tuple(cpus)
+
+
 def vcpus_for(res: TaskResources, agent: AgentInfo, host_cores: int | None = None) -> int:
     """Reserved cores win; otherwise CPU MHz over the per-core MHz Nomad measured, rounded up."""
     cores = host_cores or agent.core_count or os.cpu_count() or 1

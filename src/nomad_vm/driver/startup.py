@@ -26,7 +26,7 @@ from nomad_vm.driver.config import (
 )
 from nomad_vm.driver.macvtap_plan import FIELDS, MACVTAP_FIELD, MacvtapPlan, plan_macvtap
 from nomad_vm.driver.network_plan import NetworkPlan, plan_network
-from nomad_vm.driver.resources import memory_mb_for, vcpus_for
+from nomad_vm.driver.resources import expand_cpuset, memory_mb_for, vcpus_for
 from nomad_vm.driver.shares import task_shares
 from nomad_vm.driver.types import AgentInfo, TaskConfig
 from nomad_vm.errors import ConfigError, VMRequestError
@@ -109,6 +109,10 @@ async def plan_start(
         has_disk=bool(vm.disks),
         shares=task_shares(task, vm),
         display=vm.display,
+        free_page_reporting=vm.free_page_reporting,
+        hugepages=vm.hugepages,
+        # Reserved cores (`resources { cores }`) are the vCPUs' own: one vCPU on each.
+        pin_cpus=expand_cpuset(task.resources.cpuset_cpus),
     )
     check_request(backend.name, caps, request)
     refuse_disk_options(backend.name, backend.capabilities, vm)

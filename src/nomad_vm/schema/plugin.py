@@ -7,6 +7,7 @@ from dataclasses import replace
 from nomad_vm.fields import Field, Schema
 from nomad_vm.identity import OWN, Identity
 from nomad_vm.schema.image_cache import IMAGE_CACHE_BLOCK
+from nomad_vm.schema.ksm import KSM_BLOCK
 from nomad_vm.schema.seed_keys import PLUGIN_SEED_FIELDS
 from nomad_vm.schema.task import HYPERVISORS
 
@@ -291,6 +292,7 @@ PLUGIN_CONFIG = Schema(
         ),
         CLOUD_HYPERVISOR_BLOCK,
         IMAGE_CACHE_BLOCK,
+        KSM_BLOCK,
         *PLUGIN_SEED_FIELDS,
     ),
 )

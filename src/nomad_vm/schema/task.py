@@ -130,6 +130,27 @@ TASK_CONFIG = Schema(
             choices=DISPLAYS,
         ),
         Field(
+            "free_page_reporting",
+            "bool",
+            "The guest tells the host which of its memory it has freed (virtio-balloon's free "
+            "page reporting, `free-page-reporting=on`), and the host takes those pages back: "
+            "the VM's host memory shrinks after the guest frees memory, instead of staying at "
+            "its peak. Needs the guest's virtio_balloon driver (Linux 5.7+). Freed memory is "
+            "reported in 2 MiB blocks a few seconds after it is freed; touching it again costs "
+            "the guest a page fault. QEMU only (see docs/memory.md).",
+            default=False,
+        ),
+        Field(
+            "hugepages",
+            "bool",
+            "Back the guest's RAM with the host's huge pages (hugetlbfs pages of the default "
+            "size, `memory-backend-memfd,hugetlb=on`, allocated when QEMU starts): fewer TLB "
+            "misses for the guest, and memory the host can neither swap nor merge (KSM). The "
+            "host must have enough free: reserve them with `vm.nr_hugepages`; a task that "
+            "does not fit is refused before anything is created. QEMU only.",
+            default=False,
+        ),
+        Field(
             "os",
             "block",
             "Guest platform.",

@@ -77,6 +77,10 @@ class HypervisorCapabilities:
     # (guest CID, port): the guest's agent is reached over vsock, not a virtio-serial port,
     # so the guest must be told to run it there (the cloud-init seed does); None: serial.
     guest_agent_vsock: tuple[int, int] | None = None
+    # Free page reporting on the balloon (the task's `free_page_reporting`).
+    free_page_reporting: bool = False
+    # Guest RAM on the host's huge pages (the task's `hugepages`).
+    hugepages: bool = False
 
 
 @dataclass(frozen=True)
@@ -102,6 +106,9 @@ class HostSettings:
     log_file: Path | None = None
     # Use KVM without probing it first (the operator vouches for it).
     trust_kvm: bool = False
+    # Guest RAM marked mergeable for KSM (the plugin's `ksm { enabled }`); False: the VMM's
+    # default.
+    mem_merge: bool = False
     # Setting -> the config field it came from, for errors that name what the user wrote.
     fields: tuple[tuple[str, str], ...] = ()
 
@@ -140,6 +147,14 @@ class VMRequest:
     shares: tuple[ShareSpec, ...] = ()
     # A graphical console's adapter, or "none" (schema: task `display`).
     display: str = "none"
+    # The guest reports the memory it freed, which the host takes back (task
+    # `free_page_reporting`).
+    free_page_reporting: bool = False
+    # Guest RAM on the host's huge pages (task `hugepages`).
+    hugepages: bool = False
+    # The task's reserved cores (Nomad's cpuset), one per vCPU: vCPU i is pinned to
+    # ``pin_cpus[i]``. Empty: no pinning.
+    pin_cpus: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -249,6 +264,8 @@ class OneProcessVMM:
     # after this long is killed.
     helper_grace: float = 5.0
     _ended: asyncio.Future[VMExit] | None = None
+    # (vCPU index, host CPU) of each vCPU the launch pinned (VMRequest.pin_cpus); empty: none.
+    vcpu_pinning: tuple[tuple[int, int], ...] = ()
 
     async def wait(self) -> VMExit:
         """How the VM ended, once it has; concurrent callers share the one wait."""
@@ -268,7 +285,7 @@ class OneProcessVMM:
         return self.vmm_exit(ended)
 
     def guest_verdict(self) -> str | None:
-        """"poweroff" or "panic" when the guest itself ended the VM, else None."""
+        """ "poweroff" or "panic" when the guest itself ended the VM, else None."""
         return None
 
     def vmm_exit(self, ended: VMExit) -> VMExit:
@@ -317,6 +334,9 @@ class LaunchRecorder(Protocol):
 
 class RunningVM(Protocol):
     """One VM that a launch started or a reattach found."""
+
+    # (vCPU index, host CPU) of each vCPU the launch pinned; empty when none was.
+    vcpu_pinning: tuple[tuple[int, int], ...]
 
     @property
     def ref(self) -> VMRef: ...

@@ -91,17 +91,20 @@ def machine_argv(
     cfg: MachineConfig,
     plan: FirmwarePlan | None,
     memory_backend: str | None = None,
+    mem_merge: bool = False,
 ) -> list[str]:
     """``-machine`` (for UEFI with its flash on the block nodes ``FLASH_NODES``, which the
     caller defines: ``qemu.files_argv.firmware_argv``). A pure function.
 
     ``plan`` must be given exactly when the firmware is UEFI; a mismatch is a programming error
     (ValueError). ``memory_backend`` names an ``-object memory-backend-*`` to use as the
-    guest's RAM.
+    guest's RAM. ``mem_merge`` marks the guest's RAM mergeable for KSM (``mem-merge=on``).
     """
     machine = cfg.machine if cfg.smm is None else f"{cfg.machine},smm={'on' if cfg.smm else 'off'}"
     if memory_backend:
         machine += f",memory-backend={memory_backend}"
+    if mem_merge:
+        machine += ",mem-merge=on"
     if cfg.firmware == BIOS:
         if plan is not None:
             raise ValueError("BIOS boot takes no firmware plan")

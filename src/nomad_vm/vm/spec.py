@@ -133,6 +133,15 @@ class VMSpec:
     console_log_fd: int | None = None
     # The VMM filters its own system calls (QEMU's -sandbox).
     seccomp: bool = False
+    # Guest RAM marked mergeable for KSM; False: the VMM's default (QEMU's is mergeable too,
+    # but only a request says so on the command line, where the operator can see it).
+    mem_merge: bool = False
+    # The balloon's free page reporting: the guest's freed memory goes back to the host.
+    free_page_reporting: bool = False
+    # Guest RAM on the host's huge pages (a hugetlb memfd, allocated at start).
+    hugepages: bool = False
+    # Host CPUs the vCPUs are pinned to once QEMU runs (vCPU i on pin_cpus[i]); empty: none.
+    pin_cpus: tuple[int, ...] = ()
     # The task's `display`: "none", or the adapter of a graphical console ("vga", "virtio"),
     # whose VNC server is served at ``display_socket`` (QEMU: ``qemu.display``).
     display: str = "none"

@@ -50,18 +50,34 @@ def qemu_argv(binary: str, spec: VMSpec) -> list[str]:
 def _platform(spec: VMSpec, sets: FdSets) -> list[str]:
     # virtiofsd maps the guest's RAM to serve file data: it must be shareable memory.
     shared_ram = spec.share_transport == "virtiofs" and bool(spec.shares)
+    # The guest's RAM is an explicit memory backend when virtiofsd must map it or when it
+    # lives on huge pages; otherwise QEMU's default (private anonymous memory).
+    ram_backend = shared_ram or spec.hugepages
     argv = [
         "-name",
         f"guest={opt(spec.name)},debug-threads=on",
         "-nodefaults",
         "-no-user-config",
-        *machine_argv(spec.machine, spec.firmware, SHARED_RAM if shared_ram else None),
+        *machine_argv(
+            spec.machine, spec.firmware, SHARED_RAM if ram_backend else None, spec.mem_merge
+        ),
         *firmware_argv(sets, spec.firmware, spec.firmware_code, spec.firmware_vars),
         "-accel",
         spec.accelerator,
     ]
-    if shared_ram:
-        argv += ["-object", f"memory-backend-memfd,id={SHARED_RAM},size={spec.memory_mb}M,share=on"]
+    if ram_backend:
+        backend = f"memory-backend-memfd,id={SHARED_RAM},size={spec.memory_mb}M"
+        if shared_ram:
+            backend += ",share=on"
+        if spec.hugepages:
+            # Huge pages of the host's default size, all taken at start (prealloc): a pool
+            # that ran dry later would kill the VM with SIGBUS instead of failing its start.
+            backend += ",hugetlb=on,prealloc=on"
+        if spec.mem_merge:
+            # Said for the record only with share=on or hugetlb: the kernel never merges a
+            # shared or hugetlb mapping (driver/ksm.py), so such a guest's RAM stays unmerged.
+            backend += ",merge=on"
+        argv += ["-object", backend]
     if spec.accelerator == "kvm":
         argv += ["-cpu", "host"]
     return [*argv, "-smp", str(spec.vcpus), "-m", f"{spec.memory_mb}M"]
@@ -122,8 +138,10 @@ def _devices(spec: VMSpec, sets: FdSets) -> list[str]:
     if not microvm:
         # Lets the guest kernel tell QEMU it panicked (Linux's pvpanic driver).
         argv += ["-device", "pvpanic"]
-    # Memory statistics from inside the guest (used/available), for TaskStats.
-    argv += ["-device", f"virtio-balloon-{virtio},id=balloon0"]
+    # Memory statistics from inside the guest (used/available), for TaskStats; with free page
+    # reporting, the guest also hands back what it freed (QEMU discards those pages).
+    reporting = ",free-page-reporting=on" if spec.free_page_reporting else ""
+    argv += ["-device", f"virtio-balloon-{virtio},id=balloon0{reporting}"]
     # write-cache=on by default: what -drive's default cache=writeback gave the guest (a
     # device on a -blockdev node would otherwise be write-through, flushing after every write).
     argv += disks_argv(sets, spec)

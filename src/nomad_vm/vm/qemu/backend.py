@@ -28,6 +28,7 @@ from nomad_vm.vm.accel import choose_accelerator, probe_kvm
 from nomad_vm.vm.firmware import FIRMWARE_KINDS, VARS_FILE, FirmwarePlan, plan_firmware
 from nomad_vm.vm.firmware import prepare_vars as prepare_firmware_vars
 from nomad_vm.vm.handover import Handover, handover
+from nomad_vm.vm.hugepages import check_hugepages
 from nomad_vm.vm.hypervisor import (
     VMM_ROLE,
     BackendPlan,
@@ -48,6 +49,7 @@ from nomad_vm.vm.qemu.binary import find_qemu, qemu_version
 from nomad_vm.vm.qemu.display import DISPLAYS, VNC_SOCKET, check_display, serve_vnc
 from nomad_vm.vm.qemu.files_argv import inherited_fds
 from nomad_vm.vm.qemu.monitor import QemuMonitor, connect_when_ready
+from nomad_vm.vm.qemu.pinning import pin_vcpus
 from nomad_vm.vm.qemu.running import AGENT_SOCKET, LOG_NAME, QMP_SOCKET, SERIAL_SOCKET, QemuVM
 from nomad_vm.vm.share_transport import choose_share_transport
 from nomad_vm.vm.spec import DiskSpec, VMSpec
@@ -86,6 +88,8 @@ CAPABILITIES = HypervisorCapabilities(
     macvtap=True,
     disk_blocks=True,
     displays=DISPLAYS,
+    free_page_reporting=True,
+    hugepages=True,
 )
 
 
@@ -97,6 +101,8 @@ class QemuPlan(BackendPlan):
     # Who QEMU and its virtiofsd run as (None: as the plugin) and whether QEMU runs sandboxed.
     user: VMMUser | None
     seccomp: bool
+    # Guest RAM mergeable by KSM (-machine mem-merge=on); False: QEMU's default.
+    mem_merge: bool = False
 
 
 class QemuHypervisor:
@@ -141,6 +147,8 @@ class QemuHypervisor:
             has_disk=request.has_disk,
         )
         check_display(request.display, machine.machine)
+        if request.hugepages:
+            check_hugepages(request.memory_mb)
         transport = choose_share_transport(settings.share_transport, settings.virtiofsd_binary)
         shares = request.shares
         if transport.name == "virtiofs":
@@ -157,6 +165,7 @@ class QemuHypervisor:
             firmware=plan_firmware(request.firmware),
             user=user,
             seccomp=settings.seccomp,
+            mem_merge=settings.mem_merge,
         )
         display_socket = runtime_dir / VNC_SOCKET if request.display != "none" else None
         return VMPlan(
@@ -266,6 +275,8 @@ class QemuHypervisor:
         vm = QemuVM(process, monitor, runtime_dir, tuple(d.process for d in daemons))
         try:
             await vm.enable_guest_stats()
+            if spec.pin_cpus:
+                vm.vcpu_pinning = await pin_vcpus(monitor, spec.pin_cpus)
             if spec.display_socket is not None:
                 await serve_vnc(monitor, spec.display_socket)
         except BaseException:
@@ -375,6 +386,10 @@ def build_spec(
         serial_fd=handed.listen(serial_socket) if handed else None,
         console_log_fd=devices.console_fd if handed else None,
         seccomp=details.seccomp,
+        mem_merge=details.mem_merge,
+        free_page_reporting=request.free_page_reporting,
+        hugepages=request.hugepages,
+        pin_cpus=request.pin_cpus,
         display=request.display,
         display_socket=plan.display_socket,
     )
