@@ -68,6 +68,12 @@ class HypervisorCapabilities:
     # `disk {}` blocks beyond one plain virtio disk: several disks, other buses, cdroms,
     # serials, read-only disks, cache modes and storage-pool volumes.
     disk_blocks: bool = False
+    # A TPM 2.0 (one swtpm per VM), Hyper-V enlightenments, an RTC in local time, and the NIC
+    # models a guest may get (the first is the default): what Windows guests need.
+    tpm: bool = False
+    hyperv: bool = False
+    rtc_localtime: bool = False
+    nic_models: tuple[str, ...] = ("virtio",)
 
 
 @dataclass(frozen=True)
@@ -129,6 +135,14 @@ class VMRequest:
     # The VM boots (or has its root filesystem on) a disk the driver prepares.
     has_disk: bool
     shares: tuple[ShareSpec, ...] = ()
+    # A TPM 2.0 whose state lives in ``LaunchDevices.tpm_state_fd``; Hyper-V enlightenments
+    # (those the accelerator can give); the RTC in local time; the seed as a CD-ROM on SATA.
+    tpm: bool = False
+    hyperv: bool = False
+    rtc_localtime: bool = False
+    seed_cdrom: bool = False
+    # The model of the VM's network cards (one of the capabilities' ``nic_models``).
+    nic_model: str = "virtio"
 
 
 @dataclass(frozen=True)
@@ -148,6 +162,9 @@ class VMPlan:
     share_transport: ShareTransport
     shares: tuple[ShareSpec, ...]
     details: BackendPlan
+    # What the backend changed from the request and the task should be told (task events),
+    # e.g. Hyper-V enlightenments dropped under TCG.
+    notes: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -164,6 +181,9 @@ class LaunchDevices:
     initramfs: HeldFile | None = None
     # The task's other disks (`disk` blocks after the primary); only QEMU takes them.
     extra_disks: tuple[DiskSpec, ...] = ()
+    # The TPM's state directory (an O_PATH descriptor, owned by the VMM's user), for a
+    # request with ``tpm``.
+    tpm_state_fd: int | None = None
 
 
 @dataclass(frozen=True)

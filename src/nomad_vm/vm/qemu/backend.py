@@ -16,10 +16,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from nomad_vm.errors import HypervisorError, LaunchError, NomadVMError
+from nomad_vm.errors import HypervisorError, LaunchError, NomadVMError, VMRequestError
 from nomad_vm.files import read_log_tail
 from nomad_vm.processes import is_same_process
 from nomad_vm.storage.held import FileHolder, HeldFile, open_own
@@ -27,6 +27,7 @@ from nomad_vm.vm.accel import choose_accelerator, probe_kvm
 from nomad_vm.vm.firmware import FIRMWARE_KINDS, VARS_FILE, FirmwarePlan, plan_firmware
 from nomad_vm.vm.firmware import prepare_vars as prepare_firmware_vars
 from nomad_vm.vm.handover import Handover, handover
+from nomad_vm.vm.hyperv import HypervChoice, choose_hyperv
 from nomad_vm.vm.hypervisor import (
     VMM_ROLE,
     BackendPlan,
@@ -49,6 +50,8 @@ from nomad_vm.vm.qemu.monitor import QemuMonitor, connect_when_ready
 from nomad_vm.vm.qemu.running import AGENT_SOCKET, LOG_NAME, QMP_SOCKET, QemuVM
 from nomad_vm.vm.share_transport import choose_share_transport
 from nomad_vm.vm.spec import VMSpec
+from nomad_vm.vm.swtpm import ROLE as SWTPM_ROLE
+from nomad_vm.vm.swtpm import TpmDaemon, find_swtpm, start_swtpm
 from nomad_vm.vm.virtiofsd import (
     ShareDaemon,
     early_exit_report,
@@ -66,6 +69,9 @@ NAME = "qemu"
 QMP_READY_TIMEOUT = 30.0
 HELPER_ROLE = "virtiofsd"
 
+# virtio-net, and the Intel 82574L that guests without virtio drivers (Windows Setup) know.
+NIC_MODELS = ("virtio", "e1000e")
+
 CAPABILITIES = HypervisorCapabilities(
     accelerators=("kvm", "tcg"),
     firmware_kinds=FIRMWARE_KINDS,
@@ -82,6 +88,10 @@ CAPABILITIES = HypervisorCapabilities(
     verdict_survives_plugin_absence=True,
     macvtap=True,
     disk_blocks=True,
+    tpm=True,
+    hyperv=True,
+    rtc_localtime=True,
+    nic_models=NIC_MODELS,
 )
 
 
@@ -93,6 +103,10 @@ class QemuPlan(BackendPlan):
     # Who QEMU and its virtiofsd run as (None: as the plugin) and whether QEMU runs sandboxed.
     user: VMMUser | None
     seccomp: bool
+    # The Hyper-V enlightenments the accelerator can give (and those it cannot); swtpm for a
+    # VM with a TPM.
+    hyperv: HypervChoice = field(default_factory=lambda: HypervChoice(()))
+    swtpm: Path | None = None
 
 
 class QemuHypervisor:
@@ -146,14 +160,19 @@ class QemuHypervisor:
         user = resolve_vmm_user(settings.vm_user)
         if accelerator.name == "kvm":
             check_kvm_access(user)
+        check_pc_devices(request, machine)
+        hyperv = choose_hyperv(request.hyperv, accelerator.name)
         details = QemuPlan(
             binary=str(find_qemu(settings.binary)),
             machine=machine,
             firmware=plan_firmware(request.firmware),
             user=user,
             seccomp=settings.seccomp,
+            hyperv=hyperv,
+            swtpm=find_swtpm() if request.tpm else None,
         )
-        return VMPlan(NAME, request, runtime_dir, accelerator, transport, shares, details)
+        notes = (hyperv.event(),) if hyperv.dropped else ()
+        return VMPlan(NAME, request, runtime_dir, accelerator, transport, shares, details, notes)
 
     async def launch(
         self, plan: VMPlan, devices: LaunchDevices, recorder: LaunchRecorder
@@ -173,17 +192,40 @@ class QemuHypervisor:
                 code, variables = open_firmware(details.firmware, vars_path, firmware_files)
             spec = build_spec(plan, details, devices, code, variables, handed)
             daemons = self._start_daemons(plan, spec)
+            tpm: TpmDaemon | None = None
             try:
                 spec = with_daemon_ends(spec, daemons)
                 await record_and_release(recorder, [d.process for d in daemons], HELPER_ROLE)
-                process = self._spawn_qemu(plan, spec, devices.console_fd, daemons)
+                tpm = self._start_tpm(plan, devices, daemons)
+                if tpm is not None:
+                    spec = replace(spec, tpm_fd=tpm.qemu_end.fileno())
+                    started = [d.process for d in daemons]
+                    await record_and_release(recorder, [tpm.process], SWTPM_ROLE, started)
+                process = self._spawn_qemu(plan, spec, devices.console_fd, daemons, tpm)
             finally:
                 # QEMU (or its gate) holds its own copies now; the plugin keeps none.
                 for daemon in daemons:
                     daemon.close()
-        helpers = [d.process for d in daemons]
+                if tpm is not None:
+                    tpm.close()
+        helpers = [d.process for d in daemons] + ([tpm.process] if tpm is not None else [])
         await record_and_release(recorder, [process], VMM_ROLE, helpers, spec.control_socket)
-        return await self._connect(spec, process, daemons, runtime_dir)
+        return await self._connect(spec, process, daemons, runtime_dir, tpm)
+
+    def _start_tpm(
+        self, plan: VMPlan, devices: LaunchDevices, daemons: list[ShareDaemon]
+    ) -> TpmDaemon | None:
+        """The VM's swtpm, forked at its gate (the share daemons are ended if it fails)."""
+        details = _details(plan)
+        if details.swtpm is None:
+            return None
+        if devices.tpm_state_fd is None:
+            raise ValueError("a VM with a TPM needs the TPM's state directory")
+        try:
+            return start_swtpm(details.swtpm, devices.tpm_state_fd, plan.runtime_dir, details.user)
+        except BaseException:
+            kill_daemons(daemons)
+            raise
 
     def _start_daemons(self, plan: VMPlan, spec: VMSpec) -> list[ShareDaemon]:
         """One virtiofsd per share (virtio-fs), forked at their gates."""
@@ -206,6 +248,7 @@ class QemuHypervisor:
         spec: VMSpec,
         console_fd: int,
         daemons: list[ShareDaemon],
+        tpm: TpmDaemon | None = None,
     ) -> SupervisedProcess:
         """QEMU, forked at its gate as the plan's user; its messages go to qemu.log."""
         argv = qemu_argv(_details(plan).binary, spec)
@@ -226,6 +269,8 @@ class QemuHypervisor:
                 os.close(log_fd)
         except BaseException:
             kill_daemons(daemons)
+            if tpm is not None:
+                tpm.process.kill_and_reap()
             raise
         log.debug("started qemu", extra={"fields": {"pid": process.pid, "argv": " ".join(argv)}})
         return process
@@ -236,6 +281,7 @@ class QemuHypervisor:
         process: SupervisedProcess,
         daemons: list[ShareDaemon],
         runtime_dir: Path,
+        tpm: TpmDaemon | None = None,
     ) -> QemuVM:
         async def running() -> bool:
             return is_running(process)
@@ -244,9 +290,13 @@ class QemuHypervisor:
             monitor, _ = await connect_when_ready(spec.control_socket, running, QMP_READY_TIMEOUT)
         except HypervisorError as exc:
             # A share daemon that failed first is the cause; QEMU only saw "Connection refused".
-            cause = early_exit_report(daemons)
+            cause = "; ".join(
+                c for c in (early_exit_report(daemons), tpm and tpm.early_exit_report()) if c
+            )
             await process.terminate(grace=2.0)
             kill_daemons(daemons)
+            if tpm is not None:
+                tpm.process.kill_and_reap()
             tail = read_log_tail(runtime_dir / LOG_NAME)
             process.close()
             if cause:
@@ -254,7 +304,8 @@ class QemuHypervisor:
             raise LaunchError(f"QEMU failed to start: {tail or exc}") from None
         # Cancelled here (Nomad gave up on StartTask, the agent is shutting down), QEMU and its
         # daemons are ended by the driver's replay of the journal they are recorded in.
-        vm = QemuVM(process, monitor, runtime_dir, tuple(d.process for d in daemons))
+        helpers = tuple(d.process for d in daemons) + ((tpm.process,) if tpm is not None else ())
+        vm = QemuVM(process, monitor, runtime_dir, helpers)
         try:
             await vm.enable_guest_stats()
         except BaseException:
@@ -279,6 +330,22 @@ class QemuHypervisor:
         vm = QemuVM(process, monitor, ref.runtime_dir, helpers)
         await vm.check_finished_meanwhile()
         return vm
+
+
+def check_pc_devices(request: VMRequest, machine: MachineConfig) -> None:
+    """microvm has no PCI bus and no TPM interface: the devices Windows guests need are PC
+    devices (VMRequestError naming the option)."""
+    if machine.machine != "microvm":
+        return
+    for option, wanted in (
+        ("tpm", request.tpm),
+        ("nic_model", request.nic_model != "virtio"),
+        ("seed_cdrom", request.seed_cdrom),
+    ):
+        if wanted:
+            raise VMRequestError(
+                option, 'microvm has no PCI bus or TPM interface: use os { machine = "q35" }'
+            )
 
 
 def _details(plan: VMPlan) -> QemuPlan:
@@ -346,4 +413,7 @@ def build_spec(
         control_fd=handed.listen(control_socket) if handed else None,
         agent_fd=handed.listen(agent_socket) if handed else None,
         seccomp=details.seccomp,
+        hyperv=details.hyperv.flags,
+        rtc_localtime=request.rtc_localtime,
+        seed_bus="sata" if request.seed_cdrom else "virtio",
     )
