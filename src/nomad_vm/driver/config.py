@@ -10,6 +10,7 @@ from pathlib import Path
 
 from nomad_vm import schema
 from nomad_vm.driver.ch_config import CloudHypervisorConfig, parse_cloud_hypervisor
+from nomad_vm.driver.guest_profile import GuestProfile, guest_profile
 from nomad_vm.driver.hostname import default_hostname, validate_hostname
 from nomad_vm.driver.seed_keys import (
     SeedPluginKeys,
@@ -64,6 +65,9 @@ class PluginConfig:
 
     # The host interfaces macvtap NICs may stack on; empty: any.
     macvtap_devices: tuple[str, ...] = ()
+    # The firmware of tasks that choose none, and whether they may choose another.
+    default_firmware: str = "bios"
+    allow_task_firmware: bool = True
 
 
 @dataclass(frozen=True)
@@ -99,11 +103,20 @@ class VMTaskConfig:
     # Every disk, the primary first (``storage.disk_request``): the `disk` blocks, or the
     # shorthand's one disk from `image`; `image` and the two fields above are the primary's.
     disks: tuple[DiskRequest, ...] = ()
+    # The guest's platform and devices (`os.variant` and the options it stands for).
+    profile: GuestProfile = field(default_factory=GuestProfile)
+    # Files for the seed ISO's root (autounattend.xml, cloudbase-init), resolved and allowed.
+    seed_files: tuple[Path, ...] = ()
 
     @property
     def gets_seed(self) -> bool:
         """Does this VM get a cloud-init seed (the only way the cloud-init options reach it)?"""
         return gets_cloud_init_seed(self.image is not None, self.cloud_init)
+
+    @property
+    def gets_seed_iso(self) -> bool:
+        """A seed ISO is attached: for cloud-init, or for the task's `seed_files`."""
+        return self.gets_seed or bool(self.seed_files)
 
 
 def gets_cloud_init_seed(has_image: bool, cloud_init: bool) -> bool:
@@ -164,6 +177,8 @@ def parse_plugin_config(
         identity=identity,
         seed=parse_seed_plugin_keys(values),
         macvtap_devices=_interface_names(values["macvtap_devices"], "config.macvtap_devices"),
+        default_firmware=str(values["default_firmware"]),
+        allow_task_firmware=bool(values["allow_task_firmware"]),
     )
 
 
@@ -236,8 +251,16 @@ def parse_task_config(task: TaskConfig, plugin: PluginConfig) -> VMTaskConfig:
     # An absent block decodes to None: its fields then take their defaults from the schema.
     os_block = values["os"] or validate(_block_schema("os"), {}, "config.os")
     assert isinstance(os_block, dict)
+    profile = guest_profile(
+        values,
+        os_block,
+        _block(values["network_interface"]),
+        plugin.default_firmware,
+        plugin.allow_task_firmware,
+    )
     hostname = values["hostname"]
-    disks = _disks(task, values, allowed, str(os_block["machine"] or "pc"), plugin)
+    machine = profile.machine or profile.default_machine or "pc"
+    disks = _disks(task, values, allowed, machine, plugin, profile.disk_bus)
     primary = disks[0] if disks else None
     return VMTaskConfig(
         disks=disks,
@@ -247,9 +270,11 @@ def parse_task_config(task: TaskConfig, plugin: PluginConfig) -> VMTaskConfig:
         kernel=path_of("kernel"),
         initramfs=path_of("initramfs"),
         cmdline=str(values["cmdline"] or ""),
-        firmware=str(values["firmware"]),
+        firmware=profile.firmware,
         arch=str(os_block["arch"]),
-        machine=str(os_block["machine"] or ""),
+        machine=profile.machine,
+        profile=profile,
+        seed_files=_seed_files(values["seed_files"], allowed, task.task_dir),
         hypervisor=_optional_str(values["hypervisor"]),
         hostname=(
             validate_hostname(str(hostname))
@@ -276,6 +301,7 @@ def _disks(
     allowed: Allowlist,
     machine: str,
     plugin: PluginConfig,
+    default_bus: str = "virtio",
 ) -> tuple[DiskRequest, ...]:
     """The `disk` blocks, or the shorthand's one disk; both in one task is an error naming
     both, since either alone describes the boot disk."""
@@ -289,7 +315,7 @@ def _disks(
         )
         size = values["primary_disk_size"]
         thin = values["use_thin_copy"] is not False  # unset: an overlay
-        return shorthand_disk(path, thin, size)  # type: ignore[arg-type]
+        return shorthand_disk(path, thin, size, default_bus)  # type: ignore[arg-type]
     shorthand = [
         f"config.{name}"
         for name in ("image", "use_thin_copy", "primary_disk_size")
@@ -310,6 +336,15 @@ def _disks(
         lambda field, path: resolve_allowed_file(field, path, allowed, task.task_dir),
         machine,
         pools,
+        default_bus,
+    )
+
+
+def _seed_files(raw: object, allowed: Allowlist, task_dir: str) -> tuple[Path, ...]:
+    names = [str(p) for p in raw] if isinstance(raw, list) else []
+    return tuple(
+        resolve_allowed_file(f"config.seed_files[{i}]", name, allowed, task_dir)
+        for i, name in enumerate(names)
     )
 
 

@@ -175,6 +175,8 @@ class VMDriver:
     ) -> tuple[TaskHandle, NetworkOverride | None]:
         if plan.vm_plan.shares and plan.vm_plan.share_transport.fallback:
             self.events.emit(task, f"Shares use {plan.vm_plan.share_transport.reason}")
+        for note in plan.vm_plan.notes:
+            self.events.emit(task, note)
         # A start of this very id that a dead plugin left half done: undo it first.
         await self._undo_leftover(task.id)
         journal = TaskJournal(

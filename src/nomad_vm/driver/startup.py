@@ -27,7 +27,9 @@ from nomad_vm.driver.config import (
 from nomad_vm.driver.macvtap_plan import FIELDS, MACVTAP_FIELD, MacvtapPlan, plan_macvtap
 from nomad_vm.driver.network_plan import NetworkPlan, plan_network
 from nomad_vm.driver.resources import memory_mb_for, vcpus_for
+from nomad_vm.driver.seed_files import read_seed_files
 from nomad_vm.driver.shares import task_shares
+from nomad_vm.driver.tpm_state import TPM_STATE_DIR
 from nomad_vm.driver.types import AgentInfo, TaskConfig
 from nomad_vm.errors import ConfigError, VMRequestError
 from nomad_vm.network.macvtap import check_lower_device
@@ -39,6 +41,7 @@ from nomad_vm.storage.paths import Allowlist
 from nomad_vm.vm.hypervisor import Hypervisor, HypervisorCapabilities, VMPlan, VMRequest
 from nomad_vm.vm.registry import HypervisorRegistry
 from nomad_vm.vm.spec import ShareSpec
+from nomad_vm.vm.vmm_user import VMMUser, resolve_vmm_user
 
 
 @dataclass(frozen=True)
@@ -70,6 +73,13 @@ class StartPlan:
     backend: Hypervisor
     network: NetworkPlan | MacvtapPlan | None = None
     files: TaskFiles = field(default_factory=lambda: TaskFiles(FileHolder()))
+    # The task's `seed_files` (name in the ISO, content), read at planning.
+    seed_files: tuple[tuple[str, bytes], ...] = ()
+    # Where the task's TPM keeps its state (the task's own directory: it outlives a restart
+    # in the same allocation); None without a TPM.
+    tpm_state_dir: Path | None = None
+    # Who owns it (vm_user; None: the plugin's own user).
+    tpm_owner: VMMUser | None = None
 
     @property
     def runtime_dir(self) -> Path:
@@ -99,15 +109,22 @@ async def plan_start(
         vcpus=vcpus_for(task.resources, agent),
         memory_mb=memory_mb_for(task.resources),
         arch=vm.arch,
-        machine=vm.machine or caps.machine_types[0],
+        machine=vm.profile.machine_on(caps.machine_types),
         firmware=vm.firmware,
         kernel=kernel,
         initramfs=initramfs,
         cmdline=vm.cmdline,
         has_disk=bool(vm.disks),
         shares=task_shares(task, vm),
+        tpm=vm.profile.tpm,
+        hyperv=vm.profile.hyperv,
+        rtc_localtime=vm.profile.rtc_localtime,
+        seed_cdrom=vm.profile.seed_cdrom and vm.gets_seed_iso,
+        nic_model=vm.profile.nic_model,
     )
     check_request(backend.name, caps, request)
+    if vm.profile.seed_cdrom and vm.gets_seed_iso:
+        check_seed_port(vm)
     refuse_disk_options(backend.name, backend.capabilities, vm)
     if not caps.guest_agent:
         refuse_agent_options(backend.name, vm)
@@ -118,6 +135,7 @@ async def plan_start(
         raise config_error(exc, settings) from None
     allowed = task_allowlist(task, plugin)
     seed = render_seed(task, vm, vm_plan.shares, vm_plan.share_transport.name)
+    seed_files = read_seed_files(vm.seed_files, allowed)
     network = await plan_nic(task, vm, plugin, backend)
     # Last: from here on the plan holds descriptors its caller must close.
     return StartPlan(
@@ -128,8 +146,22 @@ async def plan_start(
         seed=seed,
         backend=backend,
         network=network,
+        seed_files=seed_files,
+        tpm_state_dir=Path(task.task_dir) / TPM_STATE_DIR if vm.profile.tpm else None,
+        tpm_owner=resolve_vmm_user(settings.vm_user) if vm.profile.tpm else None,
         files=open_task_files(vm, allowed),
     )
+
+
+def check_seed_port(vm: VMTaskConfig) -> None:
+    """A seed on SATA takes one of the AHCI controller's six ports after the disks'."""
+    sata = [disk for disk in vm.disks if disk.bus == "sata"]
+    if len(sata) >= 6:
+        raise ConfigError(
+            f"{sata[5].field}.bus_type",
+            "the seed ISO of a Windows os.variant is a SATA CD-ROM and needs one of the six "
+            "SATA ports: put a disk on virtio or scsi",
+        )
 
 
 def refuse_disk_options(backend: str, caps: HypervisorCapabilities, vm: VMTaskConfig) -> None:

@@ -83,8 +83,11 @@ class DiskRequest:
         return f"disk{index or ''}.{self.format}"
 
 
-def shorthand_disk(image: Path | None, thin: bool, size_mb: int | None) -> tuple[DiskRequest, ...]:
-    """`image`/`use_thin_copy`/`primary_disk_size` as the one primary disk (none: no image)."""
+def shorthand_disk(
+    image: Path | None, thin: bool, size_mb: int | None, bus: str = "virtio"
+) -> tuple[DiskRequest, ...]:
+    """`image`/`use_thin_copy`/`primary_disk_size` as the one primary disk (none: no image);
+    ``bus``: the guest profile's (sata for Windows guests)."""
     if image is None:
         return ()
     size = None if size_mb is None else size_mb * MIB
@@ -96,6 +99,7 @@ def shorthand_disk(image: Path | None, thin: bool, size_mb: int | None) -> tuple
             size_bytes=size,
             size_field="config.primary_disk_size",
             chained=thin,
+            bus=bus,
         ),
     )
 
@@ -114,15 +118,18 @@ def parse_disks(
     resolve: Callable[[str, str], Path],
     machine: str,
     pools: Pools | None = None,
+    default_bus: str = "virtio",
 ) -> tuple[DiskRequest, ...]:
     """The `disk` blocks, the primary first (the one marked, else the first block).
 
     ``resolve(field, path)`` resolves an image path against the allowlist (ConfigError naming
-    the field otherwise); ``machine`` is the task's machine type, for the buses it has.
+    the field otherwise); ``machine`` is the task's machine type, for the buses it has;
+    ``default_bus`` the bus of blocks that name none (the guest profile's).
     """
     pools = pools or Pools()
     disks = [
-        _parse_one(f"config.disk[{i}]", b, resolve, machine, pools) for i, b in enumerate(blocks)
+        _parse_one(f"config.disk[{i}]", b, resolve, machine, pools, default_bus)
+        for i, b in enumerate(blocks)
     ]
     seen: dict[tuple[Path | None, str], str] = {}
     for d in disks:
@@ -155,6 +162,7 @@ def _parse_one(
     resolve: Callable[[str, str], Path],
     machine: str,
     pools: Pools,
+    default_bus: str = "virtio",
 ) -> DiskRequest:
     if block.get("volume"):
         raise ConfigError(
@@ -201,7 +209,7 @@ def _parse_one(
             "a disk made from a source is a sparse copy or overlay; sparse = false "
             "(space reserved up front) applies to empty disks only",
         )
-    bus = str(block.get("bus_type") or "virtio")
+    bus = str(block.get("bus_type") or default_bus)
     check_bus(f"{field}.bus_type", bus, kind, machine)
     serial = str(block.get("devname") or "")
     if serial and not SERIAL.fullmatch(serial):
