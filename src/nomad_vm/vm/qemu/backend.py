@@ -16,21 +16,20 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 
 from nomad_vm.errors import HypervisorError, LaunchError, NomadVMError, VMRequestError
 from nomad_vm.files import read_log_tail
 from nomad_vm.processes import is_same_process
-from nomad_vm.storage.held import FileHolder, HeldFile, open_own
+from nomad_vm.storage.held import FileHolder
 from nomad_vm.vm.accel import choose_accelerator, probe_kvm
-from nomad_vm.vm.firmware import FIRMWARE_KINDS, VARS_FILE, FirmwarePlan, plan_firmware
+from nomad_vm.vm.firmware import FIRMWARE_KINDS, VARS_FILE, plan_firmware
 from nomad_vm.vm.firmware import prepare_vars as prepare_firmware_vars
-from nomad_vm.vm.handover import Handover, handover
-from nomad_vm.vm.hyperv import HypervChoice, choose_hyperv
+from nomad_vm.vm.handover import handover
+from nomad_vm.vm.hyperv import choose_hyperv
 from nomad_vm.vm.hypervisor import (
     VMM_ROLE,
-    BackendPlan,
     HostFacts,
     HostSettings,
     HypervisorCapabilities,
@@ -47,7 +46,9 @@ from nomad_vm.vm.qemu.argv import qemu_argv
 from nomad_vm.vm.qemu.binary import find_qemu, qemu_version
 from nomad_vm.vm.qemu.files_argv import inherited_fds
 from nomad_vm.vm.qemu.monitor import QemuMonitor, connect_when_ready
-from nomad_vm.vm.qemu.running import AGENT_SOCKET, LOG_NAME, QMP_SOCKET, QemuVM
+from nomad_vm.vm.qemu.plan import QemuPlan
+from nomad_vm.vm.qemu.running import LOG_NAME, QemuVM
+from nomad_vm.vm.qemu.spec_build import build_spec, open_firmware, with_daemon_ends
 from nomad_vm.vm.share_transport import choose_share_transport
 from nomad_vm.vm.spec import VMSpec
 from nomad_vm.vm.swtpm import ROLE as SWTPM_ROLE
@@ -59,7 +60,7 @@ from nomad_vm.vm.virtiofsd import (
     start_daemons,
     with_sockets,
 )
-from nomad_vm.vm.vmm_user import VMMUser, check_kvm_access, resolve_vmm_user, runs_as
+from nomad_vm.vm.vmm_user import check_kvm_access, resolve_vmm_user, runs_as
 
 log = logging.getLogger(__name__)
 
@@ -93,20 +94,6 @@ CAPABILITIES = HypervisorCapabilities(
     rtc_localtime=True,
     nic_models=NIC_MODELS,
 )
-
-
-@dataclass(frozen=True)
-class QemuPlan(BackendPlan):
-    binary: str
-    machine: MachineConfig
-    firmware: FirmwarePlan | None
-    # Who QEMU and its virtiofsd run as (None: as the plugin) and whether QEMU runs sandboxed.
-    user: VMMUser | None
-    seccomp: bool
-    # The Hyper-V enlightenments the accelerator can give (and those it cannot); swtpm for a
-    # VM with a TPM.
-    hyperv: HypervChoice = field(default_factory=lambda: HypervChoice(()))
-    swtpm: Path | None = None
 
 
 class QemuHypervisor:
@@ -352,68 +339,3 @@ def _details(plan: VMPlan) -> QemuPlan:
     if not isinstance(plan.details, QemuPlan):
         raise TypeError(f"a {plan.backend} plan cannot be launched by QEMU")
     return plan.details
-
-
-def with_daemon_ends(spec: VMSpec, daemons: list[ShareDaemon]) -> VMSpec:
-    """The spec with each virtio-fs share's connected descriptor (QEMU's end)."""
-    if not daemons:
-        return spec
-    ends = {d.share.tag: d.qemu_end.fileno() for d in daemons if d.qemu_end is not None}
-    shares = tuple(replace(s, socket_fd=ends.get(s.tag)) for s in spec.shares)
-    return replace(spec, shares=shares)
-
-
-def open_firmware(
-    plan: FirmwarePlan, vars_path: Path, holder: FileHolder
-) -> tuple[HeldFile, HeldFile]:
-    """The UEFI code (read-only) and the task's variable store (read-write), for QEMU."""
-    try:
-        code = open_own(plan.code, holder, writable=False, follow_symlinks=True)
-        return code, open_own(vars_path, holder, writable=True)
-    except OSError as exc:
-        raise HypervisorError(f"cannot open the UEFI firmware for QEMU: {exc}") from exc
-
-
-def build_spec(
-    plan: VMPlan,
-    details: QemuPlan,
-    devices: LaunchDevices,
-    firmware_code: HeldFile | None = None,
-    firmware_vars: HeldFile | None = None,
-    handed: Handover | None = None,
-) -> VMSpec:
-    """The VM's spec; with ``handed``, the QMP and agent sockets are bound now (by the
-    plugin, at their usual paths) and each shared directory opened: QEMU and its daemons get
-    descriptors (``nomad_vm.vm.handover``)."""
-    request = plan.request
-    control_socket = plan.runtime_dir / QMP_SOCKET
-    agent_socket = plan.runtime_dir / AGENT_SOCKET
-    return VMSpec(
-        name=request.name,
-        vcpus=request.vcpus,
-        memory_mb=request.memory_mb,
-        kernel=devices.kernel,
-        initramfs=devices.initramfs,
-        cmdline=request.cmdline,
-        accelerator=plan.accelerator.name,
-        control_socket=control_socket,
-        disk=devices.disk,
-        extra_disks=devices.extra_disks,
-        machine=details.machine,
-        firmware=details.firmware,
-        firmware_code=firmware_code,
-        firmware_vars=firmware_vars,
-        seed=devices.seed,
-        agent_socket=agent_socket,
-        shares=tuple(replace(s, host_fd=handed.directory(s.host_path)) for s in plan.shares)
-        if handed
-        else plan.shares,
-        share_transport=plan.share_transport.name,
-        nics=devices.nics,
-        control_fd=handed.listen(control_socket) if handed else None,
-        agent_fd=handed.listen(agent_socket) if handed else None,
-        seccomp=details.seccomp,
-        hyperv=details.hyperv.flags,
-        rtc_localtime=request.rtc_localtime,
-        seed_bus="sata" if request.seed_cdrom else "virtio",
-    )
