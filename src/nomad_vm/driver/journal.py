@@ -7,7 +7,8 @@ encoding). It says, in the order StartTask makes them:
 * the runtime directory (sockets, logs, the task's disk, seed and UEFI variables live in it);
 * the files made in it (disk, seed, UEFI variable store), each before it is created, and
   the in-progress files of storage pool volumes;
-* the pool volumes the task made or used, which the replay leaves in place;
+* the pool volumes the task made or used, and its TPM's state directory, which the replay
+  leaves in place;
 * the network (bridge port, lease, TAP, forwards, DHCP host) as ``NetworkRecord``;
 * every process (helpers such as virtiofsd, then the VMM) by pid, start ticks and boot id,
   recorded between fork and exec (``nomad_vm.vm.process``: a process runs only once recorded),
@@ -61,7 +62,8 @@ class TaskJournal:
     # config back after an agent restart, so they are kept here).
     signal_unit: str | None = None
     signal_pidfile: str | None = None
-    # Storage pool volumes the task made or used: they outlive it, so the replay leaves them
+    # Storage pool volumes the task made or used, and the TPM's state directory
+    # (driver/tpm_state.py): they outlive it, so the replay leaves them
     # (recorded to say where the task's data is; their in-progress files are in ``files``).
     volumes: tuple[str, ...] = ()
     version: int = field(default=JOURNAL_VERSION)
