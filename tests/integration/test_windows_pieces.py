@@ -28,17 +28,31 @@ from nomad_vm.vm.hyperv import RECOMMENDED
 from tests.conftest import processes_under, vm_processes_under, wait_until
 from tests.integration.pluginkit import DRIVER, drv, tiny_task
 from tests.integration.test_vm_lifecycle import collect_events, destroy, stop, wait
+from tests.tpm_replay import sha1_replay
 
 RUNNING = b"nomad-vm tiny guest: running"
 # Far from UTC (+13:45 in December), so a clock in local time cannot pass for UTC.
 HOST_TZ = "Pacific/Chatham"
 VM_USER = "nomad-vm"
 
+PCR = "/sys/class/tpm/tpm0/pcr-{}/10"
 # Prints the RTC as the guest's kernel reads it and whether the firmware's ACPI tables describe
-# a TPM 2.0 (QEMU adds a TPM2 table for its tpm-crb), then waits for the stop.
+# a TPM 2.0 (QEMU adds a TPM2 table for its tpm-crb); then uses the TPM as the guest's kernel
+# drives it (tpm_crb is built into Debian's kernel): PCR 10 read (TPM2_PCR_Read, sysfs),
+# extended by IMA when a program never run before is run (the policy written here measures
+# every program run from now on), read again, and IMA's measurement list printed for the
+# replay. Then it waits for the stop.
 SHOW = (
     'echo "rtc=$(cat /sys/class/rtc/rtc0/date)T$(cat /sys/class/rtc/rtc0/time)"; '
     "[ -e /sys/firmware/acpi/tables/TPM2 ] && echo tpm2-table=yes || echo tpm2-table=no; "
+    "mount -t securityfs none /sys/kernel/security; "
+    'echo "tpm=$(cat /sys/class/tpm/tpm0/tpm_version_major) '
+    '$(basename $(readlink /sys/class/tpm/tpm0/device/driver)) $(ls /dev/tpmrm0)"; '
+    f'echo "before=$(cat {PCR.format("sha1")}) $(cat {PCR.format("sha256")})"; '
+    "echo 'measure func=BPRM_CHECK' > /sys/kernel/security/ima/policy; "
+    "printf '#!/bin/sh\\necho probe-ran\\n' > /tmp/probe; chmod +x /tmp/probe; /tmp/probe; "
+    f'echo "after=$(cat {PCR.format("sha1")}) $(cat {PCR.format("sha256")})"; '
+    "echo ima-log; cat /sys/kernel/security/ima/ascii_runtime_measurements; echo ima-end; "
     "echo shown; while :; do sleep 1; done"
 )
 
@@ -64,6 +78,7 @@ def test_tpm_hyperv_and_localtime_rtc(
     # vmlinuz: an ELF vmlinux boots through QEMU's PVH entry, where a TPM breaks the guest's
     # ACPI tables (refused: test_a_pvh_kernel_with_a_tpm_is_refused).
     options = {
+        "os": {"machine": "q35"},
         "tpm": True,
         "hyperv": True,
         "rtc": "localtime",
@@ -106,8 +121,17 @@ def test_tpm_hyperv_and_localtime_rtc(
     assert "tpm2-00.permall" in kept, kept
     assert stat.S_IMODE(state_mode.st_mode) == 0o700
     assert state_mode.st_uid == uids.real
-    # The guest: a TPM 2.0 its firmware describes, and an RTC in the host's local time.
+    # The guest: a TPM 2.0 its firmware describes and its kernel drives, whose PCR 10 it
+    # extends (both banks change) and reads back, equal to the replay of IMA's list.
     assert "tpm2-table=yes" in console, console[-2000:]
+    assert "tpm=2 tpm_crb /dev/tpmrm0" in console, console[-2000:]
+    before = re.search(r"before=(\w+) (\w+)", console)
+    after = re.search(r"after=(\w+) (\w+)", console)
+    assert before and after and "probe-ran" in console, console[-3000:]
+    assert before.group(1) != after.group(1) and before.group(2) != after.group(2)
+    ima = console.split("ima-log", 1)[1].split("ima-end", 1)[0].replace("\r", "")
+    assert " /tmp/probe" in ima, ima
+    assert sha1_replay(ima) == after.group(1).lower(), ima
     match = re.search(r"rtc=(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)", console)
     assert match, console[-2000:]
     rtc = datetime.fromisoformat(match.group(1))
