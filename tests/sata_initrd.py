@@ -20,7 +20,15 @@ from nomad_vm.guests.kernel import collect_modules
 WANTED = ("ahci", "sd_mod", "sr_mod")
 SCRIPT = "nomad_sata"
 # Subtrees of the kernel package where these modules and their dependencies live.
-SUBTREES = ("drivers/ata", "drivers/scsi", "block", "lib", "crypto", "arch/x86/crypto")
+SUBTREES = (
+    "drivers/ata",
+    "drivers/scsi",
+    "drivers/cdrom",
+    "block",
+    "lib",
+    "crypto",
+    "arch/x86/crypto",
+)
 
 
 def build_sata_initrd(guest, debs: Path, out_dir: Path) -> Path:  # type: ignore[no-untyped-def]
