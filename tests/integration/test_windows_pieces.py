@@ -27,6 +27,7 @@ from nomad_vm.plugin.proto import driver_pb2
 from nomad_vm.vm.hyperv import RECOMMENDED
 from tests.conftest import processes_under, vm_processes_under, wait_until
 from tests.integration.pluginkit import DRIVER, drv, tiny_task
+from tests.integration.test_fd_hygiene import open_files
 from tests.integration.test_vm_lifecycle import collect_events, destroy, stop, wait
 from tests.tpm_replay import sha1_replay
 
@@ -94,6 +95,10 @@ def test_tpm_hyperv_and_localtime_rtc(
         uids, user, argv = swtpm.uids(), swtpm.username(), " ".join(swtpm.cmdline())
         (qemu,) = processes_under(short_tmp, "qemu-system")
         qemu_argv = qemu.cmdline()
+        assert plugin.process is not None
+        # The plugin keeps no descriptor of anything in the allocation (the TPM's state dir,
+        # swtpm's log, the disk ...; a socket shows no path, so it is not seen here).
+        held = open_files(plugin.process.pid)
         journal = next((short_tmp / "data" / "journal").glob("*.msgpack"))
         recorded = TaskJournal.decode(journal.read_bytes())
         assert fifo.wait_for(b"shown", 120), bytes(fifo.data[-2000:])
@@ -111,6 +116,7 @@ def test_tpm_hyperv_and_localtime_rtc(
     assert user == VM_USER
     assert [p.ident.pid for p in recorded.processes if p.role == "swtpm"] == [swtpm.pid]
     assert str(state) in recorded.volumes  # kept: the replay leaves it
+    assert not [name for name in held if str(alloc) in name], held
     assert swtpm_gone and not vm_processes_under(short_tmp)
     assert not runtime.exists()  # the control socket went with the runtime dir
     # It got its control socket and state directory as descriptors, named by no path.
