@@ -55,8 +55,13 @@ def qemu_processes_under(path: Path) -> list[psutil.Process]:
 
 
 def vm_processes_under(path: Path) -> list[psutil.Process]:
-    """QEMU and the virtiofsd daemons serving its shares (leak checks look for both)."""
-    return processes_under(path, "qemu-system") + processes_under(path, "virtiofsd")
+    """QEMU, the virtiofsd daemons serving its shares and its swtpm (leak checks look for
+    all)."""
+    return (
+        processes_under(path, "qemu-system")
+        + processes_under(path, "virtiofsd")
+        + processes_under(path, "swtpm")
+    )
 
 
 def processes_under(path: Path, program: str) -> list[psutil.Process]:

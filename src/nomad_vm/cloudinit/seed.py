@@ -22,30 +22,41 @@ from nomad_vm.errors import HypervisorError
 from nomad_vm.files import write_atomically
 
 VOLUME_LABEL = "cidata"
+PLAIN_LABEL = "nomad-seed"
 SEED_MODE = 0o600
 # Rock Ridge mode of the files inside the ISO (what `ls -l` shows where the guest mounts it):
 # regular files that only root, i.e. cloud-init, reads; the user-data holds the password hash.
 _FILE_MODE = 0o100400
 
 
-def _files(docs: SeedDocuments) -> list[tuple[str, str]]:
+def _files(docs: SeedDocuments | None) -> list[tuple[str, bytes]]:
+    if docs is None:
+        return []
     files = [("meta-data", docs.meta_data), ("user-data", docs.user_data)]
     if docs.network_config is not None:
         files.append(("network-config", docs.network_config))
-    return files
+    return [(name, text.encode("utf-8")) for name, text in files]
 
 
 def _iso9660_name(name: str) -> str:
-    # Interchange level 3: up to 30 d-characters (A-Z, 0-9, _), a dot, then the version.
-    return "/" + name.upper().replace("-", "_") + ".;1"
+    # Interchange level 3: up to 30 d-characters (A-Z, 0-9, _), one dot before the extension
+    # (none: a dot all the same), then the version.
+    base, dot, ext = name.upper().replace("-", "_").rpartition(".")
+    if not dot:
+        base, ext = ext, ""
+    return f"/{base.replace('.', '_')}.{ext};1"
 
 
-def build_iso(docs: SeedDocuments) -> bytes:
-    """The complete ISO image of ``docs`` (a few hundred KiB at most, built in memory)."""
+def build_iso(
+    docs: SeedDocuments | None, extra: tuple[tuple[str, bytes], ...] = ()
+) -> bytes:
+    """The complete ISO image of ``docs`` and the ``extra`` files (``seed_files``: for Windows
+    Setup or cloudbase-init, at the root under their own names), built in memory. Without
+    ``docs`` the volume is labelled ``nomad-seed``: cloud-init looks only for ``cidata``."""
     iso = pycdlib.PyCdlib()
     iso.new(
         interchange_level=3,
-        vol_ident=VOLUME_LABEL,
+        vol_ident=VOLUME_LABEL if docs is not None else PLAIN_LABEL,
         app_ident_str="nomad-vm cloud-init seed",
         joliet=3,
         rock_ridge="1.09",
@@ -53,8 +64,7 @@ def build_iso(docs: SeedDocuments) -> bytes:
     # pycdlib reads each file object when it writes the image, so they stay open until then.
     sources = []
     try:
-        for name, text in _files(docs):
-            data = text.encode("utf-8")
+        for name, data in [*_files(docs), *extra]:
             source = io.BytesIO(data)
             sources.append(source)
             iso.add_fp(
@@ -72,13 +82,15 @@ def build_iso(docs: SeedDocuments) -> bytes:
         iso.close()
 
 
-def write_seed(docs: SeedDocuments, dest: Path) -> Path:
+def write_seed(
+    docs: SeedDocuments | None, dest: Path, extra: tuple[tuple[str, bytes], ...] = ()
+) -> Path:
     """Write the seed ISO to ``dest`` (mode 0600, atomically) and return ``dest``.
 
     Raises HypervisorError when the host cannot store it (no space, no permission).
     """
     try:
-        image = build_iso(docs)
+        image = build_iso(docs, extra)
     except PyCdlibException as error:
         raise HypervisorError(f"cannot build the cloud-init seed: {error}") from error
     try:

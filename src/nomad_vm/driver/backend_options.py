@@ -29,6 +29,11 @@ FIELD_OF_OPTION = {
     "share_transport": "config.share_transport",
     "virtiofsd_binary": "config.virtiofsd_binary",
     "vm_user": "config.vm_user",
+    "tpm": "config.tpm",
+    "hyperv": "config.hyperv",
+    "rtc_localtime": "config.rtc",
+    "nic_model": "config.network_interface.model",
+    "seed_cdrom": "config.os.variant",
 }
 # Plugin settings whose "auto" lets the backend choose among what it supports.
 AUTO = "auto"
@@ -130,6 +135,21 @@ def check_request(backend: str, caps: HypervisorCapabilities, request: VMRequest
             "config.hugepages",
             f"not available with the {backend} hypervisor (QEMU only); remove it or use "
             'hypervisor = "qemu"',
+        )
+    for feature, asked, can in (
+        ("tpm", request.tpm, caps.tpm),
+        ("hyperv", request.hyperv, caps.hyperv),
+        ("rtc_localtime", request.rtc_localtime, caps.rtc_localtime),
+    ):
+        if asked and not can:
+            raise ConfigError(
+                FIELD_OF_OPTION[feature],
+                f"not available with the {backend} hypervisor (an os.variant may have asked "
+                "for it: set the option to false, or use qemu)",
+            )
+    if request.nic_model not in caps.nic_models:
+        raise ConfigError(
+            FIELD_OF_OPTION["nic_model"], _unsupported(backend, request.nic_model, caps.nic_models)
         )
     if request.kernel is None and request.firmware not in caps.disk_boot_firmware:
         offered = ", ".join(caps.disk_boot_firmware) or "none"

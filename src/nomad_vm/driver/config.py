@@ -10,6 +10,7 @@ from pathlib import Path
 
 from nomad_vm import schema
 from nomad_vm.driver.ch_config import CloudHypervisorConfig, parse_cloud_hypervisor
+from nomad_vm.driver.guest_profile import GuestProfile, guest_profile
 from nomad_vm.driver.hostname import default_hostname, validate_hostname
 from nomad_vm.driver.ksm import KsmPolicy, parse_ksm
 from nomad_vm.driver.seed_keys import (
@@ -76,6 +77,9 @@ class PluginConfig:
     @property
     def url_rules(self) -> UrlRules:
         return UrlRules(self.image_cache.allowed_schemes, self.image_cache.checksum_required)
+    # The firmware of tasks that choose none, and whether they may choose another.
+    default_firmware: str = "bios"
+    allow_task_firmware: bool = True
 
 
 @dataclass(frozen=True)
@@ -117,11 +121,20 @@ class VMTaskConfig:
     free_page_reporting: bool = False
     # Guest RAM on the host's huge pages (schema: `hugepages`).
     hugepages: bool = False
+    # The guest's platform and devices (`os.variant` and the options it stands for).
+    profile: GuestProfile = field(default_factory=GuestProfile)
+    # Files for the seed ISO's root (autounattend.xml, cloudbase-init), resolved and allowed.
+    seed_files: tuple[Path, ...] = ()
 
     @property
     def gets_seed(self) -> bool:
         """Does this VM get a cloud-init seed (the only way the cloud-init options reach it)?"""
         return gets_cloud_init_seed(bool(self.disks), self.cloud_init)
+
+    @property
+    def gets_seed_iso(self) -> bool:
+        """A seed ISO is attached: for cloud-init, or for the task's `seed_files`."""
+        return self.gets_seed or bool(self.seed_files)
 
 
 def gets_cloud_init_seed(has_disk: bool, cloud_init: bool) -> bool:
@@ -185,6 +198,8 @@ def parse_plugin_config(
         macvtap_devices=_interface_names(values["macvtap_devices"], "config.macvtap_devices"),
         image_cache=parse_cache_policy(_block(values["image_cache"])),
         ksm=parse_ksm(_block(values["ksm"])),
+        default_firmware=str(values["default_firmware"]),
+        allow_task_firmware=bool(values["allow_task_firmware"]),
     )
 
 
@@ -258,8 +273,16 @@ def parse_task_config(task: TaskConfig, plugin: PluginConfig) -> VMTaskConfig:
     # An absent block decodes to None: its fields then take their defaults from the schema.
     os_block = values["os"] or validate(_block_schema("os"), {}, "config.os")
     assert isinstance(os_block, dict)
+    profile = guest_profile(
+        values,
+        os_block,
+        _block(values["network_interface"]),
+        plugin.default_firmware,
+        plugin.allow_task_firmware,
+    )
     hostname = values["hostname"]
-    disks = _disks(task, values, allowed, str(os_block["machine"] or "pc"), plugin)
+    machine = profile.machine or profile.default_machine or "pc"
+    disks = _disks(task, values, allowed, machine, plugin, profile.disk_bus)
     primary = disks[0] if disks else None
     return VMTaskConfig(
         disks=disks,
@@ -269,14 +292,16 @@ def parse_task_config(task: TaskConfig, plugin: PluginConfig) -> VMTaskConfig:
         kernel=path_of("kernel"),
         initramfs=path_of("initramfs"),
         cmdline=str(values["cmdline"] or ""),
-        firmware=str(values["firmware"]),
-        # Unset and "none" alike: no display (kept apart in the schema so that a switch such
-        # as a guest OS family can choose a display for tasks that did not say).
-        display=str(values["display"] or "none"),
+        firmware=profile.firmware,
+        # Unset: the guest profile's (a Windows variant's VGA, else none); the schema keeps
+        # unset apart from an explicit "none" for that.
+        display=profile.display,
         free_page_reporting=bool(values["free_page_reporting"]),
         hugepages=bool(values["hugepages"]),
         arch=str(os_block["arch"]),
-        machine=str(os_block["machine"] or ""),
+        machine=profile.machine,
+        profile=profile,
+        seed_files=_seed_files(values["seed_files"], allowed, task.task_dir),
         hypervisor=_optional_str(values["hypervisor"]),
         hostname=(
             validate_hostname(str(hostname))
@@ -303,6 +328,7 @@ def _disks(
     allowed: Allowlist,
     machine: str,
     plugin: PluginConfig,
+    default_bus: str = "virtio",
 ) -> tuple[DiskRequest, ...]:
     """The `disk` blocks, or the shorthand's one disk; both in one task is an error naming
     both, since either alone describes the boot disk."""
@@ -319,7 +345,7 @@ def _disks(
         )
         size = values["primary_disk_size"]
         thin = values["use_thin_copy"] is not False  # unset: an overlay
-        return shorthand_disk(path, thin, size, url)  # type: ignore[arg-type]
+        return shorthand_disk(path, thin, size, url, default_bus)  # type: ignore[arg-type]
     shorthand = [
         f"config.{name}"
         for name in ("image", "image_checksum", "use_thin_copy", "primary_disk_size")
@@ -340,8 +366,17 @@ def _disks(
         machine,
         pools,
         plugin.url_rules,
+        default_bus,
     )
     return attach_volume_mounts(disks, task.mounts)
+
+
+def _seed_files(raw: object, allowed: Allowlist, task_dir: str) -> tuple[Path, ...]:
+    names = [str(p) for p in raw] if isinstance(raw, list) else []
+    return tuple(
+        resolve_allowed_file(f"config.seed_files[{i}]", name, allowed, task_dir)
+        for i, name in enumerate(names)
+    )
 
 
 def _with_default_dns(

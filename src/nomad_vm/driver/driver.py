@@ -206,6 +206,8 @@ class VMDriver:
         ksm_event = ksm_start_event(self.config.ksm, self._ksm, plan.vm_plan)
         if ksm_event is not None:
             self.events.emit(task, ksm_event)
+        for note in plan.vm_plan.notes:
+            self.events.emit(task, note)
         # A start of this very id that a dead plugin left half done: undo it first.
         await self._undo_leftover(task.id)
         journal = TaskJournal(

@@ -7,7 +7,8 @@ encoding). It says, in the order StartTask makes them:
 * the runtime directory (sockets, logs, the task's disk, seed and UEFI variables live in it);
 * the files made in it (disk, seed, UEFI variable store), each before it is created, and
   the in-progress files of storage pool volumes;
-* the pool volumes the task made or used, which the replay leaves in place;
+* the pool volumes the task made or used, and its TPM's state directory, which the replay
+  leaves in place;
 * its leases on images in the node's image cache (``storage.image_store``), each recorded
   before it is taken, which the replay releases;
 * the RBD images and snapshots it made in Ceph pools and does not keep (``rbd``), each before
@@ -79,9 +80,9 @@ class TaskJournal:
     # config back after an agent restart, so they are kept here).
     signal_unit: str | None = None
     signal_pidfile: str | None = None
-    # Storage pool volumes (and Nomad volumes' disks) the task made or used: they outlive it,
-    # so the replay leaves them (recorded to say where the task's data is; their in-progress
-    # files are in ``files``).
+    # Storage pool volumes (and Nomad volumes' disks) the task made or used, and the TPM's
+    # state directory (driver/tpm_state.py): they outlive it, so the replay leaves them
+    # (recorded to say where the task's data is; their in-progress files are in ``files``).
     volumes: tuple[str, ...] = ()
     # Lease files on cached images (images given by URL): released by the replay.
     image_leases: tuple[str, ...] = ()

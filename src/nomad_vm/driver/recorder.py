@@ -46,8 +46,8 @@ class TaskRecorder:
         await self._reached(what)
 
     def volume(self, path: Path) -> None:
-        """A storage pool volume or Nomad volume's disk the task uses: on record, kept by
-        the replay."""
+        """A storage pool volume, a Nomad volume's disk or the TPM's state directory the task
+        uses: on record, kept by the replay."""
         if str(path) not in self.journal.volumes:
             self._save(self.journal.with_volume(path))
 

@@ -140,13 +140,7 @@ def _storage_pools(
 def refuse_unsupported_task_keys(values: Mapping[str, object]) -> None:
     """A task that relies on a seed key nomad-vm cannot honour yet is refused, naming the key:
     running it without would give the job something other than what it asked for."""
-    os_block = values.get("os")
-    if isinstance(os_block, Mapping) and os_block.get("variant"):
-        raise ConfigError(
-            "config.os.variant",
-            "is not supported yet: nomad-vm gives every guest the same virtio devices and has "
-            "no per-OS tuning; remove it",
-        )
+    # os.variant is served: driver/guest_profile.py.
     for key, what in (("usb_devices", "USB"), ("vfio_devices", "PCI (VFIO)")):
         if _list(values.get(key)):
             raise ConfigError(

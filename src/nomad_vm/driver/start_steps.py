@@ -39,6 +39,7 @@ from nomad_vm.driver.networking import NetworkManager, record_of
 from nomad_vm.driver.output import open_task_output
 from nomad_vm.driver.recorder import TaskRecorder
 from nomad_vm.driver.startup import StartPlan
+from nomad_vm.driver.tpm_state import open_tpm_state
 from nomad_vm.storage.held import HeldFile, open_own, readable_copy
 from nomad_vm.vm.hypervisor import Hypervisor, LaunchDevices, RunningVM
 from nomad_vm.vm.spec import NicSpec
@@ -65,7 +66,7 @@ async def run_start_steps(
 ) -> Started:
     planned = (
         *disk_files(plan),
-        *([plan.runtime_dir / SEED_NAME] if plan.seed is not None else []),
+        *([plan.runtime_dir / SEED_NAME] if plan.seed is not None or plan.seed_files else []),
     )
     await recorder.runtime_dir(plan.runtime_dir, planned)
     plan.runtime_dir.mkdir(mode=0o700, parents=True, exist_ok=False)
@@ -83,12 +84,14 @@ async def run_start_steps(
     holder = plan.files.holder
     seed_file = open_own(seed, holder, writable=False) if seed is not None else None
     kernel, initramfs = await asyncio.to_thread(boot_files, plan)
+    tpm_fd = await tpm_state(plan, recorder)
     tap_fd = await networks.open_tap(network.record) if network is not None else None
     try:
+        model = plan.vm.profile.nic_model
         nics = (
             ()
             if network is None
-            else (NicSpec(network.record.tap, network.record.guest_mac, tap_fd),)
+            else (NicSpec(network.record.tap, network.record.guest_mac, tap_fd, model),)
         )
         console_fd = await open_task_output(plan.task.stdout_path)
         try:
@@ -100,6 +103,7 @@ async def run_start_steps(
                 nics=nics,
                 kernel=kernel,
                 initramfs=initramfs,
+                tpm_state_fd=tpm_fd,
             )
             vm = await backend.launch(plan.vm_plan, devices, recorder)
         finally:
@@ -107,9 +111,10 @@ async def run_start_steps(
             # keep logmon's pipe (or the TAP) open.
             os.close(console_fd)
     finally:
-        if tap_fd is not None:
-            with contextlib.suppress(OSError):
-                os.close(tap_fd)
+        for fd in (tap_fd, tpm_fd):
+            if fd is not None:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
     try:
         await recorder.started()
     except BaseException:
@@ -121,6 +126,15 @@ async def run_start_steps(
         await vm.close()
         raise
     return Started(vm, network)
+
+
+async def tpm_state(plan: StartPlan, recorder: TaskRecorder) -> int | None:
+    """The TPM's state directory, on record as something the task keeps (the replay leaves
+    it: it outlives restarts in the allocation), then made and opened for swtpm."""
+    if plan.tpm_state_dir is None:
+        return None
+    recorder.volume(plan.tpm_state_dir)
+    return await asyncio.to_thread(open_tpm_state, plan.tpm_state_dir, plan.tpm_owner)
 
 
 def attachment_event(
@@ -153,9 +167,9 @@ async def write_seed_iso(
 ) -> Path | None:
     """The seed as planned, with the guest's address once the network has one."""
     seed = plan.seed
-    if seed is None:
+    if seed is None and not plan.seed_files:
         return None
-    if network is not None:
+    if seed is not None and network is not None:
         config = (
             macvtap_network_config(network)
             if isinstance(network, MacvtapAttachment)
@@ -163,7 +177,7 @@ async def write_seed_iso(
         )
         seed = with_network_config(seed, config)
     await recorder.creating("seed", plan.runtime_dir / SEED_NAME)
-    path = write_seed(seed, plan.runtime_dir / SEED_NAME)
-    for warning in seed.warnings:
+    path = write_seed(seed, plan.runtime_dir / SEED_NAME, plan.seed_files)
+    for warning in seed.warnings if seed is not None else ():
         events.emit(plan.task, f"cloud-init: {warning}")
     return path

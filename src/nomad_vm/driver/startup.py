@@ -8,6 +8,7 @@ own copies, and whoever made the plan closes them (``TaskFiles.close``)."""
 from __future__ import annotations
 
 import asyncio
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,7 +28,9 @@ from nomad_vm.driver.config import (
 from nomad_vm.driver.macvtap_plan import FIELDS, MACVTAP_FIELD, MacvtapPlan, plan_macvtap
 from nomad_vm.driver.network_plan import NetworkPlan, plan_network
 from nomad_vm.driver.resources import expand_cpuset, memory_mb_for, vcpus_for
+from nomad_vm.driver.seed_files import read_seed_files
 from nomad_vm.driver.shares import task_shares
+from nomad_vm.driver.tpm_state import TPM_STATE_DIR
 from nomad_vm.driver.types import AgentInfo, TaskConfig
 from nomad_vm.errors import ConfigError, VMRequestError
 from nomad_vm.network.macvtap import check_lower_device
@@ -40,6 +43,7 @@ from nomad_vm.storage.paths import Allowlist
 from nomad_vm.vm.hypervisor import Hypervisor, HypervisorCapabilities, VMPlan, VMRequest
 from nomad_vm.vm.registry import HypervisorRegistry
 from nomad_vm.vm.spec import ShareSpec
+from nomad_vm.vm.vmm_user import VMMUser, resolve_vmm_user
 
 
 @dataclass(frozen=True)
@@ -71,6 +75,13 @@ class StartPlan:
     backend: Hypervisor
     network: NetworkPlan | MacvtapPlan | None = None
     files: TaskFiles = field(default_factory=lambda: TaskFiles(FileHolder()))
+    # The task's `seed_files` (name in the ISO, content), read at planning.
+    seed_files: tuple[tuple[str, bytes], ...] = ()
+    # Where the task's TPM keeps its state (the task's own directory: it outlives a restart
+    # in the same allocation); None without a TPM.
+    tpm_state_dir: Path | None = None
+    # Who owns it (vm_user; None: the plugin's own user).
+    tpm_owner: VMMUser | None = None
 
     @property
     def runtime_dir(self) -> Path:
@@ -101,7 +112,7 @@ async def plan_start(
         vcpus=vcpus_for(task.resources, agent),
         memory_mb=memory_mb_for(task.resources),
         arch=vm.arch,
-        machine=vm.machine or caps.machine_types[0],
+        machine=vm.profile.machine_on(caps.machine_types),
         firmware=vm.firmware,
         kernel=kernel,
         initramfs=initramfs,
@@ -113,8 +124,15 @@ async def plan_start(
         hugepages=vm.hugepages,
         # Reserved cores (`resources { cores }`) are the vCPUs' own: one vCPU on each.
         pin_cpus=expand_cpuset(task.resources.cpuset_cpus),
+        tpm=vm.profile.tpm,
+        hyperv=vm.profile.hyperv,
+        rtc_localtime=vm.profile.rtc_localtime,
+        seed_cdrom=vm.profile.seed_cdrom and vm.gets_seed_iso,
+        nic_model=vm.profile.nic_model,
     )
     check_request(backend.name, caps, request)
+    if vm.profile.seed_cdrom and vm.gets_seed_iso:
+        check_seed_port(vm)
     refuse_disk_options(backend.name, backend.capabilities, vm)
     await asyncio.to_thread(refuse_unusable_ceph, vm, plugin.qemu_binary)
     if not caps.guest_agent:
@@ -134,7 +152,15 @@ async def plan_start(
     seed = render_seed(
         task, vm, vm_plan.shares, vm_plan.share_transport.name, caps.guest_agent_vsock
     )
+    seed_files = read_seed_files(vm.seed_files, allowed)
     network = await plan_nic(task, vm, plugin, backend)
+    files = open_task_files(vm, allowed)
+    try:
+        if vm.profile.tpm:
+            refuse_pvh_kernel_with_tpm(files.kernel)
+    except BaseException:
+        files.close()
+        raise
     # Last: from here on the plan holds descriptors its caller must close.
     return StartPlan(
         task=task,
@@ -144,7 +170,10 @@ async def plan_start(
         seed=seed,
         backend=backend,
         network=network,
-        files=open_task_files(vm, allowed),
+        seed_files=seed_files,
+        tpm_state_dir=Path(task.task_dir) / TPM_STATE_DIR if vm.profile.tpm else None,
+        tpm_owner=resolve_vmm_user(settings.vm_user) if vm.profile.tpm else None,
+        files=files,
     )
 
 
@@ -158,6 +187,36 @@ def refuse_unusable_ceph(vm: VMTaskConfig, qemu_binary: str) -> None:
     if problem is not None:
         raise ConfigError(
             f"{ceph.field}.pool", f"Ceph pool {ceph.ceph.label!r} cannot be used here: {problem}"
+        )
+
+
+def refuse_pvh_kernel_with_tpm(kernel: HeldFile | None) -> None:
+    """An ELF kernel boots through QEMU's PVH entry; measured with QEMU 7.2 (Debian 12), the
+    guest then finds its ACPI tables corrupt whenever a TPM device is present (no ACPI at all:
+    no power button, no TPM). A bzImage (SeaBIOS or OVMF loads it) or a disk boot is fine."""
+    if kernel is None:
+        return
+    try:
+        magic = os.pread(kernel.fd, 4, 0)
+    except OSError as exc:
+        raise ConfigError("config.kernel", f"cannot read {kernel.path}: {exc}") from exc
+    if magic == b"\x7fELF":
+        raise ConfigError(
+            "config.tpm",
+            f"{kernel.path} is an ELF vmlinux, which QEMU boots through its PVH entry, and "
+            "with a TPM that gives the guest broken ACPI tables (no TPM, no power button); "
+            "boot a bzImage (vmlinuz) or from the disk, or set tpm = false",
+        )
+
+
+def check_seed_port(vm: VMTaskConfig) -> None:
+    """A seed on SATA takes one of the AHCI controller's six ports after the disks'."""
+    sata = [disk for disk in vm.disks if disk.bus == "sata"]
+    if len(sata) >= 6:
+        raise ConfigError(
+            f"{sata[5].field}.bus_type",
+            "the seed ISO of a Windows os.variant is a SATA CD-ROM and needs one of the six "
+            "SATA ports: put a disk on virtio or scsi",
         )
 
 

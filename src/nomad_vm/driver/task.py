@@ -12,6 +12,7 @@ from nomad_vm.driver.agent_watch import watch_agent
 from nomad_vm.driver.events import EventBus
 from nomad_vm.driver.journal import TaskJournal
 from nomad_vm.driver.types import ExitResult, TaskConfig, TaskState, TaskStatus
+from nomad_vm.errors import NomadVMError
 from nomad_vm.vm.guest_agent import GuestAgent
 from nomad_vm.vm.hypervisor import (
     GuestEvent,
@@ -26,6 +27,13 @@ log = logging.getLogger(__name__)
 
 # After SIGTERM the VMM exits at once; SIGKILL follows if it has not within this many seconds.
 TERM_GRACE = 5.0
+# The ACPI power button is pressed again this often while the guest has not powered off: a
+# Windows guest ignores a press while nobody is logged in (unless its policy says otherwise) or
+# before it has finished booting, and a Linux guest before systemd-logind runs.
+POWER_BUTTON_INTERVAL = 10.0
+# How long an answering agent may take to accept guest-shutdown (it replies only on failure,
+# after ``GuestAgent.shutdown``'s 2 s of silence).
+AGENT_SHUTDOWN_TIMEOUT = 5.0
 
 
 def exit_result_from(ended: VMExit, stopped_by_driver: bool) -> ExitResult:
@@ -139,19 +147,55 @@ class VMTask:
         return True
 
     async def stop(self, timeout: float) -> None:
-        """ACPI power button, up to ``timeout`` for the guest to power off, then terminate."""
+        """Ask the guest to power off (its agent's guest-shutdown when the agent has
+        answered, else the ACPI power button), press the button again every
+        ``POWER_BUTTON_INTERVAL`` seconds (Windows ignores a press while nobody is logged
+        in, or before it has finished booting), up to ``timeout``; then terminate."""
         if not self.running or self.vm is None:
             return
         self.stopping = True
-        if await self.vm.power_down():
-            self._events.emit(self.config, f"ACPI shutdown requested (waiting up to {timeout:g}s)")
-            if await self._ended_within(timeout):
-                return
-            self._events.emit(self.config, f"Guest did not stop within {timeout:g}s, VM terminated")
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        presses = 0
+        if await self._agent_shutdown(timeout):
+            self.emit(
+                f"Shutdown requested through the guest agent (waiting up to {timeout:g}s; "
+                f"the ACPI power button follows every {POWER_BUTTON_INTERVAL:g}s)"
+            )
+        elif await self.vm.power_down():
+            presses = 1
+            self.emit(f"ACPI shutdown requested (waiting up to {timeout:g}s)")
         else:
-            self._events.emit(self.config, "The VMM does not answer: terminating the VM")
+            self.emit("The VMM does not answer: terminating the VM")
+            await self.vm.terminate(TERM_GRACE)
+            await self.wait()
+            return
+        while (remaining := deadline - loop.time()) > 0:
+            if await self._ended_within(min(POWER_BUTTON_INTERVAL, remaining)):
+                return
+            if loop.time() < deadline and await self.vm.power_down():
+                presses += 1
+                self.emit(
+                    f"ACPI power button pressed again (press {presses}: the guest has not "
+                    "powered off yet)"
+                    if presses > 1
+                    else "ACPI shutdown requested (press 1, after the guest agent's request)"
+                )
+        self.emit(f"Guest did not stop within {timeout:g}s, VM terminated")
         await self.vm.terminate(TERM_GRACE)
         await self.wait()
+
+    async def _agent_shutdown(self, timeout: float) -> bool:
+        """guest-shutdown through an agent that has answered; False when there is none or it
+        refuses (the ACPI power button is then the way)."""
+        if self.agent is None:
+            return False
+        try:
+            await asyncio.wait_for(self.agent.shutdown(), min(AGENT_SHUTDOWN_TIMEOUT, timeout))
+        except (NomadVMError, TimeoutError) as exc:
+            log.info("guest-shutdown through the agent failed: %s", exc)
+            return False
+        return True
 
     async def kill(self) -> None:
         if self.running and self.vm is not None:

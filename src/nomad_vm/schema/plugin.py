@@ -157,6 +157,24 @@ PLUGIN_CONFIG = Schema(
             example='"cloud-hypervisor"',
         ),
         Field(
+            "default_firmware",
+            "string",
+            "The firmware of tasks that set no `firmware` (and no Windows `os.variant`): "
+            "`bios`, `uefi` or `uefi-secure`. With `uefi-secure` (seed 004: every VM in UEFI "
+            "with Secure Boot) tasks that name no `os.machine` also get `q35`, the machine type "
+            "Secure Boot needs. Cloud Hypervisor tasks cannot run `uefi-secure`.",
+            default="bios",
+            choices=("bios", "uefi", "uefi-secure"),
+        ),
+        Field(
+            "allow_task_firmware",
+            "bool",
+            "Whether a task may choose another `firmware` than `default_firmware` (by its own "
+            "`firmware`, or through its `os.variant`). `false` refuses such a task, naming its "
+            "option and both of these.",
+            default=True,
+        ),
+        Field(
             "qemu_binary",
             "string",
             "The QEMU system emulator: a path, or a name looked up on PATH.",

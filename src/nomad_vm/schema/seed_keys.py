@@ -115,10 +115,15 @@ PLUGIN_SEED_FIELDS = (PLUGIN_DNS, PROVIDER, EMULATOR, STORAGE_POOLS, VFIO)
 OS_VARIANT = Field(
     "variant",
     "string",
-    "nomad-driver-ch's OS variant (e.g. `ubuntu20.04`). "
-    + NOT_YET
-    + "nomad-vm gives every guest the same virtio devices, so a variant would change nothing; "
-    "a task that sets it is refused rather than let it believe otherwise.",
+    "nomad-driver-ch's OS variant, here one switch for guests that need other settings than "
+    "a Linux cloud guest. The Windows family (`windows`, `win10`, `win11`, `win2k16`, "
+    "`win2k19`, `win2k22`, `win2k25`; osinfo's short ids) sets, wherever the task does not "
+    'set them itself: `os { machine = "q35" }`, `firmware = "uefi-secure"`, `tpm = true`, '
+    '`hyperv = true`, `rtc = "localtime"`, `bus_type = "sata"` for disks that name no bus, '
+    '`network_interface { model = "e1000e" }`, and the seed ISO as a SATA CD-ROM. Linux '
+    "guests need no variant (leave it unset). Any other value is refused naming "
+    "`os.variant` (nomad-driver-ch's Linux variants such as `ubuntu20.04` changed nothing "
+    "there either; remove them). The display Windows wants is not part of it yet.",
     default="",
 )
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from nomad_vm.fields import Field, Schema
 from nomad_vm.schema.seed_keys import OS_VARIANT, TASK_SEED_FIELDS
+from nomad_vm.schema.windows import NIC_MODEL, SEED_FILES, WINDOWS_FIELDS
 
 FIRMWARES = ("bios", "uefi", "uefi-secure")
 # A graphical console's display adapter (QEMU: vm/qemu/display.py), or none.
@@ -109,12 +110,16 @@ TASK_CONFIG = Schema(
             "string",
             "`bios` (SeaBIOS), `uefi` (OVMF, with a per-task copy of its variable store) or "
             '`uefi-secure` (OVMF with Secure Boot enforced; needs `os { machine = "q35" }`). '
+            "Unset: `uefi-secure` for a Windows `os.variant`, else the plugin's "
+            "`default_firmware` (`bios` unless the operator changed it). A value other than "
+            "the plugin's `default_firmware` is refused when the plugin sets "
+            "`allow_task_firmware = false`. "
             "Cloud Hypervisor has no BIOS: a VM with a kernel boots it directly (no firmware "
             "runs, `bios` is then only the default), a disk without a kernel needs `uefi` (the "
             "plugin's `cloud_hypervisor.firmware`), and `uefi-secure` is refused.",
-            default="bios",
             choices=FIRMWARES,
         ),
+        *WINDOWS_FIELDS,
         Field(
             "display",
             "string",
@@ -292,6 +297,7 @@ TASK_CONFIG = Schema(
                         ),
                     ),
                 ),
+                NIC_MODEL,
                 Field(
                     "vlan",
                     "number",
@@ -300,6 +306,7 @@ TASK_CONFIG = Schema(
                 ),
             ),
         ),
+        SEED_FILES,
         Field(
             "cloud_init",
             "bool",

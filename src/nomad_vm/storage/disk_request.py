@@ -106,9 +106,14 @@ class DiskRequest:
 
 
 def shorthand_disk(
-    image: Path | None, thin: bool, size_mb: int | None, url: ImageURL | None = None
+    image: Path | None,
+    thin: bool,
+    size_mb: int | None,
+    url: ImageURL | None = None,
+    bus: str = "virtio",
 ) -> tuple[DiskRequest, ...]:
-    """`image`/`use_thin_copy`/`primary_disk_size` as the one primary disk (none: no image)."""
+    """`image`/`use_thin_copy`/`primary_disk_size` as the one primary disk (none: no image);
+    ``bus``: the guest profile's (sata for Windows guests)."""
     if image is None and url is None:
         return ()
     size = None if size_mb is None else size_mb * MIB
@@ -121,6 +126,7 @@ def shorthand_disk(
             size_field="config.primary_disk_size",
             chained=thin,
             url=url,
+            bus=bus,
         ),
     )
 
@@ -140,17 +146,19 @@ def parse_disks(
     machine: str,
     pools: Pools | None = None,
     url_rules: UrlRules | None = None,
+    default_bus: str = "virtio",
 ) -> tuple[DiskRequest, ...]:
     """The `disk` blocks, the primary first (the one marked, else the first block).
 
     ``resolve(field, path)`` resolves an image path against the allowlist (ConfigError naming
     the field otherwise); ``machine`` is the task's machine type, for the buses it has;
     ``url_rules`` what the operator accepts of images given by URL.
+    ``default_bus`` the bus of blocks that name none (the guest profile's).
     """
     pools = pools or Pools()
     rules = url_rules or UrlRules()
     disks = [
-        _parse_one(f"config.disk[{i}]", b, resolve, machine, pools, rules)
+        _parse_one(f"config.disk[{i}]", b, resolve, machine, pools, rules, default_bus)
         for i, b in enumerate(blocks)
     ]
     seen: dict[tuple[object, str], str] = {}
@@ -186,6 +194,7 @@ def _parse_one(
     machine: str,
     pools: Pools,
     rules: UrlRules,
+    default_bus: str = "virtio",
 ) -> DiskRequest:
     source = block.get("source") if isinstance(block.get("source"), Mapping) else {}
     assert isinstance(source, Mapping)
@@ -240,7 +249,7 @@ def _parse_one(
             "a disk made from a source is a sparse copy or overlay; sparse = false "
             "(space reserved up front) applies to empty disks only",
         )
-    bus = str(block.get("bus_type") or "virtio")
+    bus = str(block.get("bus_type") or default_bus)
     check_bus(f"{field}.bus_type", bus, kind, machine)
     if block.get("read_only"):
         check_read_only(f"{field}.read_only", bus, kind)

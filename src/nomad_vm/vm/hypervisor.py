@@ -81,6 +81,12 @@ class HypervisorCapabilities:
     free_page_reporting: bool = False
     # Guest RAM on the host's huge pages (the task's `hugepages`).
     hugepages: bool = False
+    # A TPM 2.0 (one swtpm per VM), Hyper-V enlightenments, an RTC in local time, and the NIC
+    # models a guest may get (the first is the default): what Windows guests need.
+    tpm: bool = False
+    hyperv: bool = False
+    rtc_localtime: bool = False
+    nic_models: tuple[str, ...] = ("virtio",)
 
 
 @dataclass(frozen=True)
@@ -155,6 +161,14 @@ class VMRequest:
     # The task's reserved cores (Nomad's cpuset), one per vCPU: vCPU i is pinned to
     # ``pin_cpus[i]``. Empty: no pinning.
     pin_cpus: tuple[int, ...] = ()
+    # A TPM 2.0 whose state lives in ``LaunchDevices.tpm_state_fd``; Hyper-V enlightenments
+    # (those the accelerator can give); the RTC in local time; the seed as a CD-ROM on SATA.
+    tpm: bool = False
+    hyperv: bool = False
+    rtc_localtime: bool = False
+    seed_cdrom: bool = False
+    # The model of the VM's network cards (one of the capabilities' ``nic_models``).
+    nic_model: str = "virtio"
 
 
 @dataclass(frozen=True)
@@ -177,6 +191,9 @@ class VMPlan:
     # Where the VM's VNC server will listen (a unix socket in runtime_dir), when it has a
     # display: the driver writes it into the console registry (``driver.console_entry``).
     display_socket: Path | None = None
+    # What the backend changed from the request and the task should be told (task events),
+    # e.g. Hyper-V enlightenments dropped under TCG.
+    notes: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -193,6 +210,9 @@ class LaunchDevices:
     initramfs: HeldFile | None = None
     # The task's other disks (`disk` blocks after the primary); only QEMU takes them.
     extra_disks: tuple[DiskSpec, ...] = ()
+    # The TPM's state directory (an O_PATH descriptor, owned by the VMM's user), for a
+    # request with ``tpm``.
+    tpm_state_fd: int | None = None
 
 
 @dataclass(frozen=True)

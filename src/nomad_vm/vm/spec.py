@@ -86,6 +86,9 @@ class NicSpec:
     # A descriptor of the TAP, opened by the driver (the TAP is in another network namespace,
     # where QEMU could not find it by name); QEMU inherits it under the same number.
     fd: int | None = None
+    # The card the guest sees: "virtio" (virtio-net) or "e1000e" (an Intel 82574L, which
+    # guests without virtio drivers, such as a Windows installer, have a driver for).
+    model: str = "virtio"
 
 
 @dataclass(frozen=True)
@@ -146,6 +149,15 @@ class VMSpec:
     # whose VNC server is served at ``display_socket`` (QEMU: ``qemu.display``).
     display: str = "none"
     display_socket: Path | None = None
+    # QEMU's end of the control connection to the task's swtpm (``vm.swtpm``): a TPM 2.0.
+    tpm_fd: int | None = None
+    # Hyper-V enlightenments as -cpu flags (``vm.hyperv``); empty: none.
+    hyperv: tuple[str, ...] = ()
+    # The guest's RTC keeps local time (what Windows expects) rather than UTC.
+    rtc_localtime: bool = False
+    # The seed ISO as a virtio disk ("virtio") or a CD-ROM on the AHCI controller ("sata"),
+    # which a guest without virtio drivers (Windows Setup looking for autounattend.xml) reads.
+    seed_bus: str = "virtio"
 
 
 @dataclass(frozen=True)

@@ -9,10 +9,9 @@ from nomad_vm.vm.handover import fd_path
 from nomad_vm.vm.machine import machine_argv
 from nomad_vm.vm.machine import option_value as opt
 from nomad_vm.vm.qemu.agent_channel import agent_argv
-from nomad_vm.vm.qemu.disk_devices import disks_argv
+from nomad_vm.vm.qemu.disk_devices import disks_argv, seed_device
 from nomad_vm.vm.qemu.display import display_argv
 from nomad_vm.vm.qemu.files_argv import (
-    SEED_NODE,
     FdSets,
     boot_argv,
     firmware_argv,
@@ -79,7 +78,13 @@ def _platform(spec: VMSpec, sets: FdSets) -> list[str]:
             backend += ",merge=on"
         argv += ["-object", backend]
     if spec.accelerator == "kvm":
-        argv += ["-cpu", "host"]
+        argv += ["-cpu", ",".join(("host", *spec.hyperv))]
+    elif spec.hyperv:
+        # Not planned (vm.hyperv drops them all under TCG); kept correct if it ever is.
+        argv += ["-cpu", ",".join(("qemu64", *spec.hyperv))]
+    if spec.rtc_localtime:
+        # Windows keeps the RTC in local time; QEMU starts it from the host's local time.
+        argv += ["-rtc", "base=localtime"]
     return [*argv, "-smp", str(spec.vcpus), "-m", f"{spec.memory_mb}M"]
 
 
@@ -146,7 +151,9 @@ def _devices(spec: VMSpec, sets: FdSets) -> list[str]:
     # device on a -blockdev node would otherwise be write-through, flushing after every write).
     argv += disks_argv(sets, spec)
     if spec.seed is not None:
-        argv += [*seed_argv(sets, spec.seed), "-device", f"virtio-blk-{virtio},drive={SEED_NODE}"]
+        argv += [*seed_argv(sets, spec.seed), "-device", seed_device(spec, virtio)]
+    if spec.tpm_fd is not None:
+        argv += tpm_argv(spec.tpm_fd)
     if spec.agent_socket is not None:
         argv += agent_argv(spec.agent_socket, microvm=microvm, fd=spec.agent_fd)
     for i, nic in enumerate(spec.nics):
@@ -155,11 +162,12 @@ def _devices(spec: VMSpec, sets: FdSets) -> list[str]:
         source = (
             f"fd={nic.fd}" if nic.fd is not None else f"ifname={nic.tap},script=no,downscript=no"
         )
+        model = f"virtio-net-{virtio}" if nic.model == "virtio" else nic.model
         argv += [
             "-netdev",
             f"tap,id=net{i},{source}",
             "-device",
-            f"virtio-net-{virtio},netdev=net{i},mac={nic.mac}",
+            f"{model},netdev=net{i},mac={nic.mac}",
         ]
     for i, share in enumerate(spec.shares):
         if spec.share_transport == "virtiofs":
@@ -185,6 +193,19 @@ def _devices(spec: VMSpec, sets: FdSets) -> list[str]:
             f"virtio-9p-{virtio},fsdev=fs{i},mount_tag={share.tag}",
         ]
     return argv
+
+
+def tpm_argv(fd: int) -> list[str]:
+    """A TPM 2.0 (CRB interface, what TPM 2.0 guests expect) backed by the task's swtpm,
+    whose control connection QEMU inherits as ``fd``."""
+    return [
+        "-chardev",
+        f"socket,id=tpmchr,fd={fd}",
+        "-tpmdev",
+        "emulator,id=tpm0,chardev=tpmchr",
+        "-device",
+        "tpm-crb,tpmdev=tpm0",
+    ]
 
 
 def _boot(spec: VMSpec) -> list[str]:

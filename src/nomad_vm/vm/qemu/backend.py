@@ -16,22 +16,22 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
-from nomad_vm.errors import HypervisorError, LaunchError, NomadVMError
+from nomad_vm.errors import HypervisorError, LaunchError, NomadVMError, VMRequestError
 from nomad_vm.files import read_log_tail
 from nomad_vm.processes import is_same_process
-from nomad_vm.storage.held import FileHolder, HeldFile, open_own
+from nomad_vm.storage.held import FileHolder
 from nomad_vm.storage.rbd_keys import key_memfd
 from nomad_vm.vm.accel import choose_accelerator, probe_kvm
-from nomad_vm.vm.firmware import FIRMWARE_KINDS, VARS_FILE, FirmwarePlan, plan_firmware
+from nomad_vm.vm.firmware import FIRMWARE_KINDS, VARS_FILE, plan_firmware
 from nomad_vm.vm.firmware import prepare_vars as prepare_firmware_vars
-from nomad_vm.vm.handover import Handover, handover
+from nomad_vm.vm.handover import handover
 from nomad_vm.vm.hugepages import check_hugepages
+from nomad_vm.vm.hyperv import choose_hyperv
 from nomad_vm.vm.hypervisor import (
     VMM_ROLE,
-    BackendPlan,
     HostFacts,
     HostSettings,
     HypervisorCapabilities,
@@ -50,9 +50,13 @@ from nomad_vm.vm.qemu.display import DISPLAYS, VNC_SOCKET, check_display, serve_
 from nomad_vm.vm.qemu.files_argv import inherited_fds
 from nomad_vm.vm.qemu.monitor import QemuMonitor, connect_when_ready
 from nomad_vm.vm.qemu.pinning import pin_vcpus
-from nomad_vm.vm.qemu.running import AGENT_SOCKET, LOG_NAME, QMP_SOCKET, SERIAL_SOCKET, QemuVM
+from nomad_vm.vm.qemu.plan import QemuPlan
+from nomad_vm.vm.qemu.running import LOG_NAME, QemuVM
+from nomad_vm.vm.qemu.spec_build import build_spec, open_firmware, with_daemon_ends
 from nomad_vm.vm.share_transport import choose_share_transport
 from nomad_vm.vm.spec import DiskSpec, VMSpec
+from nomad_vm.vm.swtpm import ROLE as SWTPM_ROLE
+from nomad_vm.vm.swtpm import TpmDaemon, find_swtpm, start_swtpm
 from nomad_vm.vm.virtiofsd import (
     ShareDaemon,
     early_exit_report,
@@ -69,6 +73,9 @@ NAME = "qemu"
 # with several TCG guests booting can stretch it.
 QMP_READY_TIMEOUT = 30.0
 HELPER_ROLE = "virtiofsd"
+
+# virtio-net, and the Intel 82574L that guests without virtio drivers (Windows Setup) know.
+NIC_MODELS = ("virtio", "e1000e")
 
 CAPABILITIES = HypervisorCapabilities(
     accelerators=("kvm", "tcg"),
@@ -90,19 +97,11 @@ CAPABILITIES = HypervisorCapabilities(
     displays=DISPLAYS,
     free_page_reporting=True,
     hugepages=True,
+    tpm=True,
+    hyperv=True,
+    rtc_localtime=True,
+    nic_models=NIC_MODELS,
 )
-
-
-@dataclass(frozen=True)
-class QemuPlan(BackendPlan):
-    binary: str
-    machine: MachineConfig
-    firmware: FirmwarePlan | None
-    # Who QEMU and its virtiofsd run as (None: as the plugin) and whether QEMU runs sandboxed.
-    user: VMMUser | None
-    seccomp: bool
-    # Guest RAM mergeable by KSM (-machine mem-merge=on); False: QEMU's default.
-    mem_merge: bool = False
 
 
 class QemuHypervisor:
@@ -159,6 +158,8 @@ class QemuHypervisor:
         user = resolve_vmm_user(settings.vm_user)
         if accelerator.name == "kvm":
             check_kvm_access(user)
+        check_pc_devices(request, machine)
+        hyperv = choose_hyperv(request.hyperv, accelerator.name)
         details = QemuPlan(
             binary=str(find_qemu(settings.binary)),
             machine=machine,
@@ -166,10 +167,21 @@ class QemuHypervisor:
             user=user,
             seccomp=settings.seccomp,
             mem_merge=settings.mem_merge,
+            hyperv=hyperv,
+            swtpm=find_swtpm() if request.tpm else None,
         )
         display_socket = runtime_dir / VNC_SOCKET if request.display != "none" else None
+        notes = (hyperv.event(),) if hyperv.dropped else ()
         return VMPlan(
-            NAME, request, runtime_dir, accelerator, transport, shares, details, display_socket
+            NAME,
+            request,
+            runtime_dir,
+            accelerator,
+            transport,
+            shares,
+            details,
+            display_socket=display_socket,
+            notes=notes,
         )
 
     async def launch(
@@ -191,17 +203,40 @@ class QemuHypervisor:
             spec = build_spec(plan, details, devices, code, variables, handed)
             spec = with_rbd_keys(spec, details.user, firmware_files)
             daemons = self._start_daemons(plan, spec)
+            tpm: TpmDaemon | None = None
             try:
                 spec = with_daemon_ends(spec, daemons)
                 await record_and_release(recorder, [d.process for d in daemons], HELPER_ROLE)
-                process = self._spawn_qemu(plan, spec, devices.console_fd, daemons)
+                tpm = self._start_tpm(plan, devices, daemons)
+                if tpm is not None:
+                    spec = replace(spec, tpm_fd=tpm.qemu_end.fileno())
+                    started = [d.process for d in daemons]
+                    await record_and_release(recorder, [tpm.process], SWTPM_ROLE, started)
+                process = self._spawn_qemu(plan, spec, devices.console_fd, daemons, tpm)
             finally:
                 # QEMU (or its gate) holds its own copies now; the plugin keeps none.
                 for daemon in daemons:
                     daemon.close()
-        helpers = [d.process for d in daemons]
+                if tpm is not None:
+                    tpm.close()
+        helpers = [d.process for d in daemons] + ([tpm.process] if tpm is not None else [])
         await record_and_release(recorder, [process], VMM_ROLE, helpers, spec.control_socket)
-        return await self._connect(spec, process, daemons, runtime_dir)
+        return await self._connect(spec, process, daemons, runtime_dir, tpm)
+
+    def _start_tpm(
+        self, plan: VMPlan, devices: LaunchDevices, daemons: list[ShareDaemon]
+    ) -> TpmDaemon | None:
+        """The VM's swtpm, forked at its gate (the share daemons are ended if it fails)."""
+        details = _details(plan)
+        if details.swtpm is None:
+            return None
+        if devices.tpm_state_fd is None:
+            raise ValueError("a VM with a TPM needs the TPM's state directory")
+        try:
+            return start_swtpm(details.swtpm, devices.tpm_state_fd, plan.runtime_dir, details.user)
+        except BaseException:
+            kill_daemons(daemons)
+            raise
 
     def _start_daemons(self, plan: VMPlan, spec: VMSpec) -> list[ShareDaemon]:
         """One virtiofsd per share (virtio-fs), forked at their gates."""
@@ -224,6 +259,7 @@ class QemuHypervisor:
         spec: VMSpec,
         console_fd: int,
         daemons: list[ShareDaemon],
+        tpm: TpmDaemon | None = None,
     ) -> SupervisedProcess:
         """QEMU, forked at its gate as the plan's user; its messages go to qemu.log."""
         argv = qemu_argv(_details(plan).binary, spec)
@@ -244,6 +280,8 @@ class QemuHypervisor:
                 os.close(log_fd)
         except BaseException:
             kill_daemons(daemons)
+            if tpm is not None:
+                tpm.process.kill_and_reap()
             raise
         log.debug("started qemu", extra={"fields": {"pid": process.pid, "argv": " ".join(argv)}})
         return process
@@ -254,6 +292,7 @@ class QemuHypervisor:
         process: SupervisedProcess,
         daemons: list[ShareDaemon],
         runtime_dir: Path,
+        tpm: TpmDaemon | None = None,
     ) -> QemuVM:
         async def running() -> bool:
             return is_running(process)
@@ -262,9 +301,13 @@ class QemuHypervisor:
             monitor, _ = await connect_when_ready(spec.control_socket, running, QMP_READY_TIMEOUT)
         except HypervisorError as exc:
             # A share daemon that failed first is the cause; QEMU only saw "Connection refused".
-            cause = early_exit_report(daemons)
+            cause = "; ".join(
+                c for c in (early_exit_report(daemons), tpm and tpm.early_exit_report()) if c
+            )
             await process.terminate(grace=2.0)
             kill_daemons(daemons)
+            if tpm is not None:
+                tpm.process.kill_and_reap()
             tail = read_log_tail(runtime_dir / LOG_NAME)
             process.close()
             if cause:
@@ -272,7 +315,8 @@ class QemuHypervisor:
             raise LaunchError(f"QEMU failed to start: {tail or exc}") from None
         # Cancelled here (Nomad gave up on StartTask, the agent is shutting down), QEMU and its
         # daemons are ended by the driver's replay of the journal they are recorded in.
-        vm = QemuVM(process, monitor, runtime_dir, tuple(d.process for d in daemons))
+        helpers = tuple(d.process for d in daemons) + ((tpm.process,) if tpm is not None else ())
+        vm = QemuVM(process, monitor, runtime_dir, helpers)
         try:
             await vm.enable_guest_stats()
             if spec.pin_cpus:
@@ -303,19 +347,26 @@ class QemuHypervisor:
         return vm
 
 
+def check_pc_devices(request: VMRequest, machine: MachineConfig) -> None:
+    """microvm has no PCI bus and no TPM interface: the devices Windows guests need are PC
+    devices (VMRequestError naming the option)."""
+    if machine.machine != "microvm":
+        return
+    for option, wanted in (
+        ("tpm", request.tpm),
+        ("nic_model", request.nic_model != "virtio"),
+        ("seed_cdrom", request.seed_cdrom),
+    ):
+        if wanted:
+            raise VMRequestError(
+                option, 'microvm has no PCI bus or TPM interface: use os { machine = "q35" }'
+            )
+
+
 def _details(plan: VMPlan) -> QemuPlan:
     if not isinstance(plan.details, QemuPlan):
         raise TypeError(f"a {plan.backend} plan cannot be launched by QEMU")
     return plan.details
-
-
-def with_daemon_ends(spec: VMSpec, daemons: list[ShareDaemon]) -> VMSpec:
-    """The spec with each virtio-fs share's connected descriptor (QEMU's end)."""
-    if not daemons:
-        return spec
-    ends = {d.share.tag: d.qemu_end.fileno() for d in daemons if d.qemu_end is not None}
-    shares = tuple(replace(s, socket_fd=ends.get(s.tag)) for s in spec.shares)
-    return replace(spec, shares=shares)
 
 
 def with_rbd_keys(spec: VMSpec, user: VMMUser | None, holder: FileHolder) -> VMSpec:
@@ -329,67 +380,3 @@ def with_rbd_keys(spec: VMSpec, user: VMMUser | None, holder: FileHolder) -> VMS
 
     primary = keyed(spec.disk) if spec.disk is not None else None
     return replace(spec, disk=primary, extra_disks=tuple(keyed(d) for d in spec.extra_disks))
-
-
-def open_firmware(
-    plan: FirmwarePlan, vars_path: Path, holder: FileHolder
-) -> tuple[HeldFile, HeldFile]:
-    """The UEFI code (read-only) and the task's variable store (read-write), for QEMU."""
-    try:
-        code = open_own(plan.code, holder, writable=False, follow_symlinks=True)
-        return code, open_own(vars_path, holder, writable=True)
-    except OSError as exc:
-        raise HypervisorError(f"cannot open the UEFI firmware for QEMU: {exc}") from exc
-
-
-def build_spec(
-    plan: VMPlan,
-    details: QemuPlan,
-    devices: LaunchDevices,
-    firmware_code: HeldFile | None = None,
-    firmware_vars: HeldFile | None = None,
-    handed: Handover | None = None,
-) -> VMSpec:
-    """The VM's spec; with ``handed``, the QMP, agent and serial console sockets are bound
-    now (by the plugin, at their usual paths) and each shared directory opened: QEMU and its
-    daemons get descriptors (``nomad_vm.vm.handover``). The console's output also goes to
-    ``devices.console_fd`` (the task's stdout), through QEMU's own copy of it."""
-    request = plan.request
-    control_socket = plan.runtime_dir / QMP_SOCKET
-    agent_socket = plan.runtime_dir / AGENT_SOCKET
-    serial_socket = plan.runtime_dir / SERIAL_SOCKET
-    return VMSpec(
-        name=request.name,
-        vcpus=request.vcpus,
-        memory_mb=request.memory_mb,
-        kernel=devices.kernel,
-        initramfs=devices.initramfs,
-        cmdline=request.cmdline,
-        accelerator=plan.accelerator.name,
-        control_socket=control_socket,
-        disk=devices.disk,
-        extra_disks=devices.extra_disks,
-        machine=details.machine,
-        firmware=details.firmware,
-        firmware_code=firmware_code,
-        firmware_vars=firmware_vars,
-        seed=devices.seed,
-        agent_socket=agent_socket,
-        shares=tuple(replace(s, host_fd=handed.directory(s.host_path)) for s in plan.shares)
-        if handed
-        else plan.shares,
-        share_transport=plan.share_transport.name,
-        nics=devices.nics,
-        control_fd=handed.listen(control_socket) if handed else None,
-        agent_fd=handed.listen(agent_socket) if handed else None,
-        serial_socket=serial_socket if handed else None,
-        serial_fd=handed.listen(serial_socket) if handed else None,
-        console_log_fd=devices.console_fd if handed else None,
-        seccomp=details.seccomp,
-        mem_merge=details.mem_merge,
-        free_page_reporting=request.free_page_reporting,
-        hugepages=request.hugepages,
-        pin_cpus=request.pin_cpus,
-        display=request.display,
-        display_socket=plan.display_socket,
-    )

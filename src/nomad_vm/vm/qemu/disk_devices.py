@@ -17,7 +17,7 @@ before it completes; ``unsafe`` drops the guest's flushes (``cache.no-flush``).
 
 from __future__ import annotations
 
-from nomad_vm.vm.qemu.files_argv import FdSets, disk_argv
+from nomad_vm.vm.qemu.files_argv import SEED_NODE, FdSets, disk_argv
 from nomad_vm.vm.spec import DiskSpec, VMSpec
 
 AHCI = "sata0"
@@ -30,6 +30,8 @@ def disks_argv(sets: FdSets, spec: VMSpec) -> list[str]:
     disks = ([spec.disk] if spec.disk is not None else []) + list(spec.extra_disks)
     virtio = "device" if spec.machine.machine == "microvm" else "pci"
     buses = {disk.bus for disk in disks}
+    if spec.seed is not None:
+        buses.add(spec.seed_bus)
     argv: list[str] = []
     if "sata" in buses:
         argv += ["-device", f"ahci,id={AHCI}"]
@@ -49,6 +51,17 @@ def disks_argv(sets: FdSets, spec: VMSpec) -> list[str]:
             device += f",serial={disk.serial}"
         argv += ["-device", device]
     return argv
+
+
+def seed_device(spec: VMSpec, virtio: str) -> str:
+    """The seed ISO's device: a virtio disk, or a CD-ROM on the AHCI port after the disks'."""
+    if spec.seed_bus == "virtio":
+        return f"virtio-blk-{virtio},drive={SEED_NODE}"
+    disks = ([spec.disk] if spec.disk is not None else []) + list(spec.extra_disks)
+    port = sum(1 for disk in disks if disk.bus == "sata")
+    if port >= AHCI_PORTS:
+        raise ValueError(f"no free sata port for the seed after {port} disks")  # refused first
+    return f"ide-cd,bus={AHCI}.{port},drive={SEED_NODE}"
 
 
 def _device(disk: DiskSpec, node: str, virtio: str, used: dict[str, int]) -> str:

@@ -160,7 +160,7 @@ def inherited_fds(spec: VMSpec) -> tuple[int, ...]:
     sockets = (spec.control_fd, spec.agent_fd, spec.serial_fd, spec.console_log_fd)
     shares = [fd for s in spec.shares for fd in (s.socket_fd, s.host_fd)]
     nics = [nic.fd for nic in spec.nics]
-    others = [fd for fd in (*sockets, *shares, *nics) if fd is not None]
+    others = [fd for fd in (*sockets, *shares, *nics, spec.tpm_fd) if fd is not None]
     return tuple(held.fd for held in _files(spec)) + tuple(others)
 
 
