@@ -309,7 +309,7 @@ def images(tmp_path: Path) -> Path:
     ("extra", "field", "says"),
     [
         # Seed 000, "API Reference": usb_devices (its os { variant = "ubuntu20.04" } is
-        # refused as an unknown variant: tests/unit/test_guest_profile.py).
+        # accepted: tests/unit/test_windows_profile.py).
         ({"usb_devices": ["046d:c52b"]}, "config.usb_devices", "USB passthrough"),
         # Seed 000, "GPU passthrough" (commented out there, documented as coming).
         ({"vfio_devices": ["10de:2204"]}, "config.vfio_devices", "PCI (VFIO) passthrough"),

@@ -93,7 +93,14 @@ def test_each_piece_alone_without_a_variant(tmp_path: Path) -> None:
     )
 
 
-@pytest.mark.parametrize("variant", ["ubuntu20.04", "Windows", "win7"])
+@pytest.mark.parametrize("variant", ["ubuntu20.04", "debian12", "rhel9.4", "archlinux"])
+def test_a_linux_variant_is_accepted_and_changes_nothing(tmp_path: Path, variant: str) -> None:
+    vm = parse(tmp_path, {"os": {"variant": variant}})
+    assert vm.profile == GuestProfile(variant=variant)
+    assert vm.firmware == "bios" and vm.display == "none"
+
+
+@pytest.mark.parametrize("variant", ["Windows", "win7", "ubuntu", "freebsd14.0", "macos13"])
 def test_an_unknown_variant_is_refused_naming_os_variant(tmp_path: Path, variant: str) -> None:
     err = refused(tmp_path, {"os": {"variant": variant}})
     assert err.field == "config.os.variant" and "windows" in err.reason

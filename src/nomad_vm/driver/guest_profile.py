@@ -10,6 +10,7 @@ false` to refuse any other (seed 004: every VM in UEFI Secure Boot).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -20,6 +21,12 @@ WINDOWS = "windows"
 # or Hyper-V enlightenments matter for, and the family name itself.
 WINDOWS_VARIANTS = (WINDOWS, "win10", "win11", "win2k16", "win2k19", "win2k22", "win2k25")
 VARIANT_FIELD = "config.os.variant"
+# osinfo short ids of Linux distributions (libosinfo's naming: family, then version).
+LINUX_VARIANT = re.compile(
+    r"(?:ubuntu|debian|fedora|centos|centos-stream|rhel|rocky|almalinux|opensuse|sles|sled"
+    r"|alpinelinux|archlinux|oraclelinux|amazonlinux|gentoo|nixos|fedora-coreos|flatcar"
+    r"|cirros|linux|generic)[0-9][0-9.]*(?:-[a-z0-9.]+)?|(?:archlinux|gentoo|linux|generic)"
+)
 UEFI_SECURE = "uefi-secure"
 
 
@@ -59,13 +66,18 @@ class GuestProfile:
 
 
 def parse_variant(value: object) -> str:
-    """The variant ("" when unset); an unknown one is refused naming `os.variant`."""
+    """The variant ("" when unset); an unknown one is refused naming `os.variant`.
+
+    A Linux distribution's osinfo id (the ch seed's `variant = "ubuntu20.04"`) is accepted
+    and changes nothing: a Linux cloud guest needs no platform switch, and a job copied from
+    nomad-driver-ch should not have to drop the line."""
     variant = str(value or "")
-    if variant and variant not in WINDOWS_VARIANTS:
+    if variant and variant not in WINDOWS_VARIANTS and not LINUX_VARIANT.fullmatch(variant):
         raise ConfigError(
             VARIANT_FIELD,
             f"unknown variant {variant!r}: nomad-vm knows the Windows family "
-            f"({', '.join(WINDOWS_VARIANTS)}); Linux guests need no variant, remove it",
+            f"({', '.join(WINDOWS_VARIANTS)}) and Linux distributions' osinfo ids (e.g. "
+            '"ubuntu22.04", "debian12", "rhel9.4", which change nothing)',
         )
     return variant
 

@@ -120,10 +120,10 @@ OS_VARIANT = Field(
     "`win2k19`, `win2k22`, `win2k25`; osinfo's short ids) sets, wherever the task does not "
     'set them itself: `os { machine = "q35" }`, `firmware = "uefi-secure"`, `tpm = true`, '
     '`hyperv = true`, `rtc = "localtime"`, `bus_type = "sata"` for disks that name no bus, '
-    '`network_interface { model = "e1000e" }`, and the seed ISO as a SATA CD-ROM. Linux '
-    "guests need no variant (leave it unset). Any other value is refused naming "
-    "`os.variant` (nomad-driver-ch's Linux variants such as `ubuntu20.04` changed nothing "
-    "there either; remove them). The display Windows wants is not part of it yet.",
+    '`network_interface { model = "e1000e" }`, `display = "vga"`, and the seed ISO as a SATA '
+    "CD-ROM. A Linux distribution's osinfo id (`ubuntu20.04`, `debian12`, `rhel9.4`, ...: "
+    "nomad-driver-ch's Linux variants) is accepted and changes nothing: Linux cloud guests "
+    "need no switch. Any other value is refused naming `os.variant`.",
     default="",
 )
 
