@@ -21,19 +21,14 @@ from nomad_vm.driver.config import RUNTIME_PREFIX, PluginConfig, parse_plugin_co
 from nomad_vm.driver.console_session import CONSOLE_COMMAND, is_console_command, run_console
 from nomad_vm.driver.events import EventBus
 from nomad_vm.driver.fingerprint import fingerprint_async
-from nomad_vm.driver.guest_exec import (
-    ExecOutcome,
-    SignalTarget,
-    StdinReader,
-    exec_in_guest,
-    signal_guest,
-)
+from nomad_vm.driver.guest_exec import ExecOutcome, SignalTarget, StdinReader, exec_in_guest
 from nomad_vm.driver.guest_terminal import OutputSink, TerminalInput, run_terminal
 from nomad_vm.driver.image_fetch import ImageFetcher, gc_periodically
 from nomad_vm.driver.image_steps import hold_leases
 from nomad_vm.driver.journal import TaskJournal
 from nomad_vm.driver.journal_store import JournalStore
 from nomad_vm.driver.networking import NetworkManager
+from nomad_vm.driver.pause import deliver_signal, report_if_paused, resume_before_stop
 from nomad_vm.driver.recorder import TaskRecorder
 from nomad_vm.driver.replay import undo_host_changes
 from nomad_vm.driver.start_steps import run_start_steps
@@ -301,6 +296,7 @@ class VMDriver:
         self.events.emit(
             task, "Reattached to the running VM", {"pid": str(vmm.pid if vmm else "")}
         )
+        await report_if_paused(entry)
 
     def _recovered_journal(self, task_id: str, handle: TaskHandle) -> TaskJournal:
         """The journal on disk (the latest); else the copy in Nomad's handle, saved again so
@@ -322,13 +318,15 @@ class VMDriver:
         return await self._task(task_id).wait()
 
     async def stop_task(self, task_id: str, timeout: float, signal_name: str) -> None:
-        """Graceful stop: ACPI power button, then terminate after ``timeout`` (kill_timeout).
+        """Graceful stop: ACPI power button (a paused VM resumed first, so that its guest sees
+        it), then terminate after ``timeout`` (kill_timeout).
 
         ``signal_name`` (the job's kill_signal) has no meaning for a whole VM and is ignored.
         """
         entry = self._tasks.get(task_id)
         if entry is None:
             return  # already gone: Nomad retries stops, and a stopped task is what it wants
+        await resume_before_stop(entry)
         await entry.stop(timeout)
 
     async def destroy_task(self, task_id: str, force: bool) -> None:
@@ -373,7 +371,7 @@ class VMDriver:
     async def signal_task(self, task_id: str, signal_name: str) -> None:
         entry = self._task(task_id)
         target = SignalTarget(entry.journal.signal_unit, entry.journal.signal_pidfile)
-        await signal_guest(entry, signal_name, target)
+        await deliver_signal(entry, signal_name, target)
 
     async def exec_task(
         self, task_id: str, command: list[str], timeout: float, stdin: StdinReader | None = None

@@ -5,7 +5,8 @@ stdout, stderr and the exit code come back when the command has exited (the agen
 output, so nothing streams while it runs). There is no pty on that path: interactive sessions
 (`nomad alloc exec -t`) take another one, in guest_terminal.
 
-Signals: SIGTERM and SIGINT mean "shut the machine down" and press the ACPI power button; other
+Signals: SIGTERM and SIGINT mean "shut the machine down" and press the ACPI power button;
+SIGSTOP and SIGCONT pause and resume the whole VM (``driver.pause``, before this module); other
 signals go, through the agent, to the systemd unit (`signal_unit`) or the pidfile's process
 (`signal_pidfile`) the task names, and are refused with an error saying so when it names none.
 """

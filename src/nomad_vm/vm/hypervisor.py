@@ -57,6 +57,8 @@ class HypervisorCapabilities:
     guest_agent: bool
     # A port for an interactive session can be added to a running VM (`nomad alloc exec -t`).
     terminal_hotplug: bool
+    # The vCPUs can be stopped and started again in place (``RunningVM.pause`` / ``resume``):
+    # `nomad alloc signal -s SIGSTOP / SIGCONT`.
     pause: bool
     snapshot: bool
     # A guest power-off or panic that happens while no plugin runs is still known afterwards
@@ -265,7 +267,7 @@ class OneProcessVMM:
         return self.vmm_exit(ended)
 
     def guest_verdict(self) -> str | None:
-        """"poweroff" or "panic" when the guest itself ended the VM, else None."""
+        """ "poweroff" or "panic" when the guest itself ended the VM, else None."""
         return None
 
     def vmm_exit(self, ended: VMExit) -> VMExit:
@@ -328,6 +330,21 @@ class RunningVM(Protocol):
 
     async def terminate(self, grace: float) -> None:
         """End the VMM now: asked to exit, killed after ``grace`` seconds."""
+        ...
+
+    async def pause(self) -> None:
+        """Stop the vCPUs (``pause`` backends only; Unsupported otherwise). The VMM stays, its
+        devices too; HypervisorError when the VMM refuses or does not answer."""
+        ...
+
+    async def resume(self) -> None:
+        """Run the vCPUs of a paused VM again (``pause`` backends only)."""
+        ...
+
+    async def is_paused(self) -> bool:
+        """Whether the VM is paused by ``pause`` (asked of the VMM, so it holds after a plugin
+        restart). A VM the guest itself ended (power-off, panic) is not "paused" here, even
+        where the VMM keeps it stopped to remember that verdict."""
         ...
 
     def kill(self) -> None:

@@ -76,8 +76,8 @@ CAPABILITIES = HypervisorCapabilities(
     # No virtio-serial port for qemu-ga; the agent over vsock is not shown to work yet.
     guest_agent=False,
     terminal_hotplug=False,
-    # CH can (vm.pause/resume, vm.snapshot/restore); this backend does not offer them yet.
-    pause=False,
+    # vm.pause / vm.resume. CH can snapshot (vm.snapshot/restore); not offered yet.
+    pause=True,
     snapshot=False,
     # --no-shutdown keeps the VMM after a guest power-off; the event file keeps the panic.
     verdict_survives_plugin_absence=True,

@@ -71,6 +71,12 @@ class ChClient:
             raise HypervisorError("Cloud Hypervisor's vm.counters reply is not an object")
         return {str(k): dict(v) for k, v in reply.items() if isinstance(v, dict)}
 
+    async def pause(self) -> None:
+        await self._call("PUT", "vm.pause")
+
+    async def resume(self) -> None:
+        await self._call("PUT", "vm.resume")
+
     async def power_button(self) -> None:
         await self._call("PUT", "vm.power-button")
 

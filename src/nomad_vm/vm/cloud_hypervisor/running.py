@@ -169,6 +169,27 @@ class CloudHypervisorVM(OneProcessVMM):
             return False
         return True
 
+    async def pause(self) -> None:
+        """``vm.pause``: CH stops the vCPU threads; the VMM and its devices stay."""
+        await self._api("paused").pause()
+
+    async def resume(self) -> None:
+        await self._api("resumed").resume()
+
+    async def is_paused(self) -> bool:
+        """``vm.info`` says ``Paused``. A guest power-off leaves ``Created``/``Shutdown``
+        (POWERED_OFF_STATES), so a user's pause is never read as the guest's end."""
+        if self.client is None:
+            return False
+        return (await self.client.info()).state is VmState.PAUSED
+
+    def _api(self, what: str) -> ChClient:
+        if self.client is None:
+            raise HypervisorError(f"the API is unavailable, so the VM cannot be {what}")
+        if self.guest_end is not None:
+            raise HypervisorError(f"the guest has ended (guest {self.guest_end})")
+        return self.client
+
     async def terminate(self, grace: float) -> None:
         self._terminated = True
         await self.process.terminate(grace)

@@ -48,6 +48,9 @@ AGENT_SOCKET = "agent.sock"
 SERIAL_SOCKET = "serial.sock"
 SIGNAL_LINE = re.compile(rb"terminating on signal (\d+)")
 GUEST_DONE_STATES = {"shutdown": "poweroff", "guest-panicked": "panic"}
+# The run state of a VM stopped by QMP `stop` (a user's pause), as opposed to the states above,
+# which the guest's own end leaves behind (-action shutdown=pause,panic=pause).
+USER_PAUSED_STATE = "paused"
 BALLOON = "/machine/peripheral/balloon0"
 
 
@@ -151,6 +154,28 @@ class QemuVM(OneProcessVMM):
             log.warning("ACPI powerdown request failed: %s", exc)
             return False
         return True
+
+    async def pause(self) -> None:
+        """QMP ``stop``: the vCPU threads stop; QEMU and its devices stay."""
+        await self._require_monitor("paused").execute("stop")
+
+    async def resume(self) -> None:
+        """QMP ``cont``. Refused for a VM the guest ended: QEMU keeps it stopped only to hold
+        that verdict (``cont`` would not run it again without a reset)."""
+        monitor = self._require_monitor("resumed")
+        if self.guest_end is not None:
+            raise HypervisorError(f"the guest has ended ({self.guest_end}); nothing to resume")
+        await monitor.execute("cont")
+
+    async def is_paused(self) -> bool:
+        if self.monitor is None:
+            return False
+        return await self.monitor.status() == USER_PAUSED_STATE
+
+    def _require_monitor(self, what: str) -> QemuMonitor:
+        if self.monitor is None:
+            raise HypervisorError(f"QMP is unavailable, so the VM cannot be {what}")
+        return self.monitor
 
     def guest_verdict(self) -> str | None:
         return self.guest_end
