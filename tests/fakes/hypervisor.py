@@ -31,6 +31,7 @@ from pathlib import Path
 from nomad_vm.errors import LaunchError, Unsupported, VMRequestError
 from nomad_vm.processes import ProcessIdentity, is_same_process
 from nomad_vm.vm.accel import KvmStatus, choose_accelerator
+from nomad_vm.vm.description import VMDescription
 from nomad_vm.vm.guest_agent import GuestAgent
 from nomad_vm.vm.hypervisor import (
     VMM_ROLE,
@@ -215,6 +216,9 @@ class FakeVM(OneProcessVMM):
 
     async def is_paused(self) -> bool:
         return self.guest.paused
+
+    async def describe(self) -> VMDescription:
+        return VMDescription(accelerator="tcg", vcpus=1, memory_bytes=128 * 2**20)
 
     async def power_down(self) -> bool:
         # A paused guest cannot see the button (its vCPUs do not run).

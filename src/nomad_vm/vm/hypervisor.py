@@ -31,6 +31,7 @@ from nomad_vm.errors import HypervisorError, NomadVMError
 from nomad_vm.processes import ProcessIdentity
 from nomad_vm.storage.held import HeldFile
 from nomad_vm.vm.accel import AcceleratorChoice, KvmStatus
+from nomad_vm.vm.description import VMDescription
 from nomad_vm.vm.share_transport import ShareTransport
 from nomad_vm.vm.spec import DiskSpec, NicSpec, ShareSpec, VMExit
 
@@ -357,6 +358,10 @@ class RunningVM(Protocol):
 
     async def guest_memory_used(self) -> int | None:
         """Bytes the guest uses by its own account (balloon statistics); None when unknown."""
+        ...
+
+    async def describe(self) -> VMDescription:
+        """What the VMM says it runs (operator view); HypervisorError when it cannot be asked."""
         ...
 
     def guest_agent(self) -> GuestAgent | None:

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from nomad_vm.errors import HypervisorError, Unsupported
 from nomad_vm.files import read_log_tail
+from nomad_vm.vm.description import VMDescription
 from nomad_vm.vm.guest_agent import GuestAgent
 from nomad_vm.vm.hypervisor import (
     GuestEvent,
@@ -33,6 +34,7 @@ from nomad_vm.vm.hypervisor import (
     VMRef,
 )
 from nomad_vm.vm.process import SupervisedProcess
+from nomad_vm.vm.qemu.describe import describe_qemu
 from nomad_vm.vm.qemu.monitor import QemuEvent, QemuMonitor
 from nomad_vm.vm.qemu.terminal_port import plug_terminal_port, unplug_terminal_port
 from nomad_vm.vm.spec import VMExit
@@ -171,6 +173,10 @@ class QemuVM(OneProcessVMM):
         if self.monitor is None:
             return False
         return await self.monitor.status() == USER_PAUSED_STATE
+
+    async def describe(self) -> VMDescription:
+        monitor = self._require_monitor("described")
+        return await describe_qemu(monitor, self.process.pid, self.runtime_dir)
 
     def _require_monitor(self, what: str) -> QemuMonitor:
         if self.monitor is None:
