@@ -16,9 +16,11 @@ from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 
 from nomad_vm import schema
+from nomad_vm.control.protocol import socket_path
 from nomad_vm.driver.checkpoints import Checkpoints, checkpoints_from_environment
 from nomad_vm.driver.config import RUNTIME_PREFIX, PluginConfig, parse_plugin_config
 from nomad_vm.driver.console_session import CONSOLE_COMMAND, is_console_command, run_console
+from nomad_vm.driver.control_server import ControlService
 from nomad_vm.driver.events import EventBus
 from nomad_vm.driver.fingerprint import fingerprint_async
 from nomad_vm.driver.guest_exec import ExecOutcome, SignalTarget, StdinReader, exec_in_guest
@@ -78,6 +80,7 @@ class VMDriver:
         self,
         backends: HypervisorRegistry | None = None,
         checkpoints: Checkpoints | None = None,
+        control: bool = False,
     ) -> None:
         self.config: PluginConfig = parse_plugin_config(None)
         self.agent = AgentInfo()
@@ -89,6 +92,8 @@ class VMDriver:
         self._config_changed = asyncio.Event()
         self._images: ImageFetcher | None = None
         self._images_gc: asyncio.Task[None] | None = None
+        # The operator's control socket (`nomad-vm vm ...`): the plugin process serves one.
+        self._control = ControlService(lambda: self._tasks) if control else None
 
     # --- plugin configuration -------------------------------------------------------------
 
@@ -132,6 +137,7 @@ class VMDriver:
         if self._images_gc is None or self._images_gc.done():
             self._images_gc = asyncio.ensure_future(gc_periodically(lambda: self.images))
         while True:
+            await self._serve_control()
             self._config_changed.clear()
             default = self._default_backend()
             others = [self.backends.get(n) for n in self.backends.names if n != default.name]
@@ -180,6 +186,7 @@ class VMDriver:
         everything the journal recorded."""
         if task.id in self._tasks:
             raise TaskExists(task.id)
+        await self._serve_control()
         runtime_dir = self._runtime_dir(task)
         plan = await plan_start(task, self.config, self.agent, runtime_dir, self.backends)
         try:
@@ -265,6 +272,7 @@ class VMDriver:
         """Reattach to a VM started by an earlier plugin process; never boot a second one."""
         if task.id in self._tasks:
             return
+        await self._serve_control()
         journal = self._recovered_journal(task.id, handle)
         backend = self.backends.get(journal.backend)
         ref = journal.vm_ref()
@@ -397,8 +405,15 @@ class VMDriver:
             return await run_console(self._task(task_id), command, inputs, on_output)
         return await run_terminal(self._task(task_id), command, inputs, on_output)
 
+    async def _serve_control(self) -> None:
+        if self._control is not None:
+            identity = self.config.identity
+            await self._control.ensure(socket_path(self.config.data_dir, identity.alias))
+
     async def shutdown(self) -> None:
         """The plugin is going away: VMs keep running (Nomad will recover them)."""
+        if self._control is not None:
+            await self._control.close()
         for entry in self._tasks.values():
             await entry.close()
         if self._images_gc is not None:
