@@ -44,6 +44,9 @@ def test_sigstop_pauses_sigcont_resumes_and_a_stop_resumes_first(kit: Kit) -> No
             assert await vm.is_paused()
             await driver.signal_task(task.id, "STOP")  # idempotent, and Nomad's short name
             await events.wait_for("VM is already paused")
+            # Nothing runs in a paused guest: an exec is refused at once, saying why.
+            with pytest.raises(Unsupported, match="the VM is paused"):
+                await driver.exec_task(task.id, ["true"], 5)
             await driver.signal_task(task.id, "SIGCONT")
             await events.wait_for("VM resumed")
             assert not await vm.is_paused()
@@ -101,6 +104,29 @@ def test_a_backend_without_pause_refuses_sigstop_naming_itself(kit: Kit) -> None
         with pytest.raises(Unsupported, match=f"the {entry.journal.backend} backend cannot"):
             await driver.signal_task(task.id, "SIGSTOP")
         await driver.destroy_task(task.id, force=True)
+        await assert_clean(kit, task)
+
+    run(scenario)
+
+
+def test_describe_says_what_the_vmm_runs(kit: Kit) -> None:
+    if kit.name == fake.NAME:
+        pytest.skip("the fake has no VMM to ask")
+
+    async def scenario() -> None:
+        driver = kit.driver()
+        task = kit.task("described", options={"image": kit.every_step()["image"]})
+        await driver.start_task(task)
+        await kit.booted(task)
+        vm = driver._tasks[task.id].vm
+        assert vm is not None
+        described = await vm.describe()
+        assert described.vcpus == 1 and described.memory_bytes == 160 * 2**20, described
+        assert described.plugged_memory_bytes == 0
+        runtime_dir = driver._tasks[task.id].journal.runtime_dir
+        # The task's own disk, in its runtime dir, over the job's image.
+        assert any(d.file.startswith(runtime_dir) for d in described.disks), described.disks
+        await stop_and_destroy(driver, task)
         await assert_clean(kit, task)
 
     run(scenario)

@@ -17,7 +17,12 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 from nomad_vm.driver.task import VMTask
-from nomad_vm.errors import CommandNotRunnable, GuestAgentUnavailable, Unsupported
+from nomad_vm.errors import (
+    CommandNotRunnable,
+    GuestAgentUnavailable,
+    HypervisorError,
+    Unsupported,
+)
 from nomad_vm.vm.guest_agent import AgentCommandError, AgentError, AgentTimeout, GuestAgent
 
 # qemu-ga replaces the whole environment of the command: give it a usable PATH.
@@ -71,6 +76,7 @@ async def exec_in_guest(
 ) -> ExecOutcome:
     if not entry.running:
         raise Unsupported("the VM has stopped; there is nothing to run the command in")
+    await refuse_if_paused(entry, "commands cannot run in it")
     if not command:
         raise Unsupported("no command given")
     agent = await agent_for(entry)
@@ -88,6 +94,18 @@ async def exec_in_guest(
             raise not_runnable(command[0], exc.desc, env["PATH"]) from None
         raise GuestAgentUnavailable(f"running {command[0]!r} in the guest failed: {exc}") from None
     return ExecOutcome(result.stdout, result.stderr, result.exit_code, result.signal or 0)
+
+
+async def refuse_if_paused(entry: VMTask, consequence: str) -> None:
+    """A paused guest runs nothing: say so at once rather than after the agent's timeout."""
+    if entry.vm is None or not entry.capabilities.pause:
+        return
+    try:
+        paused = await entry.vm.is_paused()
+    except HypervisorError:
+        return  # the exec itself reports a VMM that does not answer
+    if paused:
+        raise Unsupported(f"the VM is paused, so {consequence} (SIGCONT resumes it)")
 
 
 def not_runnable(program: str, agent_says: str, path: str) -> CommandNotRunnable:
