@@ -49,6 +49,8 @@ class ExecOutcome:
 
 async def agent_for(entry: VMTask) -> GuestAgent:
     """The task's agent client; connects on demand when the background watcher has not yet."""
+    # exec, terminal sessions and signals to a unit all need the guest to run.
+    await refuse_if_paused(entry, "commands cannot run in it")
     if entry.agent is not None:
         return entry.agent
     agent = entry.vm.guest_agent() if entry.vm is not None else None
@@ -76,7 +78,6 @@ async def exec_in_guest(
 ) -> ExecOutcome:
     if not entry.running:
         raise Unsupported("the VM has stopped; there is nothing to run the command in")
-    await refuse_if_paused(entry, "commands cannot run in it")
     if not command:
         raise Unsupported("no command given")
     agent = await agent_for(entry)
