@@ -10,6 +10,7 @@ import pytest
 from nomad_vm.cli.devagent import DevAgent
 from tests.conftest import REPO, qemu_processes_under, wait_until
 from tests.e2e.conftest import run_tiny_job, wait_alloc, wait_until_empty
+from tests.integration.test_control_socket import vm_json
 
 pytestmark = pytest.mark.e2e
 RUNNING = "nomad-vm tiny guest: running"
@@ -55,6 +56,9 @@ def test_sigstop_pauses_sigcont_resumes_and_job_stop_of_a_paused_vm(
         lambda: any(m.startswith("VM paused") for m in _messages(agent, alloc_id)), 30
     )
     assert wait_until(lambda: _cpu_percent(agent, alloc_id) < 0.5, 30)
+    # The operator view of the plugin the agent runs agrees (nomad-vm vm list, its socket).
+    (listed,) = vm_json(agent.config.workdir / "plugin-data", "list")
+    assert (listed["alloc_id"], listed["state"]) == (alloc_id, "paused"), listed
     assert _stays_below(agent, alloc_id, 0.5, 4)
     assert wait_alloc(agent, "vm-demo", {"running"})["ID"] == alloc_id
 
