@@ -47,6 +47,9 @@ class ControlServer:
         self._tasks = tasks
         self._server: asyncio.base_events.Server | None = None
         self._inode: int | None = None
+        # Open connections, closed with the server: a client that keeps its connection open
+        # must not hold up the plugin's shutdown (wait_closed waits for every connection).
+        self._clients: set[asyncio.StreamWriter] = set()
 
     @property
     def serving(self) -> bool:
@@ -82,6 +85,8 @@ class ControlServer:
         if server is None:
             return
         server.close()
+        for writer in list(self._clients):
+            writer.close()
         # Only our own socket: a newer plugin may have bound a new one in its place.
         with contextlib.suppress(OSError):
             if self.path.stat().st_ino == self._inode:
@@ -89,7 +94,10 @@ class ControlServer:
         await server.wait_closed()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._clients.add(writer)
         try:
+            if self._server is None:
+                return  # accepted just as the server closed: close it too
             if not _peer_allowed(writer):
                 writer.write(encode({"ok": False, "error": "permission denied"}))
                 return
@@ -106,6 +114,7 @@ class ControlServer:
         except (ConnectionError, asyncio.IncompleteReadError):
             return
         finally:
+            self._clients.discard(writer)
             with contextlib.suppress(ConnectionError):
                 await writer.drain()
             writer.close()
