@@ -86,3 +86,22 @@ def test_the_cli_tables() -> None:
     assert "  disk0: /x/disk.qcow2 (qcow2)" in info
     assert "nvm1234 (bridge on nomadvm0): mac 52:54:00:00:00:01, address 192.168.122.10/24" in info
     assert "guest rx 10 bytes / 1 packets, tx 20 bytes / 2 packets" in info
+
+
+def test_the_cli_finds_each_names_socket(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from nomad_vm.cli.main import build_parser
+
+    def run(*argv: str) -> str:
+        args = build_parser().parse_args(["vm", *argv])
+        assert args.func(args) == 1  # nobody serves in these directories
+        return capsys.readouterr().err
+
+    assert f"{tmp_path}/control/control.sock: no plugin answers" in run(
+        "list", "--data-dir", str(tmp_path)
+    )
+    assert f"{tmp_path}/control-ch/control.sock" in run(
+        "info", "x", "--as", "ch", "--data-dir", str(tmp_path)
+    )
+    assert "/var/lib/nomad-vm-virt/control-virt/control.sock" in run("pause", "x", "--as", "virt")
