@@ -94,8 +94,10 @@ def test_sigstop_freezes_the_guest_and_sigcont_resumes_it(
         signal(plugin, cfg.id, "SIGSTOP")
         # SignalTask returns once QMP `stop` has: the vCPUs no longer run.
         assert wait_until(lambda: any(m.startswith("VM paused") for m in events), 10), events
-        # Bytes QEMU wrote before the stop may still be on their way through the FIFO.
-        time.sleep(0.5)
+        # QEMU wrote the guest's output before `stop` returned; let the reader take what is
+        # still in the FIFO (and finish its current pass) before counting.
+        assert wait_until(fifo.drained, 5)
+        time.sleep(0.2)  # the reading thread's poll period (select timeout 0.1 s), twice
         paused_rate, first, last = rate_over(qemu, fifo)
         assert last == first, f"the counter went on while paused ({first} -> {last})"
         paused_stats = stats_percent(plugin, cfg.id)
