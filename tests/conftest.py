@@ -98,3 +98,13 @@ def wait_until(predicate: Callable[[], object], timeout: float, every: float = 0
         if time.monotonic() >= deadline:
             return False
         time.sleep(every)
+
+
+def task_state_in(data_dir: Path) -> list[Path]:
+    """What the plugin keeps in ``data_dir`` for tasks (journals, leases, runtime dirs, ...):
+    everything except its control socket's directory, which lives as long as the plugin
+    process does (``nomad_vm.control``), not as long as any task."""
+    if not data_dir.exists():
+        return []
+    control = {"control"} | {p.name for p in data_dir.glob("control-*")}
+    return [p for p in data_dir.rglob("*") if p.relative_to(data_dir).parts[0] not in control]

@@ -20,7 +20,7 @@ import pytest
 
 from nomad_vm.cli.devagent import DevAgent, DevAgentConfig, free_port
 from nomad_vm.cli.paths import nomad_binary, tool_binary
-from tests.conftest import REPO, vm_processes_under, wait_until
+from tests.conftest import REPO, task_state_in, vm_processes_under, wait_until
 from tests.netns import isolated_namespaces
 
 
@@ -124,8 +124,9 @@ def wait_alloc(
 
 
 def wait_until_empty(directory: Path, timeout: float) -> bool:
-    """True once ``directory`` is gone or holds nothing (polled until ``timeout``)."""
-    return wait_until(lambda: not directory.exists() or not any(directory.rglob("*")), timeout)
+    """True once the plugin data_dir ``directory`` is gone or holds no task's state (polled
+    until ``timeout``); the plugin's control socket stays while the plugin runs."""
+    return wait_until(lambda: not task_state_in(directory), timeout)
 
 
 @contextlib.contextmanager

@@ -27,7 +27,7 @@ import pytest
 from nomad_vm.cli.devagent import DevAgent, DevAgentConfig, InstalledPlugin, remove_tree
 from nomad_vm.cli.install import CONFIG_FILE_NAME, wrapper_script
 from nomad_vm.cli.paths import nomad_binary
-from tests.conftest import REPO, vm_processes_under, wait_until
+from tests.conftest import REPO, task_state_in, vm_processes_under, wait_until
 from tests.e2e.conftest import allocations, run_job, wait_alloc
 
 pytestmark = pytest.mark.e2e
@@ -218,7 +218,7 @@ def test_demo_job_from_the_clean_install_shows_its_console_in_alloc_logs(
         # The plugin's data_dir holds the VM's runtime dir when the task dir's socket path
         # would be too long (it is here): only the empty run/ may stay.
         data_dir = clean_install.data_dir
-        kept = [p for p in data_dir.rglob("*") if p != data_dir / "run"]
+        kept = [p for p in task_state_in(data_dir) if p != data_dir / "run"]
         assert not kept, kept
         alloc_dir = agent.config.workdir / "data" / "alloc" / alloc_id / TASK
         assert not list(alloc_dir.glob("nomad-vm*"))

@@ -56,6 +56,8 @@ class FakeVmm:
     config: VmConfig | None = None
     # "Running" while the VM exists, None once torn down (CH drops the Vm, keeps the config).
     running: bool = False
+    # vm.pause'd: the vCPUs (the simulated guest) do nothing until vm.resume.
+    paused: bool = False
     requests: list[tuple[str, str, Any]] = field(default_factory=list)
     # Connections to each virtio-fs device's virtiofsd, held while the VMM runs (as CH's
     # vhost-user frontend does: a virtiofsd exits when its connection closes).
@@ -227,6 +229,8 @@ def _info(vmm: FakeVmm, body: Any) -> tuple[int, Any]:
     if vmm.config is None:
         return 404, "VmNotCreated"
     state = VmState.RUNNING if vmm.running else VmState.CREATED
+    if vmm.running and vmm.paused:
+        state = VmState.PAUSED
     size = vmm.config.memory.size if vmm.config.memory else 512 * 2**20
     return 200, to_json(VmInfo(vmm.config, state, size))
 
@@ -257,8 +261,31 @@ def _power_button(vmm: FakeVmm, body: Any) -> tuple[int, Any]:
     if not vmm.running:
         return 500, "VmNotRunning"
     vmm.event("vm", "power-button")  # not CH's (it logs none); harmless to the parser
-    if vmm.config is not None and "nomadvm.ignore_acpi=1" not in (vmm.config.payload.cmdline or ""):
+    # A paused guest's vCPUs cannot take the ACPI event: nothing happens.
+    hears = vmm.config is not None and "nomadvm.ignore_acpi=1" not in (
+        vmm.config.payload.cmdline or ""
+    )
+    if hears and not vmm.paused:
         threading.Timer(0.01, vmm.guest_powers_off).start()
+    return 204, None
+
+
+def _pause(vmm: FakeVmm, body: Any) -> tuple[int, Any]:
+    # CH refuses a transition that is not one (Paused -> Paused) as an invalid state change.
+    if not vmm.running or vmm.paused:
+        return 500, "Error pausing VM: InvalidStateTransition"
+    vmm.paused = True
+    vmm.event("vm", "pausing")
+    vmm.event("vm", "paused")
+    return 204, None
+
+
+def _resume(vmm: FakeVmm, body: Any) -> tuple[int, Any]:
+    if not vmm.running or not vmm.paused:
+        return 500, "Error resuming VM: InvalidStateTransition"
+    vmm.paused = False
+    vmm.event("vm", "resuming")
+    vmm.event("vm", "resumed")
     return 204, None
 
 
@@ -275,6 +302,8 @@ ROUTES: dict[tuple[str, str], Callable[[FakeVmm, Any], tuple[int, Any]]] = {
     ("GET", "vm.info"): _info,
     ("GET", "vm.counters"): _counters,
     ("PUT", "vm.power-button"): _power_button,
+    ("PUT", "vm.pause"): _pause,
+    ("PUT", "vm.resume"): _resume,
     ("PUT", "vmm.shutdown"): _vmm_shutdown,
 }
 PREFIX = "/api/v1/"

@@ -31,6 +31,7 @@ from pathlib import Path
 from nomad_vm.errors import LaunchError, Unsupported, VMRequestError
 from nomad_vm.processes import ProcessIdentity, is_same_process
 from nomad_vm.vm.accel import KvmStatus, choose_accelerator
+from nomad_vm.vm.description import VMDescription
 from nomad_vm.vm.guest_agent import GuestAgent
 from nomad_vm.vm.hypervisor import (
     VMM_ROLE,
@@ -71,7 +72,7 @@ CAPABILITIES = HypervisorCapabilities(
     share_transports=("virtiofs",),
     guest_agent=False,
     terminal_hotplug=False,
-    pause=False,
+    pause=True,
     snapshot=False,
     verdict_survives_plugin_absence=True,
 )
@@ -84,6 +85,8 @@ class FakeGuest:
     after: float = 0.0
     # What the guest did that ended it ("poweroff" or "panic"), once it did.
     verdict: str = ""
+    # Paused by the driver (kept by the "machine", as QEMU keeps its run state across plugins).
+    paused: bool = False
     booted_at: float = field(default_factory=time.monotonic)
     reboots: int = 0
     # Queues of the VMs (drivers) watching this guest now.
@@ -205,8 +208,21 @@ class FakeVM(OneProcessVMM):
     def guest_verdict(self) -> str | None:
         return self.guest.verdict
 
+    async def pause(self) -> None:
+        self.guest.paused = True
+
+    async def resume(self) -> None:
+        self.guest.paused = False
+
+    async def is_paused(self) -> bool:
+        return self.guest.paused
+
+    async def describe(self) -> VMDescription:
+        return VMDescription(accelerator="tcg", vcpus=1, memory_bytes=128 * 2**20)
+
     async def power_down(self) -> bool:
-        if not self.guest.ignores_acpi:
+        # A paused guest cannot see the button (its vCPUs do not run).
+        if not self.guest.ignores_acpi and not self.guest.paused:
             asyncio.get_running_loop().call_later(ACPI_DELAY, self._act, "poweroff")
         return True
 

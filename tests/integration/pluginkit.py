@@ -4,8 +4,10 @@ stand-in for the task's stdout FIFO, task configs for the tiny guest."""
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import select
+import termios
 import threading
 import time
 from collections.abc import Iterator
@@ -71,6 +73,12 @@ class FifoReader:
                     self.data += chunk
                 else:
                     time.sleep(0.05)
+
+    def drained(self) -> bool:
+        """Nothing is waiting in the FIFO: what was written to it is in ``data`` (or being
+        appended by the reading thread's current pass)."""
+        pending = fcntl.ioctl(self._fd, termios.FIONREAD, b"\0\0\0\0")
+        return int.from_bytes(pending, "little") == 0
 
     def wait_for(self, needle: bytes, timeout: float) -> bool:
         deadline = time.monotonic() + timeout

@@ -22,7 +22,7 @@ from nomad_vm.plugin.proto import (
     goplugin_pb2_grpc,
     recoverable_error_pb2,
 )
-from tests.conftest import qemu_processes_under
+from tests.conftest import qemu_processes_under, task_state_in
 from tests.integration.pluginkit import (
     DRIVER,
     MARKER,
@@ -160,7 +160,7 @@ def test_vm_task_lifecycle(plugin: PluginProcess, short_tmp: Path, tiny_guest) -
     assert not qemu_processes_under(short_tmp)
     assert not list((alloc / "tiny").glob("nomad-vm*"))
     data_dir = short_tmp / "data"
-    assert not data_dir.exists() or not any(data_dir.rglob("*"))
+    assert not task_state_in(data_dir)
     with pytest.raises(grpc.RpcError) as err:
         drv(plugin).WaitTask(driver_pb2.WaitTaskRequest(task_id=cfg.id))
     assert err.value.code() == grpc.StatusCode.NOT_FOUND

@@ -1,4 +1,4 @@
-"""`nomad-vm`: the operator's command (install, doctor, image, demo, docs, console)."""
+"""`nomad-vm`: the operator's command (install, doctor, image, demo, docs, console, vm)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from pathlib import Path
 from nomad_vm import __version__
 from nomad_vm.cli.console import add_console_parser
 from nomad_vm.cli.install import CONFIG_FILE_NAME
+from nomad_vm.cli.vms import add_vm_parser
 
 
 def _cmd_doctor(args: argparse.Namespace) -> int:
@@ -204,6 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     docs.set_defaults(func=_cmd_docs)
 
     add_console_parser(sub)
+    add_vm_parser(sub)
     return parser
 
 

@@ -16,18 +16,14 @@ from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 
 from nomad_vm import schema
+from nomad_vm.control.protocol import socket_path
 from nomad_vm.driver.checkpoints import Checkpoints, checkpoints_from_environment
 from nomad_vm.driver.config import RUNTIME_PREFIX, PluginConfig, parse_plugin_config
 from nomad_vm.driver.console_session import CONSOLE_COMMAND, is_console_command, run_console
+from nomad_vm.driver.control_server import ControlService
 from nomad_vm.driver.events import EventBus
 from nomad_vm.driver.fingerprint import fingerprint_async
-from nomad_vm.driver.guest_exec import (
-    ExecOutcome,
-    SignalTarget,
-    StdinReader,
-    exec_in_guest,
-    signal_guest,
-)
+from nomad_vm.driver.guest_exec import ExecOutcome, SignalTarget, StdinReader, exec_in_guest
 from nomad_vm.driver.guest_terminal import OutputSink, TerminalInput, run_terminal
 from nomad_vm.driver.image_fetch import ImageFetcher, gc_periodically
 from nomad_vm.driver.image_steps import hold_leases
@@ -35,6 +31,7 @@ from nomad_vm.driver.journal import TaskJournal
 from nomad_vm.driver.journal_store import JournalStore
 from nomad_vm.driver.ksm import KsmOutcome, apply_ksm, ksm_start_event
 from nomad_vm.driver.networking import NetworkManager
+from nomad_vm.driver.pause import deliver_signal, report_if_paused, resume_before_stop
 from nomad_vm.driver.recorder import TaskRecorder
 from nomad_vm.driver.replay import undo_host_changes
 from nomad_vm.driver.start_steps import run_start_steps
@@ -84,6 +81,7 @@ class VMDriver:
         self,
         backends: HypervisorRegistry | None = None,
         checkpoints: Checkpoints | None = None,
+        control: bool = False,
     ) -> None:
         self.config: PluginConfig = parse_plugin_config(None)
         self.agent = AgentInfo()
@@ -96,6 +94,8 @@ class VMDriver:
         self._images: ImageFetcher | None = None
         self._images_gc: asyncio.Task[None] | None = None
         self._ksm = KsmOutcome()
+        # The operator's control socket (`nomad-vm vm ...`): the plugin process serves one.
+        self._control = ControlService(lambda: self._tasks) if control else None
 
     # --- plugin configuration -------------------------------------------------------------
 
@@ -141,6 +141,7 @@ class VMDriver:
         if self._images_gc is None or self._images_gc.done():
             self._images_gc = asyncio.ensure_future(gc_periodically(lambda: self.images))
         while True:
+            await self._serve_control()
             self._config_changed.clear()
             default = self._default_backend()
             others = [self.backends.get(n) for n in self.backends.names if n != default.name]
@@ -189,6 +190,7 @@ class VMDriver:
         everything the journal recorded."""
         if task.id in self._tasks:
             raise TaskExists(task.id)
+        await self._serve_control()
         runtime_dir = self._runtime_dir(task)
         plan = await plan_start(task, self.config, self.agent, runtime_dir, self.backends)
         try:
@@ -284,6 +286,7 @@ class VMDriver:
         """Reattach to a VM started by an earlier plugin process; never boot a second one."""
         if task.id in self._tasks:
             return
+        await self._serve_control()
         journal = self._recovered_journal(task.id, handle)
         backend = self.backends.get(journal.backend)
         ref = journal.vm_ref()
@@ -312,7 +315,10 @@ class VMDriver:
                 log.warning("reconciling the network of %s failed: %s", task.id, exc)
         entry.start_watching()
         vmm = journal.vmm
-        self.events.emit(task, "Reattached to the running VM", {"pid": str(vmm.pid if vmm else "")})
+        self.events.emit(
+            task, "Reattached to the running VM", {"pid": str(vmm.pid if vmm else "")}
+        )
+        await report_if_paused(entry)
 
     def _recovered_journal(self, task_id: str, handle: TaskHandle) -> TaskJournal:
         """The journal on disk (the latest); else the copy in Nomad's handle, saved again so
@@ -334,13 +340,15 @@ class VMDriver:
         return await self._task(task_id).wait()
 
     async def stop_task(self, task_id: str, timeout: float, signal_name: str) -> None:
-        """Graceful stop: ACPI power button, then terminate after ``timeout`` (kill_timeout).
+        """Graceful stop: ACPI power button (a paused VM resumed first, so that its guest sees
+        it), then terminate after ``timeout`` (kill_timeout).
 
         ``signal_name`` (the job's kill_signal) has no meaning for a whole VM and is ignored.
         """
         entry = self._tasks.get(task_id)
         if entry is None:
             return  # already gone: Nomad retries stops, and a stopped task is what it wants
+        await resume_before_stop(entry)
         await entry.stop(timeout)
 
     async def destroy_task(self, task_id: str, force: bool) -> None:
@@ -386,7 +394,7 @@ class VMDriver:
     async def signal_task(self, task_id: str, signal_name: str) -> None:
         entry = self._task(task_id)
         target = SignalTarget(entry.journal.signal_unit, entry.journal.signal_pidfile)
-        await signal_guest(entry, signal_name, target)
+        await deliver_signal(entry, signal_name, target)
 
     async def exec_task(
         self, task_id: str, command: list[str], timeout: float, stdin: StdinReader | None = None
@@ -412,8 +420,15 @@ class VMDriver:
             return await run_console(self._task(task_id), command, inputs, on_output)
         return await run_terminal(self._task(task_id), command, inputs, on_output)
 
+    async def _serve_control(self) -> None:
+        if self._control is not None:
+            identity = self.config.identity
+            await self._control.ensure(socket_path(self.config.data_dir, identity.alias))
+
     async def shutdown(self) -> None:
         """The plugin is going away: VMs keep running (Nomad will recover them)."""
+        if self._control is not None:
+            await self._control.close()
         for entry in self._tasks.values():
             await entry.close()
         if self._images_gc is not None:

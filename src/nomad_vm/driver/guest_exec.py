@@ -5,7 +5,8 @@ stdout, stderr and the exit code come back when the command has exited (the agen
 output, so nothing streams while it runs). There is no pty on that path: interactive sessions
 (`nomad alloc exec -t`) take another one, in guest_terminal.
 
-Signals: SIGTERM and SIGINT mean "shut the machine down" and press the ACPI power button; other
+Signals: SIGTERM and SIGINT mean "shut the machine down" and press the ACPI power button;
+SIGSTOP and SIGCONT pause and resume the whole VM (``driver.pause``, before this module); other
 signals go, through the agent, to the systemd unit (`signal_unit`) or the pidfile's process
 (`signal_pidfile`) the task names, and are refused with an error saying so when it names none.
 """
@@ -16,7 +17,12 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 from nomad_vm.driver.task import VMTask
-from nomad_vm.errors import CommandNotRunnable, GuestAgentUnavailable, Unsupported
+from nomad_vm.errors import (
+    CommandNotRunnable,
+    GuestAgentUnavailable,
+    HypervisorError,
+    Unsupported,
+)
 from nomad_vm.vm.guest_agent import AgentCommandError, AgentError, AgentTimeout, GuestAgent
 
 # qemu-ga replaces the whole environment of the command: give it a usable PATH.
@@ -43,6 +49,8 @@ class ExecOutcome:
 
 async def agent_for(entry: VMTask) -> GuestAgent:
     """The task's agent client; connects on demand when the background watcher has not yet."""
+    # exec, terminal sessions and signals to a unit all need the guest to run.
+    await refuse_if_paused(entry, "commands cannot run in it")
     if entry.agent is not None:
         return entry.agent
     agent = entry.vm.guest_agent() if entry.vm is not None else None
@@ -87,6 +95,18 @@ async def exec_in_guest(
             raise not_runnable(command[0], exc.desc, env["PATH"]) from None
         raise GuestAgentUnavailable(f"running {command[0]!r} in the guest failed: {exc}") from None
     return ExecOutcome(result.stdout, result.stderr, result.exit_code, result.signal or 0)
+
+
+async def refuse_if_paused(entry: VMTask, consequence: str) -> None:
+    """A paused guest runs nothing: say so at once rather than after the agent's timeout."""
+    if entry.vm is None or not entry.capabilities.pause:
+        return
+    try:
+        paused = await entry.vm.is_paused()
+    except HypervisorError:
+        return  # the exec itself reports a VMM that does not answer
+    if paused:
+        raise Unsupported(f"the VM is paused, so {consequence} (SIGCONT resumes it)")
 
 
 def not_runnable(program: str, agent_says: str, path: str) -> CommandNotRunnable:

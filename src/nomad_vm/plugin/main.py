@@ -45,7 +45,9 @@ def main() -> None:
 def _make_driver() -> DriverPort:
     from nomad_vm.driver.driver import VMDriver
 
-    return VMDriver()
+    # The plugin process serves the operator's control socket; in-process drivers (tests) do
+    # not unless asked.
+    return VMDriver(control=True)
 
 
 async def _run() -> None:

@@ -31,6 +31,7 @@ from nomad_vm.errors import HypervisorError, NomadVMError
 from nomad_vm.processes import ProcessIdentity
 from nomad_vm.storage.held import HeldFile
 from nomad_vm.vm.accel import AcceleratorChoice, KvmStatus
+from nomad_vm.vm.description import VMDescription
 from nomad_vm.vm.share_transport import ShareTransport
 from nomad_vm.vm.spec import DiskSpec, NicSpec, ShareSpec, VMExit
 
@@ -57,6 +58,8 @@ class HypervisorCapabilities:
     guest_agent: bool
     # A port for an interactive session can be added to a running VM (`nomad alloc exec -t`).
     terminal_hotplug: bool
+    # The vCPUs can be stopped and started again in place (``RunningVM.pause`` / ``resume``):
+    # `nomad alloc signal -s SIGSTOP / SIGCONT`.
     pause: bool
     snapshot: bool
     # A guest power-off or panic that happens while no plugin runs is still known afterwards
@@ -377,6 +380,21 @@ class RunningVM(Protocol):
         """End the VMM now: asked to exit, killed after ``grace`` seconds."""
         ...
 
+    async def pause(self) -> None:
+        """Stop the vCPUs (``pause`` backends only; Unsupported otherwise). The VMM stays, its
+        devices too; HypervisorError when the VMM refuses or does not answer."""
+        ...
+
+    async def resume(self) -> None:
+        """Run the vCPUs of a paused VM again (``pause`` backends only)."""
+        ...
+
+    async def is_paused(self) -> bool:
+        """Whether the VM is paused by ``pause`` (asked of the VMM, so it holds after a plugin
+        restart). A VM the guest itself ended (power-off, panic) is not "paused" here, even
+        where the VMM keeps it stopped to remember that verdict."""
+        ...
+
     def kill(self) -> None:
         """SIGKILL the VMM (``wait`` then reports it)."""
         ...
@@ -391,6 +409,10 @@ class RunningVM(Protocol):
 
     async def device_io(self) -> Mapping[str, Mapping[str, int]]:
         """Per-device I/O counters (device id -> counter -> value); empty when unknown."""
+        ...
+
+    async def describe(self) -> VMDescription:
+        """What the VMM says it runs (operator view); HypervisorError when it cannot be asked."""
         ...
 
     def guest_agent(self) -> GuestAgent | None:

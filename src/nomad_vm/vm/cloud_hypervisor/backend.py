@@ -93,8 +93,8 @@ CAPABILITIES = HypervisorCapabilities(
     # seed: exec and signals; no terminal sessions (they hot-plug virtio-serial ports).
     guest_agent=True,
     terminal_hotplug=False,
-    # CH can (vm.pause/resume, vm.snapshot/restore); this backend does not offer them yet.
-    pause=False,
+    # vm.pause / vm.resume. CH can snapshot (vm.snapshot/restore); not offered yet.
+    pause=True,
     snapshot=False,
     # --no-shutdown keeps the VMM after a guest power-off; the event file keeps the panic.
     verdict_survives_plugin_absence=True,

@@ -75,6 +75,12 @@ class ChClient:
         except ModelError as exc:
             raise HypervisorError(f"Cloud Hypervisor's vm.counters reply: {exc}") from exc
 
+    async def pause(self) -> None:
+        await self._call("PUT", "vm.pause")
+
+    async def resume(self) -> None:
+        await self._call("PUT", "vm.resume")
+
     async def power_button(self) -> None:
         await self._call("PUT", "vm.power-button")
 

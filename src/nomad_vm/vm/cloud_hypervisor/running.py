@@ -37,6 +37,7 @@ from nomad_vm.vm.cloud_hypervisor.files import (
 )
 from nomad_vm.vm.cloud_hypervisor.model import VmState
 from nomad_vm.vm.cloud_hypervisor.vm_config import AGENT_PORT
+from nomad_vm.vm.description import DiskView, VMDescription
 from nomad_vm.vm.guest_agent import GuestAgent
 from nomad_vm.vm.hypervisor import (
     GuestEvent,
@@ -175,6 +176,52 @@ class CloudHypervisorVM(OneProcessVMM):
             log.warning("ACPI power button request failed: %s", exc)
             return False
         return True
+
+    async def pause(self) -> None:
+        """``vm.pause``: CH stops the vCPU threads; the VMM and its devices stay."""
+        await self._api("paused").pause()
+
+    async def resume(self) -> None:
+        await self._api("resumed").resume()
+
+    async def is_paused(self) -> bool:
+        """``vm.info`` says ``Paused``. A guest power-off leaves ``Created``/``Shutdown``
+        (POWERED_OFF_STATES), so a user's pause is never read as the guest's end."""
+        if self.client is None:
+            return False
+        return (await self.client.info()).state is VmState.PAUSED
+
+    async def describe(self) -> VMDescription:
+        """From ``vm.info``: CH runs on KVM only; its disks are opened by path."""
+        if self.client is None:
+            raise HypervisorError("the API is unavailable, so the VM cannot be described")
+        info = await self.client.info()
+        config = info.config
+        disks = tuple(
+            DiskView(
+                name=d.id or f"disk{i}",
+                file=d.path,
+                read_only=d.readonly,
+                format=d.image_type.value.lower() if d.image_type else "",
+            )
+            for i, d in enumerate(config.disks or ())
+        )
+        size = config.memory.size if config.memory else 0
+        return VMDescription(
+            accelerator="kvm",
+            vcpus=config.cpus.boot_vcpus if config.cpus else 1,
+            memory_bytes=size,
+            # vm.resize grows a running VM's memory: the actual size beyond the configured one.
+            plugged_memory_bytes=max(0, (info.memory_actual_size or size) - size),
+            disks=disks,
+        )
+
+    def _api(self, what: str) -> ChClient:
+        if self.client is None:
+            raise HypervisorError(f"the API is unavailable, so the VM cannot be {what}")
+        if self.guest_end is not None:
+            raise HypervisorError(f"the guest has ended (guest {self.guest_end})")
+        return self.client
 
     async def terminate(self, grace: float) -> None:
         self._terminated = True

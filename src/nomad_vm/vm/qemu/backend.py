@@ -87,8 +87,8 @@ CAPABILITIES = HypervisorCapabilities(
     guest_agent=True,
     terminal_hotplug=True,
     serial_console=True,
-    # QEMU could (QMP stop/cont, migrate-to-file), but this backend does not offer them yet.
-    pause=False,
+    # QMP stop/cont. Snapshots (migrate-to-file) are not offered yet.
+    pause=True,
     snapshot=False,
     # -action shutdown=pause,panic=pause keeps the guest's verdict in QEMU's run state.
     verdict_survives_plugin_absence=True,

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from nomad_vm.errors import HypervisorError, Unsupported
 from nomad_vm.files import read_log_tail
+from nomad_vm.vm.description import VMDescription
 from nomad_vm.vm.guest_agent import GuestAgent
 from nomad_vm.vm.hypervisor import (
     GuestEvent,
@@ -33,6 +34,7 @@ from nomad_vm.vm.hypervisor import (
     VMRef,
 )
 from nomad_vm.vm.process import SupervisedProcess
+from nomad_vm.vm.qemu.describe import describe_qemu
 from nomad_vm.vm.qemu.monitor import QemuEvent, QemuMonitor
 from nomad_vm.vm.qemu.terminal_port import plug_terminal_port, unplug_terminal_port
 from nomad_vm.vm.spec import VMExit
@@ -48,6 +50,9 @@ AGENT_SOCKET = "agent.sock"
 SERIAL_SOCKET = "serial.sock"
 SIGNAL_LINE = re.compile(rb"terminating on signal (\d+)")
 GUEST_DONE_STATES = {"shutdown": "poweroff", "guest-panicked": "panic"}
+# The run state of a VM stopped by QMP `stop` (a user's pause), as opposed to the states above,
+# which the guest's own end leaves behind (-action shutdown=pause,panic=pause).
+USER_PAUSED_STATE = "paused"
 BALLOON = "/machine/peripheral/balloon0"
 
 
@@ -151,6 +156,32 @@ class QemuVM(OneProcessVMM):
             log.warning("ACPI powerdown request failed: %s", exc)
             return False
         return True
+
+    async def pause(self) -> None:
+        """QMP ``stop``: the vCPU threads stop; QEMU and its devices stay."""
+        await self._require_monitor("paused").execute("stop")
+
+    async def resume(self) -> None:
+        """QMP ``cont``. Refused for a VM the guest ended: QEMU keeps it stopped only to hold
+        that verdict (``cont`` would not run it again without a reset)."""
+        monitor = self._require_monitor("resumed")
+        if self.guest_end is not None:
+            raise HypervisorError(f"the guest has ended ({self.guest_end}); nothing to resume")
+        await monitor.execute("cont")
+
+    async def is_paused(self) -> bool:
+        if self.monitor is None:
+            return False
+        return await self.monitor.status() == USER_PAUSED_STATE
+
+    async def describe(self) -> VMDescription:
+        monitor = self._require_monitor("described")
+        return await describe_qemu(monitor, self.process.pid, self.runtime_dir)
+
+    def _require_monitor(self, what: str) -> QemuMonitor:
+        if self.monitor is None:
+            raise HypervisorError(f"QMP is unavailable, so the VM cannot be {what}")
+        return self.monitor
 
     def guest_verdict(self) -> str | None:
         return self.guest_end

@@ -1,0 +1,1 @@
+"""The plugin's local control socket: its protocol and client (stdlib only, a leaf)."""
