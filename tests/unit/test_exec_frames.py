@@ -255,7 +255,14 @@ def fake_task(agent: FakeAgent | None, *, running: bool = True, dir: Path = Path
     """A task whose VM offers an agent channel at ``dir/agent.sock`` (nothing listens there
     unless a test says so)."""
     vm = SimpleNamespace(guest_agent=lambda: GuestAgent(dir / "agent.sock", rpc_timeout=1.0))
-    entry = SimpleNamespace(running=running, agent=agent, config=SimpleNamespace(env={}), vm=vm)
+    entry = SimpleNamespace(
+        running=running,
+        agent=agent,
+        config=SimpleNamespace(env={}),
+        vm=vm,
+        # A backend that cannot pause: the exec is never refused as "paused" here.
+        capabilities=SimpleNamespace(pause=False),
+    )
     return cast(VMTask, entry)
 
 
