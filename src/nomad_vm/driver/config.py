@@ -13,13 +13,14 @@ from nomad_vm.driver.ch_config import CloudHypervisorConfig, parse_cloud_hypervi
 from nomad_vm.driver.guest_profile import GuestProfile, guest_profile
 from nomad_vm.driver.hostname import default_hostname, validate_hostname
 from nomad_vm.driver.ksm import KsmPolicy, parse_ksm
+from nomad_vm.driver.seed_files import seed_file_paths
 from nomad_vm.driver.seed_keys import (
     SeedPluginKeys,
     parse_seed_plugin_keys,
     refuse_unsupported_task_keys,
 )
+from nomad_vm.driver.task_disks import task_disks
 from nomad_vm.driver.types import TaskConfig
-from nomad_vm.driver.volume_disks import attach_volume_mounts
 from nomad_vm.errors import ConfigError
 from nomad_vm.fields import Schema, validate
 from nomad_vm.identity import Identity, current
@@ -32,9 +33,9 @@ from nomad_vm.network.settings import (
     parse_nic,
 )
 from nomad_vm.storage.cache_policy import CachePolicy, parse_cache_policy
-from nomad_vm.storage.disk_request import DiskRequest, Pools, parse_disks, shorthand_disk
+from nomad_vm.storage.disk_request import DiskRequest
 from nomad_vm.storage.held import read_allowed_text
-from nomad_vm.storage.image_url import UrlRules, image_source
+from nomad_vm.storage.image_url import UrlRules
 from nomad_vm.storage.paths import Allowlist, private_dir, private_pattern, resolve_allowed_file
 
 # A task's runtime directory is ``<task dir>/<RUNTIME_PREFIX>-<start id>`` (see VMDriver).
@@ -282,7 +283,9 @@ def parse_task_config(task: TaskConfig, plugin: PluginConfig) -> VMTaskConfig:
     )
     hostname = values["hostname"]
     machine = profile.machine or profile.default_machine or "pc"
-    disks = _disks(task, values, allowed, machine, plugin, profile.disk_bus)
+    disks = task_disks(
+        task, values, allowed, machine, plugin.seed, plugin.url_rules, profile.disk_bus
+    )
     primary = disks[0] if disks else None
     return VMTaskConfig(
         disks=disks,
@@ -301,7 +304,7 @@ def parse_task_config(task: TaskConfig, plugin: PluginConfig) -> VMTaskConfig:
         arch=str(os_block["arch"]),
         machine=profile.machine,
         profile=profile,
-        seed_files=_seed_files(values["seed_files"], allowed, task.task_dir),
+        seed_files=seed_file_paths(values["seed_files"], allowed, task.task_dir),
         hypervisor=_optional_str(values["hypervisor"]),
         hostname=(
             validate_hostname(str(hostname))
@@ -319,63 +322,6 @@ def parse_task_config(task: TaskConfig, plugin: PluginConfig) -> VMTaskConfig:
         signal_unit=_optional_str(values["signal_unit"]),
         signal_pidfile=_optional_str(values["signal_pidfile"]),
         nic=_with_default_dns(parse_nic(_block(values["network_interface"])), plugin.dns),
-    )
-
-
-def _disks(
-    task: TaskConfig,
-    values: Mapping[str, object],
-    allowed: Allowlist,
-    machine: str,
-    plugin: PluginConfig,
-    default_bus: str = "virtio",
-) -> tuple[DiskRequest, ...]:
-    """The `disk` blocks, or the shorthand's one disk; both in one task is an error naming
-    both, since either alone describes the boot disk."""
-    blocks = values["disk"]
-    if not blocks:
-        image = str(values["image"] or "")
-        checksum = str(values["image_checksum"] or "")
-        url = image_source("config.image", image, checksum, "config.image_checksum",
-                           plugin.url_rules)  # fmt: skip
-        path = (
-            resolve_allowed_file("config.image", image, allowed, task.task_dir)
-            if image and url is None
-            else None
-        )
-        size = values["primary_disk_size"]
-        thin = values["use_thin_copy"] is not False  # unset: an overlay
-        return shorthand_disk(path, thin, size, url, default_bus)  # type: ignore[arg-type]
-    shorthand = [
-        f"config.{name}"
-        for name in ("image", "image_checksum", "use_thin_copy", "primary_disk_size")
-        if (task.driver_config or {}).get(name) is not None
-    ]
-    if shorthand:
-        raise ConfigError(
-            "config.disk",
-            f"disk blocks and {_and(shorthand)} both describe the boot disk: use one form "
-            "(a primary disk with source { image = ... } replaces image)",
-        )
-    assert isinstance(blocks, list)
-    seed = plugin.seed
-    pools = Pools(seed.directory_pools, seed.ceph, seed.default_pool)
-    disks = parse_disks(
-        blocks,
-        lambda field, path: resolve_allowed_file(field, path, allowed, task.task_dir),
-        machine,
-        pools,
-        plugin.url_rules,
-        default_bus,
-    )
-    return attach_volume_mounts(disks, task.mounts)
-
-
-def _seed_files(raw: object, allowed: Allowlist, task_dir: str) -> tuple[Path, ...]:
-    names = [str(p) for p in raw] if isinstance(raw, list) else []
-    return tuple(
-        resolve_allowed_file(f"config.seed_files[{i}]", name, allowed, task_dir)
-        for i, name in enumerate(names)
     )
 
 
