@@ -21,6 +21,7 @@ from nomad_vm.errors import HypervisorError, ImageError
 from nomad_vm.storage import qemu_img
 from nomad_vm.storage.disk import MIB, PreparedDisk, prepare_boot_disk
 from nomad_vm.storage.integrity import IntactImages
+from nomad_vm.storage.qemu_img_run import QemuImgError
 from tests.integration.damaged_images import (
     cut_in_the_data,
     header_only,
@@ -360,7 +361,7 @@ def test_existing_disk_is_never_overwritten(images: Path, dest: Path) -> None:
 
 
 def test_qemu_img_errors_quote_qemu_img(tmp_path: Path) -> None:
-    with pytest.raises(qemu_img.QemuImgError) as err:
+    with pytest.raises(QemuImgError) as err:
         qemu_img.resize(TOOL, tmp_path / "nope.qcow2", "qcow2", MIB)
     assert "nope.qcow2" in str(err.value)
     assert "No such file" in err.value.stderr
@@ -387,7 +388,7 @@ def test_leaked_clusters_alone_are_intact(images: Path) -> None:
 
 
 def test_check_of_a_missing_file_quotes_qemu_img(images: Path) -> None:
-    with pytest.raises(qemu_img.QemuImgError) as err:
+    with pytest.raises(QemuImgError) as err:
         qemu_img.check(TOOL, images / "nope.qcow2", "qcow2")
     assert "No such file" in err.value.stderr
 

@@ -16,6 +16,7 @@ from nomad_vm.storage import qemu_img
 from nomad_vm.storage.file_versions import FileVersion
 from nomad_vm.storage.integrity import IntactImages, check_chain
 from nomad_vm.storage.qemu_img import CheckResult, ImageInfo, parse_check
+from nomad_vm.storage.qemu_img_run import QemuImgError
 
 WHOLE = {"image-end-offset": 262144, "total-clusters": 1024, "check-errors": 0, "format": "qcow2"}
 TRUNCATED = {**WHOLE, "corruptions": 3}
@@ -104,7 +105,7 @@ def test_status_1_with_a_report_is_a_result_with_check_errors(tmp_path: Path) ->
 @pytest.mark.parametrize("status", [1, 63])
 def test_no_report_is_a_qemu_img_error_quoting_it(tmp_path: Path, status: int) -> None:
     tool = fake_qemu_img(tmp_path, "", status, "qemu-img: Could not open 'a': No such file\n")
-    with pytest.raises(qemu_img.QemuImgError) as err:
+    with pytest.raises(QemuImgError) as err:
         qemu_img.check(tool, tmp_path / "a", "qcow2")
     assert err.value.stderr == "Could not open 'a': No such file"
 

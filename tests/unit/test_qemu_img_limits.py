@@ -25,7 +25,8 @@ from nomad_vm.storage.limits import (
     Limits,
     limit_hit,
 )
-from nomad_vm.storage.qemu_img import ImageInfo, QemuImgLimitExceeded
+from nomad_vm.storage.qemu_img import ImageInfo
+from nomad_vm.storage.qemu_img_run import QemuImgError, QemuImgLimitExceeded
 
 INFO = {"virtual-size": 1 << 20, "filename": "x", "format": "qcow2", "actual-size": 512}
 
@@ -144,6 +145,6 @@ def test_limits_are_injectable_and_reported_as_given(tmp_path: Path) -> None:
 
 def test_a_failure_without_limits_is_not_a_limit(tmp_path: Path) -> None:
     tool = fake_qemu_img(tmp_path, "echo 'Cannot allocate memory' >&2; exit 1")
-    with pytest.raises(qemu_img.QemuImgError) as err:
+    with pytest.raises(QemuImgError) as err:
         qemu_img.check(tool, image_file(tmp_path), "qcow2", limits=None)
     assert not isinstance(err.value, QemuImgLimitExceeded)

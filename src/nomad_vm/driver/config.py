@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from ipaddress import IPv4Address
@@ -10,16 +9,22 @@ from pathlib import Path
 
 from nomad_vm import schema
 from nomad_vm.driver.ch_config import CloudHypervisorConfig, parse_cloud_hypervisor
+from nomad_vm.driver.cloud_init_options import (
+    gets_cloud_init_seed,
+    read_user_data,
+    refuse_cloud_init_options,
+)
 from nomad_vm.driver.guest_profile import GuestProfile, guest_profile
 from nomad_vm.driver.hostname import default_hostname, validate_hostname
 from nomad_vm.driver.ksm import KsmPolicy, parse_ksm
+from nomad_vm.driver.seed_files import seed_file_paths
 from nomad_vm.driver.seed_keys import (
     SeedPluginKeys,
     parse_seed_plugin_keys,
     refuse_unsupported_task_keys,
 )
+from nomad_vm.driver.task_disks import task_disks
 from nomad_vm.driver.types import TaskConfig
-from nomad_vm.driver.volume_disks import attach_volume_mounts
 from nomad_vm.errors import ConfigError
 from nomad_vm.fields import Schema, validate
 from nomad_vm.identity import Identity, current
@@ -32,9 +37,8 @@ from nomad_vm.network.settings import (
     parse_nic,
 )
 from nomad_vm.storage.cache_policy import CachePolicy, parse_cache_policy
-from nomad_vm.storage.disk_request import DiskRequest, Pools, parse_disks, shorthand_disk
-from nomad_vm.storage.held import read_allowed_text
-from nomad_vm.storage.image_url import UrlRules, image_source
+from nomad_vm.storage.disk_request import DiskRequest
+from nomad_vm.storage.image_url import UrlRules
 from nomad_vm.storage.paths import Allowlist, private_dir, private_pattern, resolve_allowed_file
 
 # A task's runtime directory is ``<task dir>/<RUNTIME_PREFIX>-<start id>`` (see VMDriver).
@@ -135,34 +139,6 @@ class VMTaskConfig:
     def gets_seed_iso(self) -> bool:
         """A seed ISO is attached: for cloud-init, or for the task's `seed_files`."""
         return self.gets_seed or bool(self.seed_files)
-
-
-def gets_cloud_init_seed(has_disk: bool, cloud_init: bool) -> bool:
-    """A seed is attached to VMs that have a disk (`image`, or `disk {}` blocks: their primary
-    is the boot disk, whatever it is made from), unless the task turned it off: a VM that
-    boots only a kernel has no cloud-init to read it (its userland is the initramfs)."""
-    return has_disk and cloud_init
-
-
-def refuse_cloud_init_options(values: Mapping[str, object]) -> None:
-    """For a VM without a seed: a ConfigError naming the first cloud-init option that is set
-    (and the others), since nothing else would apply it and it would be dropped unseen."""
-    given = [name for name in schema.CLOUD_INIT_OPTIONS if values.get(name)]
-    if not given:
-        return
-    first, *others = given
-    if values.get("image") or values.get("disk"):
-        why = "cloud_init = false"
-        fix = f"remove {first}, or set cloud_init = true if the image has cloud-init"
-    else:
-        why = "it boots a kernel without a disk image (the seed comes with `image` or `disk`)"
-        fix = f"remove {first}, or boot from an `image` that has cloud-init"
-    also = f" (as do {_and(others)})" if others else ""
-    raise ConfigError(
-        f"config.{first}",
-        f"only takes effect through cloud-init{also}, and this VM gets no cloud-init seed "
-        f"because {why}; {fix}",
-    )
 
 
 def parse_plugin_config(
@@ -282,7 +258,9 @@ def parse_task_config(task: TaskConfig, plugin: PluginConfig) -> VMTaskConfig:
     )
     hostname = values["hostname"]
     machine = profile.machine or profile.default_machine or "pc"
-    disks = _disks(task, values, allowed, machine, plugin, profile.disk_bus)
+    disks = task_disks(
+        task, values, allowed, machine, plugin.seed, plugin.url_rules, profile.disk_bus
+    )
     primary = disks[0] if disks else None
     return VMTaskConfig(
         disks=disks,
@@ -301,7 +279,7 @@ def parse_task_config(task: TaskConfig, plugin: PluginConfig) -> VMTaskConfig:
         arch=str(os_block["arch"]),
         machine=profile.machine,
         profile=profile,
-        seed_files=_seed_files(values["seed_files"], allowed, task.task_dir),
+        seed_files=seed_file_paths(values["seed_files"], allowed, task.task_dir),
         hypervisor=_optional_str(values["hypervisor"]),
         hostname=(
             validate_hostname(str(hostname))
@@ -313,69 +291,12 @@ def parse_task_config(task: TaskConfig, plugin: PluginConfig) -> VMTaskConfig:
         ssh_key=_optional_str(values["default_user_authorized_ssh_key"]),
         cmds=tuple(values["cmds"] or ()),  # type: ignore[arg-type]
         timezone=_optional_str(values["timezone"]),
-        user_data=_read_user_data(values["user_data"], allowed, task.task_dir),
+        user_data=read_user_data(values["user_data"], allowed, task.task_dir),
         share_task_dirs=bool(values["share_task_dirs"]),
         writable_alloc_dir=bool(values["writable_alloc_dir"]),
         signal_unit=_optional_str(values["signal_unit"]),
         signal_pidfile=_optional_str(values["signal_pidfile"]),
         nic=_with_default_dns(parse_nic(_block(values["network_interface"])), plugin.dns),
-    )
-
-
-def _disks(
-    task: TaskConfig,
-    values: Mapping[str, object],
-    allowed: Allowlist,
-    machine: str,
-    plugin: PluginConfig,
-    default_bus: str = "virtio",
-) -> tuple[DiskRequest, ...]:
-    """The `disk` blocks, or the shorthand's one disk; both in one task is an error naming
-    both, since either alone describes the boot disk."""
-    blocks = values["disk"]
-    if not blocks:
-        image = str(values["image"] or "")
-        checksum = str(values["image_checksum"] or "")
-        url = image_source("config.image", image, checksum, "config.image_checksum",
-                           plugin.url_rules)  # fmt: skip
-        path = (
-            resolve_allowed_file("config.image", image, allowed, task.task_dir)
-            if image and url is None
-            else None
-        )
-        size = values["primary_disk_size"]
-        thin = values["use_thin_copy"] is not False  # unset: an overlay
-        return shorthand_disk(path, thin, size, url, default_bus)  # type: ignore[arg-type]
-    shorthand = [
-        f"config.{name}"
-        for name in ("image", "image_checksum", "use_thin_copy", "primary_disk_size")
-        if (task.driver_config or {}).get(name) is not None
-    ]
-    if shorthand:
-        raise ConfigError(
-            "config.disk",
-            f"disk blocks and {_and(shorthand)} both describe the boot disk: use one form "
-            "(a primary disk with source { image = ... } replaces image)",
-        )
-    assert isinstance(blocks, list)
-    seed = plugin.seed
-    pools = Pools(seed.directory_pools, seed.ceph, seed.default_pool)
-    disks = parse_disks(
-        blocks,
-        lambda field, path: resolve_allowed_file(field, path, allowed, task.task_dir),
-        machine,
-        pools,
-        plugin.url_rules,
-        default_bus,
-    )
-    return attach_volume_mounts(disks, task.mounts)
-
-
-def _seed_files(raw: object, allowed: Allowlist, task_dir: str) -> tuple[Path, ...]:
-    names = [str(p) for p in raw] if isinstance(raw, list) else []
-    return tuple(
-        resolve_allowed_file(f"config.seed_files[{i}]", name, allowed, task_dir)
-        for i, name in enumerate(names)
     )
 
 
@@ -394,30 +315,5 @@ def _block_schema(name: str) -> Schema:
     return Schema(block.name, f"config.{name}", block.fields)
 
 
-def _and(names: list[str]) -> str:
-    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} and {names[-1]}"
-
-
 def _optional_str(value: object) -> str | None:
     return str(value) if value else None
-
-
-def _read_user_data(value: object, allowed: Allowlist, task_dir: str) -> str | None:
-    """Inline documents start with '#' (``#cloud-config``, ``#!``); anything else is a path."""
-    if not value:
-        return None
-    text = str(value)
-    if text.lstrip().startswith("#") or "\n" in text:
-        return text
-    candidate = Path(text) if os.path.isabs(text) else Path(task_dir) / text
-    try:
-        # Opened once, checked on the descriptor, read from it (storage.held).
-        return read_allowed_text(
-            "config.user_data",
-            candidate,
-            allowed,
-            subject=text,
-            advice="add its directory to the plugin's image_paths",
-        )
-    except OSError as exc:
-        raise ConfigError("config.user_data", f"cannot read {text}: {exc}") from exc

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from nomad_vm.errors import ConfigError
 from nomad_vm.storage.held import FileHolder, open_allowed
-from nomad_vm.storage.paths import Allowlist
+from nomad_vm.storage.paths import Allowlist, resolve_allowed_file
 
 FIELD = "config.seed_files"
 MAX_FILES = 16
@@ -20,6 +20,15 @@ MAX_BYTES = 8 * 2**20
 RESERVED = ("meta-data", "user-data", "network-config")
 # What an ISO's Joliet and Rock Ridge names take here: no path, nothing a reader could trip on.
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
+def seed_file_paths(raw: object, allowed: Allowlist, task_dir: str) -> tuple[Path, ...]:
+    """The `seed_files` option's paths, each resolved and allowed (read later, at planning)."""
+    names = [str(p) for p in raw] if isinstance(raw, list) else []
+    return tuple(
+        resolve_allowed_file(f"config.seed_files[{i}]", name, allowed, task_dir)
+        for i, name in enumerate(names)
+    )
 
 
 def read_seed_files(paths: tuple[Path, ...], allowed: Allowlist) -> tuple[tuple[str, bytes], ...]:

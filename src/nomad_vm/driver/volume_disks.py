@@ -23,7 +23,8 @@ from pathlib import Path, PurePosixPath
 
 from nomad_vm.driver.types import TaskMount
 from nomad_vm.errors import ConfigError
-from nomad_vm.storage.disk_request import DiskRequest, check_read_only
+from nomad_vm.storage.disk_device import check_read_only
+from nomad_vm.storage.disk_request import DiskRequest
 
 
 def attach_volume_mounts(

@@ -23,7 +23,8 @@ from nomad_vm.storage.file_versions import FileVersion, VersionMemo
 from nomad_vm.storage.held import FileHolder, HeldFile, open_allowed
 from nomad_vm.storage.limits import USER_IMAGE_LIMITS, Limits
 from nomad_vm.storage.paths import AllowedDirs
-from nomad_vm.storage.qemu_img import ImageInfo, QemuImgLimitExceeded
+from nomad_vm.storage.qemu_img import ImageInfo
+from nomad_vm.storage.qemu_img_run import QemuImgError, QemuImgLimitExceeded
 
 # What qemu-img says when a vmdk descriptor read through /proc/self/fd/N names an extent file:
 # its name is taken relative to /proc/self/fd/ (and is not a descriptor number).
@@ -211,7 +212,7 @@ def _info_of_user_file(
     except QemuImgLimitExceeded as exc:
         where = f"backing file {path} of {levels[-1].path}" if levels else str(path)
         raise ImageError(field, exc.explain(f"to read {where}")) from None
-    except qemu_img.QemuImgError as exc:
+    except QemuImgError as exc:
         where = f"backing file {path} of {levels[-1].path}" if levels else str(path)
         if _SEPARATE_EXTENT.search(exc.stderr):
             raise ImageError(field, f"{where} names extent files; {_SEPARATE_EXTENTS}") from None

@@ -33,7 +33,7 @@ Integrity. Once the chain is allowed, each qcow2 file in it must pass ``qemu-img
 Resources. Every qemu-img run on the image's files (info, check, the overlay's create, convert)
 runs under ``limits`` (``limits.USER_IMAGE_LIMITS``: address space and CPU time, the CPU time
 of a conversion in proportion to the chain's allocated data); an image that makes qemu-img
-exceed them is refused naming ``field`` (see ``qemu_img`` for the crafted image that does).
+exceed them is refused naming ``field`` (see ``qemu_img_run`` for the crafted image that does).
 """
 
 from __future__ import annotations
@@ -56,7 +56,8 @@ from nomad_vm.storage.held import FileHolder, HeldFile
 from nomad_vm.storage.integrity import PROCESS_VERDICTS, IntactImages, check_chain
 from nomad_vm.storage.limits import USER_IMAGE_LIMITS, Limits
 from nomad_vm.storage.paths import AllowedDirs
-from nomad_vm.storage.qemu_img import ImageInfo, QemuImgLimitExceeded
+from nomad_vm.storage.qemu_img import ImageInfo
+from nomad_vm.storage.qemu_img_run import QemuImgLimitExceeded
 
 MIB = 1024 * 1024
 DISK_NAME = "disk.qcow2"

@@ -28,7 +28,8 @@ from nomad_vm.errors import ImageError
 from nomad_vm.storage import qemu_img
 from nomad_vm.storage.file_versions import FileVersion, VersionMemo
 from nomad_vm.storage.limits import USER_IMAGE_LIMITS, Limits
-from nomad_vm.storage.qemu_img import CheckResult, ImageInfo, QemuImgLimitExceeded
+from nomad_vm.storage.qemu_img import CheckResult, ImageInfo
+from nomad_vm.storage.qemu_img_run import QemuImgError, QemuImgLimitExceeded
 
 CHECKED_FORMATS = frozenset({"qcow2"})
 
@@ -83,7 +84,7 @@ def _check_file(
         result = qemu_img.check(qemu_img_path, source, level.format, limits=limits)
     except QemuImgLimitExceeded as exc:
         raise ImageError(field, exc.explain(f"to check {where}")) from None
-    except qemu_img.QemuImgError as exc:
+    except QemuImgError as exc:
         raise ImageError(field, f"qemu-img cannot check {where}: {exc.stderr}") from None
     if not result.intact:
         raise ImageError(field, _damage(where, level.path, result))

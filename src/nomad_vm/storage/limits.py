@@ -9,7 +9,7 @@ run on a job's image (``info``, ``check``, ``create`` of an overlay, which opens
 -- qemu-img ...``: it sets the limits on itself, then execs qemu-img, so they are in force
 before qemu-img reads a byte; setting them from the plugin after spawning would race with the
 child, and ``preexec_fn`` is unsafe in the plugin's threaded process). A run that hits a limit
-raises ``qemu_img.QemuImgLimitExceeded``, which says which limit and how much.
+raises ``qemu_img_run.QemuImgLimitExceeded``, which says which limit and how much.
 """
 
 from __future__ import annotations

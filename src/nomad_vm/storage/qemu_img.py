@@ -12,19 +12,15 @@ descriptors (``nomad_vm.storage.held``): qemu-img inherits each one and reads it
 path since. A chain of such files is given to ``check`` and ``convert`` as a ``json:`` filename
 with every backing file explicit (or none), so qemu-img never opens a name stored in a header.
 
-Failures become ``HypervisorError``; when qemu-img ran and said no, the subclass
-``QemuImgError`` carries its stderr so a caller can turn "cannot open this file" into a
-user-facing ``ImageError``.
-
-A run on a job's image goes under ``nomad_vm.storage.limits.Limits`` (CVE-2015-5162); one
-that hits a limit raises ``QemuImgLimitExceeded``.
+qemu-img runs through ``storage.qemu_img_run``: a run on a job's image goes under
+``nomad_vm.storage.limits.Limits`` (CVE-2015-5162); failures are ``QemuImgError`` (its stderr)
+or ``QemuImgLimitExceeded``.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import subprocess
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -33,14 +29,8 @@ from typing import Any, TypeVar
 from nomad_vm.errors import HypervisorError
 from nomad_vm.storage.held import HeldFile
 from nomad_vm.storage.image_sources import Source, fds_of, json_filename, name_of, real_path, shown
-from nomad_vm.storage.limits import (
-    LIMITED_ENV,
-    MIB,
-    USER_IMAGE_LIMITS,
-    Limits,
-    limit_hit,
-    limited_argv,
-)
+from nomad_vm.storage.limits import USER_IMAGE_LIMITS, Limits
+from nomad_vm.storage.qemu_img_run import qemu_img_failure, run_qemu_img, run_qemu_img_to_end
 
 # Metadata operations take milliseconds whatever the image size (see the timing test); a call
 # that takes this long is stuck, e.g. on a FIFO or a dead NFS server named by the image.
@@ -53,40 +43,8 @@ CHECK_TIMEOUT = 120.0
 # 1 errors while checking (report printed only if the check itself ran), 2 corruptions,
 # 3 leaked clusters only. 63 is "this format does not support checks".
 _CHECK_REPORTED = (0, 1, 2, 3)
-_STDERR_LIMIT = 2000
 _FIRST_ERROR_LIMIT = 300
 _T = TypeVar("_T")
-
-
-class QemuImgError(HypervisorError):
-    """qemu-img ran and exited non-zero; ``stderr`` is its own explanation (prefix removed)."""
-
-    def __init__(self, message: str, stderr: str) -> None:
-        super().__init__(message)
-        self.stderr = stderr
-
-
-class QemuImgLimitExceeded(QemuImgError):
-    """qemu-img ran out of the memory (``resource`` "memory") or CPU time ("cpu") its
-    ``limits`` allowed."""
-
-    def __init__(self, message: str, stderr: str, resource: str, limits: Limits) -> None:
-        super().__init__(message, stderr)
-        self.resource = resource
-        self.limits = limits
-
-    def explain(self, action: str) -> str:
-        """For the user: ``action`` is what qemu-img was doing, e.g. "to read /srv/a.vmdk"."""
-        if self.resource == "cpu":
-            needed = f"more than {self.limits.cpu_seconds} s of CPU time"
-        else:
-            needed = f"more than {self.limits.address_space // MIB} MiB of memory"
-        return (
-            f"qemu-img needed {needed} {action}, far more than a real disk image needs; it may "
-            "be crafted to exhaust the host (see CVE-2015-5162), so it is refused. Check where "
-            "the image came from, or convert it where that is safe "
-            "(`qemu-img convert -O qcow2`) and use the result"
-        )
 
 
 @dataclass(frozen=True)
@@ -140,7 +98,8 @@ def info(
         argv += ["-f", fmt]
     argv.append(name_of(path))
     what = f"qemu-img info {shown(path)}"
-    found = parse_info(_run(argv, timeout, what, limits, fds_of([path])), real_path(path))
+    answer = run_qemu_img(argv, timeout, what, limits, fds_of([path]))
+    found = parse_info(answer, real_path(path))
     return replace(found, held=path) if isinstance(path, HeldFile) else found
 
 
@@ -187,10 +146,10 @@ def check(
     else:
         argv += ["-f", fmt, _abs(path)]
     what = f"qemu-img check {shown(path)}"
-    done = _execute(argv, timeout, what, limits, fds_of([path]))
+    done = run_qemu_img_to_end(argv, timeout, what, limits, fds_of([path]))
     if done.returncode in _CHECK_REPORTED and done.stdout.strip():
         return parse_check(done.stdout, real_path(path), done.stderr)
-    raise _failed(what, done, limits)
+    raise qemu_img_failure(what, done, limits)
 
 
 def parse_check(text: str, path: Path, stderr: str = "") -> CheckResult:
@@ -230,7 +189,7 @@ def create_overlay(
     """
     argv = [str(qemu_img), "create", "-q", "-f", "qcow2", "-u"]
     argv += ["-b", _abs(base), "-F", base_format, _abs(overlay), _size_arg(size_bytes)]
-    _run(argv, timeout, f"qemu-img create {_abs(overlay)}", limits)
+    run_qemu_img(argv, timeout, f"qemu-img create {_abs(overlay)}", limits)
 
 
 def set_backing_name(qemu_img: Path, overlay: Path, name: str, base_format: str) -> None:
@@ -239,7 +198,7 @@ def set_backing_name(qemu_img: Path, overlay: Path, name: str, base_format: str)
     follows the recorded name itself: given ``/proc/self/fd/N`` it reopens the base the
     plugin checked and handed over, not whatever is at the image's path by then."""
     argv = [str(qemu_img), "rebase", "-q", "-u", "-b", name, "-F", base_format, _abs(overlay)]
-    _run(argv, CREATE_TIMEOUT, f"qemu-img rebase -u {_abs(overlay)}", None)
+    run_qemu_img(argv, CREATE_TIMEOUT, f"qemu-img rebase -u {_abs(overlay)}", None)
 
 
 def create(qemu_img: Path, path: Source, fmt: str, size_bytes: int, *, falloc: bool) -> None:
@@ -249,7 +208,7 @@ def create(qemu_img: Path, path: Source, fmt: str, size_bytes: int, *, falloc: b
     prealloc = ["-o", "preallocation=falloc"] if falloc else []
     name = name_of(path)
     argv = [str(qemu_img), "create", "-q", "-f", fmt, *prealloc, name, _size_arg(size_bytes)]
-    _run(argv, CREATE_TIMEOUT, f"qemu-img create {shown(path)}", None, fds_of([path]))
+    run_qemu_img(argv, CREATE_TIMEOUT, f"qemu-img create {shown(path)}", None, fds_of([path]))
 
 
 def convert(
@@ -282,7 +241,7 @@ def convert(
         argv += ["-f", src_format, _abs(src)]
     argv += ["-O", dst_format, "-S", "4k", _abs(dst)]
     what = f"qemu-img convert {shown(src)} -> {_abs(dst)}"
-    _run(argv, timeout, what, limits, fds_of([source for source, _ in chain]))
+    run_qemu_img(argv, timeout, what, limits, fds_of([source for source, _ in chain]))
 
 
 def resize(
@@ -292,7 +251,7 @@ def resize(
 
     For the driver's own files only (no backing file), hence no limits."""
     argv = [str(qemu_img), "resize", "-q", "-f", fmt, _abs(path), _size_arg(size_bytes)]
-    _run(argv, timeout, f"qemu-img resize {_abs(path)}", None)
+    run_qemu_img(argv, timeout, f"qemu-img resize {_abs(path)}", None)
 
 
 def parse_info(text: str, path: Path) -> ImageInfo:
@@ -347,65 +306,3 @@ def _size_arg(size_bytes: int) -> str:
     if size_bytes <= 0:
         raise ValueError(f"size must be positive, got {size_bytes}")
     return str(size_bytes)
-
-
-def _run(
-    argv: list[str],
-    timeout: float | None,
-    what: str,
-    limits: Limits | None,
-    fds: Sequence[int] = (),
-) -> str:
-    """Run qemu-img; its stdout, or a HypervisorError that quotes its stderr."""
-    done = _execute(argv, timeout, what, limits, fds)
-    if done.returncode != 0:
-        raise _failed(what, done, limits)
-    return done.stdout
-
-
-def _execute(
-    argv: list[str],
-    timeout: float | None,
-    what: str,
-    limits: Limits | None = None,
-    fds: Sequence[int] = (),
-) -> subprocess.CompletedProcess[str]:
-    """Run qemu-img to its end, whatever its exit status; HypervisorError if it could not run.
-    ``fds`` are inherited under their own numbers (prlimit execs qemu-img, keeping them)."""
-    env = None if limits is None else {**os.environ, **LIMITED_ENV}
-    try:
-        return subprocess.run(
-            limited_argv(argv, limits),
-            stdin=subprocess.DEVNULL,
-            capture_output=True,
-            text=True,
-            errors="replace",
-            timeout=timeout,
-            check=False,
-            env=env,
-            close_fds=True,
-            pass_fds=tuple(fds),
-        )
-    except subprocess.TimeoutExpired:
-        # run() has already killed and reaped the child.
-        raise HypervisorError(f"{what}: no answer within {timeout:g} s") from None
-    except OSError as exc:
-        raise HypervisorError(f"cannot run {argv[0]}: {exc.strerror or exc}") from None
-
-
-def _failed(
-    what: str, done: subprocess.CompletedProcess[str], limits: Limits | None = None
-) -> QemuImgError:
-    stderr = _clean_stderr(done.stderr)
-    status = f"exit status {done.returncode}" if done.returncode > 0 else "killed"
-    message = f"{what} failed ({status}): {stderr or '(no message)'}"
-    hit = limit_hit(done.returncode, done.stderr) if limits is not None else None
-    if hit is not None and limits is not None:
-        return QemuImgLimitExceeded(f"{message} (over its {hit} limit)", stderr, hit, limits)
-    return QemuImgError(message, stderr)
-
-
-def _clean_stderr(stderr: str) -> str:
-    # qemu-img prefixes its own lines with "qemu-img: "; the caller's message already says who.
-    lines = [line.removeprefix("qemu-img: ").rstrip() for line in stderr.strip().splitlines()]
-    return "; ".join(line for line in lines if line)[:_STDERR_LIMIT]

@@ -24,7 +24,7 @@ from nomad_vm.storage.ceph_pool import CephPool
 from nomad_vm.storage.held import FileHolder, HeldFile
 from nomad_vm.storage.image_sources import fds_of, json_filename
 from nomad_vm.storage.limits import Limits
-from nomad_vm.storage.qemu_img import _run
+from nomad_vm.storage.qemu_img_run import run_qemu_img
 from nomad_vm.storage.rbd_keys import key_memfd
 
 # The snapshot of an imported image that its clones hang from (protected, never removed
@@ -187,4 +187,4 @@ def import_image(
             "-O", "raw", "json:" + json.dumps(target, separators=(",", ":")),
         ]  # fmt: skip
         what = f"qemu-img convert {chain[0][0].path} -> rbd {pool.pool}/{dest}"
-        _run(argv, None, what, limits, (*fds_of([h for h, _ in chain]), key.fd))
+        run_qemu_img(argv, None, what, limits, (*fds_of([h for h, _ in chain]), key.fd))

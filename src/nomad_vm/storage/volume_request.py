@@ -11,16 +11,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from nomad_vm.errors import ConfigError
-from nomad_vm.storage.disk_request import (
-    FORMATS,
-    KINDS,
-    DiskRequest,
-    cache_mode,
-    check_bus,
-    check_read_only,
-    parse_size,
-    serial_of,
-)
+from nomad_vm.storage.disk_device import KINDS, cache_mode, check_bus, check_read_only, serial_of
+from nomad_vm.storage.disk_request import FORMATS, DiskRequest, parse_size
 
 
 def volume_disk_request(

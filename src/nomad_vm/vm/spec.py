@@ -35,7 +35,7 @@ class DiskSpec:
     file: HeldFile | None
     format: str
     backing: tuple[tuple[HeldFile, str], ...] = ()
-    # How the guest sees it (``storage.disk_request``): bus (virtio, sata, scsi, ide), kind
+    # How the guest sees it (``storage.disk_device``): bus (virtio, sata, scsi, ide), kind
     # (disk, cdrom), serial ("" none: the guest's /dev/disk/by-id name), QEMU cache mode.
     # Read-only when ``file`` (or ``rbd``) is.
     bus: str = "virtio"

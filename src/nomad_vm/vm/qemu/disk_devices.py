@@ -5,7 +5,7 @@
 * sata: ``ide-hd``/``ide-cd`` on ports of one AHCI controller of ours (``sata0``, 6 ports).
 * scsi: ``scsi-hd``/``scsi-cd`` on one virtio-scsi controller of ours (``scsi0``).
 * ide: ``ide-hd``/``ide-cd`` on the IDE controller built into pc (``ide.0``/``ide.1``, two
-  units each); q35 and microvm have none (``storage.disk_request`` refuses it first).
+  units each); q35 and microvm have none (``storage.disk_device`` refuses it first).
 
 ``serial`` gives the guest a stable name: Linux lists a virtio disk as
 ``/dev/disk/by-id/virtio-<serial>`` and shows it in ``/sys/block/vdX/serial``.
