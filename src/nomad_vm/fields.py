@@ -150,3 +150,8 @@ def flatten(fields: tuple[Field, ...], prefix: str = "") -> list[Field]:
         else:
             out.append(Field(f"{prefix}{f.name}", f.type, f.doc, f.default, f.choices, f.example))
     return out
+
+
+def field_list(names: Sequence[str]) -> str:
+    """Field names as a sentence names them: "a", "a and b", "a, b and c" (error texts)."""
+    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} and {names[-1]}"

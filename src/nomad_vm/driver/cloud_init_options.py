@@ -10,6 +10,7 @@ from pathlib import Path
 
 from nomad_vm import schema
 from nomad_vm.errors import ConfigError
+from nomad_vm.fields import field_list
 from nomad_vm.storage.held import read_allowed_text
 from nomad_vm.storage.paths import Allowlist
 
@@ -34,7 +35,7 @@ def refuse_cloud_init_options(values: Mapping[str, object]) -> None:
     else:
         why = "it boots a kernel without a disk image (the seed comes with `image` or `disk`)"
         fix = f"remove {first}, or boot from an `image` that has cloud-init"
-    also = f" (as do {_and(others)})" if others else ""
+    also = f" (as do {field_list(others)})" if others else ""
     raise ConfigError(
         f"config.{first}",
         f"only takes effect through cloud-init{also}, and this VM gets no cloud-init seed "
@@ -61,7 +62,3 @@ def read_user_data(value: object, allowed: Allowlist, task_dir: str) -> str | No
         )
     except OSError as exc:
         raise ConfigError("config.user_data", f"cannot read {text}: {exc}") from exc
-
-
-def _and(names: list[str]) -> str:
-    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} and {names[-1]}"

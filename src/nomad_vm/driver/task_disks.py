@@ -11,6 +11,7 @@ from nomad_vm.driver.seed_keys import SeedPluginKeys
 from nomad_vm.driver.types import TaskConfig
 from nomad_vm.driver.volume_disks import attach_volume_mounts
 from nomad_vm.errors import ConfigError
+from nomad_vm.fields import field_list
 from nomad_vm.storage.disk_request import DiskRequest, Pools, parse_disks, shorthand_disk
 from nomad_vm.storage.image_url import UrlRules, image_source
 from nomad_vm.storage.paths import Allowlist, resolve_allowed_file
@@ -49,7 +50,7 @@ def task_disks(
     if shorthand:
         raise ConfigError(
             "config.disk",
-            f"disk blocks and {_and(shorthand)} both describe the boot disk: use one form "
+            f"disk blocks and {field_list(shorthand)} both describe the boot disk: use one form "
             "(a primary disk with source { image = ... } replaces image)",
         )
     assert isinstance(blocks, list)
@@ -63,7 +64,3 @@ def task_disks(
         default_bus,
     )
     return attach_volume_mounts(disks, task.mounts)
-
-
-def _and(names: list[str]) -> str:
-    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} and {names[-1]}"
