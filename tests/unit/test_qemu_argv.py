@@ -19,6 +19,16 @@ from nomad_vm.vm.spec import DiskSpec, NicSpec, ShareSpec, VMSpec
 GOLDEN = Path(__file__).parent / "golden"
 
 
+# Debian's OVMF with Microsoft's keys enrolled (the firmware of `uefi-secure`).
+SECURE_BOOT = FirmwarePlan(
+    "uefi-secure",
+    Path("/usr/share/OVMF/OVMF_CODE_4M.ms.fd"),
+    Path("/usr/share/OVMF/OVMF_VARS_4M.ms.fd"),
+    True,
+    True,
+    "test",
+)
+
 def held(path: str, fd: int, writable: bool = False) -> HeldFile:
     """A descriptor as the driver would pass it (never opened here: argv is pure)."""
     return HeldFile(Path(path), fd, writable)
@@ -61,15 +71,8 @@ SPECS = {
         # A copy: no backing chain.
         disk=disk("/alloc/win/nomad-vm-x/disk.qcow2", 30),
         machine=MachineConfig("q35", "uefi-secure", smm=True),
-        firmware=FirmwarePlan(
-            "uefi-secure",
-            Path("/usr/share/OVMF/OVMF_CODE_4M.ms.fd"),
-            Path("/usr/share/OVMF/OVMF_VARS_4M.ms.fd"),
-            True,
-            True,
-            "test",
-        ),
-        firmware_code=held("/usr/share/OVMF/OVMF_CODE_4M.ms.fd", 40),
+        firmware=SECURE_BOOT,
+        firmware_code=held(str(SECURE_BOOT.code), 40),
         firmware_vars=held("/alloc/win/nomad-vm-x/uefi-vars.fd", 41, writable=True),
         seed=held("/alloc/win/nomad-vm-x/cidata.iso", 31),
         agent_socket=Path("/alloc/win/nomad-vm-x/agent.sock"),
@@ -215,15 +218,8 @@ SPECS = {
         control_socket=Path("/run/w/qmp.sock"),
         disk=replace(disk("/run/w/disk.qcow2", 30), bus="sata"),
         machine=MachineConfig("q35", "uefi-secure", smm=True),
-        firmware=FirmwarePlan(
-            "uefi-secure",
-            Path("/usr/share/OVMF/OVMF_CODE_4M.ms.fd"),
-            Path("/usr/share/OVMF/OVMF_VARS_4M.ms.fd"),
-            True,
-            True,
-            "test",
-        ),
-        firmware_code=held("/usr/share/OVMF/OVMF_CODE_4M.ms.fd", 40),
+        firmware=SECURE_BOOT,
+        firmware_code=held(str(SECURE_BOOT.code), 40),
         firmware_vars=held("/run/w/uefi-vars.fd", 41, writable=True),
         seed=held("/run/w/cidata.iso", 31),
         seed_bus="sata",
