@@ -75,6 +75,7 @@ bench: setup
 	$(PY) bench/start_latency.py
 	$(PY) bench/thin_copy.py
 	$(PY) bench/many_vms.py
+	$(PY) bench/density.py
 	$(PY) bench/network_start.py
 	$(PY) bench/ksm.py
 	$(PY) bench/free_page_reporting.py
