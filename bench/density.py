@@ -47,7 +47,7 @@ sys.path.insert(0, str(REPO))
 
 from google.protobuf import duration_pb2  # noqa: E402
 
-from bench.many_vms import start_vms, stream_stats  # noqa: E402
+from bench.many_vms import stream_stats  # noqa: E402
 from bench.start_latency import bare_shares  # noqa: E402
 from nomad_vm.guests.tiny import build_tiny  # noqa: E402
 from nomad_vm.plugin.launcher import PluginProcess  # noqa: E402
@@ -60,10 +60,11 @@ from nomad_vm.vm.qemu.files_argv import inherited_fds  # noqa: E402
 from nomad_vm.vm.share_transport import ShareTransport  # noqa: E402
 from nomad_vm.vm.spec import VMSpec  # noqa: E402
 from tests.conftest import guest_cache, qemu_processes_under  # noqa: E402
-from tests.integration.pluginkit import DRIVER, FifoReader, configure, drv  # noqa: E402
+from tests.integration.pluginkit import DRIVER, FifoReader, configure, drv, task_config  # noqa: E402
 
 MIB = 2**20
 ANSWER = b"nomad-vm tiny guest: running"
+POLL = 0.5  # seconds between looks for the answers, alike on both sides
 NINE_P = ShareTransport("9p", None, "share_transport = 9p")
 
 
@@ -101,14 +102,10 @@ def masked(argv: list[str], roots: list[Path]) -> list[str]:
 
 
 class Bare:
-    """N QEMUs exec'd by hand, each in its own directory, stdout (the console) to a file."""
+    """N QEMUs exec'd by hand, each in its own directory, the console copied to a file."""
 
     def __init__(self, root: Path, guest, n: int) -> None:  # type: ignore[no-untyped-def]
         self.root = root / "bare"
-        self.alloc = root / "bare-alloc"
-        for directory in (self.alloc / "alloc", self.alloc / "tiny" / "local",
-                          self.alloc / "tiny" / "secrets"):  # fmt: skip
-            directory.mkdir(parents=True)
         self.files = FileHolder()
         self.qemu = str(find_qemu(None))
         self.n = n
@@ -122,13 +119,15 @@ class Bare:
         over, the shared directories opened, the console copied to a file (the driver's copy
         goes to the task's stdout FIFO), QEMU's own seccomp filter on."""
         vm_dir = self.root / f"vm{i}"
-        vm_dir.mkdir(parents=True, exist_ok=True)
+        # Nomad's task directories, one allocation per VM as on the driver's side.
+        for directory in ("alloc", "tiny/local", "tiny/secrets"):
+            (vm_dir / "alloc" / directory).mkdir(parents=True, exist_ok=True)
         handed = Handover()
         self.handovers.append(handed)
         # driver/shares.py shares every task directory read-only (alloc/ unless the task
         # asks for it writable); start_latency's helper predates that for local/ and secrets/.
         shares = tuple(replace(s, readonly=True, host_fd=handed.directory(s.host_path))
-                       for s in bare_shares(self.alloc, vm_dir, NINE_P))  # fmt: skip
+                       for s in bare_shares(vm_dir / "alloc", vm_dir, NINE_P))  # fmt: skip
         console = os.open(vm_dir / "console", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         self.consoles.append(console)
         return VMSpec(
@@ -167,7 +166,7 @@ class Bare:
                   for i in range(self.n)) < self.n:  # fmt: skip
             if any(p.poll() is not None for p in self.procs):
                 raise SystemExit("a bare QEMU exited before its guest answered")
-            time.sleep(0.2)
+            time.sleep(POLL)
         return time.perf_counter() - started
 
     def vmms(self) -> list[psutil.Process]:
@@ -189,35 +188,48 @@ class Bare:
 
 
 class Driven:
-    """The real plugin, N tasks of the tiny guest in one allocation, their stats streams."""
+    """The real plugin and N tasks of the tiny guest, each in its own allocation (as Nomad
+    places them: one task's console per stdout FIFO; 40 consoles in one FIFO interleave byte
+    by byte, the UART writes one at a time), and their stats streams."""
 
     def __init__(self, root: Path, guest, n: int) -> None:  # type: ignore[no-untyped-def]
         self.root = root / "driver"
-        # Nomad's task directories, which the driver shares with every VM by default.
-        for directory in ("alloc", "tiny/local", "tiny/secrets"):
-            (self.root / "alloc" / directory).mkdir(parents=True)
-        self.fifo = FifoReader(self.root / "alloc" / "alloc" / "logs" / ".tiny.stdout.fifo")
+        self.fifos = []
+        for i in range(n):
+            # Nomad's task directories, which the driver shares with every VM by default.
+            for directory in ("alloc", "tiny/local", "tiny/secrets"):
+                (self.alloc(i) / directory).mkdir(parents=True)
+            self.fifos.append(FifoReader(self.alloc(i) / "alloc" / "logs" / ".tiny.stdout.fifo"))
         self.plugin = PluginProcess([str(DRIVER)])
         self.plugin.start(self.root / "plugin.stderr")
         configure(self.plugin, self.root / "data", [str(guest.vmlinux.parent)],
                   share_transport="9p")  # fmt: skip
-        self.guest = guest
+        self.config = {"kernel": str(guest.vmlinux), "initramfs": str(guest.initramfs),
+                       "cmdline": guest.cmdline}  # fmt: skip
         self.n = n
         self.handles: list[driver_pb2.TaskHandle] = []
         self.streams: list[object] = []
         self.closed = False
 
+    def alloc(self, i: int) -> Path:
+        return self.root / f"alloc{i}"
+
     def start(self) -> float:
         started = time.perf_counter()
-        self.handles = start_vms(self.plugin, self.root, self.guest, self.n)
-        while self.fifo.data.count(ANSWER) < self.n:
+        for i in range(self.n):
+            task = task_config(self.alloc(i), self.config, task_id=f"alloc{i}/tiny/{i}")
+            req = driver_pb2.StartTaskRequest(task=task)
+            self.handles.append(drv(self.plugin).StartTask(req, timeout=300).handle)
+        while sum(ANSWER in fifo.data for fifo in self.fifos) < self.n:
             if len(self.vmms()) < self.n:
                 raise SystemExit("a driver's QEMU exited before its guest answered")
-            time.sleep(0.2)
+            time.sleep(POLL)
         return time.perf_counter() - started
 
     def vmms(self) -> list[psutil.Process]:
-        return qemu_processes_under(self.root)
+        """The plugin's QEMU children (cheap enough to poll, unlike a scan of every process's
+        descriptors, which on 2 busy cores would tax this side alone)."""
+        return [p for p in self.process().children() if p.name().startswith("qemu-system")]
 
     def process(self) -> psutil.Process:
         assert self.plugin.process is not None
@@ -237,7 +249,8 @@ class Driven:
                 drv(self.plugin).DestroyTask(
                     driver_pb2.DestroyTaskRequest(task_id=h.config.id, force=True)
                 )
-        self.fifo.close()
+        for fifo in self.fifos:
+            fifo.close()
         self.plugin.kill()
 
 
@@ -302,7 +315,7 @@ def check_argv(root: Path, bare: Bare, guest) -> str:  # type: ignore[no-untyped
         probe.close()
     accel = accelerator(driver_argv)
     mine = masked(driver_argv, [root / "probe" / "driver"])
-    theirs = masked(bare.argv(0, accel)[0], [root / "bare", root / "bare-alloc"])
+    theirs = masked(bare.argv(0, accel)[0], [root / "bare"])
     if mine == theirs:
         print("argv: the driver's and the bare one are the same (paths, fds aside)")
     else:
