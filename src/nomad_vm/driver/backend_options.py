@@ -14,7 +14,8 @@ from dataclasses import replace
 
 from nomad_vm.driver.config import PluginConfig
 from nomad_vm.errors import ConfigError, VMRequestError
-from nomad_vm.vm.hypervisor import HostSettings, HypervisorCapabilities, VMRequest
+from nomad_vm.vm.capabilities import HostSettings, HypervisorCapabilities
+from nomad_vm.vm.request import VMRequest
 
 # VMRequest attribute or host setting -> the config field it comes from (a setting that differs
 # per backend is named by the HostSettings built for that backend: ``HostSettings.fields``).

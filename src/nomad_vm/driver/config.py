@@ -41,7 +41,7 @@ from nomad_vm.storage.disk_request import DiskRequest
 from nomad_vm.storage.image_url import UrlRules
 from nomad_vm.storage.paths import Allowlist, private_dir, private_pattern, resolve_allowed_file
 
-# A task's runtime directory is ``<task dir>/<RUNTIME_PREFIX>-<start id>`` (see VMDriver).
+# A task's runtime directory is ``<task dir>/<RUNTIME_PREFIX>-<start id>`` (driver.runtime_dir).
 RUNTIME_PREFIX = "nomad-vm"
 
 

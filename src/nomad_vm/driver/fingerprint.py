@@ -15,7 +15,8 @@ from nomad_vm.errors import NetworkError, NomadVMError, VMRequestError
 from nomad_vm.network import links
 from nomad_vm.network.settings import BridgeNetwork
 from nomad_vm.storage.ceph_support import ceph_problem
-from nomad_vm.vm.hypervisor import HostFacts, HostSettings, Hypervisor
+from nomad_vm.vm.capabilities import HostFacts, HostSettings
+from nomad_vm.vm.hypervisor import Hypervisor
 
 ATTRIBUTE_PREFIX = "driver.vm."
 

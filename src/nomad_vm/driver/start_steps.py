@@ -41,7 +41,8 @@ from nomad_vm.driver.recorder import TaskRecorder
 from nomad_vm.driver.startup import StartPlan
 from nomad_vm.driver.tpm_state import open_tpm_state
 from nomad_vm.storage.held import HeldFile, open_own, readable_copy
-from nomad_vm.vm.hypervisor import Hypervisor, LaunchDevices, RunningVM
+from nomad_vm.vm.hypervisor import Hypervisor, RunningVM
+from nomad_vm.vm.request import LaunchDevices
 from nomad_vm.vm.spec import NicSpec
 
 SEED_NAME = "cidata.iso"

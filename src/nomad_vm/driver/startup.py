@@ -40,8 +40,10 @@ from nomad_vm.storage.ceph_support import ceph_problem
 from nomad_vm.storage.disk_request import DiskRequest
 from nomad_vm.storage.held import FileHolder, HeldFile, open_allowed
 from nomad_vm.storage.paths import Allowlist
-from nomad_vm.vm.hypervisor import Hypervisor, HypervisorCapabilities, VMPlan, VMRequest
+from nomad_vm.vm.capabilities import HypervisorCapabilities
+from nomad_vm.vm.hypervisor import Hypervisor
 from nomad_vm.vm.registry import HypervisorRegistry
+from nomad_vm.vm.request import VMPlan, VMRequest
 from nomad_vm.vm.spec import ShareSpec
 from nomad_vm.vm.vmm_user import VMMUser, resolve_vmm_user
 

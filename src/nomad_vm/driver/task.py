@@ -13,13 +13,9 @@ from nomad_vm.driver.events import EventBus
 from nomad_vm.driver.journal import TaskJournal
 from nomad_vm.driver.types import ExitResult, TaskConfig, TaskState, TaskStatus
 from nomad_vm.errors import NomadVMError
+from nomad_vm.vm.capabilities import HypervisorCapabilities
 from nomad_vm.vm.guest_agent import GuestAgent
-from nomad_vm.vm.hypervisor import (
-    GuestEvent,
-    GuestEventReport,
-    HypervisorCapabilities,
-    RunningVM,
-)
+from nomad_vm.vm.hypervisor import GuestEvent, GuestEventReport, RunningVM
 from nomad_vm.vm.serial_console import SerialConsole
 from nomad_vm.vm.spec import VMExit
 

@@ -10,9 +10,9 @@ from nomad_vm.errors import HypervisorError
 from nomad_vm.storage.held import FileHolder, HeldFile, open_own
 from nomad_vm.vm.firmware import FirmwarePlan
 from nomad_vm.vm.handover import Handover
-from nomad_vm.vm.hypervisor import LaunchDevices, VMPlan
 from nomad_vm.vm.qemu.plan import QemuPlan
 from nomad_vm.vm.qemu.running import AGENT_SOCKET, QMP_SOCKET, SERIAL_SOCKET
+from nomad_vm.vm.request import LaunchDevices, VMPlan
 from nomad_vm.vm.spec import VMSpec
 from nomad_vm.vm.virtiofsd import ShareDaemon
 
