@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Protocol
 
 import psutil
 
-from nomad_vm.errors import HypervisorError, NomadVMError
+from nomad_vm.errors import HypervisorError, NomadVMError, Unsupported
 from nomad_vm.processes import ProcessIdentity
 from nomad_vm.storage.held import HeldFile
 from nomad_vm.vm.accel import AcceleratorChoice, KvmStatus
@@ -90,6 +90,9 @@ class HypervisorCapabilities:
     hyperv: bool = False
     rtc_localtime: bool = False
     nic_models: tuple[str, ...] = ("virtio",)
+    # Guest memory can grow and shrink while the VM runs, up to VMRequest.memory_max_mb
+    # (``RunningVM.hotplug_memory`` / ``resize_hotplug_memory``; QEMU: virtio-mem).
+    memory_hotplug: bool = False
 
 
 @dataclass(frozen=True)
@@ -172,6 +175,9 @@ class VMRequest:
     seed_cdrom: bool = False
     # The model of the VM's network cards (one of the capabilities' ``nic_models``).
     nic_model: str = "virtio"
+    # The most memory the guest may grow to (MB, above ``memory_mb``): the difference is
+    # hot-pluggable (``memory_hotplug`` backends); None: the guest's memory is fixed.
+    memory_max_mb: int | None = None
 
 
 @dataclass(frozen=True)
@@ -275,6 +281,26 @@ class VMUsage:
         return cls(times.user, times.system, rss)
 
 
+@dataclass(frozen=True)
+class GuestMemory:
+    """The guest's memory by its own account (bytes): what it has (``total``, hot-plugged
+    memory included) and what it could still use without swapping (``available``)."""
+
+    total: int
+    available: int
+
+
+@dataclass(frozen=True)
+class HotplugMemory:
+    """A VM's hot-pluggable memory as the VMM says (bytes): at most ``region``; the driver
+    asked for ``requested``; the guest has taken ``plugged`` (it follows ``requested`` as
+    fast as the guest plugs or frees blocks)."""
+
+    region: int
+    requested: int
+    plugged: int
+
+
 class OneProcessVMM:
     """``wait``, ``terminate``, ``kill`` and ``usage`` of a RunningVM whose VMM is one process
     (``self.process``) with helpers (``self.helpers``, e.g. virtiofsd): the same for every
@@ -328,6 +354,18 @@ class OneProcessVMM:
     async def device_io(self) -> Mapping[str, Mapping[str, int]]:
         """Per-device I/O counters, by device id; empty where the backend has none."""
         return {}
+
+    async def guest_memory(self) -> GuestMemory | None:
+        """The guest's total and available memory; None where the backend cannot say."""
+        return None
+
+    async def hotplug_memory(self) -> HotplugMemory | None:
+        """The VM's hot-pluggable memory; None when it has none."""
+        return None
+
+    async def resize_hotplug_memory(self, requested: int) -> None:
+        """Ask the guest to hold ``requested`` bytes of hot-pluggable memory."""
+        raise Unsupported("this VM has no hot-pluggable memory")
 
 
 @dataclass(frozen=True)
@@ -409,6 +447,21 @@ class RunningVM(Protocol):
 
     async def device_io(self) -> Mapping[str, Mapping[str, int]]:
         """Per-device I/O counters (device id -> counter -> value); empty when unknown."""
+        ...
+
+    async def guest_memory(self) -> GuestMemory | None:
+        """Total and available memory by the guest's own account; None when unknown."""
+        ...
+
+    async def hotplug_memory(self) -> HotplugMemory | None:
+        """Hot-pluggable memory as the VMM says (read back after a plugin restart); None
+        when the VM has none."""
+        ...
+
+    async def resize_hotplug_memory(self, requested: int) -> None:
+        """Ask for ``requested`` bytes of hot-pluggable memory (0 to the region's size;
+        ``memory_hotplug`` backends). The guest plugs or unplugs at its own pace;
+        HypervisorError when the VMM refuses."""
         ...
 
     async def describe(self) -> VMDescription:

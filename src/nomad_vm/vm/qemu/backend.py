@@ -101,6 +101,7 @@ CAPABILITIES = HypervisorCapabilities(
     hyperv=True,
     rtc_localtime=True,
     nic_models=NIC_MODELS,
+    memory_hotplug=True,
 )
 
 
@@ -146,6 +147,11 @@ class QemuHypervisor:
             has_disk=request.has_disk,
         )
         check_display(request.display, machine.machine)
+        if request.memory_max_mb is not None and machine.machine == "microvm":
+            # virtio-mem is a PCI device here, and microvm has no PCI bus.
+            raise VMRequestError(
+                "memory_max", "microvm has no PCI bus for virtio-mem; use machine pc or q35"
+            )
         if request.hugepages:
             check_hugepages(request.memory_mb)
         transport = choose_share_transport(settings.share_transport, settings.virtiofsd_binary)
