@@ -68,8 +68,8 @@ def test_shrinks_only_after_plenty_has_been_available_for_a_while() -> None:
     assert policy.decide(9.0, roomy, hot(256)) is None
     assert policy.decide(10.0, roomy, hot(256)) == 128 * MIB
     # The wait starts again after each step.
-    assert policy.decide(11.0, guest(368, 272), hot(128)) is None
-    assert policy.decide(20.5, guest(368, 272), hot(128)) == 0
+    assert policy.decide(11.0, guest(368, 330), hot(128)) is None
+    assert policy.decide(20.5, guest(368, 330), hot(128)) == 0
 
 
 def test_a_dip_restarts_the_shrink_wait() -> None:
@@ -181,3 +181,9 @@ def test_nomad_sends_memory_max_in_the_allocated_resources() -> None:
         ),
     )
     assert convert.task_config(pb).resources.memory_max_mb == 768
+
+
+def test_a_small_guest_grows_before_its_headroom_is_gone() -> None:
+    # 150 MiB total, 70 free: 47% free, but less than the 80 MiB the reaction time needs.
+    assert MemoryPolicy().decide(0.0, guest(150, 70), hot(0)) == STEP
+    assert MemoryPolicy().decide(0.0, guest(150, 100), hot(0)) is None

@@ -324,7 +324,9 @@ class QemuHypervisor:
         helpers = tuple(d.process for d in daemons) + ((tpm.process,) if tpm is not None else ())
         vm = QemuVM(process, monitor, runtime_dir, helpers)
         try:
-            await vm.enable_guest_stats()
+            # Hot-pluggable memory is driven on these figures: fresher ones, so that the
+            # driver sees a guest running short sooner (memory_watch).
+            await vm.enable_guest_stats(1 if spec.memory_max_mb is not None else 2)
             if spec.pin_cpus:
                 vm.vcpu_pinning = await pin_vcpus(monitor, spec.pin_cpus)
             if spec.display_socket is not None:
