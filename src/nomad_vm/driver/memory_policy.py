@@ -9,8 +9,9 @@ that time can still run out: give it more ``memory`` for such bursts). One ``ste
 is requested, once the previous request has been plugged (a guest still plugging is not asked
 again, which bounds the rate to what the guest can take).
 Shrink: were one step removed, the guest would still have ``shrink_above`` of its (smaller)
-total available and at least ``SHRINK_MARGIN`` x ``min_available``, and that has held for ``shrink_after`` seconds; one step less is requested,
-and the wait starts again. shrink_above > grow_below leaves a band where nothing happens
+total available and at least ``SHRINK_MARGIN`` x ``min_available``, and that has held for
+``shrink_after`` seconds; one step less is requested, and the wait starts again. Both
+shrink thresholds lie above the grow ones, leaving a band where nothing happens
 (hysteresis): a shrink never leaves the guest in the state that makes it grow.
 Never above the region (memory_max - memory), never below 0, always whole blocks.
 """
