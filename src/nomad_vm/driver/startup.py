@@ -27,7 +27,12 @@ from nomad_vm.driver.config import (
 )
 from nomad_vm.driver.macvtap_plan import FIELDS, MACVTAP_FIELD, MacvtapPlan, plan_macvtap
 from nomad_vm.driver.network_plan import NetworkPlan, plan_network
-from nomad_vm.driver.resources import expand_cpuset, memory_mb_for, vcpus_for
+from nomad_vm.driver.resources import (
+    expand_cpuset,
+    memory_max_mb_for,
+    memory_mb_for,
+    vcpus_for,
+)
 from nomad_vm.driver.seed_files import read_seed_files
 from nomad_vm.driver.shares import task_shares
 from nomad_vm.driver.tpm_state import TPM_STATE_DIR
@@ -113,6 +118,7 @@ async def plan_start(
         name=vm.hostname,
         vcpus=vcpus_for(task.resources, agent),
         memory_mb=memory_mb_for(task.resources),
+        memory_max_mb=memory_max_mb_for(task.resources),
         arch=vm.arch,
         machine=vm.profile.machine_on(caps.machine_types),
         firmware=vm.firmware,

@@ -65,6 +65,9 @@ class HypervisorCapabilities:
     hyperv: bool = False
     rtc_localtime: bool = False
     nic_models: tuple[str, ...] = ("virtio",)
+    # Guest memory can grow and shrink while the VM runs, up to VMRequest.memory_max_mb
+    # (``RunningVM.hotplug_memory`` / ``resize_hotplug_memory``; QEMU: virtio-mem).
+    memory_hotplug: bool = False
 
 
 @dataclass(frozen=True)

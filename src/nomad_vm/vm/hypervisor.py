@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Protocol
 
 import psutil
 
-from nomad_vm.errors import HypervisorError
+from nomad_vm.errors import HypervisorError, Unsupported
 from nomad_vm.processes import ProcessIdentity
 from nomad_vm.vm.capabilities import HostFacts, HostSettings, HypervisorCapabilities
 from nomad_vm.vm.description import VMDescription
@@ -100,6 +100,26 @@ class VMUsage:
         return cls(times.user, times.system, rss)
 
 
+@dataclass(frozen=True)
+class GuestMemory:
+    """The guest's memory by its own account (bytes): what it has (``total``, hot-plugged
+    memory included) and what it could still use without swapping (``available``)."""
+
+    total: int
+    available: int
+
+
+@dataclass(frozen=True)
+class HotplugMemory:
+    """A VM's hot-pluggable memory as the VMM says (bytes): at most ``region``; the driver
+    asked for ``requested``; the guest has taken ``plugged`` (it follows ``requested`` as
+    fast as the guest plugs or frees blocks)."""
+
+    region: int
+    requested: int
+    plugged: int
+
+
 class OneProcessVMM:
     """``wait``, ``terminate``, ``kill`` and ``usage`` of a RunningVM whose VMM is one process
     (``self.process``) with helpers (``self.helpers``, e.g. virtiofsd): the same for every
@@ -153,6 +173,18 @@ class OneProcessVMM:
     async def device_io(self) -> Mapping[str, Mapping[str, int]]:
         """Per-device I/O counters, by device id; empty where the backend has none."""
         return {}
+
+    async def guest_memory(self) -> GuestMemory | None:
+        """The guest's total and available memory; None where the backend cannot say."""
+        return None
+
+    async def hotplug_memory(self) -> HotplugMemory | None:
+        """The VM's hot-pluggable memory; None when it has none."""
+        return None
+
+    async def resize_hotplug_memory(self, requested: int) -> None:
+        """Ask the guest to hold ``requested`` bytes of hot-pluggable memory."""
+        raise Unsupported("this VM has no hot-pluggable memory")
 
 
 @dataclass(frozen=True)
@@ -234,6 +266,21 @@ class RunningVM(Protocol):
 
     async def device_io(self) -> Mapping[str, Mapping[str, int]]:
         """Per-device I/O counters (device id -> counter -> value); empty when unknown."""
+        ...
+
+    async def guest_memory(self) -> GuestMemory | None:
+        """Total and available memory by the guest's own account; None when unknown."""
+        ...
+
+    async def hotplug_memory(self) -> HotplugMemory | None:
+        """Hot-pluggable memory as the VMM says (read back after a plugin restart); None
+        when the VM has none."""
+        ...
+
+    async def resize_hotplug_memory(self, requested: int) -> None:
+        """Ask for ``requested`` bytes of hot-pluggable memory (0 to the region's size;
+        ``memory_hotplug`` backends). The guest plugs or unplugs at its own pace;
+        HypervisorError when the VMM refuses."""
         ...
 
     async def describe(self) -> VMDescription:

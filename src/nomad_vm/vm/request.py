@@ -50,6 +50,9 @@ class VMRequest:
     seed_cdrom: bool = False
     # The model of the VM's network cards (one of the capabilities' ``nic_models``).
     nic_model: str = "virtio"
+    # The most memory the guest may grow to (MB, above ``memory_mb``): the difference is
+    # hot-pluggable (``memory_hotplug`` backends); None: the guest's memory is fixed.
+    memory_max_mb: int | None = None
 
 
 @dataclass(frozen=True)

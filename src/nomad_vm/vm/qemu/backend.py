@@ -93,6 +93,7 @@ CAPABILITIES = HypervisorCapabilities(
     hyperv=True,
     rtc_localtime=True,
     nic_models=NIC_MODELS,
+    memory_hotplug=True,
 )
 
 
@@ -138,6 +139,11 @@ class QemuHypervisor:
             has_disk=request.has_disk,
         )
         check_display(request.display, machine.machine)
+        if request.memory_max_mb is not None and machine.machine == "microvm":
+            # virtio-mem is a PCI device here, and microvm has no PCI bus.
+            raise VMRequestError(
+                "memory_max", "microvm has no PCI bus for virtio-mem; use machine pc or q35"
+            )
         if request.hugepages:
             check_hugepages(request.memory_mb)
         transport = choose_share_transport(settings.share_transport, settings.virtiofsd_binary)
@@ -310,7 +316,9 @@ class QemuHypervisor:
         helpers = tuple(d.process for d in daemons) + ((tpm.process,) if tpm is not None else ())
         vm = QemuVM(process, monitor, runtime_dir, helpers)
         try:
-            await vm.enable_guest_stats()
+            # Hot-pluggable memory is driven on these figures: fresher ones, so that the
+            # driver sees a guest running short sooner (memory_watch).
+            await vm.enable_guest_stats(1 if spec.memory_max_mb is not None else 2)
             if spec.pin_cpus:
                 vm.vcpu_pinning = await pin_vcpus(monitor, spec.pin_cpus)
             if spec.display_socket is not None:

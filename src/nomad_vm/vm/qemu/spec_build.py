@@ -84,6 +84,7 @@ def build_spec(
         mem_merge=details.mem_merge,
         free_page_reporting=request.free_page_reporting,
         hugepages=request.hugepages,
+        memory_max_mb=request.memory_max_mb,
         pin_cpus=request.pin_cpus,
         display=request.display,
         display_socket=plan.display_socket,
