@@ -63,6 +63,8 @@ class TaskResources:
     memory_mb: int
     # Cores reserved with `resources { cores = N }`, as Nomad's cpuset list ("0,1" or "2-3").
     cpuset_cpus: str = ""
+    # `memory_max` (MB) when the job sets one (memory oversubscription), else 0.
+    memory_max_mb: int = 0
 
 
 @dataclass(frozen=True)
