@@ -124,6 +124,8 @@ def test_limits_memory_max_wins_and_the_overhead_is_added() -> None:
     assert vmm_overhead_mb(256) == 256 + 16
     assert limits_for(500, 256, 0, "") == CgroupLimits(500, "", (256 + 272) * MB)
     assert limits_for(500, 256, 1024, "3").memory_bytes == (1024 + 256 + 64) * MB
+    # TCG's translation cache (QEMU's default 1 GiB) is the VMM's too.
+    assert limits_for(500, 256, 0, "", tcg=True).memory_bytes == (256 + 272 + 1024) * MB
     # cpu.shares has a floor of 2 in the kernel.
     assert limits_for(0, 256, 0, "").cpu_shares == 2
 

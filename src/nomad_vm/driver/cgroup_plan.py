@@ -25,17 +25,18 @@ class CgroupPlan:
 
 
 def plan_cgroup(
-    task: TaskConfig, plugin: PluginConfig, root: Path = CGROUP_ROOT
+    task: TaskConfig, plugin: PluginConfig, tcg: bool, root: Path = CGROUP_ROOT
 ) -> CgroupPlan | None:
-    """None when the plugin's `cgroups` is off, or the host has no cgroup file system (the
-    fingerprint says so: `driver.vm.cgroups = "none"`)."""
+    """``tcg``: the VM runs under TCG (its translation cache counts). None when the plugin's
+    `cgroups` is off, or the host has no cgroup file system (the fingerprint says so:
+    `driver.vm.cgroups = "none"`)."""
     if not plugin.cgroups:
         return None
     version = detect(root)
     if version is None:
         return None
     res = task.resources
-    limits = limits_for(res.cpu_mhz, res.memory_mb, res.memory_max_mb, res.cpuset_cpus)
+    limits = limits_for(res.cpu_mhz, res.memory_mb, res.memory_max_mb, res.cpuset_cpus, tcg)
     return CgroupPlan(task_cgroup(task.id, str(plugin.data_dir), root, version), limits)
 
 

@@ -177,7 +177,7 @@ async def plan_start(
         tpm_state_dir=Path(task.task_dir) / TPM_STATE_DIR if vm.profile.tpm else None,
         tpm_owner=resolve_vmm_user(settings.vm_user) if vm.profile.tpm else None,
         files=files,
-        cgroup=plan_cgroup(task, plugin),
+        cgroup=plan_cgroup(task, plugin, tcg=vm_plan.accelerator.name == "tcg"),
     )
 
 

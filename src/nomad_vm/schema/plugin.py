@@ -225,10 +225,11 @@ PLUGIN_CONFIG = Schema(
             "directory): `cpu.shares` (v1) or the converted `cpu.weight` (v2) from the task's "
             "`cpu`, `cpuset.cpus` from its reserved `cores` (else the node's), and a memory "
             "limit of the guest's `memory` (or `memory_max`) plus the VMM's overhead, "
-            "256 MB + 1/16 of guest RAM. A host without a cgroup file system runs tasks "
-            "without; a host where the plugin may not write one fails the task naming this "
-            "option. The version in use is the node attribute `driver.vm.cgroups`. Turn off "
-            "where the plugin must not manage cgroups.",
+            "256 MB + 1/16 of guest RAM (+ 1024 MB under TCG: its translation cache). A host "
+            "without a cgroup file system runs tasks without; a host where the plugin may not "
+            "write one fails the task naming this option. The version in use is the node "
+            "attribute `driver.vm.cgroups` (`v1`, `v2`, `none` or `off`). Turn off where the "
+            "plugin must not manage cgroups.",
             default=True,
         ),
         Field(

@@ -15,7 +15,8 @@ Values:
   runc do (``shares_to_weight``).
 * cpuset: the task's reserved `cores`; without any, the parent's cores (all the node's).
 * memory: the guest's RAM (`memory_max` when set, else `memory`) plus the VMM's overhead
-  (``vmm_overhead_mb``), so the limit stops a runaway VMM without squeezing the guest.
+  (``vmm_overhead_mb``: 256 MB + 1/16 of guest RAM, + 1024 MB under TCG for its translation
+  cache), so the limit stops a runaway VMM without squeezing the guest.
 """
 
 from __future__ import annotations
@@ -35,15 +36,19 @@ MIN_SHARES, MAX_SHARES = 2, 262144
 MIN_WEIGHT, MAX_WEIGHT = 1, 10000
 
 # The VMM's own memory besides guest RAM: QEMU's code and libraries, its heap, device
-# emulation buffers, the TCG translation cache (grows as code is translated), VGA memory,
-# firmware copies, page tables for guest RAM. Measured on this host with QEMU 7.2 under TCG:
-# see the README's "cgroups" section for the figures behind the formula.
+# emulation buffers, VGA memory, firmware copies, page tables and dirty bitmaps for guest RAM
+# (these grow with it). The README's "cgroups" section has the measurements behind it.
 OVERHEAD_BASE_MB = 256
-OVERHEAD_PER_GUEST_MB_DIVISOR = 16  # + 1/16 of guest RAM (page tables, dirty bitmaps, caches)
+OVERHEAD_PER_GUEST_MB_DIVISOR = 16  # + 1/16 of guest RAM
+# Under TCG, QEMU's translation cache: 1 GiB by default on 64-bit hosts (QEMU 7.2), mapped at
+# start and filled as guest code is translated, so a long-running guest may use all of it.
+TCG_CACHE_MB = 1024
 
 
-def vmm_overhead_mb(guest_mb: int) -> int:
-    return OVERHEAD_BASE_MB + guest_mb // OVERHEAD_PER_GUEST_MB_DIVISOR
+def vmm_overhead_mb(guest_mb: int, tcg: bool = False) -> int:
+    return (
+        OVERHEAD_BASE_MB + guest_mb // OVERHEAD_PER_GUEST_MB_DIVISOR + (TCG_CACHE_MB if tcg else 0)
+    )
 
 
 def shares_to_weight(shares: int) -> int:
@@ -63,10 +68,13 @@ class CgroupLimits:
     memory_bytes: int
 
 
-def limits_for(cpu_mhz: int, memory_mb: int, memory_max_mb: int, cpus: str) -> CgroupLimits:
+def limits_for(
+    cpu_mhz: int, memory_mb: int, memory_max_mb: int, cpus: str, tcg: bool = False
+) -> CgroupLimits:
     guest_mb = max(memory_mb, memory_max_mb)
     shares = min(max(cpu_mhz, MIN_SHARES), MAX_SHARES)
-    return CgroupLimits(shares, cpus, (guest_mb + vmm_overhead_mb(guest_mb)) * 1024 * 1024)
+    memory_mb_total = guest_mb + vmm_overhead_mb(guest_mb, tcg)
+    return CgroupLimits(shares, cpus, memory_mb_total * 1024 * 1024)
 
 
 def cgroup_name(task_id: str, scope: str = "") -> str:
