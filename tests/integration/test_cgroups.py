@@ -9,15 +9,23 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 from pathlib import Path
 
 import psutil
 import pytest
 
+from nomad_vm.driver.checkpoints import PAUSE_AT, PAUSE_MARKER, START_STEPS
 from nomad_vm.plugin.launcher import PluginProcess
 from nomad_vm.plugin.proto import driver_pb2
-from nomad_vm.vm.cgroups import detect
-from tests.conftest import CGROUP_ROOT, processes_under, task_cgroups
+from nomad_vm.vm.cgroups import cgroup_name, detect
+from tests.conftest import (
+    CGROUP_ROOT,
+    processes_under,
+    task_cgroups,
+    vm_processes_under,
+    wait_until,
+)
 from tests.integration.pluginkit import DRIVER, configure, drv, tiny_task
 from tests.integration.test_cpu_pinning import vcpu_affinity
 from tests.integration.test_ksm import fingerprint
@@ -145,3 +153,52 @@ def test_cgroups_off_makes_none(
             assert cgroups_of(qemu.pid) == cgroups_of(plugin.process.pid)
         finally:
             destroy(plugin, cfg.id)
+
+
+@pytest.mark.parametrize("step", ["cgroup", "helpers-recorded", "vmm-recorded"])
+def test_plugin_killed_around_the_cgroup_step_leaves_none(
+    short_tmp: Path, tiny_guest, step: str  # type: ignore[no-untyped-def]
+) -> None:
+    """SIGKILL at the cgroup step (on record, not yet made) and later (made; the helper in it,
+    the VMM recorded but not yet placed): DestroyTask by a fresh plugin removes it. (The
+    crash tests of test_crash_safety.py run the plugin under `ip netns exec`, whose fresh /sys
+    has no cgroup file system: there the plugin makes no cgroup.)"""
+    marker = short_tmp / "paused"
+    first = PluginProcess([str(DRIVER)], {PAUSE_AT: step, PAUSE_MARKER: str(marker)})
+    first.start(short_tmp / "plugin1.stderr")
+    try:
+        with tiny_task(first, short_tmp, tiny_guest, alloc_name="crash") as (cfg, _, alloc):
+            (alloc / "tiny" / "local").mkdir()  # a virtiofsd: a helper spawned before the VMM
+            outcome: list[object] = []
+
+            def start() -> None:
+                try:
+                    outcome.append(drv(first).StartTask(driver_pb2.StartTaskRequest(task=cfg)))
+                except Exception as exc:
+                    outcome.append(exc)
+
+            starter = threading.Thread(target=start)
+            starter.start()
+            assert wait_until(marker.exists, 120), outcome
+            name = cgroup_name(cfg.id, str(short_tmp / "data"))
+            made = [p for p in task_cgroups() if p.name == name]
+            made_yet = START_STEPS.index(step) > START_STEPS.index("cgroup")
+            assert len(made) == (3 if made_yet else 0), (step, made)
+            if step == "vmm-recorded":
+                helpers = {h.pid for h in processes_under(short_tmp, "virtiofsd")}
+                assert helpers and all(helpers <= procs(d) for d in made)
+            assert first.process is not None
+            first.process.kill()
+            assert first.wait_exit(10) is not None
+            starter.join(30)
+    finally:
+        first.kill()
+    second = PluginProcess([str(DRIVER)])
+    second.start(short_tmp / "plugin2.stderr")
+    try:
+        configure(second, short_tmp / "data", [str(tiny_guest.vmlinux.parent)])
+        destroy(second, cfg.id)
+        assert wait_until(lambda: not vm_processes_under(short_tmp), 15)
+        assert not [p for p in task_cgroups() if p.name == name]
+    finally:
+        second.kill()
