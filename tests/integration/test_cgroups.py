@@ -1,7 +1,8 @@
 """The task's cgroup through the real plugin with real QEMU (TCG here): while the VM runs, the
 cgroup files hold the task's CPU shares, its reserved core and the memory limit, QEMU and its
-virtiofsd are in it, and the one vCPU runs only on the reserved core; the cgroup survives a
-plugin SIGKILL with its VM and is removed by DestroyTask; `cgroups = false` makes none.
+helpers (virtiofsd, swtpm) are in it, and the one vCPU runs only on the reserved core; the
+cgroup survives a plugin SIGKILL with its VM and is removed by DestroyTask, also when the plugin
+died around the cgroup step; `cgroups = false` makes none.
 
 This host runs cgroup v1 (hybrid); the v2 layout is unit-tested (tests/unit/test_cgroups.py)."""
 
@@ -202,3 +203,29 @@ def test_plugin_killed_around_the_cgroup_step_leaves_none(
         assert not [p for p in task_cgroups() if p.name == name]
     finally:
         second.kill()
+
+
+def test_swtpm_runs_in_the_tasks_cgroup(
+    plugin: PluginProcess,
+    short_tmp: Path,
+    tiny_guest,  # type: ignore[no-untyped-def]
+) -> None:
+    # vmlinuz: an ELF vmlinux (QEMU's PVH entry) with a TPM is refused (test_windows_pieces).
+    options = {"os": {"machine": "q35"}, "tpm": True, "kernel": str(tiny_guest.vmlinuz)}
+    with tiny_task(plugin, short_tmp, tiny_guest, alloc_name="tpm", overrides=options) as (
+        cfg,
+        fifo,
+        _,
+    ):
+        drv(plugin).StartTask(driver_pb2.StartTaskRequest(task=cfg), timeout=60)
+        try:
+            assert fifo.wait_for(RUNNING, 120), fifo.data[-2000:]
+            (qemu,) = processes_under(short_tmp, "qemu-system")
+            # (QEMU's command line names swtpm's socket too.)
+            (swtpm,) = [p for p in processes_under(short_tmp, "swtpm") if p.name() == "swtpm"]
+            dirs = cgroups_of(qemu.pid)
+            assert cgroups_of(swtpm.pid) == dirs and len(dirs) == 3
+            assert all(d.parent.name == "nomad-vm" for d in dirs.values())
+        finally:
+            destroy(plugin, cfg.id)
+    assert not any(d.exists() for d in dirs.values()), dirs

@@ -210,3 +210,22 @@ def test_recorder_records_first_and_places_spawned_processes(tmp_path: Path, ref
         asyncio.run(start())
         assert cgroup.added == [me.pid]
     assert recorder.journal.cgroups == (str(tmp_path / "cg"),)
+
+
+def test_a_cgroup_the_kernel_refuses_fails_the_start_naming_the_option(tmp_path: Path) -> None:
+    """A v2 tree without the memory controller (a delegated subtree, say): the start fails
+    with the reason and the plugin option that turns cgroups off; the journal already names
+    the directory, so the replay removes whatever was made."""
+    root = v2_tree(tmp_path / "cg", controllers="cpu cpuset")
+    store = JournalStore(tmp_path / "data")
+    recorder = TaskRecorder(store, TaskJournal("t", "qemu", 1.0), NoCheckpoints())
+    cgroup = task_cgroup("t", "", root)
+
+    async def start() -> None:
+        await recorder.runtime_dir(tmp_path / "run")
+        await recorder.make_cgroup(cgroup, CgroupLimits(2, "", MB))
+
+    with pytest.raises(LaunchError, match=r"lacks the memory controller.*`cgroups = false`"):
+        asyncio.run(start())
+    assert recorder.journal.cgroups == tuple(map(str, cgroup.paths))
+    assert recorder.cgroup is None
