@@ -6,14 +6,18 @@ from __future__ import annotations
 
 import asyncio
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
+from nomad_vm.driver.cgroup_plan import plan_cgroup
 from nomad_vm.driver.checkpoints import NoCheckpoints
+from nomad_vm.driver.config import PluginConfig
 from nomad_vm.driver.journal import TaskJournal
 from nomad_vm.driver.journal_store import JournalStore
 from nomad_vm.driver.recorder import TaskRecorder
+from nomad_vm.driver.types import TaskConfig, TaskResources
 from nomad_vm.errors import LaunchError
 from nomad_vm.processes import identity_of
 from nomad_vm.vm.cgroups import (
@@ -21,8 +25,10 @@ from nomad_vm.vm.cgroups import (
     CgroupError,
     CgroupLimits,
     cgroup_name,
+    create_retrying,
     detect,
     limits_for,
+    nomad_shared_cores,
     remove_cgroup_dirs,
     shares_to_weight,
     task_cgroup,
@@ -229,3 +235,40 @@ def test_a_cgroup_the_kernel_refuses_fails_the_start_naming_the_option(tmp_path:
         asyncio.run(start())
     assert recorder.journal.cgroups == tuple(map(str, cgroup.paths))
     assert recorder.cgroup is None
+
+
+def test_unreserved_tasks_take_nomads_shared_cores(tmp_path: Path) -> None:
+    root = v1_tree(tmp_path / "v1")
+    plugin = PluginConfig(Path("/var/lib/nomad-vm"), (), "auto", "qemu-system-x86_64")
+    task = TaskConfig("a/t/1", "t", "a", "/a", "/o", "/e", TaskResources(500, 256), None)
+    plan = plan_cgroup(task, plugin, tcg=False, root=root)
+    assert plan is not None and plan.limits.cpus == ""  # no Nomad partition: the parent's
+    shared = root / "cpuset" / "nomad" / "share"
+    shared.mkdir(parents=True)
+    (shared / "cpuset.cpus").write_text("0,2-3\n")
+    plan = plan_cgroup(task, plugin, tcg=False, root=root)
+    assert plan is not None and plan.limits.cpus == "0,2-3"
+    reserved = replace(task, resources=TaskResources(500, 256, cpuset_cpus="1"))
+    plan = plan_cgroup(reserved, plugin, tcg=False, root=root)
+    assert plan is not None and plan.limits.cpus == "1"
+    v2 = v2_tree(tmp_path / "v2")
+    (v2 / "nomad.slice" / "share.slice").mkdir(parents=True)
+    (v2 / "nomad.slice" / "share.slice" / "cpuset.cpus").write_text("2-3\n")
+    assert nomad_shared_cores(v2, "v2") == "2-3"
+    assert plan_cgroup(task, replace(plugin, cgroups=False), tcg=False, root=root) is None
+    (tmp_path / "none").mkdir()
+    assert plan_cgroup(task, plugin, tcg=False, root=tmp_path / "none") is None
+
+
+def test_a_parent_that_vanished_under_the_start_is_made_again() -> None:
+    calls: list[int] = []
+
+    def make() -> None:
+        calls.append(1)
+        if len(calls) == 1:
+            raise CgroupError("cannot create cgroup x: No such file or directory", vanished=True)
+
+    create_retrying(make)
+    assert len(calls) == 2
+    with pytest.raises(CgroupError, match="Permission"):
+        create_retrying(lambda: (_ for _ in ()).throw(CgroupError("Permission denied")))

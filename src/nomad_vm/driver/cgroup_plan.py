@@ -14,6 +14,7 @@ from nomad_vm.vm.cgroups import (
     TaskCgroup,
     detect,
     limits_for,
+    nomad_shared_cores,
     task_cgroup,
 )
 
@@ -36,7 +37,9 @@ def plan_cgroup(
     if version is None:
         return None
     res = task.resources
-    limits = limits_for(res.cpu_mhz, res.memory_mb, res.memory_max_mb, res.cpuset_cpus, tcg)
+    # Unreserved: the cores Nomad shares among tasks, where its client made that partition.
+    cores = res.cpuset_cpus or nomad_shared_cores(root, version)
+    limits = limits_for(res.cpu_mhz, res.memory_mb, res.memory_max_mb, cores, tcg)
     return CgroupPlan(task_cgroup(task.id, str(plugin.data_dir), root, version), limits)
 
 

@@ -13,7 +13,9 @@ Values:
 * CPU weight: the task's `cpu` (MHz) is its `cpu.shares` (v1), what the virt driver calls
   CpuShares and Nomad's own drivers write; v2's `cpu.weight` is converted the way systemd and
   runc do (``shares_to_weight``).
-* cpuset: the task's reserved `cores`; without any, the parent's cores (all the node's).
+* cpuset: the task's reserved `cores`; without any, the cores of Nomad's own shared partition
+  where the Nomad client made one (``nomad_shared_cores``: the node's cores minus those reserved
+  by tasks), else the parent's (all the node's).
 * memory: the guest's RAM (`memory_max` when set, else `memory`) plus the VMM's overhead
   (``vmm_overhead_mb``: 256 MB + 1/16 of guest RAM, + 1024 MB under TCG for its translation
   cache), so the limit stops a runaway VMM without squeezing the guest.
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -84,7 +87,13 @@ def cgroup_name(task_id: str, scope: str = "") -> str:
 
 
 class CgroupError(Exception):
-    """The cgroup cannot be made or used; the message names the file and the reason."""
+    """The cgroup cannot be made or used; the message names the file and the reason.
+    ``vanished``: a directory disappeared meanwhile (another task removed the shared parent
+    as it became empty): making it again is the remedy."""
+
+    def __init__(self, message: str, vanished: bool = False) -> None:
+        super().__init__(message)
+        self.vanished = vanished
 
 
 class TaskCgroup(Protocol):
@@ -109,21 +118,57 @@ def write(path: Path, value: str) -> None:
     try:
         path.write_text(value)
     except OSError as exc:
-        raise CgroupError(f"cannot write {value!r} to {path}: {exc.strerror or exc}") from exc
+        raise CgroupError(
+            f"cannot write {value!r} to {path}: {exc.strerror or exc}",
+            vanished=isinstance(exc, FileNotFoundError),
+        ) from exc
 
 
 def read(path: Path) -> str:
     try:
         return path.read_text().strip()
     except OSError as exc:
-        raise CgroupError(f"cannot read {path}: {exc.strerror or exc}") from exc
+        raise CgroupError(
+            f"cannot read {path}: {exc.strerror or exc}",
+            vanished=isinstance(exc, FileNotFoundError),
+        ) from exc
 
 
 def make_dir(path: Path) -> None:
     try:
         path.mkdir(exist_ok=True)
     except OSError as exc:
-        raise CgroupError(f"cannot create cgroup {path}: {exc.strerror or exc}") from exc
+        raise CgroupError(
+            f"cannot create cgroup {path}: {exc.strerror or exc}",
+            vanished=isinstance(exc, FileNotFoundError),
+        ) from exc
+
+
+def create_retrying(make: Callable[[], None]) -> None:
+    """``make`` once more if the shared parent vanished under it (another task's replay
+    removed it the moment it was empty); a second time is not a race but a broken tree."""
+    try:
+        make()
+    except CgroupError as exc:
+        if not exc.vanished:
+            raise
+        make()
+
+
+def nomad_shared_cores(root: Path, version: str) -> str:
+    """The cores of the Nomad client's shared partition ("" where there is none): Nomad 1.7+
+    keeps the cores no task reserved in ``cpuset/nomad/share`` (v1) or
+    ``nomad.slice/share.slice`` (v2). A VM without reserved cores belongs there too, off the
+    cores Nomad reserved for other tasks."""
+    path = (
+        root / "cpuset" / "nomad" / "share" / "cpuset.cpus"
+        if version == "v1"
+        else root / "nomad.slice" / "share.slice" / "cpuset.cpus"
+    )
+    try:
+        return path.read_text().strip()
+    except OSError:
+        return ""
 
 
 def remove_cgroup_dirs(paths: tuple[str, ...]) -> list[str]:

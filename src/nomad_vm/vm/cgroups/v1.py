@@ -5,7 +5,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from nomad_vm.vm.cgroups import PARENT_NAME, CgroupLimits, make_dir, read, write
+from nomad_vm.vm.cgroups import (
+    PARENT_NAME,
+    CgroupLimits,
+    create_retrying,
+    make_dir,
+    read,
+    write,
+)
 
 CONTROLLERS = ("cpu", "cpuset", "memory")
 
@@ -25,6 +32,9 @@ class V1Cgroup:
         return tuple(self._dir(c) for c in CONTROLLERS)
 
     def create(self, limits: CgroupLimits) -> None:
+        create_retrying(lambda: self._create(limits))
+
+    def _create(self, limits: CgroupLimits) -> None:
         for controller in CONTROLLERS:
             make_dir(self._dir(controller).parent)
         # A new v1 cpuset starts with no cores and no memory nodes, and no process may join

@@ -9,6 +9,7 @@ from nomad_vm.vm.cgroups import (
     PARENT_NAME,
     CgroupError,
     CgroupLimits,
+    create_retrying,
     make_dir,
     read,
     shares_to_weight,
@@ -34,6 +35,9 @@ class V2Cgroup:
         return (self.path,)
 
     def create(self, limits: CgroupLimits) -> None:
+        create_retrying(lambda: self._create(limits))
+
+    def _create(self, limits: CgroupLimits) -> None:
         parent = self.path.parent
         available = read(self.root / "cgroup.controllers").split()
         missing = [c for c in CONTROLLERS if c not in available]
