@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from nomad_vm.driver.cgroup_plan import plan_cgroup
+from nomad_vm.driver.cgroup_plan import cgroup_attribute, plan_cgroup
 from nomad_vm.driver.checkpoints import NoCheckpoints
 from nomad_vm.driver.config import PluginConfig
 from nomad_vm.driver.journal import TaskJournal
@@ -272,3 +272,12 @@ def test_a_parent_that_vanished_under_the_start_is_made_again() -> None:
     assert len(calls) == 2
     with pytest.raises(CgroupError, match="Permission"):
         create_retrying(lambda: (_ for _ in ()).throw(CgroupError("Permission denied")))
+
+
+def test_the_fingerprint_word_for_each_host(tmp_path: Path) -> None:
+    plugin = PluginConfig(Path("/var/lib/nomad-vm"), (), "auto", "qemu-system-x86_64")
+    (tmp_path / "none").mkdir()
+    assert cgroup_attribute(plugin, v1_tree(tmp_path / "v1")) == "v1"
+    assert cgroup_attribute(plugin, v2_tree(tmp_path / "v2")) == "v2"
+    assert cgroup_attribute(plugin, tmp_path / "none") == "none"
+    assert cgroup_attribute(replace(plugin, cgroups=False), tmp_path / "v1") == "off"
