@@ -25,8 +25,7 @@ import pytest
 from nomad_vm.driver.checkpoints import PAUSE_AT, PAUSE_MARKER, START_STEPS
 from nomad_vm.network.names import tap_name
 from nomad_vm.plugin.proto import driver_pb2
-from nomad_vm.vm.cgroups import cgroup_name
-from tests.conftest import processes_under, task_cgroups, vm_processes_under
+from tests.conftest import processes_under, vm_processes_under
 from tests.fakes.cloud_hypervisor import FAKE_CH, wrapper
 from tests.integration.pluginkit import configure, tiny_task
 from tests.integration.test_recovery import recover
@@ -96,6 +95,10 @@ def test_plugin_killed_at_each_start_step_leaves_nothing(
     ch = hypervisor == "cloud-hypervisor"
     if ch and step == "firmware-vars":
         pytest.skip("Cloud Hypervisor boots the kernel directly: no UEFI variable store")
+    if step == "cgroup":
+        # `ip netns exec` mounts a fresh /sys without the cgroup file systems: the plugin makes
+        # no cgroup there. test_cgroups.py kills a plugin (outside a netns) at and after it.
+        pytest.skip("no cgroup file system under ip netns exec")
     host = paused_plugin
     marker = host.root / "paused"
     env = {} if step == ANSWERED else {PAUSE_AT: step, PAUSE_MARKER: str(marker)}
@@ -123,11 +126,6 @@ def test_plugin_killed_at_each_start_step_leaves_nothing(
             assert isinstance(outcome[0], driver_pb2.StartTaskResponse), outcome
         else:
             assert wait_until(marker.exists, 120), (outcome, host.observe())
-        cgroup = cgroup_name(cfg.id, str(host.data_dir))
-        made = [p for p in task_cgroups() if p.name == cgroup]
-        # The cgroup exists from its step on (paused there: on record, not yet made).
-        after_cgroup = step == ANSWERED or START_STEPS.index(step) > START_STEPS.index("cgroup")
-        assert bool(made) == after_cgroup, (step, made)
         assert first.process is not None
         first.process.kill()  # SIGKILL: no clean-up of any kind
         assert first.wait_exit(10) is not None
@@ -157,4 +155,3 @@ def test_plugin_killed_at_each_start_step_leaves_nothing(
         assert tap_name(TAP_PREFIX, cfg.id) not in host.taps()
         assert not runtime_dirs(alloc), runtime_dirs(alloc)
         assert not (host.data_dir / "journal").exists()
-        assert not any(p.exists() for p in made), made
