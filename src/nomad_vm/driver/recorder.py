@@ -4,6 +4,7 @@ backend's launch reports its own files and processes to."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -88,7 +89,7 @@ class TaskRecorder:
             self._save(replace(self.journal, cgroups=paths))
         await self._reached("cgroup")
         try:
-            cgroup.create(limits)
+            await asyncio.to_thread(cgroup.create, limits)
         except CgroupError as exc:
             raise LaunchError(f"{exc} (set the plugin's `cgroups = false` where the plugin "
                               "may not manage cgroups)") from exc  # fmt: skip
@@ -110,10 +111,11 @@ class TaskRecorder:
         self._save(journal, durable=False)
         await self._reached(f"{what}-recorded")
         if self.cgroup is not None:
-            # Still at their gates: the programs (and every thread they start) run in it.
+            # Still at their gates: the programs (and every thread they start) run in it. In a
+            # thread: a v1 attach waits for an RCU grace period (milliseconds).
             for process in processes:
                 try:
-                    self.cgroup.add(process.ident.pid)
+                    await asyncio.to_thread(self.cgroup.add, process.ident.pid)
                 except CgroupError as exc:
                     raise LaunchError(str(exc)) from exc
 
