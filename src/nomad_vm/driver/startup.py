@@ -19,6 +19,7 @@ from nomad_vm.driver.backend_options import (
     config_error,
     host_settings,
 )
+from nomad_vm.driver.cgroup_plan import CgroupPlan, plan_cgroup
 from nomad_vm.driver.config import (
     PluginConfig,
     VMTaskConfig,
@@ -89,6 +90,8 @@ class StartPlan:
     tpm_state_dir: Path | None = None
     # Who owns it (vm_user; None: the plugin's own user).
     tpm_owner: VMMUser | None = None
+    # The task's cgroup and its limits; None: no cgroup (plugin's `cgroups = false`, or none here).
+    cgroup: CgroupPlan | None = None
 
     @property
     def runtime_dir(self) -> Path:
@@ -182,6 +185,7 @@ async def plan_start(
         tpm_state_dir=Path(task.task_dir) / TPM_STATE_DIR if vm.profile.tpm else None,
         tpm_owner=resolve_vmm_user(settings.vm_user) if vm.profile.tpm else None,
         files=files,
+        cgroup=plan_cgroup(task, plugin, tcg=vm_plan.accelerator.name == "tcg"),
     )
 
 
