@@ -41,12 +41,31 @@ def short_tmp() -> Iterator[Path]:
     # Traversable but not listable, like Nomad's <data_dir>/alloc: programs a test puts here
     # (fake VMMs and daemons) run as the unprivileged vm_user.
     path.chmod(0o711)
+    cgroups_before = task_cgroups()
     yield path
     leftover = vm_processes_under(path)
     for proc in leftover:
         proc.kill()
+    psutil.wait_procs(leftover, timeout=10)
     shutil.rmtree(path, ignore_errors=True)
+    # Task cgroups the test's plugin made and did not remove: noted, then removed (after the
+    # processes in them are gone) so that the host is left as it was, and the test fails.
+    stale = sorted(task_cgroups() - cgroups_before)
+    for cgroup in [*stale, *{c.parent for c in stale}]:
+        with contextlib.suppress(OSError):  # a parent another task still uses stays
+            cgroup.rmdir()
     assert not leftover, f"VM processes outlived the test: {[p.pid for p in leftover]}"
+    assert not stale, f"task cgroups outlived the test: {stale}"
+
+
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+
+
+def task_cgroups() -> set[Path]:
+    """The plugin's task cgroups on this host: ``nomad-vm/<task>`` in each cgroup v1
+    hierarchy, or in the v2 tree (``nomad_vm.vm.cgroups``)."""
+    found = [*CGROUP_ROOT.glob("*/nomad-vm/*"), *CGROUP_ROOT.glob("nomad-vm/*")]
+    return {p for p in found if p.is_dir()}
 
 
 def qemu_processes_under(path: Path) -> list[psutil.Process]:

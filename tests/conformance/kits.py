@@ -33,9 +33,9 @@ from nomad_vm.driver.types import TaskConfig, TaskResources
 from nomad_vm.errors import HypervisorError
 from nomad_vm.guests.tiny import tiny_cmdline
 from nomad_vm.vm.accel import probe_kvm
+from nomad_vm.vm.capabilities import HypervisorCapabilities
 from nomad_vm.vm.cloud_hypervisor.events import EventFile
 from nomad_vm.vm.cloud_hypervisor.files import EVENTS_FILE
-from nomad_vm.vm.hypervisor import HypervisorCapabilities
 from nomad_vm.vm.registry import BUILT_IN, HypervisorRegistry
 from tests.conftest import processes_under, vm_processes_under
 from tests.fakes import hypervisor as fake

@@ -33,6 +33,7 @@ from nomad_vm.driver.task import TERM_GRACE
 from nomad_vm.driver.types import TaskConfig, TaskHandle, TaskState
 from nomad_vm.errors import HypervisorError
 from nomad_vm.processes import ProcessIdentity, identity_of, is_same_process
+from nomad_vm.vm.cgroups import cgroup_name
 from nomad_vm.vm.hypervisor import VMM_ROLE
 from nomad_vm.vm.process import GATE_SHELL
 from nomad_vm.vm.registry import BUILT_IN, HypervisorRegistry
@@ -46,7 +47,7 @@ from tests.conformance.kits import (
     Kit,
     ch_unavailable,
 )
-from tests.conftest import wait_until
+from tests.conftest import task_cgroups, wait_until
 from tests.fakes import hypervisor as fake
 
 BACKENDS = [
@@ -122,6 +123,8 @@ async def assert_clean(kit: Kit, task: TaskConfig) -> None:
         await asyncio.sleep(0.05)
     assert kit.processes() == []
     assert kit.files(task) == []
+    name = cgroup_name(task.id, str(kit.data_dir))
+    assert [p for p in task_cgroups() if p.name == name] == []
 
 
 async def ended(ident: ProcessIdentity) -> None:

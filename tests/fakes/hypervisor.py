@@ -31,27 +31,22 @@ from pathlib import Path
 from nomad_vm.errors import LaunchError, Unsupported, VMRequestError
 from nomad_vm.processes import ProcessIdentity, is_same_process
 from nomad_vm.vm.accel import KvmStatus, choose_accelerator
+from nomad_vm.vm.capabilities import HostFacts, HostSettings, HypervisorCapabilities
 from nomad_vm.vm.description import VMDescription
 from nomad_vm.vm.guest_agent import GuestAgent
 from nomad_vm.vm.hypervisor import (
     VMM_ROLE,
-    BackendPlan,
     GuestEvent,
     GuestEventReport,
-    HostFacts,
-    HostSettings,
-    HypervisorCapabilities,
-    LaunchDevices,
     LaunchRecorder,
     OneProcessVMM,
     TerminalPort,
-    VMPlan,
     VMRef,
-    VMRequest,
 )
 from nomad_vm.vm.launching import record_and_release
 from nomad_vm.vm.process import SupervisedProcess, reattach, spawn
 from nomad_vm.vm.registry import HypervisorRegistry
+from nomad_vm.vm.request import BackendPlan, LaunchDevices, VMPlan, VMRequest
 from nomad_vm.vm.share_transport import ShareTransport
 from nomad_vm.vm.spec import VMExit
 

@@ -95,6 +95,10 @@ def test_plugin_killed_at_each_start_step_leaves_nothing(
     ch = hypervisor == "cloud-hypervisor"
     if ch and step == "firmware-vars":
         pytest.skip("Cloud Hypervisor boots the kernel directly: no UEFI variable store")
+    if step == "cgroup":
+        # `ip netns exec` mounts a fresh /sys without the cgroup file systems: the plugin makes
+        # no cgroup there. test_cgroups.py kills a plugin (outside a netns) at and after it.
+        pytest.skip("no cgroup file system under ip netns exec")
     host = paused_plugin
     marker = host.root / "paused"
     env = {} if step == ANSWERED else {PAUSE_AT: step, PAUSE_MARKER: str(marker)}

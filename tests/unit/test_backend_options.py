@@ -13,8 +13,8 @@ from nomad_vm.driver.config import parse_plugin_config
 from nomad_vm.driver.fingerprint import fingerprint
 from nomad_vm.driver.types import Health
 from nomad_vm.errors import VMRequestError
-from nomad_vm.vm import hypervisor
 from nomad_vm.vm.registry import HypervisorRegistry
+from nomad_vm.vm.request import VMRequest
 from tests.fakes.hypervisor import FakeHost, FakeHypervisor
 
 
@@ -37,7 +37,7 @@ def test_each_backend_option_names_its_config_field(option: str, field: str) -> 
 
 def test_every_request_attribute_a_backend_validates_has_a_field() -> None:
     validated = {"arch", "machine", "firmware"}
-    assert validated <= set(hypervisor.VMRequest.__dataclass_fields__) & set(FIELD_OF_OPTION)
+    assert validated <= set(VMRequest.__dataclass_fields__) & set(FIELD_OF_OPTION)
 
 
 def test_fingerprint_refuses_a_setting_the_backend_cannot_do(tmp_path: Path) -> None:

@@ -18,9 +18,9 @@ from nomad_vm.driver.journal_store import JournalStore
 from nomad_vm.driver.types import Health, TaskConfig, TaskResources
 from nomad_vm.errors import ConfigError, HypervisorError, LaunchError, VMRequestError
 from nomad_vm.vm.accel import KvmStatus
+from nomad_vm.vm.capabilities import HostSettings
 from nomad_vm.vm.cloud_hypervisor import backend
 from nomad_vm.vm.cloud_hypervisor.binary import parse_version
-from nomad_vm.vm.hypervisor import HostSettings
 from nomad_vm.vm.registry import BUILT_IN, HypervisorRegistry
 from tests.fakes.cloud_hypervisor import wrapper
 

@@ -23,7 +23,7 @@ from nomad_vm.vm.cloud_hypervisor.model import (
     to_json,
 )
 from nomad_vm.vm.cloud_hypervisor.vm_config import CloudHypervisorPlan, build_vm_config, vmm_argv
-from nomad_vm.vm.hypervisor import LaunchDevices, VMPlan, VMRequest
+from nomad_vm.vm.request import LaunchDevices, VMPlan, VMRequest
 from nomad_vm.vm.share_transport import ShareTransport
 from nomad_vm.vm.spec import DiskSpec, NicSpec, ShareSpec
 

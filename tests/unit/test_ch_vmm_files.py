@@ -19,7 +19,7 @@ from nomad_vm.storage.held import FileHolder, open_own
 from nomad_vm.storage.tools import find_qemu_img
 from nomad_vm.vm.cloud_hypervisor.vmm_files import hand_over, make_vmm_dir
 from nomad_vm.vm.handover import handover
-from nomad_vm.vm.hypervisor import LaunchDevices
+from nomad_vm.vm.request import LaunchDevices
 from nomad_vm.vm.spec import DiskSpec
 from nomad_vm.vm.vmm_user import VMMUser, resolve_vmm_user
 

@@ -80,12 +80,14 @@ def test_the_cli_tables() -> None:
                     "guest_tx_packets": 2,
                 }
             ],
+            "device_io": {"disk0": {"read_bytes": 4096, "write_ops": 3}},
         }
     )
     assert "Memory:       256 MiB, guest use unknown" in info
     assert "  disk0: /x/disk.qcow2 (qcow2)" in info
     assert "nvm1234 (bridge on nomadvm0): mac 52:54:00:00:00:01, address 192.168.122.10/24" in info
     assert "guest rx 10 bytes / 1 packets, tx 20 bytes / 2 packets" in info
+    assert "  disk0: read_bytes 4096, write_ops 3" in info
 
 
 def test_the_cli_finds_each_names_socket(

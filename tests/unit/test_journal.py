@@ -42,6 +42,7 @@ def full_journal() -> TaskJournal:
         control_socket="/a/web/nomad-vm-1a2b/qmp.sock",
         signal_unit="app.service",
         volumes=("/srv/pool/data",),
+        cgroups=("/sys/fs/cgroup/cpu/nomad-vm/abc", "/sys/fs/cgroup/memory/nomad-vm/abc"),
     )
 
 
@@ -60,6 +61,12 @@ def test_a_record_from_before_storage_pools_has_no_volumes() -> None:
     raw = msgpack.unpackb(full_journal().encode(), raw=False)
     del raw["volumes"]
     assert TaskJournal.decode(msgpack.packb(raw)).volumes == ()
+
+
+def test_a_record_from_before_cgroups_has_none() -> None:
+    raw = msgpack.unpackb(full_journal().encode(), raw=False)
+    del raw["cgroups"]
+    assert TaskJournal.decode(msgpack.packb(raw)).cgroups == ()
 
 
 def test_the_replay_removes_files_and_keeps_pool_volumes(tmp_path: Path) -> None:

@@ -17,7 +17,7 @@ from nomad_vm.driver.ksm import (
 )
 from nomad_vm.errors import ConfigError
 from nomad_vm.vm.accel import AcceleratorChoice
-from nomad_vm.vm.hypervisor import BackendPlan, VMPlan, VMRequest
+from nomad_vm.vm.request import BackendPlan, VMPlan, VMRequest
 from nomad_vm.vm.share_transport import ShareTransport
 from nomad_vm.vm.spec import ShareSpec
 

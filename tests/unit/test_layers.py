@@ -56,7 +56,8 @@ FORBIDDEN = {
 
 
 # Hypervisor backends: packages under vm/ holding one backend each. The driver reaches them only
-# through the interface (vm/hypervisor.py) and the registry; no backend imports another.
+# through the interface (vm/hypervisor.py, capabilities.py, request.py) and the registry; no
+# backend imports another.
 BACKENDS = sorted(
     p.name for p in (SRC / "vm").iterdir() if p.is_dir() and (p / "backend.py").exists()
 )

@@ -259,6 +259,12 @@ SPECS["kernel_tcg_hugepages"] = replace(SPECS["kernel_tcg"], hugepages=True)
 SPECS["handed_virtiofs_hugepages_ksm"] = replace(
     SPECS["handed_virtiofs"], hugepages=True, mem_merge=True
 )
+# Nomad's `memory_max`: a virtio-mem region above the boot memory (qemu/memory_argv.py),
+# private anonymous memory; with virtio-fs, huge pages and KSM, matching the boot RAM.
+SPECS["kernel_tcg_memory_max"] = replace(SPECS["kernel_tcg"], memory_max_mb=768)
+SPECS["handed_virtiofs_hugepages_ksm_memory_max"] = replace(
+    SPECS["handed_virtiofs_hugepages_ksm"], memory_max_mb=1024
+)
 SPECS["microvm_free_page_reporting"] = replace(SPECS["microvm_disk"], free_page_reporting=True)
 
 

@@ -10,7 +10,7 @@ from nomad_vm.network.settings import find_dnsmasq
 from nomad_vm.storage.ceph_support import ceph_problem
 from nomad_vm.storage.limits import find_prlimit
 from nomad_vm.vm.accel import choose_accelerator, probe_kvm
-from nomad_vm.vm.hypervisor import HostSettings
+from nomad_vm.vm.capabilities import HostSettings
 from nomad_vm.vm.qemu.binary import find_qemu, find_qemu_img, qemu_version
 from nomad_vm.vm.registry import HypervisorRegistry
 from nomad_vm.vm.share_transport import choose_share_transport

@@ -116,6 +116,12 @@ def format_info(vm: dict[str, Any]) -> str:
                 f"    guest rx {nic['guest_rx_bytes']} bytes / {nic['guest_rx_packets']} packets,"
                 f" tx {nic['guest_tx_bytes']} bytes / {nic['guest_tx_packets']} packets"
             )
+    device_io = vm.get("device_io") or {}
+    if device_io:
+        lines.append("Device I/O:   (the VMM's counters)")
+        for device, counters in sorted(device_io.items()):
+            shown = ", ".join(f"{name} {value}" for name, value in sorted(counters.items()))
+            lines.append(f"  {device}: {shown}")
     for problem in vm.get("problems") or []:
         lines.append(f"Note:         {problem}")
     return "\n".join(lines)

@@ -14,7 +14,8 @@ from dataclasses import replace
 
 from nomad_vm.driver.config import PluginConfig
 from nomad_vm.errors import ConfigError, VMRequestError
-from nomad_vm.vm.hypervisor import HostSettings, HypervisorCapabilities, VMRequest
+from nomad_vm.vm.capabilities import HostSettings, HypervisorCapabilities
+from nomad_vm.vm.request import VMRequest
 
 # VMRequest attribute or host setting -> the config field it comes from (a setting that differs
 # per backend is named by the HostSettings built for that backend: ``HostSettings.fields``).
@@ -24,6 +25,7 @@ FIELD_OF_OPTION = {
     "firmware": "config.firmware",
     "display": "config.display",
     "hugepages": "config.hugepages",
+    "memory_max": "resources.memory_max",
     "kernel": "config.kernel",
     "accelerator": "accelerator",
     "share_transport": "config.share_transport",
@@ -129,6 +131,12 @@ def check_request(backend: str, caps: HypervisorCapabilities, request: VMRequest
             "config.free_page_reporting",
             f"not available with the {backend} hypervisor (QEMU only); remove it or use "
             'hypervisor = "qemu"',
+        )
+    if request.memory_max_mb is not None and not caps.memory_hotplug:
+        raise ConfigError(
+            "resources.memory_max",
+            f"the {backend} hypervisor cannot add memory to a running VM (QEMU's virtio-mem "
+            'does): remove memory_max or use hypervisor = "qemu"',
         )
     if request.hugepages and not caps.hugepages:
         raise ConfigError(

@@ -28,6 +28,7 @@ START_STEPS = (
     "disk",
     "network",
     "seed",
+    "cgroup",
     "firmware-vars",
     "helpers-spawned",
     "helpers-recorded",

@@ -41,7 +41,7 @@ from nomad_vm.storage.disk_request import DiskRequest
 from nomad_vm.storage.image_url import UrlRules
 from nomad_vm.storage.paths import Allowlist, private_dir, private_pattern, resolve_allowed_file
 
-# A task's runtime directory is ``<task dir>/<RUNTIME_PREFIX>-<start id>`` (see VMDriver).
+# A task's runtime directory is ``<task dir>/<RUNTIME_PREFIX>-<start id>`` (driver.runtime_dir).
 RUNTIME_PREFIX = "nomad-vm"
 
 
@@ -77,6 +77,8 @@ class PluginConfig:
     image_cache: CachePolicy = field(default_factory=CachePolicy)
     # Kernel Same-page Merging of guest RAM (driver/ksm.py).
     ksm: KsmPolicy = field(default_factory=KsmPolicy)
+    # Each task's VMM and helpers in a cgroup of their own (nomad_vm.vm.cgroups).
+    cgroups: bool = True
 
     @property
     def url_rules(self) -> UrlRules:
@@ -174,6 +176,7 @@ def parse_plugin_config(
         macvtap_devices=_interface_names(values["macvtap_devices"], "config.macvtap_devices"),
         image_cache=parse_cache_policy(_block(values["image_cache"])),
         ksm=parse_ksm(_block(values["ksm"])),
+        cgroups=bool(values["cgroups"]),
         default_firmware=str(values["default_firmware"]),
         allow_task_firmware=bool(values["allow_task_firmware"]),
     )

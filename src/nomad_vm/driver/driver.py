@@ -7,18 +7,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import logging
-import os
-import re
 import time
 from collections.abc import AsyncIterator, Mapping
-from pathlib import Path
 
 from nomad_vm import schema
 from nomad_vm.control.protocol import socket_path
 from nomad_vm.driver.checkpoints import Checkpoints, checkpoints_from_environment
-from nomad_vm.driver.config import RUNTIME_PREFIX, PluginConfig, parse_plugin_config
+from nomad_vm.driver.config import PluginConfig, parse_plugin_config
 from nomad_vm.driver.console_session import CONSOLE_COMMAND, is_console_command, run_console
 from nomad_vm.driver.control_server import ControlService
 from nomad_vm.driver.events import EventBus
@@ -26,14 +22,15 @@ from nomad_vm.driver.fingerprint import fingerprint_async
 from nomad_vm.driver.guest_exec import ExecOutcome, SignalTarget, StdinReader, exec_in_guest
 from nomad_vm.driver.guest_terminal import OutputSink, TerminalInput, run_terminal
 from nomad_vm.driver.image_fetch import ImageFetcher, gc_periodically
-from nomad_vm.driver.image_steps import hold_leases
 from nomad_vm.driver.journal import TaskJournal
 from nomad_vm.driver.journal_store import JournalStore
 from nomad_vm.driver.ksm import KsmOutcome, apply_ksm, ksm_start_event
 from nomad_vm.driver.networking import NetworkManager
-from nomad_vm.driver.pause import deliver_signal, report_if_paused, resume_before_stop
+from nomad_vm.driver.pause import deliver_signal, resume_before_stop
 from nomad_vm.driver.recorder import TaskRecorder
+from nomad_vm.driver.recovery import reattach, recovered_journal, resume_recovered
 from nomad_vm.driver.replay import undo_host_changes
+from nomad_vm.driver.runtime_dir import remove_run_dir_if_empty, runtime_dir
 from nomad_vm.driver.start_steps import run_start_steps
 from nomad_vm.driver.startup import StartPlan, plan_start
 from nomad_vm.driver.stats import CpuRate
@@ -52,9 +49,7 @@ from nomad_vm.driver.types import (
     TaskStatus,
 )
 from nomad_vm.errors import (
-    ConfigError,
     HypervisorError,
-    NetworkError,
     TaskExists,
     TaskNotFound,
     Unsupported,
@@ -69,11 +64,6 @@ log = logging.getLogger(__name__)
 HANDLE_VERSION = 1
 # The Go drivers re-send their fingerprint every 30 s; Nomad also wants one at once.
 FINGERPRINT_PERIOD = 30.0
-# Unix socket paths are limited to 108 bytes; beyond this the runtime dir moves to data_dir.
-MAX_SOCKET_PATH = 100
-# The longest socket name a backend puts in the runtime dir ("qmp.sock", "vfs12.sock", ...).
-LONGEST_SOCKET_NAME = "tty-0123abcd.sock"
-RUN_DIR = "run"
 
 
 class VMDriver:
@@ -175,24 +165,14 @@ class VMDriver:
             nft_table=identity.nft_table,
         )
 
-    def _runtime_dir(self, task: TaskConfig) -> Path:
-        """``<task dir>/nomad-vm-<start id>``: per start, so a restart never meets leftovers of an
-        earlier one; under data_dir when the socket path would be too long for unix sockets."""
-        start_id = re.sub(r"[^A-Za-z0-9]", "", task.id.rsplit("/", 1)[-1])[:12] or "x"
-        preferred = Path(task.task_dir) / f"{RUNTIME_PREFIX}-{start_id}"
-        if len(str(preferred / LONGEST_SOCKET_NAME)) <= MAX_SOCKET_PATH:
-            return preferred
-        digest = hashlib.sha256(task.id.encode()).hexdigest()[:16]
-        return self.config.data_dir / RUN_DIR / digest
-
     async def start_task(self, task: TaskConfig) -> tuple[TaskHandle, NetworkOverride | None]:
         """Validate, then make each host change (journal first); a failure at any step undoes
         everything the journal recorded."""
         if task.id in self._tasks:
             raise TaskExists(task.id)
         await self._serve_control()
-        runtime_dir = self._runtime_dir(task)
-        plan = await plan_start(task, self.config, self.agent, runtime_dir, self.backends)
+        run_dir = runtime_dir(task, self.config.data_dir)
+        plan = await plan_start(task, self.config, self.agent, run_dir, self.backends)
         try:
             return await self._start_planned(task, plan, plan.backend)
         finally:
@@ -267,10 +247,7 @@ class VMDriver:
         self.journals.remove(journal.task_id)
         if journal.image_leases:
             self.images.schedule_gc()  # an image may have become unused
-        # The parent of long-path runtime dirs goes with the last of them (a start that makes
-        # one meanwhile recreates it: mkdir(parents=True)).
-        with contextlib.suppress(OSError):
-            os.rmdir(self.config.data_dir / RUN_DIR)
+        remove_run_dir_if_empty(self.config.data_dir)
 
     async def _undo_leftover(self, task_id: str) -> bool:
         """Replay the journal of a task this plugin does not run (a plugin died during its
@@ -283,58 +260,19 @@ class VMDriver:
         return True
 
     async def recover_task(self, task: TaskConfig, handle: TaskHandle) -> None:
-        """Reattach to a VM started by an earlier plugin process; never boot a second one."""
+        """Reattach to a VM started by an earlier plugin process; never boot a second one
+        (``driver.recovery``)."""
         if task.id in self._tasks:
             return
         await self._serve_control()
-        journal = self._recovered_journal(task.id, handle)
+        journal = recovered_journal(self.journals, task.id, handle)
         backend = self.backends.get(journal.backend)
-        ref = journal.vm_ref()
-        try:
-            if ref is None:
-                raise HypervisorError("its start never got as far as the VMM")
-            vm = await backend.reattach(ref)
-        except HypervisorError as exc:
-            entry = VMTask(task, None, journal, self.events, backend.capabilities)
-            gone = f"VM ended while the plugin was not running: {exc}"
-            entry.mark_exited(ExitResult(exit_code=1, err=gone))
-            self._tasks[task.id] = entry
-            return
-        entry = VMTask(task, vm, journal, self.events, backend.capabilities)
+        entry = await reattach(task, journal, backend, self.events)
         self._tasks[task.id] = entry
-        await hold_leases(journal)
-        if journal.network is not None:
-            owners = {j.task_id for j in self.journals.all() if j.network is not None}
-            try:
-                repairs = await self._networks().reconcile(
-                    journal.network, self.config.network, owners
-                )
-                for repair in repairs:
-                    self.events.emit(task, f"Network reconciled: {repair}")
-            except (NetworkError, ConfigError) as exc:
-                log.warning("reconciling the network of %s failed: %s", task.id, exc)
-        entry.start_watching()
-        vmm = journal.vmm
-        self.events.emit(
-            task, "Reattached to the running VM", {"pid": str(vmm.pid if vmm else "")}
-        )
-        await report_if_paused(entry)
-
-    def _recovered_journal(self, task_id: str, handle: TaskHandle) -> TaskJournal:
-        """The journal on disk (the latest); else the copy in Nomad's handle, saved again so
-        that a later DestroyTask by id finds it."""
-        try:
-            found = self.journals.load(task_id)
-        except HypervisorError as exc:
-            log.warning("using the journal in Nomad's handle of %s: %s", task_id, exc)
-            found = None
-        if found is not None:
-            return found
-        journal = TaskJournal.decode(handle.driver_state)
-        if journal.task_id != task_id:
-            raise HypervisorError(f"the handle of {task_id} holds the journal of {journal.task_id}")
-        self.journals.save(journal)
-        return journal
+        if entry.vm is not None:
+            await resume_recovered(
+                entry, self.journals, self._networks(), self.config.network, self.events
+            )
 
     async def wait_task(self, task_id: str) -> ExitResult:
         return await self._task(task_id).wait()

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 
 from nomad_vm import __version__
 from nomad_vm.driver.backend_options import check_settings, config_error, host_settings
+from nomad_vm.driver.cgroup_plan import cgroup_attribute
 from nomad_vm.driver.config import PluginConfig
 from nomad_vm.driver.ksm import KsmOutcome, ksm_attributes
 from nomad_vm.driver.types import AttributeValue, Fingerprint, Health
@@ -15,7 +16,8 @@ from nomad_vm.errors import NetworkError, NomadVMError, VMRequestError
 from nomad_vm.network import links
 from nomad_vm.network.settings import BridgeNetwork
 from nomad_vm.storage.ceph_support import ceph_problem
-from nomad_vm.vm.hypervisor import HostFacts, HostSettings, Hypervisor
+from nomad_vm.vm.capabilities import HostFacts, HostSettings
+from nomad_vm.vm.hypervisor import Hypervisor
 
 ATTRIBUTE_PREFIX = "driver.vm."
 
@@ -39,6 +41,11 @@ def fingerprint(
     }
     attrs.update(config.seed.attributes(prefix))
     description = found.description
+    # Which cgroup version the tasks' VMMs run under (nomad_vm.vm.cgroups).
+    cgroups = cgroup_attribute(config)
+    attrs[prefix + "cgroups"] = cgroups
+    if cgroups == "none":
+        description += "; no cgroup file system: VMs run without CPU weight or memory limits"
     if config.seed.ceph:
         # Ceph pools need QEMU's rbd driver and the bindings: say which is missing, on the
         # node (tasks that use such a pool are refused with the same reason).

@@ -15,6 +15,7 @@ encoding). It says, in the order StartTask makes them:
   it is made: its own disks, the in-progress names of volumes and imports, the snapshots its
   clones hang from;
 * the network (bridge port, lease, TAP, forwards, DHCP host) as ``NetworkRecord``;
+* its cgroup's directories (``nomad_vm.vm.cgroups``), before they are made;
 * every process (helpers such as virtiofsd, then the VMM) by pid, start ticks and boot id,
   recorded between fork and exec (``nomad_vm.vm.process``: a process runs only once recorded),
   with the VMM's control socket: from then on the VM can be reattached.
@@ -89,6 +90,9 @@ class TaskJournal:
     # RBD images and snapshots the task made and does not keep: the replay removes them,
     # newest first (a clone before the snapshot it hangs from).
     rbd: tuple[RbdRecord, ...] = ()
+    # The task's cgroup directories (one per v1 controller, or one v2 directory): removed by
+    # the replay once its processes are gone; a reattached VM keeps them.
+    cgroups: tuple[str, ...] = ()
     version: int = field(default=JOURNAL_VERSION)
 
     # -- what the journal says -------------------------------------------------------------
@@ -142,6 +146,7 @@ class TaskJournal:
             "volumes": list(self.volumes),
             "image_leases": list(self.image_leases),
             "rbd": [[r.pool, r.image, r.snapshot] for r in self.rbd],
+            "cgroups": list(self.cgroups),
         }
         packed: bytes = msgpack.packb(raw, use_bin_type=True)
         return packed
@@ -194,6 +199,8 @@ def _from_dict(raw: Mapping[str, Any]) -> TaskJournal:
         image_leases=tuple(str(v) for v in raw.get("image_leases", ())),
         # Absent from records of plugins before Ceph pools.
         rbd=tuple(RbdRecord(str(p), str(i), str(s)) for p, i, s in raw.get("rbd", ())),
+        # Absent from records of plugins before cgroups.
+        cgroups=tuple(str(c) for c in raw.get("cgroups", ())),
     )
 
 

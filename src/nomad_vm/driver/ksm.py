@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from nomad_vm.driver.types import AttributeValue
-from nomad_vm.vm.hypervisor import VMPlan
+from nomad_vm.vm.request import VMPlan
 
 log = logging.getLogger(__name__)
 

@@ -4,6 +4,7 @@ backend's launch reports its own files and processes to."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -12,6 +13,8 @@ from nomad_vm.driver.checkpoints import Checkpoints
 from nomad_vm.driver.journal import RbdRecord, RecordedProcess, TaskJournal
 from nomad_vm.driver.journal_store import JournalStore
 from nomad_vm.driver.network_plan import NetworkRecord
+from nomad_vm.errors import LaunchError
+from nomad_vm.vm.cgroups import CgroupError, CgroupLimits, TaskCgroup
 from nomad_vm.vm.hypervisor import VMM_ROLE, SpawnedProcess
 
 
@@ -20,6 +23,8 @@ class TaskRecorder:
         self.store = store
         self.journal = journal
         self.checkpoints = checkpoints
+        # The task's cgroup once made: every process spawned after it is moved in at its gate.
+        self.cgroup: TaskCgroup | None = None
 
     def _save(self, journal: TaskJournal, *, durable: bool = True) -> None:
         if journal == self.journal and self.store.path_for(journal.task_id).exists():
@@ -77,6 +82,19 @@ class TaskRecorder:
         """Also called by the network setup (in its thread) as the record grows (the lease)."""
         self._save(replace(self.journal, network=record))
 
+    async def make_cgroup(self, cgroup: TaskCgroup, limits: CgroupLimits) -> None:
+        """Record the task's cgroup directories, then make them with the task's limits."""
+        paths = tuple(str(p) for p in cgroup.paths)
+        if paths != self.journal.cgroups:
+            self._save(replace(self.journal, cgroups=paths))
+        await self._reached("cgroup")
+        try:
+            await asyncio.to_thread(cgroup.create, limits)
+        except CgroupError as exc:
+            raise LaunchError(f"{exc} (set the plugin's `cgroups = false` where the plugin "
+                              "may not manage cgroups)") from exc  # fmt: skip
+        self.cgroup = cgroup
+
     async def spawned(
         self, processes: Sequence[SpawnedProcess], control_socket: Path | None = None
     ) -> None:
@@ -92,6 +110,14 @@ class TaskRecorder:
         # No fsync: processes do not outlive a host crash that would lose this write.
         self._save(journal, durable=False)
         await self._reached(f"{what}-recorded")
+        if self.cgroup is not None:
+            # Still at their gates: the programs (and every thread they start) run in it. In a
+            # thread: a v1 attach waits for an RCU grace period (milliseconds).
+            for process in processes:
+                try:
+                    await asyncio.to_thread(self.cgroup.add, process.ident.pid)
+                except CgroupError as exc:
+                    raise LaunchError(str(exc)) from exc
 
     async def started(self) -> None:
         """The VMM answered; StartTask answers Nomad next (nothing more to record)."""

@@ -4,7 +4,8 @@ It serves a start that failed, DestroyTask of a task this plugin runs or recover
 DestroyTask of a task a plugin killed mid-StartTask left behind (nobody answered Nomad, so only
 the journal knows). Every step is idempotent: the journal records changes before they are made,
 so some of what it names may never have existed. Order: processes first (the VMM, then its
-helpers; waited for, so the TAP and files are free), then the network, then the RBD images
+helpers; waited for, so the TAP and files are free), then the task's cgroup (empty by
+then), then the network, then the RBD images
 and snapshots the task made in Ceph pools (newest first: a clone before the snapshot it hangs
 from; the pool's credentials come from the plugin config, never the journal), then files and
 the runtime directory, and the task's leases on cached images (its VMM, which read them, is
@@ -27,6 +28,7 @@ from nomad_vm.network.settings import BridgeNetwork
 from nomad_vm.storage import rbd_volumes
 from nomad_vm.storage.ceph_pool import CephPool, connect
 from nomad_vm.storage.image_store import ImageStore
+from nomad_vm.vm.cgroups import remove_cgroup_dirs
 from nomad_vm.vm.process import end_processes
 
 log = logging.getLogger(__name__)
@@ -47,6 +49,8 @@ async def undo_host_changes(
     stuck = await asyncio.to_thread(end_processes, ordered, PROCESS_EXIT_TIMEOUT)
     if stuck:
         failures.append(f"processes {stuck} did not end after SIGKILL")
+    if journal.cgroups:
+        failures += await asyncio.to_thread(remove_cgroup_dirs, journal.cgroups)
     if journal.network is not None:
         try:
             await networks.teardown(journal.network, net)

@@ -48,6 +48,27 @@ def memory_mb_for(res: TaskResources) -> int:
     return res.memory_mb
 
 
+# virtio-mem plugs and unplugs guest memory in blocks of this size (QEMU's block-size):
+# the hot-pluggable region (memory_max - memory) must be a whole number of them.
+HOTPLUG_BLOCK_MB = 2
+
+
+def memory_max_mb_for(res: TaskResources) -> int | None:
+    """The most memory the guest may grow to (Nomad's ``memory_max``), or None when the task
+    has none: unset (0) or not above ``memory``, where nothing is hot-pluggable."""
+    if res.memory_max_mb <= res.memory_mb:
+        # Nomad itself refuses memory_max < memory; 0 means unset.
+        return None
+    extra = res.memory_max_mb - res.memory_mb
+    if extra % HOTPLUG_BLOCK_MB:
+        raise ConfigError(
+            "resources.memory_max",
+            f"memory_max - memory ({extra} MB) must be a multiple of {HOTPLUG_BLOCK_MB} MB, "
+            "the block size in which guest memory is plugged",
+        )
+    return res.memory_max_mb
+
+
 def _host_core_mhz() -> int:
     """Fallback when Nomad sent no topology: the first ``cpu MHz`` in /proc/cpuinfo."""
     try:

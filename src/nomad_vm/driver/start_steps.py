@@ -1,6 +1,6 @@
 """StartTask's host changes, in order, each recorded in the task's journal before it is made:
 runtime directory, images given by URL (a lease on each, then the node's cache), disk,
-network, seed, then the backend's launch (its own files, helper
+network, seed, the task's cgroup, then the backend's launch (its own files, helper
 processes and the VMM). Nothing here undoes anything: on any failure the caller replays the
 journal (``replay``), the same path DestroyTask takes, so there is one clean-up to get right.
 
@@ -41,7 +41,8 @@ from nomad_vm.driver.recorder import TaskRecorder
 from nomad_vm.driver.startup import StartPlan
 from nomad_vm.driver.tpm_state import open_tpm_state
 from nomad_vm.storage.held import HeldFile, open_own, readable_copy
-from nomad_vm.vm.hypervisor import Hypervisor, LaunchDevices, RunningVM
+from nomad_vm.vm.hypervisor import Hypervisor, RunningVM
+from nomad_vm.vm.request import LaunchDevices
 from nomad_vm.vm.spec import NicSpec
 
 SEED_NAME = "cidata.iso"
@@ -85,6 +86,9 @@ async def run_start_steps(
     seed_file = open_own(seed, holder, writable=False) if seed is not None else None
     kernel, initramfs = await asyncio.to_thread(boot_files, plan)
     tpm_fd = await tpm_state(plan, recorder)
+    if plan.cgroup is not None:
+        # Before the launch: its helpers and the VMM join it at their gates.
+        await recorder.make_cgroup(plan.cgroup.cgroup, plan.cgroup.limits)
     tap_fd = await networks.open_tap(network.record) if network is not None else None
     try:
         model = plan.vm.profile.nic_model

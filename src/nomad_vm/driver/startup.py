@@ -19,6 +19,7 @@ from nomad_vm.driver.backend_options import (
     config_error,
     host_settings,
 )
+from nomad_vm.driver.cgroup_plan import CgroupPlan, plan_cgroup
 from nomad_vm.driver.config import (
     PluginConfig,
     VMTaskConfig,
@@ -27,7 +28,12 @@ from nomad_vm.driver.config import (
 )
 from nomad_vm.driver.macvtap_plan import FIELDS, MACVTAP_FIELD, MacvtapPlan, plan_macvtap
 from nomad_vm.driver.network_plan import NetworkPlan, plan_network
-from nomad_vm.driver.resources import expand_cpuset, memory_mb_for, vcpus_for
+from nomad_vm.driver.resources import (
+    expand_cpuset,
+    memory_max_mb_for,
+    memory_mb_for,
+    vcpus_for,
+)
 from nomad_vm.driver.seed_files import read_seed_files
 from nomad_vm.driver.shares import task_shares
 from nomad_vm.driver.tpm_state import TPM_STATE_DIR
@@ -40,8 +46,10 @@ from nomad_vm.storage.ceph_support import ceph_problem
 from nomad_vm.storage.disk_request import DiskRequest
 from nomad_vm.storage.held import FileHolder, HeldFile, open_allowed
 from nomad_vm.storage.paths import Allowlist
-from nomad_vm.vm.hypervisor import Hypervisor, HypervisorCapabilities, VMPlan, VMRequest
+from nomad_vm.vm.capabilities import HypervisorCapabilities
+from nomad_vm.vm.hypervisor import Hypervisor
 from nomad_vm.vm.registry import HypervisorRegistry
+from nomad_vm.vm.request import VMPlan, VMRequest
 from nomad_vm.vm.spec import ShareSpec
 from nomad_vm.vm.vmm_user import VMMUser, resolve_vmm_user
 
@@ -82,6 +90,8 @@ class StartPlan:
     tpm_state_dir: Path | None = None
     # Who owns it (vm_user; None: the plugin's own user).
     tpm_owner: VMMUser | None = None
+    # The task's cgroup and its limits; None: no cgroup (plugin's `cgroups = false`, or none here).
+    cgroup: CgroupPlan | None = None
 
     @property
     def runtime_dir(self) -> Path:
@@ -111,6 +121,7 @@ async def plan_start(
         name=vm.hostname,
         vcpus=vcpus_for(task.resources, agent),
         memory_mb=memory_mb_for(task.resources),
+        memory_max_mb=memory_max_mb_for(task.resources),
         arch=vm.arch,
         machine=vm.profile.machine_on(caps.machine_types),
         firmware=vm.firmware,
@@ -174,6 +185,7 @@ async def plan_start(
         tpm_state_dir=Path(task.task_dir) / TPM_STATE_DIR if vm.profile.tpm else None,
         tpm_owner=resolve_vmm_user(settings.vm_user) if vm.profile.tpm else None,
         files=files,
+        cgroup=plan_cgroup(task, plugin, tcg=vm_plan.accelerator.name == "tcg"),
     )
 
 

@@ -11,15 +11,12 @@ from datetime import UTC, datetime
 from nomad_vm.driver.agent_watch import watch_agent
 from nomad_vm.driver.events import EventBus
 from nomad_vm.driver.journal import TaskJournal
+from nomad_vm.driver.memory_watch import drive_memory
 from nomad_vm.driver.types import ExitResult, TaskConfig, TaskState, TaskStatus
 from nomad_vm.errors import NomadVMError
+from nomad_vm.vm.capabilities import HypervisorCapabilities
 from nomad_vm.vm.guest_agent import GuestAgent
-from nomad_vm.vm.hypervisor import (
-    GuestEvent,
-    GuestEventReport,
-    HypervisorCapabilities,
-    RunningVM,
-)
+from nomad_vm.vm.hypervisor import GuestEvent, GuestEventReport, HotplugMemory, RunningVM
 from nomad_vm.vm.serial_console import SerialConsole
 from nomad_vm.vm.spec import VMExit
 
@@ -87,11 +84,18 @@ class VMTask:
         # The VM's per-device I/O counters as last read with its stats (Nomad's TaskStats
         # has no field for them: InspectTask shows them as io.<device>.<counter>).
         self.device_io: Mapping[str, Mapping[str, int]] = {}
+        # The VM's hot-pluggable memory as last read (memory_watch); None: it has none.
+        self.hotplug: HotplugMemory | None = None
 
     def start_watching(self) -> None:
         assert self.vm is not None
         self._tasks.append(asyncio.create_task(self._watch(), name=f"wait {self.config.id}"))
         self._tasks.append(asyncio.create_task(self._follow(self.vm), name="guest events"))
+        if self.capabilities.memory_hotplug:
+            memory = drive_memory(
+                self.vm, self.config.resources.memory_mb, self.emit, self._hotplug_seen
+            )
+            self._tasks.append(asyncio.create_task(memory, name="hot-pluggable memory"))
         agent = self.vm.guest_agent()
         if agent is not None:
             watcher = watch_agent(agent, self._agent_ready)
@@ -100,6 +104,9 @@ class VMTask:
     def _agent_ready(self, agent: GuestAgent, after: float) -> None:
         self.agent = agent
         self._events.emit(self.config, f"Guest agent answered ({after:.0f}s after the VM started)")
+
+    def _hotplug_seen(self, hot: HotplugMemory) -> None:
+        self.hotplug = hot
 
     def emit(self, message: str) -> None:
         self._events.emit(self.config, message)
@@ -222,6 +229,18 @@ class VMTask:
         if self.vm is not None:
             await self.vm.close()
 
+    def _hotplug_attributes(self) -> dict[str, str]:
+        """Hot-pluggable memory in InspectTask (Nomad's TaskStats has no field for a VM's
+        memory size): what the guest holds now, what the driver asked, the most it may."""
+        hot = self.hotplug
+        if hot is None:
+            return {}
+        return {
+            "memory.plugged_bytes": str(hot.plugged),
+            "memory.requested_bytes": str(hot.requested),
+            "memory.hotplug_region_bytes": str(hot.region),
+        }
+
     def status(self) -> TaskStatus:
         vmm = self.journal.vmm
         return TaskStatus(
@@ -234,6 +253,7 @@ class VMTask:
             attributes={
                 "pid": str(vmm.pid) if vmm is not None else "",
                 "control_socket": self.journal.control_socket,
+                **self._hotplug_attributes(),
                 **{
                     f"io.{device}.{name}": str(value)
                     for device, counters in sorted(self.device_io.items())

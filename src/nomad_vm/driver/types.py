@@ -63,6 +63,9 @@ class TaskResources:
     memory_mb: int
     # Cores reserved with `resources { cores = N }`, as Nomad's cpuset list ("0,1" or "2-3").
     cpuset_cpus: str = ""
+    # Nomad's `memory_max` (memory oversubscription): 0 when unset. Above ``memory_mb`` it
+    # is hot-pluggable guest memory (docs/memory.md, "virtio-mem").
+    memory_max_mb: int = 0
 
 
 @dataclass(frozen=True)

@@ -83,6 +83,9 @@ async def details(entry: VMTask) -> dict[str, Any]:
             view["memory_used_bytes"] = await vm.guest_memory_used()
         except NomadVMError as exc:
             problems.append(f"guest memory statistics: {exc}")
+        # The VMM's own per-device counters (Cloud Hypervisor's vm.counters; Nomad's TaskStats
+        # has no field for them, InspectTask shows them as io.<device>.<counter>).
+        view["device_io"] = {dev: dict(c) for dev, c in (await vm.device_io()).items()}
         console = vm.console_socket()
         view["console_socket"] = str(console) if console is not None else None
     view["nics"] = await _nics(entry, problems)

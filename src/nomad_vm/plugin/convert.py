@@ -77,6 +77,7 @@ def task_config(pb: driver_pb2.TaskConfig) -> TaskConfig:
             cpu_mhz=alloc.cpu.cpu_shares or res.linux_resources.cpu_shares,
             memory_mb=alloc.memory.memory_mb,
             cpuset_cpus=res.linux_resources.cpuset_cpus,
+            memory_max_mb=alloc.memory.memory_max_mb,
         ),
         # Empty after an agent restart (Nomad does not persist it); recovery does not need it.
         driver_config=decode_config(pb.msgpack_driver_config) if pb.msgpack_driver_config else None,

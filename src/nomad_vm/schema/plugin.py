@@ -218,6 +218,22 @@ PLUGIN_CONFIG = Schema(
             default="nomad-vm",
         ),
         Field(
+            "cgroups",
+            "bool",
+            "Run each task's VMM and its helpers (virtiofsd, swtpm) in a cgroup of its own, "
+            "`nomad-vm/<task>` (cgroup v1: in the cpu, cpuset and memory hierarchies; v2: one "
+            "directory): `cpu.shares` (v1) or the converted `cpu.weight` (v2) from the task's "
+            "`cpu`, `cpuset.cpus` from its reserved `cores` (else Nomad's shared cores, or the "
+            "node's), and a memory "
+            "limit of the guest's `memory` (or `memory_max`) plus the VMM's overhead, "
+            "256 MB + 1/16 of guest RAM (+ 1024 MB under TCG: its translation cache). A host "
+            "without a cgroup file system runs tasks without; a host where the plugin may not "
+            "write one fails the task naming this option. The version in use is the node "
+            "attribute `driver.vm.cgroups` (`v1`, `v2`, `none` or `off`). Turn off where the "
+            "plugin must not manage cgroups.",
+            default=True,
+        ),
+        Field(
             "seccomp",
             "bool",
             "QEMU filters its own system calls (`-sandbox on,obsolete=deny,"

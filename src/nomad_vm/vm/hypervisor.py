@@ -5,9 +5,13 @@ a VM from a hypervisor-neutral request (validation per backend), launch it, find
 a stored reference after a plugin restart, and drive the running VM (guest events, wait,
 graceful power-down, terminate, kill, usage, guest memory, the guest agent, a terminal port).
 
-What a backend can do is declared once, in its ``capabilities``; the driver asks that value and
-never imports a backend module (``tests/unit/test_layers.py``). Nothing here knows Nomad: errors
-name the request's option (``VMRequestError.option``), and the driver names the config field.
+This module holds the two Protocols (``Hypervisor``, ``RunningVM``) and what a running VM deals
+in (``VMRef``, guest events, usage, terminal ports, the ``LaunchRecorder``). What a backend can
+do is declared once, in its ``capabilities`` (``nomad_vm.vm.capabilities``, with the host's
+settings and facts); the driver asks that value and never imports a backend module
+(``tests/unit/test_layers.py``). A VM as asked and planned is ``nomad_vm.vm.request``. Nothing
+here knows Nomad: errors name the request's option (``VMRequestError.option``), and the driver
+names the config field.
 
 Every host change a launch makes is reported to a ``LaunchRecorder`` first (files before they
 are created; processes between fork and exec, see ``nomad_vm.vm.process``), so that the task's
@@ -27,195 +31,16 @@ from typing import TYPE_CHECKING, Protocol
 
 import psutil
 
-from nomad_vm.errors import HypervisorError, NomadVMError
+from nomad_vm.errors import HypervisorError, Unsupported
 from nomad_vm.processes import ProcessIdentity
-from nomad_vm.storage.held import HeldFile
-from nomad_vm.vm.accel import AcceleratorChoice, KvmStatus
+from nomad_vm.vm.capabilities import HostFacts, HostSettings, HypervisorCapabilities
 from nomad_vm.vm.description import VMDescription
-from nomad_vm.vm.share_transport import ShareTransport
-from nomad_vm.vm.spec import DiskSpec, NicSpec, ShareSpec, VMExit
+from nomad_vm.vm.request import LaunchDevices, VMPlan, VMRequest
+from nomad_vm.vm.spec import VMExit
 
 if TYPE_CHECKING:
     from nomad_vm.vm.guest_agent import GuestAgent
     from nomad_vm.vm.process import SupervisedProcess
-
-
-@dataclass(frozen=True)
-class HypervisorCapabilities:
-    """What one backend can do. Values are the task and plugin config's own (``schema/``
-    declares every allowed value and default; each backend supports a subset)."""
-
-    accelerators: tuple[str, ...]
-    firmware_kinds: tuple[str, ...]
-    # The firmware kinds that boot a disk when the VM has no kernel (Cloud Hypervisor has no
-    # BIOS: "bios" there only means a kernel booted directly).
-    disk_boot_firmware: tuple[str, ...]
-    # The first is the default, for tasks that name none.
-    machine_types: tuple[str, ...]
-    arches: tuple[str, ...]
-    share_transports: tuple[str, ...]
-    # The guest gets a qemu-guest-agent channel: exec, signals to its units, terminal sessions.
-    guest_agent: bool
-    # A port for an interactive session can be added to a running VM (`nomad alloc exec -t`).
-    terminal_hotplug: bool
-    # The vCPUs can be stopped and started again in place (``RunningVM.pause`` / ``resume``):
-    # `nomad alloc signal -s SIGSTOP / SIGCONT`.
-    pause: bool
-    snapshot: bool
-    # A guest power-off or panic that happens while no plugin runs is still known afterwards
-    # (QEMU keeps it in its paused run state); otherwise such an end reads as "VM gone".
-    verdict_survives_plugin_absence: bool
-    # A NIC can be a macvtap, handed over as the descriptor of its /dev/tapN (QEMU's
-    # -netdev tap,fd=N); Cloud Hypervisor opens TAPs by name through /dev/net/tun.
-    macvtap: bool = False
-    # `disk {}` blocks beyond one plain virtio disk: several disks, other buses, cdroms,
-    # serials, read-only disks, cache modes and storage-pool volumes.
-    disk_blocks: bool = False
-    # The guest's serial console can be attached to read-write (``RunningVM.console_socket``)
-    # while its output keeps going to the task's stdout.
-    serial_console: bool = False
-    # The task's `display` values it offers: "none" only, or graphical consoles whose VNC
-    # server listens on a unix socket in the runtime directory (VMPlan.display_socket).
-    displays: tuple[str, ...] = ("none",)
-    # (guest CID, port): the guest's agent is reached over vsock, not a virtio-serial port,
-    # so the guest must be told to run it there (the cloud-init seed does); None: serial.
-    guest_agent_vsock: tuple[int, int] | None = None
-    # Free page reporting on the balloon (the task's `free_page_reporting`).
-    free_page_reporting: bool = False
-    # Guest RAM on the host's huge pages (the task's `hugepages`).
-    hugepages: bool = False
-    # A TPM 2.0 (one swtpm per VM), Hyper-V enlightenments, an RTC in local time, and the NIC
-    # models a guest may get (the first is the default): what Windows guests need.
-    tpm: bool = False
-    hyperv: bool = False
-    rtc_localtime: bool = False
-    nic_models: tuple[str, ...] = ("virtio",)
-
-
-@dataclass(frozen=True)
-class HostSettings:
-    """The plugin config's hypervisor settings, in neutral terms."""
-
-    binary: str
-    accelerator: str
-    share_transport: str
-    virtiofsd_binary: str
-    # The account the VMM and its helpers run as (``nomad_vm.vm.vmm_user``), and whether the
-    # VMM filters its own system calls (a backend that cannot says so in check_host).
-    vm_user: str
-    seccomp: bool
-    # A kernel (and initramfs) for requests that name none; None: such VMs boot their disk.
-    default_kernel: Path | None = None
-    default_initramfs: Path | None = None
-    # A firmware file that boots disks, for backends that do not find their own.
-    firmware_file: Path | None = None
-    # The VMM's own seccomp mode, in its terms (Cloud Hypervisor: true, false or log).
-    seccomp_mode: str = "true"
-    # Where the VMM's own messages go (appended); None: a log in the VM's runtime directory.
-    log_file: Path | None = None
-    # Use KVM without probing it first (the operator vouches for it).
-    trust_kvm: bool = False
-    # Guest RAM marked mergeable for KSM (the plugin's `ksm { enabled }`); False: the VMM's
-    # default.
-    mem_merge: bool = False
-    # Setting -> the config field it came from, for errors that name what the user wrote.
-    fields: tuple[tuple[str, str], ...] = ()
-
-    def field_of(self, option: str) -> str | None:
-        return dict(self.fields).get(option)
-
-
-@dataclass(frozen=True)
-class HostFacts:
-    """What ``check_host`` found: fingerprint facts. ``problem`` (None when the host can run
-    VMs) says why not: a VMRequestError names the setting at fault. ``attributes`` are backend
-    facts such as its version, named without the ``driver.vm.`` prefix (``qemu.version``)."""
-
-    kvm: KvmStatus
-    problem: NomadVMError | None = None
-    accelerator: AcceleratorChoice | None = None
-    share_transport: ShareTransport | None = None
-    attributes: tuple[tuple[str, str], ...] = ()
-
-
-@dataclass(frozen=True)
-class VMRequest:
-    """One VM as the driver wants it, before any backend has looked at it."""
-
-    name: str
-    vcpus: int
-    memory_mb: int
-    arch: str
-    machine: str
-    firmware: str
-    kernel: Path | None
-    initramfs: Path | None
-    cmdline: str
-    # The VM boots (or has its root filesystem on) a disk the driver prepares.
-    has_disk: bool
-    shares: tuple[ShareSpec, ...] = ()
-    # A graphical console's adapter, or "none" (schema: task `display`).
-    display: str = "none"
-    # The guest reports the memory it freed, which the host takes back (task
-    # `free_page_reporting`).
-    free_page_reporting: bool = False
-    # Guest RAM on the host's huge pages (task `hugepages`).
-    hugepages: bool = False
-    # The task's reserved cores (Nomad's cpuset), one per vCPU: vCPU i is pinned to
-    # ``pin_cpus[i]``. Empty: no pinning.
-    pin_cpus: tuple[int, ...] = ()
-    # A TPM 2.0 whose state lives in ``LaunchDevices.tpm_state_fd``; Hyper-V enlightenments
-    # (those the accelerator can give); the RTC in local time; the seed as a CD-ROM on SATA.
-    tpm: bool = False
-    hyperv: bool = False
-    rtc_localtime: bool = False
-    seed_cdrom: bool = False
-    # The model of the VM's network cards (one of the capabilities' ``nic_models``).
-    nic_model: str = "virtio"
-
-
-@dataclass(frozen=True)
-class BackendPlan:
-    """Base of a backend's own part of a plan (its binary, machine, firmware files ...)."""
-
-
-@dataclass(frozen=True)
-class VMPlan:
-    """A validated request: what the driver needs to know (accelerator, how shares travel, the
-    shares as the guest will see them) plus the backend's own part, which only it reads."""
-
-    backend: str
-    request: VMRequest
-    runtime_dir: Path
-    accelerator: AcceleratorChoice
-    share_transport: ShareTransport
-    shares: tuple[ShareSpec, ...]
-    details: BackendPlan
-    # Where the VM's VNC server will listen (a unix socket in runtime_dir), when it has a
-    # display: the driver writes it into the console registry (``driver.console_entry``).
-    display_socket: Path | None = None
-    # What the backend changed from the request and the task should be told (task events),
-    # e.g. Hyper-V enlightenments dropped under TCG.
-    notes: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True)
-class LaunchDevices:
-    """What the driver prepared for the VM: its disk, cloud-init seed, NICs and console, and
-    the kernel and initramfs of a direct kernel boot. Files are descriptors the driver opened
-    and checked (``storage.held``); it closes them once ``launch`` has returned."""
-
-    console_fd: int
-    disk: DiskSpec | None = None
-    seed: HeldFile | None = None
-    nics: tuple[NicSpec, ...] = ()
-    kernel: HeldFile | None = None
-    initramfs: HeldFile | None = None
-    # The task's other disks (`disk` blocks after the primary); only QEMU takes them.
-    extra_disks: tuple[DiskSpec, ...] = ()
-    # The TPM's state directory (an O_PATH descriptor, owned by the VMM's user), for a
-    # request with ``tpm``.
-    tpm_state_fd: int | None = None
 
 
 @dataclass(frozen=True)
@@ -275,6 +100,26 @@ class VMUsage:
         return cls(times.user, times.system, rss)
 
 
+@dataclass(frozen=True)
+class GuestMemory:
+    """The guest's memory by its own account (bytes): what it has (``total``, hot-plugged
+    memory included) and what it could still use without swapping (``available``)."""
+
+    total: int
+    available: int
+
+
+@dataclass(frozen=True)
+class HotplugMemory:
+    """A VM's hot-pluggable memory as the VMM says (bytes): at most ``region``; the driver
+    asked for ``requested``; the guest has taken ``plugged`` (it follows ``requested`` as
+    fast as the guest plugs or frees blocks)."""
+
+    region: int
+    requested: int
+    plugged: int
+
+
 class OneProcessVMM:
     """``wait``, ``terminate``, ``kill`` and ``usage`` of a RunningVM whose VMM is one process
     (``self.process``) with helpers (``self.helpers``, e.g. virtiofsd): the same for every
@@ -328,6 +173,18 @@ class OneProcessVMM:
     async def device_io(self) -> Mapping[str, Mapping[str, int]]:
         """Per-device I/O counters, by device id; empty where the backend has none."""
         return {}
+
+    async def guest_memory(self) -> GuestMemory | None:
+        """The guest's total and available memory; None where the backend cannot say."""
+        return None
+
+    async def hotplug_memory(self) -> HotplugMemory | None:
+        """The VM's hot-pluggable memory; None when it has none."""
+        return None
+
+    async def resize_hotplug_memory(self, requested: int) -> None:
+        """Ask the guest to hold ``requested`` bytes of hot-pluggable memory."""
+        raise Unsupported("this VM has no hot-pluggable memory")
 
 
 @dataclass(frozen=True)
@@ -409,6 +266,21 @@ class RunningVM(Protocol):
 
     async def device_io(self) -> Mapping[str, Mapping[str, int]]:
         """Per-device I/O counters (device id -> counter -> value); empty when unknown."""
+        ...
+
+    async def guest_memory(self) -> GuestMemory | None:
+        """Total and available memory by the guest's own account; None when unknown."""
+        ...
+
+    async def hotplug_memory(self) -> HotplugMemory | None:
+        """Hot-pluggable memory as the VMM says (read back after a plugin restart); None
+        when the VM has none."""
+        ...
+
+    async def resize_hotplug_memory(self, requested: int) -> None:
+        """Ask for ``requested`` bytes of hot-pluggable memory (0 to the region's size;
+        ``memory_hotplug`` backends). The guest plugs or unplugs at its own pace;
+        HypervisorError when the VMM refuses."""
         ...
 
     async def describe(self) -> VMDescription:

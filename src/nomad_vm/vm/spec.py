@@ -158,6 +158,9 @@ class VMSpec:
     # The seed ISO as a virtio disk ("virtio") or a CD-ROM on the AHCI controller ("sata"),
     # which a guest without virtio drivers (Windows Setup looking for autounattend.xml) reads.
     seed_bus: str = "virtio"
+    # The most memory the guest may grow to (MB): above ``memory_mb`` it is hot-pluggable
+    # (QEMU: a virtio-mem device, ``qemu.memory_argv``); None: fixed.
+    memory_max_mb: int | None = None
 
 
 @dataclass(frozen=True)

@@ -30,6 +30,7 @@ from nomad_vm.errors import HypervisorError, LaunchError, NomadVMError, VMReques
 from nomad_vm.processes import is_same_process
 from nomad_vm.storage.held import FileHolder
 from nomad_vm.vm.accel import AcceleratorChoice, KvmStatus, probe_kvm
+from nomad_vm.vm.capabilities import HostFacts, HostSettings, HypervisorCapabilities
 from nomad_vm.vm.cloud_hypervisor.binary import cloud_hypervisor_version, find_cloud_hypervisor
 from nomad_vm.vm.cloud_hypervisor.client import ChClient, connect_when_ready
 from nomad_vm.vm.cloud_hypervisor.files import API_SOCKET, LOG_NAME, VMM_DIR
@@ -50,19 +51,10 @@ from nomad_vm.vm.cloud_hypervisor.vmm_files import (
     make_vmm_dir,
 )
 from nomad_vm.vm.handover import Handover, handover
-from nomad_vm.vm.hypervisor import (
-    VMM_ROLE,
-    HostFacts,
-    HostSettings,
-    HypervisorCapabilities,
-    LaunchDevices,
-    LaunchRecorder,
-    VMPlan,
-    VMRef,
-    VMRequest,
-)
+from nomad_vm.vm.hypervisor import VMM_ROLE, LaunchRecorder, VMRef
 from nomad_vm.vm.launching import is_running, record_and_release
 from nomad_vm.vm.process import SupervisedProcess, reattach, spawn
+from nomad_vm.vm.request import LaunchDevices, VMPlan, VMRequest
 from nomad_vm.vm.share_transport import ShareTransport, choose_share_transport
 from nomad_vm.vm.virtiofsd import (
     ShareDaemon,

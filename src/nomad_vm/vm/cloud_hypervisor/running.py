@@ -19,6 +19,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import re
 import signal
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
@@ -50,6 +52,8 @@ from nomad_vm.vm.process import SupervisedProcess
 from nomad_vm.vm.spec import VMExit
 
 log = logging.getLogger(__name__)
+# How CH is given the files it opens as vm_user (``vmm_files``): inherited descriptors.
+PROC_SELF_FD = re.compile(r"/proc/self/fd/(\d+)")
 
 # How often the event file is read while the VMM runs (a few events per boot; reading a small
 # file is cheap, and CH offers no other channel that outlives the plugin).
@@ -200,7 +204,7 @@ class CloudHypervisorVM(OneProcessVMM):
         disks = tuple(
             DiskView(
                 name=d.id or f"disk{i}",
-                file=d.path,
+                file=file_behind(d.path, self.process.ident.pid),
                 read_only=d.readonly,
                 format=d.image_type.value.lower() if d.image_type else "",
             )
@@ -297,3 +301,16 @@ class CloudHypervisorVM(OneProcessVMM):
         self.process.close()
         for helper in self.helpers:
             helper.close()
+
+
+def file_behind(path: str, pid: int) -> str:
+    """The host file behind a path CH was given: ``/proc/self/fd/N`` (CH runs as vm_user and
+    opens its files through descriptors it inherited) is that descriptor's target in CH's
+    own /proc entry, read as root like the plugin; any other path is itself."""
+    match = PROC_SELF_FD.fullmatch(path)
+    if match is None:
+        return path
+    try:
+        return os.readlink(f"/proc/{pid}/fd/{match.group(1)}")
+    except OSError:
+        return path

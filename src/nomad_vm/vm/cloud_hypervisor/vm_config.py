@@ -36,7 +36,7 @@ from nomad_vm.vm.cloud_hypervisor.model import (
     VmConfig,
     VsockConfig,
 )
-from nomad_vm.vm.hypervisor import BackendPlan, LaunchDevices, VMPlan
+from nomad_vm.vm.request import BackendPlan, LaunchDevices, VMPlan
 from nomad_vm.vm.vmm_user import VMMUser
 
 MIB = 1024 * 1024

@@ -41,7 +41,7 @@ from nomad_vm.storage.held import FileHolder, HeldFile, open_own
 from nomad_vm.storage.tools import find_qemu_img
 from nomad_vm.vm.cloud_hypervisor.files import API_SOCKET, EVENTS_FILE, VMM_DIR
 from nomad_vm.vm.handover import Handover
-from nomad_vm.vm.hypervisor import LaunchDevices
+from nomad_vm.vm.request import LaunchDevices
 from nomad_vm.vm.spec import NicSpec
 from nomad_vm.vm.vmm_user import VMMUser, may_open
 

@@ -17,6 +17,7 @@ from nomad_vm.vm.qemu.files_argv import (
     firmware_argv,
     seed_argv,
 )
+from nomad_vm.vm.qemu.memory_argv import hotplug_memory_argv, memory_size_argv
 from nomad_vm.vm.spec import VMSpec
 
 # Without a handed serial socket (specs built without descriptors), the guest's first serial
@@ -85,7 +86,13 @@ def _platform(spec: VMSpec, sets: FdSets) -> list[str]:
     if spec.rtc_localtime:
         # Windows keeps the RTC in local time; QEMU starts it from the host's local time.
         argv += ["-rtc", "base=localtime"]
-    return [*argv, "-smp", str(spec.vcpus), "-m", f"{spec.memory_mb}M"]
+    return [
+        *argv,
+        "-smp",
+        str(spec.vcpus),
+        *memory_size_argv(spec),
+        *hotplug_memory_argv(spec, shared_ram, "pci"),
+    ]
 
 
 def serial_argv(spec: VMSpec, sets: FdSets) -> list[str]:

@@ -25,22 +25,13 @@ from nomad_vm.processes import is_same_process
 from nomad_vm.storage.held import FileHolder
 from nomad_vm.storage.rbd_keys import key_memfd
 from nomad_vm.vm.accel import choose_accelerator, probe_kvm
+from nomad_vm.vm.capabilities import HostFacts, HostSettings, HypervisorCapabilities
 from nomad_vm.vm.firmware import FIRMWARE_KINDS, VARS_FILE, plan_firmware
 from nomad_vm.vm.firmware import prepare_vars as prepare_firmware_vars
 from nomad_vm.vm.handover import handover
 from nomad_vm.vm.hugepages import check_hugepages
 from nomad_vm.vm.hyperv import choose_hyperv
-from nomad_vm.vm.hypervisor import (
-    VMM_ROLE,
-    HostFacts,
-    HostSettings,
-    HypervisorCapabilities,
-    LaunchDevices,
-    LaunchRecorder,
-    VMPlan,
-    VMRef,
-    VMRequest,
-)
+from nomad_vm.vm.hypervisor import VMM_ROLE, LaunchRecorder, VMRef
 from nomad_vm.vm.launching import is_running, record_and_release
 from nomad_vm.vm.machine import ARCHES, MACHINE_TYPES, MachineConfig, validate_machine
 from nomad_vm.vm.process import SupervisedProcess, reattach, spawn
@@ -53,6 +44,7 @@ from nomad_vm.vm.qemu.pinning import pin_vcpus
 from nomad_vm.vm.qemu.plan import QemuPlan
 from nomad_vm.vm.qemu.running import LOG_NAME, QemuVM
 from nomad_vm.vm.qemu.spec_build import build_spec, open_firmware, with_daemon_ends
+from nomad_vm.vm.request import LaunchDevices, VMPlan, VMRequest
 from nomad_vm.vm.share_transport import choose_share_transport
 from nomad_vm.vm.spec import DiskSpec, VMSpec
 from nomad_vm.vm.swtpm import ROLE as SWTPM_ROLE
@@ -101,6 +93,7 @@ CAPABILITIES = HypervisorCapabilities(
     hyperv=True,
     rtc_localtime=True,
     nic_models=NIC_MODELS,
+    memory_hotplug=True,
 )
 
 
@@ -146,6 +139,11 @@ class QemuHypervisor:
             has_disk=request.has_disk,
         )
         check_display(request.display, machine.machine)
+        if request.memory_max_mb is not None and machine.machine == "microvm":
+            # virtio-mem is a PCI device here, and microvm has no PCI bus.
+            raise VMRequestError(
+                "memory_max", "microvm has no PCI bus for virtio-mem; use machine pc or q35"
+            )
         if request.hugepages:
             check_hugepages(request.memory_mb)
         transport = choose_share_transport(settings.share_transport, settings.virtiofsd_binary)
@@ -318,7 +316,9 @@ class QemuHypervisor:
         helpers = tuple(d.process for d in daemons) + ((tpm.process,) if tpm is not None else ())
         vm = QemuVM(process, monitor, runtime_dir, helpers)
         try:
-            await vm.enable_guest_stats()
+            # Hot-pluggable memory is driven on these figures: fresher ones, so that the
+            # driver sees a guest running short sooner (memory_watch).
+            await vm.enable_guest_stats(1 if spec.memory_max_mb is not None else 2)
             if spec.pin_cpus:
                 vm.vcpu_pinning = await pin_vcpus(monitor, spec.pin_cpus)
             if spec.display_socket is not None:

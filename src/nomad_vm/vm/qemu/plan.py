@@ -7,8 +7,8 @@ from pathlib import Path
 
 from nomad_vm.vm.firmware import FirmwarePlan
 from nomad_vm.vm.hyperv import HypervChoice
-from nomad_vm.vm.hypervisor import BackendPlan
 from nomad_vm.vm.machine import MachineConfig
+from nomad_vm.vm.request import BackendPlan
 from nomad_vm.vm.vmm_user import VMMUser
 
 

@@ -29,12 +29,15 @@ from nomad_vm.vm.guest_agent import GuestAgent
 from nomad_vm.vm.hypervisor import (
     GuestEvent,
     GuestEventReport,
+    GuestMemory,
+    HotplugMemory,
     OneProcessVMM,
     TerminalPort,
     VMRef,
 )
 from nomad_vm.vm.process import SupervisedProcess
 from nomad_vm.vm.qemu.describe import describe_qemu
+from nomad_vm.vm.qemu.hotplug_memory import guest_memory_from, read_hotplug_memory, request_size
 from nomad_vm.vm.qemu.monitor import QemuEvent, QemuMonitor
 from nomad_vm.vm.qemu.terminal_port import plug_terminal_port, unplug_terminal_port
 from nomad_vm.vm.spec import VMExit
@@ -145,6 +148,26 @@ class QemuVM(OneProcessVMM):
         except HypervisorError:
             return None
         return guest_used_bytes(reply)
+
+    async def guest_memory(self) -> GuestMemory | None:
+        """The balloon's latest report of the guest's total and available memory."""
+        if self.monitor is None:
+            return None
+        try:
+            reply = await self.monitor.execute(
+                "qom-get", {"path": BALLOON, "property": "guest-stats"}
+            )
+        except HypervisorError:
+            return None
+        return guest_memory_from(reply)
+
+    async def hotplug_memory(self) -> HotplugMemory | None:
+        if self.monitor is None:
+            return None
+        return await read_hotplug_memory(self.monitor)
+
+    async def resize_hotplug_memory(self, requested: int) -> None:
+        await request_size(self._require_monitor("resized"), requested)
 
     async def power_down(self) -> bool:
         """Press the ACPI power button; False when QMP is unavailable."""

@@ -10,9 +10,9 @@ from nomad_vm.errors import HypervisorError
 from nomad_vm.storage.held import FileHolder, HeldFile, open_own
 from nomad_vm.vm.firmware import FirmwarePlan
 from nomad_vm.vm.handover import Handover
-from nomad_vm.vm.hypervisor import LaunchDevices, VMPlan
 from nomad_vm.vm.qemu.plan import QemuPlan
 from nomad_vm.vm.qemu.running import AGENT_SOCKET, QMP_SOCKET, SERIAL_SOCKET
+from nomad_vm.vm.request import LaunchDevices, VMPlan
 from nomad_vm.vm.spec import VMSpec
 from nomad_vm.vm.virtiofsd import ShareDaemon
 
@@ -84,6 +84,7 @@ def build_spec(
         mem_merge=details.mem_merge,
         free_page_reporting=request.free_page_reporting,
         hugepages=request.hugepages,
+        memory_max_mb=request.memory_max_mb,
         pin_cpus=request.pin_cpus,
         display=request.display,
         display_socket=plan.display_socket,
