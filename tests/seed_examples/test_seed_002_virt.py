@@ -191,4 +191,6 @@ def test_the_full_libvirt_configuration_loads_healthy(debian_guest: Any) -> None
         info = full.agent.wait_driver(name="virt")
         attrs = info["driver"]["Attributes"]  # type: ignore[index]
         assert "runs QEMU directly" in attrs["driver.virt.libvirt"]
-        assert attrs["driver.virt.storage_pools"].startswith("directory local (default local)")
+        assert attrs["driver.virt.storage_pools"].startswith(
+            "directory local, ceph remote-storage (default local)"
+        )

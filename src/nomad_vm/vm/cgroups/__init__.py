@@ -23,8 +23,12 @@ Values:
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
+import os
+import signal
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -178,6 +182,7 @@ def remove_cgroup_dirs(paths: tuple[str, ...]) -> list[str]:
     failures: list[str] = []
     for raw in paths:
         path = Path(raw)
+        _end_stragglers(path)
         try:
             path.rmdir()
         except FileNotFoundError:
@@ -192,6 +197,26 @@ def remove_cgroup_dirs(paths: tuple[str, ...]) -> list[str]:
             if exc.errno not in (errno.ENOTEMPTY, errno.EBUSY, errno.ENOENT):
                 failures.append(f"cannot remove cgroup {path.parent}: {exc.strerror or exc}")
     return failures
+
+
+def _end_stragglers(path: Path, wait: float = 5.0) -> None:
+    """SIGKILL whatever still runs in the task's cgroup, and wait (bounded) until it is empty.
+    The journal's processes are ended before this; what can remain is something they forked
+    (a VMM wrapper's child, a helper's helper), which would otherwise keep the cgroup busy and
+    run on unknown to anyone. Everything in this cgroup is the task's: the plugin made it."""
+    procs = path / "cgroup.procs"
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            pids = [int(p) for p in procs.read_text().split()]
+        except (OSError, ValueError):
+            return  # gone already, or not a cgroup the plugin can read
+        if not pids or time.monotonic() > deadline:
+            return
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        time.sleep(0.05)  # a killed process leaves cgroup.procs as it exits: poll for that
 
 
 def detect(root: Path = CGROUP_ROOT) -> str | None:
