@@ -139,27 +139,24 @@ class QemuVM(OneProcessVMM):
     async def guest_memory_used(self) -> int | None:
         """Bytes the guest itself uses (total minus available), or None when it does not say
         (no balloon driver in the guest, or no report yet)."""
-        if self.monitor is None:
-            return None
-        try:
-            reply = await self.monitor.execute(
-                "qom-get", {"path": BALLOON, "property": "guest-stats"}
-            )
-        except HypervisorError:
-            return None
-        return guest_used_bytes(reply)
+        reply = await self._balloon_stats()
+        return None if reply is None else guest_used_bytes(reply)
 
     async def guest_memory(self) -> GuestMemory | None:
         """The balloon's latest report of the guest's total and available memory."""
+        reply = await self._balloon_stats()
+        return None if reply is None else guest_memory_from(reply)
+
+    async def _balloon_stats(self) -> object | None:
+        """The balloon's latest guest-stats reply; None without a monitor or balloon."""
         if self.monitor is None:
             return None
         try:
-            reply = await self.monitor.execute(
+            return await self.monitor.execute(
                 "qom-get", {"path": BALLOON, "property": "guest-stats"}
             )
         except HypervisorError:
             return None
-        return guest_memory_from(reply)
 
     async def hotplug_memory(self) -> HotplugMemory | None:
         if self.monitor is None:
