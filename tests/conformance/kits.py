@@ -154,27 +154,13 @@ class Kit:
     def task(
         self, name: str, behaviour: Behaviour = RUNS, options: dict[str, object] | None = None
     ) -> TaskConfig:
-        alloc = self.root / name
-        for sub in ("alloc/logs", "tiny/local", "tiny/secrets"):
-            (alloc / sub).mkdir(parents=True, exist_ok=True)
-        console = alloc / "alloc" / "logs" / "tiny.stdout"
-        console.touch()
         config: dict[str, object] = {
             "kernel": str(self.guest.vmlinux),
             "initramfs": str(self.guest.initramfs),
             "cmdline": self._cmdline(behaviour),
             **(options or {}),
         }
-        return TaskConfig(
-            id=f"{ALLOC_ID}/tiny/{name}",
-            name="tiny",
-            alloc_id=ALLOC_ID,
-            alloc_dir=str(alloc),
-            stdout_path=str(console),
-            stderr_path="",
-            resources=TaskResources(cpu_mhz=500, memory_mb=160),
-            driver_config=config,
-        )
+        return tiny_task_config(self.root / name, ALLOC_ID, name, config)
 
     def every_step(self) -> dict[str, object]:
         """Task options that make StartTask take every step it can without a network: a disk
@@ -292,3 +278,24 @@ class Kit:
         task_dir = Path(task.task_dir)
         left += [str(p) for p in task_dir.glob("nomad-vm-*")]
         return left
+
+
+def tiny_task_config(
+    alloc: Path, alloc_id: str, name: str, driver_config: dict[str, object]
+) -> TaskConfig:
+    """A task "tiny" of allocation ``alloc_id`` in the allocation dir ``alloc`` (made, with the
+    task's local/secrets dirs and its console file), as Nomad's TaskConfig would say it."""
+    for sub in ("alloc/logs", "tiny/local", "tiny/secrets"):
+        (alloc / sub).mkdir(parents=True, exist_ok=True)
+    console = alloc / "alloc" / "logs" / "tiny.stdout"
+    console.touch()
+    return TaskConfig(
+        id=f"{alloc_id}/tiny/{name}",
+        name="tiny",
+        alloc_id=alloc_id,
+        alloc_dir=str(alloc),
+        stdout_path=str(console),
+        stderr_path="",
+        resources=TaskResources(cpu_mhz=500, memory_mb=160),
+        driver_config=driver_config,
+    )

@@ -13,10 +13,11 @@ from typing import Any
 import pytest
 
 from nomad_vm.driver.driver import VMDriver
-from nomad_vm.driver.types import TaskConfig, TaskResources
+from nomad_vm.driver.types import TaskConfig
 from nomad_vm.storage.image_store import ImageStore
 from nomad_vm.storage.tools import find_qemu_img
 from nomad_vm.vm.registry import HypervisorRegistry
+from tests.conformance.kits import tiny_task_config
 from tests.fakes import hypervisor as fake
 from tests.image_server import ImageServer, image_server
 
@@ -62,11 +63,6 @@ class Node:
         return driver
 
     def task(self, name: str, **options: object) -> TaskConfig:
-        alloc = self.root / name
-        for sub in ("alloc/logs", "tiny/local", "tiny/secrets"):
-            (alloc / sub).mkdir(parents=True, exist_ok=True)
-        console = alloc / "alloc" / "logs" / "tiny.stdout"
-        console.touch()
         config: dict[str, object] = {
             "kernel": str(self.guest.vmlinux),
             "initramfs": str(self.guest.initramfs),
@@ -74,16 +70,7 @@ class Node:
             "cloud_init": False,
             **options,
         }
-        return TaskConfig(
-            id=f"{ALLOC}/tiny/{name}",
-            name="tiny",
-            alloc_id=ALLOC,
-            alloc_dir=str(alloc),
-            stdout_path=str(console),
-            stderr_path="",
-            resources=TaskResources(cpu_mhz=500, memory_mb=160),
-            driver_config=config,
-        )
+        return tiny_task_config(self.root / name, ALLOC, name, config)
 
     def leftovers(self, task: TaskConfig) -> list[Path]:
         """Whatever the task's start left: runtime dirs, its journal, leases, partial files."""
