@@ -6,7 +6,6 @@ the disk's first bytes."""
 from __future__ import annotations
 
 import subprocess
-import time
 from pathlib import Path
 from typing import Any
 
@@ -82,9 +81,7 @@ def run_to_end(agent: DevAgent, tmp_path: Path, name: str, hcl: str) -> str:
     assert alloc["ClientStatus"] == "complete", (events, logs[-2000:])
     assert MARKER in logs, logs[-2000:]
     # Batch allocations end; their VM with them.
-    deadline = time.monotonic() + 30
-    while qemu_processes_under(agent.config.workdir) and time.monotonic() < deadline:
-        time.sleep(0.5)
+    wait_until(lambda: not qemu_processes_under(agent.config.workdir), 30)
     return "\n".join(events)
 
 

@@ -5,7 +5,6 @@ with an event naming it. ksmd is not touched (`start_ksmd = false`)."""
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,7 +13,7 @@ import pytest
 from nomad_vm.cli.devagent import DevAgent
 from nomad_vm.driver.ksm import KSM_SYSFS
 from nomad_vm.vm.hugepages import hugepage_pool
-from tests.conftest import qemu_processes_under
+from tests.conftest import qemu_processes_under, wait_until
 from tests.e2e.conftest import running_agent, wait_alloc
 from tests.e2e.jobs import one_shot_job
 
@@ -61,28 +60,26 @@ def test_a_job_with_free_page_reporting_runs_mergeable(
     path.write_text(one_shot_job("fpr", lines, job_type="service"))
     mem_agent.nomad("job", "run", "-detach", str(path))
     try:
-        alloc = wait_alloc(mem_agent, "fpr", {"running"}, timeout=120)
+        wait_alloc(mem_agent, "fpr", {"running"}, timeout=120)
         (qemu,) = qemu_processes_under(mem_agent.config.workdir)
         argv = qemu.cmdline()
         assert any("free-page-reporting=on" in a for a in argv), argv
         assert any("mem-merge=on" in a for a in argv), argv
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
+
+        def ksm_event() -> bool:
             alloc = wait_alloc(mem_agent, "fpr", {"running"}, timeout=10)
-            if any("KSM: guest RAM is mergeable" in t for t in task_events(alloc)):
-                break
-            time.sleep(1)
-        assert any("KSM: guest RAM is mergeable" in t for t in task_events(alloc)), alloc
+            return any("KSM: guest RAM is mergeable" in t for t in task_events(alloc))
+
+        assert wait_until(ksm_event, 30, every=1), task_events(
+            wait_alloc(mem_agent, "fpr", {"running"}, timeout=10)
+        )
     finally:
         mem_agent.nomad("job", "stop", "-purge", "fpr", check=False)
     wait_until_gone(mem_agent)
 
 
 def wait_until_gone(agent: DevAgent) -> None:
-    deadline = time.monotonic() + 60
-    while qemu_processes_under(agent.config.workdir) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    assert not qemu_processes_under(agent.config.workdir)
+    assert wait_until(lambda: not qemu_processes_under(agent.config.workdir), 60)
 
 
 def test_hugepages_without_free_pages_fails_naming_the_option(

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import secrets
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -83,10 +82,8 @@ def alloc_logs(agent: DevAgent, alloc: str) -> str:
 
 
 def wait_in_logs(agent: DevAgent, alloc: str, text: str, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while text not in (logs := alloc_logs(agent, alloc)):
-        assert time.monotonic() < deadline, f"{text!r} not in the logs: {logs[-3000:]}"
-        time.sleep(2)
+    found = wait_until(lambda: text in alloc_logs(agent, alloc), timeout, every=2)
+    assert found, f"{text!r} not in the logs: {alloc_logs(agent, alloc)[-3000:]}"
 
 
 def console_clients(agent: DevAgent) -> int:
