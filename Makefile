@@ -53,8 +53,11 @@ demo-stop:
 	$(VENV)/bin/nomad-vm demo --stop
 
 # The whole suite: unit, integration (real QEMU under TCG) and e2e (a real Nomad agent).
+# TEST_JOBS test files run at once (pytest-xdist; each file stays on one worker, so a file's
+# shared agent or guest is made once); TEST_JOBS=0 runs them one by one.
+TEST_JOBS ?= 2
 test: setup
-	$(PY) -m pytest -q -ra tests
+	$(PY) -m pytest -q -ra -n $(TEST_JOBS) --dist loadfile --durations=25 tests
 
 test-unit: venv
 	$(PY) -m pytest -q tests/unit

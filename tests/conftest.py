@@ -8,7 +8,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import psutil
@@ -47,10 +47,11 @@ def short_tmp() -> Iterator[Path]:
     for proc in leftover:
         proc.kill()
     psutil.wait_procs(leftover, timeout=10)
-    shutil.rmtree(path, ignore_errors=True)
-    # Task cgroups the test's plugin made and did not remove: noted, then removed (after the
+    # Task cgroups made by the test's plugins (their data dirs are under ``path``; tests in
+    # other files may run at the same time) and not removed: noted, then removed (after the
     # processes in them are gone) so that the host is left as it was, and the test fails.
-    stale = sorted(task_cgroups() - cgroups_before)
+    stale = sorted(task_cgroups(scopes_under(path)) - cgroups_before)
+    shutil.rmtree(path, ignore_errors=True)
     for cgroup in [*stale, *{c.parent for c in stale}]:
         with contextlib.suppress(OSError):  # a parent another task still uses stays
             cgroup.rmdir()
@@ -61,11 +62,31 @@ def short_tmp() -> Iterator[Path]:
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 
 
-def task_cgroups() -> set[Path]:
-    """The plugin's task cgroups on this host: ``nomad-vm/<task>`` in each cgroup v1
-    hierarchy, or in the v2 tree (``nomad_vm.vm.cgroups``)."""
+def task_cgroups(scopes: Iterable[Path] | None = None) -> set[Path]:
+    """The plugin's task cgroups on this host: ``nomad-vm/<tag>-<task>`` in each cgroup v1
+    hierarchy, or in the v2 tree (``nomad_vm.vm.cgroups``); only those of plugins whose
+    data_dir is one of ``scopes`` when given."""
+    from nomad_vm.vm.cgroups import scope_tag
+
     found = [*CGROUP_ROOT.glob("*/nomad-vm/*"), *CGROUP_ROOT.glob("nomad-vm/*")]
-    return {p for p in found if p.is_dir()}
+    tags = None if scopes is None else {scope_tag(str(s)) for s in scopes}
+    return {p for p in found if p.is_dir() and (tags is None or p.name.split("-", 1)[0] in tags)}
+
+
+def scopes_under(path: Path, depth: int = 3) -> list[Path]:
+    """Every directory under ``path`` (to ``depth``): where a test's plugins keep data_dir."""
+    found = [path]
+    level = [path]
+    for _ in range(depth):
+        level = [c for d in level for c in _subdirs(d)]
+        found += level
+    return found
+
+
+def _subdirs(path: Path) -> list[Path]:
+    with contextlib.suppress(OSError):
+        return [c for c in path.iterdir() if c.is_dir() and not c.is_symlink()]
+    return []
 
 
 def qemu_processes_under(path: Path) -> list[psutil.Process]:

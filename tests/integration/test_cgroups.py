@@ -75,7 +75,7 @@ def test_the_vm_runs_in_its_cgroup_with_the_tasks_limits(
             assert fifo.wait_for(RUNNING, 120), fifo.data[-2000:]
             (qemu,) = processes_under(short_tmp, "qemu-system")
             dirs = cgroups_of(qemu.pid)
-            made = task_cgroups() - before
+            made = task_cgroups([short_tmp / "data"]) - before
             assert set(dirs.values()) == made and len(made) == 3, (dirs, made)
             assert all(d.parent.name == "nomad-vm" for d in made)
             assert (dirs["cpu"] / "cpu.shares").read_text().strip() == "500"

@@ -81,6 +81,17 @@ def test_controller_shutdown_exits_within_a_second(plugin: PluginProcess) -> Non
     stdio.cancel()
 
 
+def test_sigterm_ends_the_plugin_and_removes_its_socket_dir(plugin: PluginProcess) -> None:
+    """An init system's or an operator's `kill` ends the plugin as Shutdown does: exit 0,
+    and the socket's private directory in /tmp goes with it."""
+    assert plugin.process is not None and plugin.handshake is not None
+    socket_dir = Path(plugin.handshake.address).parent
+    assert socket_dir.is_dir()
+    os.kill(plugin.process.pid, signal.SIGTERM)
+    assert plugin.wait_exit(5) == 0
+    assert not socket_dir.exists()
+
+
 def test_long_lived_streams_do_not_starve_unary_calls(plugin: PluginProcess) -> None:
     streams = [drv(plugin).TaskEvents(driver_pb2.TaskEventsRequest()) for _ in range(60)]
     streams += [drv(plugin).WaitTask(driver_pb2.WaitTaskRequest(task_id="nope")) for _ in range(0)]

@@ -30,6 +30,7 @@ from nomad_vm.vm.cgroups import (
     limits_for,
     nomad_shared_cores,
     remove_cgroup_dirs,
+    scope_tag,
     shares_to_weight,
     task_cgroup,
     vmm_overhead_mb,
@@ -149,6 +150,13 @@ def test_names_differ_by_task_and_by_plugin() -> None:
     assert cgroup_name("a/t/1") != cgroup_name("a/t/2")
     assert cgroup_name("a/t/1", "/var/lib/nomad-vm") != cgroup_name("a/t/1", "/var/lib/other")
     assert "/" not in cgroup_name("a/t/1")
+
+
+def test_a_name_starts_with_its_plugins_tag() -> None:
+    """The tag says which plugin (data_dir) made a cgroup: two installed names on one node."""
+    name = cgroup_name("a/t/1", "/var/lib/nomad-vm")
+    assert name.startswith(scope_tag("/var/lib/nomad-vm") + "-")
+    assert not name.startswith(scope_tag("/var/lib/other"))
 
 
 def test_removal_takes_the_parent_only_when_no_other_task_is_in_it(tmp_path: Path) -> None:

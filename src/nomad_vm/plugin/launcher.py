@@ -95,8 +95,14 @@ class PluginProcess:
         return None
 
     def kill(self) -> None:
+        """End the plugin as an operator would (SIGTERM: its socket directory goes too), or
+        SIGKILL it when it does not go within 5 s. A crash is ``process.send_signal(SIGKILL)``."""
         if self.channel is not None:
             self.channel.close()
         if self.process is not None and self.process.poll() is None:
-            self.process.kill()
-            self.process.wait()
+            self.process.terminate()
+            try:
+                self.process.wait(5)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import signal
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
@@ -57,9 +58,12 @@ async def serve(driver: LazyDriver, socket_dir: Path | None = None) -> None:
     await server.start()
     handshake.announce(socket_path)
     log.info("plugin serving", extra={"fields": {"socket": str(socket_path)}})
+    # SIGTERM (an init system, `kill`, a test) ends the plugin as Shutdown does: VMs keep
+    # running for the next plugin to recover, and the socket's directory does not pile up in /tmp.
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
     try:
         await stop.wait()
-        log.info("shutdown requested by the Nomad agent")
+        log.info("shutdown requested")
     finally:
         await server.stop(SHUTDOWN_GRACE)
         await driver.shutdown()

@@ -221,8 +221,9 @@ PLUGIN_CONFIG = Schema(
             "cgroups",
             "bool",
             "Run each task's VMM and its helpers (virtiofsd, swtpm) in a cgroup of its own, "
-            "`nomad-vm/<task>` (cgroup v1: in the cpu, cpuset and memory hierarchies; v2: one "
-            "directory): `cpu.shares` (v1) or the converted `cpu.weight` (v2) from the task's "
+            "`nomad-vm/<plugin tag>-<task hash>` (cgroup v1: in the cpu, cpuset and memory "
+            "hierarchies; v2: one directory): `cpu.shares` (v1) or the converted `cpu.weight` "
+            "(v2) from the task's "
             "`cpu`, `cpuset.cpus` from its reserved `cores` (else Nomad's shared cores, or the "
             "node's), and a memory "
             "limit of the guest's `memory` (or `memory_max`) plus the VMM's overhead, "

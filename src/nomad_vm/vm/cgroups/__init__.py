@@ -1,7 +1,7 @@
 """The task's cgroup: where its VMM and helpers run, with the task's CPU weight, cores and
 memory limit (cgroup v1 in ``v1``, v2 in ``v2``, one interface: ``TaskCgroup``).
 
-Layout: the plugin's own ``nomad-vm/<hash of the task id>`` under the hierarchy's root (v1:
+Layout: the plugin's own ``nomad-vm/<data_dir tag>-<task hash>`` under the hierarchy's root (v1:
 in each of the cpu, cpuset and memory hierarchies; v2: one directory). Not under Nomad's own
 cgroup for the task: Nomad 1.11 sends drivers only a cpuset cgroup path (``cpuset_cgroup``),
 made for its executor-based drivers, and on v1 only for the cpuset controller; a VM's limits
@@ -85,9 +85,16 @@ def limits_for(
 
 
 def cgroup_name(task_id: str, scope: str = "") -> str:
-    """Nomad's task ids hold slashes ("alloc/task/hash"): a hash names the directory. ``scope``
-    (the plugin's data_dir) keeps two plugins on one node (installed under two names) apart."""
-    return hashlib.sha256(f"{scope}\0{task_id}".encode()).hexdigest()[:24]
+    """``<scope tag>-<task hash>``. Nomad's task ids hold slashes ("alloc/task/hash"): a hash
+    names the directory. ``scope`` (the plugin's data_dir) keeps two plugins on one node
+    (installed under two names) apart, and its tag says which plugin a cgroup belongs to."""
+    task_hash = hashlib.sha256(f"{scope}\0{task_id}".encode()).hexdigest()[:16]
+    return f"{scope_tag(scope)}-{task_hash}"
+
+
+def scope_tag(scope: str) -> str:
+    """The prefix every task cgroup of the plugin whose data_dir is ``scope`` carries."""
+    return hashlib.sha256(scope.encode()).hexdigest()[:8]
 
 
 class CgroupError(Exception):
@@ -244,7 +251,4 @@ def task_cgroup(
         return V2Cgroup(root, cgroup_name(task_id, scope))
     if found == "v1":
         return V1Cgroup(root, cgroup_name(task_id, scope))
-    raise CgroupError(
-        f"no cgroup file system at {root} (neither v2 nor v1 cpu, cpuset and memory)"
-    )
-
+    raise CgroupError(f"no cgroup file system at {root} (neither v2 nor v1 cpu, cpuset and memory)")
