@@ -36,6 +36,7 @@ from nomad_vm.driver.resources import (
 )
 from nomad_vm.driver.seed_files import read_seed_files
 from nomad_vm.driver.shares import task_shares
+from nomad_vm.driver.snapshot_store import Restore
 from nomad_vm.driver.tpm_state import TPM_STATE_DIR
 from nomad_vm.driver.types import AgentInfo, TaskConfig
 from nomad_vm.errors import ConfigError, VMRequestError
@@ -92,6 +93,8 @@ class StartPlan:
     tpm_owner: VMMUser | None = None
     # The task's cgroup and its limits; None: no cgroup (plugin's `cgroups = false`, or none here).
     cgroup: CgroupPlan | None = None
+    # A snapshot of the task to resume instead of booting (``snapshots``); None: boot.
+    restore: Restore | None = None
 
     @property
     def runtime_dir(self) -> Path:
@@ -159,6 +162,7 @@ async def plan_start(
         vm_plan = await backend.plan(request, settings, runtime_dir)
     except VMRequestError as exc:
         raise config_error(exc, settings) from None
+    check_snapshot_option(vm, backend.name, caps, vm_plan)
     allowed = task_allowlist(task, plugin)
     seed = render_seed(
         task, vm, vm_plan.shares, vm_plan.share_transport.name, caps.guest_agent_vsock
@@ -187,6 +191,28 @@ async def plan_start(
         files=files,
         cgroup=plan_cgroup(task, plugin, tcg=vm_plan.accelerator.name == "tcg"),
     )
+
+
+def check_snapshot_option(
+    vm: VMTaskConfig, backend: str, caps: HypervisorCapabilities, vm_plan: VMPlan
+) -> None:
+    """`snapshot_on_stop` needs a backend that saves snapshots, and no virtio-fs share: QEMU
+    cannot save a vhost-user-fs device's state (its file handles live in virtiofsd)."""
+    if not vm.snapshot_on_stop:
+        return
+    if not caps.snapshot:
+        raise ConfigError(
+            "config.snapshot_on_stop",
+            f"the {backend} hypervisor cannot save a VM's state; use qemu, or set "
+            "snapshot_on_stop = false",
+        )
+    if vm_plan.shares and vm_plan.share_transport.name == "virtiofs":
+        raise ConfigError(
+            "config.snapshot_on_stop",
+            "the VM's shared directories go over virtio-fs, whose state QEMU cannot save; set "
+            "share_task_dirs = false (and drop the task's volume_mounts), or the plugin's "
+            'share_transport = "9p"',
+        )
 
 
 def refuse_unusable_ceph(vm: VMTaskConfig, qemu_binary: str) -> None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -43,6 +44,7 @@ from nomad_vm.vm.qemu.monitor import QemuMonitor, connect_when_ready
 from nomad_vm.vm.qemu.pinning import pin_vcpus
 from nomad_vm.vm.qemu.plan import QemuPlan
 from nomad_vm.vm.qemu.running import LOG_NAME, QemuVM
+from nomad_vm.vm.qemu.snapshot import wait_restored
 from nomad_vm.vm.qemu.spec_build import build_spec, open_firmware, with_daemon_ends
 from nomad_vm.vm.request import LaunchDevices, VMPlan, VMRequest
 from nomad_vm.vm.share_transport import choose_share_transport
@@ -64,6 +66,8 @@ NAME = "qemu"
 # How long QEMU may take to create its QMP socket. It is milliseconds normally; a loaded CI host
 # with several TCG guests booting can stretch it.
 QMP_READY_TIMEOUT = 30.0
+# How long QEMU may take to load a saved state (-incoming): a few hundred MB from a local file.
+RESTORE_TIMEOUT = 300.0
 HELPER_ROLE = "virtiofsd"
 
 # virtio-net, and the Intel 82574L that guests without virtio drivers (Windows Setup) know.
@@ -79,9 +83,10 @@ CAPABILITIES = HypervisorCapabilities(
     guest_agent=True,
     terminal_hotplug=True,
     serial_console=True,
-    # QMP stop/cont. Snapshots (migrate-to-file) are not offered yet.
+    # QMP stop/cont; snapshots are the migration stream to and from a descriptor
+    # (``snapshot``).
     pause=True,
-    snapshot=False,
+    snapshot=True,
     # -action shutdown=pause,panic=pause keeps the guest's verdict in QEMU's run state.
     verdict_survives_plugin_absence=True,
     macvtap=True,
@@ -158,8 +163,11 @@ class QemuHypervisor:
             check_kvm_access(user)
         check_pc_devices(request, machine)
         hyperv = choose_hyperv(request.hyperv, accelerator.name)
+        binary = find_qemu(settings.binary)
+        # Cached per binary; the first call forks `qemu --version`: keep it off the loop.
+        version = await asyncio.to_thread(qemu_version, binary)
         details = QemuPlan(
-            binary=str(find_qemu(settings.binary)),
+            binary=str(binary),
             machine=machine,
             firmware=plan_firmware(request.firmware),
             user=user,
@@ -180,6 +188,7 @@ class QemuHypervisor:
             details,
             display_socket=display_socket,
             notes=notes,
+            vmm_version=version,
         )
 
     async def launch(
@@ -297,6 +306,8 @@ class QemuHypervisor:
 
         try:
             monitor, _ = await connect_when_ready(spec.control_socket, running, QMP_READY_TIMEOUT)
+            if spec.incoming_fd is not None:
+                await _restored(monitor, running)
         except HypervisorError as exc:
             # A share daemon that failed first is the cause; QEMU only saw "Connection refused".
             cause = "; ".join(
@@ -345,6 +356,20 @@ class QemuHypervisor:
         vm = QemuVM(process, monitor, ref.runtime_dir, helpers)
         await vm.check_finished_meanwhile()
         return vm
+
+
+async def _restored(monitor: QemuMonitor, running: Callable[[], Awaitable[bool]]) -> None:
+    """The launch of a restore returns once QEMU has loaded the state and runs the VM (its
+    connection is dropped on failure, like a failed connect's)."""
+    try:
+        status = await wait_restored(monitor, running, RESTORE_TIMEOUT)
+        if status == "paused":
+            # The state was saved from a stopped VM, and QEMU restores that run state too:
+            # a start runs the VM.
+            await monitor.execute("cont")
+    except HypervisorError:
+        await monitor.close()
+        raise
 
 
 def check_pc_devices(request: VMRequest, machine: MachineConfig) -> None:
