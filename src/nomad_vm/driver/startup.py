@@ -16,6 +16,7 @@ from nomad_vm.cloudinit import AgentVsock, CloudInitRequest, GuestMount, SeedDoc
 from nomad_vm.driver.backend_options import (
     check_request,
     check_settings,
+    check_snapshot_option,
     config_error,
     host_settings,
 )
@@ -191,28 +192,6 @@ async def plan_start(
         files=files,
         cgroup=plan_cgroup(task, plugin, tcg=vm_plan.accelerator.name == "tcg"),
     )
-
-
-def check_snapshot_option(
-    vm: VMTaskConfig, backend: str, caps: HypervisorCapabilities, vm_plan: VMPlan
-) -> None:
-    """`snapshot_on_stop` needs a backend that saves snapshots, and no virtio-fs share: QEMU
-    cannot save a vhost-user-fs device's state (its file handles live in virtiofsd)."""
-    if not vm.snapshot_on_stop:
-        return
-    if not caps.snapshot:
-        raise ConfigError(
-            "config.snapshot_on_stop",
-            f"the {backend} hypervisor cannot save a VM's state; use qemu, or set "
-            "snapshot_on_stop = false",
-        )
-    if vm_plan.shares and vm_plan.share_transport.name == "virtiofs":
-        raise ConfigError(
-            "config.snapshot_on_stop",
-            "the VM's shared directories go over virtio-fs, whose state QEMU cannot save; set "
-            "share_task_dirs = false (and drop the task's volume_mounts), or the plugin's "
-            'share_transport = "9p"',
-        )
 
 
 def refuse_unusable_ceph(vm: VMTaskConfig, qemu_binary: str) -> None:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -44,7 +43,7 @@ from nomad_vm.vm.qemu.monitor import QemuMonitor, connect_when_ready
 from nomad_vm.vm.qemu.pinning import pin_vcpus
 from nomad_vm.vm.qemu.plan import QemuPlan
 from nomad_vm.vm.qemu.running import LOG_NAME, QemuVM
-from nomad_vm.vm.qemu.snapshot import wait_restored
+from nomad_vm.vm.qemu.snapshot import run_restored
 from nomad_vm.vm.qemu.spec_build import build_spec, open_firmware, with_daemon_ends
 from nomad_vm.vm.request import LaunchDevices, VMPlan, VMRequest
 from nomad_vm.vm.share_transport import choose_share_transport
@@ -307,7 +306,7 @@ class QemuHypervisor:
         try:
             monitor, _ = await connect_when_ready(spec.control_socket, running, QMP_READY_TIMEOUT)
             if spec.incoming_fd is not None:
-                await _restored(monitor, running)
+                await run_restored(monitor, running, RESTORE_TIMEOUT)
         except HypervisorError as exc:
             # A share daemon that failed first is the cause; QEMU only saw "Connection refused".
             cause = "; ".join(
@@ -356,20 +355,6 @@ class QemuHypervisor:
         vm = QemuVM(process, monitor, ref.runtime_dir, helpers)
         await vm.check_finished_meanwhile()
         return vm
-
-
-async def _restored(monitor: QemuMonitor, running: Callable[[], Awaitable[bool]]) -> None:
-    """The launch of a restore returns once QEMU has loaded the state and runs the VM (its
-    connection is dropped on failure, like a failed connect's)."""
-    try:
-        status = await wait_restored(monitor, running, RESTORE_TIMEOUT)
-        if status == "paused":
-            # The state was saved from a stopped VM, and QEMU restores that run state too:
-            # a start runs the VM.
-            await monitor.execute("cont")
-    except HypervisorError:
-        await monitor.close()
-        raise
 
 
 def check_pc_devices(request: VMRequest, machine: MachineConfig) -> None:

@@ -79,3 +79,18 @@ async def wait_restored(
         if loop.time() > deadline:
             raise HypervisorError(f"loading the snapshot took longer than {timeout:g}s")
         await asyncio.sleep(POLL_INTERVAL)
+
+
+async def run_restored(
+    monitor: QemuMonitor, still_running: Callable[[], Awaitable[bool]], timeout: float
+) -> None:
+    """A restore's launch returns once QEMU has loaded the state and runs the VM; on failure
+    the connection is dropped (as a failed connect's is)."""
+    try:
+        if await wait_restored(monitor, still_running, timeout) == "paused":
+            # The state was saved from a stopped VM, and QEMU restores that run state too:
+            # a start runs the VM.
+            await monitor.execute("cont")
+    except HypervisorError:
+        await monitor.close()
+        raise
