@@ -5,7 +5,8 @@ VM into the task's `local/.nomad-vm-snapshot/` (state, record, the disk) and end
 next StartTask of the task (a new task id, the same allocation, as Nomad's restart does)
 resumes it: the counter goes on from the next number, the guest does not boot again, the disk
 holds the mark, and the snapshot is gone. A snapshot of another machine (the task's memory
-changed) is refused with an event naming the difference, removed, and the VM boots.
+changed) is refused with an event naming the difference, removed, and the VM boots. A save
+that fails (the task's local/ swapped for a symlink) stops the VM the usual way.
 """
 
 from __future__ import annotations
@@ -157,3 +158,33 @@ def test_a_snapshot_of_another_machine_is_refused_and_the_vm_boots(
     assert not list(local.iterdir())
     assert not qemu_processes_under(short_tmp)
     assert not own_cgroups(short_tmp, cfg.id, second.id)
+
+
+def test_a_save_that_fails_stops_the_vm_as_usual_and_writes_nothing(
+    plugin: PluginProcess,
+    short_tmp: Path,
+    tiny_guest,  # type: ignore[no-untyped-def]
+) -> None:
+    """The task's local/ is a symlink to another directory (someone with access to the task
+    directory swapped it): the save refuses to follow it, says so, and the VM, paused for the
+    save, is resumed and shut down through the power button."""
+    stream, events = collect_events(plugin)
+    with tiny_task(
+        plugin, short_tmp, tiny_guest, alloc_name="snapf", run=COUNTER, overrides=OPTIONS
+    ) as (cfg, fifo, alloc):
+        elsewhere = short_tmp / "elsewhere"
+        elsewhere.mkdir()
+        (alloc / "tiny" / "local").symlink_to(elsewhere)
+        start(plugin, cfg)
+        run_until(fifo, 3)
+        result = stop_and_destroy(plugin, cfg.id)
+    stream.cancel()
+    assert wait_until(lambda: any("Guest powered off" in e for e in events), 10), events
+    failed = [e for e in events if e.startswith("Snapshot failed")]
+    assert len(failed) == 1 and "local" in failed[0], events
+    assert any(e.startswith("VM resumed to be stopped") for e in events), events
+    assert any(e.startswith("ACPI shutdown requested") for e in events), events
+    assert (result.result.exit_code, result.err) == (0, ""), result
+    assert not list(elsewhere.iterdir())
+    assert not qemu_processes_under(short_tmp)
+    assert not own_cgroups(short_tmp, cfg.id)
