@@ -12,6 +12,7 @@ that fails (the task's local/ swapped for a symlink) stops the VM the usual way.
 from __future__ import annotations
 
 import re
+import signal
 import stat
 from pathlib import Path
 
@@ -19,7 +20,8 @@ from nomad_vm.plugin.launcher import PluginProcess
 from nomad_vm.plugin.proto import driver_pb2
 from nomad_vm.vm.cgroups import cgroup_name
 from tests.conftest import qemu_processes_under, task_cgroups, wait_until
-from tests.integration.pluginkit import FifoReader, drv, tiny_task
+from tests.integration.pluginkit import DRIVER, FifoReader, configure, drv, tiny_task
+from tests.integration.test_recovery import recover
 from tests.integration.test_vm_lifecycle import collect_events, destroy, stop, wait
 
 MARK = b"nomad-vm-snapshot-disk-mark"
@@ -188,3 +190,41 @@ def test_a_save_that_fails_stops_the_vm_as_usual_and_writes_nothing(
     assert not list(elsewhere.iterdir())
     assert not qemu_processes_under(short_tmp)
     assert not own_cgroups(short_tmp, cfg.id)
+
+
+def test_a_plugin_restarted_meanwhile_still_saves_and_resumes(
+    short_tmp: Path,
+    tiny_guest,  # type: ignore[no-untyped-def]
+) -> None:
+    """What to save is on record in the start's runtime directory, not in the plugin: a
+    plugin that recovered the task (the first was SIGKILLed) saves it at the stop."""
+    first = PluginProcess([str(DRIVER)])
+    first.start(short_tmp / "plugin1.stderr")
+    second = PluginProcess([str(DRIVER)])
+    try:
+        with tiny_task(
+            first, short_tmp, tiny_guest, alloc_name="snapr", run=COUNTER, overrides=OPTIONS
+        ) as (cfg, fifo, alloc):
+            (alloc / "tiny" / "local").mkdir()
+            handle = drv(first).StartTask(driver_pb2.StartTaskRequest(task=cfg), timeout=120)
+            run_until(fifo, 3)
+            first.process.send_signal(signal.SIGKILL)  # type: ignore[union-attr]
+            first.wait_exit(5)
+            second.start(short_tmp / "plugin2.stderr")
+            configure(second, short_tmp / "data", [str(tiny_guest.vmlinux.parent)])
+            stream, events = collect_events(second)
+            recover(second, handle.handle)
+            stop_and_destroy(second, cfg.id)
+            assert wait_until(lambda: any(e.startswith("VM paused and saved") for e in events), 10)
+            last = counts(bytes(fifo.data))[-1]
+            again = restarted(cfg, 2)
+            start(second, again)
+            run_until(fifo, last + 3)
+            assert counts(bytes(fifo.data)).count(last + 1) == 1
+            destroy(second, again.id)
+            stream.cancel()
+        assert not qemu_processes_under(short_tmp)
+        assert not own_cgroups(short_tmp, cfg.id, again.id)
+    finally:
+        first.kill()
+        second.kill()
