@@ -1,5 +1,5 @@
-"""`nomad-vm vm list | info | pause | resume`: the plugin's VMs on this client, through its
-control socket (``nomad_vm.control``). Root only, as the socket is."""
+"""`nomad-vm vm list | info | pause | resume | snapshot`: the plugin's VMs on this client,
+through its control socket (``nomad_vm.control``). Root only, as the socket is."""
 
 from __future__ import annotations
 
@@ -9,11 +9,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from nomad_vm.control.client import ControlError, call
+from nomad_vm.control.client import TIMEOUT, ControlError, call
 from nomad_vm.control.protocol import socket_path
 from nomad_vm.identity import ALIASES
 
 MIB = 1024 * 1024
+SNAPSHOT_TIMEOUT = 330.0
 
 
 def add_vm_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -24,6 +25,8 @@ def add_vm_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         "info": "one VM: state, accelerator, vCPUs, memory, disks, NICs, sockets",
         "pause": "stop a VM's vCPUs (as `nomad alloc signal -s SIGSTOP`)",
         "resume": "run a paused VM's vCPUs again (as SIGCONT)",
+        "snapshot": "save a VM's memory, devices and disks now (it keeps running); the task's "
+        "next start resumes from it",
     }
     for name, text in helps.items():
         cmd = vm_sub.add_parser(name, help=text)
@@ -49,7 +52,9 @@ def run_vm_command(args: argparse.Namespace) -> int:
     data_dir = args.data_dir or identity.data_dir
     path = socket_path(data_dir.absolute(), identity.alias)
     try:
-        result = call(path, args.vm_command, getattr(args, "task", ""))
+        # Saving a VM writes its whole memory (the plugin gives it up to 300 s).
+        timeout = SNAPSHOT_TIMEOUT if args.vm_command == "snapshot" else TIMEOUT
+        result = call(path, args.vm_command, getattr(args, "task", ""), timeout)
     except ControlError as exc:
         print(f"nomad-vm vm {args.vm_command}: {exc}", file=sys.stderr)
         return 1
@@ -57,6 +62,8 @@ def run_vm_command(args: argparse.Namespace) -> int:
         print(json.dumps(result, indent=2, sort_keys=True))
     elif args.vm_command == "list":
         print(format_list(result if isinstance(result, list) else []))
+    elif args.vm_command == "snapshot" and isinstance(result, dict):
+        print(format_snapshot(result))
     else:
         print(format_info(result if isinstance(result, dict) else {}))
     return 0
@@ -80,6 +87,16 @@ def format_list(vms: list[dict[str, Any]]) -> str:
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
                      for r in [header, *rows])  # fmt: skip
+
+
+def format_snapshot(saved: dict[str, Any]) -> str:
+    memory = saved.get("memory_bytes")
+    size = f"{memory // MIB} MiB of memory" if isinstance(memory, int) else "memory"
+    return (
+        f"Saved {size}, the devices and a copy of the disks in {saved.get('path')}\n"
+        "The VM keeps running; the task's next start (in this allocation) resumes this state.\n"
+        + format_info(saved.get("vm") or {})
+    )
 
 
 def format_info(vm: dict[str, Any]) -> str:

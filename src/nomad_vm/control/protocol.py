@@ -20,9 +20,9 @@ from pathlib import Path
 SOCKET_NAME = "control.sock"
 # A request is a few dozen bytes; anything much longer is not one of ours.
 MAX_REQUEST = 4096
-# What the socket offers: read-only views, then the two actions.
-OPS = ("list", "info", "pause", "resume")
-TASK_OPS = ("info", "pause", "resume")
+# What the socket offers: read-only views, then the actions.
+OPS = ("list", "info", "pause", "resume", "snapshot")
+TASK_OPS = ("info", "pause", "resume", "snapshot")
 
 
 class ProtocolError(Exception):

@@ -12,10 +12,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import replace
 
-from nomad_vm.driver.config import PluginConfig
+from nomad_vm.driver.config import PluginConfig, VMTaskConfig
 from nomad_vm.errors import ConfigError, VMRequestError
 from nomad_vm.vm.capabilities import HostSettings, HypervisorCapabilities
-from nomad_vm.vm.request import VMRequest
+from nomad_vm.vm.request import VMPlan, VMRequest
 
 # VMRequest attribute or host setting -> the config field it comes from (a setting that differs
 # per backend is named by the HostSettings built for that backend: ``HostSettings.fields``).
@@ -171,3 +171,25 @@ def check_request(backend: str, caps: HypervisorCapabilities, request: VMRequest
 def _unsupported(backend: str, value: str, supported: tuple[str, ...]) -> str:
     offered = ", ".join(supported)
     return f"{value!r} is not available with the {backend} hypervisor (it offers {offered})"
+
+
+def check_snapshot_option(
+    vm: VMTaskConfig, backend: str, caps: HypervisorCapabilities, vm_plan: VMPlan
+) -> None:
+    """`snapshot_on_stop` needs a backend that saves snapshots, and no virtio-fs share: QEMU
+    cannot save a vhost-user-fs device's state (its file handles live in virtiofsd)."""
+    if not vm.snapshot_on_stop:
+        return
+    if not caps.snapshot:
+        raise ConfigError(
+            "config.snapshot_on_stop",
+            f"the {backend} hypervisor cannot save a VM's state; use qemu, or set "
+            "snapshot_on_stop = false",
+        )
+    if vm_plan.shares and vm_plan.share_transport.name == "virtiofs":
+        raise ConfigError(
+            "config.snapshot_on_stop",
+            "the VM's shared directories go over virtio-fs, whose state QEMU cannot save; set "
+            "share_task_dirs = false (and drop the task's volume_mounts), or the plugin's "
+            'share_transport = "9p"',
+        )

@@ -125,6 +125,8 @@ class VMTaskConfig:
     display: str = "none"
     # virtio-balloon free page reporting (schema: `free_page_reporting`).
     free_page_reporting: bool = False
+    # Save the VM's state when the task stops, resume it at the next start (``snapshots``).
+    snapshot_on_stop: bool = False
     # Guest RAM on the host's huge pages (schema: `hugepages`).
     hugepages: bool = False
     # The guest's platform and devices (`os.variant` and the options it stands for).
@@ -278,6 +280,7 @@ def parse_task_config(task: TaskConfig, plugin: PluginConfig) -> VMTaskConfig:
         # unset apart from an explicit "none" for that.
         display=profile.display,
         free_page_reporting=bool(values["free_page_reporting"]),
+        snapshot_on_stop=bool(values["snapshot_on_stop"]),
         hugepages=bool(values["hugepages"]),
         arch=str(os_block["arch"]),
         machine=profile.machine,

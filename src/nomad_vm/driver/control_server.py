@@ -1,4 +1,5 @@
-"""The plugin's control socket (``nomad_vm.control.protocol``): list, info, pause, resume.
+"""The plugin's control socket (``nomad_vm.control.protocol``): list, info, pause, resume,
+snapshot.
 
 Served by the plugin process that Nomad uses, from its first fingerprint, start or recovery on:
 not by the short-lived launches Nomad makes only to validate the config (they get SetConfig
@@ -30,6 +31,7 @@ from nomad_vm.control.protocol import (
     encode,
 )
 from nomad_vm.driver.pause import pause_task, resume_task
+from nomad_vm.driver.snapshot_tasks import snapshot_now
 from nomad_vm.driver.task import VMTask
 from nomad_vm.driver.vm_view import details, find_task, summary
 from nomad_vm.errors import NomadVMError
@@ -137,6 +139,9 @@ class ControlServer:
             await pause_task(entry)
         elif request.op == "resume":
             await resume_task(entry)
+        elif request.op == "snapshot":
+            saved = await snapshot_now(entry)
+            return {**saved, "vm": await details(entry)}
         return await details(entry)
 
 

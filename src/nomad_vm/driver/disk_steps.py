@@ -16,6 +16,7 @@ from nomad_vm.driver.ceph_disks import prepare_ceph_disk
 from nomad_vm.driver.events import EventBus
 from nomad_vm.driver.image_steps import NO_BACKING_FILES
 from nomad_vm.driver.recorder import TaskRecorder
+from nomad_vm.driver.snapshot_store import put_back
 from nomad_vm.driver.startup import StartPlan
 from nomad_vm.driver.volume_disk_steps import prepare_volume_disk
 from nomad_vm.errors import ImageError
@@ -87,6 +88,10 @@ async def _prepare(
     path = plan.runtime_dir / request.file_name(index)
     await recorder.creating("disk", path)
     chain, size, what = await _make(plan, request, image, path, allowed)
+    restore = plan.restore
+    if restore is not None and await asyncio.to_thread(put_back, restore, path.parent, path.name):
+        # Made as usual (so its chain was checked), then its contents are the snapshot's.
+        what = f"{what}, its contents from the snapshot"
     return _announce(plan, events, index, request, path, chain, size, what)
 
 

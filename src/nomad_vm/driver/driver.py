@@ -31,6 +31,8 @@ from nomad_vm.driver.recorder import TaskRecorder
 from nomad_vm.driver.recovery import reattach, recovered_journal, resume_recovered
 from nomad_vm.driver.replay import undo_host_changes
 from nomad_vm.driver.runtime_dir import remove_run_dir_if_empty, runtime_dir
+from nomad_vm.driver.snapshot_tasks import after_start, save_on_stop, with_restore
+from nomad_vm.driver.snapshots import arm as arm_snapshots
 from nomad_vm.driver.start_steps import run_start_steps
 from nomad_vm.driver.startup import StartPlan, plan_start
 from nomad_vm.driver.stats import CpuRate
@@ -173,12 +175,18 @@ class VMDriver:
         await self._serve_control()
         run_dir = runtime_dir(task, self.config.data_dir)
         plan = await plan_start(task, self.config, self.agent, run_dir, self.backends)
+        error: BaseException | None = None
         try:
+            plan = await with_restore(plan, self.events)
             return await self._start_planned(task, plan, plan.backend)
+        except BaseException as exc:
+            error = exc
+            raise
         finally:
             # The VMM has its own copies by now (or there is none): the plugin serves many
             # tasks and keeps no descriptor of any task's files.
             plan.files.close()
+            await after_start(plan, self.events, error)
 
     async def _start_planned(
         self, task: TaskConfig, plan: StartPlan, backend: Hypervisor
@@ -213,6 +221,7 @@ class VMDriver:
         except BaseException:
             await self._undo_failed_start(recorder.journal)
             raise
+        await asyncio.to_thread(arm_snapshots, plan)
         entry = VMTask(task, started.vm, recorder.journal, self.events, backend.capabilities)
         self._tasks[task.id] = entry
         entry.start_watching()
@@ -279,13 +288,16 @@ class VMDriver:
 
     async def stop_task(self, task_id: str, timeout: float, signal_name: str) -> None:
         """Graceful stop: ACPI power button (a paused VM resumed first, so that its guest sees
-        it), then terminate after ``timeout`` (kill_timeout).
+        it), then terminate after ``timeout`` (kill_timeout). A `snapshot_on_stop` task's VM is
+        saved instead, then its VMM ended (``snapshot_tasks``).
 
         ``signal_name`` (the job's kill_signal) has no meaning for a whole VM and is ignored.
         """
         entry = self._tasks.get(task_id)
         if entry is None:
             return  # already gone: Nomad retries stops, and a stopped task is what it wants
+        if await save_on_stop(entry):
+            return
         await resume_before_stop(entry)
         await entry.stop(timeout)
 

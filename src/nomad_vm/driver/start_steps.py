@@ -38,9 +38,11 @@ from nomad_vm.driver.network_plan import (
 from nomad_vm.driver.networking import NetworkManager, record_of
 from nomad_vm.driver.output import open_task_output
 from nomad_vm.driver.recorder import TaskRecorder
+from nomad_vm.driver.snapshot_store import STATE_FILE, open_file, put_back
 from nomad_vm.driver.startup import StartPlan
 from nomad_vm.driver.tpm_state import open_tpm_state
 from nomad_vm.storage.held import HeldFile, open_own, readable_copy
+from nomad_vm.vm.firmware import VARS_FILE
 from nomad_vm.vm.hypervisor import Hypervisor, RunningVM
 from nomad_vm.vm.request import LaunchDevices
 from nomad_vm.vm.spec import NicSpec
@@ -85,6 +87,7 @@ async def run_start_steps(
     holder = plan.files.holder
     seed_file = open_own(seed, holder, writable=False) if seed is not None else None
     kernel, initramfs = await asyncio.to_thread(boot_files, plan)
+    restore_fd = await asyncio.to_thread(restored_files, plan)
     tpm_fd = await tpm_state(plan, recorder)
     if plan.cgroup is not None:
         # Before the launch: its helpers and the VMM join it at their gates.
@@ -108,6 +111,7 @@ async def run_start_steps(
                 kernel=kernel,
                 initramfs=initramfs,
                 tpm_state_fd=tpm_fd,
+                restore_fd=restore_fd,
             )
             vm = await backend.launch(plan.vm_plan, devices, recorder)
         finally:
@@ -130,6 +134,18 @@ async def run_start_steps(
         await vm.close()
         raise
     return Started(vm, network)
+
+
+def restored_files(plan: StartPlan) -> int | None:
+    """A resume: the snapshot's UEFI variable store into the runtime directory (the backend
+    keeps a store it finds there), and the saved state opened for the VMM. None: a boot."""
+    if plan.restore is None:
+        return None
+    put_back(plan.restore, plan.runtime_dir, VARS_FILE)
+    # Held with the start's other files: closed once the VMM has its copy.
+    fd = open_file(plan.restore.dir_fd, STATE_FILE)
+    plan.files.holder.add(HeldFile(Path(plan.task.task_dir) / "snapshot" / STATE_FILE, fd))
+    return fd
 
 
 async def tpm_state(plan: StartPlan, recorder: TaskRecorder) -> int | None:

@@ -16,6 +16,7 @@ from nomad_vm.cloudinit import AgentVsock, CloudInitRequest, GuestMount, SeedDoc
 from nomad_vm.driver.backend_options import (
     check_request,
     check_settings,
+    check_snapshot_option,
     config_error,
     host_settings,
 )
@@ -36,6 +37,7 @@ from nomad_vm.driver.resources import (
 )
 from nomad_vm.driver.seed_files import read_seed_files
 from nomad_vm.driver.shares import task_shares
+from nomad_vm.driver.snapshot_store import Restore
 from nomad_vm.driver.tpm_state import TPM_STATE_DIR
 from nomad_vm.driver.types import AgentInfo, TaskConfig
 from nomad_vm.errors import ConfigError, VMRequestError
@@ -92,6 +94,8 @@ class StartPlan:
     tpm_owner: VMMUser | None = None
     # The task's cgroup and its limits; None: no cgroup (plugin's `cgroups = false`, or none here).
     cgroup: CgroupPlan | None = None
+    # A snapshot of the task to resume instead of booting (``snapshots``); None: boot.
+    restore: Restore | None = None
 
     @property
     def runtime_dir(self) -> Path:
@@ -159,6 +163,7 @@ async def plan_start(
         vm_plan = await backend.plan(request, settings, runtime_dir)
     except VMRequestError as exc:
         raise config_error(exc, settings) from None
+    check_snapshot_option(vm, backend.name, caps, vm_plan)
     allowed = task_allowlist(task, plugin)
     seed = render_seed(
         task, vm, vm_plan.shares, vm_plan.share_transport.name, caps.guest_agent_vsock

@@ -146,6 +146,18 @@ TASK_CONFIG = Schema(
             default=False,
         ),
         Field(
+            "snapshot_on_stop",
+            "bool",
+            "When the task stops (StopTask: a restart, `nomad alloc restart`, an update), the VM "
+            "is paused and its memory and device state saved, with its disks, in the task's "
+            "`local/` directory (which Nomad keeps across restarts in the allocation and "
+            "migrates with `ephemeral_disk { migrate = true }`); the next start of the task "
+            "resumes it where it was instead of booting. A snapshot is used once, and refused "
+            "(the VM boots) when the task's machine changed meanwhile. QEMU only; not with "
+            "virtio-fs shares (see docs/operations.md).",
+            default=False,
+        ),
+        Field(
             "hugepages",
             "bool",
             "Back the guest's RAM with the host's huge pages (hugetlbfs pages of the default "

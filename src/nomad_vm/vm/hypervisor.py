@@ -252,6 +252,13 @@ class RunningVM(Protocol):
         where the VMM keeps it stopped to remember that verdict."""
         ...
 
+    async def save_state(self, fd: int, timeout: float) -> int:
+        """Write a paused VM's memory and device state to ``fd`` (``snapshot`` backends
+        only; Unsupported otherwise) and flush its disks; the VM stays paused, and a restore
+        is a launch with ``LaunchDevices.restore_fd``. Returns the guest RAM's size in bytes.
+        HypervisorError when the VMM fails or exceeds ``timeout``."""
+        ...
+
     def kill(self) -> None:
         """SIGKILL the VMM (``wait`` then reports it)."""
         ...

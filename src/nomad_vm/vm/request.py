@@ -78,6 +78,8 @@ class VMPlan:
     # What the backend changed from the request and the task should be told (task events),
     # e.g. Hyper-V enlightenments dropped under TCG.
     notes: tuple[str, ...] = ()
+    # The VMM's version (QEMU's `--version`): a snapshot is only restored by the same one.
+    vmm_version: str = ""
 
 
 @dataclass(frozen=True)
@@ -97,3 +99,6 @@ class LaunchDevices:
     # The TPM's state directory (an O_PATH descriptor, owned by the VMM's user), for a
     # request with ``tpm``.
     tpm_state_fd: int | None = None
+    # A saved memory and device state to resume instead of booting (``snapshot`` backends;
+    # ``RunningVM.save_state`` wrote it): the launch returns once it is loaded.
+    restore_fd: int | None = None

@@ -153,6 +153,8 @@ class VMSpec:
     tpm_fd: int | None = None
     # Hyper-V enlightenments as -cpu flags (``vm.hyperv``); empty: none.
     hyperv: tuple[str, ...] = ()
+    # A saved state QEMU loads instead of booting (``-incoming fd:N``, ``qemu.snapshot``).
+    incoming_fd: int | None = None
     # The guest's RTC keeps local time (what Windows expects) rather than UTC.
     rtc_localtime: bool = False
     # The seed ISO as a virtio disk ("virtio") or a CD-ROM on the AHCI controller ("sata"),

@@ -44,7 +44,14 @@ def qemu_argv(binary: str, spec: VMSpec) -> list[str]:
         *_control(spec, sets),
         *_devices(spec, sets),
         *_boot(spec),
+        *incoming_argv(spec),
     ]
+
+
+def incoming_argv(spec: VMSpec) -> list[str]:
+    """Resume a saved state instead of booting (``qemu.snapshot``): QEMU reads the stream
+    from the inherited descriptor before any vCPU runs, then runs the VM."""
+    return [] if spec.incoming_fd is None else ["-incoming", f"fd:{spec.incoming_fd}"]
 
 
 def _platform(spec: VMSpec, sets: FdSets) -> list[str]:

@@ -43,6 +43,7 @@ from nomad_vm.vm.qemu.monitor import QemuMonitor, connect_when_ready
 from nomad_vm.vm.qemu.pinning import pin_vcpus
 from nomad_vm.vm.qemu.plan import QemuPlan
 from nomad_vm.vm.qemu.running import LOG_NAME, QemuVM
+from nomad_vm.vm.qemu.snapshot import run_restored
 from nomad_vm.vm.qemu.spec_build import build_spec, open_firmware, with_daemon_ends
 from nomad_vm.vm.request import LaunchDevices, VMPlan, VMRequest
 from nomad_vm.vm.share_transport import choose_share_transport
@@ -64,6 +65,8 @@ NAME = "qemu"
 # How long QEMU may take to create its QMP socket. It is milliseconds normally; a loaded CI host
 # with several TCG guests booting can stretch it.
 QMP_READY_TIMEOUT = 30.0
+# How long QEMU may take to load a saved state (-incoming): a few hundred MB from a local file.
+RESTORE_TIMEOUT = 300.0
 HELPER_ROLE = "virtiofsd"
 
 # virtio-net, and the Intel 82574L that guests without virtio drivers (Windows Setup) know.
@@ -79,9 +82,10 @@ CAPABILITIES = HypervisorCapabilities(
     guest_agent=True,
     terminal_hotplug=True,
     serial_console=True,
-    # QMP stop/cont. Snapshots (migrate-to-file) are not offered yet.
+    # QMP stop/cont; snapshots are the migration stream to and from a descriptor
+    # (``snapshot``).
     pause=True,
-    snapshot=False,
+    snapshot=True,
     # -action shutdown=pause,panic=pause keeps the guest's verdict in QEMU's run state.
     verdict_survives_plugin_absence=True,
     macvtap=True,
@@ -158,8 +162,11 @@ class QemuHypervisor:
             check_kvm_access(user)
         check_pc_devices(request, machine)
         hyperv = choose_hyperv(request.hyperv, accelerator.name)
+        binary = find_qemu(settings.binary)
+        # Cached per binary; the first call forks `qemu --version`: keep it off the loop.
+        version = await asyncio.to_thread(qemu_version, binary)
         details = QemuPlan(
-            binary=str(find_qemu(settings.binary)),
+            binary=str(binary),
             machine=machine,
             firmware=plan_firmware(request.firmware),
             user=user,
@@ -180,6 +187,7 @@ class QemuHypervisor:
             details,
             display_socket=display_socket,
             notes=notes,
+            vmm_version=version,
         )
 
     async def launch(
@@ -297,6 +305,8 @@ class QemuHypervisor:
 
         try:
             monitor, _ = await connect_when_ready(spec.control_socket, running, QMP_READY_TIMEOUT)
+            if spec.incoming_fd is not None:
+                await run_restored(monitor, running, RESTORE_TIMEOUT)
         except HypervisorError as exc:
             # A share daemon that failed first is the cause; QEMU only saw "Connection refused".
             cause = "; ".join(

@@ -160,7 +160,8 @@ def inherited_fds(spec: VMSpec) -> tuple[int, ...]:
     sockets = (spec.control_fd, spec.agent_fd, spec.serial_fd, spec.console_log_fd)
     shares = [fd for s in spec.shares for fd in (s.socket_fd, s.host_fd)]
     nics = [nic.fd for nic in spec.nics]
-    others = [fd for fd in (*sockets, *shares, *nics, spec.tpm_fd) if fd is not None]
+    extra = (spec.tpm_fd, spec.incoming_fd)
+    others = [fd for fd in (*sockets, *shares, *nics, *extra) if fd is not None]
     return tuple(held.fd for held in _files(spec)) + tuple(others)
 
 

@@ -39,6 +39,7 @@ from nomad_vm.vm.process import SupervisedProcess
 from nomad_vm.vm.qemu.describe import describe_qemu
 from nomad_vm.vm.qemu.hotplug_memory import guest_memory_from, read_hotplug_memory, request_size
 from nomad_vm.vm.qemu.monitor import QemuEvent, QemuMonitor
+from nomad_vm.vm.qemu.snapshot import save_state
 from nomad_vm.vm.qemu.terminal_port import plug_terminal_port, unplug_terminal_port
 from nomad_vm.vm.spec import VMExit
 
@@ -56,6 +57,9 @@ GUEST_DONE_STATES = {"shutdown": "poweroff", "guest-panicked": "panic"}
 # The run state of a VM stopped by QMP `stop` (a user's pause), as opposed to the states above,
 # which the guest's own end leaves behind (-action shutdown=pause,panic=pause).
 USER_PAUSED_STATE = "paused"
+# Stopped after its state was saved (``qemu.snapshot``) while the VM is to keep running: a
+# paused VM for the user (``cont`` runs it again).
+SAVED_STATE = "postmigrate"
 BALLOON = "/machine/peripheral/balloon0"
 
 
@@ -189,10 +193,14 @@ class QemuVM(OneProcessVMM):
             raise HypervisorError(f"the guest has ended ({self.guest_end}); nothing to resume")
         await monitor.execute("cont")
 
+    async def save_state(self, fd: int, timeout: float) -> int:
+        """The stopped VM's memory and device state to ``fd`` (``qemu.snapshot``)."""
+        return await save_state(self._require_monitor("saved"), fd, timeout)
+
     async def is_paused(self) -> bool:
         if self.monitor is None:
             return False
-        return await self.monitor.status() == USER_PAUSED_STATE
+        return await self.monitor.status() in (USER_PAUSED_STATE, SAVED_STATE)
 
     async def describe(self) -> VMDescription:
         monitor = self._require_monitor("described")

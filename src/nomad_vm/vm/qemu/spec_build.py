@@ -91,4 +91,5 @@ def build_spec(
         hyperv=details.hyperv.flags,
         rtc_localtime=request.rtc_localtime,
         seed_bus="sata" if request.seed_cdrom else "virtio",
+        incoming_fd=devices.restore_fd,
     )
