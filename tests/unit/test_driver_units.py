@@ -156,6 +156,17 @@ def test_guest_memory_from_balloon_stats() -> None:
     assert guest_used_bytes({"last-update": 5, "stats": {"stat-total-memory": -1}}) is None
 
 
+def test_guest_memory_says_when_the_guest_reported() -> None:
+    from nomad_vm.vm.hypervisor import GuestMemory
+    from nomad_vm.vm.qemu.hotplug_memory import guest_memory_from
+
+    reply = {
+        "last-update": 1765000000,
+        "stats": {"stat-total-memory": 1000, "stat-available-memory": 300},
+    }
+    assert guest_memory_from(reply) == GuestMemory(1000, 300, reported_at=1765000000.0)
+
+
 def test_stats_measured_fields_follow_what_was_measured() -> None:
     from nomad_vm.driver.stats import CpuRate
     from nomad_vm.vm.hypervisor import VMUsage

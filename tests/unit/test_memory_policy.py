@@ -187,3 +187,82 @@ def test_a_small_guest_grows_before_its_headroom_is_gone() -> None:
     # 150 MiB total, 70 free: 47% free, but less than the 80 MiB the reaction time needs.
     assert MemoryPolicy().decide(0.0, guest(150, 70), hot(0)) == STEP
     assert MemoryPolicy().decide(0.0, guest(150, 100), hot(0)) is None
+
+
+# --- a guest that does not online what is plugged -------------------------------------------
+
+
+def test_a_grow_that_shows_in_the_guests_total_lets_the_next_one_through() -> None:
+    policy = MemoryPolicy(PolicySettings(online_within=30.0))
+    assert policy.decide(0.0, guest(240, 30), hot(0)) == STEP
+    # Plugged, but the guest's figures do not show it yet: no second grow meanwhile.
+    assert policy.decide(1.0, guest(240, 30), hot(128)) is None
+    assert policy.decide(2.0, guest(368, 30), hot(128)) == 256 * MIB
+    assert policy.gave_up is None
+
+
+def test_plugged_memory_the_guest_leaves_offline_is_unplugged_once_with_a_reason() -> None:
+    policy = MemoryPolicy(PolicySettings(online_within=30.0))
+    assert policy.decide(0.0, guest(240, 30), hot(0)) == STEP
+    # The guest plugged the block but its total never grows: it keeps running short, and
+    # nothing more is plugged while the bound runs.
+    for now in range(1, 30):
+        assert policy.decide(float(now), guest(240, 30), hot(128)) is None
+    assert policy.gave_up is None
+    assert policy.decide(30.0, guest(240, 30), hot(128)) == 0
+    assert policy.gave_up is not None
+    assert "plugged 128 MiB but its total memory grew by 0 MiB in 30 s" in policy.gave_up
+    assert "offline" in policy.gave_up
+    # Given up for good: neither the same shortage nor plenty changes anything any more.
+    assert policy.decide(31.0, guest(240, 30), hot(0, plugged_mib=128)) is None
+    assert policy.decide(99.0, guest(240, 30), hot(0)) is None
+
+
+def test_a_guest_that_takes_nothing_is_given_up_on_too() -> None:
+    # No virtio_mem driver in the guest: the request is never plugged.
+    policy = MemoryPolicy(PolicySettings(online_within=30.0))
+    assert policy.decide(0.0, guest(240, 30), hot(0)) == STEP
+    for now in range(1, 30):
+        assert policy.decide(float(now), guest(240, 30), hot(128, plugged_mib=0)) is None
+    assert policy.decide(30.0, guest(240, 30), hot(128, plugged_mib=0)) == 0
+    assert policy.gave_up is not None and "took none" in policy.gave_up
+
+
+def test_nothing_is_unplugged_before_the_last_grow_shows() -> None:
+    # Plenty available at once (the workload ended) but the grow is unconfirmed: no shrink.
+    policy = MemoryPolicy(PolicySettings(shrink_after=0.0, online_within=30.0))
+    assert policy.decide(0.0, guest(240, 30), hot(0)) == STEP
+    assert policy.decide(1.0, guest(240, 200), hot(128)) is None
+    assert policy.decide(2.0, guest(240, 200), hot(128)) is None
+    # Once it shows, shrinking goes on as usual.
+    assert policy.decide(3.0, guest(368, 330), hot(128)) is None  # the calm starts
+    assert policy.decide(3.0, guest(368, 330), hot(128)) == 0
+    assert policy.gave_up is None
+
+
+def test_half_of_the_plugged_memory_is_enough_to_count_as_online() -> None:
+    policy = MemoryPolicy(PolicySettings(online_within=30.0))
+    assert policy.decide(0.0, guest(240, 30), hot(0)) == STEP
+    assert policy.decide(1.0, guest(240 + 63, 30), hot(128)) is None
+    assert policy.decide(31.0, guest(240 + 64, 30), hot(128)) == 256 * MIB
+    assert policy.gave_up is None
+
+
+def test_only_time_the_guest_reported_in_counts_toward_the_bound() -> None:
+    # The guest stalls for a minute right after the grow (memory pressure, a busy host): its
+    # balloon sends nothing meanwhile, and that minute counts as one 2 s gap.
+    policy = MemoryPolicy(PolicySettings(online_within=30.0))
+
+    def at(reported: float, total: int = 240) -> GuestMemory:
+        return GuestMemory(total * MIB, 30 * MIB, reported_at=reported)
+
+    assert policy.decide(0.0, at(1000.0), hot(0)) == STEP
+    for now in range(1, 61):
+        assert policy.decide(float(now), at(1000.0), hot(128)) is None  # the same report
+    assert policy.decide(61.0, at(1060.0), hot(128)) is None
+    assert policy.gave_up is None
+    # Reporting again, onlining nothing: 28 more seconds of reports end it.
+    for second in range(1, 28):
+        assert policy.decide(61.0 + second, at(1060.0 + second), hot(128)) is None
+    assert policy.decide(89.0, at(1088.0), hot(128)) == 0
+    assert policy.gave_up is not None

@@ -67,3 +67,20 @@ def test_a_vm_without_hot_pluggable_memory_is_left_alone() -> None:
     vm = Fixed(0, [GuestMemory(200 * MIB, 20 * MIB)])
     assert run(vm, MemoryPolicy()) == ([], [])
     assert vm.resizes == []
+
+
+def test_a_guest_that_leaves_plugged_memory_offline_gets_one_event_and_its_memory_back() -> None:
+    # The guest plugs what is asked (ScriptedVM) but its total stays at 200 MiB.
+    short = GuestMemory(200 * MIB, 20 * MIB)
+    vm = ScriptedVM(0, [short] * 6)
+    events, seen = run(vm, MemoryPolicy(PolicySettings(online_within=0.0)))
+    assert vm.resizes == [128 * MIB, 0]
+    assert events[0] == "Memory plugged: +128 MiB (guest now 384 MiB of up to 768)"
+    (stopped,) = events[1:]
+    assert stopped.startswith(
+        "Memory hot-plug stopped: the guest plugged 128 MiB but its total memory grew by 0 MiB"
+    )
+    assert "Unplugging its 128 MiB: the guest stays at 256 MiB until the task restarts" in stopped
+    assert "memhp_default_state=online_movable" in stopped and "docs/memory.md" in stopped
+    # The size is still read as the guest gives it back, with no more changes.
+    assert len(seen) == 7 and seen[-1].requested == 0

@@ -49,7 +49,8 @@ class CloudInitRequest:
     this package hashed (SHA-512 crypt). ``repr`` leaves it out so that a logged request cannot
     leak it. ``user_data_text`` is the user's document as already read by the driver (inline
     text or the file ``user_data`` named). ``network_config`` is a netplan-style v2 mapping,
-    set only when the task has a static address.
+    set only when the task has a static address. ``online_hotplug_memory`` adds a
+    ``bootcmd`` (``memory_online``).
     """
 
     instance_id: str
@@ -64,6 +65,8 @@ class CloudInitRequest:
     default_user: str = DEFAULT_USER
     mounts: tuple[GuestMount, ...] = ()
     agent_vsock: AgentVsock | None = None
+    # The VM has hot-pluggable memory (memory_max): the guest is told to online it as movable.
+    online_hotplug_memory: bool = False
 
     def __post_init__(self) -> None:
         # Frozen copies: the caller's dicts may change after the request was made.

@@ -47,6 +47,7 @@ from typing import Any
 import yaml
 
 from nomad_vm.cloudinit.envfiles import ENV_FILE_PATH, PROFILE_PATH, EnvFiles, environment_files
+from nomad_vm.cloudinit.memory_online import ONLINE_MOVABLE_BOOTCMD
 from nomad_vm.cloudinit.model import AgentVsock, CloudInitRequest, GuestMount, SeedDocuments
 from nomad_vm.cloudinit.passwd import sha512_crypt
 from nomad_vm.cloudinit.timezone import check_timezone
@@ -155,6 +156,8 @@ def _generated_config(req: CloudInitRequest, env: EnvFiles) -> dict[str, Any]:
         # Cloud-init images lock the default user's password unless told otherwise.
         user |= {"lock_passwd": False, "hashed_passwd": sha512_crypt(req.password)}
     config: dict[str, Any] = {"user": user}
+    if req.online_hotplug_memory:
+        config["bootcmd"] = [ONLINE_MOVABLE_BOOTCMD]
     if req.ssh_authorized_key is not None:
         config["ssh_authorized_keys"] = _ssh_keys(req.ssh_authorized_key)
     config["hostname"] = req.hostname

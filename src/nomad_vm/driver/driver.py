@@ -25,6 +25,7 @@ from nomad_vm.driver.image_fetch import ImageFetcher, gc_periodically
 from nomad_vm.driver.journal import TaskJournal
 from nomad_vm.driver.journal_store import JournalStore
 from nomad_vm.driver.ksm import KsmOutcome, apply_ksm, ksm_start_event
+from nomad_vm.driver.memory_guest import onlining_note
 from nomad_vm.driver.networking import NetworkManager
 from nomad_vm.driver.pause import deliver_signal, resume_before_stop
 from nomad_vm.driver.recorder import TaskRecorder
@@ -196,8 +197,9 @@ class VMDriver:
         ksm_event = ksm_start_event(self.config.ksm, self._ksm, plan.vm_plan)
         if ksm_event is not None:
             self.events.emit(task, ksm_event)
-        for note in plan.vm_plan.notes:
-            self.events.emit(task, note)
+        for note in (*plan.vm_plan.notes, onlining_note(plan)):
+            if note is not None:
+                self.events.emit(task, note)
         # A start of this very id that a dead plugin left half done: undo it first.
         await self._undo_leftover(task.id)
         journal = TaskJournal(

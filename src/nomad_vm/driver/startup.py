@@ -387,5 +387,9 @@ def render_seed(
         user_data_text=vm.user_data,
         mounts=tuple(GuestMount(s.tag, s.guest_path, s.readonly, transport) for s in shares),
         agent_vsock=AgentVsock(*agent_vsock) if agent_vsock is not None else None,
+        # Linux guests only: cloudbase-init has no bootcmd, and Windows' virtio-mem driver
+        # hands what it plugs to Windows itself.
+        online_hotplug_memory=memory_max_mb_for(task.resources) is not None
+        and not vm.profile.windows,
     )
     return render(request)

@@ -103,10 +103,12 @@ class VMUsage:
 @dataclass(frozen=True)
 class GuestMemory:
     """The guest's memory by its own account (bytes): what it has (``total``, hot-plugged
-    memory included) and what it could still use without swapping (``available``)."""
+    memory included) and what it could still use without swapping (``available``);
+    ``reported_at``: when the guest sent them (the VMM's clock, seconds; 0: not known)."""
 
     total: int
     available: int
+    reported_at: float = 0.0
 
 
 @dataclass(frozen=True)

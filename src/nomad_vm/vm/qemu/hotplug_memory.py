@@ -47,7 +47,9 @@ def guest_memory_from(reply: object) -> GuestMemory | None:
         return None
     if total <= 0 or available < 0:
         return None
-    return GuestMemory(total=total, available=available)
+    updated = reply["last-update"]
+    reported_at = float(updated) if isinstance(updated, int) else 0.0
+    return GuestMemory(total=total, available=available, reported_at=reported_at)
 
 
 async def _get_int(monitor: QemuMonitor, path: str, prop: str) -> int:
