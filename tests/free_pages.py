@@ -16,11 +16,23 @@ GUEST_MB = 512
 # Written to the guest's /tmp (a tmpfs: half the guest's RAM at most), then removed.
 FILL_MB = 200
 MARK = "nomad-vm fill:"
-FILL_AND_FREE = (
-    f"echo '{MARK} base'; sleep 5; "
-    f"dd if=/dev/zero of=/tmp/fill bs=1M count={FILL_MB} 2>/dev/null; "
-    f"echo '{MARK} filled'; sleep 5; rm /tmp/fill; echo '{MARK} freed'; sleep 3600"
-)
+
+
+def fill_and_free(fill_mb: int) -> str:
+    """The guest's script: fill ``fill_mb`` MiB of its tmpfs, then free it."""
+    return (
+        f"echo '{MARK} base'; sleep 5; "
+        f"dd if=/dev/zero of=/tmp/fill bs=1M count={fill_mb} 2>/dev/null; "
+        f"echo '{MARK} filled'; sleep 5; rm /tmp/fill; echo '{MARK} freed'; sleep 3600"
+    )
+
+
+def guest_mb_for(fill_mb: int) -> int:
+    """Guest RAM whose tmpfs (half of it) holds the fill, with room for the rest."""
+    return max(GUEST_MB, 2 * fill_mb + 256)
+
+
+FILL_AND_FREE = fill_and_free(FILL_MB)
 
 
 @dataclass
@@ -36,7 +48,9 @@ def marker(step: str) -> bytes:
     return f"{MARK} {step}".encode()
 
 
-def follow(fifo: FifoReader, qemu: psutil.Process, deadline: float, settle: float) -> Samples:
+def follow(
+    fifo: FifoReader, qemu: psutil.Process, deadline: float, settle: float, fill_mb: int = FILL_MB
+) -> Samples:
     """Sample the VMM's RSS at each guest step; after "freed", until it has fallen by
     three quarters of the fill, or for ``settle`` seconds (the guest may never give it back)."""
     assert fifo.wait_for(marker("base"), deadline - time.monotonic()), fifo.data[-2000:]
@@ -46,7 +60,7 @@ def follow(fifo: FifoReader, qemu: psutil.Process, deadline: float, settle: floa
     assert fifo.wait_for(marker("freed"), deadline - time.monotonic()), fifo.data[-2000:]
     freed_at = time.monotonic()
     lowest, lowest_at = filled, 0.0
-    target = filled - FILL_MB * MIB * 3 // 4
+    target = filled - fill_mb * MIB * 3 // 4
     while time.monotonic() < min(deadline, freed_at + settle):
         rss = qemu.memory_info().rss
         if rss < lowest:
