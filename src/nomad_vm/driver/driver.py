@@ -28,7 +28,12 @@ from nomad_vm.driver.ksm import KsmOutcome, apply_ksm, ksm_start_event
 from nomad_vm.driver.networking import NetworkManager
 from nomad_vm.driver.pause import deliver_signal, resume_before_stop
 from nomad_vm.driver.recorder import TaskRecorder
-from nomad_vm.driver.recovery import reattach, recovered_journal, resume_recovered
+from nomad_vm.driver.recovery import (
+    reattach,
+    recovered_journal,
+    resume_recovered,
+    superseded_starts,
+)
 from nomad_vm.driver.replay import undo_host_changes
 from nomad_vm.driver.runtime_dir import remove_run_dir_if_empty, runtime_dir
 from nomad_vm.driver.start_steps import run_start_steps
@@ -192,6 +197,11 @@ class VMDriver:
             self.events.emit(task, note)
         # A start of this very id that a dead plugin left half done: undo it first.
         await self._undo_leftover(task.id)
+        # And earlier starts of this task Nomad gave up on (a VM may still run for them).
+        for stale in superseded_starts(self.journals.all(), task, self._tasks):
+            self.events.emit(task, f"Stopping a VM an earlier start left ({stale.task_id})")
+            log.info("undoing %s, superseded by the start of %s", stale.task_id, task.id)
+            await self._undo_failed_start(stale)  # a failure is logged, the journal kept
         journal = TaskJournal(
             task.id,
             backend.name,
