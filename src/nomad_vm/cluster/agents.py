@@ -55,7 +55,9 @@ telemetry {{
 }}
 """
         if self.server is None:
-            return head + f"""
+            return (
+                head
+                + f"""
 server {{
   enabled           = true
   bootstrap_expect  = 1
@@ -67,7 +69,10 @@ server {{
   }}
 }}
 """
-        return head + f"""
+            )
+        return (
+            head
+            + f"""
 client {{
   enabled           = true
   servers           = [{hcl_string(f"{self.server}:{self.rpc_port}")}]
@@ -79,6 +84,7 @@ client {{
   }}
 }}
 {self.plugin_block()}"""
+        )
 
 
 class ClusterAgent(DevAgent):
@@ -108,9 +114,7 @@ class ClusterAgent(DevAgent):
         with contextlib.suppress(psutil.Error):
             children = psutil.Process(self.pid).children(recursive=True)
             return [
-                p.pid
-                for p in children
-                if any("nomad-driver-vm" in part for part in _cmdline(p))
+                p.pid for p in children if any("nomad-driver-vm" in part for part in _cmdline(p))
             ]
         return []
 

@@ -23,6 +23,7 @@ import json
 import secrets
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -176,6 +177,22 @@ class ClusterBed:
                 raise TimeoutError(f"clients not ready after {timeout:.0f}s: {missing}")
             time.sleep(0.5)
 
+    def start_relay(self, port: int) -> int:
+        """Relay 127.0.0.1:``port`` on the host to the server's HTTP API (its UI) in the core
+        namespace (``nomad_vm.cluster.relay``); recorded in the state file for teardown."""
+        relay = subprocess.Popen(
+            [sys.executable, "-m", "nomad_vm.cluster.relay", self.core, str(port),
+             SERVER_ADDRESS, str(self.server.config.http_port)],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )  # fmt: skip
+        state_file = self.config.workdir / STATE_FILE
+        state = json.loads(state_file.read_text())
+        state_file.write_text(json.dumps({**state, "relay_pid": relay.pid}))
+        return relay.pid
+
     def client(self, name: str) -> ClusterAgent:
         (found,) = [c for c in self.clients if c.config.name == name]
         return found
@@ -192,6 +209,7 @@ def teardown(workdir: Path) -> list[str]:
     except FileNotFoundError:
         return []
     namespaces = [str(n) for n in state["namespaces"]]
+    _stop_relay(state.get("relay_pid"), namespaces[0])
     procs = [p for ns in namespaces for p in _processes_in(ns)]
     cgroups = {c for p in procs for c in _task_cgroups_of(p.pid)}
     # Agents first, so that none launches a plugin again while the rest is killed.
@@ -214,6 +232,18 @@ def teardown(workdir: Path) -> list[str]:
             deleted.append(ns)
     remove_tree(workdir)
     return deleted
+
+
+def _stop_relay(pid: object, core: str) -> None:
+    """The relay is in the host's namespace: found by its pid, checked by its command line."""
+    if not isinstance(pid, int):
+        return
+    with contextlib.suppress(psutil.Error):
+        proc = psutil.Process(pid)
+        cmdline = proc.cmdline()
+        if "nomad_vm.cluster.relay" in cmdline and core in cmdline:
+            proc.kill()
+            proc.wait(10)
 
 
 def _processes_in(netns: str) -> list[psutil.Process]:
