@@ -118,6 +118,15 @@ class ClusterAgent(DevAgent):
             ]
         return []
 
+    def plugin_serving(self) -> tuple[int, int] | None:
+        """Which plugin process serves Nomad's fingerprints: its control socket (made anew,
+        at the first fingerprint, by every plugin process) by inode and creation time."""
+        try:
+            info = (self.config.workdir / "plugin-data" / "control" / "control.sock").stat()
+        except OSError:
+            return None
+        return info.st_ino, info.st_ctime_ns
+
     def kill_plugins(self) -> list[int]:
         """SIGKILL the plugins only: Nomad launches them again and recovers their tasks."""
         pids = self.plugin_pids()
