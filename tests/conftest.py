@@ -50,7 +50,9 @@ def short_tmp() -> Iterator[Path]:
     shutil.rmtree(path, ignore_errors=True)
     # Task cgroups the test's plugin made and did not remove: noted, then removed (after the
     # processes in them are gone) so that the host is left as it was, and the test fails.
-    stale = sorted(task_cgroups() - cgroups_before)
+    # Only empty ones: this test's processes are gone by now, and a new cgroup with processes
+    # in it is a VM's of another test file running at the same time (pytest-xdist).
+    stale = sorted(c for c in task_cgroups() - cgroups_before if not _has_processes(c))
     for cgroup in [*stale, *{c.parent for c in stale}]:
         with contextlib.suppress(OSError):  # a parent another task still uses stays
             cgroup.rmdir()
@@ -59,6 +61,13 @@ def short_tmp() -> Iterator[Path]:
 
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
+
+
+def _has_processes(cgroup: Path) -> bool:
+    try:
+        return bool((cgroup / "cgroup.procs").read_text().split())
+    except OSError:
+        return False
 
 
 def task_cgroups() -> set[Path]:
