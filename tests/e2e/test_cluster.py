@@ -272,6 +272,12 @@ def test_chaos_leaves_one_vm_per_running_allocation_and_nothing_else(
     jobs = [f"chaos-{i}" for i in range(1, 5)]
     seen_cgroups: set[Path] = set()
     ensure_spread_job(bed, tiny_guest)
+    deadline = time.monotonic() + CHAOS_SECONDS
+
+    def budget(seconds: float) -> float:
+        """An action's wait for its effect, cut at the run's end (the settling after it
+        waits for the rest)."""
+        return max(5.0, min(seconds, deadline - time.monotonic()))
 
     def live_jobs() -> list[str]:
         found = bed.server.api("/v1/jobs")
@@ -282,7 +288,7 @@ def test_chaos_leaves_one_vm_per_running_allocation_and_nothing_else(
         client = rng.choice([c for c in bed.clients if c.pid is not None])
         killed = client.kill_plugins()
         # Nomad notices a dead plugin and launches it again (and recovers its tasks).
-        wait_until(lambda: set(client.plugin_pids()) - set(killed), 30, every=0.5)
+        wait_until(lambda: set(client.plugin_pids()) - set(killed), budget(30), every=0.5)
 
     def restart_agent() -> None:
         client = rng.choice(bed.clients)
@@ -292,12 +298,13 @@ def test_chaos_leaves_one_vm_per_running_allocation_and_nothing_else(
         # whose plugin dies while the agent dispenses it for the first time ("dispensing
         # initial plugin failed"): the node then has no vm driver until the agent restarts.
         # That is Nomad's, not the driver's, so the next kill waits for this.
-        wait_until(lambda: client.plugin_serving() not in (None, before), 60, every=0.5)
+        serving = lambda: client.plugin_serving() not in (None, before)  # noqa: E731
+        wait_until(serving, budget(60), every=0.5)
 
     def start_job() -> None:
         name = rng.choice(jobs)
         submit(bed, tiny_guest, name, rng.randint(1, 2))
-        wait_until(lambda: running(bed, name), 20, every=0.5)
+        wait_until(lambda: running(bed, name), budget(20), every=0.5)
 
     def stop_job() -> None:
         live = live_jobs()
@@ -305,7 +312,7 @@ def test_chaos_leaves_one_vm_per_running_allocation_and_nothing_else(
             return start_job()
         name = rng.choice(live)
         bed.server.api(f"/v1/job/{name}", "DELETE")
-        wait_until(lambda: not running(bed, name), 20, every=0.5)
+        wait_until(lambda: not running(bed, name), budget(20), every=0.5)
         return None
 
     moves: dict[str, Callable[[], None]] = {
@@ -315,7 +322,6 @@ def test_chaos_leaves_one_vm_per_running_allocation_and_nothing_else(
         "job stop": stop_job,
     }
     with phase(f"chaos: {CHAOS_SECONDS:.0f}s of actions (seed {seed})"):
-        deadline = time.monotonic() + CHAOS_SECONDS
         while time.monotonic() < deadline:
             name = rng.choice(list(moves))
             moves[name]()
