@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 export PATH := $(CURDIR)/.tools/bin:$(CURDIR)/$(VENV)/bin:$(PATH)
 export NOMAD_VM_CACHE ?= $(CURDIR)/.cache/guests
 
-.PHONY: setup host-packages vm-user venv bytecode nomad consul virtiofsd vhost-device-vsock guests demo demo-stop test test-unit lint docs proto bench clean
+.PHONY: setup host-packages vm-user venv bytecode nomad consul virtiofsd vhost-device-vsock guests demo demo-stop cluster cluster-stop test test-unit lint docs proto bench clean
 
 setup: host-packages venv vm-user bytecode nomad consul virtiofsd vhost-device-vsock guests
 
@@ -51,6 +51,13 @@ demo: setup
 
 demo-stop:
 	$(VENV)/bin/nomad-vm demo --stop
+
+# A Nomad server and three clients, each in a network namespace of its own (docs/cluster.md).
+cluster: setup
+	$(VENV)/bin/nomad-vm cluster
+
+cluster-stop:
+	$(VENV)/bin/nomad-vm cluster --stop
 
 # The whole suite: unit, integration (real QEMU under TCG) and e2e (a real Nomad agent).
 # TEST_JOBS test files run at once (pytest-xdist; each file stays on one worker, so a file's

@@ -102,6 +102,12 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return stop_demo() if args.stop else run_demo()
 
 
+def _cmd_cluster(args: argparse.Namespace) -> int:
+    from nomad_vm.cli.cluster import run_cluster, stop_cluster
+
+    return stop_cluster() if args.stop else run_cluster()
+
+
 def _cmd_docs(args: argparse.Namespace) -> int:
     from nomad_vm.cli.reference import render_reference
 
@@ -198,6 +204,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="run a VM job on a local Nomad dev agent")
     demo.add_argument("--stop", action="store_true", help="stop the demo agent and its VM")
     demo.set_defaults(func=_cmd_demo)
+
+    cluster = sub.add_parser(
+        "cluster", help="run a Nomad server and three clients in network namespaces (a test bed)"
+    )
+    cluster.add_argument("--stop", action="store_true", help="tear the cluster down")
+    cluster.set_defaults(func=_cmd_cluster)
 
     docs = sub.add_parser("docs", help="write the configuration reference")
     docs.add_argument("--output", default="docs/configuration.md")

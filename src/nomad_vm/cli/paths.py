@@ -62,6 +62,17 @@ class NotPrivateError(Exception):
     """A directory that should be this user's alone is not; the message says what to do."""
 
 
+def cluster_dir() -> Path:
+    """Where `nomad-vm cluster` keeps its bed (agents' configs, data and logs, the state file
+    `--stop` reads): ``$NOMAD_VM_CLUSTER_DIR``, else ``$XDG_STATE_HOME/nomad-vm/cluster``; a
+    private directory for the same reasons as ``demo_dir``."""
+    env = os.environ.get("NOMAD_VM_CLUSTER_DIR")
+    if env:
+        return Path(env)
+    state = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(state) / "nomad-vm" / "cluster"
+
+
 def private_dir(path: Path, *, create: bool = True) -> Path:
     """``path`` as a directory only this user can use: created with mode 0700 (missing parents
     too) when ``create``, or checked when it exists: a real directory (not a symlink), owned by

@@ -29,7 +29,13 @@ from nomad_vm.driver.memory_guest import onlining_note
 from nomad_vm.driver.networking import NetworkManager
 from nomad_vm.driver.pause import deliver_signal, resume_before_stop
 from nomad_vm.driver.recorder import TaskRecorder
-from nomad_vm.driver.recovery import reattach, recovered_journal, resume_recovered
+from nomad_vm.driver.recovery import (
+    ended_orphans,
+    reattach,
+    recovered_journal,
+    resume_recovered,
+    superseded_starts,
+)
 from nomad_vm.driver.replay import undo_host_changes
 from nomad_vm.driver.runtime_dir import remove_run_dir_if_empty, runtime_dir
 from nomad_vm.driver.snapshot_tasks import after_start, save_on_stop, with_restore
@@ -83,6 +89,9 @@ class VMDriver:
         # StartTask's test hook (nothing happens unless a test asks for it).
         self.checkpoints = checkpoints or checkpoints_from_environment()
         self._tasks: dict[str, VMTask] = {}
+        # Ids of StartTasks under way (not in _tasks yet): the orphan sweep leaves them alone.
+        self._starting: set[str] = set()
+        self._swept = False
         self._config_changed = asyncio.Event()
         self._images: ImageFetcher | None = None
         self._images_gc: asyncio.Task[None] | None = None
@@ -135,6 +144,10 @@ class VMDriver:
             self._images_gc = asyncio.ensure_future(gc_periodically(lambda: self.images))
         while True:
             await self._serve_control()
+            if not self._swept:  # tasks whose VM ended while no plugin watched (recovery.py)
+                self._swept = True
+                busy = {*self._tasks, *self._starting}
+                await self._undo_stale(ended_orphans(self.journals.all(), busy), "VM ended")
             self._config_changed.clear()
             default = self._default_backend()
             others = [self.backends.get(n) for n in self.backends.names if n != default.name]
@@ -174,20 +187,24 @@ class VMDriver:
         if task.id in self._tasks:
             raise TaskExists(task.id)
         await self._serve_control()
-        run_dir = runtime_dir(task, self.config.data_dir)
-        plan = await plan_start(task, self.config, self.agent, run_dir, self.backends)
+        self._starting.add(task.id)
+        plan: StartPlan | None = None
         error: BaseException | None = None
         try:
+            run_dir = runtime_dir(task, self.config.data_dir)
+            plan = await plan_start(task, self.config, self.agent, run_dir, self.backends)
             plan = await with_restore(plan, self.events)
             return await self._start_planned(task, plan, plan.backend)
         except BaseException as exc:
             error = exc
             raise
         finally:
-            # The VMM has its own copies by now (or there is none): the plugin serves many
-            # tasks and keeps no descriptor of any task's files.
-            plan.files.close()
-            await after_start(plan, self.events, error)
+            self._starting.discard(task.id)
+            if plan is not None:
+                # The VMM has its own copies by now (or there is none): the plugin serves many
+                # tasks and keeps no descriptor of any task's files.
+                plan.files.close()
+                await after_start(plan, self.events, error)
 
     async def _start_planned(
         self, task: TaskConfig, plan: StartPlan, backend: Hypervisor
@@ -202,6 +219,11 @@ class VMDriver:
                 self.events.emit(task, note)
         # A start of this very id that a dead plugin left half done: undo it first.
         await self._undo_leftover(task.id)
+        # And earlier starts of this task Nomad gave up on (a VM may still run for them).
+        stale = superseded_starts(self.journals.all(), task, self._tasks)
+        for journal in stale:
+            self.events.emit(task, f"Stopping a VM an earlier start left ({journal.task_id})")
+        await self._undo_stale(stale, f"superseded by {task.id}")
         journal = TaskJournal(
             task.id,
             backend.name,
@@ -269,6 +291,11 @@ class VMDriver:
         log.info("undoing what an earlier plugin left of task %s", task_id)
         await self._undo(journal)
         return True
+
+    async def _undo_stale(self, stale: list[TaskJournal], why: str) -> None:
+        for journal in stale:
+            log.info("undoing %s: %s", journal.task_id, why)
+            await self._undo_failed_start(journal)  # a failure is logged, the journal kept
 
     async def recover_task(self, task: TaskConfig, handle: TaskHandle) -> None:
         """Reattach to a VM started by an earlier plugin process; never boot a second one

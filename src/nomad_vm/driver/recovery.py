@@ -10,6 +10,7 @@ started, and a paused VM is reported as such. ``VMDriver.recover_task`` calls th
 from __future__ import annotations
 
 import logging
+from collections.abc import Collection
 
 from nomad_vm.driver.events import EventBus
 from nomad_vm.driver.image_steps import hold_leases
@@ -21,9 +22,49 @@ from nomad_vm.driver.task import VMTask
 from nomad_vm.driver.types import ExitResult, TaskConfig, TaskHandle
 from nomad_vm.errors import ConfigError, HypervisorError, NetworkError
 from nomad_vm.network.settings import BridgeNetwork
+from nomad_vm.processes import is_same_process
 from nomad_vm.vm.hypervisor import Hypervisor
 
 log = logging.getLogger(__name__)
+
+
+def superseded_starts(
+    journals: list[TaskJournal], task: TaskConfig, running: Collection[str]
+) -> list[TaskJournal]:
+    """Journals of earlier starts of ``task`` (same allocation, same task name, another id)
+    that this plugin does not run (``running``: the ids it does).
+
+    Nomad gives every start of a task a new id (``<alloc>/<task>/<random>``) and runs one
+    start of a task per allocation at a time. When a plugin dies and its successor dies too
+    before Nomad could recover a task through it, Nomad gives up on that start and starts the
+    task again under a new id; it never calls RecoverTask or DestroyTask for the old id, whose
+    VM would run on beside the new one, unknown to everyone (the cluster bed's chaos run found
+    it: two VMs for one allocation). Such a journal is stale by the time the new start comes.
+    """
+    prefix = f"{task.alloc_id}/{task.name}/"
+    return [
+        j
+        for j in journals
+        if j.task_id.startswith(prefix) and j.task_id != task.id and j.task_id not in running
+    ]
+
+
+def ended_orphans(journals: list[TaskJournal], busy: Collection[str]) -> list[TaskJournal]:
+    """Journals of tasks this plugin neither runs nor is starting (``busy``: their ids) whose
+    VMM an earlier plugin started and which has ended.
+
+    Nomad calls DestroyTask once a task has ended; an agent stopped between the end and that
+    call restores the task as dead and never calls it (the cluster bed's chaos run found the
+    journal left). Undoing such a journal is safe whatever Nomad does next: a RecoverTask
+    gets the journal from Nomad's handle and finds the VM gone, a DestroyTask finds nothing
+    left. A journal without a VMM (a start a plugin died in) is left to DestroyTask or to the
+    task's next start (``superseded_starts``): it may be a start Nomad still retries.
+    """
+    return [
+        j
+        for j in journals
+        if j.task_id not in busy and j.vmm is not None and not is_same_process(j.vmm)
+    ]
 
 
 def recovered_journal(journals: JournalStore, task_id: str, handle: TaskHandle) -> TaskJournal:
