@@ -19,12 +19,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import select
 import signal
 import subprocess
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from nomad_vm.errors import HypervisorError, LaunchError
@@ -34,9 +35,13 @@ from nomad_vm.vm.vmm_user import VMMUser
 
 # Waits for the plugin's go (one line on stdin), then becomes the program with stdin on
 # /dev/null; end-of-file first (the plugin died before recording the process) ends it unrun.
+log = logging.getLogger(__name__)
+
 GATE_SHELL = "/bin/sh"
 GATE_SCRIPT = 'read -r _ || exit 125; exec "$@" </dev/null'
 GATE_NAME = "nomad-vm-gate"
+# Seconds between the checks of a watched process's liveness besides its pidfd (one /proc read).
+LIVENESS_CHECK = 2.0
 
 
 class SupervisedProcess:
@@ -96,7 +101,7 @@ class SupervisedProcess:
 
     async def _wait_once(self) -> VMExit:
         if self._pidfd is not None:
-            await _wait_readable(self._pidfd)
+            await _wait_readable(self._pidfd, lambda: is_same_process(self.ident))
         else:  # the process was already gone when we looked
             while is_same_process(self.ident):
                 await asyncio.sleep(0.2)
@@ -141,12 +146,9 @@ class SupervisedProcess:
         if self._pidfd is None:
             return
         if self._waiter is not None and not self._waiter.done():
-            # Stop waiting first: the event loop must forget the descriptor before it is
-            # closed, or a later pidfd given the same number would be watched under the stale
-            # registration and never reported (asyncio only updates the callback then).
+            # The waiter watches a duplicate of its own (``_wait_readable``), which it stops
+            # watching and closes as it ends: closing ours now is safe.
             self._waiter.cancel()
-            with contextlib.suppress(RuntimeError):  # no running loop: nothing registered
-                asyncio.get_running_loop().remove_reader(self._pidfd)
         os.close(self._pidfd)
         self._pidfd = None
 
@@ -166,19 +168,35 @@ class SupervisedProcess:
         self._close_pidfd()
 
 
-async def _wait_readable(fd: int) -> None:
+async def _wait_readable(fd: int, alive: Callable[[], bool]) -> None:
+    """Until the pidfd ``fd`` is readable (its process ended).
+
+    The event loop watches a duplicate that only this wait closes, after it stopped watching:
+    the caller may close ``fd`` meanwhile, and a new descriptor given the same number is then
+    never confused with this registration (asyncio keys its registrations by number). And every
+    ``LIVENESS_CHECK`` seconds ``alive`` is asked too: a VM whose end went unnoticed would leave
+    Nomad waiting for the task forever, so the wait never rests on the registration alone."""
     loop = asyncio.get_running_loop()
+    own = os.dup(fd)
     done: asyncio.Future[None] = loop.create_future()
 
     def ready() -> None:
         if not done.done():
             done.set_result(None)
 
-    loop.add_reader(fd, ready)
+    loop.add_reader(own, ready)
     try:
-        await done
+        while True:
+            try:
+                await asyncio.wait_for(asyncio.shield(done), LIVENESS_CHECK)
+                return
+            except TimeoutError:
+                if not alive():
+                    log.warning("process of pidfd %d ended unreported by the event loop", fd)
+                    return
     finally:
-        loop.remove_reader(fd)
+        loop.remove_reader(own)
+        os.close(own)
 
 
 def spawn(
