@@ -24,8 +24,7 @@ from nomad_vm.driver.guest_terminal import OutputSink, TerminalInput, run_termin
 from nomad_vm.driver.image_fetch import ImageFetcher, gc_periodically
 from nomad_vm.driver.journal import TaskJournal
 from nomad_vm.driver.journal_store import JournalStore
-from nomad_vm.driver.ksm import KsmOutcome, apply_ksm, ksm_start_event
-from nomad_vm.driver.memory_guest import onlining_note
+from nomad_vm.driver.ksm import KsmOutcome, apply_ksm
 from nomad_vm.driver.networking import NetworkManager
 from nomad_vm.driver.pause import deliver_signal, resume_before_stop
 from nomad_vm.driver.recorder import TaskRecorder
@@ -40,6 +39,7 @@ from nomad_vm.driver.replay import undo_host_changes
 from nomad_vm.driver.runtime_dir import remove_run_dir_if_empty, runtime_dir
 from nomad_vm.driver.snapshot_tasks import after_start, save_on_stop, with_restore
 from nomad_vm.driver.snapshots import arm as arm_snapshots
+from nomad_vm.driver.start_events import planned_events, started_events
 from nomad_vm.driver.start_steps import run_start_steps
 from nomad_vm.driver.startup import StartPlan, plan_start
 from nomad_vm.driver.stats import CpuRate
@@ -149,18 +149,11 @@ class VMDriver:
                 busy = {*self._tasks, *self._starting}
                 await self._undo_stale(ended_orphans(self.journals.all(), busy), "VM ended")
             self._config_changed.clear()
-            default = self._default_backend()
+            default = self.backends.preferred(self.config.hypervisor)
             others = [self.backends.get(n) for n in self.backends.names if n != default.name]
             yield await fingerprint_async(self.config, default, others, self._ksm)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._config_changed.wait(), FINGERPRINT_PERIOD)
-
-    def _default_backend(self) -> Hypervisor:
-        """The plugin's `hypervisor` (when this plugin has it), else the registry's default."""
-        name = self.config.hypervisor
-        if name is not None and name in self.backends.names:
-            return self.backends.get(name)
-        return self.backends.default()
 
     # --- task lifecycle ---------------------------------------------------------------------
 
@@ -209,14 +202,8 @@ class VMDriver:
     async def _start_planned(
         self, task: TaskConfig, plan: StartPlan, backend: Hypervisor
     ) -> tuple[TaskHandle, NetworkOverride | None]:
-        if plan.vm_plan.shares and plan.vm_plan.share_transport.fallback:
-            self.events.emit(task, f"Shares use {plan.vm_plan.share_transport.reason}")
-        ksm_event = ksm_start_event(self.config.ksm, self._ksm, plan.vm_plan)
-        if ksm_event is not None:
-            self.events.emit(task, ksm_event)
-        for note in (*plan.vm_plan.notes, onlining_note(plan)):
-            if note is not None:
-                self.events.emit(task, note)
+        for note in planned_events(plan, self.config, self._ksm):
+            self.events.emit(task, note)
         # A start of this very id that a dead plugin left half done: undo it first.
         await self._undo_leftover(task.id)
         # And earlier starts of this task Nomad gave up on (a VM may still run for them).
@@ -249,17 +236,8 @@ class VMDriver:
         entry = VMTask(task, started.vm, recorder.journal, self.events, backend.capabilities)
         self._tasks[task.id] = entry
         entry.start_watching()
-        vmm = recorder.journal.vmm
-        accel = plan.vm_plan.accelerator
-        request = plan.vm_plan.request
-        self.events.emit(
-            task,
-            f"VM started: {request.vcpus} vCPU, {request.memory_mb} MB, accelerator {accel.name}",
-            {"pid": str(vmm.pid if vmm else ""), "accelerator_reason": accel.reason},
-        )
-        if started.vm.vcpu_pinning:
-            pins = ", ".join(f"vCPU {v} on CPU {c}" for v, c in started.vm.vcpu_pinning)
-            self.events.emit(task, f"vCPUs pinned to the reserved cores: {pins}")
+        for message, details in started_events(plan, started.vm, recorder.journal):
+            self.events.emit(task, message, details or None)
         handle = TaskHandle(HANDLE_VERSION, TaskState.RUNNING, recorder.journal.encode())
         network = started.network
         return handle, network.override if network is not None else None

@@ -60,3 +60,8 @@ class HypervisorRegistry:
 
     def default(self) -> Hypervisor:
         return self.get(self.default_name)
+
+    def preferred(self, name: str | None) -> Hypervisor:
+        """The backend ``name`` (a plugin's `hypervisor`) when this registry has it, else the
+        default."""
+        return self.get(name) if name is not None and name in self.names else self.default()
