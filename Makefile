@@ -61,7 +61,8 @@ cluster-stop:
 
 # The whole suite: unit, integration (real QEMU under TCG) and e2e (a real Nomad agent).
 # TEST_JOBS test files run at once (pytest-xdist; each file stays on one worker, so a file's
-# shared agent or guest is made once); TEST_JOBS=0 runs them one by one.
+# shared agent or guest is made once; tests/conftest.py says which run one after another);
+# TEST_JOBS=0 runs them one by one.
 TEST_JOBS ?= 2
 test: setup
 	$(PY) -m pytest -q -ra -n $(TEST_JOBS) --dist loadfile --durations=25 tests

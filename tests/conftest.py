@@ -10,11 +10,49 @@ import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+# The order in which test directories run: those booting guests first, the quick unit tests
+# last, so that `make test`'s two workers (pytest-xdist) finish together instead of one of them
+# running the slowest files alone at the end.
+DIRECTORY_ORDER = ("seed_examples", "e2e", "integration", "conformance", "unit")
+# Directories whose files run one after another on one worker, never beside each other: the
+# seed examples' agents reserve cores (`resources { cores }`) in the Nomad client's cpuset
+# partition, which every agent on a host shares, and boot several Debian guests at once.
+SERIAL_DIRECTORIES = ("seed_examples",)
+
+
+def _top_directory(path: str) -> str:
+    parts = path.split("/")
+    return parts[1] if len(parts) > 2 and parts[0] == "tests" else ""
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    def rank(item: pytest.Item) -> int:
+        top = _top_directory(item.path.relative_to(REPO).as_posix())
+        return DIRECTORY_ORDER.index(top) if top in DIRECTORY_ORDER else len(DIRECTORY_ORDER)
+
+    items.sort(key=rank)  # stable: a file's tests keep their order, and stay together
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """pytest-xdist's unit of work is a file (its module-scoped agent or guest is made once),
+    or a whole directory of SERIAL_DIRECTORIES."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class FileScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            path = nodeid.split("::", 1)[0]
+            top = _top_directory(path)
+            return top if top in SERIAL_DIRECTORIES else path
+
+    return FileScheduling(config, log)
 
 
 def guest_cache() -> Path:

@@ -37,7 +37,7 @@ def test_ten_concurrent_tasks_share_one_download(
         assert entry.sha256 == sha and entry.complete
         assert sorted(entry.users) == sorted(t.id for t in tasks)
         for t in tasks:
-            disk = next((Path(t.alloc_dir) / "tiny").glob("nomad-vm-*/disk.qcow2"))
+            disk = node.runtime(t) / "disk.qcow2"
             info = subprocess.run(
                 [str(find_qemu_img()), "info", "-U", "--output=json", str(disk)],
                 capture_output=True,

@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from nomad_vm.driver.driver import VMDriver
+from nomad_vm.driver.runtime_dir import runtime_dir
 from nomad_vm.driver.types import TaskConfig
 from nomad_vm.storage.image_store import ImageStore
 from nomad_vm.storage.tools import find_qemu_img
@@ -72,9 +73,15 @@ class Node:
         }
         return tiny_task_config(self.root / name, ALLOC, name, config)
 
+    def runtime(self, task: TaskConfig) -> Path:
+        """Where the driver keeps the task's runtime dir: in its task dir, or under data_dir
+        when the path would be too long for sockets (pytest's tmp_path under xdist)."""
+        return runtime_dir(task, self.root / "data")
+
     def leftovers(self, task: TaskConfig) -> list[Path]:
         """Whatever the task's start left: runtime dirs, its journal, leases, partial files."""
         found = list((Path(task.alloc_dir) / "tiny").glob("nomad-vm-*"))
+        found += list((self.root / "data").glob("run/*"))
         found += list((self.root / "data").glob("journal/*"))
         found += list(self.store.root.glob("leases/*/*"))
         found += list(self.store.root.glob("partial/*"))
