@@ -15,6 +15,8 @@ from typing import Any
 import psutil
 import pytest
 
+from nomad_vm.driver.snapshot_seal import KEY_FILE
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -180,9 +182,10 @@ def wait_until(predicate: Callable[[], object], timeout: float, every: float = 0
 
 def task_state_in(data_dir: Path) -> list[Path]:
     """What the plugin keeps in ``data_dir`` for tasks (journals, leases, runtime dirs, ...):
-    everything except its control socket's directory, which lives as long as the plugin
-    process does (``nomad_vm.control``), not as long as any task."""
+    everything except the node's own: its control socket's directory, which lives as long as
+    the plugin process does (``nomad_vm.control``), and the key sealing snapshots, made at the
+    first one (``driver.snapshot_seal``), not as long as any task."""
     if not data_dir.exists():
         return []
-    control = {"control"} | {p.name for p in data_dir.glob("control-*")}
-    return [p for p in data_dir.rglob("*") if p.relative_to(data_dir).parts[0] not in control]
+    node = {"control", KEY_FILE} | {p.name for p in data_dir.glob("control-*")}
+    return [p for p in data_dir.rglob("*") if p.relative_to(data_dir).parts[0] not in node]

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from nomad_vm.control.protocol import ProtocolError, decode_request
+from nomad_vm.driver import snapshot_seal, snapshots
 from nomad_vm.driver import snapshot_store as store
-from nomad_vm.driver import snapshots
 from nomad_vm.driver.startup import StartPlan
 from nomad_vm.errors import ConfigError, HypervisorError
 from nomad_vm.vm.qemu.argv import qemu_argv
@@ -60,8 +60,18 @@ def test_differences_name_each_changed_part() -> None:
     assert snapshots.differences(saved, dict(saved)) == []
 
 
-def save_fake_snapshot(start: StartPlan, record_machine: dict[str, object]) -> Path:
-    """A complete snapshot as ``snapshots.save`` leaves it (its state is not QEMU's here)."""
+KEY = b"k" * 32
+
+
+def key() -> bytes:
+    return KEY
+
+
+def save_fake_snapshot(
+    start: StartPlan, record_machine: dict[str, object], sealed_with: bytes | None = KEY
+) -> Path:
+    """A complete snapshot as ``snapshots.save`` leaves it (its state is not QEMU's here);
+    ``sealed_with`` None: as a job could plant one (no seal)."""
     directory = task_dir(Path(start.task.alloc_dir).parent)
     fd = store.begin_snapshot(directory)
     try:
@@ -76,6 +86,9 @@ def save_fake_snapshot(start: StartPlan, record_machine: dict[str, object]) -> P
             "saved_at": 0.0,
             "state_bytes": 5,
         }
+        if sealed_with is not None:
+            names = [store.STATE_FILE, "disk.qcow2"]
+            record = snapshot_seal.seal(record, fd, names, sealed_with)
         snapshots._write_record(fd, record)
     finally:
         os.close(fd)
@@ -89,7 +102,7 @@ def test_a_matching_snapshot_is_found_and_a_different_one_refused_and_removed(
     task_dir(tmp_path)
     start = plan(tmp_path, {})
     where = save_fake_snapshot(start, snapshots.machine_record(start))
-    found = snapshots.find_restore(start)
+    found = snapshots.find_restore(start, key)
     assert found.refused is None and found.restore is not None
     assert found.restore.files == ("disk.qcow2",)
     run_dir = tmp_path / "rundir"
@@ -103,9 +116,12 @@ def test_a_matching_snapshot_is_found_and_a_different_one_refused_and_removed(
 
     machine = snapshots.machine_record(start)
     save_fake_snapshot(start, {**machine, "memory_mb": machine["memory_mb"] + 64})
-    found = snapshots.find_restore(start)
+    found = snapshots.find_restore(start, key)
     assert found.restore is None
-    assert found.refused == f"memory_mb: {machine['memory_mb'] + 64} then, 128 now"
+    assert found.refused == (
+        "the task's machine differs from the one saved: "
+        f"memory_mb: {machine['memory_mb'] + 64} then, 128 now"
+    )
     assert not where.exists()
 
 
@@ -114,14 +130,50 @@ def test_an_unreadable_snapshot_is_refused_and_removed(tmp_path: Path) -> None:
     start = plan(tmp_path, {})
     where = save_fake_snapshot(start, snapshots.machine_record(start))
     (where / store.RECORD_FILE).write_text("{not json")
-    found = snapshots.find_restore(start)
+    found = snapshots.find_restore(start, key)
     assert found.restore is None and found.refused is not None
-    assert "cannot be read" in found.refused
+    assert "cannot be used" in found.refused
     assert not where.exists()
 
 
+@pytest.mark.parametrize("sealed_with", [None, b"o" * 32])
+def test_a_snapshot_this_plugin_did_not_seal_is_refused(
+    tmp_path: Path, sealed_with: bytes | None
+) -> None:
+    """Planted in local/ by a job's template or artifact (no seal), or sealed under another
+    node's key: never handed to QEMU."""
+    task_dir(tmp_path)
+    start = plan(tmp_path, {})
+    where = save_fake_snapshot(start, snapshots.machine_record(start), sealed_with)
+    found = snapshots.find_restore(start, key)
+    assert found.restore is None and found.refused is not None
+    assert "not written by this node's plugin" in found.refused
+    assert not where.exists()
+
+
+def test_a_sealed_snapshot_whose_file_changed_is_refused(tmp_path: Path) -> None:
+    """The seal covers each file's content: a disk overlay swapped afterwards is refused."""
+    task_dir(tmp_path)
+    start = plan(tmp_path, {})
+    where = save_fake_snapshot(start, snapshots.machine_record(start))
+    (where / "disk.qcow2").write_bytes(b"a crafted overlay")
+    found = snapshots.find_restore(start, key)
+    assert found.restore is None
+    assert found.refused == "it cannot be used: its file disk.qcow2 changed since it was saved"
+
+
+def test_the_node_key_is_made_once_private_and_checked(tmp_path: Path) -> None:
+    first = snapshot_seal.node_key(tmp_path)
+    assert snapshot_seal.node_key(tmp_path) == first and len(first) == 32
+    path = tmp_path / snapshot_seal.KEY_FILE
+    assert path.stat().st_mode & 0o777 == 0o600
+    path.chmod(0o644)
+    with pytest.raises(HypervisorError, match="mode 0600"):
+        snapshot_seal.node_key(tmp_path)
+
+
 def test_no_snapshot_is_no_restore(tmp_path: Path) -> None:
-    assert snapshots.find_restore(plan(tmp_path, {})) == snapshots.Found(None)
+    assert snapshots.find_restore(plan(tmp_path, {}), key) == snapshots.Found(None)
 
 
 def test_the_snapshot_dir_is_private_and_never_a_symlink(tmp_path: Path) -> None:

@@ -44,9 +44,15 @@ _UCRED = struct.Struct("3i")
 
 
 class ControlServer:
-    def __init__(self, path: Path, tasks: Callable[[], Mapping[str, VMTask]]) -> None:
+    def __init__(
+        self,
+        path: Path,
+        tasks: Callable[[], Mapping[str, VMTask]],
+        snapshot_key: Callable[[], bytes],
+    ) -> None:
         self.path = path
         self._tasks = tasks
+        self._snapshot_key = snapshot_key
         self._server: asyncio.base_events.Server | None = None
         self._inode: int | None = None
         # Open connections, closed with the server: a client that keeps its connection open
@@ -140,7 +146,7 @@ class ControlServer:
         elif request.op == "resume":
             await resume_task(entry)
         elif request.op == "snapshot":
-            saved = await snapshot_now(entry)
+            saved = await snapshot_now(entry, self._snapshot_key)
             return {**saved, "vm": await details(entry)}
         return await details(entry)
 
@@ -168,8 +174,11 @@ class ControlService:
     moved when the data_dir changes, closed with the driver. A failure to serve is logged and
     never fails the driver's own work (VMs run without an operator view)."""
 
-    def __init__(self, tasks: Callable[[], Mapping[str, VMTask]]) -> None:
+    def __init__(
+        self, tasks: Callable[[], Mapping[str, VMTask]], snapshot_key: Callable[[], bytes]
+    ) -> None:
         self._tasks = tasks
+        self._snapshot_key = snapshot_key
         self._server: ControlServer | None = None
         self._lock = asyncio.Lock()
 
@@ -178,7 +187,7 @@ class ControlService:
             if self._server is not None and self._server.path == path:
                 return
             await self._close()
-            server = ControlServer(path, self._tasks)
+            server = ControlServer(path, self._tasks, self._snapshot_key)
             try:
                 await server.start()
             except (OSError, NomadVMError) as exc:

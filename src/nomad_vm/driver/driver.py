@@ -37,6 +37,7 @@ from nomad_vm.driver.recovery import (
 )
 from nomad_vm.driver.replay import undo_host_changes
 from nomad_vm.driver.runtime_dir import remove_run_dir_if_empty, runtime_dir
+from nomad_vm.driver.snapshot_seal import node_key
 from nomad_vm.driver.snapshot_tasks import after_start, save_on_stop, with_restore
 from nomad_vm.driver.snapshots import arm as arm_snapshots
 from nomad_vm.driver.start_events import planned_events, started_events
@@ -97,7 +98,7 @@ class VMDriver:
         self._images_gc: asyncio.Task[None] | None = None
         self._ksm = KsmOutcome()
         # The operator's control socket (`nomad-vm vm ...`): the plugin process serves one.
-        self._control = ControlService(lambda: self._tasks) if control else None
+        self._control = ControlService(lambda: self._tasks, self._snapshot_key) if control else None
 
     # --- plugin configuration -------------------------------------------------------------
 
@@ -124,6 +125,10 @@ class VMDriver:
         if self._images is None:
             self._images = ImageFetcher(ImageStore(self.config.data_dir), self.config.image_cache)
         return self._images
+
+    def _snapshot_key(self) -> bytes:
+        """The node's key sealing snapshots (``snapshot_seal``): only ours are resumed."""
+        return node_key(self.config.data_dir)
 
     def task_config_schema(self) -> Schema:
         return schema.TASK_CONFIG
@@ -186,7 +191,7 @@ class VMDriver:
         try:
             run_dir = runtime_dir(task, self.config.data_dir)
             plan = await plan_start(task, self.config, self.agent, run_dir, self.backends)
-            plan = await with_restore(plan, self.events)
+            plan = await with_restore(plan, self.events, self._snapshot_key)
             return await self._start_planned(task, plan, plan.backend)
         except BaseException as exc:
             error = exc
@@ -303,7 +308,7 @@ class VMDriver:
         entry = self._tasks.get(task_id)
         if entry is None:
             return  # already gone: Nomad retries stops, and a stopped task is what it wants
-        if await save_on_stop(entry):
+        if await save_on_stop(entry, self._snapshot_key):
             return
         await resume_before_stop(entry)
         await entry.stop(timeout)

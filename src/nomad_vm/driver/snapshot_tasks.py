@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -22,15 +23,14 @@ MIB = 1 << 20
 WHERE = f"local/{SNAPSHOT_DIR}"
 
 
-async def with_restore(plan: StartPlan, events: EventBus) -> StartPlan:
+async def with_restore(plan: StartPlan, events: EventBus, key: Callable[[], bytes]) -> StartPlan:
     """The plan, resuming the task's snapshot when one matches it; a refused one is said in
     a task event (and removed: the VM boots)."""
-    found = await asyncio.to_thread(snapshots.find_restore, plan)
+    found = await asyncio.to_thread(snapshots.find_restore, plan, key)
     if found.refused is not None:
         events.emit(
             plan.task,
-            f"Snapshot refused, the VM boots instead (the snapshot is removed): the task's "
-            f"machine differs from the one saved: {found.refused}",
+            f"Snapshot refused, the VM boots instead (the snapshot is removed): {found.refused}",
         )
     if found.restore is None:
         return plan
@@ -54,7 +54,7 @@ async def after_start(plan: StartPlan, events: EventBus, error: BaseException | 
         )
 
 
-async def save_on_stop(entry: VMTask) -> bool:
+async def save_on_stop(entry: VMTask, key: Callable[[], bytes]) -> bool:
     """StopTask of a `snapshot_on_stop` task: save the VM, then end its VMM. False when the
     task does not save (or the save failed: the caller then stops the VM as usual)."""
     vm = entry.vm
@@ -66,7 +66,7 @@ async def save_on_stop(entry: VMTask) -> bool:
         return False
     task_dir = Path(entry.config.task_dir)
     try:
-        saved = await snapshots.save(vm, task_dir, runtime_dir, setup, keep_running=False)
+        saved = await snapshots.save(vm, task_dir, runtime_dir, setup, keep_running=False, key=key)
     except (NomadVMError, OSError) as exc:
         log.warning("saving the VM of %s failed: %s", entry.config.id, exc)
         entry.emit(f"Snapshot failed ({exc}): the VM is stopped without one")
@@ -81,7 +81,7 @@ async def save_on_stop(entry: VMTask) -> bool:
     return True
 
 
-async def snapshot_now(entry: VMTask) -> dict[str, object]:
+async def snapshot_now(entry: VMTask, key: Callable[[], bytes]) -> dict[str, object]:
     """`nomad-vm vm snapshot`: save the running VM now, copying its disks, and let it run on
     (a paused one stays paused). The next start of the task resumes this state, unless a
     stop with `snapshot_on_stop` saves a newer one first."""
@@ -100,7 +100,7 @@ async def snapshot_now(entry: VMTask) -> dict[str, object]:
         )
     task_dir = Path(entry.config.task_dir)
     try:
-        saved = await snapshots.save(vm, task_dir, runtime_dir, setup, keep_running=True)
+        saved = await snapshots.save(vm, task_dir, runtime_dir, setup, keep_running=True, key=key)
     except OSError as exc:
         raise HypervisorError(f"snapshot: {exc}") from exc
     where = task_dir / "local" / SNAPSHOT_DIR

@@ -23,11 +23,13 @@ import json
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from nomad_vm.driver import snapshot_seal as sealing
 from nomad_vm.driver import snapshot_store as store
 from nomad_vm.driver.snapshot_store import Restore
 from nomad_vm.driver.startup import StartPlan
@@ -158,9 +160,10 @@ class Found:
     refused: str | None = None
 
 
-def find_restore(plan: StartPlan) -> Found:
-    """The task's snapshot, if one matches the machine the task asks for now; a refused one
-    is removed (and why is said in ``refused``)."""
+def find_restore(plan: StartPlan, key: Callable[[], bytes]) -> Found:
+    """The task's snapshot, if one matches the machine the task asks for now and carries the
+    seal of this node's plugin (``snapshot_seal``, ``key``); a refused one is removed (and why
+    is said in ``refused``)."""
     task_dir = Path(plan.task.task_dir)
     fd = store.open_snapshot(task_dir)
     if fd is None:
@@ -174,13 +177,16 @@ def find_restore(plan: StartPlan) -> Found:
         if problems:
             os.close(fd)
             store.remove_snapshot(task_dir)
-            return Found(None, "; ".join(problems))
+            return Found(
+                None, "the task's machine differs from the one saved: " + "; ".join(problems)
+            )
+        sealing.check(record, fd, key())
         files = tuple(str(name) for name in record["files"])
         return Found(Restore(fd, files, float(record["saved_at"]), int(record["state_bytes"])))
     except (HypervisorError, OSError, ValueError, KeyError, TypeError) as exc:
         os.close(fd)
         store.remove_snapshot(task_dir)
-        return Found(None, f"it cannot be read ({exc})")
+        return Found(None, f"it cannot be used: {exc}")
 
 
 def _load_record(dir_fd: int) -> dict[str, Any]:
@@ -217,6 +223,7 @@ async def save(
     setup: dict[str, Any],
     *,
     keep_running: bool,
+    key: Callable[[], bytes],
 ) -> int:
     """Save the VM's state and its files into the task's snapshot directory; the bytes of
     memory state. The VM is paused for it; with ``keep_running`` its files are copied and it
@@ -243,6 +250,8 @@ async def save(
             "saved_at": time.time(),
             "state_bytes": state_bytes,
         }
+        names = [store.STATE_FILE, *files]
+        record = await asyncio.to_thread(sealing.seal, record, dir_fd, names, key())
         await asyncio.to_thread(_write_record, dir_fd, record)
         await asyncio.to_thread(store.commit_snapshot, task_dir)
     except BaseException:
