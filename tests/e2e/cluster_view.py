@@ -19,7 +19,7 @@ import psutil
 from pyroute2 import IPRoute
 
 from nomad_vm.cluster.agents import ClusterAgent
-from nomad_vm.cluster.bed import TAP_PREFIX, ClusterBed
+from nomad_vm.cluster.bed import TAP_PREFIX, ClusterBed, processes_in
 from nomad_vm.network.names import is_owner_tag
 from nomad_vm.network.netns import run_in
 from tests.conftest import CGROUP_ROOT, task_state_in
@@ -53,7 +53,7 @@ def client_view(agent: ClusterAgent) -> ClientView:
     netns = agent.config.netns
     assert netns is not None
     view = ClientView(agent.config.name)
-    for proc in _processes_in(netns):
+    for proc in processes_in(netns):
         try:
             if not proc.name().startswith("qemu-system"):
                 continue
@@ -79,17 +79,6 @@ def client_view(agent: ClusterAgent) -> ClientView:
 
 def bed_view(bed: ClusterBed) -> dict[str, ClientView]:
     return {c.config.name: client_view(c) for c in bed.clients}
-
-
-def _processes_in(netns: str) -> list[psutil.Process]:
-    out = subprocess.run(
-        ["ip", "netns", "pids", netns], capture_output=True, text=True, timeout=30, check=False
-    )
-    found = []
-    for pid in out.stdout.split():
-        with contextlib.suppress(psutil.Error):
-            found.append(psutil.Process(int(pid)))
-    return found
 
 
 def _descriptors(pid: int) -> list[str]:

@@ -210,7 +210,7 @@ def teardown(workdir: Path) -> list[str]:
         return []
     namespaces = [str(n) for n in state["namespaces"]]
     _stop_relay(state.get("relay_pid"), namespaces[0])
-    procs = [p for ns in namespaces for p in _processes_in(ns)]
+    procs = [p for ns in namespaces for p in processes_in(ns)]
     cgroups = {c for p in procs for c in _task_cgroups_of(p.pid)}
     # Agents first, so that none launches a plugin again while the rest is killed.
     for proc in sorted(procs, key=lambda p: "nomad" not in p.name()):
@@ -218,7 +218,7 @@ def teardown(workdir: Path) -> list[str]:
             proc.send_signal(signal.SIGKILL)
     psutil.wait_procs(procs, timeout=15)
     for ns in namespaces:  # a process started in between (a plugin's helper) goes too
-        for proc in _processes_in(ns):
+        for proc in processes_in(ns):
             with contextlib.suppress(psutil.Error):
                 proc.kill()
                 proc.wait(10)
@@ -246,7 +246,8 @@ def _stop_relay(pid: object, core: str) -> None:
             proc.wait(10)
 
 
-def _processes_in(netns: str) -> list[psutil.Process]:
+def processes_in(netns: str) -> list[psutil.Process]:
+    """Every process in network namespace ``netns`` (`ip netns pids`)."""
     out = subprocess.run(
         ["ip", "netns", "pids", netns], capture_output=True, text=True, timeout=30, check=False
     )
