@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import subprocess
+import uuid
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -71,7 +72,10 @@ class Node:
             "cloud_init": False,
             **options,
         }
-        return tiny_task_config(self.root / name, ALLOC, name, config)
+        # Each task its own allocation, as Nomad would have it (one start of a task per
+        # allocation at a time: the driver takes another start of the same task as superseding).
+        alloc_id = str(uuid.uuid5(uuid.UUID(ALLOC), name))
+        return tiny_task_config(self.root / name, alloc_id, name, config)
 
     def runtime(self, task: TaskConfig) -> Path:
         """Where the driver keeps the task's runtime dir: in its task dir, or under data_dir

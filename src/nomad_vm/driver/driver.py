@@ -212,7 +212,7 @@ class VMDriver:
         # A start of this very id that a dead plugin left half done: undo it first.
         await self._undo_leftover(task.id)
         # And earlier starts of this task Nomad gave up on (a VM may still run for them).
-        stale = superseded_starts(self.journals.all(), task, self._tasks)
+        stale = superseded_starts(self.journals.all(), task, {*self._tasks, *self._starting})
         for journal in stale:
             self.events.emit(task, f"Stopping a VM an earlier start left ({journal.task_id})")
         await self._undo_stale(stale, f"superseded by {task.id}")

@@ -32,7 +32,8 @@ def superseded_starts(
     journals: list[TaskJournal], task: TaskConfig, running: Collection[str]
 ) -> list[TaskJournal]:
     """Journals of earlier starts of ``task`` (same allocation, same task name, another id)
-    that this plugin does not run (``running``: the ids it does).
+    that this plugin neither runs nor is starting (``running``: those ids; a start under way
+    is not stale, even of a task of the same name).
 
     Nomad gives every start of a task a new id (``<alloc>/<task>/<random>``) and runs one
     start of a task per allocation at a time. When a plugin dies and its successor dies too
