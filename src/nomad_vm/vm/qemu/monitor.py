@@ -31,6 +31,11 @@ class QemuEvent:
     data: dict[str, object] = field(default_factory=dict)
 
 
+# Seconds any QMP command may take: QEMU answers its commands at once (the long operations,
+# e.g. migrate, run in the background and are polled).
+COMMAND_TIMEOUT = 30.0
+
+
 class QemuMonitor:
     """One QMP connection held for a VM's lifetime: commands and lifecycle events.
 
@@ -53,9 +58,19 @@ class QemuMonitor:
         except (QMPError, OSError, TimeoutError) as exc:
             raise HypervisorError(f"cannot connect to QMP at {self.socket}: {exc}") from exc
 
-    async def execute(self, command: str, arguments: dict[str, object] | None = None) -> object:
+    async def execute(
+        self,
+        command: str,
+        arguments: dict[str, object] | None = None,
+        timeout: float = COMMAND_TIMEOUT,
+    ) -> object:
+        """QEMU's reply; HypervisorError when it fails or does not come within ``timeout``
+        (a VMM that stopped answering must not hold an RPC of Nomad's forever: a RecoverTask
+        that never returned once left its allocation pending)."""
         try:
-            return await self._client.execute(command, arguments)
+            return await asyncio.wait_for(self._client.execute(command, arguments), timeout)
+        except TimeoutError as exc:
+            raise HypervisorError(f"QMP {command}: no answer within {timeout:g}s") from exc
         except (QMPError, OSError) as exc:
             raise HypervisorError(f"QMP {command} failed: {exc}") from exc
 
