@@ -12,11 +12,14 @@ from pathlib import Path
 from nomad_vm.driver.control_server import ControlServer
 
 
+def no_key() -> bytes:
+    raise AssertionError("no test here snapshots a VM")
+
 def test_bound_root_only_answers_and_closes_despite_an_idle_client(tmp_path: Path) -> None:
     path = tmp_path / "data" / "control" / "control.sock"
 
     async def scenario() -> None:
-        server = ControlServer(path, dict)
+        server = ControlServer(path, dict, no_key)
         await server.start()
         assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
         assert stat.S_IMODE(os.stat(path.parent).st_mode) == 0o700
@@ -40,9 +43,9 @@ def test_a_stale_socket_is_replaced_and_a_newer_one_is_not_removed(tmp_path: Pat
     path = tmp_path / "control" / "control.sock"
 
     async def scenario() -> None:
-        first = ControlServer(path, dict)
+        first = ControlServer(path, dict, no_key)
         await first.start()
-        second = ControlServer(path, dict)  # a new plugin while the old one still runs
+        second = ControlServer(path, dict, no_key)  # a new plugin while the old one still runs
         await second.start()
         await first.close()
         assert path.exists(), "the old plugin must not remove the new one's socket"
