@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -75,16 +76,22 @@ def _counts(text: str) -> list[int]:
     return [int(n) for n in COUNT.findall(text)]
 
 
-def test_alloc_restart_resumes_the_vm_where_it_was(
-    agent: DevAgent,
-    tiny_guest,  # type: ignore[no-untyped-def]
-    tmp_path: Path,
-) -> None:
+def _counting_vm(agent: DevAgent, tiny_guest: Any, tmp_path: Path) -> str:
+    """The job's allocation, once its guest has counted to 5."""
     job = tmp_path / "snap.nomad.hcl"
     job.write_text(JOB.replace("CMDLINE", tiny_cmdline(tiny_guest.cmdline, COUNTER)))
     run_tiny_job(agent, job, tiny_guest)
     alloc_id = str(wait_alloc(agent, "vm-snap", {"running"})["ID"])
     assert wait_until(lambda: max(_counts(_logs(agent, alloc_id)), default=0) >= 5, 180)
+    return alloc_id
+
+
+def test_alloc_restart_resumes_the_vm_where_it_was(
+    agent: DevAgent,
+    tiny_guest,  # type: ignore[no-untyped-def]
+    tmp_path: Path,
+) -> None:
+    alloc_id = _counting_vm(agent, tiny_guest, tmp_path)
 
     agent.nomad("alloc", "restart", alloc_id, "tiny")
     assert wait_until(
@@ -122,12 +129,9 @@ def test_a_sticky_replacement_allocation_resumes_the_vm(
     tiny_guest,  # type: ignore[no-untyped-def]
     tmp_path: Path,
 ) -> None:
-    job = tmp_path / "snap.nomad.hcl"
-    job.write_text(JOB.replace("CMDLINE", tiny_cmdline(tiny_guest.cmdline, COUNTER)))
-    run_tiny_job(agent, job, tiny_guest)
-    first = str(wait_alloc(agent, "vm-snap", {"running"})["ID"])
-    assert wait_until(lambda: max(_counts(_logs(agent, first)), default=0) >= 5, 180)
+    first = _counting_vm(agent, tiny_guest, tmp_path)
 
+    job = tmp_path / "snap.nomad.hcl"  # the same job, a new revision: a new allocation
     run_job(agent, job, kernel=tiny_guest.vmlinux, initramfs=tiny_guest.initramfs, rev="2")
 
     def replacement() -> str | None:
