@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from nomad_vm.fields import Field, Schema
+from nomad_vm.schema.memory import MEMORY_FIELDS
 from nomad_vm.schema.seed_keys import OS_VARIANT, TASK_SEED_FIELDS
 from nomad_vm.schema.windows import NIC_MODEL, SEED_FILES, WINDOWS_FIELDS
 
@@ -134,39 +135,7 @@ TASK_CONFIG = Schema(
             "Hypervisor has no display and refuses anything but `none`.",
             choices=DISPLAYS,
         ),
-        Field(
-            "free_page_reporting",
-            "bool",
-            "The guest tells the host which of its memory it has freed (virtio-balloon's free "
-            "page reporting, `free-page-reporting=on`), and the host takes those pages back: "
-            "the VM's host memory shrinks after the guest frees memory, instead of staying at "
-            "its peak. Needs the guest's virtio_balloon driver (Linux 5.7+). Freed memory is "
-            "reported in 2 MiB blocks a few seconds after it is freed; touching it again costs "
-            "the guest a page fault. QEMU only (see docs/memory.md).",
-            default=False,
-        ),
-        Field(
-            "snapshot_on_stop",
-            "bool",
-            "When the task stops (StopTask: a restart, `nomad alloc restart`, an update), the VM "
-            "is paused and its memory and device state saved, with its disks, in the task's "
-            "`local/` directory (which Nomad keeps across restarts in the allocation and "
-            "migrates with `ephemeral_disk { migrate = true }`); the next start of the task "
-            "resumes it where it was instead of booting. A snapshot is used once, and refused "
-            "(the VM boots) when the task's machine changed meanwhile. QEMU only; not with "
-            "virtio-fs shares (see docs/operations.md).",
-            default=False,
-        ),
-        Field(
-            "hugepages",
-            "bool",
-            "Back the guest's RAM with the host's huge pages (hugetlbfs pages of the default "
-            "size, `memory-backend-memfd,hugetlb=on`, allocated when QEMU starts): fewer TLB "
-            "misses for the guest, and memory the host can neither swap nor merge (KSM). The "
-            "host must have enough free: reserve them with `vm.nr_hugepages`; a task that "
-            "does not fit is refused before anything is created. QEMU only.",
-            default=False,
-        ),
+        *MEMORY_FIELDS,
         Field(
             "os",
             "block",
