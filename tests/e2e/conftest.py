@@ -123,6 +123,13 @@ def wait_alloc(
     raise TimeoutError(f"job {job}: allocation status {last}, wanted {statuses}")
 
 
+def task_messages(agent: DevAgent, alloc_id: str, task: str) -> list[str]:
+    """The task's events as Nomad shows them (DisplayMessage), oldest first."""
+    alloc = agent.api(f"/v1/allocation/{alloc_id}")
+    events = alloc["TaskStates"][task]["Events"]  # type: ignore[index]
+    return [str(e.get("DisplayMessage", "")) for e in events]
+
+
 def wait_until_empty(directory: Path, timeout: float) -> bool:
     """True once the plugin data_dir ``directory`` is gone or holds no task's state (polled
     until ``timeout``); the plugin's control socket stays while the plugin runs."""

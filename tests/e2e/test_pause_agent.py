@@ -9,7 +9,7 @@ import pytest
 
 from nomad_vm.cli.devagent import DevAgent
 from tests.conftest import REPO, qemu_processes_under, wait_until
-from tests.e2e.conftest import run_tiny_job, wait_alloc, wait_until_empty
+from tests.e2e.conftest import run_tiny_job, task_messages, wait_alloc, wait_until_empty
 from tests.integration.test_control_socket import vm_json
 
 pytestmark = pytest.mark.e2e
@@ -17,9 +17,7 @@ RUNNING = "nomad-vm tiny guest: running"
 
 
 def _messages(agent: DevAgent, alloc_id: str) -> list[str]:
-    alloc = agent.api(f"/v1/allocation/{alloc_id}")
-    events = alloc["TaskStates"]["tiny"]["Events"]  # type: ignore[index]
-    return [str(e.get("DisplayMessage", "")) for e in events]
+    return task_messages(agent, alloc_id, "tiny")
 
 
 def _cpu_percent(agent: DevAgent, alloc_id: str) -> float:

@@ -17,7 +17,7 @@ import pytest
 from nomad_vm.cli.devagent import DevAgent
 from nomad_vm.guests.tiny import tiny_cmdline
 from tests.conftest import qemu_processes_under, wait_until
-from tests.e2e.conftest import run_job, run_tiny_job, wait_alloc, wait_until_empty
+from tests.e2e.conftest import run_job, run_tiny_job, task_messages, wait_alloc, wait_until_empty
 from tests.integration.test_control_socket import vm_json
 
 pytestmark = pytest.mark.e2e
@@ -63,9 +63,7 @@ job "vm-snap" {
 
 
 def _messages(agent: DevAgent, alloc_id: str) -> list[str]:
-    alloc = agent.api(f"/v1/allocation/{alloc_id}")
-    events = alloc["TaskStates"]["tiny"]["Events"]  # type: ignore[index]
-    return [str(e.get("DisplayMessage", "")) for e in events]
+    return task_messages(agent, alloc_id, "tiny")
 
 
 def _logs(agent: DevAgent, alloc_id: str) -> str:
