@@ -183,8 +183,10 @@ def test_console_of_a_guest_without_agent(
         term.send(b"echo no-agent-$((7*6))\r")
         term.expect(b"no-agent-42", 60)
         assert console_clients(agent) == 1
-        # The Nomad CLI's escape: ~. at the start of a line ends the session.
-        term.send(b"\r~.")
+        # The Nomad CLI's escape: ~. at the start of a line (the command's Enter was the last
+        # key) ends the session. It tells the plugin nothing and makes the guest print nothing:
+        # only the plugin's idle probe (driver_service.IDLE_PROBE) finds out the user has gone.
+        term.send(b"~.")
         term.wait(30)
     finally:
         term.close()

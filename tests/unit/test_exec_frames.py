@@ -8,6 +8,7 @@ a websocket close frame, so refusals must arrive as output plus a shell's exit c
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ from nomad_vm.driver.guest_exec import ExecOutcome, StdinReader, exec_in_guest
 from nomad_vm.driver.guest_terminal import OutputSink, TerminalInput
 from nomad_vm.driver.port import DriverPort
 from nomad_vm.driver.task import VMTask
+from nomad_vm.plugin import driver_service
 from nomad_vm.plugin.driver_service import DriverService, Lifecycle
 from nomad_vm.plugin.exec_frames import CLOSE_TEXT_LIMIT
 from nomad_vm.plugin.proto import driver_pb2 as pb
@@ -101,28 +103,35 @@ def run_session(
         yield pb.ExecTaskStreamingRequest(stdin=pb.ExecTaskStreamingIOOperation(close=True))
 
     async def main() -> StreamEnd:
-        with tempfile.TemporaryDirectory(prefix="nvx-", dir="/tmp") as tmp:
-            socket = Path(tmp) / "s.sock"
-            server = grpc.aio.server()
-            servicer = DriverService(cast(DriverPort, driver), cast(Lifecycle, driver))
-            driver_pb2_grpc.add_DriverServicer_to_server(servicer, server)
-            server.add_insecure_port(f"unix:{socket}")
-            await server.start()
+        async with serving(driver) as stub:
             frames: list[pb.ExecTaskStreamingResponse] = []
+            call = stub.ExecTaskStreaming(requests())
             try:
-                async with grpc.aio.insecure_channel(f"unix:{socket}") as channel:
-                    call = driver_pb2_grpc.DriverStub(channel).ExecTaskStreaming(requests())
-                    try:
-                        async with asyncio.timeout(10):
-                            async for frame in call:
-                                frames.append(frame)
-                    except grpc.aio.AioRpcError as exc:
-                        return StreamEnd(frames, exc.code(), exc.details() or "")
-                    return StreamEnd(frames, await call.code(), await call.details())
-            finally:
-                await server.stop(None)
+                async with asyncio.timeout(10):
+                    async for frame in call:
+                        frames.append(frame)
+            except grpc.aio.AioRpcError as exc:
+                return StreamEnd(frames, exc.code(), exc.details() or "")
+            return StreamEnd(frames, await call.code(), await call.details())
 
     return asyncio.run(main())
+
+
+@contextlib.asynccontextmanager
+async def serving(driver: FakeDriver) -> AsyncIterator[driver_pb2_grpc.DriverStub]:
+    """The servicer on a real grpc.aio server over a unix socket, and a client for it."""
+    with tempfile.TemporaryDirectory(prefix="nvx-", dir="/tmp") as tmp:
+        socket = Path(tmp) / "s.sock"
+        server = grpc.aio.server()
+        servicer = DriverService(cast(DriverPort, driver), cast(Lifecycle, driver))
+        driver_pb2_grpc.add_DriverServicer_to_server(servicer, server)
+        server.add_insecure_port(f"unix:{socket}")
+        await server.start()
+        try:
+            async with grpc.aio.insecure_channel(f"unix:{socket}") as channel:
+                yield driver_pb2_grpc.DriverStub(channel)
+        finally:
+            await server.stop(None)
 
 
 def refuse(exc: Exception) -> Callable[..., Awaitable[ExecOutcome]]:
@@ -215,6 +224,44 @@ def test_the_console_command_streams_without_a_tty_too() -> None:
     )
     assert end.stream("stdout") == b"login: " and end.exit_code == 0
     assert end.closes("stdout") == 1 and end.closes("stderr") == 1
+
+
+def test_a_quiet_session_probes_the_client_and_ends_when_the_client_has_gone(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Nomad cancels a plugin's stream only when forwarding output fails (the user's `~.` tells
+    the plugin nothing): a silent console must still learn that nobody is attached."""
+    monkeypatch.setattr(driver_service, "IDLE_PROBE", 0.05)
+    ended = asyncio.Event()
+
+    async def silent(on_output: OutputSink) -> ExecOutcome:
+        try:
+            await asyncio.Event().wait()
+        finally:
+            ended.set()
+        raise AssertionError("unreachable")
+
+    async def requests() -> AsyncIterator[pb.ExecTaskStreamingRequest]:
+        setup = pb.ExecTaskStreamingRequest.Setup(
+            task_id="t1", command=["nomad-vm:console"], tty=True
+        )
+        yield pb.ExecTaskStreamingRequest(setup=setup)
+        await asyncio.Event().wait()
+
+    async def main() -> pb.ExecTaskStreamingResponse:
+        async with serving(FakeDriver(terminal_impl=silent)) as stub:
+            call = stub.ExecTaskStreaming(requests())
+            async with asyncio.timeout(10):
+                probe = await anext(aiter(call))
+                assert not ended.is_set()
+                # What Nomad does when it cannot forward that frame to a departed user.
+                call.cancel()
+                await ended.wait()
+            return probe
+
+    probe = asyncio.run(main())
+    assert probe.HasField("stdout") and probe.stdout.data == b"" and not probe.stdout.close
+    assert not probe.exited
 
 
 @pytest.mark.parametrize("tty", [False, True])

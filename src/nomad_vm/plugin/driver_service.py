@@ -40,6 +40,13 @@ SHUTDOWN_TIMEOUT = 2.0
 SHUTDOWN_MARGIN = 0.3
 # Output frames (1 KiB each) an interactive session may have waiting for the client.
 FRAME_BACKLOG = 64
+# An interactive session with no output for this long sends an empty output frame. Nomad tells
+# a plugin nothing when the user leaves (`~.`, a closed browser tab: its relay just stops
+# reading, plugins/drivers/client.go ExecTaskStreamingRaw) and cancels the stream only when
+# forwarding the next output fails; the probe is that output, so a quiet console or shell is
+# let go within seconds instead of at the guest's next word. Nomad's CLI and web UI skip
+# empty frames.
+IDLE_PROBE = 5.0
 
 
 class Lifecycle(Protocol):
@@ -255,7 +262,13 @@ class DriverService(driver_pb2_grpc.DriverServicer):
         try:
             while True:
                 getter = asyncio.ensure_future(frames.get())
-                done, _ = await asyncio.wait({getter, session}, return_when=FIRST_COMPLETED)
+                done, _ = await asyncio.wait(
+                    {getter, session}, timeout=IDLE_PROBE, return_when=FIRST_COMPLETED
+                )
+                if not done:
+                    getter.cancel()
+                    yield idle_probe_frame()
+                    continue
                 if getter not in done:
                     # Cancelling a get that was woken but has not run leaves its frame queued.
                     getter.cancel()
@@ -285,6 +298,13 @@ class DriverService(driver_pb2_grpc.DriverServicer):
         async with rpc_errors(context, "DestroyNetwork"):
             raise Unsupported("this driver does not create networks (must_create_network=false)")
         raise AssertionError("unreachable")
+
+
+def idle_probe_frame() -> pb.ExecTaskStreamingResponse:
+    """An output frame with no bytes (see IDLE_PROBE)."""
+    frame = pb.ExecTaskStreamingResponse()
+    frame.stdout.SetInParent()
+    return frame
 
 
 def terminal_input(message: pb.ExecTaskStreamingRequest) -> TerminalInput:
