@@ -29,6 +29,7 @@ import psutil
 from nomad_vm.driver.checkpoints import START_STEPS
 from nomad_vm.driver.driver import VMDriver
 from nomad_vm.driver.journal import TaskJournal
+from nomad_vm.driver.snapshot_seal import KEY_FILE
 from nomad_vm.driver.types import TaskConfig, TaskResources
 from nomad_vm.errors import HypervisorError
 from nomad_vm.guests.tiny import tiny_cmdline
@@ -66,7 +67,10 @@ def ch_unavailable() -> str:
         )
     return "; ".join(problems)
 
+
 RUNNING = b"nomad-vm tiny guest: running"
+# The tiny guest's counter (Behaviour.counts): its shell keeps N in memory.
+COUNTER = 'i=0; while true; do i=$((i+1)); echo "count $i"; sleep 0.2; done'
 BOOTED = b"nomad-vm tiny guest: booted"
 BOOT_TIMEOUT = 180.0
 # While no plugin watches, the guest acts this long after boot (QEMU: the tiny guest's sleep).
@@ -81,6 +85,8 @@ class Behaviour:
     then: str = ""
     # Only later: long enough for the test to send the plugin away first.
     later: bool = False
+    # Prints "count N" on its console every 0.2 s, N kept in guest memory (snapshots).
+    counts: bool = False
 
 
 RUNS = Behaviour()
@@ -178,10 +184,14 @@ class Kit:
         if self.simulated_guest:
             after = 3600.0 if behaviour.later else 0.0  # later: when the test says (act_now)
             words = fake.tokens(behaviour.ignores_acpi, behaviour.then, after)
+            if behaviour.counts:
+                words += " fake.count=1"
             return f"{self.guest.cmdline} {words}".strip()
         deaf = " nomadvm.ignore_acpi=1" if behaviour.ignores_acpi else ""
         base: str = self.guest.cmdline + deaf
         run = {"poweroff": "true", "panic": "echo c > /proc/sysrq-trigger", "reboot": "reboot -f"}
+        if behaviour.counts:
+            return tiny_cmdline(base, COUNTER)
         if not behaviour.then:
             return base
         command = run[behaviour.then]
@@ -273,6 +283,8 @@ class Kit:
     def files(self, task: TaskConfig, runtime_dir: Path | None = None) -> list[str]:
         """Files of the plugin's (journal, runtime dirs) still there; [] when clean."""
         left = [str(p) for p in self.data_dir.rglob("*")] if self.data_dir.exists() else []
+        # The node's snapshot key is the plugin's, made once for every task's snapshots.
+        left = [p for p in left if p != str(self.data_dir / KEY_FILE)]
         if runtime_dir is not None and runtime_dir.exists():
             left.append(str(runtime_dir))
         task_dir = Path(task.task_dir)

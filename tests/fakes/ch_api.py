@@ -9,7 +9,16 @@ ignore it). Used in-process (``serve_in_thread``) by the client tests, and by
 launches.
 
 Guest behaviour, as the tiny guest's and the in-process fake's: from the kernel command line,
-``nomadvm.ignore_acpi=1`` and ``fake.then=poweroff|panic|reboot`` with ``fake.after=<s>``.
+``nomadvm.ignore_acpi=1`` and ``fake.then=poweroff|panic|reboot`` with ``fake.after=<s>``;
+``fake.count=1``: the guest prints ``count N`` every 0.2 s while it runs (``memory`` holds N,
+so a snapshot carries it and a restore continues from it).
+
+``vm.snapshot`` and ``vm.restore`` work as CH's: the VM must be paused; the directory is named
+by a ``file://`` URL (relative to the VMM's working directory), must exist, and gets
+``config.json``, ``state.json`` (each device's state by device id, and the guest's memory)
+and ``memory-ranges``, each created anew; a restore reads them into a VMM without a VM,
+refuses a config whose devices are not those of the state, opens the devices as a boot does,
+and leaves the VM paused.
 """
 
 from __future__ import annotations
@@ -30,9 +39,11 @@ from typing import Any
 
 from nomad_vm.vm.cloud_hypervisor.model import (
     ModelError,
+    RestoreConfig,
     VmConfig,
     VmInfo,
     VmmPingResponse,
+    VmSnapshotConfig,
     VmState,
     from_json,
     to_json,
@@ -69,6 +80,9 @@ class FakeVmm:
     opened: list[int] = field(default_factory=list)
     # The vsock device's hybrid-vsock socket, bound at vm.boot when the VM has one.
     vsock: HybridVsock | None = None
+    # What the simulated guest keeps in its RAM (a snapshot saves it, a restore brings it back).
+    memory: dict[str, int] = field(default_factory=dict)
+    on_restore: Callable[[FakeVmm], None] = lambda vmm: None
 
     def __post_init__(self) -> None:
         if self.events_path is not None:
@@ -165,26 +179,116 @@ def _boot(vmm: FakeVmm, body: Any) -> tuple[int, Any]:
         return 500, "VmNotCreated"
     if vmm.running:
         return 500, "VmAlreadyBooted"
-    failure = _open_devices(vmm)
+    failure = _bring_up_devices(vmm)
     if failure:
         return 500, failure
+    vmm.event("vm", "booting")
+    vmm.running = True
+    vmm.event("vm", "booted")
+    vmm.on_boot(vmm)
+    return 204, None
+
+
+def _bring_up_devices(vmm: FakeVmm) -> str:
+    """What a boot and a restore open: files and TAPs, the vsock socket, each virtiofsd."""
+    assert vmm.config is not None
+    failure = _open_devices(vmm)
+    if failure:
+        return failure
     if vmm.config.vsock is not None and vmm.vsock is None:
         try:
             vmm.vsock = serve_vsock(vmm.config.vsock.socket)
         except OSError as exc:
-            return 500, f"Error creating virtio-vsock device: {exc}"
+            return f"Error creating virtio-vsock device: {exc}"
     for fs in vmm.config.fs or ():
         conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             conn.connect(fs.socket)
         except OSError as exc:
             conn.close()
-            return 500, f"Failed to connect to vhost-user backend {fs.socket}: {exc}"
+            return f"Failed to connect to vhost-user backend {fs.socket}: {exc}"
         vmm.vhost_user.append(conn)
-    vmm.event("vm", "booting")
-    vmm.running = True
-    vmm.event("vm", "booted")
-    vmm.on_boot(vmm)
+    return ""
+
+
+SNAPSHOT_CONFIG, SNAPSHOT_STATE, SNAPSHOT_MEMORY = "config.json", "state.json", "memory-ranges"
+# The simulated guest's RAM image: small, whatever the configured size.
+MEMORY_IMAGE = b"fake guest memory\n" * 1024
+
+
+def _device_ids(config: VmConfig) -> list[str]:
+    devices = [*(config.disks or ()), *(config.net or ()), *(config.fs or ())]
+    if config.vsock is not None:
+        devices.append(config.vsock)
+    return sorted(d.id or "" for d in devices)
+
+
+def _snapshot_dir(url: str) -> Path:
+    """CH's ``url_to_path``: what follows ``file://``, an existing directory."""
+    if not url.startswith("file://"):
+        raise ValueError(f"Could not extract path from URL: {url}")
+    path = Path(url[len("file://") :])
+    if not path.is_dir():
+        raise ValueError(f"Destination is not a directory: {str(path)!r}")
+    return path
+
+
+def _snapshot(vmm: FakeVmm, body: Any) -> tuple[int, Any]:
+    try:
+        request = from_json(VmSnapshotConfig, body, strict=True)
+    except ModelError as exc:
+        return 400, f"Error parsing VmSnapshotConfig: {exc}"
+    if not vmm.running or vmm.config is None:
+        return 500, "VmNotRunning"
+    if not vmm.paused:
+        return 500, "Error snapshotting VM: Trying to snapshot while VM is running"
+    try:
+        directory = _snapshot_dir(request.destination_url)
+        state = {"devices": _device_ids(vmm.config), "guest": vmm.memory}
+        for name, data in (
+            (SNAPSHOT_CONFIG, json.dumps(to_json(vmm.config)).encode()),
+            (SNAPSHOT_STATE, json.dumps(state).encode()),
+            (SNAPSHOT_MEMORY, MEMORY_IMAGE),
+        ):
+            with open(directory / name, "xb") as out:  # CH: create_new
+                out.write(data)
+    except (OSError, ValueError) as exc:
+        return 500, f"Error snapshotting VM: {exc}"
+    vmm.event("vm", "snapshotting")
+    vmm.event("vm", "snapshotted")
+    return 204, None
+
+
+def _restore(vmm: FakeVmm, body: Any) -> tuple[int, Any]:
+    try:
+        request = from_json(RestoreConfig, body, strict=True)
+    except ModelError as exc:
+        return 400, f"Error parsing RestoreConfig: {exc}"
+    if vmm.config is not None:
+        return 500, "VmAlreadyCreated"
+    try:
+        directory = _snapshot_dir(request.source_url)
+        config = from_json(
+            VmConfig, json.loads((directory / SNAPSHOT_CONFIG).read_bytes()), strict=True
+        )
+        state = json.loads((directory / SNAPSHOT_STATE).read_bytes())
+        if (directory / SNAPSHOT_MEMORY).read_bytes() != MEMORY_IMAGE:
+            raise ValueError("memory-ranges is not the guest's memory")
+    except (OSError, ValueError, ModelError) as exc:
+        return 500, f"Error restoring VM: {exc}"
+    if state["devices"] != _device_ids(config):
+        # CH finds each device's state by its id: a device without one cannot be restored.
+        return 500, f"Error restoring VM: devices {_device_ids(config)} != {state['devices']}"
+    vmm.config = config
+    failure = _bring_up_devices(vmm)
+    if failure:
+        vmm.config = None
+        return 500, f"Error restoring VM: {failure}"
+    vmm.event("vm", "restoring")
+    vmm.memory = dict(state["guest"])
+    vmm.running, vmm.paused = True, True
+    vmm.event("vm", "restored")
+    vmm.on_restore(vmm)
     return 204, None
 
 
@@ -304,6 +408,8 @@ ROUTES: dict[tuple[str, str], Callable[[FakeVmm, Any], tuple[int, Any]]] = {
     ("PUT", "vm.power-button"): _power_button,
     ("PUT", "vm.pause"): _pause,
     ("PUT", "vm.resume"): _resume,
+    ("PUT", "vm.snapshot"): _snapshot,
+    ("PUT", "vm.restore"): _restore,
     ("PUT", "vmm.shutdown"): _vmm_shutdown,
 }
 PREFIX = "/api/v1/"

@@ -22,6 +22,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 
 from tests.fakes.ch_api import VERSION, FakeVmm, serve_in_thread
@@ -67,7 +68,14 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     done = threading.Event()
     guest = Guest()
-    vmm = FakeVmm(None, args.no_shutdown, args.event_monitor, exit=done.set, on_boot=guest.booted)
+    vmm = FakeVmm(
+        None,
+        args.no_shutdown,
+        args.event_monitor,
+        exit=done.set,
+        on_boot=guest.booted,
+        on_restore=guest.restored,
+    )
     server = serve_in_thread(args.api_socket, vmm)
     signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=vmm.vmm_shutdown).start())
     signal.signal(signal.SIGUSR1, lambda *_: guest.act())
@@ -78,23 +86,51 @@ def main(argv: list[str]) -> int:
     return 0
 
 
+# How often the counting guest (``fake.count=1``) prints its next number.
+COUNT_EVERY = 0.2
+
+
 class Guest:
-    """The simulated guest: its console line at boot and its ``fake.then`` act."""
+    """The simulated guest: its console line at boot, its ``fake.then`` act, and its counter."""
 
     def __init__(self) -> None:
         self.vmm: FakeVmm | None = None
         self.then = ""
 
+    @staticmethod
+    def _words(vmm: FakeVmm) -> dict[str, str]:
+        cmdline = (vmm.config.payload.cmdline or "") if vmm.config else ""
+        return dict(w.split("=", 1) for w in cmdline.split() if "=" in w)
+
+    def restored(self, vmm: FakeVmm) -> None:
+        """Back from a snapshot: no boot, no console line; the counter goes on once resumed."""
+        self.vmm = vmm
+        if self._words(vmm).get("fake.count") == "1":
+            self._count(vmm)
+
+    def _count(self, vmm: FakeVmm) -> None:
+        def run() -> None:
+            while vmm.running:
+                with vmm.lock:
+                    if not vmm.paused:
+                        vmm.memory["count"] = vmm.memory.get("count", 0) + 1
+                        os.write(1, f"count {vmm.memory['count']}\n".encode())
+                time.sleep(COUNT_EVERY)
+
+        threading.Thread(target=run, name="counting guest", daemon=True).start()
+
     def booted(self, vmm: FakeVmm) -> None:
         self.vmm = vmm
         cmdline = (vmm.config.payload.cmdline or "") if vmm.config else ""
-        words = dict(w.split("=", 1) for w in cmdline.split() if "=" in w)
+        words = self._words(vmm)
         self.then = words.get("fake.then", "")
         # fake.agent_vsock=<port>: the guest's qemu-ga listens on that vsock port, as the seed's
         # unit makes a real guest's do.
         if vmm.vsock is not None and "fake.agent_vsock" in words:
             vmm.vsock.agent_port = int(words["fake.agent_vsock"])
         os.write(1, f"fake cloud-hypervisor guest: booted ({cmdline})\n".encode())
+        if words.get("fake.count") == "1":
+            self._count(vmm)
         after = float(words.get("fake.after", "0"))
         if self.then and after < 3600:
             threading.Timer(after, self.act).start()

@@ -31,14 +31,19 @@ def task_dir(tmp_path: Path) -> Path:
     return path
 
 
-def test_cloud_hypervisor_refuses_snapshot_on_stop_naming_option_and_backend(
+def test_cloud_hypervisor_saves_but_not_over_virtio_fs_naming_option_and_backend(
     tmp_path: Path,
 ) -> None:
+    ch = {"snapshot_on_stop": True, "hypervisor": "cloud-hypervisor"}
+    task_dir(tmp_path)  # its local/ is shared unless share_task_dirs = false
     with pytest.raises(ConfigError) as caught:
-        plan(tmp_path, {"snapshot_on_stop": True, "hypervisor": "cloud-hypervisor"})
+        plan(tmp_path, {**ch, "share_task_dirs": True})
     assert caught.value.field == "config.snapshot_on_stop"
-    assert "cloud-hypervisor" in caught.value.reason
+    reason = caught.value.reason
+    assert "virtio-fs" in reason and "cloud-hypervisor" in reason and "share_task_dirs" in reason
+    assert "9p" not in reason  # CH shares over virtio-fs only
     assert not (tmp_path / "run").exists()
+    assert plan(tmp_path, ch).vm.snapshot_on_stop
 
 
 def test_the_option_is_a_bool(tmp_path: Path) -> None:

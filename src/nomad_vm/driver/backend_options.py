@@ -176,8 +176,9 @@ def _unsupported(backend: str, value: str, supported: tuple[str, ...]) -> str:
 def check_snapshot_option(
     vm: VMTaskConfig, backend: str, caps: HypervisorCapabilities, vm_plan: VMPlan
 ) -> None:
-    """`snapshot_on_stop` needs a backend that saves snapshots, and no virtio-fs share: QEMU
-    cannot save a vhost-user-fs device's state (its file handles live in virtiofsd)."""
+    """`snapshot_on_stop` needs a backend that saves snapshots, and no virtio-fs share: a
+    vhost-user-fs device's state (its open files) lives in virtiofsd, which neither QEMU nor
+    Cloud Hypervisor can save."""
     if not vm.snapshot_on_stop:
         return
     if not caps.snapshot:
@@ -187,9 +188,11 @@ def check_snapshot_option(
             "snapshot_on_stop = false",
         )
     if vm_plan.shares and vm_plan.share_transport.name == "virtiofs":
+        way_out = "set share_task_dirs = false (and drop the task's volume_mounts)"
+        if "9p" in caps.share_transports:
+            way_out += ', or the plugin\'s share_transport = "9p"'
         raise ConfigError(
             "config.snapshot_on_stop",
-            "the VM's shared directories go over virtio-fs, whose state QEMU cannot save; set "
-            "share_task_dirs = false (and drop the task's volume_mounts), or the plugin's "
-            'share_transport = "9p"',
+            f"the VM's shared directories go over virtio-fs, whose state the {backend} "
+            f"hypervisor cannot save; {way_out}",
         )

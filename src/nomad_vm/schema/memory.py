@@ -25,8 +25,8 @@ MEMORY_FIELDS = (
         "`local/` directory (which Nomad keeps across restarts in the allocation and "
         "migrates with `ephemeral_disk { migrate = true }`); the next start of the task "
         "resumes it where it was instead of booting. A snapshot is used once, and refused "
-        "(the VM boots) when the task's machine changed meanwhile. QEMU only; not with "
-        "virtio-fs shares (see docs/operations.md).",
+        "(the VM boots) when the task's machine changed meanwhile. QEMU and Cloud "
+        "Hypervisor; not with virtio-fs shares (see docs/operations.md).",
         default=False,
     ),
     Field(

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 from dataclasses import replace
@@ -31,9 +32,11 @@ from nomad_vm.processes import is_same_process
 from nomad_vm.storage.held import FileHolder
 from nomad_vm.vm.accel import AcceleratorChoice, KvmStatus, probe_kvm
 from nomad_vm.vm.capabilities import HostFacts, HostSettings, HypervisorCapabilities
+from nomad_vm.vm.cloud_hypervisor import snapshot
 from nomad_vm.vm.cloud_hypervisor.binary import cloud_hypervisor_version, find_cloud_hypervisor
 from nomad_vm.vm.cloud_hypervisor.client import ChClient, connect_when_ready
 from nomad_vm.vm.cloud_hypervisor.files import API_SOCKET, LOG_NAME, VMM_DIR
+from nomad_vm.vm.cloud_hypervisor.model import VmConfig, to_json
 from nomad_vm.vm.cloud_hypervisor.netns import nsenter_argv, tap_namespace
 from nomad_vm.vm.cloud_hypervisor.running import CloudHypervisorVM, LogSpot
 from nomad_vm.vm.cloud_hypervisor.vm_config import (
@@ -85,9 +88,9 @@ CAPABILITIES = HypervisorCapabilities(
     # seed: exec and signals; no terminal sessions (they hot-plug virtio-serial ports).
     guest_agent=True,
     terminal_hotplug=False,
-    # vm.pause / vm.resume. CH can snapshot (vm.snapshot/restore); not offered yet.
+    # vm.pause / vm.resume; vm.snapshot / vm.restore (``snapshot``).
     pause=True,
-    snapshot=False,
+    snapshot=True,
     # --no-shutdown keeps the VMM after a guest power-off; the event file keeps the panic.
     verdict_survives_plugin_absence=True,
     # CH has no VNC server (its only graphics are a virtio-gpu over vhost-user, shown by
@@ -177,12 +180,14 @@ class CloudHypervisor:
         self, plan: VMPlan, devices: LaunchDevices, recorder: LaunchRecorder
     ) -> CloudHypervisorVM:
         details = _details(plan)
-        make_vmm_dir(plan.runtime_dir, details.user)
+        vmm_dir = make_vmm_dir(plan.runtime_dir, details.user)
         with FileHolder() as holder, handover() as handed:
             files = hand_over(
                 plan.runtime_dir, devices, details.firmware, details.user, handed, holder
             )
             config = build_vm_config(plan, files.firmware, devices)
+            if devices.restore_fd is not None:
+                await asyncio.to_thread(_unpack_snapshot, devices.restore_fd, vmm_dir, config)
             daemons = self._start_daemons(plan, handed)
             try:
                 helpers = [d.process for d in daemons]
@@ -198,10 +203,19 @@ class CloudHypervisor:
             process, client, plan.runtime_dir, tuple(d.process for d in daemons), log_spot
         )
         try:
-            await client.create(config)
-            await client.boot()
+            if devices.restore_fd is None:
+                await client.create(config)
+                await client.boot()
+            else:
+                # The VM comes back paused; a start runs it (as QEMU's restore does).
+                await client.restore(snapshot.url(snapshot.RESTORE_DIR), snapshot.RESTORE_TIMEOUT)
+                await client.resume()
         except HypervisorError as exc:
             await self._failed(process, daemons, client, log_spot, str(exc))
+        finally:
+            if devices.restore_fd is not None:
+                # CH has copied guest memory in (or failed): the way station goes.
+                await asyncio.to_thread(snapshot.remove_dir, vmm_dir / snapshot.RESTORE_DIR)
         return vm
 
     def _start_daemons(self, plan: VMPlan, handed: Handover) -> list[ShareDaemon]:
@@ -326,6 +340,16 @@ class CloudHypervisor:
         vm = CloudHypervisorVM(process, client, ref.runtime_dir, helpers)
         await vm.check_finished_meanwhile()
         return vm
+
+
+def _unpack_snapshot(fd: int, vmm_dir: Path, config: VmConfig) -> None:
+    """The saved state where CH restores it from, with this start's definition (``snapshot``)."""
+    directory = snapshot.fresh_dir(vmm_dir, snapshot.RESTORE_DIR)
+    try:
+        snapshot.unpack(fd, directory, json.dumps(to_json(config)).encode())
+    except BaseException:
+        snapshot.remove_dir(directory)
+        raise
 
 
 def kvm_status(settings: HostSettings) -> KvmStatus:

@@ -19,9 +19,11 @@ from nomad_vm.errors import HypervisorError
 from nomad_vm.vm.cloud_hypervisor.model import (
     DeviceCounters,
     ModelError,
+    RestoreConfig,
     VmConfig,
     VmInfo,
     VmmPingResponse,
+    VmSnapshotConfig,
     from_json,
     parse_counters,
     to_json,
@@ -30,7 +32,8 @@ from nomad_vm.vm.cloud_hypervisor.model import (
 T = TypeVar("T")
 # The host part is ignored on a unix socket; CH's server only looks at the path.
 BASE_URL = "http://localhost/api/v1/"
-# Every call returns at once in CH (vm.boot too: the vCPUs run in their own threads).
+# Every call but vm.snapshot and vm.restore returns at once in CH (vm.boot too: the vCPUs run in
+# their own threads); those two take a timeout of their own.
 CALL_TIMEOUT = 30.0
 # Between tries while the VMM creates its socket.
 READY_POLL = 0.02
@@ -81,18 +84,32 @@ class ChClient:
     async def resume(self) -> None:
         await self._call("PUT", "vm.resume")
 
+    async def snapshot(self, destination_url: str, timeout: float) -> None:
+        """``vm.snapshot`` of the paused VM into a directory (``file://...``): CH writes its
+        config, device state and all of guest memory before answering."""
+        body = to_json(VmSnapshotConfig(destination_url))
+        await self._call("PUT", "vm.snapshot", body, timeout=timeout)
+
+    async def restore(self, source_url: str, timeout: float) -> None:
+        """``vm.restore`` into a VMM that has no VM yet; the VM comes back paused."""
+        await self._call("PUT", "vm.restore", to_json(RestoreConfig(source_url)), timeout=timeout)
+
     async def power_button(self) -> None:
         await self._call("PUT", "vm.power-button")
 
     async def shutdown_vmm(self) -> None:
         await self._call("PUT", "vmm.shutdown")
 
-    async def _call(self, method: str, endpoint: str, body: object = None) -> Any:
+    async def _call(
+        self, method: str, endpoint: str, body: object = None, timeout: float | None = None
+    ) -> Any:
+        # Per call when given (a snapshot writes all of guest memory), else the client's.
+        limit: Any = httpx.USE_CLIENT_DEFAULT if timeout is None else timeout
         try:
             if body is None:
-                reply = await self._http.request(method, endpoint)
+                reply = await self._http.request(method, endpoint, timeout=limit)
             else:
-                reply = await self._http.request(method, endpoint, json=body)
+                reply = await self._http.request(method, endpoint, json=body, timeout=limit)
         except httpx.HTTPError as exc:
             raise HypervisorError(
                 f"Cloud Hypervisor API {endpoint} on {self.socket}: {exc or type(exc).__name__}"

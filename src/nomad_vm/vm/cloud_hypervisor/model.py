@@ -3,7 +3,7 @@
 Written from CH's OpenAPI document (``vmm/src/api/openapi/cloud-hypervisor.yaml``: the schemas
 ``VmConfig``, ``PayloadConfig``, ``CpusConfig``, ``MemoryConfig``, ``DiskConfig``, ``NetConfig``,
 ``FsConfig``, ``ConsoleConfig``/``SerialConfig``, ``BalloonConfig``, ``RngConfig``,
-``VsockConfig``, ``VmCounters``, ``VmInfo``,
+``VsockConfig``, ``VmCounters``, ``VmInfo``, ``VmSnapshotConfig``, ``RestoreConfig``,
 ``VmState`` and ``VmmPingResponse``), keeping only the properties we set or read. Field names
 are the API's own, so ``to_json`` is a plain walk.
 
@@ -164,6 +164,19 @@ class VmInfo:
     config: VmConfig
     state: VmState
     memory_actual_size: int | None = None
+
+
+@dataclass(frozen=True)
+class VmSnapshotConfig:
+    # file://<directory>: an existing, empty directory (relative: to the VMM's working one).
+    destination_url: str
+
+
+@dataclass(frozen=True)
+class RestoreConfig:
+    source_url: str
+    # Read all of guest memory in at once rather than as the guest touches it.
+    prefault: bool = False
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,7 @@ from pathlib import Path
 
 from nomad_vm.errors import HypervisorError, Unsupported
 from nomad_vm.files import read_log_tail
+from nomad_vm.vm.cloud_hypervisor import snapshot
 from nomad_vm.vm.cloud_hypervisor.client import ChClient
 from nomad_vm.vm.cloud_hypervisor.events import EventFile, EventFormatError, MonitorEvent
 from nomad_vm.vm.cloud_hypervisor.files import (
@@ -189,9 +190,15 @@ class CloudHypervisorVM(OneProcessVMM):
         await self._api("resumed").resume()
 
     async def save_state(self, fd: int, timeout: float) -> int:
-        """Not offered: CH's vm.snapshot writes to a directory it opens by name (the
-        backend's ``snapshot`` capability is off, so the driver never asks)."""
-        raise Unsupported("the cloud-hypervisor backend does not save snapshots")
+        """``vm.snapshot`` of the paused VM into a directory in CH's working directory, packed
+        into ``fd`` (``snapshot``); the bytes of guest memory. The VM stays paused."""
+        client = self._api("saved")
+        directory = await asyncio.to_thread(snapshot.fresh_dir, self.vmm_dir, snapshot.SAVE_DIR)
+        try:
+            await client.snapshot(snapshot.url(snapshot.SAVE_DIR), timeout)
+            return await asyncio.to_thread(snapshot.pack, directory, fd)
+        finally:
+            await asyncio.to_thread(snapshot.remove_dir, directory)
 
     async def is_paused(self) -> bool:
         """``vm.info`` says ``Paused``. A guest power-off leaves ``Created``/``Shutdown``
@@ -224,6 +231,10 @@ class CloudHypervisorVM(OneProcessVMM):
             plugged_memory_bytes=max(0, (info.memory_actual_size or size) - size),
             disks=disks,
         )
+
+    @property
+    def vmm_dir(self) -> Path:
+        return self.runtime_dir / VMM_DIR
 
     def _api(self, what: str) -> ChClient:
         if self.client is None:
@@ -280,7 +291,7 @@ class CloudHypervisorVM(OneProcessVMM):
     def guest_agent(self) -> GuestAgent | None:
         """qemu-ga on vsock port AGENT_PORT in the guest (the seed starts it there), through
         the hybrid-vsock socket CH binds at vm.boot; None before that socket exists."""
-        socket = self.runtime_dir / VMM_DIR / VSOCK_SOCKET
+        socket = self.vmm_dir / VSOCK_SOCKET
         return GuestAgent(socket, vsock_port=AGENT_PORT) if socket.exists() else None
 
     def console_socket(self) -> Path | None:
