@@ -214,6 +214,14 @@ class Kit:
                 raise AssertionError(f"{marker!r} not on the console: {console.read_bytes()!r}")
             await asyncio.sleep(0.1)
 
+    def boots(self, task: TaskConfig) -> int | None:
+        """How often the guest booted, from its console; None for the in-process fake (it
+        counts launches instead: ``host.launches``)."""
+        if self.name == fake.NAME:
+            return None
+        marker = CH_FAKE_BOOTED if self.name == CH_FAKE_VMM else BOOTED
+        return Path(task.stdout_path).read_bytes().count(marker)
+
     async def acted_while_away(self, journal: TaskJournal) -> None:
         """The guest's act (power-off or panic) has happened while no plugin watched."""
         vmm = journal.vmm

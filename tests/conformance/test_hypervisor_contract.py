@@ -291,6 +291,7 @@ def test_recover_a_running_vm_without_booting_it_twice(kit: Kit) -> None:
             assert (await second.inspect_task(task.id)).state == TaskState.RUNNING
             assert identity_of(vmm.pid if vmm else 0) == vmm, "the same VMM process"
             assert kit.host.launches == launches
+            assert kit.boots(task) in (None, 1), "the guest booted again"
             assert len(kit.processes()) >= 1
             await stop_and_destroy(second, task)
         await assert_clean(kit, task)

@@ -119,6 +119,39 @@ def test_a_task_on_a_node_where_ch_cannot_run_fails_at_once(
     _nothing_left(short_tmp, task)
 
 
+def test_the_fingerprint_says_why_ch_cannot_run_when_kvm_runs_no_guests(
+    short_tmp: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    unusable = KvmStatus(False, "KVM does not run guest code at hardware speed")
+    monkeypatch.setattr(backend, "probe_kvm", lambda: unusable)
+    driver = _driver(short_tmp, trust_kvm=False)
+
+    async def first() -> dict[str, object]:
+        async for found in driver.fingerprints():
+            return dict(found.attributes)
+        raise AssertionError("no fingerprint")
+
+    attrs = asyncio.run(first())
+    assert attrs["driver.vm.cloud_hypervisor.usable"] is False
+    reason = str(attrs["driver.vm.cloud_hypervisor.reason"])
+    assert "hardware speed" in reason and "trust_kvm" in reason
+    # The binary was found: its version is reported all the same.
+    assert attrs["driver.vm.cloud_hypervisor.version"] == "53.0"
+
+
+def test_trust_kvm_without_dev_kvm_says_it_does_not_exist(
+    short_tmp: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(backend, "KVM_DEVICE", short_tmp / "no-kvm")
+    settings = HostSettings(
+        str(wrapper(short_tmp / CH)), "auto", "auto", "", "nomad-vm", seccomp=True, trust_kvm=True
+    )
+    facts = backend.CloudHypervisor().check_host(settings)
+    assert isinstance(facts.problem, HypervisorError)
+    said = str(facts.problem)
+    assert "no-kvm does not exist" in said and "trust_kvm" in said
+
+
 def test_a_missing_binary_fails_the_task_naming_the_setting(short_tmp: Path) -> None:
     driver = _driver(short_tmp, bin=str(short_tmp / "missing"))
     task = _task(short_tmp, "nobin")

@@ -31,7 +31,12 @@ GOLDEN = Path(__file__).parent / "golden"
 RUN = Path("/run/t")
 
 
-def _plan(kernel: bool = True, shares: tuple[ShareSpec, ...] = (), memory_mb: int = 512) -> VMPlan:
+def _plan(
+    kernel: bool = True,
+    shares: tuple[ShareSpec, ...] = (),
+    memory_mb: int = 512,
+    free_page_reporting: bool = False,
+) -> VMPlan:
     request = VMRequest(
         name="web-1",
         vcpus=2,
@@ -44,6 +49,7 @@ def _plan(kernel: bool = True, shares: tuple[ShareSpec, ...] = (), memory_mb: in
         cmdline="console=ttyS0 root=/dev/vda1" if kernel else "",
         has_disk=True,
         shares=shares,
+        free_page_reporting=free_page_reporting,
     )
     details = CloudHypervisorPlan("/usr/bin/cloud-hypervisor", None, "true", None)
     transport = ShareTransport("virtiofs", Path("/usr/libexec/virtiofsd"), "test")
@@ -71,7 +77,8 @@ def _booting(*devices: object) -> LaunchDevices:
 CASES = {
     "kernel_only": (_plan(), _booting(1), None),
     "disk_kernel_seed_tap": (
-        _plan(),
+        # The task's free_page_reporting reaches the balloon (off in the other cases).
+        _plan(free_page_reporting=True),
         _booting(1, OVERLAY, SEED, (NicSpec("nvm0123abcd", "52:54:00:12:34:56"),)),
         None,
     ),

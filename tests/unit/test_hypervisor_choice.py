@@ -162,6 +162,11 @@ def test_a_disk_boots_with_uefi_or_the_default_kernel(tmp_path: Path) -> None:
     # A task that asks its firmware to boot the disk does not get the default kernel.
     request = _plan(tmp_path, {**disk, "firmware": "uefi"}, block).vm_plan.request
     assert request.kernel is None
+    # The default initramfs comes with the default kernel.
+    ramdisk = {"default_kernel": "/boot/vmlinuz", "default_initramfs": "/boot/initrd.img"}
+    request = _plan(tmp_path, disk, {"cloud_hypervisor": ramdisk}).vm_plan.request
+    assert request.kernel == Path("/boot/vmlinuz")
+    assert request.initramfs == Path("/boot/initrd.img")
 
 
 def test_a_hypervisor_the_plugin_lacks_is_named(tmp_path: Path) -> None:

@@ -129,8 +129,7 @@ def check_request(backend: str, caps: HypervisorCapabilities, request: VMRequest
     if request.free_page_reporting and not caps.free_page_reporting:
         raise ConfigError(
             "config.free_page_reporting",
-            f"not available with the {backend} hypervisor (QEMU only); remove it or use "
-            'hypervisor = "qemu"',
+            f'not available with the {backend} hypervisor; remove it or use hypervisor = "qemu"',
         )
     if request.memory_max_mb is not None and not caps.memory_hotplug:
         raise ConfigError(

@@ -14,7 +14,7 @@ MEMORY_FIELDS = (
         "the VM's host memory shrinks after the guest frees memory, instead of staying at "
         "its peak. Needs the guest's virtio_balloon driver (Linux 5.7+). Freed memory is "
         "reported in 2 MiB blocks a few seconds after it is freed; touching it again costs "
-        "the guest a page fault. QEMU only (see docs/memory.md).",
+        "the guest a page fault. QEMU and Cloud Hypervisor (see docs/memory.md).",
         default=False,
     ),
     Field(

@@ -91,6 +91,8 @@ CAPABILITIES = HypervisorCapabilities(
     # vm.pause / vm.resume; vm.snapshot / vm.restore (``snapshot``).
     pause=True,
     snapshot=True,
+    # BalloonConfig.free_page_reporting, as the task's option asks.
+    free_page_reporting=True,
     # --no-shutdown keeps the VMM after a guest power-off; the event file keeps the panic.
     verdict_survives_plugin_absence=True,
     # CH has no VNC server (its only graphics are a virtio-gpu over vhost-user, shown by

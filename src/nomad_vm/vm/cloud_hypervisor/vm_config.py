@@ -8,7 +8,8 @@ payload (a kernel with initramfs and command line, or the firmware that boots th
 task disk (a qcow2 overlay names its backing file, which CH only follows when told) and the
 cloud-init seed, read-only; TAP devices by name; one virtio-fs device per share, each on its
 own virtiofsd's socket; the serial port on the VMM's stdout, which is the task's stdout; a
-balloon (free page reporting gives memory the guest freed back to the host), pvpanic (so a
+balloon (with the task's ``free_page_reporting``: memory the guest frees goes back to the
+host, as on QEMU), pvpanic (so a
 panic is an event), an RNG, and a vsock device for qemu-guest-agent (CH has no virtio-serial:
 the guest's agent listens on vsock port AGENT_PORT, set up by the cloud-init seed, and the
 plugin reaches it through CH's hybrid-vsock socket). No virtio-console: the guest's console is
@@ -99,7 +100,9 @@ def build_vm_config(plan: VMPlan, firmware: str | None, devices: LaunchDevices) 
         serial=ConsoleConfig(mode=ConsoleMode.TTY),
         console=ConsoleConfig(mode=ConsoleMode.OFF),
         rng=RngConfig(src=RNG_SOURCE),
-        balloon=BalloonConfig(size=0, deflate_on_oom=True, free_page_reporting=True),
+        balloon=BalloonConfig(
+            size=0, deflate_on_oom=True, free_page_reporting=request.free_page_reporting
+        ),
         # Bound by CH in its working directory (vmm_files), which is vm_user's.
         vsock=VsockConfig(cid=GUEST_CID, socket=VSOCK_SOCKET, id="vsock0"),
         pvpanic=True,
