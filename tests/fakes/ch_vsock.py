@@ -49,6 +49,9 @@ class HybridVsock(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
         # The port the simulated guest's agent listens on; None: nothing listens yet.
         self.agent_port = agent_port
         self.execs: dict[int, list[str]] = {}
+        # Where the simulated guest also says what its agent ran (the fake executable: its
+        # serial console), so a test of a process of its own can see it; None: nowhere.
+        self.console_fd: int | None = None
         self._next_pid = 1000
         self._lock = threading.Lock()
         super().__init__(path, _Handler)
@@ -69,6 +72,10 @@ class HybridVsock(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
                 self._next_pid += 1
                 pid = self._next_pid
                 self.execs[pid] = [arguments.get("path", ""), *arguments.get("arg", [])]
+            if self.console_fd is not None:
+                os.write(
+                    self.console_fd, f"fake guest agent: {' '.join(self.execs[pid])}\n".encode()
+                )
             return _line({"return": {"pid": pid}})
         if command == "guest-exec-status":
             argv = self.execs.get(int(arguments.get("pid", 0)))
@@ -92,4 +99,3 @@ def serve_vsock(path: str, agent_port: int | None = None) -> HybridVsock:
     server = HybridVsock(path, agent_port)
     threading.Thread(target=server.serve_forever, name="fake vsock", daemon=True).start()
     return server
-

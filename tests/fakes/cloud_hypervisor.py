@@ -128,6 +128,7 @@ class Guest:
         # unit makes a real guest's do.
         if vmm.vsock is not None and "fake.agent_vsock" in words:
             vmm.vsock.agent_port = int(words["fake.agent_vsock"])
+            vmm.vsock.console_fd = 1
         os.write(1, f"fake cloud-hypervisor guest: booted ({cmdline})\n".encode())
         if words.get("fake.count") == "1":
             self._count(vmm)

@@ -74,6 +74,8 @@ def _task(root: Path, images: Path) -> TaskConfig:
             "kernel": str(images / "vmlinux"),
             # The simulated guest's qemu-ga listens on the agent's vsock port (the seed's unit).
             "cmdline": f"console=ttyS0 fake.agent_vsock={AGENT_PORT}",
+            # `nomad alloc signal` goes to this unit through the agent.
+            "signal_unit": "app.service",
         },
     )
 
@@ -164,6 +166,10 @@ def test_ch_and_virtiofsd_run_unprivileged_and_reach_their_files_by_descriptor(
         assert vsock.stat().st_uid == account.pw_uid
         outcome = await driver.exec_task(task.id, ["hostname", "-f"], 10)
         assert (outcome.exit_code, outcome.stdout) == (0, b"fake guest ran: hostname -f\n")
+        # A signal other than SIGTERM/SIGINT reaches the task's unit through the same agent.
+        await driver.signal_task(task.id, "SIGHUP")
+        sent = b"fake guest agent: systemctl kill --signal=SIGHUP -- app.service"
+        assert sent in console.read_bytes()
         pids.append(ch.pid)
         await driver.stop_task(task.id, 10, "SIGTERM")
         result = await driver.wait_task(task.id)
