@@ -42,6 +42,13 @@ def _driver(root: Path, **block: object) -> VMDriver:
     return driver
 
 
+def _driver_without_kvm(root: Path, monkeypatch: pytest.MonkeyPatch) -> VMDriver:
+    """A plugin whose KVM probe finds what this host's does: KVM that runs no guests."""
+    unusable = KvmStatus(False, "KVM does not run guest code at hardware speed")
+    monkeypatch.setattr(backend, "probe_kvm", lambda: unusable)
+    return _driver(root, trust_kvm=False)
+
+
 def _task(root: Path, name: str, cmdline: str = "console=ttyS0") -> TaskConfig:
     alloc = root / name
     (alloc / "alloc" / "logs").mkdir(parents=True)
@@ -107,9 +114,7 @@ def test_a_task_on_a_node_where_ch_cannot_run_fails_at_once(
     short_tmp: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """KVM that cannot run guests (this host's, as the probe finds it): CH has no emulation."""
-    unusable = KvmStatus(False, "KVM does not run guest code at hardware speed")
-    monkeypatch.setattr(backend, "probe_kvm", lambda: unusable)
-    driver = _driver(short_tmp, trust_kvm=False)
+    driver = _driver_without_kvm(short_tmp, monkeypatch)
     task = _task(short_tmp, "nokvm")
     with pytest.raises(HypervisorError) as caught:
         asyncio.run(driver.start_task(task))
@@ -122,9 +127,7 @@ def test_a_task_on_a_node_where_ch_cannot_run_fails_at_once(
 def test_the_fingerprint_says_why_ch_cannot_run_when_kvm_runs_no_guests(
     short_tmp: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    unusable = KvmStatus(False, "KVM does not run guest code at hardware speed")
-    monkeypatch.setattr(backend, "probe_kvm", lambda: unusable)
-    driver = _driver(short_tmp, trust_kvm=False)
+    driver = _driver_without_kvm(short_tmp, monkeypatch)
 
     async def first() -> dict[str, object]:
         async for found in driver.fingerprints():
