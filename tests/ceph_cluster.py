@@ -7,6 +7,10 @@ children, so they are killed by pid and waited for at the end, and the directory
 Readiness is polled with a deadline on what the tests need (the monitor answering, the OSD
 up and in, the pool's placement groups active), never slept for.
 
+With ``netns`` every daemon and every admin command runs in that network namespace (``ip
+netns exec``), so the monitor can listen on an address the test gave the namespace (seed 002's
+`10.0.0.2:3300`) without that address ever existing in the host's own namespace.
+
 ``python -m tests.ceph_cluster`` starts one, prints how long that took, and removes it.
 """
 
@@ -51,10 +55,11 @@ class CephCluster:
     conf: Path
     start_seconds: float = 0.0
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    netns: str | None = None
 
     @property
     def admin(self) -> CephAdmin:
-        return CephAdmin(self.conf)
+        return CephAdmin(self.conf, self.netns)
 
     def stop(self) -> None:
         for proc in reversed(self.procs):
@@ -70,12 +75,16 @@ class CephAdmin:
     """The admin's view, through Ceph's own CLIs with our cluster's config (JSON output)."""
 
     conf: Path
+    netns: str | None = None
 
     def run(self, *args: str, timeout: float = 60) -> str:
         out = subprocess.run(
-            [*args[:1], "-c", str(self.conf), "--connect-timeout", "15", *args[1:]]
-            if args[0] == "ceph"
-            else [*args[:1], "-c", str(self.conf), *args[1:]],
+            in_netns(
+                self.netns,
+                [*args[:1], "-c", str(self.conf), "--connect-timeout", "15", *args[1:]]
+                if args[0] == "ceph"
+                else [*args[:1], "-c", str(self.conf), *args[1:]],
+            ),
             check=True,
             capture_output=True,
             text=True,
@@ -104,10 +113,15 @@ class CephAdmin:
         for image in self.images(pool):
             for snap in self.snapshots(image, pool):
                 name = f"{pool}/{image}@{snap['name']}"
-                subprocess.run(["rbd", "-c", str(self.conf), "snap", "unprotect", name],
-                               capture_output=True, timeout=60)  # fmt: skip
+                subprocess.run(in_netns(self.netns, ["rbd", "-c", str(self.conf), "snap",
+                               "unprotect", name]), capture_output=True, timeout=60)  # fmt: skip
             self.run("rbd", "snap", "purge", f"{pool}/{image}")
             self.run("rbd", "rm", "--no-progress", f"{pool}/{image}")
+
+
+def in_netns(netns: str | None, argv: list[str]) -> list[str]:
+    """``argv`` run in ``netns`` (``ip netns exec`` execs it: the pid stays the command's)."""
+    return ["ip", "netns", "exec", netns, *argv] if netns else argv
 
 
 def _wait(what: str, predicate: object, timeout: float, every: float = 0.2) -> None:
@@ -119,10 +133,21 @@ def _wait(what: str, predicate: object, timeout: float, every: float = 0.2) -> N
         time.sleep(every)
 
 
-def start_cluster(parent: Path | None = None) -> CephCluster:
+def start_cluster(
+    parent: Path | None = None,
+    *,
+    netns: str | None = None,
+    mon_ip: str = "127.0.0.1",
+    ports: tuple[int, int] | None = None,
+    pool: str = POOL,
+    user_key: str | None = None,
+) -> CephCluster:
+    """The cluster: its monitor on ``mon_ip`` at ``ports`` (msgr2, v1; free loopback ports
+    by default), the RBD pool ``pool``, and client.nomad with ``user_key`` (a base64 cephx
+    key; a new one by default)."""
     started = time.monotonic()
     root = Path(tempfile.mkdtemp(prefix="ceph-", dir=parent))
-    v2, v1 = _free_port(), _free_port()
+    v2, v1 = ports or (_free_port(), _free_port())
     fsid = str(uuid.uuid4())
     conf = root / "ceph.conf"
     for sub in ("mon", "osd", "run", "log"):
@@ -130,8 +155,8 @@ def start_cluster(parent: Path | None = None) -> CephCluster:
     conf.write_text(
         f"""[global]
 fsid = {fsid}
-mon host = [v2:127.0.0.1:{v2},v1:127.0.0.1:{v1}]
-public addr = 127.0.0.1
+mon host = [v2:{mon_ip}:{v2},v1:{mon_ip}:{v1}]
+public addr = {mon_ip}
 ms bind ipv6 = false
 auth cluster required = cephx
 auth service required = cephx
@@ -159,9 +184,9 @@ osd op num shards = 1
 osd op num threads per shard = 1
 """
     )
-    cluster = CephCluster(root, [f"127.0.0.1:{v2}"], POOL, USER, "", conf)
+    cluster = CephCluster(root, [f"{mon_ip}:{v2}"], pool, USER, "", conf, netns=netns)
     try:
-        _bootstrap(cluster, fsid, v2, v1)
+        _bootstrap(cluster, fsid, mon_ip, (v2, v1), user_key)
     except BaseException:
         cluster.stop()
         raise
@@ -169,15 +194,23 @@ osd op num threads per shard = 1
     return cluster
 
 
-def _run(*argv: str, timeout: float = 60) -> str:
-    out = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+def _run_in(netns: str | None, *argv: str, timeout: float = 60) -> str:
+    out = subprocess.run(in_netns(netns, list(argv)), capture_output=True, text=True,
+                         timeout=timeout)  # fmt: skip
     if out.returncode != 0:
         raise RuntimeError(f"{' '.join(argv)}: exit {out.returncode}: {out.stderr[-2000:]}")
     return out.stdout
 
 
-def _bootstrap(cluster: CephCluster, fsid: str, v2: int, v1: int) -> None:
-    root, conf = cluster.root, str(cluster.conf)
+def _bootstrap(
+    cluster: CephCluster, fsid: str, mon_ip: str, ports: tuple[int, int], user_key: str | None
+) -> None:
+    root, conf, pool = cluster.root, str(cluster.conf), cluster.pool
+    v2, v1 = ports
+
+    def _run(*argv: str, timeout: float = 60) -> str:
+        return _run_in(cluster.netns, *argv, timeout=timeout)
+
     mon_keyring = root / "mon.keyring"
     admin_keyring = root / "admin.keyring"
     _run("ceph-authtool", "--create-keyring", str(mon_keyring), "--gen-key", "-n", "mon.",
@@ -188,10 +221,10 @@ def _bootstrap(cluster: CephCluster, fsid: str, v2: int, v1: int) -> None:
     _run("ceph-authtool", str(mon_keyring), "--import-keyring", str(admin_keyring))
     monmap = root / "monmap"
     _run("monmaptool", "--create", "--fsid", fsid, "--addv", "a",
-         f"[v2:127.0.0.1:{v2},v1:127.0.0.1:{v1}]", str(monmap))  # fmt: skip
+         f"[v2:{mon_ip}:{v2},v1:{mon_ip}:{v1}]", str(monmap))  # fmt: skip
     _run("ceph-mon", "-c", conf, "--mkfs", "-i", "a", "--monmap", str(monmap),
          "--keyring", str(mon_keyring))  # fmt: skip
-    cluster.procs.append(_daemon(root, "ceph-mon", "-c", conf, "-f", "-i", "a"))
+    cluster.procs.append(_daemon(cluster, "ceph-mon", "-c", conf, "-f", "-i", "a"))
     admin = cluster.admin
 
     def answers() -> bool:
@@ -215,7 +248,7 @@ def _bootstrap(cluster: CephCluster, fsid: str, v2: int, v1: int) -> None:
          "--keyring", str(osd_dir / "keyring"), timeout=120)  # fmt: skip
     keyring = str(osd_dir / "keyring")
     cluster.procs.append(
-        _daemon(root, "ceph-osd", "-c", conf, "-f", "-i", osd_id, "--keyring", keyring)
+        _daemon(cluster, "ceph-osd", "-c", conf, "-f", "-i", osd_id, "--keyring", keyring)
     )
 
     def osd_up() -> bool:
@@ -224,22 +257,32 @@ def _bootstrap(cluster: CephCluster, fsid: str, v2: int, v1: int) -> None:
         return isinstance(stat, dict) and stat.get("num_up_osds") == 1
 
     _wait("the OSD up", osd_up, 120)
-    admin.run("ceph", "osd", "pool", "create", POOL, "8", "8")
-    admin.run("ceph", "osd", "pool", "application", "enable", POOL, "rbd")
+    admin.run("ceph", "osd", "pool", "create", pool, "8", "8")
+    admin.run("ceph", "osd", "pool", "application", "enable", pool, "rbd")
 
     # Without a manager nothing reports placement-group states, but the first write waits
     # for them: `rbd pool init` writes the pool's first object, so it returns once the pool
     # serves I/O (bounded by its timeout).
-    admin.run("rbd", "pool", "init", POOL, timeout=180)
-    key = admin.run("ceph", "auth", "get-or-create-key", f"client.{USER}", "mon", "profile rbd",
-                    "osd", f"profile rbd pool={POOL}")  # fmt: skip
-    cluster.secret = key.strip()
+    admin.run("rbd", "pool", "init", pool, timeout=180)
+    caps = ("mon", "profile rbd", "osd", f"profile rbd pool={pool}")
+    if user_key is None:
+        key = admin.run("ceph", "auth", "get-or-create-key", f"client.{USER}", *caps)
+        cluster.secret = key.strip()
+        return
+    user_keyring = root / "user.keyring"
+    _run("ceph-authtool", "--create-keyring", str(user_keyring), "-n", f"client.{USER}",
+         "--add-key", user_key)  # fmt: skip
+    admin.run("ceph", "auth", "add", f"client.{USER}", *caps, "-i", str(user_keyring))
+    user_keyring.unlink()
+    cluster.secret = user_key
 
 
-def _daemon(root: Path, *argv: str) -> subprocess.Popen[bytes]:
-    log = open(root / "log" / f"{argv[0]}.out", "ab")  # noqa: SIM115 - the child keeps it
+def _daemon(cluster: CephCluster, *argv: str) -> subprocess.Popen[bytes]:
+    log = open(cluster.root / "log" / f"{argv[0]}.out", "ab")  # noqa: SIM115 - the child keeps it
     try:
-        return subprocess.Popen(argv, stdout=log, stderr=log, stdin=subprocess.DEVNULL)
+        return subprocess.Popen(
+            in_netns(cluster.netns, list(argv)), stdout=log, stderr=log, stdin=subprocess.DEVNULL
+        )
     finally:
         log.close()
 
@@ -250,7 +293,8 @@ def _alive(cluster: CephCluster) -> None:
             logs = "\n".join(
                 p.read_text(errors="replace")[-2000:] for p in (cluster.root / "log").iterdir()
             )
-            raise RuntimeError(f"{proc.args[0]} exited with {proc.returncode}:\n{logs}")
+            command = " ".join(str(a) for a in proc.args)
+            raise RuntimeError(f"{command} exited with {proc.returncode}:\n{logs}")
 
 
 @pytest.fixture(scope="session")

@@ -1,7 +1,8 @@
 """Nothing a job or plugin config says is silently dropped (issue 9), through the real plugin
 process driven over gRPC as Nomad drives it: a gateway inside the address pool, cloud-init
 options on a VM without a seed, a time zone the zone database does not know, a damaged qcow2,
-an image crafted to exhaust qemu-img (issue 10). Each is refused naming the field, and the
+an image crafted to exhaust qemu-img (issue 10), a second disk's source image whose backing
+chain leaves the allowed directories (issue 12). Each is refused naming the field, and the
 refused call leaves nothing behind."""
 
 from __future__ import annotations
@@ -289,3 +290,78 @@ def test_an_image_crafted_to_exhaust_qemu_img_is_refused_naming_the_image(
         # Without limits (today's code) qemu-img would still be converting it.
         for proc in processes_under(short_tmp, "qemu-img"):
             proc.kill()
+
+
+# -- 6. a bad backing chain under a disk that is not the primary ------------------------------
+
+
+def backing_outside(images: Path, outside: Path) -> Path:
+    """A qcow2 in the allowed directory whose backing file is a host file outside it (-u:
+    qemu-img never opens the backing file to write the header)."""
+    evil = images / "data.qcow2"
+    run(QEMU_IMG, "create", "-q", "-f", "qcow2", "-u", "-b", outside, "-F", "raw", evil, "4M")
+    return evil
+
+
+def backing_through_a_symlink(images: Path, outside: Path) -> Path:
+    """The same, its backing file named inside the allowed directory: a symlink out of it."""
+    (images / "link.raw").symlink_to(outside)
+    evil = images / "data.qcow2"
+    run(QEMU_IMG, "create", "-q", "-f", "qcow2", "-u", "-b", "link.raw", "-F", "raw", evil, "4M")
+    return evil
+
+
+@pytest.mark.parametrize(
+    ("make", "words"),
+    [
+        (backing_outside, "{image} has backing file {outside}"),
+        (backing_through_a_symlink, "{image} has backing file link.raw resolves to {outside}"),
+    ],
+    ids=["outside", "symlink"],
+)
+@pytest.mark.parametrize(
+    "second",
+    [{}, {"chained": True}, {"pool": "local"}, {"pool": "local", "chained": True}],
+    ids=["copy", "chained", "pool", "pool-chained"],
+)
+def test_a_second_disks_bad_backing_chain_is_refused_naming_that_disk(
+    plugin: PluginProcess,
+    short_tmp: Path,
+    images: Path,
+    tiny_guest,  # type: ignore[no-untyped-def]
+    make,  # type: ignore[no-untyped-def]
+    words: str,
+    second: dict[str, object],
+) -> None:
+    """The primary disk (an empty one) is fine; the second disk's source image is a qcow2
+    whose backing chain leaves the allowed directories. The start is refused naming
+    config.disk[1].source.image, whether the disk is a copy, an overlay or written into a
+    directory pool, and nothing is left: no VM, no task files, no pool volume; the host file
+    the chain points at is never read into a disk."""
+    outside = short_tmp / "host" / "secret.raw"
+    outside.parent.mkdir()
+    outside.write_bytes(b"SECRET!!" + bytes(4 * 1024 * 1024 - 8))
+    image = make(images, outside)
+    images_before = {p.name: p.read_bytes() for p in images.iterdir()}
+    pool = short_tmp / "pool"
+    disks = [
+        {"primary": True, "size": "4MiB"},
+        {"source": {"image": str(image)}, **second},
+    ]
+    overrides = {"disk": disks, "share_task_dirs": False, "cloud_init": False}
+    paths = [str(tiny_guest.vmlinux.parent), str(images)]
+    options = {"storage_pools": {"directory": {"local": {"path": str(pool)}}}}
+    with tiny_task(
+        plugin, short_tmp, tiny_guest, alloc_name="chain", overrides=overrides,
+        image_paths=paths, plugin_options=options,
+    ) as (cfg, _, alloc):  # fmt: skip
+        err = refused(plugin, cfg)
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT, (err.code(), err.details())
+    details = err.details() or ""
+    assert details.startswith("config.disk[1].source.image: "), details
+    assert words.format(image=image, outside=outside) in details, details
+    assert "outside the allowed directories" in details, details
+    assert_nothing_left(short_tmp, alloc)
+    assert tree(pool) == []  # no imported volume, no half-written one
+    assert {p.name: p.read_bytes() for p in images.iterdir()} == images_before
+    assert outside.read_bytes().startswith(b"SECRET!!")

@@ -2,14 +2,14 @@
 storage pool and a secondary empty disk in the Ceph storage pool", run as written on a real
 Ceph cluster (``tests.ceph_cluster``) and real QEMU, through the real plugin.
 
-The job is the seed's text with only these substituted: the artifact's source URL (the Ubuntu
-focal cloud image, fetched from the internet) -> a local file (tests reach no network) and its
-file name (focal-server-cloudimg-amd64.img -> debian.qcow2, our Debian test guest, which the
-test puts where Nomad's artifact stanza would: the task's `local/`). Sizes (10GiB, 20GB) and
-pool names (local, ceph-storage) are the seed's. Nomad itself parses the job
-(`nomad job run -output`, no agent needed), and the task's `config` goes to the plugin as the
-agent would send it. The plugin config defines the two pools the job names, with the seed's
-keys.
+The job is the catalogue's file tests/seed_examples/s002_l207_ceph_disk.nomad.hcl (the seed's
+text, checked against it by tests/seed_examples/test_catalogue.py; only the artifact's host is
+substituted). Nomad itself parses the job (`nomad job run -output`, no agent needed), and the
+task's `config` goes to the plugin as the agent would send it; the test puts the Debian test
+guest's disk where Nomad's artifact stanza would, under the seed's file name in the task's
+`local/` (the artifact is never fetched here). The plugin config defines the two pools the job
+names, with the seed's keys and the session cluster's values. The same job through a real
+agent: tests/seed_examples/test_seed_002_ceph.py.
 """
 
 from __future__ import annotations
@@ -28,35 +28,10 @@ from tests.conftest import REPO, vm_processes_under
 from tests.integration.pluginkit import FifoReader, configure, drv, task_config
 from tests.integration.test_debian_task import run
 from tests.integration.test_vm_lifecycle import collect_events, destroy, stop, wait, wait_until
+from tests.seed_examples.catalogue import example
 
-SEED_JOB = """\
-job "python-server" {
-group "virt-group" {
-task "virt-task" {
-artifact {
-source = "{artifact}"
-destination = "local/debian.qcow2"
-mode = "file"
-}
-driver = "virt"
-config {
-disk {
-size = "10GiB"
-pool = "local"
-primary = true
-source {
-image = "local/debian.qcow2"
-}
-}
-disk {
-size = "20GB"
-pool = "ceph-storage"
-}
-}
-}
-}
-}
-"""
+SEED_JOB = example("s002_l207_ceph_disk.nomad.hcl")
+IMAGE = "focal-server-cloudimg-amd64.img"  # the artifact's file name in the seed
 
 
 def nomad_binary() -> str:
@@ -98,8 +73,8 @@ def test_seed_002_primary_in_a_directory_pool_and_an_empty_disk_in_ceph(
 ) -> None:
     c = ceph_cluster
     before = c.admin.images()
-    job = short_tmp / "seed.nomad.hcl"
-    job.write_text(SEED_JOB.replace("{artifact}", f"file://{debian_guest.disk}"))
+    # Only parsed: the URL is never fetched (the test places the file itself, below).
+    job = SEED_JOB.write(short_tmp, {"ARTIFACTS": "http://127.0.0.1:1"})
     driver, config = task_config_of(job)
     assert driver == "virt"
     pool_dir = short_tmp / "storage"
@@ -123,7 +98,7 @@ def test_seed_002_primary_in_a_directory_pool_and_an_empty_disk_in_ceph(
     local = alloc / "virt-task" / "local"
     local.mkdir(parents=True)
     # What Nomad's artifact stanza would have done: the image in the task's local/.
-    (local / "debian.qcow2").write_bytes(debian_guest.disk.read_bytes())
+    (local / IMAGE).write_bytes(debian_guest.disk.read_bytes())
     cfg = task_config(alloc, config, task_id="alloc/virt-task/seed002")
     cfg.name = "virt-task"
     cfg.resources.allocated_resources.memory.memory_mb = 1024
@@ -150,5 +125,6 @@ def test_seed_002_primary_in_a_directory_pool_and_an_empty_disk_in_ceph(
     # written into it (for the next task with the same source), nothing else.
     assert c.admin.images() == before
     kept = sorted(p.name for p in pool_dir.iterdir())
-    assert len(kept) == 1 and kept[0].startswith("debian-") and kept[0].endswith(".qcow2"), kept
+    stem = IMAGE.removesuffix(".img")
+    assert len(kept) == 1 and kept[0].startswith(stem + "-") and kept[0].endswith(".qcow2"), kept
     assert not vm_processes_under(short_tmp)

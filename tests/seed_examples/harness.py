@@ -46,6 +46,7 @@ class SeedNode:
     driver: str
     root: Path  # the test's directory: images, data, volumes (the tokens' values point here)
     values: dict[str, object]  # @TOKEN@ -> value, for Example.render
+    service: Any = None  # what seed_node's ``services`` gave (e.g. a Ceph cluster)
 
     def write(self, ex: Example) -> Path:
         return ex.write(self.root / "jobs", self.values)
@@ -277,9 +278,13 @@ def seed_node(
     extra_configs: Sequence[Example] = (),
     host_volumes: Sequence[str] = (),
     setup_netns: Callable[[str], None] | None = None,
+    services: Callable[[str], contextlib.AbstractContextManager[Any]] | None = None,
 ) -> Iterator[SeedNode]:
     """An agent in a fresh namespace loading ``plugin_config`` (and ``extra_configs``) as
-    the example files give them, with the plugin installed as ``driver_alias``."""
+    the example files give them, with the plugin installed as ``driver_alias``.
+    ``services(netns)`` is entered before the agent starts and left after it stopped (its
+    VMs destroyed) and before the namespace is deleted: something the node's jobs use that
+    must run in the namespace (a Ceph cluster); what it yields is ``SeedNode.service``."""
     root = Path(tempfile.mkdtemp(prefix="nvs-", dir="/tmp"))
     (root / "jobs").mkdir()
     tokens: dict[str, object] = {
@@ -300,9 +305,10 @@ def seed_node(
         path.mkdir(parents=True)
         path.chmod(0o777)  # the guest writes as vm_user (README: host volumes)
     try:
-        with private_netns(link_prefixes) as netns:
+        with private_netns(link_prefixes) as netns, contextlib.ExitStack() as stack:
             if setup_netns is not None:
                 setup_netns(netns)
+            service = stack.enter_context(services(netns)) if services is not None else None
             configs = [ex.write(root, tokens) for ex in (plugin_config, *extra_configs)]
             with running_agent(
                 [debian_guest.disk.parent],
@@ -312,6 +318,6 @@ def seed_node(
                 host_volumes=volumes,
             ) as agent:
                 agent.wait_driver(name=driver)
-                yield SeedNode(agent, netns, driver, root, tokens)
+                yield SeedNode(agent, netns, driver, root, tokens, service)
     finally:
         shutil.rmtree(root, ignore_errors=True)

@@ -7,7 +7,8 @@ forward), and the three directory-pool disk examples (a clone of a pool volume r
 10GiB, a chained disk on it that leaves it unchanged, a chained disk on a source image that
 the pool keeps as a volume). The several jobs the seed names "python-server" each run in a
 Nomad namespace of their own. The example with a Ceph pool disk (lines 207-232) is run by
-tests/integration/test_seed_virt_ceph_example.py.
+test_seed_002_ceph.py (a real agent) and tests/integration/test_seed_virt_ceph_example.py
+(the plugin alone).
 """
 
 from __future__ import annotations
