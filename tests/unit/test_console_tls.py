@@ -258,15 +258,20 @@ def test_the_server_itself_starts_against_the_https_agent(
     logger = logging.getLogger("nomad_vm.console.server")
     serving = Serving()
     logger.addHandler(serving)
-    monkeypatch.setattr(logger, "level", logging.INFO)
+    level = logger.level
+    # setLevel, not the attribute: it also clears the logger's cached answers to "is INFO on".
+    logger.setLevel(logging.INFO)
 
     async def body(address: str) -> None:
         settings = settings_from_cli(address, novnc, tmp_path)
         server = asyncio.create_task(run(settings))
         started = asyncio.create_task(serving.started.wait())
-        await asyncio.wait({server, started}, return_when=asyncio.FIRST_COMPLETED)
+        # The bound is for a broken test only: either event comes in well under a second.
+        await asyncio.wait({server, started}, timeout=60, return_when=asyncio.FIRST_COMPLETED)
         try:
-            assert started.done(), f"run ended: {server.exception()!r}"
+            assert started.done(), (
+                f"run ended: {server.exception()!r}" if server.done() else "run never listened"
+            )
         finally:
             started.cancel()
             server.cancel()
@@ -277,6 +282,7 @@ def test_the_server_itself_starts_against_the_https_agent(
         with_https_agent(pki, body)
     finally:
         logger.removeHandler(serving)
+        logger.setLevel(level)
 
 
 def test_without_nomad_cacert_the_check_fails_saying_so(
