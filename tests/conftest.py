@@ -61,6 +61,17 @@ def guest_cache() -> Path:
     return Path(os.environ.get("NOMAD_VM_CACHE", REPO / ".cache" / "guests"))
 
 
+def keep_artifact(path: Path, name: str) -> Path:
+    """A copy of ``path`` that outlives pytest's temporary directories, for people to look at
+    after the run: ``$NOMAD_VM_TEST_ARTIFACTS/<name>``, else ``<repo>/test-artifacts/<name>``
+    (git ignores it). The same name is overwritten by the next run."""
+    directory = Path(os.environ.get("NOMAD_VM_TEST_ARTIFACTS") or REPO / "test-artifacts")
+    directory.mkdir(parents=True, exist_ok=True)
+    kept = directory / name
+    shutil.copyfile(path, kept)
+    return kept
+
+
 @pytest.fixture(scope="session")
 def tiny_guest():  # type: ignore[no-untyped-def]
     from nomad_vm.guests.tiny import build_tiny

@@ -25,7 +25,7 @@ import pytest
 from nomad_vm.cli.devagent import DevAgent, free_port
 from nomad_vm.console.registry import read_entries
 from nomad_vm.guests.tiny import tiny_cmdline
-from tests.conftest import REPO, wait_until
+from tests.conftest import REPO, keep_artifact, wait_until
 from tests.e2e.conftest import running_agent, wait_alloc
 from tests.e2e.jobs import one_shot_job
 
@@ -220,7 +220,8 @@ def test_browser_console_with_acls(tiny_guest, tmp_path: Path) -> None:  # type:
                     assert wait_until(lambda: page.evaluate(RED_PIXELS_JS) > 500, 60)
                     shot = tmp_path / "console.png"
                     page.screenshot(path=str(shot))
-                    print(f"\nconsole screenshot: {shot}", file=sys.stderr)
+                    kept = keep_artifact(shot, "browser-console.png")
+                    print(f"\nconsole screenshot: {kept}", file=sys.stderr)
                     box = page.locator("#screen canvas").bounding_box()
                     assert box is not None
                     status = page.inner_text("#status")

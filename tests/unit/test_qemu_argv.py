@@ -10,7 +10,6 @@ import pytest
 
 from nomad_vm.storage.held import HeldFile
 from nomad_vm.vm.firmware import FirmwarePlan
-from nomad_vm.vm.hyperv import RECOMMENDED
 from nomad_vm.vm.machine import MachineConfig
 from nomad_vm.vm.qemu.argv import qemu_argv
 from nomad_vm.vm.qemu.files_argv import inherited_fds
@@ -28,6 +27,7 @@ SECURE_BOOT = FirmwarePlan(
     True,
     "test",
 )
+
 
 def held(path: str, fd: int, writable: bool = False) -> HeldFile:
     """A descriptor as the driver would pass it (never opened here: argv is pure)."""
@@ -204,33 +204,6 @@ SPECS = {
         ),
         seccomp=True,
     ),
-    # os { variant = "win11" } on KVM: q35 + Secure Boot, Hyper-V flags on -cpu, the RTC in
-    # local time, a SATA disk, the seed as a CD-ROM on the next AHCI port, an e1000e NIC on a
-    # handed TAP, and the TPM's swtpm control connection (fd 50).
-    "windows_kvm": VMSpec(
-        name="win-0000bbbb",
-        vcpus=2,
-        memory_mb=4096,
-        kernel=None,
-        initramfs=None,
-        cmdline="",
-        accelerator="kvm",
-        control_socket=Path("/run/w/qmp.sock"),
-        disk=replace(disk("/run/w/disk.qcow2", 30), bus="sata"),
-        machine=MachineConfig("q35", "uefi-secure", smm=True),
-        firmware=SECURE_BOOT,
-        firmware_code=held(str(SECURE_BOOT.code), 40),
-        firmware_vars=held("/run/w/uefi-vars.fd", 41, writable=True),
-        seed=held("/run/w/cidata.iso", 31),
-        seed_bus="sata",
-        nics=(NicSpec("nvm1", "52:54:00:12:34:56", fd=12, model="e1000e"),),
-        control_fd=9,
-        agent_fd=10,
-        seccomp=True,
-        tpm_fd=50,
-        hyperv=RECOMMENDED,
-        rtc_localtime=True,
-    ),
     # microvm: virtio-blk and virtio-scsi on virtio-mmio.
     "several_disks_microvm": VMSpec(
         name="disks-2",
@@ -289,8 +262,6 @@ def test_qemu_inherits_exactly_the_descriptors_its_command_line_names() -> None:
     ]
     chain = SPECS["microvm_disk"]
     assert sorted(inherited_fds(chain)) == [20, 30, 32, 33]
-    # The TPM's control connection and the TAP too.
-    assert sorted(inherited_fds(SPECS["windows_kvm"])) == [9, 10, 12, 30, 31, 40, 41, 50]
 
 
 def test_serial_console_is_a_handed_socket_logged_to_the_task_stdout() -> None:

@@ -9,8 +9,12 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from nomad_vm.identity import ALIASES
+
+if TYPE_CHECKING:
+    from nomad_vm.console.server import ServeSettings
 
 DEFAULT_NOMAD = "http://127.0.0.1:4646"
 
@@ -46,8 +50,25 @@ def add_console_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser])
     serve.set_defaults(func=run_console_serve)
 
 
+def serve_settings(args: argparse.Namespace) -> ServeSettings:
+    """The server's settings from the arguments and the nomad CLI's TLS variables."""
+    from nomad_vm.console.nomad import TLSSettings
+    from nomad_vm.console.server import ServeSettings, parse_listen
+
+    host, port = parse_listen(args.listen)
+    data_dirs = tuple(args.data_dir or sorted({a.data_dir for a in ALIASES.values()}))
+    return ServeSettings(
+        host=host,
+        port=port,
+        nomad_address=args.nomad_addr,
+        data_dirs=data_dirs,
+        allow_remote_without_acl=args.allow_remote_without_acl,
+        tls=TLSSettings.from_env(),
+    )
+
+
 def run_console_serve(args: argparse.Namespace) -> int:
-    from nomad_vm.console.server import ConfigurationError, ServeSettings, parse_listen, run
+    from nomad_vm.console.server import ConfigurationError, run
 
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -55,18 +76,10 @@ def run_console_serve(args: argparse.Namespace) -> int:
     # httpx logs every request it makes at INFO: one line per check is noise.
     logging.getLogger("httpx").setLevel(logging.WARNING)
     try:
-        host, port = parse_listen(args.listen)
+        settings = serve_settings(args)
     except ConfigurationError as exc:
         print(f"nomad-vm console serve: {exc}", file=sys.stderr)
         return 2
-    data_dirs = tuple(args.data_dir or sorted({a.data_dir for a in ALIASES.values()}))
-    settings = ServeSettings(
-        host=host,
-        port=port,
-        nomad_address=args.nomad_addr,
-        data_dirs=data_dirs,
-        allow_remote_without_acl=args.allow_remote_without_acl,
-    )
     try:
         with contextlib.suppress(KeyboardInterrupt):
             asyncio.run(run(settings))

@@ -41,6 +41,10 @@ class NomadUnavailable(Exception):
     """The agent did not answer, or answered what no Nomad agent answers."""
 
 
+class TLSConfigError(Exception):
+    """NOMAD_CACERT / NOMAD_CLIENT_CERT / NOMAD_CLIENT_KEY name files that cannot be used."""
+
+
 @dataclass(frozen=True)
 class TokenInfo:
     accessor: str
@@ -65,22 +69,50 @@ class TLSSettings:
         )
 
     def context(self) -> ssl.SSLContext:
-        ctx = ssl.create_default_context(cafile=self.ca_cert)
+        """The context both clients (httpx and aiohttp) verify the agent with and present
+        the client certificate from; TLSConfigError names the variable that is wrong."""
+        try:
+            ctx = ssl.create_default_context(cafile=self.ca_cert)
+        except (OSError, ssl.SSLError) as exc:
+            raise TLSConfigError(f"NOMAD_CACERT: cannot load {self.ca_cert!r}: {exc}") from None
+        if self.client_key and not self.client_cert:
+            raise TLSConfigError("NOMAD_CLIENT_KEY is set but NOMAD_CLIENT_CERT is not")
         if self.client_cert:
-            ctx.load_cert_chain(self.client_cert, self.client_key)
+            try:
+                ctx.load_cert_chain(self.client_cert, self.client_key)
+            except (OSError, ssl.SSLError) as exc:
+                raise TLSConfigError(
+                    f"NOMAD_CLIENT_CERT/NOMAD_CLIENT_KEY: cannot load {self.client_cert!r}"
+                    f" / {self.client_key!r}: {exc}"
+                ) from None
         return ctx
 
 
 class NomadAgent:
     def __init__(self, address: str, tls: TLSSettings | None = None) -> None:
         self.address = address.rstrip("/")
-        self._ssl = (tls or TLSSettings()).context() if self.address.startswith("https") else None
+        self.tls = tls or TLSSettings()
+        # Plain http:// ignores the variables, as the nomad CLI does.
+        self._ssl = self.tls.context() if self.address.startswith("https") else None
         self._http = httpx.AsyncClient(
             base_url=self.address,
             timeout=_TIMEOUT,
             verify=self._ssl if self._ssl is not None else True,
         )
         self._ws: aiohttp.ClientSession | None = None
+
+    def _unreachable(self, exc: Exception) -> NomadUnavailable:
+        message = f"Nomad agent at {self.address}: {exc}"
+        cause: BaseException | None = exc
+        while cause is not None:
+            if isinstance(cause, ssl.SSLCertVerificationError):
+                message += (
+                    " (NOMAD_CACERT must name the CA file that signed the agent's certificate;"
+                    f" it is {self.tls.ca_cert or 'not set'})"
+                )
+                break
+            cause = cause.__cause__ or cause.__context__
+        return NomadUnavailable(message)
 
     async def close(self) -> None:
         await self._http.aclose()
@@ -92,7 +124,7 @@ class NomadAgent:
         try:
             return await self._http.get("/v1/acl/token/self", headers=headers)
         except httpx.HTTPError as exc:
-            raise NomadUnavailable(f"Nomad agent at {self.address}: {exc}") from exc
+            raise self._unreachable(exc) from exc
 
     async def acls_enabled(self) -> bool:
         """Asked of the policy list, which says "ACL support disabled" when they are off
@@ -101,7 +133,7 @@ class NomadAgent:
         try:
             resp = await self._http.get("/v1/acl/policies")
         except httpx.HTTPError as exc:
-            raise NomadUnavailable(f"Nomad agent at {self.address}: {exc}") from exc
+            raise self._unreachable(exc) from exc
         if resp.status_code == 400 and "ACL support disabled" in resp.text:
             return False
         if resp.status_code in (200, 403):

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib.resources import files
 from pathlib import Path
 
@@ -21,7 +21,13 @@ from aiohttp import web
 from nomad_vm.console import pages
 from nomad_vm.console.access import Consoles
 from nomad_vm.console.bridge import relay
-from nomad_vm.console.nomad import TOKEN_HEADER, NomadAgent, NomadUnavailable
+from nomad_vm.console.nomad import (
+    TOKEN_HEADER,
+    NomadAgent,
+    NomadUnavailable,
+    TLSConfigError,
+    TLSSettings,
+)
 from nomad_vm.console.registry import ConsoleEntry
 from nomad_vm.console.sessions import COOKIE, Sessions
 
@@ -58,6 +64,8 @@ class ServeSettings:
     # console): only when the operator says so.
     allow_remote_without_acl: bool = False
     novnc_dir: Path = NOVNC_DIR
+    # How to reach an https:// agent (the nomad CLI's NOMAD_CACERT & co.).
+    tls: TLSSettings = field(default_factory=TLSSettings)
 
 
 def parse_listen(value: str) -> tuple[str, int]:
@@ -257,9 +265,18 @@ async def check_settings(settings: ServeSettings, agent: NomadAgent) -> bool:
     return acls
 
 
+def connect_agent(settings: ServeSettings) -> NomadAgent:
+    """The client for the local agent, with the TLS settings; ConfigurationError names the
+    variable whose file cannot be used."""
+    try:
+        return NomadAgent(settings.nomad_address, settings.tls)
+    except TLSConfigError as exc:
+        raise ConfigurationError(str(exc)) from None
+
+
 async def run(settings: ServeSettings) -> None:
     """Serve until cancelled."""
-    agent = NomadAgent(settings.nomad_address)
+    agent = connect_agent(settings)
     try:
         acls = await check_settings(settings, agent)
         runner = web.AppRunner(

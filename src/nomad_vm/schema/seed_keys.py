@@ -192,9 +192,10 @@ DISK = Field(
         Field(
             "bus_type",
             "string",
-            "`virtio` (virtio-blk, the default), `sata` (ide-hd on an AHCI controller, at "
-            "most 6), `scsi` (scsi-hd on virtio-scsi) or `ide` (the pc machine's IDE bus, "
-            "at most 4; q35 and microvm have none).",
+            "`virtio` (virtio-blk), `sata` (ide-hd on an AHCI controller, at most 6), `scsi` "
+            "(scsi-hd on virtio-scsi) or `ide` (the pc machine's IDE bus, at most 4; q35 and "
+            "microvm have none). Unset: `sata` with a Windows `os.variant` (also for the "
+            "`image` shorthand's disk), else `virtio`.",
             default="",
         ),
         Field(

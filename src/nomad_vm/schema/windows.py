@@ -1,5 +1,5 @@
 """Task options for guests that are not cloud-init Linux (Windows, seed 004): each piece of
-what `os { variant = "windows" }` switches on, also settable alone (driver/os_variant.py)."""
+what `os { variant = "windows" }` switches on, also settable alone (driver/guest_profile.py)."""
 
 from __future__ import annotations
 
