@@ -9,7 +9,8 @@ from dataclasses import replace
 from pathlib import Path
 
 from nomad_vm.driver.journal import RecordedProcess, TaskJournal
-from nomad_vm.driver.recovery import ended_orphans, superseded_starts
+from nomad_vm.driver.orphans import ended_orphans
+from nomad_vm.driver.recovery import superseded_starts
 from nomad_vm.processes import ProcessIdentity, boot_id, identity_of
 from nomad_vm.vm.hypervisor import VMM_ROLE
 from tests.unit.tasks import unit_task
@@ -40,7 +41,7 @@ def test_nothing_is_stale_without_earlier_starts(tmp_path: Path) -> None:
 
 
 def test_ended_orphans_are_journals_of_ended_vms_nobody_runs_or_starts() -> None:
-    """``recovery.ended_orphans``: a journal whose recorded VMM has ended, of a task this
+    """``orphans.ended_orphans``: a journal whose recorded VMM has ended, of a task this
     plugin neither runs nor is starting; not one whose VMM lives, nor one without a VMM."""
     alive = subprocess.Popen(["sleep", "60"])
     ended = subprocess.Popen(["true"])

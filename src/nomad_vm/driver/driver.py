@@ -26,10 +26,10 @@ from nomad_vm.driver.journal import TaskJournal
 from nomad_vm.driver.journal_store import JournalStore
 from nomad_vm.driver.ksm import KsmOutcome, apply_ksm
 from nomad_vm.driver.networking import NetworkManager
+from nomad_vm.driver.orphans import OrphanSweeper
 from nomad_vm.driver.pause import deliver_signal, resume_before_stop
 from nomad_vm.driver.recorder import TaskRecorder
 from nomad_vm.driver.recovery import (
-    ended_orphans,
     reattach,
     recovered_journal,
     resume_recovered,
@@ -58,12 +58,7 @@ from nomad_vm.driver.types import (
     TaskStats,
     TaskStatus,
 )
-from nomad_vm.errors import (
-    HypervisorError,
-    TaskExists,
-    TaskNotFound,
-    Unsupported,
-)
+from nomad_vm.errors import HypervisorError, TaskExists, TaskNotFound, Unsupported
 from nomad_vm.fields import Schema
 from nomad_vm.storage.image_store import ImageStore
 from nomad_vm.vm.hypervisor import Hypervisor
@@ -92,7 +87,9 @@ class VMDriver:
         self._tasks: dict[str, VMTask] = {}
         # Ids of StartTasks under way (not in _tasks yet): the orphan sweep leaves them alone.
         self._starting: set[str] = set()
-        self._swept = False
+        self._orphans = OrphanSweeper(
+            lambda: self.journals.all(), lambda: {*self._tasks, *self._starting}, self._undo_stale
+        )
         self._config_changed = asyncio.Event()
         self._images: ImageFetcher | None = None
         self._images_gc: asyncio.Task[None] | None = None
@@ -149,10 +146,7 @@ class VMDriver:
             self._images_gc = asyncio.ensure_future(gc_periodically(lambda: self.images))
         while True:
             await self._serve_control()
-            if not self._swept:  # tasks whose VM ended while no plugin watched (recovery.py)
-                self._swept = True
-                busy = {*self._tasks, *self._starting}
-                await self._undo_stale(ended_orphans(self.journals.all(), busy), "VM ended")
+            await self._orphans.start()  # what earlier plugins left and Nomad forgot (orphans.py)
             self._config_changed.clear()
             default = self.backends.preferred(self.config.hypervisor)
             others = [self.backends.get(n) for n in self.backends.names if n != default.name]
@@ -283,6 +277,7 @@ class VMDriver:
     async def recover_task(self, task: TaskConfig, handle: TaskHandle) -> None:
         """Reattach to a VM started by an earlier plugin process; never boot a second one
         (``driver.recovery``)."""
+        self._orphans.claim(task.id, recovery=True)
         if task.id in self._tasks:
             return
         await self._serve_control()
@@ -391,6 +386,7 @@ class VMDriver:
         """The plugin is going away: VMs keep running (Nomad will recover them)."""
         if self._control is not None:
             await self._control.close()
+        await self._orphans.close()
         for entry in self._tasks.values():
             await entry.close()
         if self._images_gc is not None:

@@ -22,7 +22,6 @@ from nomad_vm.driver.task import VMTask
 from nomad_vm.driver.types import ExitResult, TaskConfig, TaskHandle
 from nomad_vm.errors import ConfigError, HypervisorError, NetworkError
 from nomad_vm.network.settings import BridgeNetwork
-from nomad_vm.processes import is_same_process
 from nomad_vm.vm.hypervisor import Hypervisor
 
 log = logging.getLogger(__name__)
@@ -47,24 +46,6 @@ def superseded_starts(
         j
         for j in journals
         if j.task_id.startswith(prefix) and j.task_id != task.id and j.task_id not in running
-    ]
-
-
-def ended_orphans(journals: list[TaskJournal], busy: Collection[str]) -> list[TaskJournal]:
-    """Journals of tasks this plugin neither runs nor is starting (``busy``: their ids) whose
-    VMM an earlier plugin started and which has ended.
-
-    Nomad calls DestroyTask once a task has ended; an agent stopped between the end and that
-    call restores the task as dead and never calls it (the cluster bed's chaos run found the
-    journal left). Undoing such a journal is safe whatever Nomad does next: a RecoverTask
-    gets the journal from Nomad's handle and finds the VM gone, a DestroyTask finds nothing
-    left. A journal without a VMM (a start a plugin died in) is left to DestroyTask or to the
-    task's next start (``superseded_starts``): it may be a start Nomad still retries.
-    """
-    return [
-        j
-        for j in journals
-        if j.task_id not in busy and j.vmm is not None and not is_same_process(j.vmm)
     ]
 
 
