@@ -63,7 +63,9 @@ def test_a_stopped_task_resumes_where_it_was(kit: Kit) -> None:
 
     async def scenario() -> None:
         driver = kit.driver()
-        task = kit.task("snap", COUNTS, options=OPTIONS)
+        # CH: with the task's disk and seed too (their descriptors are new at the restore).
+        options = {**OPTIONS, **kit.every_step()} if kit.is_ch else OPTIONS
+        task = kit.task("snap", COUNTS, options=options)
         snapshot = Path(task.task_dir) / "local" / SNAPSHOT_DIR
         again = replace(task, id=f"{task.id}-2")
         async with watching(driver) as events:
