@@ -64,6 +64,13 @@ class SeedNode:
         its text."""
         return self._run("plan", ex)
 
+    def assert_validates_and_places(self, ex: Example) -> None:
+        """`nomad job validate` passes and `nomad job plan` places every task."""
+        ok, text = self.validate(ex)
+        assert ok and "Job validation successful" in text, text
+        ok, text = self.plan(ex)
+        assert ok and "All tasks successfully allocated" in text, text
+
     def _run(self, verb: str, ex: Example, *extra: str) -> tuple[bool, str]:
         proc = subprocess.run(
             self.agent.command("job", verb, *extra, str(self.write(ex))),

@@ -57,10 +57,7 @@ def test_the_plugin_registers_the_older_driver_name_and_ignores_libvirt(
     ids=lambda e: e.name,
 )
 def test_each_job_validates_and_plans_on_the_real_agent(node: SeedNode, ex: Example) -> None:
-    ok, text = node.validate(ex)
-    assert ok and "Job validation successful" in text, text
-    ok, text = node.plan(ex)
-    assert ok and "All tasks successfully allocated" in text, text
+    node.assert_validates_and_places(ex)
 
 
 def test_the_group_fragment_is_taken_by_the_plugin_and_refused_for_lacking_a_boot_disk(

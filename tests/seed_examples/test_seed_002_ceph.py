@@ -75,10 +75,7 @@ def node(debian_guest: Any) -> Iterator[SeedNode]:
 
 
 def test_the_job_validates_and_plans_on_the_real_agent(node: SeedNode) -> None:
-    ok, text = node.validate(JOB)
-    assert ok and "Job validation successful" in text, text
-    ok, text = node.plan(JOB)
-    assert ok and "All tasks successfully allocated" in text, text
+    node.assert_validates_and_places(JOB)
 
 
 def test_the_job_runs_with_its_second_disk_in_ceph_and_leaves_only_the_pool_image(

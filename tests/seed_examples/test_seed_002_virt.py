@@ -97,10 +97,7 @@ def started(node: SeedNode) -> dict[str, str]:
     ids=lambda e: e.name,
 )
 def test_each_job_validates_and_plans_on_the_real_agent(node: SeedNode, ex: Example) -> None:
-    ok, text = node.validate(ex)
-    assert ok and "Job validation successful" in text, text
-    ok, text = node.plan(ex)
-    assert ok and "All tasks successfully allocated" in text, text
+    node.assert_validates_and_places(ex)
 
 
 @pytest.mark.parametrize(

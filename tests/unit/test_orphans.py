@@ -21,7 +21,7 @@ def test_nothing_is_due_before_the_grace_and_what_nomad_claimed_never_is() -> No
     unclaimed.watch(["a/vm/1", "b/vm/1", "c/vm/1"])
     clock.now += UNCLAIMED_GRACE - 1
     assert unclaimed.due(busy=()) == set()
-    unclaimed.claim("a/vm/1", recovery=True)  # RecoverTask
+    unclaimed.claim("a/vm/1")  # RecoverTask
     clock.now += RECOVERY_QUIET + 1
     # Past the grace and quiet: c is due; b is busy (a start of it is under way).
     assert unclaimed.due(busy={"b/vm/1"}) == {"c/vm/1"}
@@ -34,7 +34,7 @@ def test_a_recovery_round_still_going_defers_the_sweep() -> None:
     unclaimed = UnclaimedJournals(clock)
     unclaimed.watch(["a/vm/1", "b/vm/1"])
     clock.now += UNCLAIMED_GRACE + 1
-    unclaimed.claim("a/vm/1", recovery=True)  # Nomad is still recovering tasks
+    unclaimed.claim("a/vm/1")  # Nomad is still recovering tasks
     assert unclaimed.due(busy=()) == set()
     clock.now += RECOVERY_QUIET + 1
     assert unclaimed.due(busy=()) == {"b/vm/1"}

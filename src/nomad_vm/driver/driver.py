@@ -277,7 +277,7 @@ class VMDriver:
     async def recover_task(self, task: TaskConfig, handle: TaskHandle) -> None:
         """Reattach to a VM started by an earlier plugin process; never boot a second one
         (``driver.recovery``)."""
-        self._orphans.claim(task.id, recovery=True)
+        self._orphans.claim(task.id)
         if task.id in self._tasks:
             return
         await self._serve_control()

@@ -71,10 +71,10 @@ class UnclaimedJournals:
         self._watched = set(task_ids)
         self._since = self._last_claim = self._clock()
 
-    def claim(self, task_id: str, *, recovery: bool = False) -> None:
+    def claim(self, task_id: str) -> None:
+        """RecoverTask of ``task_id``: claimed, and Nomad's recovery round still going."""
         self._watched.discard(task_id)
-        if recovery:
-            self._last_claim = self._clock()
+        self._last_claim = self._clock()
 
     def due(self, busy: Collection[str]) -> set[str]:
         """The unclaimed ids once the grace and the quiet are over (then no longer watched)."""
@@ -112,8 +112,8 @@ class OrphanSweeper:
         if self.unclaimed.pending:
             self._later = asyncio.ensure_future(self._sweep_unclaimed())
 
-    def claim(self, task_id: str, *, recovery: bool = False) -> None:
-        self.unclaimed.claim(task_id, recovery=recovery)
+    def claim(self, task_id: str) -> None:
+        self.unclaimed.claim(task_id)
 
     async def _sweep_unclaimed(self) -> None:
         while self.unclaimed.pending:
