@@ -112,7 +112,9 @@ def test_guests_without_cloud_init_get_the_planned_addresses_by_dhcp(
 
             for vm in vms:
                 vm.wait_for_lease()
-                assert http_get(host.ns, f"http://127.0.0.1:{vm.host_port}") == f"vm-{vm.n}"
+                # The guest starts httpd after it prints the lease.
+                url, page = f"http://127.0.0.1:{vm.host_port}", f"vm-{vm.n}"
+                assert wait_until(lambda u=url, p=page: http_get(host.ns, u) == p, 60), url
             assert server.leases() == {mac_address(vm.cfg.id): IPv4Address(vm.addr) for vm in vms}
             macs = {vm.cfg.id: mac_address(vm.cfg.id) for vm in vms}
             for vm in vms:

@@ -199,9 +199,10 @@ class NetHost:
         try:
             return links.bridge_ports(BRIDGE, netns=self.ns)
         except NetworkError:
-            if links.link_exists(BRIDGE, netns=self.ns):
-                raise
-            return []
+            if not links.link_exists(BRIDGE, netns=self.ns):
+                return []
+            # The plugin made the bridge between the two looks.
+            return links.bridge_ports(BRIDGE, netns=self.ns)
 
     def leases(self) -> dict[str, str]:
         if not self.lease_file.exists():
