@@ -132,7 +132,8 @@ def test_directory_pool_volumes_outlive_their_tasks(
     assert "persisted-marker" in text
     assert (pool / "data").read_bytes().startswith(b"persisted-marker")
 
-    from_image = [{"pool": "local", "chained": True, "source": {"image": str(base)}}]
+    # No `pool`: the default pool (the only one), as in nomad-driver-virt.
+    from_image = [{"chained": True, "source": {"image": str(base)}}]
     inodes = set()
     for name in ("pool4", "pool5"):
         assert "NVMBASE!" in run(name, from_image, "head -c 8 /dev/vda; echo")

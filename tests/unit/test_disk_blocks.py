@@ -289,7 +289,33 @@ def test_pool_disks_find_their_directory(images: Path) -> None:
     )
     assert named.persistent and named.chained
     assert fast.pool_dir == Path("/srv/fast") and not fast.persistent
-    assert own.pool_dir is None  # no pool, name or source.volume: the disk lives with the task
+    # No pool named: the default pool ("local", /srv/pool), as in nomad-driver-virt.
+    assert own.pool_dir == Path("/srv/pool") and not own.persistent
+
+
+def test_a_disk_without_pool_goes_to_the_default_pool_a_cdrom_stays_with_the_task(
+    images: Path,
+) -> None:
+    iso = images / "install.iso"
+    iso.write_bytes(b"\0" * 4096)
+    ceph_default = {**POOLS["storage_pools"], "default": "remote"}
+    raw = {"image_paths": [str(images)], "storage_pools": ceph_default}
+    plugin = parse_plugin_config(raw, VIRT)
+    config = {
+        "disk": [
+            {"size": "1G"},
+            {"kind": "cdrom", "bus_type": "sata", "source": {"image": str(iso)}},
+        ]
+    }
+    disk, cdrom = parse_task_config(unit_task(images.parent / "alloc", config), plugin).disks
+    assert disk.ceph is not None and disk.ceph.label == "remote" and disk.format == "raw"
+    assert cdrom.ceph is None and cdrom.pool_dir is None
+    # Without storage_pools there is no default: the disk lives with the task.
+    bare = parse_plugin_config({"image_paths": [str(images)]}, VIRT)
+    (alone,) = parse_task_config(
+        unit_task(images.parent / "alloc", {"disk": [{"size": "1G"}]}), bare
+    ).disks
+    assert alone.pool_dir is None and alone.ceph is None
 
 
 def test_ceph_disks_are_raw_rbd_images_of_their_pool(images: Path) -> None:

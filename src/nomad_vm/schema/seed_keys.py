@@ -231,9 +231,11 @@ DISK = Field(
             "is first written into the pool as a volume (`<image>-<hash>.qcow2` in a "
             "directory pool, RBD image `<image>-<hash>` in a Ceph pool) that later tasks with "
             "the same source reuse, and the disk is made from that volume. Defaults to the "
-            "default pool for disks with `name` or `source.volume`; other disks live with the "
-            "task. In a Ceph pool the disk is an RBD image (raw) that QEMU opens itself: the "
-            "task's own image is removed with the task, a `name`d one is kept; `chained` "
+            "default pool (as in nomad-driver-virt; CD-ROMs stay with the task); without "
+            "`storage_pools` disks live with the task. A directory pool's disk file (not "
+            "`name`d) is in the task's runtime directory and goes with the task. In a Ceph "
+            "pool the disk is an RBD image (raw) that QEMU opens itself: the task's own "
+            "image is removed with the task, a `name`d one is kept; `chained` "
             "disks are clones of a protected snapshot.",
             default="",
         ),
@@ -257,7 +259,7 @@ DISK = Field(
             'destination ending in the volume\'s name (e.g. `destination = "/volumes/<name>"`). '
             "A file or block device at the volume's host path is the disk (format: `format` or "
             "`source.format`, else detected; a backing file must lie in the allowed places); "
-            "a directory holds it as `nomad-vm-disk.qcow2` (`.raw` with `format = \"raw\"`), "
+            'a directory holds it as `nomad-vm-disk.qcow2` (`.raw` with `format = "raw"`), '
             "made of `size` on first use (no symlink there is followed) and reused afterwards. "
             "The disk is the volume's data: never removed by nomad-vm. A read-only "
             "volume_mount gives a read-only disk. Not with `pool`, `name`, `chained` or a "

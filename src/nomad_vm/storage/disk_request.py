@@ -71,6 +71,7 @@ class DiskRequest:
     @property
     def has_image(self) -> bool:
         return self.image is not None or self.url is not None
+
     # A Ceph pool instead (``storage.ceph_pool``): the disk is an RBD image there, raw.
     ceph: CephPool | None = None
 
@@ -206,7 +207,10 @@ def _parse_one(
     source_volume = _volume(f"{field}.source.volume", str(source.get("volume") or ""))
     if has_image and source_volume:
         raise ConfigError(f"{field}.source", "give image or volume, not both")
-    placed = _pool(field, str(block.get("pool") or ""), bool(name or source_volume), pools)
+    kind = str(block.get("kind") or "disk")
+    if kind not in KINDS:
+        raise ConfigError(f"{field}.kind", f"must be disk or cdrom; got {kind!r}")
+    placed = _pool(field, str(block.get("pool") or ""), bool(name or source_volume), kind, pools)
     ceph = placed if isinstance(placed, CephPool) else None
     pool_dir = placed if isinstance(placed, Path) else None
     source_format = str(source.get("format") or "")
@@ -219,9 +223,6 @@ def _parse_one(
     size = parse_size(block.get("size"), f"{field}.size")
     if not has_image and size is None and not source_volume and not name:
         raise ConfigError(f"{field}.size", 'a disk without a source needs a size (e.g. "10GiB")')
-    kind = str(block.get("kind") or "disk")
-    if kind not in KINDS:
-        raise ConfigError(f"{field}.kind", f"must be disk or cdrom; got {kind!r}")
     if kind == "cdrom" and not has_image and not source_volume:
         raise ConfigError(f"{field}.source.image", "a cdrom needs a source image (the ISO)")
     fmt = str(block.get("format") or ("raw" if ceph else "qcow2"))
@@ -300,11 +301,14 @@ def _volume(field: str, value: str) -> str:
     return value
 
 
-def _pool(field: str, pool: str, needs_one: bool, pools: Pools) -> Path | CephPool | None:
+def _pool(
+    field: str, pool: str, needs_one: bool, kind: str, pools: Pools
+) -> Path | CephPool | None:
     """The directory (or the Ceph pool) of the disk's pool: the one it names, else the
-    default when its `name` or `source.volume` needs a pool; None: the disk lives with the
-    task only."""
-    if not pool and not needs_one:
+    default pool (as in nomad-driver-virt, whose `pool` "defaults to the default storage
+    pool"); None: no pool is configured, and the disk lives with the task only. A CD-ROM
+    without `pool` stays with the task: it is a read-only view of its ISO, nothing to keep."""
+    if not pool and not needs_one and (kind == "cdrom" or not pools.default):
         return None
     pool = pool or pools.default
     if not pool:
