@@ -9,7 +9,8 @@ that script's path) or else from the name it was started by (a symlink or a copy
 
 Two names on one node must not share state, addresses or rules: each gets its own default
 data_dir, bridge and TAP prefix, nftables table and journal directory, and its node attributes
-are `driver.<name>.*`.
+are `driver.<name>.*`. (`virt` and `virt-legacy` share a bridge default, libvirt's `virbr0`:
+they are one file name, so a node has one of them.)
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 # Set by the wrapper `nomad-vm install --as NAME` writes: one of ALIASES' keys.
 ENV_VAR = "NOMAD_VM_DRIVER_AS"
@@ -41,6 +43,9 @@ class Identity:
     # Directory names under data_dir: the task journals and the network state (leases, DHCP).
     journal_dir: str
     network_dir: str
+    # Defaults of the plugin's `network {}` block besides bridge and tap_prefix; when there
+    # are any, a config without the block gets one of these defaults (libvirt's network).
+    network_defaults: tuple[tuple[str, object], ...] = ()
 
     @property
     def attribute_prefix(self) -> str:
@@ -57,18 +62,29 @@ class Identity:
         return "" if self.is_own_name else self.file_name
 
 
-def _seed_identity(alias: str, file_name: str, driver_name: str) -> Identity:
-    return Identity(
-        alias=alias,
-        file_name=file_name,
-        driver_name=driver_name,
-        data_dir=Path(f"/var/lib/nomad-vm-{alias}"),
-        bridge=f"nomadvm-{alias}0",
-        tap_prefix=f"n{alias}"[:7],
-        nft_table=f"nomad_vm_{alias}",
-        journal_dir=f"journal-{alias}",
-        network_dir=f"network-{alias}",
-    )
+# libvirt's default network, the one nomad-driver-virt's VMs join (its jobs say
+# `bridge { name = "virbr0" }` and its client configs have no network block: libvirt made the
+# bridge). Installed as nomad-driver-virt, nomad-vm runs that bridge itself by default.
+LIBVIRT_BRIDGE = "virbr0"
+LIBVIRT_NETWORK: tuple[tuple[str, object], ...] = (
+    ("subnet_cidr", "192.168.122.0/24"),
+    ("create_bridge", True),
+)
+
+
+def _seed_identity(alias: str, file_name: str, driver_name: str, **overrides: Any) -> Identity:
+    values: dict[str, Any] = {
+        "alias": alias,
+        "file_name": file_name,
+        "driver_name": driver_name,
+        "data_dir": Path(f"/var/lib/nomad-vm-{alias}"),
+        "bridge": f"nomadvm-{alias}0",
+        "tap_prefix": f"n{alias}"[:7],
+        "nft_table": f"nomad_vm_{alias}",
+        "journal_dir": f"journal-{alias}",
+        "network_dir": f"network-{alias}",
+    }
+    return Identity(**(values | overrides))
 
 
 OWN = Identity(
@@ -87,23 +103,27 @@ ALIASES: Mapping[str, Identity] = {
     "vm": OWN,
     # nomad-driver-virt's current jobs say `driver = "virt"` (its older README said
     # "nomad-driver-virt"); its client config is `plugin "nomad-driver-virt"`.
-    "virt": _seed_identity("virt", "nomad-driver-virt", "virt"),
+    "virt": _seed_identity(
+        "virt",
+        "nomad-driver-virt",
+        "virt",
+        bridge=LIBVIRT_BRIDGE,
+        network_defaults=LIBVIRT_NETWORK,
+    ),
     # nomad-driver-ch registers under its file name: `driver = "nomad-driver-ch"`.
     "ch": _seed_identity("ch", "nomad-driver-ch", "nomad-driver-ch"),
     # nomad-driver-virt's earlier README (seed 001): the same `plugin "nomad-driver-virt"`
     # file, but its jobs say `driver = "nomad-driver-virt"`. One file name cannot answer both,
     # so this one is chosen only by the wrapper's variable (`install --as virt-legacy`); its
     # defaults are its own so that it never shares state with a `virt` elsewhere.
-    "virt-legacy": Identity(
-        alias="virt-legacy",
-        file_name="nomad-driver-virt",
-        driver_name="nomad-driver-virt",
-        data_dir=Path("/var/lib/nomad-vm-virt-legacy"),
-        bridge="nomadvm-vleg0",
+    "virt-legacy": _seed_identity(
+        "virt-legacy",
+        "nomad-driver-virt",
+        "nomad-driver-virt",
+        bridge=LIBVIRT_BRIDGE,
+        network_defaults=LIBVIRT_NETWORK,
         tap_prefix="nvleg",
         nft_table="nomad_vm_virt_legacy",
-        journal_dir="journal-virt-legacy",
-        network_dir="network-virt-legacy",
     ),
 }
 

@@ -2,8 +2,8 @@
 # Seed 001 (nomad-driver-virt README, earlier version), "Ubuntu Example job": runs on nomad-vm
 # installed `--as virt-legacy` (its jobs say driver = "nomad-driver-virt").
 # sub: "http://cloud-images.ubuntu.com/focal/current" -> "@ARTIFACTS@": a loopback HTTP server in the agent's network namespace, serving the Debian test guest's disk under the seed's file name
-# The bridge virbr0 is the plugin's (network block added to s001_l157_plugin.hcl), inside the
-# test's network namespace.
+# The bridge virbr0 is the plugin's (installed as nomad-driver-virt it runs libvirt's default
+# network itself), inside the test's network namespace.
 
 job "python-server" {
 

@@ -2,8 +2,8 @@
 # Seed 002 (nomad-driver-virt README, later version), "Ubuntu Example job".
 # sub: "http://cloud-images.ubuntu.com/focal/current" -> "@ARTIFACTS@": a loopback HTTP server in the agent's network namespace, serving the Debian test guest's disk under the seed's file name
 # sub: "cores = 2" -> "cores = 1": the node has 2 cores; the pool examples run beside this job
-# The bridge virbr0 is the plugin's (network block added to s002_l127_plugin_minimal.hcl),
-# inside the test's network namespace.
+# The bridge virbr0 is the plugin's (installed as nomad-driver-virt it runs libvirt's default
+# network itself), inside the test's network namespace.
 
 job "python-server" {
   group "virt-group" {

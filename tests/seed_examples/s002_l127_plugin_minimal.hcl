@@ -3,10 +3,10 @@
 # test_seed_002_virt.py's agent.
 # sub: "/var/lib/virt/images" -> "@IMAGES@"
 # sub: "/var/lib/virt/storage" -> "@STORAGE@": the directory pool, in the test's directory
-# Added (lines marked `# added`): a data_dir in the test's directory (the default is under
-# /var/lib), and the plugin's network block: nomad-driver-virt attaches VMs to libvirt's own
-# network (virbr0, 192.168.122.0/24); nomad-vm has no libvirt and runs that bridge itself, so
-# it must be told about it. In the test it is created in the agent's network namespace.
+# Added (the line marked `# added`): a data_dir in the test's directory (the default is under
+# /var/lib). No network block, as in the seed: installed as nomad-driver-virt, the plugin runs
+# libvirt's default network (virbr0, 192.168.122.0/24) itself; in the test, inside the agent's
+# network namespace.
 
 plugin "nomad-driver-virt" {
   config {
@@ -17,10 +17,5 @@ plugin "nomad-driver-virt" {
       }
     }
     data_dir = "@DATA_DIR@"  # added
-    network {  # added
-      bridge        = "virbr0"  # added
-      subnet_cidr   = "192.168.122.0/24"  # added
-      create_bridge = true  # added
-    }  # added
   }
 }

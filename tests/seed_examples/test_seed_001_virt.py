@@ -1,7 +1,7 @@
 """Seed 001 (nomad-driver-virt README, earlier version): its jobs say
 `driver = "nomad-driver-virt"`, so the plugin is installed `--as virt-legacy` (the same
 `plugin "nomad-driver-virt"` file, registering that name). A real agent loads the seed's
-driver configuration (lines 157-165, plus the bridge it must be told about) in a network
+driver configuration (lines 157-165, unchanged but for paths: no network block) in a network
 namespace of its own with libvirt's bridge name and addresses (virbr0, 192.168.122.0/24).
 
 Run: the python-server job answers HTTP on its mapped port through the plugin's port forward.

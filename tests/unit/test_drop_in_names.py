@@ -63,10 +63,12 @@ def test_each_name_keeps_its_state_addresses_and_rules_apart() -> None:
     files = [n.file_name for n in names if n.alias != "virt-legacy"]
     assert len(set(files)) == len(files)
     assert ALIASES["virt-legacy"].file_name == VIRT.file_name
+    # libvirt's virbr0 is both virt names' default: a node has only one of them.
+    assert ALIASES["virt-legacy"].bridge == VIRT.bridge == "virbr0"
+    assert len({n.bridge for n in names if n.alias != "virt-legacy"}) == len(names) - 1
     for attribute in (
         "driver_name",
         "data_dir",
-        "bridge",
         "tap_prefix",
         "nft_table",
         "journal_dir",
@@ -89,7 +91,7 @@ def test_a_seed_name_gets_its_own_defaults_and_reports_them_to_nomad() -> None:
     config = parse_plugin_config({"network": {"subnet_cidr": "10.98.0.0/24"}}, VIRT)
     assert config.data_dir == Path("/var/lib/nomad-vm-virt")
     assert config.network is not None
-    assert (config.network.bridge, config.network.tap_prefix) == ("nomadvm-virt0", "nvirt")
+    assert (config.network.bridge, config.network.tap_prefix) == ("virbr0", "nvirt")
     own = parse_plugin_config({"network": {"subnet_cidr": "10.98.0.0/24"}}, OWN)
     assert own.data_dir == Path("/var/lib/nomad-vm")
     assert own.network is not None and own.network.bridge == "nomadvm0"
@@ -392,3 +394,23 @@ def test_a_task_dns_wins_over_the_plugin_dns(images: Path) -> None:
     )
     vm = parse_task_config(task, plugin)
     assert vm.nic is not None and vm.nic.dns == (IPv4Address("198.51.100.1"),)
+
+
+def test_installed_as_virt_the_plugin_runs_libvirts_default_network_without_a_block() -> None:
+    """nomad-driver-virt's client configs have no network block (libvirt made virbr0) and its
+    jobs say `bridge { name = "virbr0" }`: unchanged, they get that network."""
+    for alias in ("virt", "virt-legacy"):
+        net = parse_plugin_config({}, ALIASES[alias]).network
+        assert net is not None
+        assert (net.bridge, str(net.subnet), str(net.gateway)) == (
+            "virbr0",
+            "192.168.122.0/24",
+            "192.168.122.1",
+        )
+        assert net.create_bridge and not net.nat and net.dnsmasq is None
+    # A block of the operator's own wins, key by key.
+    net = parse_plugin_config({"network": {"subnet_cidr": "10.98.0.0/24"}}, VIRT).network
+    assert net is not None and str(net.subnet) == "10.98.0.0/24" and net.bridge == "virbr0"
+    # The other names have no network until the operator describes one.
+    assert parse_plugin_config({}, OWN).network is None
+    assert parse_plugin_config({}, ALIASES["ch"]).network is None

@@ -83,6 +83,7 @@ class PluginConfig:
     @property
     def url_rules(self) -> UrlRules:
         return UrlRules(self.image_cache.allowed_schemes, self.image_cache.checksum_required)
+
     # The firmware of tasks that choose none, and whether they may choose another.
     default_firmware: str = "bios"
     allow_task_firmware: bool = True
@@ -170,7 +171,7 @@ def parse_plugin_config(
         virtiofsd_binary=str(values["virtiofsd_binary"] or ""),
         vm_user=str(values["vm_user"]),
         seccomp=bool(values["seccomp"]),
-        network=parse_bridge_network(_block(values["network"]), Path(data_dir)),
+        network=parse_bridge_network(_network_block(values, identity), Path(data_dir)),
         hypervisor=_optional_str(values["hypervisor"]),
         cloud_hypervisor=parse_cloud_hypervisor(values["cloud_hypervisor"]),
         identity=identity,
@@ -226,6 +227,15 @@ def task_allowlist(task: TaskConfig, plugin: PluginConfig) -> Allowlist:
 
 def _block(value: object) -> dict[str, object]:
     return value if isinstance(value, dict) else {}
+
+
+def _network_block(values: Mapping[str, object], identity: Identity) -> dict[str, object]:
+    """The `network {}` block; without one, the name's default network if it has one
+    (nomad-driver-virt's: libvirt's virbr0, which its client configs never describe)."""
+    if values["network"] is None and identity.network_defaults:
+        block = validate(schema.plugin_config_schema(identity), {"network": {}}, "config")
+        return _block(block["network"])
+    return _block(values["network"])
 
 
 def parse_task_config(task: TaskConfig, plugin: PluginConfig) -> VMTaskConfig:

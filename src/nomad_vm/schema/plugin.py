@@ -253,13 +253,17 @@ PLUGIN_CONFIG = Schema(
                     "bridge",
                     "string",
                     "Name of the Linux bridge the VMs' TAP devices join. Installed under a "
-                    "seed driver's name: `nomadvm-virt0` or `nomadvm-ch0`.",
+                    "seed driver's name: `virbr0` (nomad-driver-virt: libvirt's network, see "
+                    "below) or `nomadvm-ch0`.",
                     default="nomadvm0",
                 ),
                 Field(
                     "subnet_cidr",
                     "string",
-                    "The bridge's IPv4 subnet. Unset: VMs cannot ask for bridge networking.",
+                    "The bridge's IPv4 subnet. Unset: VMs cannot ask for bridge networking. "
+                    "Installed as nomad-driver-virt, the plugin defaults to libvirt's default "
+                    "network, which that driver's jobs join: `virbr0`, `192.168.122.0/24`, "
+                    "`create_bridge = true`, also when the config has no network block.",
                     default="",
                     example='"10.89.0.0/24"',
                 ),
@@ -339,13 +343,13 @@ def plugin_config_schema(identity: Identity = OWN) -> Schema:
     if identity == OWN:
         return PLUGIN_CONFIG
     network = PLUGIN_CONFIG.field("network")
+    defaults = {
+        "bridge": identity.bridge,
+        "tap_prefix": identity.tap_prefix,
+        **dict(identity.network_defaults),
+    }
     network_fields = tuple(
-        replace(f, default=identity.bridge)
-        if f.name == "bridge"
-        else replace(f, default=identity.tap_prefix)
-        if f.name == "tap_prefix"
-        else f
-        for f in network.fields
+        replace(f, default=defaults[f.name]) if f.name in defaults else f for f in network.fields
     )
     fields = tuple(
         replace(f, default=str(identity.data_dir))
