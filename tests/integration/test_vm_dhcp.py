@@ -42,6 +42,9 @@ pytestmark = pytest.mark.integration
 __all__ = ["host"]  # the fixture, used by name
 
 BOOT_TIMEOUT = 180
+# A name server for guests that name none: the bridge's own address, inside the test's
+# namespace (nothing queries it here).
+PLUGIN_DNS = GATEWAY
 
 
 @dataclass
@@ -54,7 +57,9 @@ class DhcpVM:
 
     def wait_for_lease(self) -> str:
         """The line the guest printed once udhcpc configured eth0."""
-        line = f"dhcp eth0 {self.addr}/24 router {GATEWAY} dns  hostname vm-{self.n}"
+        # The plugin-level `dns` reaches a guest whose NIC names none (tiny-init writes it to
+        # /etc/resolv.conf); seed 000's guests resolve names that way.
+        line = f"dhcp eth0 {self.addr}/24 router {GATEWAY} dns {PLUGIN_DNS} hostname vm-{self.n}"
         if not self.fifo.wait_for(line.encode(), BOOT_TIMEOUT):
             console = self.fifo.data.decode(errors="replace")
             raise AssertionError(f"vm-{self.n} did not report {line!r}; console:\n{console}")
@@ -84,7 +89,7 @@ def dhcp_vms(net: NetHost, guest: Any, count: int) -> Iterator[list[DhcpVM]]:
                         "hostname": f"vm-{n}",
                         "cmdline": tiny_cmdline(f"{guest.cmdline} nomadvm.dhcp=1", serve),
                     },
-                    plugin_options={"network": network_block(dhcp=True)},
+                    plugin_options={"network": network_block(dhcp=True), "dns": [PLUGIN_DNS]},
                 )
             )
             forward(cfg, "http", 20090 + n, GUEST_PORT)

@@ -67,12 +67,16 @@ class CloudInitRequest:
     agent_vsock: AgentVsock | None = None
     # The VM has hot-pluggable memory (memory_max): the guest is told to online it as movable.
     online_hotplug_memory: bool = False
+    # The NIC's name servers (its `dns`, else the plugin's): also written to resolv.conf by a
+    # bootcmd on images that cannot apply network-config's (``resolv``).
+    name_servers: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         # Frozen copies: the caller's dicts may change after the request was made.
         object.__setattr__(self, "env", MappingProxyType(dict(self.env)))
         object.__setattr__(self, "network_config", _frozen(self.network_config))
         object.__setattr__(self, "cmds", tuple(self.cmds))
+        object.__setattr__(self, "name_servers", tuple(self.name_servers))
 
 
 @dataclass(frozen=True)

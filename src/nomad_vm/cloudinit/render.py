@@ -50,6 +50,7 @@ from nomad_vm.cloudinit.envfiles import ENV_FILE_PATH, PROFILE_PATH, EnvFiles, e
 from nomad_vm.cloudinit.memory_online import ONLINE_MOVABLE_BOOTCMD
 from nomad_vm.cloudinit.model import AgentVsock, CloudInitRequest, GuestMount, SeedDocuments
 from nomad_vm.cloudinit.passwd import sha512_crypt
+from nomad_vm.cloudinit.resolv import resolv_conf_bootcmd
 from nomad_vm.cloudinit.timezone import check_timezone
 from nomad_vm.cloudinit.userdoc import CLOUD_CONFIG, UserDocument, parse_user_data
 from nomad_vm.errors import ConfigError
@@ -156,8 +157,14 @@ def _generated_config(req: CloudInitRequest, env: EnvFiles) -> dict[str, Any]:
         # Cloud-init images lock the default user's password unless told otherwise.
         user |= {"lock_passwd": False, "hashed_passwd": sha512_crypt(req.password)}
     config: dict[str, Any] = {"user": user}
+    bootcmd: list[Any] = []
     if req.online_hotplug_memory:
-        config["bootcmd"] = [ONLINE_MOVABLE_BOOTCMD]
+        bootcmd.append(ONLINE_MOVABLE_BOOTCMD)
+    resolv = resolv_conf_bootcmd(req.name_servers)
+    if resolv is not None:
+        bootcmd.append(resolv)
+    if bootcmd:
+        config["bootcmd"] = bootcmd
     if req.ssh_authorized_key is not None:
         config["ssh_authorized_keys"] = _ssh_keys(req.ssh_authorized_key)
     config["hostname"] = req.hostname

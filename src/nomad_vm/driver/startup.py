@@ -391,5 +391,6 @@ def render_seed(
         # hands what it plugs to Windows itself.
         online_hotplug_memory=memory_max_mb_for(task.resources) is not None
         and not vm.profile.windows,
+        name_servers=tuple(str(d) for d in vm.nic.dns) if vm.nic is not None else (),
     )
     return render(request)
