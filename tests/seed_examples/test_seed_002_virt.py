@@ -149,18 +149,21 @@ def test_a_chained_disk_on_a_source_image_keeps_the_image_in_the_pool(
     node: SeedNode, started: dict[str, str]
 ) -> None:
     storage = Path(str(node.values["STORAGE"]))
+    node.wait("python-server", {"running"}, started[PYTHON.name])  # its import is done
     alloc = node.wait("python-server", {"running"}, started[IMAGE_CHAINED.name])
     node.wait_guest_agent(alloc, "virt-task")
     size = node.exec(alloc, "virt-task", "blockdev --getsize64 /dev/vda").strip()
     assert size == str(GIB10), size
-    # The image written into the pool once, as <image stem>-<hash of path and version>.qcow2.
+    # The image written into the pool once per source file, as <image stem>-<hash of path and
+    # version>.qcow2: this job's artifact, and the python-server job's (its disk names no
+    # pool, so it is in the default pool, the only one), each in its own allocation.
     stem = IMAGE.removesuffix(".img")
     imported = [
         p.name
         for p in storage.iterdir()
         if p.name.startswith(stem + "-") and p.name.endswith(".qcow2")
     ]
-    assert len(imported) == 1, sorted(p.name for p in storage.iterdir())
+    assert len(imported) == 2, sorted(p.name for p in storage.iterdir())
 
 
 def test_stopping_every_job_leaves_nothing_but_the_pool_volumes(
