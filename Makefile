@@ -39,10 +39,11 @@ virtiofsd: host-packages
 	@scripts/install-rust-tool.sh virtiofsd
 
 # Only tests/integration/test_vsock_agent_guest.py needs it (the guest agent over hybrid vsock).
-vhost-device-vsock:
+vhost-device-vsock: host-packages
 	@scripts/install-rust-tool.sh vhost-device-vsock
 
-guests: venv
+# debootstrap, cpio and xz come with host-packages.
+guests: venv host-packages
 	$(VENV)/bin/nomad-vm image build tiny
 	$(VENV)/bin/nomad-vm image build debian
 
