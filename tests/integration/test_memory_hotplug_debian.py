@@ -20,7 +20,12 @@ from nomad_vm.plugin.proto import driver_pb2
 from tests.conftest import processes_under, wait_until
 from tests.integration.pluginkit import FifoReader, configure, debian_boot, drv, task_config
 from tests.integration.test_debian_task import run
-from tests.integration.test_memory_hotplug import attributes, rss_settled
+from tests.integration.test_memory_hotplug import (
+    PLUGIN_OPTIONS,
+    attributes,
+    rss_settled,
+    unplug_bound,
+)
 from tests.integration.test_vm_lifecycle import collect_events, destroy
 
 MIB = 2**20
@@ -53,7 +58,7 @@ def test_debian_guest_onlines_plugged_memory_through_the_seed(
     short_tmp: Path,
     debian_guest,  # type: ignore[no-untyped-def]
 ) -> None:
-    configure(plugin, short_tmp / "data", [str(debian_guest.disk.parent)])
+    configure(plugin, short_tmp / "data", [str(debian_guest.disk.parent)], **PLUGIN_OPTIONS)
     stream, events = collect_events(plugin)
     alloc = short_tmp / "alloc"
     (alloc / "web").mkdir(parents=True)
@@ -102,8 +107,8 @@ def test_debian_guest_onlines_plugged_memory_through_the_seed(
         assert any(e.startswith("Memory plugged: +128 MiB") for e in events), events
         assert fifo.wait_for(f"{MARK} freed".encode(), deadline - time.monotonic())
         freed_at = time.monotonic()
-        # Unplugged in steps of 128 MiB, each after 10 s of plenty: bounded by the steps.
-        unplug_within = 15 * (plugged // (128 * MIB)) + 30
+        # Unplugged in steps of 128 MiB, each after SHRINK_AFTER s of plenty.
+        unplug_within = unplug_bound(plugged)
         assert wait_until(
             lambda: attributes(plugin, cfg.id)["memory.plugged_bytes"] == "0",
             unplug_within,

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from nomad_vm.driver.config import parse_plugin_config
-from nomad_vm.driver.memory_policy import MIB, MemoryPolicy, PolicySettings
+from nomad_vm.driver.memory_policy import DEFAULT_SETTINGS, MIB, MemoryPolicy, PolicySettings
 from nomad_vm.driver.memory_watch import change_event
 from nomad_vm.driver.resources import memory_max_mb_for
 from nomad_vm.driver.startup import StartPlan, plan_start
@@ -266,3 +266,12 @@ def test_only_time_the_guest_reported_in_counts_toward_the_bound() -> None:
         assert policy.decide(61.0 + second, at(1060.0 + second), hot(128)) is None
     assert policy.decide(89.0, at(1088.0), hot(128)) == 0
     assert policy.gave_up is not None
+
+
+def test_the_operator_sets_how_long_spare_memory_waits_before_it_is_unplugged() -> None:
+    assert parse_plugin_config({}).memory_policy == DEFAULT_SETTINGS
+    assert DEFAULT_SETTINGS.shrink_after == 10.0
+    config = parse_plugin_config({"memory_hotplug": {"shrink_after": 3}})
+    assert config.memory_policy == PolicySettings(shrink_after=3.0)
+    with pytest.raises(ConfigError, match=r"memory_hotplug\.shrink_after"):
+        parse_plugin_config({"memory_hotplug": {"shrink_after": 0}})

@@ -17,6 +17,7 @@ from nomad_vm.driver.cloud_init_options import (
 from nomad_vm.driver.guest_profile import GuestProfile, guest_profile
 from nomad_vm.driver.hostname import default_hostname, validate_hostname
 from nomad_vm.driver.ksm import KsmPolicy, parse_ksm
+from nomad_vm.driver.memory_policy import DEFAULT_SETTINGS, PolicySettings, parse_policy_settings
 from nomad_vm.driver.seed_files import seed_file_paths
 from nomad_vm.driver.seed_keys import (
     SeedPluginKeys,
@@ -77,6 +78,8 @@ class PluginConfig:
     image_cache: CachePolicy = field(default_factory=CachePolicy)
     # Kernel Same-page Merging of guest RAM (driver/ksm.py).
     ksm: KsmPolicy = field(default_factory=KsmPolicy)
+    # How hot-pluggable memory is resized (schema: `memory_hotplug`).
+    memory_policy: PolicySettings = DEFAULT_SETTINGS
     # Each task's VMM and helpers in a cgroup of their own (nomad_vm.vm.cgroups).
     cgroups: bool = True
 
@@ -179,6 +182,7 @@ def parse_plugin_config(
         macvtap_devices=_interface_names(values["macvtap_devices"], "config.macvtap_devices"),
         image_cache=parse_cache_policy(_block(values["image_cache"])),
         ksm=parse_ksm(_block(values["ksm"])),
+        memory_policy=parse_policy_settings(_block(values["memory_hotplug"])),
         cgroups=bool(values["cgroups"]),
         default_firmware=str(values["default_firmware"]),
         allow_task_firmware=bool(values["allow_task_firmware"]),

@@ -234,7 +234,7 @@ class VMDriver:
         await asyncio.to_thread(arm_snapshots, plan)
         entry = VMTask(task, started.vm, recorder.journal, self.events, backend.capabilities)
         self._tasks[task.id] = entry
-        entry.start_watching()
+        entry.start_watching(self.config.memory_policy)
         for message, details in started_events(plan, started.vm, recorder.journal):
             self.events.emit(task, message, details or None)
         handle = TaskHandle(HANDLE_VERSION, TaskState.RUNNING, recorder.journal.encode())
@@ -287,7 +287,12 @@ class VMDriver:
         self._tasks[task.id] = entry
         if entry.vm is not None:
             await resume_recovered(
-                entry, self.journals, self._networks(), self.config.network, self.events
+                entry,
+                self.journals,
+                self._networks(),
+                self.config.network,
+                self.events,
+                self.config.memory_policy,
             )
 
     async def wait_task(self, task_id: str) -> ExitResult:

@@ -76,6 +76,14 @@ class _Unconfirmed:
 DEFAULT_SETTINGS = PolicySettings()
 
 
+def parse_policy_settings(block: dict[str, object]) -> PolicySettings:
+    """The plugin's `memory_hotplug {}` block (schema: memory_hotplug.py)."""
+    shrink_after = block.get("shrink_after")
+    if not isinstance(shrink_after, int | float):
+        return DEFAULT_SETTINGS
+    return PolicySettings(shrink_after=float(shrink_after))
+
+
 class MemoryPolicy:
     """One VM's policy; remembers since when shrinking has been possible, the last grow
     until the guest shows it, and whether it gave up."""

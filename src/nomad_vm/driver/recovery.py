@@ -16,6 +16,7 @@ from nomad_vm.driver.events import EventBus
 from nomad_vm.driver.image_steps import hold_leases
 from nomad_vm.driver.journal import TaskJournal
 from nomad_vm.driver.journal_store import JournalStore
+from nomad_vm.driver.memory_policy import DEFAULT_SETTINGS, PolicySettings
 from nomad_vm.driver.networking import NetworkManager
 from nomad_vm.driver.pause import report_if_paused
 from nomad_vm.driver.task import VMTask
@@ -90,6 +91,7 @@ async def resume_recovered(
     networks: NetworkManager,
     network: BridgeNetwork | None,
     events: EventBus,
+    memory_policy: PolicySettings = DEFAULT_SETTINGS,
 ) -> None:
     """A reattached VM's task goes on: image leases held, network reconciled (a failure is
     logged: the VM runs), watchers started, the reattach and a paused VM told as events."""
@@ -103,7 +105,7 @@ async def resume_recovered(
                 events.emit(task, f"Network reconciled: {repair}")
         except (NetworkError, ConfigError) as exc:
             log.warning("reconciling the network of %s failed: %s", task.id, exc)
-    entry.start_watching()
+    entry.start_watching(memory_policy)
     vmm = journal.vmm
     events.emit(task, "Reattached to the running VM", {"pid": str(vmm.pid if vmm else "")})
     await report_if_paused(entry)

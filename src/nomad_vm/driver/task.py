@@ -11,6 +11,7 @@ from datetime import UTC, datetime
 from nomad_vm.driver.agent_watch import watch_agent
 from nomad_vm.driver.events import EventBus
 from nomad_vm.driver.journal import TaskJournal
+from nomad_vm.driver.memory_policy import DEFAULT_SETTINGS, MemoryPolicy, PolicySettings
 from nomad_vm.driver.memory_watch import drive_memory
 from nomad_vm.driver.types import ExitResult, TaskConfig, TaskState, TaskStatus
 from nomad_vm.errors import NomadVMError
@@ -87,13 +88,17 @@ class VMTask:
         # The VM's hot-pluggable memory as last read (memory_watch); None: it has none.
         self.hotplug: HotplugMemory | None = None
 
-    def start_watching(self) -> None:
+    def start_watching(self, memory_policy: PolicySettings = DEFAULT_SETTINGS) -> None:
         assert self.vm is not None
         self._tasks.append(asyncio.create_task(self._watch(), name=f"wait {self.config.id}"))
         self._tasks.append(asyncio.create_task(self._follow(self.vm), name="guest events"))
         if self.capabilities.memory_hotplug:
             memory = drive_memory(
-                self.vm, self.config.resources.memory_mb, self.emit, self._hotplug_seen
+                self.vm,
+                self.config.resources.memory_mb,
+                self.emit,
+                self._hotplug_seen,
+                MemoryPolicy(memory_policy),
             )
             self._tasks.append(asyncio.create_task(memory, name="hot-pluggable memory"))
         agent = self.vm.guest_agent()

@@ -8,6 +8,7 @@ from nomad_vm.fields import Field, Schema
 from nomad_vm.identity import OWN, Identity
 from nomad_vm.schema.image_cache import IMAGE_CACHE_BLOCK
 from nomad_vm.schema.ksm import KSM_BLOCK
+from nomad_vm.schema.memory_hotplug import MEMORY_HOTPLUG_BLOCK
 from nomad_vm.schema.seed_keys import PLUGIN_SEED_FIELDS
 from nomad_vm.schema.task import HYPERVISORS
 
@@ -332,6 +333,7 @@ PLUGIN_CONFIG = Schema(
         CLOUD_HYPERVISOR_BLOCK,
         IMAGE_CACHE_BLOCK,
         KSM_BLOCK,
+        MEMORY_HOTPLUG_BLOCK,
         *PLUGIN_SEED_FIELDS,
     ),
 )
