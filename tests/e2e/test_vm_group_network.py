@@ -28,6 +28,7 @@ import pytest
 
 from nomad_vm.cli.devagent import DevAgent
 from nomad_vm.driver.network_plan import GROUP_BRIDGE
+from nomad_vm.errors import NetworkError
 from nomad_vm.network import links
 from nomad_vm.network.names import is_owner_tag
 from nomad_vm.network.netns import netns_exists
@@ -159,9 +160,15 @@ def test_vm_in_the_allocation_namespace_serves_nomads_port_mapping(
     def namespace_clean() -> bool:
         if not netns_exists(alloc_netns):
             return True
-        has_bridge = links.link_exists(GROUP_BRIDGE, netns=alloc_netns)
-        ports = links.bridge_ports(GROUP_BRIDGE, netns=alloc_netns) if has_bridge else []
-        return not ports and not _owner_rules(alloc_netns)
+        try:
+            has_bridge = links.link_exists(GROUP_BRIDGE, netns=alloc_netns)
+            ports = links.bridge_ports(GROUP_BRIDGE, netns=alloc_netns) if has_bridge else []
+            return not ports and not _owner_rules(alloc_netns)
+        except NetworkError:
+            # Nomad removed the namespace while we looked into it.
+            if netns_exists(alloc_netns):
+                raise
+            return True
 
     poll("the allocation's namespace gone or clean", namespace_clean, 60, every=1)
     data = agent.config.workdir / "plugin-data"
