@@ -194,3 +194,8 @@ rm -f /var/lib/dbus/machine-id
 # Leave no build residue. (Root has no password: logins are by ssh key, given to cloud-init's
 # default user "debian", or through the guest agent.)
 rm -f /var/log/*.log /var/cache/debconf/*-old /var/lib/dpkg/*-old
+
+# debootstrap copied the build host's resolver into the tree for apt; a guest must not inherit
+# it (it would send its lookups to a server of the build machine's network). Empty: a guest's
+# name servers come from DHCP or from the cloud-init seed (`dns`).
+: >/etc/resolv.conf

@@ -42,7 +42,7 @@ from nomad_vm.guests.kernel import extract_vmlinux
 log = logging.getLogger(__name__)
 
 # Bump whenever the build's output changes for the same packages (layout, trimming, ...).
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 SUITE = "bookworm"
 # The set from docs/test-guests.md. debootstrap resolves neither virtual packages nor
 # Recommends: python3-cffi-backend (virtual dependency of cloud-init's python3-cryptography
