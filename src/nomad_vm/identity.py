@@ -48,6 +48,12 @@ class Identity:
     network_defaults: tuple[tuple[str, object], ...] = ()
 
     @property
+    def network_block_defaults(self) -> dict[str, object]:
+        """The `network {}` block's defaults that differ by name (the schema's and, with
+        ``network_defaults``, the block a config without one gets)."""
+        return {"bridge": self.bridge, "tap_prefix": self.tap_prefix, **dict(self.network_defaults)}
+
+    @property
     def attribute_prefix(self) -> str:
         """Node attributes: `driver.<registered name>.`, as Nomad shows a driver's own."""
         return f"driver.{self.driver_name}."

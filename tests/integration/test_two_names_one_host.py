@@ -28,6 +28,7 @@ from nomad_vm.plugin.proto import driver_pb2
 from tests.conftest import qemu_processes_under, wait_until
 from tests.integration.pluginkit import DRIVER, FifoReader, configure, drv, task_config
 from tests.integration.test_vm_lifecycle import stop, wait
+from tests.integration.test_vm_network import bridge_nic, network_block
 from tests.netns import http_get, isolated_namespaces
 
 pytestmark = pytest.mark.integration
@@ -55,26 +56,6 @@ class Name:
     def journals(self) -> list[str]:
         journal = self.data_dir / self.identity.journal_dir
         return sorted(p.name for p in journal.glob("*")) if journal.exists() else []
-
-
-def _nic(bridge_name: str | None) -> dict[str, object]:
-    bridge = {
-        "dns": None,
-        "gateway": None,
-        "name": bridge_name,
-        "netmask": None,
-        "ports": ["http"],
-        "static_ip": None,
-    }
-    return {"bridge": bridge, "vlan": None}
-
-
-def _network(**values: object) -> dict[str, object]:
-    """A network block as Nomad sends it: every attribute, unset ones null."""
-    keys = ("bridge", "subnet_cidr", "gateway", "ip_pool_start", "ip_pool_end", "tap_prefix")
-    block: dict[str, object] = dict.fromkeys(keys)
-    block |= {"create_bridge": None, "nat": None, "dhcp": None, "dnsmasq_binary": None}
-    return block | values
 
 
 def _nft_tables(ns: str) -> set[str]:
@@ -126,7 +107,7 @@ def _start_vm(name: Name, root: Path, guest: Any, network: dict[str, object]) ->
         "hostname": f"vm-{alias}",
         "share_task_dirs": False,
         # The virt seed's jobs name libvirt's bridge; the ch one leaves it to the plugin.
-        "network_interface": _nic("virbr0" if alias == "virt" else None),
+        "network_interface": bridge_nic(("http",), name="virbr0" if alias == "virt" else None),
     }
     name.cfg = task_config(alloc, config, f"a1b2c3d4-0000-0000-0000-000000000001/tiny/{alias}")
     name.cfg.resources.ports.append(
@@ -146,8 +127,11 @@ def test_two_names_serve_bridged_vms_side_by_side_and_stay_apart(
     with two_names(short_tmp) as (ns, virt, ch):
         # virt: a block that only turns DHCP on (the tiny guest has no cloud-init), the rest
         # libvirt's default network; ch: a network of its own.
-        virt_addr = _start_vm(virt, short_tmp, tiny_guest, _network(dhcp=True))
-        ch_network = _network(subnet_cidr=CH_SUBNET, create_bridge=True, dhcp=True)
+        unset = dict.fromkeys(("bridge", "tap_prefix", "subnet_cidr", "create_bridge"))
+        virt_addr = _start_vm(virt, short_tmp, tiny_guest, network_block(**unset, dhcp=True))
+        ch_network = network_block(
+            **unset | {"subnet_cidr": CH_SUBNET, "create_bridge": True}, dhcp=True
+        )
         ch_addr = _start_vm(ch, short_tmp, tiny_guest, ch_network)
         assert virt_addr.startswith("192.168.122.") and ch_addr.startswith("10.77.0."), (
             virt_addr,

@@ -84,12 +84,15 @@ def network_block(**overrides: object) -> dict[str, object]:
     return dict(sorted(block.items()))
 
 
-def bridge_nic(ports: tuple[str, ...] = (), static_ip: str | None = None) -> dict[str, object]:
-    """A task's ``network_interface { bridge { ... } }``, every attribute present."""
+def bridge_nic(
+    ports: tuple[str, ...] = (), static_ip: str | None = None, name: str | None = BRIDGE
+) -> dict[str, object]:
+    """A task's ``network_interface { bridge { ... } }``, every attribute present (``name``
+    None: the plugin's bridge)."""
     bridge = {
         "dns": None,
         "gateway": None,
-        "name": BRIDGE,
+        "name": name,
         "netmask": None,
         "ports": list(ports),
         "static_ip": static_ip,

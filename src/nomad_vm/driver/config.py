@@ -82,14 +82,13 @@ class PluginConfig:
     memory_policy: PolicySettings = DEFAULT_SETTINGS
     # Each task's VMM and helpers in a cgroup of their own (nomad_vm.vm.cgroups).
     cgroups: bool = True
+    # The firmware of tasks that choose none, and whether they may choose another.
+    default_firmware: str = "bios"
+    allow_task_firmware: bool = True
 
     @property
     def url_rules(self) -> UrlRules:
         return UrlRules(self.image_cache.allowed_schemes, self.image_cache.checksum_required)
-
-    # The firmware of tasks that choose none, and whether they may choose another.
-    default_firmware: str = "bios"
-    allow_task_firmware: bool = True
 
 
 @dataclass(frozen=True)
@@ -237,8 +236,7 @@ def _network_block(values: Mapping[str, object], identity: Identity) -> dict[str
     """The `network {}` block; without one, the name's default network if it has one
     (nomad-driver-virt's: libvirt's virbr0, which its client configs never describe)."""
     if values["network"] is None and identity.network_defaults:
-        block = validate(schema.plugin_config_schema(identity), {"network": {}}, "config")
-        return _block(block["network"])
+        return identity.network_block_defaults
     return _block(values["network"])
 
 

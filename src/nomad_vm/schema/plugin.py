@@ -345,11 +345,7 @@ def plugin_config_schema(identity: Identity = OWN) -> Schema:
     if identity == OWN:
         return PLUGIN_CONFIG
     network = PLUGIN_CONFIG.field("network")
-    defaults = {
-        "bridge": identity.bridge,
-        "tap_prefix": identity.tap_prefix,
-        **dict(identity.network_defaults),
-    }
+    defaults = identity.network_block_defaults
     network_fields = tuple(
         replace(f, default=defaults[f.name]) if f.name in defaults else f for f in network.fields
     )

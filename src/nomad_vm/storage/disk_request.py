@@ -67,13 +67,12 @@ class DiskRequest:
     nomad_volume: str = ""
     volume_mount: int | None = None
     volume_host: Path | None = None
+    # A Ceph pool instead (``storage.ceph_pool``): the disk is an RBD image there, raw.
+    ceph: CephPool | None = None
 
     @property
     def has_image(self) -> bool:
         return self.image is not None or self.url is not None
-
-    # A Ceph pool instead (``storage.ceph_pool``): the disk is an RBD image there, raw.
-    ceph: CephPool | None = None
 
     @property
     def persistent(self) -> bool:
